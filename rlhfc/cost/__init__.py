@@ -1,0 +1,1 @@
+"""Cost model: estimated time and memory of each call option and of reallocations."""

@@ -1,0 +1,1 @@
+"""Planners: the CP-SAT model and the baselines it is compared with."""

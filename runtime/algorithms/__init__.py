@@ -1,0 +1,1 @@
+"""RLHF algorithms as registered interfaces: losses, advantages, rewards."""

@@ -1,0 +1,1 @@
+"""Prompt data, tokenizers and the bundled tiny task."""

@@ -1,0 +1,1 @@
+"""The `.rlhf` standard library of dataflows, shipped as package data (`rlhfc_stdlib`)."""
