@@ -1,0 +1,335 @@
+"""Parameter reallocation: move a model's shards from one parallel layout to another.
+
+Two halves. The *plan* (`plan_reallocation`, `minimum_bytes`, `bytes_moved`) is pure
+Python without torch, so the compiler's cost model and lowering import it. The
+*execution* (`reallocate`) runs the plan with bucketed point-to-point messages and
+imports torch lazily.
+
+Every shard is an interval along one dimension of the full tensor (the tensor-parallel
+split dimension, or dimension 0 for replicated parameters), so planning is interval
+arithmetic: a destination rank needs one interval, already holds at most one, and
+receives the rest from source ranks that hold it (dp replicas hold identical shards).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from rlhfc_runtime.layout import Layout, param_stages, shard_slices, tp_split_dim
+
+DEFAULT_BUCKET_BYTES = 64 * 2**20
+DEFAULT_DEVICES_PER_NODE = 8
+
+Index = tuple[tuple[int, int], ...]  # (start, stop) per dimension
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One piece of one parameter going from `src` rank's old shard to `dst` rank's new
+    shard. `src_index` / `dst_index` are (start, stop) per dimension, local to the
+    shards; `src == dst` means a local copy (no bytes on the wire)."""
+
+    src: int
+    dst: int
+    name: str
+    src_index: Index
+    dst_index: Index
+    numel: int
+    bytes: int
+
+    @property
+    def is_local(self) -> bool:
+        return self.src == self.dst
+
+    def src_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.src_index)
+
+    def dst_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.dst_index)
+
+
+@dataclass(frozen=True)
+class ReallocPlan:
+    """All transfers of one layout change, in the deterministic order every rank uses.
+
+    `dst_shapes` gives, per rank of the destination layout, the local shape of every
+    parameter it will hold (so ranks that held nothing can allocate)."""
+
+    src: Layout
+    dst: Layout
+    transfers: tuple[Transfer, ...]
+    dst_shapes: tuple[tuple[int, tuple[tuple[str, tuple[int, ...]], ...]], ...]
+
+    def shapes_for(self, rank: int) -> dict[str, tuple[int, ...]]:
+        return dict(dict(self.dst_shapes).get(rank, ()))
+
+    def for_rank(self, rank: int) -> list[Transfer]:
+        return [t for t in self.transfers if rank in (t.src, t.dst)]
+
+
+def bytes_moved(plan: ReallocPlan) -> int:
+    """Bytes that cross between ranks (local copies are free)."""
+    return sum(t.bytes for t in plan.transfers if not t.is_local)
+
+
+def node_of(rank: int, devices_per_node: int) -> int:
+    return rank // devices_per_node
+
+
+def subtract_interval(lo: int, hi: int, held: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """[lo, hi) minus `held`: zero, one or two intervals, in order."""
+    if held is None or held[1] <= lo or held[0] >= hi:
+        return [(lo, hi)] if hi > lo else []
+    parts = [(lo, held[0]), (held[1], hi)]
+    return [(a, b) for a, b in parts if b > a]
+
+
+def choose_holder(holders: Iterable[int], dst: int, load: dict[int, int], devices_per_node: int) -> int:
+    """The source for a piece: same node as `dst` first, then the least loaded sender
+    so far (spreads work over dp replicas), then the lowest rank (deterministic)."""
+    node = node_of(dst, devices_per_node)
+    return min(holders, key=lambda h: (node_of(h, devices_per_node) != node, load.get(h, 0), h))
+
+
+def cover_intervals(
+    need: tuple[int, int],
+    held: tuple[int, int] | None,
+    pieces: list[tuple[int, int, tuple[int, ...]]],
+    dst: int,
+    load: dict[int, int],
+    unit_bytes: int,
+    devices_per_node: int,
+) -> list[tuple[int, int, int]]:
+    """Which source sends which part of `need` to `dst`: (src, lo, hi) triples.
+
+    `held` is what `dst` already has (becomes a local copy), `pieces` are the intervals
+    of the source layout with the ranks holding each. Updates `load` (bytes per sender).
+    Shared by parameter reallocation and batch redistribution."""
+    out = []
+    if held is not None:
+        lo, hi = max(need[0], held[0]), min(need[1], held[1])
+        if hi > lo:
+            out.append((dst, lo, hi))
+    for lo, hi in subtract_interval(need[0], need[1], held):
+        for plo, phi, holders in pieces:
+            a, b = max(lo, plo), min(hi, phi)
+            if b <= a:
+                continue
+            src = choose_holder(holders, dst, load, devices_per_node)
+            load[src] = load.get(src, 0) + (b - a) * unit_bytes
+            out.append((src, a, b))
+    return out
+
+
+def _split_dim(name: str, shape: tuple[int, ...]) -> int:
+    if not shape:
+        raise ValueError(f"{name}: scalar parameters cannot be sharded")
+    dim = tp_split_dim(name)
+    return 0 if dim is None else dim
+
+
+def _interval(sl: tuple[slice, ...] | None, dim: int) -> tuple[int, int] | None:
+    return None if sl is None else (sl[dim].start, sl[dim].stop)
+
+
+def _local_index(shape: tuple[int, ...], dim: int, lo: int, hi: int, offset: int) -> Index:
+    return tuple((lo - offset, hi - offset) if d == dim else (0, n) for d, n in enumerate(shape))
+
+
+def plan_reallocation(
+    param_shapes: Mapping[str, tuple[int, ...]],
+    n_layers: int,
+    src: Layout,
+    dst: Layout,
+    itemsize: int = 2,
+    devices_per_node: int = DEFAULT_DEVICES_PER_NODE,
+) -> ReallocPlan:
+    """The transfers that turn `src` shards into `dst` shards with the fewest bytes.
+
+    Per parameter and destination rank: keep what the rank already holds (local copy),
+    take the rest from a holder on the same node if there is one, balancing senders
+    among dp replicas. Same inputs give the same plan on every rank."""
+    transfers: list[Transfer] = []
+    dst_shapes: dict[int, list[tuple[str, tuple[int, ...]]]] = {r: [] for r in dst.ranks}
+    load: dict[int, int] = {}
+    for name in sorted(param_shapes):
+        shape = tuple(param_shapes[name])
+        dim = _split_dim(name, shape)
+        unit = itemsize
+        for d, n in enumerate(shape):
+            if d != dim:
+                unit *= n
+        src_slices = {r: shard_slices(name, shape, n_layers, src, r) for r in src.ranks}
+        grouped: dict[tuple[int, int], list[int]] = {}
+        for r, sl in src_slices.items():
+            if sl is not None:
+                grouped.setdefault(_interval(sl, dim), []).append(r)
+        pieces = sorted((lo, hi, tuple(rs)) for (lo, hi), rs in grouped.items())
+        for r in dst.ranks:
+            need_sl = shard_slices(name, shape, n_layers, dst, r)
+            if need_sl is None:
+                continue
+            need = _interval(need_sl, dim)
+            dst_shapes[r].append((name, tuple(s.stop - s.start for s in need_sl)))
+            held = _interval(src_slices.get(r), dim)
+            for s, lo, hi in cover_intervals(need, held, pieces, r, load, unit, devices_per_node):
+                s_off = src_slices[s][dim].start
+                transfers.append(
+                    Transfer(
+                        src=s,
+                        dst=r,
+                        name=name,
+                        src_index=_local_index(shape, dim, lo, hi, s_off),
+                        dst_index=_local_index(shape, dim, lo, hi, need[0]),
+                        numel=(hi - lo) * unit // itemsize,
+                        bytes=(hi - lo) * unit,
+                    )
+                )
+    return ReallocPlan(
+        src=src,
+        dst=dst,
+        transfers=tuple(transfers),
+        dst_shapes=tuple((r, tuple(v)) for r, v in dst_shapes.items()),
+    )
+
+
+def _volume(sl: tuple[slice, ...] | None) -> int:
+    if sl is None:
+        return 0
+    v = 1
+    for s in sl:
+        v *= max(0, s.stop - s.start)
+    return v
+
+
+def _box_intersection(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) -> int:
+    if a is None or b is None:
+        return 0
+    return _volume(tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b)))
+
+
+def minimum_bytes(
+    param_shapes: Mapping[str, tuple[int, ...]],
+    n_layers: int,
+    src: Layout,
+    dst: Layout,
+    itemsize: int = 2,
+) -> int:
+    """The least bytes any reallocation must move: for each destination rank, the
+    elements it needs under `dst` and does not hold under `src`, by box arithmetic.
+
+    Parameters that behave alike (same shape, split dimension and stages in both
+    layouts — e.g. the same weight of layers in the same stage pair) are counted once
+    and multiplied, so a 70B shape costs a few hundred evaluations. The cost model
+    calls this; tests compare it with `bytes_moved` of the plan."""
+    kinds: dict[tuple, tuple[str, int]] = {}
+    for name, shape in param_shapes.items():
+        key = (
+            tuple(shape),
+            tp_split_dim(name),
+            param_stages(name, n_layers, src.pp),
+            param_stages(name, n_layers, dst.pp),
+        )
+        rep, count = kinds.get(key, (name, 0))
+        kinds[key] = (rep, count + 1)
+    total = 0
+    for (shape, _, _, _), (name, count) in kinds.items():
+        per_param = 0
+        for r in dst.ranks:
+            need = shard_slices(name, shape, n_layers, dst, r)
+            held = shard_slices(name, shape, n_layers, src, r)
+            per_param += _volume(need) - _box_intersection(need, held)
+        total += per_param * count
+    return total * itemsize
+
+
+def buckets(transfers: Iterable[Transfer], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[tuple[int, int, list[Transfer]]]:
+    """Group non-local transfers into (src, dst, transfers) messages of at most
+    `bucket_bytes` (a single larger transfer gets a message of its own), sorted by
+    (src, dst) so every rank posts its sends and receives in the same order."""
+    by_pair: dict[tuple[int, int], list[Transfer]] = {}
+    for t in transfers:
+        if not t.is_local:
+            by_pair.setdefault((t.src, t.dst), []).append(t)
+    out = []
+    for (s, d), ts in sorted(by_pair.items()):
+        current: list[Transfer] = []
+        size = 0
+        for t in ts:
+            if current and size + t.bytes > bucket_bytes:
+                out.append((s, d, current))
+                current, size = [], 0
+            current.append(t)
+            size += t.bytes
+        out.append((s, d, current))
+    return out
+
+
+def reallocate(
+    shards: dict,
+    param_shapes: Mapping[str, tuple[int, ...]],
+    n_layers: int,
+    src: Layout,
+    dst: Layout,
+    rank: int,
+    *,
+    dtype=None,
+    device=None,
+    devices_per_node: int = DEFAULT_DEVICES_PER_NODE,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    plan: ReallocPlan | None = None,
+) -> dict:
+    """The shards `rank` holds under `dst`, built from `shards` (what it holds under
+    `src`) and point-to-point messages; {} if `rank` is not in `dst`.
+
+    Calling convention: every rank in `src.ranks` ∪ `dst.ranks` must call it with the
+    same arguments (bar `shards`/`rank`); other ranks may call it (no-op) or not. No
+    group or collective is used, only isend/irecv between the ranks that exchange
+    data, posted in (src, dst) order: same code on gloo and NCCL. (NCCL's
+    batch_isend_irecv would need every rank of the group on first use, which ranks
+    outside the layouts cannot promise.) `dtype` / `device` default to those of the
+    local shards and are required on ranks that held nothing before.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if rank not in src.ranks and rank not in dst.ranks:
+        return {}
+    if dtype is None or device is None:
+        sample = next(iter(shards.values()), None)
+        if sample is None:
+            if rank in dst.ranks:
+                raise ValueError(
+                    f"rank {rank} holds no shard under the source layout: pass dtype= and device= to reallocate()"
+                )
+        else:
+            dtype = sample.dtype if dtype is None else dtype
+            device = sample.device if device is None else device
+    itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else 2
+    if plan is None:
+        plan = plan_reallocation(param_shapes, n_layers, src, dst, itemsize, devices_per_node)
+    mine = plan.for_rank(rank)
+    out = {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in plan.shapes_for(rank).items()}
+    for t in mine:
+        if t.is_local:
+            out[t.name][t.dst_slices()] = shards[t.name][t.src_slices()]
+    requests, sends, receives = [], [], []  # buffers stay referenced until wait()
+    for s, d, ts in buckets(mine, bucket_bytes):
+        if s == rank:
+            flat = torch.cat([shards[t.name][t.src_slices()].reshape(-1) for t in ts])
+            requests.append(dist.isend(flat, d))
+            sends.append(flat)
+        else:
+            flat = torch.empty(sum(t.numel for t in ts), dtype=dtype, device=device)
+            requests.append(dist.irecv(flat, s))
+            receives.append((flat, ts))
+    for req in requests:
+        req.wait()
+    for flat, ts in receives:
+        offset = 0
+        for t in ts:
+            view = out[t.name][t.dst_slices()]
+            view.copy_(flat[offset : offset + t.numel].view(view.shape))
+            offset += t.numel
+    return out
