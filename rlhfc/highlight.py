@@ -11,6 +11,7 @@ from __future__ import annotations
 from pygments.lexer import RegexLexer, bygroups, include, words
 from pygments.token import (
     Comment,
+    Error,
     Keyword,
     Name,
     Number,
@@ -85,6 +86,7 @@ class RlhfLexer(RegexLexer):
             (r'\\["\\nt]', String.Escape),
             (r'[^"\\\n]+', String.Double),
             (r'"', String.Double, "#pop"),
+            (r"\n", Error, "#pop"),  # strings end on their line, as in the parser
         ],
         "block_comment": [
             (r"[^*]+", Comment.Multiline),
