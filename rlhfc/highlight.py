@@ -25,7 +25,7 @@ IMPORT_KEYWORDS = ("import", "from")
 DECLARATION_KEYWORDS = ("model", "dataset", "dataflow", "cluster")
 OTHER_KEYWORDS = ("run", "place", "on", "using", "trainable")
 CALL_KINDS = ("generate", "inference", "train")
-BUILTIN_FUNCTIONS = ("llama", "rule", "jsonl", "adam")
+BUILTIN_FUNCTIONS = ("llama", "rule", "jsonl", "adam", "adamw")
 SIZE_UNITS = ("KiB", "MiB", "GiB", "TiB", "KB", "MB", "GB", "TB")
 
 _ID = r"[A-Za-z_][A-Za-z0-9_]*"
