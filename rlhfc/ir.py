@@ -102,6 +102,7 @@ class Dataset:
     fields: tuple[tuple[str, str], ...]
     max_len: int
     span: Span
+    tokenizer: str | None = None  # tokenizer.json path, resolved like `path`
 
 
 @dataclass(frozen=True)

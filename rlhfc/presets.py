@@ -1,0 +1,43 @@
+"""Named model shapes for `llama(preset = "…")`: public LLaMA configs and tiny test models.
+
+The big shapes are the Hugging Face config.json values (docs: /work/shared/REFERENCE.md),
+so plans for 7B–70B models can be made without downloading any weights.
+"""
+
+from __future__ import annotations
+
+from rlhfc.ir import ModelShape
+
+PRESETS: dict[str, ModelShape] = {
+    "llama-2-7b": ModelShape(32, 4096, 32, 32, 11008, 32000, 4096),
+    "llama-2-13b": ModelShape(40, 5120, 40, 40, 13824, 32000, 4096),
+    "codellama-34b": ModelShape(48, 8192, 64, 8, 22016, 32000, 16384),
+    "llama-2-70b": ModelShape(80, 8192, 64, 8, 28672, 32000, 4096),
+    # Tiny shapes that train in seconds on a CPU (tests, examples, the bundled task).
+    "tiny": ModelShape(2, 64, 4, 2, 128, 64, 128),
+    "tiny-32": ModelShape(2, 32, 4, 4, 64, 64, 128),
+}
+
+# `llama(...)` inline keys → ModelShape fields; also the names read from config.json.
+SHAPE_KEYS: dict[str, str] = {
+    "layers": "n_layers", "hidden": "hidden", "heads": "n_heads", "kv_heads": "n_kv_heads",
+    "intermediate": "intermediate", "vocab": "vocab", "max_positions": "max_positions",
+}
+CONFIG_KEYS: dict[str, str] = {
+    "num_hidden_layers": "n_layers", "hidden_size": "hidden", "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads", "intermediate_size": "intermediate",
+    "vocab_size": "vocab", "max_position_embeddings": "max_positions",
+}
+
+
+def shape_from_config(config: dict) -> ModelShape:
+    """The shape in a Hugging Face LLaMA config.json; KeyError/TypeError/ValueError if incomplete."""
+    fields = {field: config[key] for key, field in CONFIG_KEYS.items()
+              if key in config and key != "num_key_value_heads"}
+    fields["n_kv_heads"] = config.get("num_key_value_heads") or config["num_attention_heads"]
+    missing = {"n_layers", "hidden", "n_heads", "intermediate", "vocab"} - fields.keys()
+    if missing:
+        raise KeyError(", ".join(k for k, f in CONFIG_KEYS.items() if f in missing))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in fields.values()):
+        raise ValueError("shape entries must be positive integers")
+    return ModelShape(**fields, tied_embeddings=bool(config.get("tie_word_embeddings", False)))
