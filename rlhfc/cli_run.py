@@ -1,0 +1,169 @@
+"""`rlhfc compile` and `rlhfc run`: the whole pipeline from a .rlhf file to a training run.
+
+`run` compiles into the run directory (plan.json, program.py), starts the generated
+program as a child process (it spawns the workers), and follows its metrics file with a
+progress bar. A worker that dies stops the run with a clear message; the checkpoint in
+the run directory lets `--resume` continue without losing a step.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from rlhfc import ir
+from rlhfc.cli import app
+from rlhfc.emit import emit
+from rlhfc.lower import OpProgram, lower
+
+_err = Console(stderr=True)
+
+
+def compile_program(path: Path, devices: int | None = None, symmetric: bool = False,
+                    time_limit: float = 10.0, filename: str = "program.py") -> tuple[OpProgram, str]:
+    """check → plan → lower → emit; `devices` replaces the cluster with N local CPU
+    processes. Raises CompileError on a bad program."""
+    from rlhfc.check import load_program
+    from rlhfc.solve import plan_dataflow, symmetric_plan
+
+    override = None if devices is None else ir.Cluster(nodes=1, devices_per_node=devices, device="cpu")
+    dataflow = load_program(str(path), cluster_override=override)
+    plan = symmetric_plan(dataflow) if symmetric else plan_dataflow(dataflow, time_limit=time_limit)
+    prog = lower(dataflow, plan)
+    return prog, emit(prog, filename)
+
+
+def _compile_or_exit(path: Path, **kwargs) -> tuple[OpProgram, str]:
+    from rlhfc.diagnostics import CompileError, render
+
+    try:
+        return compile_program(path, **kwargs)
+    except CompileError as e:
+        _err.print(render(e.diagnostics), markup=False, highlight=False)
+        raise typer.Exit(1) from None
+
+
+def compile_command(
+    file: Path = typer.Argument(..., help="the .rlhf program"),
+    output: Path = typer.Option(None, "-o", "--output", help="where to write the Python file (default build/NAME.py)"),
+    devices: int = typer.Option(None, "--devices", help="plan for N local CPU processes instead of the cluster block"),
+    symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan, not the solver"),
+) -> None:
+    """Compile a program into one runnable Python file (plan embedded as a comment)."""
+    output = output or Path("build") / f"{file.stem}.py"
+    _, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, filename=output.name)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    _err.print(f"wrote {output}")
+
+
+def run_command(
+    file: Path = typer.Argument(..., help="the .rlhf program"),
+    devices: int = typer.Option(None, "--devices", help="N local CPU processes (default: the cluster block)"),
+    steps: int = typer.Option(None, "--steps", help="stop after this many steps (default: the run block)"),
+    out: Path = typer.Option(None, "--out", help="run directory (default runs/NAME)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run directory's checkpoint"),
+    plot: bool = typer.Option(False, "--plot", help="write reward and KL curves to OUT/curves.png"),
+    symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan"),
+    save_every: int = typer.Option(None, "--save-every", help="checkpoint every K steps"),
+) -> None:
+    """Compile and train: metrics in OUT/metrics.jsonl, checkpoints in OUT/checkpoint."""
+    out = out or Path("runs") / file.stem
+    prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "program.py").write_text(text)
+    _write_plan(prog, out / "plan.json")
+    total = steps or (prog.dataflow.run.steps if prog.dataflow.run else 1)
+    cmd = [sys.executable, str(out / "program.py"), "--out", str(out), "--steps", str(total)]
+    cmd += ["--resume"] if resume else []
+    cmd += ["--save-every", str(save_every)] if save_every else []
+    _err.print(f"[bold]{file}[/]: {prog.world_size} process(es), plan {prog.plan.status}, "
+               f"{len(prog.ops)} ops per step → {out}")
+    code = _follow(cmd, out, total)
+    if code != 0:
+        log = (out / "worker.log").read_text().strip().splitlines()[-15:]
+        _err.print("\n".join(log), markup=False, highlight=False)
+        _err.print(f"[red]error[/]: the run stopped (exit code {code}); the log is {out / 'worker.log'}.\n"
+                   f"Continue from the last checkpoint with: rlhfc run {file} --out {out} --resume"
+                   + (f" --devices {devices}" if devices else ""))
+        raise typer.Exit(1)
+    if plot:
+        _err.print(f"wrote {plot_metrics(out / 'metrics.jsonl', out / 'curves.png')}")
+
+
+def _write_plan(prog: OpProgram, path: Path) -> None:
+    from rlhfc import plan as plan_mod
+
+    to_json = getattr(plan_mod, "plan_to_json", None)
+    if to_json is not None:
+        path.write_text(to_json(prog.plan))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file (empty if it does not exist yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _pick(record: dict, word: str) -> float | None:
+    keys = sorted(k for k in record if word in k.split("/")[-1] and not k.startswith(("time/", "estimate/")))
+    return record[keys[0]] if keys else None
+
+
+def _follow(cmd: list[str], out: Path, total: int) -> int:
+    """Run the program, showing step, reward, KL, loss and time per call as it goes."""
+    metrics = out / "metrics.jsonl"
+    columns = [TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}"), BarColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    with (out / "worker.log").open("w") as log, Progress(*columns, console=_err) as bar:
+        task = bar.add_task("train", total=total, info="starting workers…")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            time.sleep(0.5)
+            _update(bar, task, read_metrics(metrics))
+        _update(bar, task, read_metrics(metrics))
+    return proc.returncode
+
+
+def _update(bar: Progress, task, records: list[dict]) -> None:
+    if not records:
+        return
+    last = records[-1]
+    parts = [f"{name} {v:.3f}" for name, v in
+             (("reward", _pick(last, "reward")), ("kl", _pick(last, "kl")), ("loss", _pick(last, "loss")))
+             if v is not None]
+    calls = [f"{k[5:]} {v:.2f}s" for k, v in last.items()
+             if k.startswith("time/") and k != "time/iteration" and " " not in k]
+    bar.update(task, completed=last["step"], info="  ".join(parts + calls))
+
+
+def plot_metrics(metrics: Path, png: Path) -> Path:
+    """Reward and KL against step, one panel each, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, word in zip(axes, ("reward", "kl")):
+        points = [(r["step"], _pick(r, word)) for r in records if _pick(r, word) is not None]
+        if points:
+            ax.plot(*zip(*points))
+        ax.set_xlabel("step")
+        ax.set_title(word)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+app.command("run")(run_command)

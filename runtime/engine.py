@@ -1,0 +1,283 @@
+"""The execution engine generated programs import: it starts the world, builds the
+models in their home layouts, executes the ops of `iteration()` once per step, logs
+metrics and checkpoints so that a run can resume exactly.
+
+Generated code calls `main(PROGRAM, LAYOUTS, GROUPS, iteration)`. Under torchrun (RANK
+in the environment) this process is one worker; otherwise it spawns `world_size` local
+workers itself. Every op names the layouts it touches; ranks outside them return at
+once, and every collective runs only over the ranks the op names, in the op order that
+all ranks share, so a run cannot deadlock on a schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rlhfc_runtime import dist as rdist
+from rlhfc_runtime import calls
+from rlhfc_runtime.layout import Layout
+from rlhfc_runtime.realloc import reallocate
+from rlhfc_runtime.transfer import batch_spec, redistribute_batch, rows_of
+
+__all__ = ["Engine", "Layout", "main"]
+
+
+class Engine:
+    """One worker's state: models per (name, layout), data per (key, layout), step."""
+
+    def __init__(self, program: dict, layouts: dict[str, Layout], groups, options: dict):
+        self.program = program
+        self.layouts = layouts
+        self.options = options
+        self.rank = rdist.init_from_env()
+        self.world = dist.get_world_size()
+        if self.world != program["world_size"]:
+            raise SystemExit(f"this program was planned for {program['world_size']} processes, got {self.world}")
+        rdist.ensure_groups(layouts.values())  # fixed order on every rank
+        self.groups = {ranks: dist.new_group(list(ranks)) for ranks in groups}  # move groups, op order
+        self.out = Path(options["out"])
+        self.step = 0
+        self.seed = int(program["run"].get("seed", 0))
+        _seed_everything(self.seed * 1009 + self.rank)
+        self.models = {}  # (model, layout) -> runtime model on this rank
+        self.data: dict[tuple[str, str], dict] = {}  # (key, layout) -> this rank's rows
+        self.rows: dict[str, int] = {}  # key -> global row count this iteration
+        self.loaders = {}
+        self.stats: dict[str, float] = {}
+        self.times: dict[str, float] = {}
+        for name, spec in program["models"].items():
+            home = spec["home"]
+            if spec["kind"] != "rule" and self.rank in layouts[home].ranks:
+                self.models[(name, home)] = calls.build_model(spec, layouts[home])
+        for name, spec in program["datasets"].items():
+            self.loaders[name] = calls.build_loader(name, spec, self.seed)
+        self.specials = calls.special_ids(next(iter(self.loaders.values()))) if self.loaders else {}
+
+    # ---- ops ---------------------------------------------------------------------
+    def load(self, key: str, dataset: str) -> None:
+        """Every rank draws the same next batch (deterministic sampler), keeps it whole."""
+        batch = self.loaders[dataset].next_batch(int(self.program["run"]["batch"]))
+        self.rows[key] = calls.batch_rows(batch)
+        self.data[(key, "*")] = batch
+
+    def _input(self, key: str, layout: str) -> dict:
+        if (key, layout) not in self.data:  # a loaded key: take this rank's rows
+            lo, hi = rows_of(self.rows[key], self.layouts[layout], self.rank)
+            self.data[(key, layout)] = calls.take_rows(self.data[(key, "*")], lo, hi)
+        return self.data[(key, layout)]
+
+    def call(self, name, *, model, kind, using, layout, inputs, outputs, options=None) -> None:
+        """Run one call on this rank's part of `layout` (no-op elsewhere)."""
+        lay = self.layouts[layout]
+        settings = {**self.program["run"], **self.specials, **(options or {}), "step": self.step}
+        factor = int(settings.get("group_size", 1)) if kind == "generate" else 1
+        for key in outputs:  # every rank tracks row counts, so moves agree on them
+            self.rows[key] = self.rows[inputs[0]] * factor
+        if self.rank not in lay.ranks:
+            return
+        t0 = time.perf_counter()
+        spec = self.program["models"][model]
+        batch = {k: self._input(k, layout) for k in inputs}
+        runtime_model = None if spec["kind"] == "rule" else self.models[(model, layout)]
+        produced, stats = calls.run_call(
+            kind, using, runtime_model, spec, batch, outputs, settings, rdist.rank_groups(lay, self.rank)
+        )
+        for key in outputs:
+            self.data[(key, layout)] = produced[key]
+        self.stats.update({f"{name}/{k}": float(v) for k, v in stats.items()})
+        if "score" in outputs:  # the reward curve, whatever the algorithm
+            self.stats["reward"] = float(produced["score"]["score"].float().mean())
+        self.times[name] = time.perf_counter() - t0
+
+    def realloc(self, model: str, *, src: str, dst: str) -> None:
+        """Build `model`'s shards in `dst` from `src` (point-to-point, src ∪ dst only)."""
+        s, d = self.layouts[src], self.layouts[dst]
+        if self.rank not in s.ranks and self.rank not in d.ranks:
+            return
+        t0 = time.perf_counter()
+        spec = self.program["models"][model]
+        source = self.models.get((model, src))
+        shards = reallocate(
+            calls.shards_of(source) if source is not None else {},
+            calls.param_shapes(spec), spec["shape"]["n_layers"], s, d, self.rank,
+            dtype=torch.float32, device=rdist.device_for_rank(),
+        )
+        if self.rank in d.ranks:
+            target = self.models.get((model, dst))
+            if target is None:
+                self.models[(model, dst)] = calls.model_from_shards(spec, shards, d, self.rank)
+            else:
+                calls.load_shards(target, shards)
+        self.times[f"realloc {model} {src}->{dst}"] = time.perf_counter() - t0
+
+    def drop(self, model: str, *, layout: str) -> None:
+        """Free a non-home parameter copy after its last use in the iteration."""
+        self.models.pop((model, layout), None)
+
+    def move(self, key: str, *, src: str, dst: str) -> None:
+        """Give every rank of `dst` its rows of `key` from the ranks of `src` that hold them."""
+        s, d = self.layouts[src], self.layouts[dst]
+        ranks = tuple(sorted(set(s.ranks) | set(d.ranks)))
+        if self.rank not in ranks:
+            return
+        t0 = time.perf_counter()
+        local = self.data.get((key, src))
+        box = [batch_spec(local, self.rows[key]) if self.rank == s.ranks[0] else None]
+        dist.broadcast_object_list(box, src=s.ranks[0], group=self.groups[ranks])
+        out = redistribute_batch(local, box[0], s, d, self.rank, device=rdist.device_for_rank())
+        if self.rank in d.ranks:
+            self.data[(key, dst)] = out
+        self.times[f"move {key} {src}->{dst}"] = time.perf_counter() - t0
+
+    # ---- the loop ----------------------------------------------------------------
+    def run(self, iteration) -> None:
+        """Steps until `steps`, with metrics on rank 0 and checkpoints every `save_every`."""
+        steps = int(self.options.get("steps") or self.program["run"]["steps"])
+        save_every = int(self.options.get("save_every") or self.program["run"].get("save_every", 10))
+        if self.options.get("resume"):
+            self.restore()
+        log = _MetricsLog(self.out / "metrics.jsonl", self.step) if self.rank == 0 else None
+        while self.step < steps:
+            t0 = time.perf_counter()
+            self.stats, self.times, self.data, self.rows = {}, {}, {}, {}
+            iteration(self)
+            self.step += 1
+            record = self._gather(time.perf_counter() - t0)
+            if log is not None:
+                log.write(record)
+            if self.step % save_every == 0 or self.step == steps:
+                self.save()
+            die_at = os.environ.get("RLHFC_FAIL_AT_STEP")  # tests: a worker dies mid-run
+            if die_at and int(die_at) == self.step and self.rank == self.world - 1:
+                os._exit(17)
+
+    def _gather(self, seconds: float) -> dict:
+        """One metrics record: stats averaged over the ranks that report them, per-call
+        times as the slowest rank saw them, next to the planner's estimates."""
+        parts = [None] * self.world
+        dist.all_gather_object(parts, (self.stats, self.times))
+        stats: dict[str, list[float]] = {}
+        times: dict[str, float] = {}
+        for s, t in parts:
+            for k, v in s.items():
+                stats.setdefault(k, []).append(v)
+            for k, v in t.items():
+                times[k] = max(times.get(k, 0.0), v)
+        record = {"step": self.step, **{k: sum(v) / len(v) for k, v in sorted(stats.items())}}
+        record["time/iteration"] = seconds
+        record.update({f"time/{k}": v for k, v in sorted(times.items())})
+        record.update({f"estimate/{k}": v for k, v in self.program["estimates"].items()})
+        return record
+
+    # ---- checkpoints -------------------------------------------------------------
+    def save(self) -> None:
+        """Per-rank state at an iteration boundary (models are home): models, optimizer
+        states, data positions, RNG states, step; `latest` flips only when all are written."""
+        ckpt = self.out / "checkpoint"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step,
+            "models": {name: calls.model_state(m) for (name, _), m in self.models.items()},
+            "loaders": {name: ld.state_dict() for name, ld in self.loaders.items()},
+            "rng": _rng_state(),
+        }
+        tmp = ckpt / f"rank{self.rank}.pt.tmp"
+        torch.save(state, tmp)
+        dist.barrier()
+        os.replace(tmp, ckpt / f"rank{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            (ckpt / "latest.tmp").write_text(str(self.step))
+            os.replace(ckpt / "latest.tmp", ckpt / "latest")
+
+    def restore(self) -> None:
+        """Continue from the latest checkpoint exactly where it stopped (no-op if none)."""
+        ckpt = self.out / "checkpoint"
+        if not (ckpt / "latest").exists():
+            return
+        state = torch.load(ckpt / f"rank{self.rank}.pt", weights_only=False)
+        self.step = state["step"]
+        for (name, _), m in self.models.items():
+            calls.load_model_state(m, state["models"][name])
+        for name, ld in self.loaders.items():
+            ld.load_state_dict(state["loaders"][name])
+        _set_rng_state(state["rng"])
+
+
+class _MetricsLog:
+    """metrics.jsonl, truncated to `start_step` on resume so no step appears twice."""
+
+    def __init__(self, path: Path, start_step: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def _worker(program, layouts, groups, iteration, options) -> None:
+    Engine(program, layouts, groups, options).run(iteration)
+
+
+def resolve_paths(program: dict, base: Path) -> dict:
+    """The program with its file paths (relative to the generated file) made absolute."""
+    def fix(path):
+        return None if path is None else str((base / path).resolve())
+
+    return {
+        **program,
+        "source": fix(program["source"]),
+        "models": {n: {**m, "checkpoint": fix(m["checkpoint"])} for n, m in program["models"].items()},
+        "datasets": {n: {**d, "path": fix(d["path"]), "tokenizer": fix(d["tokenizer"])}
+                     for n, d in program["datasets"].items()},
+    }
+
+
+def main(program: dict, layouts: dict[str, Layout], groups, iteration, here: str, argv=None) -> None:
+    """Entry point of a generated program (`here` is its __file__): parse options, then
+    run as one torchrun worker or spawn the local world; a failing worker ends the run
+    with its message."""
+    program = resolve_paths(program, Path(here).resolve().parent)
+    parser = argparse.ArgumentParser(description=f"RLHF job compiled from {program['source']}")
+    parser.add_argument("--out", default="runs/latest", help="run directory: metrics, checkpoints")
+    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    parser.add_argument("--save-every", type=int, default=None, help="checkpoint every K steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    options = vars(parser.parse_args(argv))
+    if "RANK" in os.environ:
+        _worker(program, layouts, groups, iteration, options)
+        return
+    try:
+        rdist.spawn(_worker, program["world_size"], program, layouts, groups, iteration, options)
+    except rdist.WorkerFailed as e:
+        print(f"rlhfc: the run stopped: {e}\nrerun with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        raise SystemExit(1) from None

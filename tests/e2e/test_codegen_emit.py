@@ -1,0 +1,56 @@
+"""Generated code: valid, deterministic Python; program strings escaped; one line per op."""
+
+from __future__ import annotations
+
+import ast
+
+from codegen_fixtures import dataflow, split_plan
+
+from rlhfc.emit import emit, program_spec
+from rlhfc.lower import lower
+
+HOSTILE = 'x"""; __import__("os").system("touch PWNED") #\n\'\\ ' + "'''"
+
+
+def literal_strings(tree: ast.AST) -> list[str]:
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_hostile_dataset_path_stays_a_string(tmp_path):
+    df = dataflow(dataset_path=HOSTILE, note=HOSTILE)
+    text = emit(lower(df, split_plan(df)))
+    tree = ast.parse(text)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    called = {n.func.attr if isinstance(n.func, ast.Attribute) else n.func.id for n in calls}
+    assert "system" not in called and "__import__" not in called
+    assert HOSTILE in literal_strings(tree)  # round-trips exactly, as data
+    ns = {}
+    exec(compile(tree, "gen.py", "exec"), ns)  # defining the module runs nothing hostile
+    assert ns["PROGRAM"]["datasets"]["prompts"]["path"] == HOSTILE
+    assert ns["PROGRAM"]["run"]["note"] == HOSTILE
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_output_is_deterministic_and_has_one_line_per_op():
+    df = dataflow()
+    prog = lower(df, split_plan(df))
+    text = emit(prog)
+    assert text == emit(lower(dataflow(), split_plan(dataflow())))
+    tree = ast.parse(text)
+    body = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "iteration").body
+    assert len(body) == 1 + len(prog.ops)  # docstring + one statement per op
+    assert all(n.lineno == n.end_lineno for n in body[1:])
+
+
+def test_spec_carries_models_homes_and_estimates():
+    df = dataflow()
+    prog = lower(df, split_plan(df))
+    spec = program_spec(prog)
+    assert spec["world_size"] == 2
+    assert spec["models"]["actor"]["home"] == dict(prog.homes)["actor"]
+    assert spec["models"]["reward"]["rule"] == "pattern_reward"
+    assert set(spec["estimates"]) == {c.name for c in df.calls}
+    ns = {}
+    exec(compile(emit(prog), "gen.py", "exec"), ns)
+    assert ns["PROGRAM"] == spec
+    assert {k: v.ranks for k, v in ns["LAYOUTS"].items()} == {k: v.ranks for k, v in prog.layouts}
