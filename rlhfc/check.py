@@ -128,7 +128,7 @@ class _Loader:
             text, program = parse_file(path, display)
         except CompileError as error:
             if origin is not None and error.diagnostics[0].code == "E020":
-                self.rep.error("E020", f"cannot import `{display}`: {error.diagnostics[0].message}", origin,
+                self.rep.error("E020", error.diagnostics[0].message, origin,
                                "paths are relative to the importing file; `stdlib/NAME.rlhf` is the shipped library")
             else:
                 self.rep.diagnostics.extend(error.diagnostics)
@@ -495,7 +495,7 @@ def _check_dataflow_structure(unit: _Unit, decl: ast.DataflowDecl, rep: _Reporte
                           "calls consume data keys: a dataset parameter or another call's output")
             elif key.text not in producers and key.text not in params:
                 rep.error("E004", f"key `{key.text}` is consumed but never produced", key.span,
-                          _suggest(key.text, list(producers) + list(params))
+                          _suggest(key.text, list(producers) + [p for p in params if p not in model_params])
                           or "produce it with `-> KEY` on another call, or pass a dataset parameter")
     _check_cycles(decl, producers, rep)
     return calls
@@ -527,17 +527,14 @@ def _check_interface_arity(call: ast.CallStmt, rep: _Reporter) -> None:
 
 
 def _check_cycles(decl: ast.DataflowDecl, producers: dict[str, ast.CallStmt], rep: _Reporter) -> None:
-    """A data-key cycle would deadlock one iteration; report each one once."""
-    succ = {c.name.text: sorted({producers[k.text].name.text for k in c.inputs if k.text in producers})
-            for c in decl.calls}
-    state: dict[str, int] = {}
-    by_name = {c.name.text: c for c in decl.calls}
-    for root in succ:
-        stack = [(root, iter(succ[root]))]
-        path = [root]
-        state[root] = state.get(root, 0) or 1
-        if state[root] == 2:
+    """A data-key cycle would deadlock one iteration; report each one once (depth-first search)."""
+    index = {id(c): i for i, c in enumerate(decl.calls)}
+    succ = [sorted({index[id(producers[k.text])] for k in c.inputs if k.text in producers}) for c in decl.calls]
+    state = [0] * len(decl.calls)  # 0 new, 1 on the current path, 2 finished
+    for root in range(len(decl.calls)):
+        if state[root]:
             continue
+        state[root], stack, path = 1, [(root, iter(succ[root]))], [root]
         while stack:
             node, it = stack[-1]
             nxt = next(it, None)
@@ -545,11 +542,11 @@ def _check_cycles(decl: ast.DataflowDecl, producers: dict[str, ast.CallStmt], re
                 state[node] = 2
                 stack.pop()
                 path.pop()
-            elif state.get(nxt) == 1:
-                cycle = path[path.index(nxt):]
-                rep.error("E006", "cycle within one iteration: " + " <- ".join(cycle + [nxt]),
-                          by_name[cycle[0]].span, "a call cannot depend on its own outputs in one iteration")
-            elif not state.get(nxt):
+            elif state[nxt] == 1:
+                cycle = path[path.index(nxt):] + [nxt]
+                rep.error("E006", "cycle within one iteration: " + " <- ".join(decl.calls[i].name.text for i in cycle),
+                          decl.calls[cycle[0]].span, "a call cannot depend on its own outputs in one iteration")
+            elif state[nxt] == 0:
                 state[nxt] = 1
                 stack.append((nxt, iter(succ[nxt])))
                 path.append(nxt)
@@ -590,17 +587,22 @@ def _run_config(run: ast.RunStmt, rep: _Reporter, val: _Values) -> ir.RunConfig:
 
 
 def _instantiate(unit: _Unit, run: ast.RunStmt, models: dict[str, ir.Model], datasets: dict[str, ir.Dataset],
-                 config: ir.RunConfig, rep: _Reporter) -> tuple[tuple[ir.Call, ...], tuple[ir.Edge, ...]]:
-    """The run's dataflow with parameters bound to this program's models and datasets."""
+                 config: ir.RunConfig, rep: _Reporter
+                 ) -> tuple[tuple[ir.Call, ...], tuple[ir.Edge, ...], set[str]]:
+    """The run's dataflow bound to this program's models and datasets: (calls, edges, all call names).
+
+    Calls whose binding failed are left out of `calls` but kept in the names, so that
+    pins on them are still checked.
+    """
     if run.dataflow.text not in unit.dataflows:
         rep.error("E002", f"undefined dataflow `{run.dataflow.text}`", run.dataflow.span,
                   _suggest(run.dataflow.text, unit.dataflows) or 'import it: import ppo from "stdlib/ppo.rlhf"')
-        return (), ()
+        return (), (), set()
     _, decl = unit.dataflows[run.dataflow.text]
     if len(run.args) != len(decl.params):
         rep.error("E013", f"`{decl.name.text}` takes {len(decl.params)} arguments but `run` gives {len(run.args)}",
                   run.dataflow.span, f"parameters: {', '.join(p.text for p in decl.params)}")
-        return (), ()
+        return (), (), {c.name.text for c in decl.calls}
     binding: dict[str, str] = {}
     model_params = {c.model.text for c in decl.calls}
     ok = True
@@ -620,6 +622,7 @@ def _instantiate(unit: _Unit, run: ast.RunStmt, models: dict[str, ir.Model], dat
                       arg.span)
             ok = False
     arg_span = {p.text: a.span for p, a in zip(decl.params, run.args)}
+    names = {c.name.text for c in decl.calls}
     calls = []
     for call in decl.calls:
         model = models.get(binding.get(call.model.text, ""))
@@ -631,9 +634,9 @@ def _instantiate(unit: _Unit, run: ast.RunStmt, models: dict[str, ir.Model], dat
         if built is not None:
             calls.append(built)
     if not ok or rep.has_errors:
-        return tuple(calls), ()
+        return tuple(calls), (), names
     calls = _sized(tuple(calls), datasets, binding, config)
-    return calls, _edges(calls, models)
+    return calls, _edges(calls, models), names
 
 
 def _bind_call(call: ast.CallStmt, model: ir.Model, binding: dict[str, str], config: ir.RunConfig,
@@ -762,15 +765,16 @@ def _mesh(ref: ast.MeshRef, cluster: ir.Cluster, rep: _Reporter) -> ir.Mesh | No
     return mesh
 
 
-def _check_pins(unit: _Unit, calls: tuple[ir.Call, ...], models: dict[str, ir.Model], cluster: ir.Cluster,
-                rep: _Reporter, val: _Values) -> tuple[ir.Pin, ...]:
+def _check_pins(unit: _Unit, calls: tuple[ir.Call, ...], names: set[str], models: dict[str, ir.Model],
+                cluster: ir.Cluster, rep: _Reporter, val: _Values) -> tuple[ir.Pin, ...]:
+    """`place` statements as Pins: call, mesh, degrees, head divisibility (shape checks need a bound call)."""
     by_name = {c.name: c for c in calls}
     pins: dict[str, ir.Pin] = {}
     for place in unit.statements(ast.PlaceStmt):
         call = by_name.get(place.call.text)
-        if call is None:
+        if place.call.text not in names:
             rep.error("E002", f"no call `{place.call.text}` in the run's dataflow", place.call.span,
-                      _suggest(place.call.text, by_name) or "pins name calls of the dataflow that `run` uses")
+                      _suggest(place.call.text, sorted(names)) or "pins name calls of the dataflow that `run` uses")
         if place.call.text in pins:
             rep.error("E003", f"call `{place.call.text}` is pinned twice", place.call.span)
         mesh = _mesh(place.mesh, cluster, rep)
@@ -784,13 +788,13 @@ def _check_pins(unit: _Unit, calls: tuple[ir.Call, ...], models: dict[str, ir.Mo
         missing = [k for k in ("dp", "tp", "pp") if k not in opts]
         if missing:
             rep.error("E024", f"`place` needs {', '.join(missing)}", place.span, "place CALL on MESH dp = N tp = N pp = N")
-        if mesh is None or call is None or missing or None in degrees.values():
+        if mesh is None or missing or None in degrees.values():
             continue
         dp, tp, pp = degrees["dp"], degrees["tp"], degrees["pp"]
         if dp * tp * pp != mesh.size:
             rep.error("E016", f"dp * tp * pp = {dp * tp * pp} but mesh `{mesh}` has {mesh.size} devices",
                       place.span, "the degrees must multiply to the mesh size")
-        shape = models[call.model].shape
+        shape = models[call.model].shape if call is not None else None
         if tp > cluster.devices_per_node:
             rep.error("E014", f"tp = {tp} spans more than one node ({cluster.devices_per_node} devices each)",
                       opts["tp"].value.span, "tensor parallelism stays inside a node")
@@ -830,10 +834,11 @@ def check_program(path: str | Path, cluster_override: ir.Cluster | None = None
     config, calls, edges, pins = None, (), (), ()
     if runs:
         config = _run_config(runs[0], rep, val)
-        calls, edges = _instantiate(unit, runs[0], models, datasets, config, rep)
-        pins = _check_pins(unit, calls, models, cluster, rep, val)
+        calls, edges, names = _instantiate(unit, runs[0], models, datasets, config, rep)
+        pins = _check_pins(unit, calls, names, models, cluster, rep, val)
     elif unit.statements(ast.PlaceStmt):
         rep.error("E002", "`place` without a `run`: there are no calls to pin", unit.statements(ast.PlaceStmt)[0].span)
+    rep.diagnostics.sort(key=lambda d: (d.span.file, d.span.line, d.span.col) if d.span else ("", 0, 0))
     if rep.has_errors:
         return None, rep.diagnostics
     flow = ir.Dataflow(str(path.resolve()), tuple(models.values()), tuple(datasets.values()), calls, edges,

@@ -51,3 +51,41 @@ def dot_available() -> bool:
 def render_svg(dot_text: str) -> bytes:
     """SVG bytes from Graphviz `dot`; callers check `dot_available()` first."""
     return subprocess.run(["dot", "-Tsvg"], input=dot_text.encode(), capture_output=True, check=True).stdout
+
+
+def dump(flow: ir.Dataflow, root: str | None = None) -> str:
+    """Every field of a Dataflow, one object per line, stable: the golden-file format.
+
+    Paths under `root` are written relative to it, so dumps do not depend on checkout place.
+    """
+
+    def path(p: str | None) -> str | None:
+        if p and root and p.startswith(root.rstrip("/") + "/"):
+            return p[len(root.rstrip("/")) + 1:]
+        return p
+
+    def at(span: ir.Span | None) -> str:
+        return f"{path(span.file)}:{span.line}:{span.col}" if span else "-"
+
+    c = flow.cluster
+    lines = [f"source {path(flow.source)}",
+             f"cluster nodes={c.nodes} devices_per_node={c.devices_per_node} device={c.device} overrides={c.overrides}"]
+    for m in flow.models:
+        lines.append(f"model {m.name} kind={m.kind} head={m.head.value} trainable={m.trainable} shape={m.shape} "
+                     f"checkpoint={path(m.checkpoint)} optimizer={m.optimizer} rule={m.rule} @{at(m.span)}")
+    for d in flow.datasets:
+        lines.append(f"dataset {d.name} format={d.format} path={path(d.path)} fields={d.fields} max_len={d.max_len} "
+                     f"tokenizer={path(d.tokenizer)} @{at(d.span)}")
+    if flow.run:
+        r = flow.run
+        lines.append(f"run {r.dataflow} batch={r.batch} steps={r.steps} params={r.params} @{at(r.span)}")
+    for k in flow.calls:
+        lines.append(f"call {k.name} model={k.model} kind={k.kind.value} inputs={k.inputs} outputs={k.outputs} "
+                     f"interface={k.interface} options={k.options} batch={k.batch} prompt_len={k.prompt_len} "
+                     f"gen_len={k.gen_len} @{at(k.span)}")
+    for e in flow.edges:
+        lines.append(f"edge {e.src} -> {e.dst} kind={e.kind.value} key={e.key} next_iteration={e.next_iteration}")
+    for p in flow.pins:
+        s = p.strategy
+        lines.append(f"pin {p.call} mesh={s.mesh} dp={s.dp} tp={s.tp} pp={s.pp} n_mbs={s.n_mbs} @{at(p.span)}")
+    return "\n".join(lines) + "\n"
