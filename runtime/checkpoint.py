@@ -1,0 +1,173 @@
+"""Hugging Face checkpoints in and out of sharded models.
+
+Loading reads only this rank's slices (`safe_open(...).get_slice`), from a single
+model.safetensors or a sharded model.safetensors.index.json; saving gathers the shards
+of one data-parallel replica to one writer rank and writes model.safetensors +
+config.json that `transformers` loads. Tiny random models are generated per parameter
+from (seed, name), so they are the same whatever the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .dist import rank_groups
+from .layout import Layout, shard_slices
+from .model import LM, VALUE, ModelConfig, ShardedLlama, param_shapes
+
+_ARCH = {LM: "LlamaForCausalLM", VALUE: "LlamaForTokenClassification"}
+
+
+def tiny_config(**overrides) -> dict:
+    """A small LLaMA config.json dict (GQA: 4 heads, 2 kv heads) for tests and examples."""
+    cfg = {
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": False, "initializer_range": 0.02, "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of a checkpoint directory."""
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def head_of(cfg: dict) -> str:
+    """'value' for token-classification checkpoints (critic / reward), else 'lm'."""
+    archs = cfg.get("architectures") or []
+    return VALUE if any(a.endswith("ForTokenClassification") for a in archs) else LM
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float) -> torch.Tensor:
+    """HF-style init of one full parameter (norm weights 1, biases 0, others N(0, std)),
+    seeded by (seed, name) so any shard of it can be made without the others."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=g) * std
+
+
+def write_random_checkpoint(path: str | Path, cfg: dict, seed: int = 0, head: str = LM) -> Path:
+    """Write a deterministic random HF checkpoint (config.json + model.safetensors)."""
+    mc = ModelConfig.from_hf(cfg)
+    std = cfg.get("initializer_range", 0.02)
+    tensors = {n: random_tensor(n, s, seed, std) for n, s in param_shapes(mc, head).items()}
+    return _write(Path(path), cfg, head, tensors)
+
+
+def _write(path: Path, cfg: dict, head: str, tensors: dict[str, torch.Tensor]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    out = dict(cfg, architectures=[_ARCH[head]])
+    if head == VALUE:
+        out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def weight_index(path: str | Path) -> dict[str, tuple[Path, str]]:
+    """HF parameter name -> (safetensors file, key in that file), from a single file or
+    a sharded index. Bare backbone keys (`layers.0…`, as LlamaModel saves them) map to
+    `model.layers.0…`; a tied model's missing lm_head maps to the embedding."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        raw = {n: path / f for n, f in json.loads(index.read_text())["weight_map"].items()}
+    elif (path / "model.safetensors").exists():
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            raw = {n: path / "model.safetensors" for n in f.keys()}
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    out = {}
+    for key, file in raw.items():
+        name = key if key.startswith(("model.", "lm_head.", "score.")) else "model." + key
+        out[name] = (file, key)
+    if "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def load_checkpoint(
+    path: str | Path, layout: Layout, head: str | None = None, device=None,
+    dtype=torch.float32, seed: int = 0,
+) -> ShardedLlama:
+    """Build this rank's shard of the model in checkpoint `path` under `layout`, reading
+    only its slices. A value head missing from the checkpoint (critic initialised from
+    a causal LM) is initialised from `seed`."""
+    cfg = read_config(path)
+    head = head or head_of(cfg)
+    model = ShardedLlama(ModelConfig.from_hf(cfg), rank_groups(layout), head, device, dtype)
+    index = weight_index(path)
+    full = param_shapes(model.cfg, head)
+    shards = {}
+    for name in model.shards():
+        if name in index:
+            file, key = index[name]
+            with safe_open(str(file), "pt") as f:
+                shards[name] = f.get_slice(key)[model.slices(name)]
+        elif name.startswith("score."):
+            shards[name] = random_tensor(name, full[name], seed, cfg.get("initializer_range", 0.02))[model.slices(name)]
+        else:
+            raise KeyError(f"{path}: checkpoint has no parameter {name!r}")
+    model.load_shards({n: t.to(dtype) for n, t in shards.items()})
+    return model
+
+
+def init_random(cfg: dict, layout: Layout, head: str = LM, seed: int = 0, device=None, dtype=torch.float32) -> ShardedLlama:
+    """This rank's shard of the random model `write_random_checkpoint` would write."""
+    model = ShardedLlama(ModelConfig.from_hf(cfg), rank_groups(layout), head, device, dtype)
+    full = param_shapes(model.cfg, head)
+    std = cfg.get("initializer_range", 0.02)
+    model.load_shards({n: random_tensor(n, full[n], seed, std)[model.slices(n)].to(dtype) for n in model.shards()})
+    return model
+
+
+def save_checkpoint(model: ShardedLlama, path: str | Path) -> Path | None:
+    """Write the full model as an HF checkpoint; collective over the model's mesh.
+
+    Data-parallel replica 0 holds every slice; each of its ranks sends its shards,
+    parameter by parameter in HF order, to the mesh's first rank, which writes
+    (returns the path there, None elsewhere)."""
+    g = model.groups
+    layout, writer = g.layout, g.layout.ranks[0]
+    full_shapes = param_shapes(model.cfg, model.head)
+    mine = model.shards()
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in full_shapes.items():
+        if g.rank == writer:
+            out[name] = torch.empty(shape, dtype=model.dtype)
+        for p in range(layout.pp):
+            for t in range(layout.tp):
+                holder = layout.rank_at(p, 0, t)
+                if _slices_at(model, name, holder) is None:
+                    continue
+                if holder == g.rank == writer:
+                    out[name][model.slices(name)] = mine[name].cpu()
+                elif holder == g.rank:
+                    dist.send(mine[name].contiguous(), writer)
+                elif g.rank == writer:
+                    sl = _slices_at(model, name, holder)
+                    buf = torch.empty(tuple(s.stop - s.start for s in sl), dtype=model.dtype, device=model.device)
+                    dist.recv(buf, holder)
+                    out[name][sl] = buf.cpu()
+    if g.rank != writer:
+        return None
+    return _write(Path(path), model.cfg.hf, model.head, out)
+
+
+def _slices_at(model: ShardedLlama, name: str, rank: int):
+    full = param_shapes(model.cfg, model.head)[name]
+    return shard_slices(name, full, model.cfg.num_layers, model.groups.layout, rank)

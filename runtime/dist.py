@@ -1,0 +1,200 @@
+"""Process setup for runtime workers: one `torch.distributed` world, started from the
+standard environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK) so that
+torchrun and Slurm launch generated programs unchanged, plus a local launcher for
+`rlhfc run` and tests, and a cache of the process groups every layout needs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue as queue_mod
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .layout import Layout
+
+
+def device_for_rank() -> torch.device:
+    """The device this process computes on: its LOCAL_RANK's GPU when CUDA is available,
+    else the CPU (so the same program runs on a laptop and on a GPU node)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_from_env(backend: str | None = None) -> int:
+    """Join the world described by the environment (idempotent); returns this rank.
+
+    NCCL on CUDA, gloo otherwise, unless `backend` says which."""
+    if not dist.is_initialized():
+        device = device_for_rank()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend=backend or ("nccl" if device.type == "cuda" else "gloo"),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
+    return dist.get_rank()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for the local rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerFailed(RuntimeError):
+    """A spawned worker raised; the message names the rank and carries its traceback."""
+
+
+def _worker(index: int, fn: Callable, nprocs: int, port: int, results, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(nprocs),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    init_from_env()
+    try:
+        # plain pickle copies tensor data (torch's queue would pass fds that die with us)
+        results.put((index, True, time.time(), pickle.dumps(fn(*args))))
+    except BaseException:
+        results.put((index, False, time.time(), traceback.format_exc()))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, nprocs: int, *args: Any) -> list[Any]:
+    """Run `fn(*args)` in `nprocs` fresh processes that form one world on this machine;
+    returns each rank's return value (picklable), in rank order.
+
+    A failing worker raises WorkerFailed instead of a hang (torch's process context
+    terminates the others); the message carries the traceback of the rank that failed
+    FIRST, since the others usually fail only because their peer went away."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = mp.start_processes(
+        _worker, args=(fn, nprocs, free_port(), results, args), nprocs=nprocs,
+        join=False, start_method="spawn",
+    )
+    values: dict[int, Any] = {}
+    errors: list[tuple[float, int, str]] = []
+
+    def drain(wait: float = 0.0) -> None:
+        while True:
+            try:
+                index, ok, when, payload = results.get(timeout=wait) if wait else results.get_nowait()
+            except queue_mod.Empty:
+                return
+            if ok:
+                values[index] = pickle.loads(payload)
+            else:
+                errors.append((when, index, payload))
+
+    try:
+        while not procs.join(timeout=0.2):
+            drain()
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        drain(wait=1.0)
+        if errors:
+            _, index, tb = min(errors)
+            raise WorkerFailed(f"worker rank {index} of {nprocs} failed first:\n{tb}") from None
+        raise WorkerFailed(f"worker rank {e.error_index} of {nprocs} failed:\n{e}") from None
+    while len(values) < nprocs:
+        drain(wait=30.0)
+    return [values[i] for i in range(nprocs)]
+
+
+_GROUPS: dict[tuple[int, ...], Any] = {}
+
+
+def layout_group_ranks(layout: Layout) -> list[tuple[int, ...]]:
+    """Every rank set a layout communicates in: its tp, dp and pp groups, its model-parallel
+    groups (the tp*pp ranks of one dp replica, for generation) and the whole mesh."""
+    out = []
+    for p in range(layout.pp):
+        out += [layout.tp_group(p, d) for d in range(layout.dp)]
+        out += [layout.dp_group(p, t) for t in range(layout.tp)]
+    out += [layout.pp_group(d, t) for d in range(layout.dp) for t in range(layout.tp)]
+    out += [model_parallel_ranks(layout, d) for d in range(layout.dp)]
+    out.append(tuple(layout.ranks))
+    return out
+
+
+def model_parallel_ranks(layout: Layout, dp_rank: int) -> tuple[int, ...]:
+    """The ranks of one data-parallel replica (all its tp and pp ranks), in mesh order."""
+    return tuple(layout.rank_at(p, dp_rank, t) for p in range(layout.pp) for t in range(layout.tp))
+
+
+def ensure_groups(layouts: Iterable[Layout]) -> None:
+    """Create the process groups of all `layouts` that do not exist yet.
+
+    `dist.new_group` is collective over the whole world, so every rank must call this
+    with the same layouts in the same order; the groups are created in sorted order of
+    their rank tuples, which makes the order independent of the caller's order too."""
+    wanted = sorted({r for lay in layouts for r in layout_group_ranks(lay)} - _GROUPS.keys())
+    for ranks in wanted:
+        _GROUPS[ranks] = dist.new_group(list(ranks))
+
+
+def group(ranks: Iterable[int]):
+    """The cached process group over `ranks` (created by ensure_groups)."""
+    key = tuple(ranks)
+    if key not in _GROUPS:
+        raise KeyError(f"no process group for ranks {key}: call ensure_groups with its layout on every rank first")
+    return _GROUPS[key]
+
+
+@dataclass(frozen=True)
+class RankGroups:
+    """This rank's place in one layout: its coordinates and the groups it belongs to
+    (rank tuples and process groups), as the sharded model needs them."""
+
+    layout: Layout
+    rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_rank: int
+    tp_ranks: tuple[int, ...]
+    dp_ranks: tuple[int, ...]
+    pp_ranks: tuple[int, ...]
+    mp_ranks: tuple[int, ...]
+
+    @property
+    def tp(self):
+        return group(self.tp_ranks)
+
+    @property
+    def dp(self):
+        return group(self.dp_ranks)
+
+    @property
+    def pp(self):
+        return group(self.pp_ranks)
+
+    @property
+    def mp(self):
+        return group(self.mp_ranks)
+
+
+def rank_groups(layout: Layout, rank: int | None = None) -> RankGroups:
+    """This rank's coordinates and groups in `layout` (groups must exist: ensure_groups)."""
+    rank = dist.get_rank() if rank is None else rank
+    c = layout.coord(rank)
+    if c is None:
+        raise ValueError(f"rank {rank} is not in layout {layout}")
+    p, d, t = c
+    return RankGroups(
+        layout, rank, p, d, t, layout.tp_group(p, d), layout.dp_group(p, t),
+        layout.pp_group(d, t), model_parallel_ranks(layout, d),
+    )
