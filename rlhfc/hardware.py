@@ -1,0 +1,58 @@
+"""The hardware catalog: devices and their links, the numbers the cost model reads.
+
+Figures are dense bf16 vendor datasheet values (see /work/shared/REFERENCE.md); the
+`achievable` fraction is the MFU-like share of peak that real kernels reach and is the
+first thing to calibrate from measurements. A cluster block may override any figure
+(`memory`, `flops`, `mem_bandwidth`, `intra_bandwidth`, `inter_bandwidth`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from rlhfc.ir import Cluster
+
+GB = 10**9
+
+
+@dataclass(frozen=True)
+class Device:
+    """One accelerator and the links it sits on; bandwidths are per device, per direction."""
+
+    name: str
+    flops: float  # peak dense bf16 FLOP/s
+    memory: int  # bytes usable by one process
+    mem_bandwidth: float  # HBM (or DRAM) bytes/s
+    intra_bandwidth: float  # bytes/s to a device of the same node (NVLink, one direction)
+    inter_bandwidth: float  # bytes/s to a device of another node (NIC share per device)
+    achievable: float  # fraction of `flops` that training / inference kernels reach
+
+
+CATALOG: dict[str, Device] = {
+    d.name: d
+    for d in (
+        Device("H100-80GB", 989e12, 80 * GB, 3.35e12, 450e9, 50e9, 0.45),
+        Device("H200", 989e12, 141 * GB, 4.8e12, 450e9, 50e9, 0.45),
+        Device("A100-80GB", 312e12, 80 * GB, 2.0e12, 300e9, 25e9, 0.5),
+        Device("A100-40GB", 312e12, 40 * GB, 1.555e12, 300e9, 25e9, 0.5),
+        # A local machine's CPU cores, for the CPU/gloo runs of this repository.
+        Device("cpu", 1e12, 16 * GB, 20e9, 10e9, 1e9, 0.3),
+    )
+}
+
+DEVICE_NAMES: tuple[str, ...] = tuple(CATALOG)
+
+OVERRIDE_KEYS: tuple[str, ...] = ("memory", "flops", "mem_bandwidth", "intra_bandwidth", "inter_bandwidth")
+
+
+def device_for(cluster: Cluster) -> Device:
+    """The catalog entry of the cluster's device with the cluster block's overrides applied."""
+    if cluster.device not in CATALOG:
+        raise KeyError(f"unknown device {cluster.device!r}; known: {', '.join(DEVICE_NAMES)}")
+    overrides = dict(cluster.overrides)
+    unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
+    if unknown:
+        raise KeyError(f"unknown device override(s) {unknown}; known: {', '.join(OVERRIDE_KEYS)}")
+    if "memory" in overrides:
+        overrides["memory"] = int(overrides["memory"])
+    return replace(CATALOG[cluster.device], **overrides)

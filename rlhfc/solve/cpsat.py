@@ -1,0 +1,173 @@
+"""The CP-SAT model of the planning problem.
+
+- x[c,o]: call c runs with option o; exactly one per call.
+- start/end per call; an optional interval per (c, o) of size duration(o) + realloc(c),
+  present iff x[c,o].
+- Resources are device *atoms*: maximal device sets that every option covers wholly or
+  not at all (a whole node when no option slices it); one NoOverlap per atom.
+- Precedence: end(src) + transfer ≤ start(dst) for data edges and same-iteration
+  parameter edges.
+- Reallocation (exact, no pair literals): with y[m,L] = Σ x over the home call's
+  options of layout L, for each layout L' of a non-home call c of model m,
+  realloc(c) ≥ Σ_L R(L, L')·y[m,L], enforced only if c uses layout L'. Minimising the
+  makespan never wants realloc(c) above its lower bound on the critical path.
+- Memory per atom and per call c: Σ resident bytes of the home options covering the atom
+  + Σ transient bytes of c's options covering it ≤ capacity (calls on one device never
+  overlap, so the peak is the largest single call on top of the resident state).
+- Objective: makespan ≥ end(c), integer time units (µs, durations rounded up).
+Fixed seed and worker count; the result's bound is CP-SAT's BestObjectiveBound.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ortools.sat.python import cp_model
+
+from rlhfc.solve.problem import Option, Problem
+from rlhfc.solve.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """What CP-SAT proved: the chosen option per call, makespan, bound, status, seconds."""
+
+    choice: tuple[tuple[str, Option], ...] | None
+    makespan: int | None
+    bound: int
+    status: str
+    seconds: float
+
+
+def _atoms(problem: Problem) -> list[tuple[frozenset[int], list[tuple[str, int]]]]:
+    """Group devices by the set of options covering them."""
+    cover: dict[int, list[tuple[str, int]]] = {}
+    for call, opts in problem.options:
+        for i, o in enumerate(opts):
+            for d in o.devices:
+                cover.setdefault(d, []).append((call, i))
+    groups: dict[tuple, set[int]] = {}
+    for d, keys in cover.items():
+        groups.setdefault(tuple(keys), set()).add(d)
+    return sorted(((frozenset(ds), list(k)) for k, ds in groups.items()), key=lambda a: min(a[0]))
+
+
+def solve_cpsat(
+    problem: Problem, time_limit: float = 10.0, workers: int = 8, seed: int = 0,
+    hint: tuple[dict[str, Option], Schedule] | None = None,
+) -> SolveResult:
+    """Build and solve the model; `hint` (e.g. the symmetric plan and its schedule) seeds
+    the search and caps the makespan."""
+    t0 = time.perf_counter()
+    m = cp_model.CpModel()
+    opts = problem.by_call
+    max_realloc = {}
+    for call in problem.calls:
+        home = problem.home_call(call)
+        if home:
+            max_realloc[call] = max(
+                (problem.realloc(call, h, o) for h in _by_layout(opts[home]).values() for o in _by_layout(opts[call]).values()),
+                default=0,
+            )
+    horizon = sum(max(o.duration for o in opts[c]) + max_realloc.get(c, 0) for c in problem.calls)
+    horizon += sum(t for _, _, t in problem.edges) + 1
+    x = {(c, i): m.NewBoolVar(f"x[{c},{i}]") for c in problem.calls for i in range(len(opts[c]))}
+    start = {c: m.NewIntVar(0, horizon, f"start[{c}]") for c in problem.calls}
+    end = {c: m.NewIntVar(0, horizon, f"end[{c}]") for c in problem.calls}
+    realloc = {c: m.NewIntVar(0, r, f"realloc[{c}]") for c, r in max_realloc.items()}
+    intervals = {}
+    for c in problem.calls:
+        m.AddExactlyOne(x[c, i] for i in range(len(opts[c])))
+        extra = realloc.get(c, 0)
+        for i, o in enumerate(opts[c]):
+            intervals[c, i] = m.NewOptionalIntervalVar(start[c], o.duration + extra, end[c], x[c, i], f"iv[{c},{i}]")
+        if not any(o.devices for o in opts[c]):  # device-free calls still need start+size == end
+            m.Add(end[c] == start[c] + extra + sum(o.duration * x[c, i] for i, o in enumerate(opts[c])))
+    for src, dst, lag in problem.edges:
+        m.Add(start[dst] >= end[src] + lag)
+    _add_realloc(m, problem, x, realloc)
+    atoms = _atoms(problem)
+    for _, keys in atoms:
+        m.AddNoOverlap(intervals[k] for k in keys)
+        _add_memory(m, problem, x, keys)
+    makespan = m.NewIntVar(0, horizon, "makespan")
+    m.AddMaxEquality(makespan, list(end.values()))
+    m.Minimize(makespan)
+    if hint:
+        _add_hint(m, problem, hint, x, start, end, realloc, makespan)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit
+    solver.parameters.num_workers = workers
+    solver.parameters.random_seed = seed
+    status = solver.Solve(m)
+    name = solver.StatusName(status)
+    seconds = time.perf_counter() - t0
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return SolveResult(None, None, 0, name, seconds)
+    choice = tuple(
+        (c, next(o for i, o in enumerate(opts[c]) if solver.BooleanValue(x[c, i]))) for c in problem.calls
+    )
+    return SolveResult(choice, int(solver.ObjectiveValue()), int(solver.BestObjectiveBound()), name, seconds)
+
+
+def _add_hint(m, problem: Problem, hint, x, start, end, realloc, makespan) -> None:
+    """Hint a complete solution (choice and times) and bound the makespan by it."""
+    choice, sched = hint
+    for c in problem.calls:
+        for i, o in enumerate(problem.by_call[c]):
+            m.AddHint(x[c, i], o == choice[c])
+    starts, ends, reallocs = dict(sched.starts), dict(sched.ends), dict(sched.reallocs)
+    for c in problem.calls:
+        m.AddHint(start[c], starts[c])
+        m.AddHint(end[c], ends[c])
+        if c in realloc:
+            m.AddHint(realloc[c], reallocs[c])
+    m.AddHint(makespan, sched.makespan)
+    m.Add(makespan <= sched.makespan)
+
+
+def _by_layout(options: tuple[Option, ...]) -> dict[tuple, Option]:
+    """One representative option per layout (realloc depends on the layout only)."""
+    out: dict[tuple, Option] = {}
+    for o in options:
+        out.setdefault(o.layout, o)
+    return out
+
+
+def _add_realloc(m, problem: Problem, x, realloc) -> None:
+    opts = problem.by_call
+    for c in realloc:
+        home = problem.home_call(c)
+        y_home = _layout_vars(m, x, home, opts[home])
+        y_dst = _layout_vars(m, x, c, opts[c])
+        homes = _by_layout(opts[home])
+        for layout, rep in _by_layout(opts[c]).items():
+            terms = [problem.realloc(c, h, rep) * y_home[hl] for hl, h in homes.items()]
+            m.Add(realloc[c] >= sum(terms)).OnlyEnforceIf(y_dst[layout])
+
+
+def _layout_vars(m, x, call: str, options: tuple[Option, ...]) -> dict[tuple, cp_model.IntVar]:
+    """y[L] ⇔ the call uses one of its options of layout L."""
+    members: dict[tuple, list] = {}
+    for i, o in enumerate(options):
+        members.setdefault(o.layout, []).append(x[call, i])
+    out = {}
+    for layout, xs in members.items():
+        if len(xs) == 1:
+            out[layout] = xs[0]
+        else:
+            y = m.NewBoolVar(f"y[{call},{len(out)}]")
+            m.Add(y == sum(xs))
+            out[layout] = y
+    return out
+
+
+def _add_memory(m, problem: Problem, x, keys: list[tuple[str, int]]) -> None:
+    """Resident state of homes on this atom + transient of each call ≤ capacity."""
+    opts = problem.by_call
+    resident = [opts[c][i].cost.static_bytes * x[c, i] for c, i in keys if opts[c][i].cost.static_bytes]
+    calls = sorted({c for c, _ in keys})
+    for call in calls:
+        transient = [opts[c][i].cost.transient_bytes * x[c, i] for c, i in keys if c == call]
+        m.Add(sum(resident) + sum(transient) <= problem.capacity)
