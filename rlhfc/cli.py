@@ -17,4 +17,5 @@ app = typer.Typer(
 )
 
 # Registrations (each helper module adds its commands to `app`):
-from rlhfc import cli_language  # noqa: E402,F401  check, graph, fmt, compile
+from rlhfc import cli_language  # noqa: E402,F401  check, graph, fmt
+from rlhfc import cli_run  # noqa: E402,F401  compile, run

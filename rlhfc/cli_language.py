@@ -139,20 +139,4 @@ def fmt(files: list[Path] = typer.Argument(..., help=".rlhf files to format"),
         raise typer.Exit(1)
 
 
-def compile_program(flow: ir.Dataflow) -> None:
-    """The compile step after checking. Planning and code generation replace this body."""
-    typer.echo(f"{_summary(flow)}; cluster {flow.cluster.nodes} x {flow.cluster.devices_per_node} "
-               f"{flow.cluster.device}, {len(flow.pins)} pinned call(s)")
-    typer.echo("note: planning and code generation are not yet available in this build; "
-               "only checking was done")
-
-
-@app.command(name="compile")
-def compile_command(file: Path = typer.Argument(..., help="a .rlhf program with a `run`")) -> None:
-    """Compile a program: check it, plan it for its cluster, generate the Python program.
-
-    Example:
-
-        rlhfc compile programs/ppo.rlhf
-    """
-    compile_program(_load(file))
+# `compile` (check → plan → lower → emit) lives in rlhfc/cli_run.py with `run`.

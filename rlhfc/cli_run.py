@@ -1,6 +1,6 @@
 """`rlhfc compile` and `rlhfc run`: the whole pipeline from a .rlhf file to a training run.
 
-`run` compiles into the run directory (plan.json, program.py), starts the generated
+`run` compiles into the run directory (program.py, the plan in its header), starts the generated
 program as a child process (it spawns the workers), and follows its metrics file with a
 progress bar. A worker that dies stops the run with a clear message; the checkpoint in
 the run directory lets `--resume` continue without losing a step.
@@ -27,9 +27,10 @@ _err = Console(stderr=True)
 
 
 def compile_program(path: Path, devices: int | None = None, symmetric: bool = False,
-                    time_limit: float = 10.0, filename: str = "program.py") -> tuple[OpProgram, str]:
-    """check → plan → lower → emit; `devices` replaces the cluster with N local CPU
-    processes. Raises CompileError on a bad program."""
+                    time_limit: float = 10.0, output: Path = Path("build/program.py")) -> tuple[OpProgram, str]:
+    """check → plan → lower → emit, for a file to be written at `output`; `devices`
+    replaces the cluster with N local CPU processes. Raises CompileError on a bad
+    program, PlanError when nothing fits."""
     from rlhfc.check import load_program
     from rlhfc.solve import plan_dataflow, symmetric_plan
 
@@ -37,17 +38,22 @@ def compile_program(path: Path, devices: int | None = None, symmetric: bool = Fa
     dataflow = load_program(str(path), cluster_override=override)
     plan = symmetric_plan(dataflow) if symmetric else plan_dataflow(dataflow, time_limit=time_limit)
     prog = lower(dataflow, plan)
-    return prog, emit(prog, filename)
+    return prog, emit(prog, str(output))
 
 
 def _compile_or_exit(path: Path, **kwargs) -> tuple[OpProgram, str]:
+    """The compiled program, or the diagnostics on stderr and exit status 1."""
     from rlhfc.diagnostics import CompileError, render
+    from rlhfc.solve.diagnose import PlanError
 
     try:
         return compile_program(path, **kwargs)
     except CompileError as e:
-        _err.print(render(e.diagnostics), markup=False, highlight=False)
-        raise typer.Exit(1) from None
+        typer.echo(render(e.diagnostics, color=sys.stderr.isatty()), err=True, nl=False)
+    except PlanError as e:
+        where = f"{e.span.file}:{e.span.line}:{e.span.col}: " if e.span else ""
+        typer.echo(f"{where}error: no plan fits: {e}", err=True)
+    raise typer.Exit(1)
 
 
 def compile_command(
@@ -58,7 +64,7 @@ def compile_command(
 ) -> None:
     """Compile a program into one runnable Python file (plan embedded as a comment)."""
     output = output or Path("build") / f"{file.stem}.py"
-    _, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, filename=output.name)
+    _, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     _err.print(f"wrote {output}")
@@ -76,10 +82,9 @@ def run_command(
 ) -> None:
     """Compile and train: metrics in OUT/metrics.jsonl, checkpoints in OUT/checkpoint."""
     out = out or Path("runs") / file.stem
-    prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric)
+    prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=out / "program.py")
     out.mkdir(parents=True, exist_ok=True)
     (out / "program.py").write_text(text)
-    _write_plan(prog, out / "plan.json")
     total = steps or (prog.dataflow.run.steps if prog.dataflow.run else 1)
     cmd = [sys.executable, str(out / "program.py"), "--out", str(out), "--steps", str(total)]
     cmd += ["--resume"] if resume else []
@@ -96,14 +101,6 @@ def run_command(
         raise typer.Exit(1)
     if plot:
         _err.print(f"wrote {plot_metrics(out / 'metrics.jsonl', out / 'curves.png')}")
-
-
-def _write_plan(prog: OpProgram, path: Path) -> None:
-    from rlhfc import plan as plan_mod
-
-    to_json = getattr(plan_mod, "plan_to_json", None)
-    if to_json is not None:
-        path.write_text(to_json(prog.plan))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -166,4 +163,5 @@ def plot_metrics(metrics: Path, png: Path) -> Path:
     return png
 
 
+app.command("compile")(compile_command)
 app.command("run")(run_command)
