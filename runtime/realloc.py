@@ -19,6 +19,9 @@ from typing import Iterable, Mapping
 from rlhfc_runtime.layout import Layout, param_stages, shard_slices, tp_split_dim
 
 DEFAULT_BUCKET_BYTES = 64 * 2**20
+# Contiguous pieces at least this large travel as their own message, straight from the
+# source shard into the destination shard (no packing copies); smaller ones share buckets.
+DIRECT_MIN_BYTES = 2**20
 DEFAULT_DEVICES_PER_NODE = 8
 
 Index = tuple[tuple[int, int], ...]  # (start, stop) per dimension
@@ -37,6 +40,7 @@ class Transfer:
     dst_index: Index
     numel: int
     bytes: int
+    contiguous: bool = False  # both regions are one run of memory in their shards
 
     @property
     def is_local(self) -> bool:
@@ -137,6 +141,13 @@ def _local_index(shape: tuple[int, ...], dim: int, lo: int, hi: int, offset: int
     return tuple((lo - offset, hi - offset) if d == dim else (0, n) for d, n in enumerate(shape))
 
 
+def _is_contiguous(index: Index, shape: tuple[int, ...]) -> bool:
+    """Whether box `index` of a C-contiguous tensor of `shape` is one run of memory:
+    only leading dimensions may be partial, and at most one of them not of size 1."""
+    partial = [d for d, ((a, b), n) in enumerate(zip(index, shape)) if (a, b) != (0, n)]
+    return not partial or all(index[d][1] - index[d][0] == 1 for d in range(partial[-1]))
+
+
 def plan_reallocation(
     param_shapes: Mapping[str, tuple[int, ...]],
     n_layers: int,
@@ -171,19 +182,23 @@ def plan_reallocation(
             if need_sl is None:
                 continue
             need = _interval(need_sl, dim)
-            dst_shapes[r].append((name, tuple(s.stop - s.start for s in need_sl)))
+            dst_shapes[r].append((name, _local_shape(need_sl)))
             held = _interval(src_slices.get(r), dim)
+            dst_shape = _local_shape(need_sl)
             for s, lo, hi in cover_intervals(need, held, pieces, r, load, unit, devices_per_node):
-                s_off = src_slices[s][dim].start
+                src_index = _local_index(shape, dim, lo, hi, src_slices[s][dim].start)
+                dst_index = _local_index(shape, dim, lo, hi, need[0])
                 transfers.append(
                     Transfer(
                         src=s,
                         dst=r,
                         name=name,
-                        src_index=_local_index(shape, dim, lo, hi, s_off),
-                        dst_index=_local_index(shape, dim, lo, hi, need[0]),
+                        src_index=src_index,
+                        dst_index=dst_index,
                         numel=(hi - lo) * unit // itemsize,
                         bytes=(hi - lo) * unit,
+                        contiguous=_is_contiguous(src_index, _local_shape(src_slices[s]))
+                        and _is_contiguous(dst_index, dst_shape),
                     )
                 )
     return ReallocPlan(
@@ -192,6 +207,10 @@ def plan_reallocation(
         transfers=tuple(transfers),
         dst_shapes=tuple((r, tuple(v)) for r, v in dst_shapes.items()),
     )
+
+
+def _local_shape(sl: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(s.stop - s.start for s in sl)
 
 
 def _volume(sl: tuple[slice, ...] | None) -> int:
@@ -244,10 +263,30 @@ def minimum_bytes(
     return total * itemsize
 
 
-def buckets(transfers: Iterable[Transfer], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[tuple[int, int, list[Transfer]]]:
-    """Group non-local transfers into (src, dst, transfers) messages of at most
-    `bucket_bytes` (a single larger transfer gets a message of its own), sorted by
-    (src, dst) so every rank posts its sends and receives in the same order."""
+@dataclass(frozen=True)
+class Message:
+    """One send/recv between two ranks: a single large contiguous transfer sent in
+    place (`direct`), or a bucket of transfers packed into one flat buffer."""
+
+    src: int
+    dst: int
+    transfers: tuple[Transfer, ...]
+    direct: bool
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.transfers)
+
+
+def messages(
+    transfers: Iterable[Transfer],
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    direct_min_bytes: int = DIRECT_MIN_BYTES,
+) -> list[Message]:
+    """The messages of the non-local transfers, sorted by (src, dst) so every rank
+    posts its sends and receives in the same order: contiguous transfers of at least
+    `direct_min_bytes` alone and in place, the rest packed into buckets of at most
+    `bucket_bytes` (a larger single transfer gets a bucket of its own)."""
     by_pair: dict[tuple[int, int], list[Transfer]] = {}
     for t in transfers:
         if not t.is_local:
@@ -257,12 +296,16 @@ def buckets(transfers: Iterable[Transfer], bucket_bytes: int = DEFAULT_BUCKET_BY
         current: list[Transfer] = []
         size = 0
         for t in ts:
+            if t.contiguous and t.bytes >= direct_min_bytes:
+                out.append(Message(s, d, (t,), True))
+                continue
             if current and size + t.bytes > bucket_bytes:
-                out.append((s, d, current))
+                out.append(Message(s, d, tuple(current), False))
                 current, size = [], 0
             current.append(t)
             size += t.bytes
-        out.append((s, d, current))
+        if current:
+            out.append(Message(s, d, tuple(current), False))
     return out
 
 
@@ -278,7 +321,9 @@ def reallocate(
     device=None,
     devices_per_node: int = DEFAULT_DEVICES_PER_NODE,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    direct_min_bytes: int = DIRECT_MIN_BYTES,
     plan: ReallocPlan | None = None,
+    copy: bool = False,
 ) -> dict:
     """The shards `rank` holds under `dst`, built from `shards` (what it holds under
     `src`) and point-to-point messages; {} if `rank` is not in `dst`.
@@ -286,10 +331,11 @@ def reallocate(
     Calling convention: every rank in `src.ranks` ∪ `dst.ranks` must call it with the
     same arguments (bar `shards`/`rank`); other ranks may call it (no-op) or not. No
     group or collective is used, only isend/irecv between the ranks that exchange
-    data, posted in (src, dst) order: same code on gloo and NCCL. (NCCL's
+    data, posted in `messages` order: same code on gloo and NCCL. (NCCL's
     batch_isend_irecv would need every rank of the group on first use, which ranks
     outside the layouts cannot promise.) `dtype` / `device` default to those of the
-    local shards and are required on ranks that held nothing before.
+    local shards and are required on ranks that held nothing before. A shard kept
+    whole is returned as the same tensor (no copy) unless `copy` is set.
     """
     import torch
     import torch.distributed as dist
@@ -310,26 +356,42 @@ def reallocate(
     if plan is None:
         plan = plan_reallocation(param_shapes, n_layers, src, dst, itemsize, devices_per_node)
     mine = plan.for_rank(rank)
-    out = {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in plan.shapes_for(rank).items()}
-    for t in mine:
-        if t.is_local:
-            out[t.name][t.dst_slices()] = shards[t.name][t.src_slices()]
-    requests, sends, receives = [], [], []  # buffers stay referenced until wait()
-    for s, d, ts in buckets(mine, bucket_bytes):
-        if s == rank:
-            flat = torch.cat([shards[t.name][t.src_slices()].reshape(-1) for t in ts])
-            requests.append(dist.isend(flat, d))
-            sends.append(flat)
+    shapes = plan.shapes_for(rank)
+    out = {}
+    for t in mine:  # shards kept whole need no new memory
+        if t.is_local and not copy and tuple(shards[t.name].shape) == shapes[t.name] == _index_shape(t.dst_index):
+            out[t.name] = shards[t.name]
+    for name, shape in shapes.items():
+        if name not in out:
+            out[name] = torch.empty(shape, dtype=dtype, device=device)
+    pending = []  # (request, buffer kept alive until complete, transfers to unpack or None)
+    for m in messages(mine, bucket_bytes, direct_min_bytes):
+        if m.src == rank:
+            if m.direct:
+                t = m.transfers[0]
+                buf = shards[t.name][t.src_slices()].contiguous()
+            else:
+                buf = torch.cat([shards[t.name][t.src_slices()].reshape(-1) for t in m.transfers])
+            pending.append((dist.isend(buf, m.dst), buf, None))
+        elif m.direct:
+            t = m.transfers[0]
+            buf = out[t.name][t.dst_slices()]
+            pending.append((dist.irecv(buf, m.src), buf, None))
         else:
-            flat = torch.empty(sum(t.numel for t in ts), dtype=dtype, device=device)
-            requests.append(dist.irecv(flat, s))
-            receives.append((flat, ts))
-    for req in requests:
+            buf = torch.empty(m.numel, dtype=dtype, device=device)
+            pending.append((dist.irecv(buf, m.src), buf, m.transfers))
+    for t in mine:  # local copies overlap with the messages in flight
+        if t.is_local and out[t.name] is not shards[t.name]:
+            out[t.name][t.dst_slices()] = shards[t.name][t.src_slices()]
+    for req, buf, to_unpack in pending:
         req.wait()
-    for flat, ts in receives:
         offset = 0
-        for t in ts:
+        for t in to_unpack or ():
             view = out[t.name][t.dst_slices()]
-            view.copy_(flat[offset : offset + t.numel].view(view.shape))
+            view.copy_(buf[offset : offset + t.numel].view(view.shape))
             offset += t.numel
     return out
+
+
+def _index_shape(index: Index) -> tuple[int, ...]:
+    return tuple(b - a for a, b in index)

@@ -10,7 +10,7 @@ from realloc_cases import N_LAYERS, all_layouts, tiny_llama_shapes
 
 from rlhfc_runtime.layout import Layout, shard_slices
 from rlhfc_runtime.offload import offload, reload
-from rlhfc_runtime.realloc import buckets, bytes_moved, minimum_bytes, plan_reallocation
+from rlhfc_runtime.realloc import bytes_moved, messages, minimum_bytes, plan_reallocation
 from rlhfc_runtime.transfer import plan_batch, rows_of
 
 SHAPES = tiny_llama_shapes()
@@ -85,13 +85,33 @@ def test_senders_balanced_over_dp_replicas():
     assert min(sent.values()) > 0 and max(sent.values()) - min(sent.values()) <= largest
 
 
-def test_buckets_respect_cap_and_order():
-    plan = plan_reallocation(SHAPES, N_LAYERS, Layout((0, 1), 1, 2, 1), Layout((2, 3), 1, 1, 2))
-    groups = buckets(plan.transfers, bucket_bytes=1024)
-    assert [(s, d) for s, d, _ in groups] == sorted((s, d) for s, d, _ in groups)
-    for _, _, ts in groups:
-        assert len(ts) == 1 or sum(t.bytes for t in ts) <= 1024
-    assert sum(t.bytes for _, _, ts in groups for t in ts) == bytes_moved(plan)
+def test_messages_respect_cap_order_and_direct_rule():
+    plan = plan_reallocation(SHAPES, N_LAYERS, Layout((0, 1), 1, 2, 1), Layout((2, 3), 1, 1, 2), itemsize=4)
+    msgs = messages(plan.transfers, bucket_bytes=3000, direct_min_bytes=4096)
+    assert [(m.src, m.dst) for m in msgs] == sorted((m.src, m.dst) for m in msgs)
+    assert any(m.direct for m in msgs) and any(not m.direct and len(m.transfers) > 1 for m in msgs)
+    for m in msgs:
+        if m.direct:
+            assert len(m.transfers) == 1 and m.transfers[0].contiguous and m.transfers[0].bytes >= 4096
+        else:
+            assert len(m.transfers) == 1 or sum(t.bytes for t in m.transfers) <= 3000
+    assert sum(t.bytes for m in msgs for t in m.transfers) == bytes_moved(plan)
+
+
+def test_contiguity_flag_matches_torch():
+    plan = plan_reallocation(SHAPES, N_LAYERS, Layout((0, 1), 1, 2, 1), Layout((0, 1, 2, 3), 1, 4, 1), itemsize=4)
+    shapes = {r: plan.shapes_for(r) for r in range(4)}
+    src_shapes = {
+        r: {n: tuple(s.stop - s.start for s in sl) for n in SHAPES if (sl := shard_slices(n, SHAPES[n], N_LAYERS, plan.src, r))}
+        for r in (0, 1)
+    }
+    flags = set()
+    for t in plan.transfers:
+        src_view = torch.empty(src_shapes[t.src][t.name])[t.src_slices()]
+        dst_view = torch.empty(shapes[t.dst][t.name])[t.dst_slices()]
+        assert t.contiguous == (src_view.is_contiguous() and dst_view.is_contiguous()), t
+        flags.add(t.contiguous)
+    assert flags == {True, False}
 
 
 def test_70b_plan_is_fast_and_minimal():
