@@ -133,7 +133,7 @@ class _Loader:
             else:
                 self.rep.diagnostics.extend(error.diagnostics)
             return None
-        self.rep.texts[display] = text.splitlines()
+        self.rep.texts[display] = text.split("\n")  # lines as the lexer counts them
         unit = _Unit(path, display, program)
         self.units[key] = unit
         self.in_progress.append(key)

@@ -1,4 +1,4 @@
-"""`rlhfc check | graph | fmt | compile`: the front end's commands.
+"""`rlhfc check | graph | fmt`: the front end's commands (`compile` and `run` live in cli_run).
 
 Every user error is printed as a diagnostic (exit code 1); no command shows a traceback.
 """

@@ -90,14 +90,16 @@ def render_one(d: Diagnostic, color: bool = False) -> str:
         gutter = " " * len(str(d.span.line))
         lines.append(f"{gutter}{paint('-->', _BLUE)} {d.span.file}:{d.span.line}:{d.span.col}")
         if d.line_text is not None:
-            text = d.line_text.expandtabs(4)
+            raw = d.line_text.rstrip("\r")
             start = max(d.span.col - 1, 0)
-            end = d.span.end_col - 1 if d.span.end_line == d.span.line else len(text)
-            width = max(1, min(end, len(text)) - start)
+            end = d.span.end_col - 1 if d.span.end_line == d.span.line else len(raw)
+            # Tabs become spaces; measure the caret's offset and width after expansion.
+            before = len(raw[:start].expandtabs(4))
+            width = max(1, len(raw[:max(end, start)].expandtabs(4)) - before)
             lines.append(f"{gutter} {paint('|', _BLUE)}")
-            lines.append(f"{paint(str(d.span.line), _BLUE)} {paint('|', _BLUE)} {text}")
+            lines.append(f"{paint(str(d.span.line), _BLUE)} {paint('|', _BLUE)} {raw.expandtabs(4)}")
             carets = paint("^" * width, _COLORS[d.severity])
-            lines.append(f"{gutter} {paint('|', _BLUE)} {' ' * start}{carets}")
+            lines.append(f"{gutter} {paint('|', _BLUE)} {' ' * before}{carets}")
     if d.hint:
         pad = " " * (len(str(d.span.line)) if d.span else 0)
         lines.append(f"{pad} = hint: {d.hint}")

@@ -201,7 +201,7 @@ def _describe_expected(expected) -> str:
 
 
 def _line(text: str, line: int) -> str | None:
-    lines = text.splitlines()
+    lines = text.split("\n")
     return lines[line - 1] if 0 < line <= len(lines) else None
 
 
@@ -209,7 +209,7 @@ def syntax_diagnostic(file: str, text: str, error: lark.exceptions.UnexpectedInp
     """An E001 diagnostic for a lark error: where, what was found, what was expected."""
     line, col = max(getattr(error, "line", 1), 1), max(getattr(error, "column", 1), 1)
     if isinstance(error, lark.exceptions.UnexpectedToken) and error.token.type == "$END":
-        lines = text.splitlines() or [""]
+        lines = text.rstrip().split("\n")  # point just after the last real token
         line, col = len(lines), len(lines[-1]) + 1
         message, width = "unexpected end of file", 1
     elif isinstance(error, lark.exceptions.UnexpectedToken):
