@@ -19,3 +19,4 @@ app = typer.Typer(
 # Registrations (each helper module adds its commands to `app`):
 from rlhfc import cli_language  # noqa: E402,F401  check, graph, fmt
 from rlhfc import cli_run  # noqa: E402,F401  compile, run
+from rlhfc import cli_plan  # noqa: E402,F401  plan

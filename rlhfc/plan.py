@@ -69,3 +69,77 @@ class Plan:
 
     def home(self, model: str) -> Strategy:
         return dict(self.homes)[model]
+
+
+# --- JSON (schema `SCHEMA_VERSION`): sorted keys, floats as Python's shortest repr ---
+
+
+def _strategy_dict(s: Strategy) -> dict:
+    m = s.mesh
+    return {
+        "mesh": {"first_node": m.first_node, "n_nodes": m.n_nodes, "first_device": m.first_device, "n_devices": m.n_devices},
+        "dp": s.dp, "tp": s.tp, "pp": s.pp, "n_mbs": s.n_mbs,
+    }
+
+
+def _strategy_from(d: dict) -> Strategy:
+    from rlhfc.ir import Mesh
+
+    return Strategy(Mesh(**d["mesh"]), d["dp"], d["tp"], d["pp"], d["n_mbs"])
+
+
+def plan_to_json(plan: Plan, include_timing: bool = False) -> str:
+    """The plan as JSON text. Byte-identical across runs of a deterministic solve: the
+    wall-clock `solve_seconds` is written only with `include_timing`."""
+    import json
+
+    c = plan.cluster
+    doc = {
+        "schema_version": plan.schema_version,
+        "source": plan.source,
+        "cluster": {"nodes": c.nodes, "devices_per_node": c.devices_per_node, "device": c.device,
+                    "overrides": [[k, v] for k, v in c.overrides]},
+        "calls": [
+            {"call": p.call, "model": p.model, "strategy": _strategy_dict(p.strategy), "start": p.start,
+             "end": p.end, "peak_memory": p.peak_memory}
+            for p in plan.calls
+        ],
+        "homes": [[m, _strategy_dict(s)] for m, s in plan.homes],
+        "reallocations": [
+            {"model": r.model, "before_call": r.before_call, "src": _strategy_dict(r.src), "dst": _strategy_dict(r.dst),
+             "bytes": r.bytes, "seconds": r.seconds}
+            for r in plan.reallocations
+        ],
+        "iteration_time": plan.iteration_time,
+        "lower_bound": plan.lower_bound,
+        "status": plan.status,
+        "baseline_time": plan.baseline_time,
+    }
+    if include_timing:
+        doc["solve_seconds"] = plan.solve_seconds
+    return json.dumps(doc, sort_keys=True, indent=2) + "\n"
+
+
+def plan_from_json(text: str) -> Plan:
+    """Read back `plan_to_json`; rejects other schema versions."""
+    import json
+
+    d = json.loads(text)
+    if d.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"plan schema version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    c = d["cluster"]
+    return Plan(
+        d["source"],
+        Cluster(c["nodes"], c["devices_per_node"], c["device"], tuple((k, v) for k, v in c["overrides"])),
+        tuple(CallPlacement(p["call"], p["model"], _strategy_from(p["strategy"]), p["start"], p["end"], p["peak_memory"])
+              for p in d["calls"]),
+        tuple((m, _strategy_from(s)) for m, s in d["homes"]),
+        tuple(Reallocation(r["model"], r["before_call"], _strategy_from(r["src"]), _strategy_from(r["dst"]), r["bytes"],
+                           r["seconds"]) for r in d["reallocations"]),
+        d["iteration_time"], d["lower_bound"], d["status"], d.get("solve_seconds", 0.0), d["baseline_time"],
+        d["schema_version"],
+    )
+
+
+Plan.to_json = plan_to_json  # type: ignore[attr-defined]
+Plan.from_json = staticmethod(plan_from_json)  # type: ignore[attr-defined]

@@ -97,6 +97,8 @@ def solve_cpsat(
     if hint:
         _add_hint(m, problem, hint, x, start, end, realloc, makespan)
     solver = cp_model.CpSolver()
+    # Same seed and workers give the same plan when the search ends by proving
+    # optimality (always with workers=1); a run cut by the wall-clock limit may differ.
     solver.parameters.max_time_in_seconds = time_limit
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed

@@ -1,0 +1,64 @@
+"""How a plan is shown: rich tables for the terminal and a per-device Gantt chart."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from rlhfc.plan import Plan
+
+GIB = 1 << 30
+
+
+def _strategy(s) -> tuple[str, str, str]:
+    return str(s.mesh), f"{s.dp}/{s.tp}/{s.pp}", str(s.n_mbs)
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    """Per-call table, reallocations, and the solver's figures."""
+    calls = Table(title=f"plan for {plan.source} on {plan.cluster.nodes}x{plan.cluster.devices_per_node} {plan.cluster.device}")
+    for col in ("call", "model", "mesh", "dp/tp/pp", "n_mbs", "start s", "end s", "peak GiB/dev"):
+        calls.add_column(col, justify="right" if col.endswith(("s", "dev", "mbs")) else "left")
+    for p in plan.calls:
+        calls.add_row(p.call, p.model, *_strategy(p.strategy), f"{p.start:.3f}", f"{p.end:.3f}", f"{p.peak_memory / GIB:.1f}")
+    console.print(calls)
+    if plan.reallocations:
+        moves = Table(title="parameter reallocations")
+        for col in ("model", "before", "from", "to", "GB", "seconds"):
+            moves.add_column(col)
+        for r in plan.reallocations:
+            moves.add_row(r.model, r.before_call, f"{r.src.mesh} {r.src.dp}/{r.src.tp}/{r.src.pp}",
+                          f"{r.dst.mesh} {r.dst.dp}/{r.dst.tp}/{r.dst.pp}", f"{r.bytes / 1e9:.2f}", f"{r.seconds:.3f}")
+        console.print(moves)
+    console.print(
+        f"iteration time [bold]{plan.iteration_time:.3f} s[/]  lower bound {plan.lower_bound:.3f} s  "
+        f"gap {plan.gap:.2%}  status {plan.status}  solve {plan.solve_seconds:.1f} s"
+    )
+    if plan.baseline_time:
+        console.print(f"symmetric baseline {plan.baseline_time:.3f} s  speedup {plan.baseline_time / plan.iteration_time:.2f}x")
+
+
+def save_gantt(plan: Plan, path: str) -> None:
+    """One row per device, one bar per call (SVG or PNG by the file's extension)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dpn = plan.cluster.devices_per_node
+    n = plan.cluster.n_devices
+    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(10, max(2.0, 0.25 * n + 1)))
+    for k, p in enumerate(plan.calls):
+        if p.end <= p.start:
+            continue
+        for r in p.strategy.mesh.ranks(dpn):
+            ax.broken_barh([(p.start, p.end - p.start)], (r - 0.4, 0.8), color=colors(k % 10))
+        ax.text(p.start, min(p.strategy.mesh.ranks(dpn)), p.call, fontsize=7, va="center")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("device")
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_title(f"{plan.source}: {plan.iteration_time:.3f} s per iteration")
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Date": None} if path.endswith(".svg") else None)
+    plt.close(fig)
