@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from realloc_cases import N_LAYERS, all_layouts, tiny_llama_shapes
+from realloc_cases import N_LAYERS, all_layouts, llama_shapes
 
 from rlhfc_runtime.layout import Layout, shard_slices
 from rlhfc_runtime.offload import offload, reload
 from rlhfc_runtime.realloc import bytes_moved, messages, minimum_bytes, plan_reallocation
 from rlhfc_runtime.transfer import plan_batch, rows_of
 
-SHAPES = tiny_llama_shapes()
+SHAPES = llama_shapes()
 LAYOUTS = all_layouts()
 PAIRS = [(a, b) for a in LAYOUTS for b in LAYOUTS]
 
@@ -117,7 +117,7 @@ def test_contiguity_flag_matches_torch():
 def test_70b_plan_is_fast_and_minimal():
     import time
 
-    shapes = tiny_llama_shapes(hidden=8192, inter=28672, vocab=128256, kv=1024, n_layers=80)
+    shapes = llama_shapes(hidden=8192, inter=28672, vocab=128256, heads=64, kv_heads=8, n_layers=80)
     ranks = tuple(range(64))
     src, dst = Layout(ranks, 8, 8, 1), Layout(ranks, 2, 4, 8)
     t0 = time.perf_counter()

@@ -4,9 +4,11 @@ full tensors generated identically on every rank."""
 
 from __future__ import annotations
 
-from realloc_cases import N_LAYERS, all_layouts, run_world, tiny_llama_shapes
+from realloc_cases import N_LAYERS, all_layouts, llama_shapes
 
-SHAPES = tiny_llama_shapes()
+from rlhfc_runtime.dist import spawn
+
+SHAPES = llama_shapes()
 
 
 def _full_params(seed: int):
@@ -90,11 +92,14 @@ def _batch_worker(rank: int) -> list[str]:
     return failures
 
 
-def _world_worker(rank: int) -> list[str]:
+def _world_worker() -> list[str]:
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
     return _params_worker(rank) + _batch_worker(rank)
 
 
 def test_every_layout_pair_on_four_gloo_ranks():
-    results = run_world(_world_worker, 4)
+    results = spawn(_world_worker, 4)
     failures = [f for per_rank in results for f in per_rank]
     assert failures == []
