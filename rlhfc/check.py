@@ -636,6 +636,14 @@ def _instantiate(unit: _Unit, run: ast.RunStmt, models: dict[str, ir.Model], dat
     if not ok or rep.has_errors:
         return tuple(calls), (), names
     calls = _sized(tuple(calls), datasets, binding, config)
+    too_long = set()  # one error per model: its first call that does not fit
+    for call in calls:
+        shape = models[call.model].shape
+        if shape is not None and call.seq_len > shape.max_positions and call.model not in too_long:
+            too_long.add(call.model)
+            rep.error("E026", f"call `{call.name}` needs {call.prompt_len} prompt + {call.gen_len} generated = "
+                              f"{call.seq_len} positions, but `{call.model}` has max_positions {shape.max_positions}",
+                      run.span, "lower the dataset's max_len or max_new_tokens, or use a longer-context model")
     return calls, _edges(calls, models), names
 
 

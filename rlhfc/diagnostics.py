@@ -44,6 +44,7 @@ CODES: dict[str, str] = {
     "E023": "argument of the wrong sort (model vs dataset)",
     "E024": "missing required value",
     "E025": "unknown model preset",
+    "E026": "sequence longer than the model's max_positions",
     "W001": "dataset file not found at check time",
 }
 

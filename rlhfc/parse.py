@@ -220,6 +220,8 @@ def syntax_diagnostic(file: str, text: str, error: lark.exceptions.UnexpectedInp
     else:  # UnexpectedEOF
         message, width = "unexpected end of file", 1
     expected = getattr(error, "expected", None) or getattr(error, "allowed", None) or set()
+    if isinstance(error, lark.exceptions.UnexpectedToken) and error.interactive_parser is not None:
+        expected = error.interactive_parser.accepts() or expected  # exact, unlike LALR's expected set
     hint = f"expected one of: {_describe_expected(expected)}" if expected else None
     if isinstance(error, lark.exceptions.UnexpectedCharacters) and text[error.pos_in_stream:error.pos_in_stream + 1] == '"':
         hint = "strings are double-quoted on one line; escapes are \\\" \\\\ \\n \\t"
@@ -227,13 +229,44 @@ def syntax_diagnostic(file: str, text: str, error: lark.exceptions.UnexpectedInp
                       hint, _line(text, line))
 
 
+MAX_SYNTAX_ERRORS = 20
+_STATEMENT_START = re.compile(r"^(import|cluster|model|dataset|dataflow|run|place)\b", re.M)
+
+
+def _error_offset(text: str, error: lark.exceptions.UnexpectedInput) -> int:
+    if isinstance(error, lark.exceptions.UnexpectedCharacters):
+        return error.pos_in_stream
+    token = getattr(error, "token", None)
+    if token is not None and token.type != "$END" and token.start_pos is not None:
+        return token.start_pos
+    return len(text)
+
+
+def _syntax_errors(text: str, file: str, first: lark.exceptions.UnexpectedInput) -> list[Diagnostic]:
+    """Every broken statement, not only the first: after an error, blank out the text up to
+    the next line that starts a top-level statement (positions stay put) and parse again."""
+    diagnostics, error = [syntax_diagnostic(file, text, first)], first
+    while len(diagnostics) < MAX_SYNTAX_ERRORS:
+        resume = _STATEMENT_START.search(text, _error_offset(text, error) + 1)
+        if resume is None:
+            break
+        blanked = re.sub(r"[^\n]", " ", text[:resume.start()]) + text[resume.start():]
+        try:
+            _parser().parse(blanked)
+            break
+        except lark.exceptions.UnexpectedInput as again:
+            error = again
+            diagnostics.append(syntax_diagnostic(file, text, again))
+    return diagnostics
+
+
 def parse_text(text: str, file: str = "<input>") -> ast.Program:
-    """Parse source text; raises `CompileError` with one E001 diagnostic on bad syntax."""
+    """Parse source text; raises `CompileError` with an E001 diagnostic per broken statement."""
     _CommentSink.comments = []
     try:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as error:
-        raise CompileError([syntax_diagnostic(file, text, error)]) from None
+        raise CompileError(_syntax_errors(text, file, error)) from None
     finally:
         tokens, _CommentSink.comments = _CommentSink.comments, []
     program = _ToAst(file).transform(tree)
