@@ -46,7 +46,7 @@ def _parser() -> Lark:
         return token
 
     return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True,
-                lexer_callbacks={"LINE_COMMENT": keep, "BLOCK_COMMENT": keep})
+                lexer_callbacks={"LINE_COMMENT": keep, "BLOCK_COMMENT": keep}, cache=True)
 
 
 def _span(file: str, meta) -> Span:

@@ -102,3 +102,27 @@ def test_fmt_check_write_and_idempotence(tmp_path):
 def test_help_teaches_with_examples(command):
     result = _run(command, "--help")
     assert result.exit_code == 0 and "Example" in result.output and f"rlhfc {command}" in result.output
+
+
+def test_spec_examples_parse_and_format_stably():
+    """The code blocks of docs/language.md are real programs of this grammar."""
+    from rlhfc.fmt import format_program
+    from rlhfc.parse import parse_text
+
+    blocks = re.findall(r"```\n(.*?)```", (ROOT / "docs" / "language.md").read_text(), re.S)
+    programs = [b for b in blocks if re.search(r"^(import|dataflow|model) ", b, re.M)]
+    assert len(programs) >= 2
+    for block in programs:
+        formatted = format_program(parse_text(block))
+        assert format_program(parse_text(formatted)) == formatted
+
+
+def test_color_rendering_marks_severity_and_location(monkeypatch):
+    from rlhfc.check import check_program
+    from rlhfc.diagnostics import render
+
+    monkeypatch.chdir(ROOT)
+    _, diagnostics = check_program("tests/bad_programs/e019_device.rlhf")
+    colored, plain = render(diagnostics, color=True), render(diagnostics)
+    assert "\x1b[1;31merror[E019]" in colored and "\x1b[" not in plain
+    assert re.sub(r"\x1b\[[0-9;]*m", "", colored) == plain
