@@ -1,0 +1,156 @@
+"""Planner tests: cost formulas against exhaustive counts, CP-SAT against brute force,
+pins, infeasibility diagnostics, plan JSON and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from planner_fixtures import LLAMA_7B, TINY, ppo_dataflow, small_dataflow
+from typer.testing import CliRunner
+
+from rlhfc.cli import app
+from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS
+from rlhfc.cost.model import call_cost
+from rlhfc.cost.realloc import realloc_cost
+from rlhfc.hardware import device_for
+from rlhfc.ir import Cluster, Head, Mesh, Pin, Strategy
+from rlhfc.plan import Plan
+from rlhfc.solve import PlanError, SearchSpace, build_problem, plan_dataflow
+from rlhfc.solve.baselines import brute_force, mcmc
+from rlhfc.solve.cpsat import solve_cpsat
+from rlhfc_runtime.layout import Layout, shard_slices
+
+ROOT = Path(__file__).resolve().parents[2]
+CPU4 = Cluster(1, 4, "cpu")
+
+
+def _tiny_params(shape, head):
+    """(name, full shape) of every parameter of a LLaMA checkpoint of `shape`."""
+    h, kv, i = shape.hidden, shape.n_kv_heads * shape.head_dim, shape.intermediate
+    out = [("model.embed_tokens.weight", (shape.vocab, h)), ("model.norm.weight", (h,))]
+    for layer in range(shape.n_layers):
+        p = f"model.layers.{layer}."
+        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                (p + "mlp.down_proj.weight", (h, i)), (p + "input_layernorm.weight", (h,)),
+                (p + "post_attention_layernorm.weight", (h,))]
+    out.append(("lm_head.weight", (shape.vocab, h)) if head is Head.LM else ("score.weight", (1, h)))
+    return out
+
+
+def _volume(sl):
+    n = 1
+    for s in sl:
+        n *= max(0, s.stop - s.start)
+    return n
+
+
+def _exhaustive_missing(shape, head, src: Strategy, dst: Strategy, dpn: int) -> int:
+    """Elements destinations need and do not hold, counted slice by slice."""
+    la = Layout(src.mesh.ranks(dpn), src.dp, src.tp, src.pp)
+    lb = Layout(dst.mesh.ranks(dpn), dst.dp, dst.tp, dst.pp)
+    missing = 0
+    for name, full in _tiny_params(shape, head):
+        for r in lb.ranks:
+            need = shard_slices(name, full, shape.n_layers, lb, r)
+            if need is None:
+                continue
+            have = shard_slices(name, full, shape.n_layers, la, r)
+            overlap = 0 if have is None else _volume(
+                tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(need, have)))
+            missing += _volume(need) - overlap
+    return missing
+
+
+def _layouts(mesh: Mesh):
+    for tp, pp in itertools.product((1, 2, 4), (1, 2)):
+        if mesh.size % (tp * pp) == 0 and tp <= mesh.n_devices:
+            yield Strategy(mesh, mesh.size // (tp * pp), tp, pp)
+
+
+@pytest.mark.parametrize("head", [Head.LM, Head.VALUE])
+def test_realloc_bytes_equal_exhaustive_count(head):
+    device = device_for(CPU4)
+    meshes = [Mesh(0, 1, 0, 4), Mesh(0, 1, 0, 2), Mesh(0, 1, 2, 2)]
+    strategies = [s for m in meshes for s in _layouts(m)]
+    for src, dst in itertools.product(strategies, strategies):
+        cost = realloc_cost(TINY, head, src, dst, 4, device, DEFAULT_COEFFICIENTS)
+        assert cost.bytes == 2 * _exhaustive_missing(TINY, head, src, dst, 4), (src, dst)
+    same = realloc_cost(TINY, head, strategies[0], strategies[0], 4, device, DEFAULT_COEFFICIENTS)
+    assert same.bytes == 0 and same.seconds == 0
+
+
+def test_train_memory_holds_adam_state():
+    df = ppo_dataflow(LLAMA_7B, Cluster(1, 8, "H100-80GB"))
+    a_tr = df.call("a_tr")
+    s = Strategy(Mesh(0, 1, 0, 8), 2, 4, 1, 8)
+    cost = call_cost(a_tr, df.model("actor"), s, df.cluster, device_for(df.cluster), DEFAULT_COEFFICIENTS, True)
+    share = LLAMA_7B.param_count() / 4
+    assert cost.static_bytes >= 16 * share
+    assert cost.peak_bytes > 16 * share
+    gen = call_cost(df.call("gen"), df.model("actor"), s, df.cluster, device_for(df.cluster), DEFAULT_COEFFICIENTS, False)
+    assert 2 * share <= gen.peak_bytes < cost.peak_bytes
+
+
+SMALL_SPACE = SearchSpace(n_mbs=(1, 2))
+
+
+@pytest.mark.parametrize("devices,memory", [(2, None), (2, 1_500_000), (4, 2_000_000)])
+def test_cpsat_equals_brute_force(devices, memory):
+    overrides = (("memory", memory),) if memory else ()
+    df = small_dataflow(TINY, Cluster(1, devices, "cpu", overrides), batch=8, prompt_len=32, gen_len=32)
+    problem = build_problem(df, space=SMALL_SPACE)
+    exact = brute_force(problem)
+    result = solve_cpsat(problem, time_limit=30, workers=2)
+    assert result.status == "OPTIMAL"
+    assert exact is not None and result.makespan == exact[1].makespan
+    assert result.bound == result.makespan
+    chained = mcmc(problem, budget_seconds=0.5, seed=1)
+    assert chained[1].makespan >= exact[1].makespan
+
+
+def test_pins_are_respected():
+    pinned = Strategy(Mesh(0, 1, 2, 2), 1, 2, 1, 1)
+    base = small_dataflow(TINY, CPU4, batch=8, prompt_len=32, gen_len=32)
+    df = replace(base, pins=(Pin("refl", pinned, base.call("refl").span),))
+    plan = plan_dataflow(df, time_limit=10, workers=2, space=SMALL_SPACE)
+    assert plan.placement("refl").strategy == pinned
+    free = plan_dataflow(base, time_limit=10, workers=2, space=SMALL_SPACE)
+    assert free.iteration_time <= plan.iteration_time
+
+
+def test_infeasible_names_call_and_fix():
+    df = ppo_dataflow(LLAMA_7B, Cluster(1, 1, "A100-40GB"))
+    with pytest.raises(PlanError) as e:
+        plan_dataflow(df, time_limit=5)
+    assert "`gen`" in str(e.value) and "GiB per device" in str(e.value)
+    assert "needs 4 nodes" in e.value.hint
+    assert e.value.span == df.call("gen").span
+
+
+def test_plan_json_round_trip_and_stable():
+    df = small_dataflow(TINY, CPU4, batch=8, prompt_len=32, gen_len=32)
+    first = plan_dataflow(df, time_limit=20, workers=1, space=SMALL_SPACE)
+    second = plan_dataflow(df, time_limit=20, workers=1, space=SMALL_SPACE)
+    assert first.status == "OPTIMAL"
+    assert first.to_json() == second.to_json()
+    assert Plan.from_json(first.to_json(include_timing=True)) == first
+    assert Plan.from_json(first.to_json()) == replace(first, solve_seconds=0.0)
+    assert first.iteration_time <= first.baseline_time
+
+
+def test_cli_plan_smoke(tmp_path):
+    out = tmp_path / "plan.json"
+    res = CliRunner().invoke(app, ["plan", str(ROOT / "programs/ppo_7b.rlhf"), "--time-limit", "3",
+                                   "--json", str(out), "--svg", str(tmp_path / "g.svg")])
+    assert res.exit_code == 0, res.output
+    assert "iteration time" in res.output and "a_tr" in res.output
+    plan = Plan.from_json(out.read_text())
+    assert {p.call for p in plan.calls} == {"gen", "score", "refl", "vals", "a_tr", "c_tr"}
+    assert (tmp_path / "g.svg").stat().st_size > 1000
+    bad = CliRunner().invoke(app, ["plan", str(ROOT / "programs/ppo_7b.rlhf"), "--cluster", "1x1:A100-40GB"])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
