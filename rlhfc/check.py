@@ -35,6 +35,7 @@ def device_names() -> tuple[str, ...]:
 
 CALL_KINDS = tuple(k.value for k in ir.CallKind)
 CALL_OPTIONS = ("n_mbs", "max_new_tokens", "group_size", "temperature", "top_p", "top_k")
+INT_CALL_OPTIONS = ("n_mbs", "max_new_tokens", "group_size", "top_k")
 CLUSTER_COUNTS = ("nodes", "devices_per_node")
 CLUSTER_OVERRIDES = ("memory", "flops", "mem_bandwidth", "intra_bandwidth", "inter_bandwidth")
 DATASET_FIELDS = ("field", "prompt", "chosen", "rejected", "response")
@@ -203,6 +204,13 @@ class _Values:
             return v.value
         self.rep.error(code, f"`{opt.key.text}` must be a positive integer, not {_describe(v)} `{_text(v)}`",
                        v.span)
+        return None
+
+    def natural(self, opt: ast.Option) -> int | None:
+        """A non-negative integer (seeds)."""
+        if isinstance(opt.value, ast.Number) and isinstance(opt.value.value, int) and opt.value.value >= 0:
+            return opt.value.value
+        self.rep.error("E022", f"`{opt.key.text}` must be an integer >= 0, not `{_text(opt.value)}`", opt.value.span)
         return None
 
     def positive_number(self, opt: ast.Option, code: str = "E022") -> float | int | None:
@@ -452,7 +460,7 @@ def _call_interface(call: ast.CallStmt) -> str | None:
     return "generate" if kind == "generate" else None
 
 
-def _check_dataflow_structure(unit: _Unit, decl: ast.DataflowDecl, rep: _Reporter) -> dict[str, ast.CallStmt]:
+def _check_dataflow_structure(decl: ast.DataflowDecl, rep: _Reporter) -> None:
     """Checks a dataflow needs no bindings for: names, keys, interfaces, arities, cycles."""
     params: dict[str, ast.Name] = {}
     for p in decl.params:
@@ -484,9 +492,7 @@ def _check_dataflow_structure(unit: _Unit, decl: ast.DataflowDecl, rep: _Reporte
             else:
                 producers[out.text] = call
         _check_interface_arity(call, rep)
-        for opt in call.options or ():
-            if opt.key.text not in CALL_OPTIONS:
-                _Values(rep).unknown(opt.key, CALL_OPTIONS, f"the options of call `{call.name.text}`")
+        _check_call_options(call, rep)
         _options(call.options, rep, f"call `{call.name.text}`")
     for call in decl.calls:
         for key in call.inputs:
@@ -498,7 +504,18 @@ def _check_dataflow_structure(unit: _Unit, decl: ast.DataflowDecl, rep: _Reporte
                           _suggest(key.text, list(producers) + [p for p in params if p not in model_params])
                           or "produce it with `-> KEY` on another call, or pass a dataset parameter")
     _check_cycles(decl, producers, rep)
-    return calls
+
+
+def _check_call_options(call: ast.CallStmt, rep: _Reporter) -> None:
+    """Known option keys, with counts as positive integers and sampling settings as positive numbers."""
+    val = _Values(rep)
+    for opt in call.options or ():
+        if opt.key.text not in CALL_OPTIONS:
+            val.unknown(opt.key, CALL_OPTIONS, f"the options of call `{call.name.text}`")
+        elif opt.key.text in INT_CALL_OPTIONS:
+            val.positive_int(opt)
+        else:
+            val.positive_number(opt)
 
 
 def _check_interface_arity(call: ast.CallStmt, rep: _Reporter) -> None:
@@ -572,7 +589,7 @@ def _run_config(run: ast.RunStmt, rep: _Reporter, val: _Values) -> ir.RunConfig:
     params = []
     for key, opt in opts.items():
         if key in ("batch", "steps", "max_new_tokens", "group_size", "seed", "save_every"):
-            number = val.positive_int(opt) if key != "seed" else val.plain(opt)
+            number = val.positive_int(opt) if key != "seed" else val.natural(opt)
             if key == "batch":
                 batch = number or 1
             elif key == "steps":
@@ -605,6 +622,7 @@ def _instantiate(unit: _Unit, run: ast.RunStmt, models: dict[str, ir.Model], dat
         return (), (), {c.name.text for c in decl.calls}
     binding: dict[str, str] = {}
     model_params = {c.model.text for c in decl.calls}
+    data_params = {k.text for c in decl.calls for k in c.inputs}
     ok = True
     for param, arg in zip(decl.params, run.args):
         binding[param.text] = arg.text
@@ -617,7 +635,7 @@ def _instantiate(unit: _Unit, run: ast.RunStmt, models: dict[str, ir.Model], dat
             rep.error("E023", f"parameter `{param.text}` of `{decl.name.text}` is a model, but `{arg.text}` is a dataset",
                       arg.span)
             ok = False
-        elif not is_model and arg.text in models:
+        elif param.text in data_params and arg.text in models:
             rep.error("E023", f"parameter `{param.text}` of `{decl.name.text}` is data, but `{arg.text}` is a model",
                       arg.span)
             ok = False
@@ -829,10 +847,10 @@ def check_program(path: str | Path, cluster_override: ir.Cluster | None = None
     val = _Values(rep)
     checked = set()
     for owner in loaded.values():
-        for u, decl in owner.dataflows.values():
+        for _, decl in owner.dataflows.values():
             if id(decl) not in checked:
                 checked.add(id(decl))
-                _check_dataflow_structure(u, decl, rep)
+                _check_dataflow_structure(decl, rep)
     cluster = _check_cluster(unit, rep, val)
     if cluster_override is not None:
         cluster = cluster_override

@@ -89,7 +89,7 @@ def test_random_bytes_give_diagnostics_not_exceptions(tmp_path, data):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, len(SEED)), st.integers(0, 6), st.sampled_from(
-    ["", "x", "(", ")", "{", "}", "=", "->", ",", '"', "0", "-1", "tp = 3", "using", "1e9GiB", "\n", "node9"])),
+    ["", "x", "(", ")", "{", "}", "=", "->", ",", '"', "0", "-1", "tp = 3", "using", "1e9GiB", "\n", "node9", ' { group_size = "x" }', " using values", " -> k", "seed = -2"])),
     min_size=1, max_size=4))
 def test_mutated_programs_give_diagnostics_not_exceptions(tmp_path, edits):
     text = SEED
