@@ -19,9 +19,10 @@ from typing import Iterable, Mapping
 from rlhfc_runtime.layout import Layout, param_stages, shard_slices, tp_split_dim
 
 DEFAULT_BUCKET_BYTES = 64 * 2**20
-# Contiguous pieces at least this large travel as their own message, straight from the
-# source shard into the destination shard (no packing copies); smaller ones share buckets.
-DIRECT_MIN_BYTES = 2**20
+# Pieces at least this large that are contiguous on one side at least travel as their own
+# message, read from the source shard / written into the destination shard in place
+# where that side is contiguous (no packing copy); smaller ones share buckets.
+SINGLE_MIN_BYTES = 2**20
 DEFAULT_DEVICES_PER_NODE = 8
 
 Index = tuple[tuple[int, int], ...]  # (start, stop) per dimension
@@ -40,7 +41,12 @@ class Transfer:
     dst_index: Index
     numel: int
     bytes: int
-    contiguous: bool = False  # both regions are one run of memory in their shards
+    src_contiguous: bool = False  # the source region is one run of memory in its shard
+    dst_contiguous: bool = False  # the destination region is one run in its shard
+
+    @property
+    def contiguous(self) -> bool:
+        return self.src_contiguous and self.dst_contiguous
 
     @property
     def is_local(self) -> bool:
@@ -197,8 +203,8 @@ def plan_reallocation(
                         dst_index=dst_index,
                         numel=(hi - lo) * unit // itemsize,
                         bytes=(hi - lo) * unit,
-                        contiguous=_is_contiguous(src_index, _local_shape(src_slices[s]))
-                        and _is_contiguous(dst_index, dst_shape),
+                        src_contiguous=_is_contiguous(src_index, _local_shape(src_slices[s])),
+                        dst_contiguous=_is_contiguous(dst_index, dst_shape),
                     )
                 )
     return ReallocPlan(
@@ -265,27 +271,36 @@ def minimum_bytes(
 
 @dataclass(frozen=True)
 class Message:
-    """One send/recv between two ranks: a single large contiguous transfer sent in
-    place (`direct`), or a bucket of transfers packed into one flat buffer."""
+    """One send/recv between two ranks: a single large transfer (`single`), read or
+    written in place on the sides where it is contiguous, or a bucket of transfers
+    packed into one flat buffer."""
 
     src: int
     dst: int
     transfers: tuple[Transfer, ...]
-    direct: bool
+    single: bool
 
     @property
     def numel(self) -> int:
         return sum(t.numel for t in self.transfers)
 
+    @property
+    def send_in_place(self) -> bool:
+        return self.single and self.transfers[0].src_contiguous
+
+    @property
+    def recv_in_place(self) -> bool:
+        return self.single and self.transfers[0].dst_contiguous
+
 
 def messages(
     transfers: Iterable[Transfer],
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-    direct_min_bytes: int = DIRECT_MIN_BYTES,
+    single_min_bytes: int = SINGLE_MIN_BYTES,
 ) -> list[Message]:
     """The messages of the non-local transfers, sorted by (src, dst) so every rank
-    posts its sends and receives in the same order: contiguous transfers of at least
-    `direct_min_bytes` alone and in place, the rest packed into buckets of at most
+    posts its sends and receives in the same order: transfers of at least
+    `single_min_bytes` contiguous on either side alone, the rest packed into buckets of at most
     `bucket_bytes` (a larger single transfer gets a bucket of its own)."""
     by_pair: dict[tuple[int, int], list[Transfer]] = {}
     for t in transfers:
@@ -296,7 +311,7 @@ def messages(
         current: list[Transfer] = []
         size = 0
         for t in ts:
-            if t.contiguous and t.bytes >= direct_min_bytes:
+            if (t.src_contiguous or t.dst_contiguous) and t.bytes >= single_min_bytes:
                 out.append(Message(s, d, (t,), True))
                 continue
             if current and size + t.bytes > bucket_bytes:
@@ -321,7 +336,7 @@ def reallocate(
     device=None,
     devices_per_node: int = DEFAULT_DEVICES_PER_NODE,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-    direct_min_bytes: int = DIRECT_MIN_BYTES,
+    single_min_bytes: int = SINGLE_MIN_BYTES,
     plan: ReallocPlan | None = None,
     copy: bool = False,
 ) -> dict:
@@ -365,15 +380,15 @@ def reallocate(
         if name not in out:
             out[name] = torch.empty(shape, dtype=dtype, device=device)
     pending = []  # (request, buffer kept alive until complete, transfers to unpack or None)
-    for m in messages(mine, bucket_bytes, direct_min_bytes):
+    for m in messages(mine, bucket_bytes, single_min_bytes):
         if m.src == rank:
-            if m.direct:
+            if m.send_in_place:
                 t = m.transfers[0]
-                buf = shards[t.name][t.src_slices()].contiguous()
+                buf = shards[t.name][t.src_slices()].contiguous()  # a view unless the caller's shard is strided
             else:
                 buf = torch.cat([shards[t.name][t.src_slices()].reshape(-1) for t in m.transfers])
             pending.append((dist.isend(buf, m.dst), buf, None))
-        elif m.direct:
+        elif m.recv_in_place:
             t = m.transfers[0]
             buf = out[t.name][t.dst_slices()]
             pending.append((dist.irecv(buf, m.src), buf, None))

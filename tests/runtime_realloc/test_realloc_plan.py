@@ -85,33 +85,32 @@ def test_senders_balanced_over_dp_replicas():
     assert min(sent.values()) > 0 and max(sent.values()) - min(sent.values()) <= largest
 
 
-def test_messages_respect_cap_order_and_direct_rule():
+def test_messages_respect_cap_order_and_single_rule():
     plan = plan_reallocation(SHAPES, N_LAYERS, Layout((0, 1), 1, 2, 1), Layout((2, 3), 1, 1, 2), itemsize=4)
-    msgs = messages(plan.transfers, bucket_bytes=3000, direct_min_bytes=4096)
+    msgs = messages(plan.transfers, bucket_bytes=3000, single_min_bytes=4096)
     assert [(m.src, m.dst) for m in msgs] == sorted((m.src, m.dst) for m in msgs)
-    assert any(m.direct for m in msgs) and any(not m.direct and len(m.transfers) > 1 for m in msgs)
+    assert any(m.single for m in msgs) and any(not m.single and len(m.transfers) > 1 for m in msgs)
+    assert any(m.send_in_place and not m.recv_in_place for m in msgs)  # row-parallel weights into a full tensor
     for m in msgs:
-        if m.direct:
-            assert len(m.transfers) == 1 and m.transfers[0].contiguous and m.transfers[0].bytes >= 4096
+        if m.single:
+            t = m.transfers[0]
+            assert len(m.transfers) == 1 and (t.src_contiguous or t.dst_contiguous) and t.bytes >= 4096
         else:
             assert len(m.transfers) == 1 or sum(t.bytes for t in m.transfers) <= 3000
     assert sum(t.bytes for m in msgs for t in m.transfers) == bytes_moved(plan)
 
 
-def test_contiguity_flag_matches_torch():
-    plan = plan_reallocation(SHAPES, N_LAYERS, Layout((0, 1), 1, 2, 1), Layout((0, 1, 2, 3), 1, 4, 1), itemsize=4)
-    shapes = {r: plan.shapes_for(r) for r in range(4)}
-    src_shapes = {
-        r: {n: tuple(s.stop - s.start for s in sl) for n in SHAPES if (sl := shard_slices(n, SHAPES[n], N_LAYERS, plan.src, r))}
-        for r in (0, 1)
-    }
+def test_contiguity_flags_match_torch():
     flags = set()
-    for t in plan.transfers:
-        src_view = torch.empty(src_shapes[t.src][t.name])[t.src_slices()]
-        dst_view = torch.empty(shapes[t.dst][t.name])[t.dst_slices()]
-        assert t.contiguous == (src_view.is_contiguous() and dst_view.is_contiguous()), t
-        flags.add(t.contiguous)
-    assert flags == {True, False}
+    for src, dst in PAIRS:
+        plan = plan_reallocation(SHAPES, N_LAYERS, src, dst, itemsize=4)
+        for t in plan.transfers:
+            sl = shard_slices(t.name, SHAPES[t.name], N_LAYERS, src, t.src)
+            src_view = torch.empty([s.stop - s.start for s in sl])[t.src_slices()]
+            dst_view = torch.empty(plan.shapes_for(t.dst)[t.name])[t.dst_slices()]
+            assert (t.src_contiguous, t.dst_contiguous) == (src_view.is_contiguous(), dst_view.is_contiguous()), t
+            flags.add((t.src_contiguous, t.dst_contiguous))
+    assert flags == {(True, True), (True, False), (False, True)}  # nested power-of-two intervals
 
 
 def test_70b_plan_is_fast_and_minimal():

@@ -45,13 +45,13 @@ def _params_worker(rank: int) -> list[str]:
             plan = plan_reallocation(SHAPES, N_LAYERS, src, dst, itemsize=4, devices_per_node=2)
             if bytes_moved(plan) != minimum_bytes(SHAPES, N_LAYERS, src, dst, 4):
                 failures.append(f"{case}: bytes {bytes_moved(plan)} != minimum")
-            # odd pairs: small buckets and direct (in place) messages; even: all packed
+            # odd pairs: small buckets and single (in place) messages; even: all packed
             small = (i + j) % 2 == 1
             got = reallocate(
                 mine, SHAPES, N_LAYERS, src, dst, rank,
                 dtype=torch.float32, device="cpu", devices_per_node=2,
                 bucket_bytes=2048 if small else 64 * 2**20,
-                direct_min_bytes=1024 if small else 2**20,
+                single_min_bytes=1024 if small else 2**20,
                 copy=(i + j) % 3 == 0,
             )
             want = _local(full, dst, rank)
