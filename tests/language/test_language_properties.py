@@ -82,6 +82,12 @@ def _check_never_raises(tmp_path: Path, data: bytes) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(programs)
+def test_random_well_formed_programs_check_without_exceptions(tmp_path, text):
+    _check_never_raises(tmp_path, text.encode())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=300))
 def test_random_bytes_give_diagnostics_not_exceptions(tmp_path, data):
     _check_never_raises(tmp_path, data)
