@@ -41,30 +41,46 @@ def _arg(a: ast.Arg) -> str:
     return _value(a.value) if a.key is None else f"{a.key.text} = {_value(a.value)}"
 
 
-def _block(head: str, items: list[str], indent: str) -> list[str]:
-    """`head { a  b }` on one line when it fits, else one item per line."""
+def _fill(items: list[str], sep: str, width: int) -> list[str]:
+    """Items joined by `sep` into lines of at most `width` (an over-long item gets its own line)."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + len(sep) + len(item) <= width:
+            lines[-1] += sep + item
+        else:
+            lines.append(item)
+    return lines
+
+
+def _block(head: str, items: list[str]) -> list[str]:
+    """`head { a  b }` on one line when it fits, else the items filled into indented lines."""
     one_line = f"{head} {{ {'  '.join(items)} }}" if items else f"{head} {{}}"
-    if len(indent) + len(one_line) <= MAX_WIDTH:
+    if len(one_line) <= MAX_WIDTH:
         return [one_line]
-    return [f"{head} {{"] + [f"{INDENT}{item}" for item in items] + ["}"]
+    return [f"{head} {{"] + [INDENT + line for line in _fill(items, "  ", MAX_WIDTH - len(INDENT))] + ["}"]
+
+
+def _constructor(prefix: str, args: tuple[ast.Arg, ...]) -> list[str]:
+    """`prefix(a, b, …)`, continuation lines aligned under the first argument when too long."""
+    texts = [_arg(a) for a in args]
+    one_line = f"{prefix}({', '.join(texts)})"
+    if len(one_line) <= MAX_WIDTH:
+        return [one_line]
+    pieces = [t + "," for t in texts[:-1]] + [texts[-1] + ")"]
+    lines = _fill(pieces, " ", MAX_WIDTH - len(prefix) - 1)
+    return [prefix + "(" + lines[0]] + [" " * (len(prefix) + 1) + line for line in lines[1:]]
 
 
 def _model(s: ast.ModelDecl, pad: int) -> list[str]:
-    args = [_arg(a) for a in s.args]
-    head = f"model {s.name.text.ljust(pad)} = {s.family.text}({', '.join(args)})"
-    if len(head) > MAX_WIDTH:
-        lines = [f"model {s.name.text.ljust(pad)} = {s.family.text}("] + [f"{INDENT}{a}," for a in args] + [")"]
-    else:
-        lines = [head]
+    lines = _constructor(f"model {s.name.text.ljust(pad)} = {s.family.text}", s.args)
     if s.body is None:
         return lines
     items = [i.name if isinstance(i, ast.Flag) else _option(i) for i in s.body]
-    body = _block(lines[-1], items, "")
-    return lines[:-1] + body
+    return lines[:-1] + _block(lines[-1], items)
 
 
 def _dataset(s: ast.DatasetDecl, pad: int) -> list[str]:
-    return [f"dataset {s.name.text.ljust(pad)} = {s.format.text}({', '.join(_arg(a) for a in s.args)})"]
+    return _constructor(f"dataset {s.name.text.ljust(pad)} = {s.format.text}", s.args)
 
 
 def _mesh(m: ast.MeshRef) -> str:
@@ -158,20 +174,20 @@ def _statement(s, pad: int, notes, closing) -> list[str]:
     if isinstance(s, ast.Import):
         return [f"import {', '.join(n.text for n in s.names)} from {_string(s.path.value)}"]
     if isinstance(s, ast.ClusterDecl):
-        return _block("cluster", [_option(o) for o in s.options], "")
+        return _block("cluster", [_option(o) for o in s.options])
     if isinstance(s, ast.ModelDecl):
         return _model(s, pad)
     if isinstance(s, ast.DatasetDecl):
         return _dataset(s, pad)
     if isinstance(s, ast.RunStmt):
         head = f"run {s.dataflow.text}({', '.join(a.text for a in s.args)})"
-        return [head] if s.options is None else _block(head, [_option(o) for o in s.options], "")
+        return [head] if s.options is None else _block(head, [_option(o) for o in s.options])
     if isinstance(s, ast.PlaceStmt):
         return [f"place {s.call.text} on {_mesh(s.mesh)} {' '.join(_option(o) for o in s.options)}".rstrip()]
     lines = [f"dataflow {s.name.text}({', '.join(p.text for p in s.params)}) {{"]
     width = max((len(c.name.text) for c in s.calls), default=0)
     parts = [_call_parts(c, width) for c in s.calls]
-    col = max((len(h) for c, (h, _) in zip(s.calls, parts) if c.outputs), default=0)
+    col = max((len(h) for h, _ in parts), default=0)  # `->` lines up after the longest call
     for call, (head, tail) in zip(s.calls, parts):
         text = head.ljust(col) + tail if call.outputs else head + tail
         lines += _with_notes([text], notes.get(id(call)), INDENT)
