@@ -170,20 +170,21 @@ def _comment_lines(entries, indent: str) -> list[str]:
     return out
 
 
-def _statement(s, pad: int, notes, closing) -> list[str]:
+def _statement(s, pad: tuple[int, int], notes, closing) -> list[str]:
     if isinstance(s, ast.Import):
         return [f"import {', '.join(n.text for n in s.names)} from {_string(s.path.value)}"]
     if isinstance(s, ast.ClusterDecl):
         return _block("cluster", [_option(o) for o in s.options])
     if isinstance(s, ast.ModelDecl):
-        return _model(s, pad)
+        return _model(s, pad[0])
     if isinstance(s, ast.DatasetDecl):
-        return _dataset(s, pad)
+        return _dataset(s, pad[0])
     if isinstance(s, ast.RunStmt):
         head = f"run {s.dataflow.text}({', '.join(a.text for a in s.args)})"
         return [head] if s.options is None else _block(head, [_option(o) for o in s.options])
     if isinstance(s, ast.PlaceStmt):
-        return [f"place {s.call.text} on {_mesh(s.mesh)} {' '.join(_option(o) for o in s.options)}".rstrip()]
+        mesh = _mesh(s.mesh).ljust(pad[1])
+        return [f"place {s.call.text.ljust(pad[0])} on {mesh}  {'  '.join(_option(o) for o in s.options)}".rstrip()]
     lines = [f"dataflow {s.name.text}({', '.join(p.text for p in s.params)}) {{"]
     width = max((len(c.name.text) for c in s.calls), default=0)
     parts = [_call_parts(c, width) for c in s.calls]
@@ -197,16 +198,20 @@ def _statement(s, pad: int, notes, closing) -> list[str]:
     return lines + ["}"]
 
 
-def _pads(stmts) -> dict[int, int]:
-    """Name widths shared by runs of consecutive models (or datasets), for aligned `=`."""
+def _pads(stmts) -> dict[int, tuple[int, int]]:
+    """Column widths shared by a run of consecutive models, datasets or pins, for alignment:
+    the name width (models, datasets, pinned calls) and the mesh width (pins)."""
     pads, i = {}, 0
     while i < len(stmts):
         j = i
         while j < len(stmts) and type(stmts[j]) is type(stmts[i]):
             j += 1
+        run = stmts[i:j]
         if isinstance(stmts[i], (ast.ModelDecl, ast.DatasetDecl)):
-            width = max(len(s.name.text) for s in stmts[i:j])
-            pads.update({id(s): width for s in stmts[i:j]})
+            pads.update({id(s): (max(len(s.name.text) for s in run), 0) for s in run})
+        elif isinstance(stmts[i], ast.PlaceStmt):
+            widths = (max(len(s.call.text) for s in run), max(len(_mesh(s.mesh)) for s in run))
+            pads.update({id(s): widths for s in run})
         i = j
     return pads
 
@@ -218,7 +223,7 @@ def format_program(program: ast.Program) -> str:
     out: list[str] = []
     previous = None
     for s in program.statements:
-        lines = _statement(s, pads.get(id(s), 0), notes, closing)
+        lines = _statement(s, pads.get(id(s), (0, 0)), notes, closing)
         together = (previous is not None and type(previous) is type(s) and isinstance(s, _GROUPED)
                     and not (notes.get(id(s)) and notes[id(s)].leading))
         if previous is not None and not together:
