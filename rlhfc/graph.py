@@ -32,14 +32,17 @@ def _q(text: str) -> str:
 
 def to_dot(flow: ir.Dataflow) -> str:
     """Graphviz DOT: one node per call (shape by kind), data edges solid, parameter edges dashed."""
-    lines = ["digraph rlhf {", "  rankdir=LR;", '  node [fontname="Helvetica"];']
+    lines = ["digraph rlhf {", "  rankdir=LR;", '  node [fontname="Helvetica"];', '  edge [fontname="Helvetica"];']
     for c in flow.calls:
         label = f"{c.name}\n{c.model}.{c.kind.value}\n{c.interface}"
         lines.append(f"  {_q(c.name)} [shape={_SHAPES[c.kind]}, label={_q(label)}];")
+    grouped: dict[tuple, list[str]] = {}  # one arrow per (src, dst, kind), labelled with all its keys
     for e in flow.edges:
-        style = "dashed" if e.kind is ir.EdgeKind.PARAM else "solid"
-        extra = ", constraint=false, color=gray" if e.next_iteration else ""
-        lines.append(f"  {_q(e.src)} -> {_q(e.dst)} [label={_q(e.key)}, style={style}{extra}];")
+        grouped.setdefault((e.src, e.dst, e.kind, e.next_iteration), []).append(e.key)
+    for (src, dst, kind, next_iteration), keys in grouped.items():
+        style = "dashed" if kind is ir.EdgeKind.PARAM else "solid"
+        extra = ", constraint=false, color=gray" if next_iteration else ""
+        lines.append(f"  {_q(src)} -> {_q(dst)} [label={_q(', '.join(keys))}, style={style}{extra}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -72,7 +72,7 @@ def test_graph_lists_calls_and_writes_dot(tmp_path, monkeypatch):
     assert "gen: actor.generate(prompts) -> seq, logp using generate" in result.output
     assert "a_tr -> gen  param actor (next iteration)" in result.output
     text = dot.read_text()
-    assert text.startswith("digraph rlhf {") and '"gen" -> "a_tr" [label="logp", style=solid];' in text
+    assert text.startswith("digraph rlhf {") and '"gen" -> "a_tr" [label="seq, logp", style=solid];' in text
     svg = tmp_path / "ppo.svg"
     result = _run("graph", "programs/ppo.rlhf", "--svg", str(svg))
     if shutil.which("dot"):
