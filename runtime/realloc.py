@@ -349,7 +349,7 @@ def reallocate(
     data, posted in `messages` order: same code on gloo and NCCL. (NCCL's
     batch_isend_irecv would need every rank of the group on first use, which ranks
     outside the layouts cannot promise.) `dtype` / `device` default to those of the
-    local shards and are required on ranks that held nothing before. A shard kept
+    local shards; `dtype` is required on ranks that held nothing before. A shard kept
     whole is returned as the same tensor (no copy) unless `copy` is set.
     """
     import torch
@@ -357,16 +357,12 @@ def reallocate(
 
     if rank not in src.ranks and rank not in dst.ranks:
         return {}
-    if dtype is None or device is None:
-        sample = next(iter(shards.values()), None)
-        if sample is None:
-            if rank in dst.ranks:
-                raise ValueError(
-                    f"rank {rank} holds no shard under the source layout: pass dtype= and device= to reallocate()"
-                )
-        else:
-            dtype = sample.dtype if dtype is None else dtype
-            device = sample.device if device is None else device
+    sample = next(iter(shards.values()), None)
+    device = device if device is not None else default_device(sample)
+    if dtype is None:
+        if sample is None and rank in dst.ranks:
+            raise ValueError(f"rank {rank} holds no shard under the source layout: pass dtype= to reallocate()")
+        dtype = sample.dtype if sample is not None else None
     itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else 2
     if plan is None:
         plan = plan_reallocation(param_shapes, n_layers, src, dst, itemsize, devices_per_node)
@@ -406,6 +402,19 @@ def reallocate(
             view.copy_(buf[offset : offset + t.numel].view(view.shape))
             offset += t.numel
     return out
+
+
+def default_device(sample=None):
+    """Where new shards go when the caller does not say: beside `sample`, else this
+    process's GPU under NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if sample is not None:
+        return sample.device
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _index_shape(index: Index) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhfc_runtime.layout import Layout
-from rlhfc_runtime.realloc import DEFAULT_DEVICES_PER_NODE, cover_intervals
+from rlhfc_runtime.realloc import DEFAULT_DEVICES_PER_NODE, cover_intervals, default_device
 
 
 def dp_rows(batch_size: int, dp: int, dp_rank: int) -> tuple[int, int]:
@@ -99,8 +99,7 @@ def redistribute_batch(
         return {}
     local = local or {}
     if device is None:
-        sample = next(iter(local.values()), None)
-        device = sample.device if sample is not None else torch.device("cpu")
+        device = default_device(next(iter(local.values()), None))
     row_bytes = sum(
         torch.empty((), dtype=getattr(torch, dt)).element_size() * _numel(shape) for _, shape, dt in spec.keys
     )

@@ -10,7 +10,7 @@ from realloc_cases import N_LAYERS, all_layouts, llama_shapes
 
 from rlhfc_runtime.layout import Layout, shard_slices
 from rlhfc_runtime.offload import offload, reload
-from rlhfc_runtime.realloc import bytes_moved, messages, minimum_bytes, plan_reallocation
+from rlhfc_runtime.realloc import bytes_moved, messages, minimum_bytes, plan_reallocation, reallocate
 from rlhfc_runtime.transfer import plan_batch, rows_of
 
 SHAPES = llama_shapes()
@@ -152,3 +152,10 @@ def test_offload_round_trip(dtype):
     back = reload(host, "cpu")
     assert back["a"].dtype == dtype and torch.equal(back["a"], host["a"]) and back["a"].abs().sum() > 0
     assert torch.equal(back["b"], shards["b"])
+
+
+def test_rank_new_to_the_model_must_name_dtype():
+    src, dst = Layout((0,), 1, 1, 1), Layout((1,), 1, 1, 1)
+    with pytest.raises(ValueError, match="pass dtype="):
+        reallocate({}, SHAPES, N_LAYERS, src, dst, rank=1)
+    assert reallocate({}, SHAPES, N_LAYERS, src, dst, rank=2) == {}  # outside both: no-op

@@ -49,7 +49,7 @@ def _params_worker(rank: int) -> list[str]:
             small = (i + j) % 2 == 1
             got = reallocate(
                 mine, SHAPES, N_LAYERS, src, dst, rank,
-                dtype=torch.float32, device="cpu", devices_per_node=2,
+                dtype=torch.float32, devices_per_node=2,
                 bucket_bytes=2048 if small else 64 * 2**20,
                 single_min_bytes=1024 if small else 2**20,
                 copy=(i + j) % 3 == 0,
