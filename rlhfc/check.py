@@ -53,6 +53,21 @@ def _display(path: Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
+def _exists(path: Path) -> bool:
+    """`path.exists()` that treats unusable names (too long, NUL bytes) as absent."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, ValueError):
+        return path
+
+
 def _suggest(word: str, choices) -> str | None:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f"did you mean `{close[0]}`?" if close else None
@@ -117,7 +132,7 @@ class _Loader:
         self.in_progress: list[Path] = []
 
     def load(self, path: Path, display: str, origin: ir.Span | None) -> _Unit | None:
-        key = path.resolve() if path.exists() else path
+        key = _resolved(path) if _exists(path) else path
         if key in self.in_progress:
             chain = " -> ".join(self.units[p].display for p in self.in_progress[self.in_progress.index(key):])
             self.rep.error("E021", f"import cycle: {chain} -> {display}", origin,
@@ -317,7 +332,7 @@ def _shape(decl: ast.ModelDecl, unit: _Unit, positional, keywords, rep: _Reporte
         path_text = val.string(positional[0])
         if path_text is None:
             return None, None
-        ckpt = (unit.path.parent / path_text).resolve()
+        ckpt = _resolved(unit.path.parent / path_text)
         config = ckpt / "config.json"
         try:
             return shape_from_config(json.loads(config.read_text(encoding="utf-8"))), str(ckpt)
@@ -440,8 +455,8 @@ def _check_dataset(decl: ast.DatasetDecl, unit: _Unit, rep: _Reporter, val: _Val
                               ("tokenizer", tokenizer, keywords["tokenizer"].value.span if tokenizer else None)):
         if text is None:
             continue
-        resolved[label] = (unit.path.parent / text).resolve()
-        if not resolved[label].exists():
+        resolved[label] = _resolved(unit.path.parent / text)
+        if not _exists(resolved[label]):
             rep.warning("W001", f"{label} `{text}` not found (yet)", span,
                         "paths are relative to the program file; it must exist when the program runs")
     tok = str(resolved["tokenizer"]) if "tokenizer" in resolved else None
@@ -867,7 +882,7 @@ def check_program(path: str | Path, cluster_override: ir.Cluster | None = None
     rep.diagnostics.sort(key=lambda d: (d.span.file, d.span.line, d.span.col) if d.span else ("", 0, 0))
     if rep.has_errors:
         return None, rep.diagnostics
-    flow = ir.Dataflow(str(path.resolve()), tuple(models.values()), tuple(datasets.values()), calls, edges,
+    flow = ir.Dataflow(str(_resolved(path)), tuple(models.values()), tuple(datasets.values()), calls, edges,
                        cluster, config, pins)
     return flow, rep.diagnostics
 

@@ -290,8 +290,8 @@ def read_source(path, display: str | None = None) -> str:
             data = handle.read(MAX_SOURCE_BYTES + 1)
     except CompileError:
         raise
-    except OSError as error:
-        raise fail(f"cannot read `{shown}`: {error.strerror or error}") from None
+    except (OSError, ValueError) as error:
+        raise fail(f"cannot read `{shown}`: {getattr(error, 'strerror', None) or error}") from None
     if len(data) > MAX_SOURCE_BYTES:
         raise fail(f"`{shown}` is larger than {MAX_SOURCE_BYTES // 1024} KiB", "is this really a .rlhf program?")
     if b"\x00" in data:

@@ -132,3 +132,13 @@ def test_load_program_raises_with_every_diagnostic(tmp_path):
         load_program(prog)
     assert [d.code for d in error.value.diagnostics] == ["E025", "E009", "E019"]
     assert all(d.span.file == str(prog) and d.line_text for d in error.value.diagnostics)
+
+
+@pytest.mark.parametrize("statement", [
+    'import x from "{long}"', 'import x from "stdlib/{long}"', 'model m = llama("{long}")',
+    'dataset d = jsonl("{long}", field = "p", max_len = 3, tokenizer = "{long}/t")',
+    'import x from "."', 'import x from "stdlib/"'])
+def test_unusable_paths_are_diagnostics(tmp_path, statement):
+    prog = _write(tmp_path, statement.format(long="a" * 5000) + "\n")
+    flow, diagnostics = check_program(prog)
+    assert diagnostics and {d.code for d in diagnostics} <= {"E020", "E017", "W001"}
