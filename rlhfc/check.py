@@ -230,7 +230,7 @@ class _Values:
 
     def positive_number(self, opt: ast.Option, code: str = "E022") -> float | int | None:
         v = opt.value
-        if isinstance(v, ast.Number) and v.value > 0:
+        if isinstance(v, ast.Number) and 0 < v.value < float("inf"):
             return v.value
         self.rep.error(code, f"`{opt.key.text}` must be a positive number, not {_describe(v)} `{_text(v)}`",
                        v.span)
@@ -784,7 +784,7 @@ def _mesh(ref: ast.MeshRef, cluster: ir.Cluster, rep: _Reporter) -> ir.Mesh | No
     if base == "nodes":
         first, count = (ref.start, ref.stop - ref.start) if sliced else (0, cluster.nodes)
         mesh, limit = ir.Mesh(first, count, 0, dpn), (first + count, cluster.nodes, "nodes")
-    elif base.startswith("node") and base[4:].isdigit():
+    elif base.startswith("node") and base[4:].isdigit() and len(base) < 14:
         node = int(base[4:])
         first, count = (ref.start, ref.stop - ref.start) if sliced else (0, dpn)
         mesh = ir.Mesh(node, 1, first, count)

@@ -57,9 +57,22 @@ def _unescape(literal: str) -> str:
     return re.sub(r"\\(.)", lambda m: _ESCAPES[m.group(1)], literal[1:-1])
 
 
+MAX_NUMBER_DIGITS = 30
+
+
+class _BadLiteral(Exception):
+    """A token the grammar accepts but no value fits (a 5000-digit number)."""
+
+    def __init__(self, token: Token, message: str):
+        super().__init__(message)
+        self.token = token
+
+
 def _number(token: Token) -> int | float:
     """The value of a number token: sizes in bytes (bandwidths in bytes per second)."""
     text = str(token)
+    if sum(c.isdigit() for c in text) > MAX_NUMBER_DIGITS:
+        raise _BadLiteral(token, f"number literal longer than {MAX_NUMBER_DIGITS} digits")
     match = _SIZE.match(text)
     if match:
         amount = float(match.group(1)) * _UNITS[match.group(2)]
@@ -177,8 +190,8 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def mesh(self, meta, children):
         base, start, stop = children
-        return ast.MeshRef(base, None if start is None else int(start),
-                           None if stop is None else int(stop), _span(self.file, meta))
+        return ast.MeshRef(base, None if start is None else _number(start),
+                           None if stop is None else _number(stop), _span(self.file, meta))
 
     @v_args(meta=True)
     def place_stmt(self, meta, children):
@@ -269,7 +282,16 @@ def parse_text(text: str, file: str = "<input>") -> ast.Program:
         raise CompileError(_syntax_errors(text, file, error)) from None
     finally:
         tokens, _CommentSink.comments = _CommentSink.comments, []
-    program = _ToAst(file).transform(tree)
+    try:
+        program = _ToAst(file).transform(tree)
+    except lark.exceptions.VisitError as error:
+        if not isinstance(error.orig_exc, _BadLiteral):
+            raise
+        tok = error.orig_exc.token
+        raise CompileError([Diagnostic(Severity.ERROR, "E001", str(error.orig_exc),
+                                       Span(file, tok.line, tok.column, tok.end_line, tok.end_column),
+                                       "write a smaller number, or a size with a unit (80GiB)",
+                                       _line(text, tok.line))]) from None
     comments = tuple(ast.Comment(str(t), Span(file, t.line, t.column, t.end_line, t.end_column))
                      for t in tokens)
     return ast.Program(program.statements, comments, program.span)

@@ -47,7 +47,10 @@ def test_five_mistakes_give_five_located_diagnostics(monkeypatch):
     b"", b"\x00\x01\x02\xff\xfe binary", "model \u00e9 = llama()".encode(), b"\xff\xfe\xfd",
     b"(" * 500_000, b"{" * (10 * 1024 * 1024), b"model a = llama(" + b"[" * 100_000,
     b'cluster { device = "unterminated', b"/* never closed", b"dataflow f() { x = a.b(c) -> }",
-], ids=["empty", "binary", "unicode-name", "not-utf8", "parens", "10MB-braces", "brackets", "string", "comment", "arrow"])
+    b"cluster { nodes = " + b"9" * 5000 + b" }", b"place a on node0[0:" + b"9" * 5000 + b"] dp = 1",
+    b"cluster { flops = 1e999  memory = " + b"9" * 25 + b"TiB }",
+], ids=["empty", "binary", "unicode-name", "not-utf8", "parens", "10MB-braces", "brackets", "string", "comment",
+        "arrow", "huge-int", "huge-mesh", "infinite"])
 def test_no_input_crashes_check(tmp_path, content):
     path = tmp_path / "input.rlhf"
     path.write_bytes(content)
