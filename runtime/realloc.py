@@ -14,6 +14,7 @@ receives the rest from source ranks that hold it (dp replicas hold identical sha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Mapping
 
 from rlhfc_runtime.layout import Layout, param_stages, shard_slices, tp_split_dim
@@ -365,7 +366,8 @@ def reallocate(
         dtype = sample.dtype if sample is not None else None
     itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else 2
     if plan is None:
-        plan = plan_reallocation(param_shapes, n_layers, src, dst, itemsize, devices_per_node)
+        key = tuple(sorted((n, tuple(v)) for n, v in param_shapes.items()))
+        plan = _cached_plan(key, n_layers, src, dst, itemsize, devices_per_node)
     mine = plan.for_rank(rank)
     shapes = plan.shapes_for(rank)
     out = {}
@@ -402,6 +404,12 @@ def reallocate(
             view.copy_(buf[offset : offset + t.numel].view(view.shape))
             offset += t.numel
     return out
+
+
+@lru_cache(maxsize=64)
+def _cached_plan(shapes: tuple, n_layers: int, src: Layout, dst: Layout, itemsize: int, devices_per_node: int) -> ReallocPlan:
+    """Plans repeat every iteration (same model, same layouts): compute each once."""
+    return plan_reallocation(dict(shapes), n_layers, src, dst, itemsize, devices_per_node)
 
 
 def default_device(sample=None):
