@@ -129,3 +129,22 @@ def test_color_rendering_marks_severity_and_location(monkeypatch):
     colored, plain = render(diagnostics, color=True), render(diagnostics)
     assert "\x1b[1;31merror[E019]" in colored and "\x1b[" not in plain
     assert re.sub(r"\x1b\[[0-9;]*m", "", colored) == plain
+
+
+def test_fmt_keeps_comments_inside_statements():
+    from rlhfc.ast import without_spans
+    from rlhfc.fmt import format_program
+    from rlhfc.parse import parse_text
+
+    source = ('/* header\n   block */\n\nimport ppo from "stdlib/ppo.rlhf" // trailing\n// lead model\n'
+              'model a = llama(preset = "tiny") {\n  trainable // inside\n  optimizer = adam(lr = 1e-6)\n}\n'
+              'dataflow f(a, p) {  // header comment\n   // first\n   g = a.generate(p) -> s, l   // t\n'
+              '   x = a.train(s, l) using sft { n_mbs = 2 }\n   // closing\n}\nrun f(a, p) { batch = 1 }\n// end\n')
+    program = parse_text(source)
+    formatted = format_program(program)
+    again = parse_text(formatted)
+    assert [c.text for c in again.comments] == [c.text for c in program.comments]
+    assert without_spans(again.statements) == without_spans(program.statements)
+    assert format_program(again) == formatted
+    assert '    g = a.generate(p) -> s, l  // t\n' in formatted and "    // closing\n}\n" in formatted
+    assert formatted.startswith("/* header\n   block */\n\nimport ppo from \"stdlib/ppo.rlhf\"  // trailing\n")
