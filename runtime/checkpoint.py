@@ -64,12 +64,19 @@ def write_random_checkpoint(path: str | Path, cfg: dict, seed: int = 0, head: st
     """Write a deterministic random HF checkpoint (config.json + model.safetensors)."""
     mc = ModelConfig.from_hf(cfg)
     std = cfg.get("initializer_range", 0.02)
-    tensors = {n: random_tensor(n, s, seed, std) for n, s in param_shapes(mc, head).items()}
+    tensors = {n: random_tensor(_tied_source(mc, n), s, seed, std) for n, s in param_shapes(mc, head).items()}
     return _write(Path(path), cfg, head, tensors)
+
+
+def _tied_source(cfg: ModelConfig, name: str) -> str:
+    """The parameter whose values `name` has: a tied lm_head is the embedding."""
+    return "model.embed_tokens.weight" if cfg.tie_word_embeddings and name == "lm_head.weight" else name
 
 
 def _write(path: Path, cfg: dict, head: str, tensors: dict[str, torch.Tensor]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
+    if cfg.get("tie_word_embeddings"):  # as transformers saves tied models
+        tensors = {n: t for n, t in tensors.items() if n != "lm_head.weight"}
     out = dict(cfg, architectures=[_ARCH[head]])
     if head == VALUE:
         out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
@@ -131,7 +138,10 @@ def init_random(cfg: dict, layout: Layout, head: str = LM, seed: int = 0, device
     model = ShardedLlama(ModelConfig.from_hf(cfg), rank_groups(layout), head, device, dtype)
     full = param_shapes(model.cfg, head)
     std = cfg.get("initializer_range", 0.02)
-    model.load_shards({n: random_tensor(n, full[n], seed, std)[model.slices(n)].to(dtype) for n in model.shards()})
+    model.load_shards({
+        n: random_tensor(_tied_source(model.cfg, n), full[n], seed, std)[model.slices(n)].to(dtype)
+        for n in model.shards()
+    })
     return model
 
 

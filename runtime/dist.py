@@ -127,6 +127,7 @@ def layout_group_ranks(layout: Layout) -> list[tuple[int, ...]]:
         out += [layout.dp_group(p, t) for t in range(layout.tp)]
     out += [layout.pp_group(d, t) for d in range(layout.dp) for t in range(layout.tp)]
     out += [model_parallel_ranks(layout, d) for d in range(layout.dp)]
+    out += [tied_embedding_ranks(layout, d, t) for d in range(layout.dp) for t in range(layout.tp)]
     out.append(tuple(layout.ranks))
     return out
 
@@ -134,6 +135,12 @@ def layout_group_ranks(layout: Layout) -> list[tuple[int, ...]]:
 def model_parallel_ranks(layout: Layout, dp_rank: int) -> tuple[int, ...]:
     """The ranks of one data-parallel replica (all its tp and pp ranks), in mesh order."""
     return tuple(layout.rank_at(p, dp_rank, t) for p in range(layout.pp) for t in range(layout.tp))
+
+
+def tied_embedding_ranks(layout: Layout, dp_rank: int, tp_rank: int) -> tuple[int, ...]:
+    """First and last pipeline stage of one (dp, tp) position: they hold the same slice
+    of tied input and output embeddings and sum its gradient (one rank when pp = 1)."""
+    return tuple(dict.fromkeys((layout.rank_at(0, dp_rank, tp_rank), layout.rank_at(layout.pp - 1, dp_rank, tp_rank))))
 
 
 def ensure_groups(layouts: Iterable[Layout]) -> None:
@@ -169,6 +176,7 @@ class RankGroups:
     dp_ranks: tuple[int, ...]
     pp_ranks: tuple[int, ...]
     mp_ranks: tuple[int, ...]
+    tie_ranks: tuple[int, ...] = ()
 
     @property
     def tp(self):
@@ -186,6 +194,10 @@ class RankGroups:
     def mp(self):
         return group(self.mp_ranks)
 
+    @property
+    def tie(self):
+        return group(self.tie_ranks)
+
 
 def rank_groups(layout: Layout, rank: int | None = None) -> RankGroups:
     """This rank's coordinates and groups in `layout` (groups must exist: ensure_groups)."""
@@ -196,5 +208,5 @@ def rank_groups(layout: Layout, rank: int | None = None) -> RankGroups:
     p, d, t = c
     return RankGroups(
         layout, rank, p, d, t, layout.tp_group(p, d), layout.dp_group(p, t),
-        layout.pp_group(d, t), model_parallel_ranks(layout, d),
+        layout.pp_group(d, t), model_parallel_ranks(layout, d), tied_embedding_ranks(layout, d, t),
     )

@@ -553,8 +553,23 @@ class ShardedLlama(nn.Module):
         """Value-head outputs [B, T]."""
         return self.run_pipeline(input_ids, attention_mask, lambda h, mb: h.values(), n_micro)
 
+    def _sum_tied_gradients(self) -> None:
+        """Tied input/output embeddings are two shards of one parameter (on the first and
+        last stage): both get the sum of their gradients, so they stay equal."""
+        if not (self.cfg.tie_word_embeddings and self.head == LM and (self.first or self.last)):
+            return
+        holders = (getattr(self.model, "embed_tokens", None), getattr(self, "lm_head", None))
+        mine = [m.weight for m in holders if m is not None]
+        total = sum(p.grad if p.grad is not None else torch.zeros_like(p) for p in mine)
+        if len(self.groups.tie_ranks) > 1:
+            dist.all_reduce(total, group=self.groups.tie)
+        for p in mine:
+            p.grad = total.clone()
+
     def reduce_gradients(self) -> None:
-        """Average gradients over the data-parallel group (one flat bucket)."""
+        """Sum tied-embedding gradients, then average gradients over the data-parallel
+        group (one flat bucket)."""
+        self._sum_tied_gradients()
         g = self.groups
         if g.layout.dp == 1:
             return

@@ -1,6 +1,7 @@
 """Sharded LLaMA numerics against Hugging Face `transformers` on the same checkpoint:
 logits, log-probs, loss, value head, gradients and one Adam step, for every
-(dp, tp, pp) with dp*tp*pp <= 4 — all in ONE spawned 4-process gloo world."""
+(dp, tp, pp) with dp*tp*pp <= 4, and for tied embeddings on a few layouts — all in ONE
+spawned 4-process gloo world."""
 
 import torch
 from torch.testing import assert_close
@@ -17,7 +18,11 @@ LAYOUTS = [
     for dp in (1, 2, 3, 4) for tp in (1, 2) for pp in (1, 2, 3, 4)
     if dp * tp * pp <= 4
 ]
-BATCH, SEQ, LR = 12, 9, 1e-3  # 12 rows split evenly over dp = 1..4
+TIED_LAYOUTS = [(1, 1, 1), (1, 2, 2), (2, 1, 2), (1, 1, 4)]
+BATCH, SEQ = 12, 9  # 12 rows split evenly over dp = 1..4
+# eps well above fp32 grad noise: Adam divides by |g| + eps, so near-zero gradients would
+# turn last-bit differences into visible weight differences
+ADAM = dict(lr=1e-3, eps=1e-6)
 
 
 def _batch():
@@ -27,8 +32,9 @@ def _batch():
     return ids, mask
 
 
-def _hf_reference(lm_dir, value_dir):
-    """Logits, log-probs, values; loss, grads and post-Adam weights on the full batch."""
+def _hf_reference(lm_dir, value_dir=None):
+    """Logits, log-probs, values; loss, grads and post-Adam weights on the full batch
+    (a tied lm_head's entries are the embedding's, as HF shares the tensor)."""
     from transformers import LlamaForCausalLM, LlamaForTokenClassification
 
     ids, mask = _batch()
@@ -36,70 +42,90 @@ def _hf_reference(lm_dir, value_dir):
     with torch.no_grad():
         logits = hf(ids, attention_mask=mask).logits
     logprobs = logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-    vm = LlamaForTokenClassification.from_pretrained(value_dir, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        values = vm(ids, attention_mask=mask).logits[..., 0]
+    values = None
+    if value_dir is not None:
+        vm = LlamaForTokenClassification.from_pretrained(value_dir, torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            values = vm(ids, attention_mask=mask).logits[..., 0]
     # training reference: full (unpadded) batch, mean next-token CE, one Adam step
-    opt = torch.optim.Adam(hf.parameters(), lr=LR)
+    opt = torch.optim.Adam(hf.parameters(), **ADAM)
     loss = hf(ids, labels=ids).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in hf.named_parameters()}
     opt.step()
     weights = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    for table in (grads, weights):
+        table.setdefault("lm_head.weight", table["model.embed_tokens.weight"])
     return dict(ids=ids, mask=mask, logits=logits, logprobs=logprobs, values=values,
                 loss=loss.detach(), grads=grads, weights=weights)
 
 
-def _check_layouts(lm_dir, value_dir, ref):
+def _layout(dp, tp, pp):
+    return Layout(tuple(range(dp * tp * pp)), dp, tp, pp)
+
+
+def _check_cases(cases):
+    """Run every (case, layout) this rank belongs to; returns what it checked."""
     import torch.distributed as dist
 
-    layouts = [Layout(tuple(range(dp * tp * pp)), dp, tp, pp) for dp, tp, pp in LAYOUTS]
-    ensure_groups(layouts)
+    ensure_groups(_layout(*key) for key in LAYOUTS)
     rank = dist.get_rank()
     checked = []
-    for lay in layouts:
-        if rank not in lay.ranks:
-            continue
-        _, dp_rank, _ = lay.coord(rank)
-        rows = slice(dp_rank * BATCH // lay.dp, (dp_rank + 1) * BATCH // lay.dp)
-        ids, mask = ref["ids"][rows], ref["mask"][rows]
-        valid = mask.bool()
-        where = f"layout dp={lay.dp} tp={lay.tp} pp={lay.pp} rank {rank}"
-        n_micro = min(2, ids.shape[0])
+    for case, (lm_dir, value_dir, ref, keys) in cases.items():
+        for key in keys:
+            if rank < key[0] * key[1] * key[2]:
+                _check_layout(_layout(*key), lm_dir, value_dir, ref, f"{case} {key} rank {rank}")
+                checked.append((case, key))
+    return checked
 
-        model = ck.load_checkpoint(lm_dir, lay)
-        logits = model(ids, mask, n_micro=n_micro)
-        assert_close(logits[valid], ref["logits"][rows][valid], atol=1e-4, rtol=0, msg=lambda m: f"{where}: logits {m}")
-        lp = model.token_logprobs(ids, mask, n_micro=n_micro)
-        assert_close(lp[valid[:, 1:]], ref["logprobs"][rows][valid[:, 1:]], atol=1e-4, rtol=0,
-                     msg=lambda m: f"{where}: logprobs {m}")
 
+def _check_layout(lay, lm_dir, value_dir, ref, where):
+    import torch.distributed as dist
+
+    _, dp_rank, _ = lay.coord(dist.get_rank())
+    rows = slice(dp_rank * BATCH // lay.dp, (dp_rank + 1) * BATCH // lay.dp)
+    ids, mask = ref["ids"][rows], ref["mask"][rows]
+    valid = mask.bool()
+    n_micro = min(2, ids.shape[0])
+
+    model = ck.load_checkpoint(lm_dir, lay)
+    logits = model(ids, mask, n_micro=n_micro)
+    assert_close(logits[valid], ref["logits"][rows][valid], atol=1e-4, rtol=0, msg=lambda m: f"{where}: logits {m}")
+    lp = model.token_logprobs(ids, mask, n_micro=n_micro)
+    assert_close(lp[valid[:, 1:]], ref["logprobs"][rows][valid[:, 1:]], atol=1e-4, rtol=0,
+                 msg=lambda m: f"{where}: logprobs {m}")
+
+    if value_dir is not None:
         value = ck.load_checkpoint(value_dir, lay)
         values = value.values(ids, mask, n_micro=n_micro)
-        assert_close(values[valid], ref["values"][rows][valid], atol=1e-4, rtol=0, msg=lambda m: f"{where}: values {m}")
+        assert_close(values[valid], ref["values"][rows][valid], atol=1e-4, rtol=0,
+                     msg=lambda m: f"{where}: values {m}")
 
-        full = ref["ids"][rows]
-        opt = torch.optim.Adam(model.parameters(), lr=LR)
-        loss = model.train_step(full, None, lm_loss, opt, n_micro=n_micro)
-        # each replica's loss is its rows' mean; their average is the full-batch loss
-        replica_loss = torch.tensor([loss])
-        dist.all_reduce(replica_loss, group=model.groups.dp)
-        assert abs(replica_loss.item() / lay.dp - ref["loss"].item()) < 1e-5, where
-        for name, p in model.named_parameters():
-            sl = model.slices(name)
-            assert_close(p.grad, ref["grads"][name][sl], atol=1e-5, rtol=1e-4, msg=lambda m: f"{where}: grad {name} {m}")
-            assert_close(p.detach(), ref["weights"][name][sl], atol=1e-5, rtol=0, msg=lambda m: f"{where}: {name} {m}")
-        checked.append((lay.dp, lay.tp, lay.pp))
-    return checked
+    full = ref["ids"][rows]
+    opt = torch.optim.Adam(model.parameters(), **ADAM)
+    loss = model.train_step(full, None, lm_loss, opt, n_micro=n_micro)
+    # each replica's loss is its rows' mean; their average is the full-batch loss
+    replica_loss = torch.tensor([loss])
+    dist.all_reduce(replica_loss, group=model.groups.dp)
+    assert abs(replica_loss.item() / lay.dp - ref["loss"].item()) < 1e-5, where
+    for name, p in model.named_parameters():
+        sl = model.slices(name)
+        assert_close(p.grad, ref["grads"][name][sl], atol=1e-5, rtol=1e-4, msg=lambda m: f"{where}: grad {name} {m}")
+        assert_close(p.detach(), ref["weights"][name][sl], atol=1e-5, rtol=0, msg=lambda m: f"{where}: {name} {m}")
 
 
 def test_sharded_llama_matches_transformers_for_every_layout(tmp_path):
     lm_dir = ck.write_random_checkpoint(tmp_path / "lm", CONFIG, seed=3)
     value_dir = ck.write_random_checkpoint(tmp_path / "value", CONFIG, seed=4, head="value")
-    ref = _hf_reference(lm_dir, value_dir)
-    checked = spawn(_check_layouts, 4, lm_dir, value_dir, ref)
+    tied_dir = ck.write_random_checkpoint(tmp_path / "tied", dict(CONFIG, tie_word_embeddings=True), seed=5)
+    cases = {
+        "untied": (lm_dir, value_dir, _hf_reference(lm_dir, value_dir), LAYOUTS),
+        "tied": (tied_dir, None, _hf_reference(tied_dir), TIED_LAYOUTS),
+    }
+    checked = spawn(_check_cases, 4, cases)
     # rank 0 is in every layout; every layout ran on all of its ranks
-    assert sorted(checked[0]) == sorted(LAYOUTS)
     for rank, done in enumerate(checked):
-        assert sorted(done) == sorted(l for l in LAYOUTS if rank < l[0] * l[1] * l[2])
-    assert (1, 2, 2) in LAYOUTS and (2, 2, 1) in LAYOUTS and (1, 1, 4) in LAYOUTS
+        want = [(c, k) for c, (_, _, _, keys) in cases.items() for k in keys if rank < k[0] * k[1] * k[2]]
+        assert sorted(done) == sorted(want)
+    assert len(checked[0]) == len(LAYOUTS) + len(TIED_LAYOUTS)
+    assert {(1, 2, 2), (2, 2, 1), (1, 1, 4), (3, 1, 1)} <= set(LAYOUTS)
