@@ -876,9 +876,16 @@ def check_program(path: str | Path, cluster_override: ir.Cluster | None = None
     if runs:
         config = _run_config(runs[0], rep, val)
         calls, edges, names = _instantiate(unit, runs[0], models, datasets, config, rep)
+
         pins = _check_pins(unit, calls, names, models, cluster, rep, val)
     elif unit.statements(ast.PlaceStmt):
         rep.error("E002", "`place` without a `run`: there are no calls to pin", unit.statements(ast.PlaceStmt)[0].span)
+    if runs and not rep.has_errors:  # unused declarations matter once the program is otherwise right
+        used = {a.text for a in runs[0].args}
+        for decl in [*unit.models.values(), *unit.datasets.values()]:
+            if decl.name.text not in used:
+                rep.warning("W002", f"`{decl.name.text}` is declared but the `run` does not use it", decl.name.span,
+                            "pass it to the dataflow, or delete it")
     rep.diagnostics.sort(key=lambda d: (d.span.file, d.span.line, d.span.col) if d.span else ("", 0, 0))
     if rep.has_errors:
         return None, rep.diagnostics
