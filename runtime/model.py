@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dist import RankGroups
-from .layout import shard_slices, stage_layers
+from .layout import shard_slices, stage_layers, tp_split_dim
 
 LM = "lm"
 VALUE = "value"
@@ -584,12 +584,43 @@ class ShardedLlama(nn.Module):
             p.grad = flat[offset:offset + n].view_as(p).clone()
             offset += n
 
-    def train_step(self, input_ids, attention_mask, loss_fn, optimizer, n_micro: int = 1, extra=None) -> float:
+    def grad_norm(self) -> float:
+        """L2 norm of the whole model's gradient, the same on every rank of a replica:
+        tp-split shards add up over the tp group, replicated parameters count once
+        (tp rank 0), a tied lm_head counts as the embedding it is."""
+        g = self.groups
+        tied = self.cfg.tie_word_embeddings and self.head == LM
+        sq = torch.zeros((), device=self.device, dtype=torch.float64)
+        for name, p in self.named_parameters():
+            if p.grad is None or (tied and name == "lm_head.weight"):
+                continue
+            if tp_split_dim(name) is not None or g.tp_rank == 0:
+                sq += p.grad.double().pow(2).sum()
+        if len(g.mp_ranks) > 1:
+            dist.all_reduce(sq, group=g.mp)
+        return float(sq.sqrt())
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale gradients so their global norm is at most max_norm (as
+        torch.nn.utils.clip_grad_norm_ would on the unsharded model); returns the norm."""
+        norm = self.grad_norm()
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return norm
+
+    def train_step(self, input_ids, attention_mask, loss_fn, optimizer, n_micro: int = 1, extra=None,
+                   max_grad_norm: float | None = None) -> float:
         """zero grads, GPipe forward+backward of the batch-mean loss, dp average,
-        optimizer step; returns the loss (same value on every rank of the replica)."""
+        optional global-norm clipping, optimizer step; returns the loss (same value on
+        every rank of the replica)."""
         optimizer.zero_grad(set_to_none=True)
         loss = self.run_pipeline(input_ids, attention_mask, loss_fn, n_micro, extra, backward=True)
         self.reduce_gradients()
+        if max_grad_norm is not None:
+            self.clip_grad_norm_(max_grad_norm)
         optimizer.step()
         return float(loss)
 

@@ -45,6 +45,12 @@ def _roundtrip(dirs, out_root):
         for name, shard in value.shards().items():
             assert torch.equal(shard, full_value[name][value.slices(name)]), (key, name)
         out_value = ck.save_checkpoint(value, out_root / f"value_{key[0]}{key[1]}{key[2]}")
+        # a critic started from a causal LM: backbone from the file, value head from the seed
+        critic = ck.load_checkpoint(dirs["lm"], lay, head="value", seed=6)
+        for name, shard in critic.shards().items():
+            want = (ck.random_tensor(name, tuple(full_value[name].shape), 6, CONFIG["initializer_range"])
+                    if name.startswith("score.") else full_lm[name])
+            assert torch.equal(shard, want[critic.slices(name)]), (key, "critic", name)
         assert (out is not None) == (out_value is not None) == (rank == lay.ranks[0])
         if out is not None:
             written.append((key, str(out), str(out_value)))

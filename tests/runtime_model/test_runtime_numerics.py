@@ -54,10 +54,11 @@ def _hf_reference(lm_dir, value_dir=None):
     grads = {n: p.grad.clone() for n, p in hf.named_parameters()}
     opt.step()
     weights = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in hf.parameters()]).item()
     for table in (grads, weights):
         table.setdefault("lm_head.weight", table["model.embed_tokens.weight"])
     return dict(ids=ids, mask=mask, logits=logits, logprobs=logprobs, values=values,
-                loss=loss.detach(), grads=grads, weights=weights)
+                loss=loss.detach(), grads=grads, weights=weights, grad_norm=grad_norm)
 
 
 def _layout(dp, tp, pp):
@@ -108,6 +109,7 @@ def _check_layout(lay, lm_dir, value_dir, ref, where):
     replica_loss = torch.tensor([loss])
     dist.all_reduce(replica_loss, group=model.groups.dp)
     assert abs(replica_loss.item() / lay.dp - ref["loss"].item()) < 1e-5, where
+    assert abs(model.grad_norm() - ref["grad_norm"]) < 1e-5 * ref["grad_norm"], where
     for name, p in model.named_parameters():
         sl = model.slices(name)
         assert_close(p.grad, ref["grads"][name][sl], atol=1e-5, rtol=1e-4, msg=lambda m: f"{where}: grad {name} {m}")
