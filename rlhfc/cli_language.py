@@ -45,8 +45,8 @@ def check(files: list[Path] = typer.Argument(..., help=".rlhf programs or librar
           timing: bool = typer.Option(False, "--time", help="print how long each file took")) -> None:
     """Check programs: names, imports, data keys, interfaces, shapes, pins.
 
-    Prints `FILE: ok: N calls, M edges` per good file, rustc-style diagnostics for bad
-    ones (all errors of a file at once), and exits 1 if any file has errors.
+    Prints `FILE: ok: N calls, M edges` per good file, or rustc-style
+    diagnostics (all errors of a file at once); exits 1 if any file has errors.
 
     Examples:
 
@@ -77,8 +77,8 @@ def graph(file: Path = typer.Argument(..., help="a .rlhf program with a `run`"),
           svg: Path | None = typer.Option(None, "--svg", help="write an SVG here (needs Graphviz `dot`)")) -> None:
     """Show the dataflow graph: calls with batch and lengths, data and parameter edges.
 
-    Parameter edges (`param`) order a trainable model's calls around its train call;
-    `(next iteration)` marks the train → next-use edges.
+    Parameter edges (`param`) order a trainable model's calls around its
+    train call; `(next iteration)` marks the train → next-use edges.
 
     Examples:
 
@@ -106,8 +106,8 @@ def fmt(files: list[Path] = typer.Argument(..., help=".rlhf files to format"),
         write: bool = typer.Option(False, "--write", help="rewrite the files in place")) -> None:
     """Print programs in canonical layout (or check / rewrite them in place).
 
-    Formatting keeps every comment and never changes meaning: the output parses to the
-    same program. Without flags the formatted text goes to stdout.
+    Formatting keeps every comment and never changes meaning: the output
+    parses to the same program. Without flags the text goes to stdout.
 
     Examples:
 
