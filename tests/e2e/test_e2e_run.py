@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from codegen_fixtures import split_plan
+import pytest
+from codegen_fixtures import plan, split_plan, strategy
 
 from rlhfc.check import load_program
 from rlhfc.emit import emit
@@ -44,20 +45,47 @@ def untimed(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
 
 
-def test_ppo_with_reallocation_resumes_exactly_after_a_worker_dies(tmp_path):
+@pytest.fixture(scope="module")
+def ppo_whole(tmp_path_factory):
+    """The tiny PPO job under the split plan, 4 uninterrupted steps: (script, run dir)."""
+    tmp_path = tmp_path_factory.mktemp("ppo")
     script = generated(tmp_path, "ppo")
     whole = run(script, tmp_path / "whole", "--steps", "4", "--save-every", "2")
     assert whole.returncode == 0, whole.stderr
+    return script, tmp_path / "whole"
+
+
+def mixed_plan(df):
+    """Generation tp=2, reference and critic training pp=2, actor training dp=2."""
+    tp2, pp2, dp2 = strategy(0, 2, dp=1, tp=2), strategy(0, 2, dp=1, pp=2), strategy(0, 2, dp=2)
+    return plan(df, {"gen": tp2, "score": tp2, "refl": pp2, "vals": dp2, "a_tr": dp2, "c_tr": pp2})
+
+
+def test_plan_changes_speed_not_results(tmp_path, ppo_whole):
+    """tp, pp and dp layouts with reallocation between them learn what the split plan
+    learns (same seeds, same samples; only float reduction order differs)."""
+    script = generated(tmp_path, "ppo", plan=mixed_plan)
+    done = run(script, tmp_path / "mixed", "--steps", "2", "--save-every", "10")
+    assert done.returncode == 0, done.stderr
+    for a, b in zip(untimed(metrics(ppo_whole[1]))[:2], untimed(metrics(tmp_path / "mixed")), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if not k.startswith("estimate/"):
+                assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-6), k
+
+
+def test_ppo_with_reallocation_resumes_exactly_after_a_worker_dies(tmp_path, ppo_whole):
+    script, whole = ppo_whole
     died = run(script, tmp_path / "cut", "--steps", "4", "--save-every", "2", env={"RLHFC_FAIL_AT_STEP": "3"})
     assert died.returncode != 0
     assert "the run stopped" in died.stderr and "rerun with --resume" in died.stderr
     assert [r["step"] for r in metrics(tmp_path / "cut")] == [1, 2, 3]  # step 3 was never checkpointed
     resumed = run(script, tmp_path / "cut", "--steps", "4", "--save-every", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    a, b = untimed(metrics(tmp_path / "whole")), untimed(metrics(tmp_path / "cut"))
+    a, b = untimed(metrics(whole)), untimed(metrics(tmp_path / "cut"))
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert a == b  # losses, KL, reward: bit-identical to the uninterrupted run
-    timed = metrics(tmp_path / "whole")[0]  # every op ran, timed beside the planner's estimate
+    timed = metrics(whole)[0]  # every op ran, timed beside the planner's estimate
     assert {"time/gen", "time/a_tr", "time/c_tr", "time/realloc actor L0->L2", "estimate/gen"} <= set(timed)
 
 
