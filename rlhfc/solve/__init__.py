@@ -14,7 +14,7 @@ from rlhfc.plan import CallPlacement, Plan, Reallocation
 from rlhfc.solve.baselines import symmetric_choice
 from rlhfc.solve.cpsat import solve_cpsat
 from rlhfc.solve.diagnose import PlanError, diagnose_infeasible
-from rlhfc.solve.problem import Option, Problem, SearchSpace, build_problem, dominating_choice
+from rlhfc.solve.problem import Option, Problem, SearchSpace, build_problem, with_options
 from rlhfc.solve.schedule import Schedule, evaluate
 
 __all__ = ["PlanError", "SearchSpace", "build_problem", "plan_dataflow", "plan_from_choice", "symmetric_plan"]
@@ -74,8 +74,8 @@ def plan_dataflow(
     baseline = symmetric_choice(problem)
     hint = None
     if baseline and not df.pins:
-        seeded = dominating_choice(problem, baseline[0])
-        hint = (seeded, evaluate(problem, seeded)) if seeded else None
+        problem = with_options(problem, baseline[0])
+        hint = baseline
     result = solve_cpsat(problem, time_limit, workers, seed, hint=hint)
     if result.choice is None and not (hint and result.status == "UNKNOWN"):
         diagnose_infeasible(problem, solver_status=result.status)

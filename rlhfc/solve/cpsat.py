@@ -1,19 +1,21 @@
 """The CP-SAT model of the planning problem.
 
 - x[c,o]: call c runs with option o; exactly one per call.
-- start/end per call; an optional interval per (c, o) of size duration(o) + realloc(c),
-  present iff x[c,o].
+- start/end/size per call, size = Σ duration(o)·x[c,o] + realloc(c).
 - Resources are device *atoms*: maximal device sets that every option covers wholly or
-  not at all (a whole node when no option slices it); one NoOverlap per atom.
+  not at all (a whole node when no option slices it); one NoOverlap per atom over
+  optional intervals (start, size, end) of the calls, present iff the call's chosen
+  option covers the atom.
 - Precedence: end(src) + transfer ≤ start(dst) for data edges and same-iteration
   parameter edges.
 - Reallocation (exact, no pair literals): with y[m,L] = Σ x over the home call's
   options of layout L, for each layout L' of a non-home call c of model m,
   realloc(c) ≥ Σ_L R(L, L')·y[m,L], enforced only if c uses layout L'. Minimising the
   makespan never wants realloc(c) above its lower bound on the critical path.
-- Memory per atom and per call c: Σ resident bytes of the home options covering the atom
+- Memory (whole KiB) per atom and per call c: Σ resident bytes of the home options covering the atom
   + Σ transient bytes of c's options covering it ≤ capacity (calls on one device never
   overlap, so the peak is the largest single call on top of the resident state).
+- Redundant energy cut: Σ duration·|mesh|·x ≤ devices·makespan.
 - Objective: makespan ≥ end(c), integer time units (µs, durations rounded up).
 Fixed seed and worker count; the result's bound is CP-SAT's BestObjectiveBound.
 """
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from rlhfc.solve.problem import Option, Problem
+from rlhfc.solve.problem import Option, Problem, kib
 from rlhfc.solve.schedule import Schedule
 
 
@@ -76,23 +78,29 @@ def solve_cpsat(
     start = {c: m.NewIntVar(0, horizon, f"start[{c}]") for c in problem.calls}
     end = {c: m.NewIntVar(0, horizon, f"end[{c}]") for c in problem.calls}
     realloc = {c: m.NewIntVar(0, r, f"realloc[{c}]") for c, r in max_realloc.items()}
-    intervals = {}
+    size = {c: m.NewIntVar(0, horizon, f"size[{c}]") for c in problem.calls}
     for c in problem.calls:
         m.AddExactlyOne(x[c, i] for i in range(len(opts[c])))
-        extra = realloc.get(c, 0)
-        for i, o in enumerate(opts[c]):
-            intervals[c, i] = m.NewOptionalIntervalVar(start[c], o.duration + extra, end[c], x[c, i], f"iv[{c},{i}]")
-        if not any(o.devices for o in opts[c]):  # device-free calls still need start+size == end
-            m.Add(end[c] == start[c] + extra + sum(o.duration * x[c, i] for i, o in enumerate(opts[c])))
+        m.Add(size[c] == realloc.get(c, 0) + sum(o.duration * x[c, i] for i, o in enumerate(opts[c])))
+        m.Add(end[c] == start[c] + size[c])
     for src, dst, lag in problem.edges:
         m.Add(start[dst] >= end[src] + lag)
     _add_realloc(m, problem, x, realloc)
-    atoms = _atoms(problem)
-    for _, keys in atoms:
-        m.AddNoOverlap(intervals[k] for k in keys)
+    for n, (_, keys) in enumerate(_atoms(problem)):
+        intervals = []
+        for call in sorted({c for c, _ in keys}):
+            covering = [x[c, i] for c, i in keys if c == call]
+            present = covering[0] if len(covering) == 1 else m.NewBoolVar(f"on[{call},{n}]")
+            if len(covering) > 1:
+                m.Add(present == sum(covering))
+            intervals.append(m.NewOptionalIntervalVar(start[call], size[call], end[call], present, f"iv[{call},{n}]"))
+        m.AddNoOverlap(intervals)
         _add_memory(m, problem, x, keys)
     makespan = m.NewIntVar(0, horizon, "makespan")
     m.AddMaxEquality(makespan, list(end.values()))
+    # Redundant energy cut (tightens the bound): busy device-time fits in the cluster.
+    m.Add(sum(o.duration * len(o.devices) * x[c, i] for c in problem.calls for i, o in enumerate(opts[c]))
+          <= problem.dataflow.cluster.n_devices * makespan)
     m.Minimize(makespan)
     if hint:
         _add_hint(m, problem, hint, x, start, end, realloc, makespan)
@@ -168,8 +176,8 @@ def _layout_vars(m, x, call: str, options: tuple[Option, ...]) -> dict[tuple, cp
 def _add_memory(m, problem: Problem, x, keys: list[tuple[str, int]]) -> None:
     """Resident state of homes on this atom + transient of each call ≤ capacity."""
     opts = problem.by_call
-    resident = [opts[c][i].cost.static_bytes * x[c, i] for c, i in keys if opts[c][i].cost.static_bytes]
+    resident = [kib(opts[c][i].cost.static_bytes) * x[c, i] for c, i in keys if opts[c][i].cost.static_bytes]
     calls = sorted({c for c, _ in keys})
     for call in calls:
-        transient = [opts[c][i].cost.transient_bytes * x[c, i] for c, i in keys if c == call]
-        m.Add(sum(resident) + sum(transient) <= problem.capacity)
+        transient = [kib(opts[c][i].cost.transient_bytes) * x[c, i] for c, i in keys if c == call]
+        m.Add(sum(resident) + sum(transient) <= problem.capacity_kib)

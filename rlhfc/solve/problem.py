@@ -22,7 +22,7 @@ layout to its own layout at its start, on its own devices.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
@@ -102,6 +102,10 @@ class Problem:
             self.dataflow.cluster.devices_per_node, self.device, self.coeffs,
         )
 
+    @property
+    def capacity_kib(self) -> int:
+        return self.capacity >> 10
+
     def to_units(self, seconds: float) -> int:
         return to_units(seconds, self.coeffs)
 
@@ -112,6 +116,12 @@ class Problem:
 def to_units(seconds: float, coeffs: Coefficients) -> int:
     """Round a duration up to whole solver time units (the 1e-9 absorbs float noise)."""
     return math.ceil(seconds / coeffs.time_unit - 1e-9)
+
+
+def kib(nbytes: int) -> int:
+    """Memory in whole KiB, rounded up: the unit of the solvers' memory constraints (keeps
+    CP-SAT's coefficients far from the ~1e11 of raw bytes)."""
+    return -(-nbytes >> 10)
 
 
 def _layout_only(s: Strategy) -> Strategy:
@@ -183,27 +193,6 @@ def prune_dominated(options: list[Option], layout_matters: bool) -> list[Option]
     return kept
 
 
-def dominating_choice(problem: "Problem", choice: dict[str, Option]) -> dict[str, Option] | None:
-    """Map each option of `choice` onto a kept option at least as good (pruning keeps one
-    per dominated group), so a baseline can seed the solver; None if some call has none."""
-    model_calls = {}
-    for c in problem.dataflow.calls:
-        model_calls[c.model] = model_calls.get(c.model, 0) + 1
-    out = {}
-    for call, o in choice.items():
-        layout_matters = model_calls[problem.dataflow.call(call).model] > 1
-        same = [
-            k for k in problem.by_call[call]
-            if (k.layout == o.layout if layout_matters else k.strategy.mesh == o.strategy.mesh)
-            and k.duration <= o.duration and k.cost.static_bytes <= o.cost.static_bytes
-            and k.cost.transient_bytes <= o.cost.transient_bytes
-        ]
-        if not same:
-            return None
-        out[call] = same[0]
-    return out
-
-
 def home_calls(df: Dataflow) -> dict[str, str]:
     """Model -> the call whose layout holds its parameters between uses."""
     neural = [c for c in df.calls if df.model(c.model).kind != "rule"]
@@ -247,5 +236,54 @@ def build_problem(
         if e.kind is EdgeKind.DATA:
             t = to_units(transfer_seconds(df.call(e.dst), df.cluster, device, coeffs), coeffs)
         edges[e.src, e.dst] = max(t, edges.get((e.src, e.dst), 0))
-    return Problem(df, device, coeffs, tuple(per_call), tuple(sorted(homes.items())),
+    problem = Problem(df, device, coeffs, tuple(per_call), tuple(sorted(homes.items())),
         tuple((a, b, t) for (a, b), t in edges.items()), device.memory, tuple(dropped), space)
+    return prune_with_realloc(problem)
+
+
+def _mem(o: Option) -> tuple[int, int]:
+    return o.cost.static_bytes, o.cost.transient_bytes
+
+
+def _no_worse_memory(a: Option, b: Option) -> bool:
+    return a.cost.static_bytes <= b.cost.static_bytes and a.cost.transient_bytes <= b.cost.transient_bytes
+
+
+def prune_with_realloc(problem: Problem) -> Problem:
+    """Dominance across layouts once reallocation is known, on the same mesh:
+    a receiving option B goes if some A has worst-case time (duration + largest realloc
+    from any home) ≤ B's best case and no more memory; a home option B goes if some A is
+    no slower, no larger, and no costlier to reallocate from for every receiving layout."""
+    opts = dict(problem.options)
+    receivers: dict[str, list[str]] = {}
+    for call in problem.calls:
+        home = problem.home_call(call)
+        if home:
+            receivers.setdefault(home, []).append(call)
+    for home, calls in receivers.items():
+        if not opts[home] or not all(opts[c] for c in calls):
+            continue  # infeasible: left to the diagnostics
+        for call in calls:
+            total = {o: [o.duration + problem.realloc(call, h, o) for h in opts[home]] for o in opts[call]}
+            kept: list[Option] = []
+            for o in sorted(opts[call], key=lambda o: (min(total[o]), _mem(o))):
+                if not any(k.strategy.mesh == o.strategy.mesh and max(total[k]) <= min(total[o])
+                           and _no_worse_memory(k, o) for k in kept):
+                    kept.append(o)
+            opts[call] = tuple(kept)
+        cost = {h: [problem.realloc(c, h, o) for c in calls for o in opts[c]] for h in opts[home]}
+        kept = []
+        for h in sorted(opts[home], key=lambda h: (h.duration, _mem(h), sum(cost[h]))):
+            if not any(k.strategy.mesh == h.strategy.mesh and k.duration <= h.duration and _no_worse_memory(k, h)
+                       and all(a <= b for a, b in zip(cost[k], cost[h])) for k in kept):
+                kept.append(h)
+        opts[home] = tuple(kept)
+    return replace(problem, options=tuple((c, opts[c]) for c in problem.calls))
+
+
+def with_options(problem: Problem, choice: dict[str, Option]) -> Problem:
+    """The problem with `choice`'s options added back where pruning dropped them, so
+    that a baseline can seed the solver as a complete hint."""
+    return replace(problem, options=tuple(
+        (c, opts if choice[c] in opts else opts + (choice[c],)) for c, opts in problem.options
+    ))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhfc.solve.problem import Option, Problem
+from rlhfc.solve.problem import Option, Problem, kib
 
 MAX_ORDERS = 5000
 
@@ -38,13 +38,15 @@ def durations(problem: Problem, choice: dict[str, Option]) -> dict[str, tuple[in
 
 
 def fits_memory(problem: Problem, choice: dict[str, Option]) -> bool:
-    """Resident state of every home on a device plus the largest transient of a call there."""
+    """Resident state of every home on a device plus the largest transient of a call there
+    (in KiB, as the CP-SAT model counts)."""
     resident: dict[int, int] = {}
     for opt in choice.values():
         for d in opt.devices:
-            resident[d] = resident.get(d, 0) + opt.cost.static_bytes
+            resident[d] = resident.get(d, 0) + kib(opt.cost.static_bytes)
     return all(
-        resident[d] + opt.cost.transient_bytes <= problem.capacity for opt in choice.values() for d in opt.devices
+        resident[d] + kib(opt.cost.transient_bytes) <= problem.capacity_kib
+        for opt in choice.values() for d in opt.devices
     )
 
 
