@@ -161,14 +161,17 @@ class _GatherLastDim(torch.autograd.Function):
 
 
 def copy_to_tp(x, groups: RankGroups):
+    """Enter a column-parallel region (identity; gradient summed over tp)."""
     return _CopyToTP.apply(x, groups) if _active(groups.tp_ranks) else x
 
 
 def reduce_from_tp(x, groups: RankGroups):
+    """Leave a row-parallel region: sum the tp ranks' partial results."""
     return _ReduceFromTP.apply(x, groups) if _active(groups.tp_ranks) else x
 
 
 def gather_from_tp(x, groups: RankGroups):
+    """Concatenate the tp ranks' slices of the last dimension (vocab-parallel logits)."""
     return _GatherLastDim.apply(x, groups) if _active(groups.tp_ranks) else x
 
 
@@ -446,9 +449,11 @@ class ShardedLlama(nn.Module):
         return g.layout.rank_at(g.pp_rank + step, g.dp_rank, g.tp_rank)
 
     def send_next(self, hidden):
+        """Send this stage's output activations to the next stage (same dp, tp)."""
         dist.send(hidden.detach().contiguous(), self._neighbour(+1))
 
     def recv_prev(self, shape):
+        """Receive the previous stage's output activations (same dp, tp)."""
         buf = torch.empty(shape, device=self.device, dtype=self.dtype)
         dist.recv(buf, self._neighbour(-1))
         return buf
@@ -519,6 +524,7 @@ class ShardedLlama(nn.Module):
         return self._from_last_stage(loss)
 
     def recv_next_grad(self, out):
+        """Receive d(loss)/d(out) from the next stage, for this stage's backward."""
         grad = torch.empty_like(out)
         dist.recv(grad, self._neighbour(+1))
         return grad

@@ -10,7 +10,7 @@ from rlhfc_runtime.generate import SamplingParams, generate, left_pad
 from rlhfc_runtime.layout import Layout
 
 CONFIG = ck.tiny_config(num_hidden_layers=2, rope_theta=1000.0)
-PROMPTS = [[5, 9, 3, 17, 22], [40, 2 + 30], [11, 12, 13], [7, 8, 9, 10, 11, 12]]
+PROMPTS = [[5, 9, 3, 17, 22], [40, 32], [11, 12, 13], [7, 8, 9, 10, 11, 12]]
 PAD = 0
 NEW = 8
 LAYOUTS = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (1, 2, 2), (2, 1, 1), (2, 1, 2)]
