@@ -46,10 +46,6 @@ class Transfer:
     dst_contiguous: bool = False  # the destination region is one run in its shard
 
     @property
-    def contiguous(self) -> bool:
-        return self.src_contiguous and self.dst_contiguous
-
-    @property
     def is_local(self) -> bool:
         return self.src == self.dst
 
@@ -73,9 +69,11 @@ class ReallocPlan:
     dst_shapes: tuple[tuple[int, tuple[tuple[str, tuple[int, ...]], ...]], ...]
 
     def shapes_for(self, rank: int) -> dict[str, tuple[int, ...]]:
+        """Local shape of each parameter `rank` holds under dst ({} outside dst)."""
         return dict(dict(self.dst_shapes).get(rank, ()))
 
     def for_rank(self, rank: int) -> list[Transfer]:
+        """The transfers `rank` takes part in, in plan order."""
         return [t for t in self.transfers if rank in (t.src, t.dst)]
 
 
@@ -85,6 +83,7 @@ def bytes_moved(plan: ReallocPlan) -> int:
 
 
 def node_of(rank: int, devices_per_node: int) -> int:
+    """The node of a global rank (ranks fill nodes in order, as torchrun assigns them)."""
     return rank // devices_per_node
 
 

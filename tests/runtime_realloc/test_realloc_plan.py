@@ -159,3 +159,33 @@ def test_rank_new_to_the_model_must_name_dtype():
     with pytest.raises(ValueError, match="pass dtype="):
         reallocate({}, SHAPES, N_LAYERS, src, dst, rank=1)
     assert reallocate({}, SHAPES, N_LAYERS, src, dst, rank=2) == {}  # outside both: no-op
+
+
+def test_compiler_cost_model_bytes_agree_with_minimum():
+    """The solver's closed form (rlhfc.cost.realloc) and this module's box arithmetic are
+    independent computations of the same minimum: every pair of one-node layouts."""
+    from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS
+    from rlhfc.cost.realloc import realloc_cost
+    from rlhfc.hardware import CATALOG
+    from rlhfc.ir import Head, Mesh, ModelShape, Strategy
+    from rlhfc_runtime.model import LM, VALUE, ModelConfig, param_shapes
+
+    device = next(iter(CATALOG.values()))
+    shape = ModelShape(n_layers=8, hidden=64, n_heads=8, n_kv_heads=2, intermediate=128, vocab=256)
+    cfg = ModelConfig.from_hf(dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, token_classification_bias=False,
+    ))
+    strategies = [
+        Strategy(Mesh(0, 1, first, n), dp, tp, n // (dp * tp))
+        for n in (1, 2, 4, 8) for first in range(0, 8, n) for dp in (1, 2, 4, 8) for tp in (1, 2, 4, 8)
+        if n % (dp * tp) == 0
+    ]
+    per_param = DEFAULT_COEFFICIENTS.weight_bytes_per_param
+    for head, head_name in ((Head.LM, LM), (Head.VALUE, VALUE)):
+        shapes = param_shapes(cfg, head_name)
+        for a in strategies[::3]:
+            for b in strategies:
+                la, lb = (Layout(s.mesh.ranks(8), s.dp, s.tp, s.pp) for s in (a, b))
+                cost = realloc_cost(shape, head, a, b, 8, device, DEFAULT_COEFFICIENTS)
+                assert cost.bytes == minimum_bytes(shapes, 8, la, lb, per_param), (head, a, b)
