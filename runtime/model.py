@@ -318,22 +318,33 @@ class HeadOutput:
         """Full logits [B, T, V] (gathered over tp)."""
         return gather_from_tp(self.local_logits(), self.model.groups)
 
-    def token_logprobs(self, tokens):
-        """log p(tokens[b, t] | position t) [B, T] without gathering the vocabulary:
-        the log-sum-exp and the picked logit are reduced over the tp group."""
+    def _local_logits_and_lse(self):
+        """This rank's fp32 logit slice and the full-vocabulary log-sum-exp [B, T]."""
         g = self.model.groups
         local = self.local_logits().float()
-        width = local.shape[-1]
-        start = g.tp_rank * width
         peak = local.detach().max(dim=-1).values
         if _active(g.tp_ranks):
             dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=g.tp)
         sumexp = reduce_from_tp(torch.exp(local - peak[..., None]).sum(-1), g)
-        idx = tokens - start
+        return local, torch.log(sumexp) + peak
+
+    def token_logprobs(self, tokens):
+        """log p(tokens[b, t] | position t) [B, T] without gathering the vocabulary:
+        the log-sum-exp and the picked logit are reduced over the tp group."""
+        g = self.model.groups
+        local, lse = self._local_logits_and_lse()
+        width = local.shape[-1]
+        idx = tokens - g.tp_rank * width
         inside = (idx >= 0) & (idx < width)
         picked = local.gather(-1, idx.clamp(0, width - 1)[..., None]).squeeze(-1) * inside
-        picked = reduce_from_tp(picked, g)
-        return picked - (torch.log(sumexp) + peak)
+        return reduce_from_tp(picked, g) - lse
+
+    def entropy(self):
+        """Entropy of the next-token distribution at every position [B, T], vocab-
+        parallel (for entropy bonuses and monitoring): lse - sum_v p_v * logit_v."""
+        local, lse = self._local_logits_and_lse()
+        expected = reduce_from_tp((torch.exp(local - lse[..., None]) * local).sum(-1), self.model.groups)
+        return lse - expected
 
     def values(self):
         """Value-head output [B, T] (HF token classification with one label)."""

@@ -42,6 +42,7 @@ def _hf_reference(lm_dir, value_dir=None):
     with torch.no_grad():
         logits = hf(ids, attention_mask=mask).logits
     logprobs = logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = torch.distributions.Categorical(logits=logits).entropy()
     values = None
     if value_dir is not None:
         vm = LlamaForTokenClassification.from_pretrained(value_dir, torch_dtype=torch.float32).eval()
@@ -57,7 +58,7 @@ def _hf_reference(lm_dir, value_dir=None):
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in hf.parameters()]).item()
     for table in (grads, weights):
         table.setdefault("lm_head.weight", table["model.embed_tokens.weight"])
-    return dict(ids=ids, mask=mask, logits=logits, logprobs=logprobs, values=values,
+    return dict(ids=ids, mask=mask, logits=logits, logprobs=logprobs, entropy=entropy, values=values,
                 loss=loss.detach(), grads=grads, weights=weights, grad_norm=grad_norm)
 
 
@@ -95,6 +96,8 @@ def _check_layout(lay, lm_dir, value_dir, ref, where):
     lp = model.token_logprobs(ids, mask, n_micro=n_micro)
     assert_close(lp[valid[:, 1:]], ref["logprobs"][rows][valid[:, 1:]], atol=1e-4, rtol=0,
                  msg=lambda m: f"{where}: logprobs {m}")
+    entropy = model.run_pipeline(ids, mask, lambda h, mb: h.entropy(), n_micro)
+    assert_close(entropy[valid], ref["entropy"][rows][valid], atol=1e-4, rtol=0, msg=lambda m: f"{where}: entropy {m}")
 
     if value_dir is not None:
         value = ck.load_checkpoint(value_dir, lay)
