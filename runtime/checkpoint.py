@@ -73,14 +73,41 @@ def _tied_source(cfg: ModelConfig, name: str) -> str:
     return "model.embed_tokens.weight" if cfg.tie_word_embeddings and name == "lm_head.weight" else name
 
 
-def _write(path: Path, cfg: dict, head: str, tensors: dict[str, torch.Tensor]) -> Path:
+def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive groups of parameters of at most max_bytes each (a larger tensor
+    gets a file of its own), as transformers shards checkpoints."""
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if parts[-1] and size + nbytes > max_bytes:
+            parts.append({})
+            size = 0
+        parts[-1][name] = t
+        size += nbytes
+    return parts
+
+
+def _write(path: Path, cfg: dict, head: str, tensors: dict[str, torch.Tensor], max_shard_bytes: int | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if cfg.get("tie_word_embeddings"):  # as transformers saves tied models
         tensors = {n: t for n, t in tensors.items() if n != "lm_head.weight"}
     out = dict(cfg, architectures=[_ARCH[head]])
     if head == VALUE:
         out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    tensors = {n: t.contiguous() for n, t in tensors.items()}
+    parts = _split(tensors, max_shard_bytes) if max_shard_bytes else [tensors]
+    if len(parts) == 1:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, part in enumerate(parts, 1):
+            file = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+            save_file(part, str(path / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (path / "config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -145,12 +172,14 @@ def init_random(cfg: dict, layout: Layout, head: str = LM, seed: int = 0, device
     return model
 
 
-def save_checkpoint(model: ShardedLlama, path: str | Path) -> Path | None:
+def save_checkpoint(model: ShardedLlama, path: str | Path, max_shard_bytes: int | None = None) -> Path | None:
     """Write the full model as an HF checkpoint; collective over the model's mesh.
 
     Data-parallel replica 0 holds every slice; each of its ranks sends its shards,
     parameter by parameter in HF order, to the mesh's first rank, which writes
-    (returns the path there, None elsewhere)."""
+    (returns the path there, None elsewhere) one model.safetensors, or files of at most
+    max_shard_bytes with a model.safetensors.index.json. The writer holds the full
+    model in CPU memory while saving."""
     g = model.groups
     layout, writer = g.layout, g.layout.ranks[0]
     full_shapes = param_shapes(model.cfg, model.head)
@@ -175,7 +204,7 @@ def save_checkpoint(model: ShardedLlama, path: str | Path) -> Path | None:
                     out[name][sl] = buf.cpu()
     if g.rank != writer:
         return None
-    return _write(Path(path), model.cfg.hf, model.head, out)
+    return _write(Path(path), model.cfg.hf, model.head, out, max_shard_bytes)
 
 
 def _slices_at(model: ShardedLlama, name: str, rank: int):

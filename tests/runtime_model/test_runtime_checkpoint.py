@@ -40,6 +40,8 @@ def _roundtrip(dirs, out_root):
         for name, shard in sharded.shards().items():
             assert torch.equal(shard, full_lm[name][model.slices(name)]), (key, "index", name)
         out = ck.save_checkpoint(model, out_root / f"lm_{key[0]}{key[1]}{key[2]}")
+        if key == (1, 2, 2):
+            ck.save_checkpoint(model, out_root / "lm_in_parts", max_shard_bytes=20_000)
         value = ck.load_checkpoint(dirs["value"], lay)
         assert value.head == "value"
         for name, shard in value.shards().items():
@@ -76,6 +78,15 @@ def test_checkpoint_roundtrip_through_every_layout(tmp_path):
     with torch.no_grad():
         want_logits = reference(ids).logits
     original = {"lm": _full(dirs["lm"]), "value": _full(dirs["value"])}
+    parts = tmp_path / "lm_in_parts"
+    index = json.loads((parts / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2 and set(index) == set(original["lm"])
+    in_parts = {}
+    for file in set(index.values()):
+        in_parts.update(load_file(str(parts / file)))
+    assert all(torch.equal(in_parts[n], original["lm"][n]) for n in original["lm"])
+    with torch.no_grad():
+        assert torch.equal(LlamaForCausalLM.from_pretrained(parts).eval()(ids).logits, want_logits)
     config = json.loads((dirs["lm"] / "config.json").read_text())
     for key, lm_out, value_out in written[0]:
         for kind, out in (("lm", lm_out), ("value", value_out)):
