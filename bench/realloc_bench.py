@@ -160,14 +160,19 @@ def main() -> None:
         lines.append(
             f"| {r['case']} | {r['bytes'] / 1e6:.1f} MB ({same}) | {r['messages']} | {r['plan_seconds']:.3f} | "
             f"{r['seconds']:.3f} | {r['bandwidth_gbs']:.2f} | {r['raw_seconds']:.3f} | {r['raw_bandwidth_gbs']:.2f} | "
-            f"{r['fraction_of_raw']:.0%} | {r['raw_fresh_seconds']:.3f} | {r['fraction_of_raw_fresh']:.0%} |"
+            f"{_pct(r, 'fraction_of_raw')} | {r['raw_fresh_seconds']:.3f} | {_pct(r, 'fraction_of_raw_fresh')} |"
         )
     lines.append("")
     lines.append("raw: the same messages from preallocated buffers; raw fresh: receive buffers allocated per run, "
-                 "as the new shards must be. Zero-byte rows are local copies or aliasing only.")
+                 "as the new shards must be. Zero-byte rows are local copies or aliasing only (no wire, so no ratio).")
     lines.append(f"All destination shards bitwise equal to slices of the full tensors: {all(r['correct'] for r in rows)}.")
     (RESULTS / "realloc_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _pct(row: dict, key: str) -> str:
+    """A ratio as a percentage; a dash where nothing crosses the wire (no raw to compare)."""
+    return f"{row[key]:.0%}" if row["bytes"] else "—"
 
 
 def _numel(shape) -> int:

@@ -23,7 +23,7 @@ DEFAULT_BUCKET_BYTES = 64 * 2**20
 # Pieces at least this large that are contiguous on one side at least travel as their own
 # message, read from the source shard / written into the destination shard in place
 # where that side is contiguous (no packing copy); smaller ones share buckets.
-SINGLE_MIN_BYTES = 2**20
+SINGLE_MIN_BYTES = 64 * 2**10
 DEFAULT_DEVICES_PER_NODE = 8
 
 Index = tuple[tuple[int, int], ...]  # (start, stop) per dimension
