@@ -23,7 +23,7 @@ from rlhfc.cli import app
 from rlhfc.emit import emit
 from rlhfc.lower import OpProgram, lower
 
-_err = Console(stderr=True)
+_err = Console(stderr=True, soft_wrap=True)
 
 
 def compile_program(path: Path, devices: int | None = None, symmetric: bool = False,
@@ -110,15 +110,16 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def _pick(record: dict, word: str) -> float | None:
-    keys = sorted(k for k in record if word in k.split("/")[-1] and not k.startswith(("time/", "estimate/")))
+def _pick(record: dict, name: str) -> float | None:
+    """A metric by its last name part (`reward`, `ref_kl`, `loss`), first call first."""
+    keys = sorted(k for k in record if k.split("/")[-1] == name and not k.startswith(("time/", "estimate/")))
     return record[keys[0]] if keys else None
 
 
 def _follow(cmd: list[str], out: Path, total: int) -> int:
     """Run the program, showing step, reward, KL, loss and time per call as it goes."""
     metrics = out / "metrics.jsonl"
-    columns = [TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}"), BarColumn(),
+    columns = [TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}"), BarColumn(bar_width=20),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     with (out / "worker.log").open("w") as log, Progress(*columns, console=_err) as bar:
         task = bar.add_task("train", total=total, info="starting workers…")
@@ -135,7 +136,7 @@ def _update(bar: Progress, task, records: list[dict]) -> None:
         return
     last = records[-1]
     parts = [f"{name} {v:.3f}" for name, v in
-             (("reward", _pick(last, "reward")), ("kl", _pick(last, "kl")), ("loss", _pick(last, "loss")))
+             (("reward", _pick(last, "reward")), ("kl", _pick(last, "ref_kl")), ("loss", _pick(last, "loss")))
              if v is not None]
     calls = [f"{k[5:]} {v:.2f}s" for k, v in last.items()
              if k.startswith("time/") and k != "time/iteration" and " " not in k]
@@ -151,7 +152,7 @@ def plot_metrics(metrics: Path, png: Path) -> Path:
 
     records = read_metrics(metrics)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, word in zip(axes, ("reward", "kl")):
+    for ax, word in zip(axes, ("reward", "ref_kl")):
         points = [(r["step"], _pick(r, word)) for r in records if _pick(r, word) is not None]
         if points:
             ax.plot(*zip(*points))

@@ -76,14 +76,17 @@ def model_from_shards(spec: dict, shards: dict, layout: Layout, rank: int) -> Ru
 
 
 def shards_of(model: RuntimeModel) -> dict:
+    """HF name -> this rank's shard: what reallocation sends."""
     return model.module.shards()
 
 
 def load_shards(model: RuntimeModel, shards: dict) -> None:
+    """Overwrite a copy in place with reallocated shards."""
     model.module.load_shards(shards)
 
 
 def param_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) parameter shapes: reallocation plans from them on every rank."""
     return model_param_shapes(ModelConfig.from_hf(hf_config(spec)), spec["head"])
 
 
@@ -94,16 +97,19 @@ def model_state(model: RuntimeModel) -> dict:
 
 
 def load_model_state(model: RuntimeModel, state: dict) -> None:
+    """Restore what `model_state` saved (resume)."""
     model.module.load_shards(state["shards"])
     if model.optimizer:
         model.optimizer.load_state_dict(state["optimizer"])
 
 
 def take_rows(batch: dict, lo: int, hi: int) -> dict:
+    """Rows [lo, hi) of a batch: one dp rank's share."""
     return {k: v[lo:hi] for k, v in batch.items()}
 
 
 def batch_rows(batch: dict) -> int:
+    """The row count of a batch (first dimension of its tensors)."""
     return next(iter(batch.values())).shape[0]
 
 

@@ -214,7 +214,8 @@ class Engine:
 
 
 class _MetricsLog:
-    """metrics.jsonl, truncated to `start_step` on resume so no step appears twice."""
+    """metrics.jsonl, truncated to `start_step` on resume so no step appears twice;
+    also TensorBoard scalars (OUT/tensorboard) when tensorboard is installed."""
 
     def __init__(self, path: Path, start_step: int):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,10 +224,20 @@ class _MetricsLog:
             kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
         path.write_text("".join(ln + "\n" for ln in kept))
         self.path = path
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional: JSONL is the record of truth
+            self.board = None
+        else:
+            self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for k, v in record.items():
+                self.board.add_scalar(k, v, record["step"])
+            self.board.flush()
 
 
 def _seed_everything(seed: int) -> None:
