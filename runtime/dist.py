@@ -178,25 +178,12 @@ class RankGroups:
     mp_ranks: tuple[int, ...]
     tie_ranks: tuple[int, ...] = ()
 
-    @property
-    def tp(self):
-        return group(self.tp_ranks)
-
-    @property
-    def dp(self):
-        return group(self.dp_ranks)
-
-    @property
-    def pp(self):
-        return group(self.pp_ranks)
-
-    @property
-    def mp(self):
-        return group(self.mp_ranks)
-
-    @property
-    def tie(self):
-        return group(self.tie_ranks)
+    # the process groups of those rank tuples (created by ensure_groups)
+    tp = property(lambda self: group(self.tp_ranks))
+    dp = property(lambda self: group(self.dp_ranks))
+    pp = property(lambda self: group(self.pp_ranks))
+    mp = property(lambda self: group(self.mp_ranks))
+    tie = property(lambda self: group(self.tie_ranks))
 
 
 def rank_groups(layout: Layout, rank: int | None = None) -> RankGroups:
