@@ -175,7 +175,8 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
         return {outputs[0]: {outputs[0]: scores}}, {}
     if kind == "generate":
         produced = generate_batch(model.module, args[0], settings, groups, greedy=REGISTRY[using].greedy)
-        return {k: produced[k] if k == "seq" else {k: produced[k]} for k in outputs}, {}
+        names = REGISTRY[using].outputs  # positional: `-> base_seq` may rename "seq"
+        return {k: produced[n] if n == "seq" else {k: produced[n]} for k, n in zip(outputs, names)}, {}
     iface = REGISTRY[using]
     flat = bind(using, args)
     if kind == "inference":
