@@ -3,15 +3,15 @@
 Run it with `python build/ppo.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/ppo.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.013 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.015 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  3
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  3
-    vals   critic  L0      node0[0:2]  2   1   1   1    0.005    0.007  3
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.007    0.010  5
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.010    0.013  4
+    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  4
+    vals   critic  L0      node0[0:2]  2   1   1   1    0.005    0.008  4
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.011  7
+    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.011    0.015  6
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """
@@ -27,13 +27,13 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                                 'n_heads': 4,
                                 'n_kv_heads': 2,
                                 'intermediate': 128,
-                                'vocab': 64,
+                                'vocab': 40,
                                 'max_positions': 64,
                                 'tied_embeddings': False},
                       'head': 'lm',
                       'trainable': True,
                       'checkpoint': None,
-                      'optimizer': {'name': 'adam', 'lr': 0.0005},
+                      'optimizer': {'name': 'adam', 'lr': 0.002},
                       'rule': None,
                       'home': 'L0'},
             'ref': {'kind': 'llama',
@@ -42,7 +42,7 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                               'n_heads': 4,
                               'n_kv_heads': 2,
                               'intermediate': 128,
-                              'vocab': 64,
+                              'vocab': 40,
                               'max_positions': 64,
                               'tied_embeddings': False},
                     'head': 'lm',
@@ -57,13 +57,13 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                                  'n_heads': 4,
                                  'n_kv_heads': 2,
                                  'intermediate': 128,
-                                 'vocab': 64,
+                                 'vocab': 40,
                                  'max_positions': 64,
                                  'tied_embeddings': False},
                        'head': 'value',
                        'trainable': True,
                        'checkpoint': None,
-                       'optimizer': {'name': 'adam', 'lr': 0.001},
+                       'optimizer': {'name': 'adam', 'lr': 0.002},
                        'rule': None,
                        'home': 'L0'},
             'reward': {'kind': 'rule',
@@ -80,17 +80,17 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                           'tokenizer': '../data/tiny/tokenizer.json',
                           'max_len': 16}},
  'run': {'dataflow': 'ppo',
-         'batch': 32,
-         'steps': 60,
+         'batch': 64,
+         'steps': 150,
          'max_new_tokens': 12,
-         'kl_coef': 0.05,
+         'kl_coef': 0.01,
          'seed': 1},
- 'estimates': {'gen': 0.002719,
+ 'estimates': {'gen': 0.002921,
                'score': 0.0,
-               'refl': 0.002246,
-               'vals': 0.002234,
-               'a_tr': 0.002959,
-               'c_tr': 0.002912}}
+               'refl': 0.002473,
+               'vals': 0.002458,
+               'a_tr': 0.003633,
+               'c_tr': 0.003582}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -3,13 +3,13 @@
 Run it with `python build/rloo.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/rloo.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.008 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.009 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  2
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  2
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.005    0.008  3
+    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  3
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.005    0.009  6
     
     homes: actor -> L0, ref -> L0
 """
@@ -31,7 +31,7 @@ PROGRAM = {'source': '../programs/rloo.rlhf',
                       'head': 'lm',
                       'trainable': True,
                       'checkpoint': None,
-                      'optimizer': {'name': 'adam', 'lr': 0.0005},
+                      'optimizer': {'name': 'adam', 'lr': 0.002},
                       'rule': None,
                       'home': 'L0'},
             'ref': {'kind': 'llama',
@@ -63,13 +63,13 @@ PROGRAM = {'source': '../programs/rloo.rlhf',
                           'tokenizer': '../data/tiny/tokenizer.json',
                           'max_len': 16}},
  'run': {'dataflow': 'rloo',
-         'batch': 8,
-         'steps': 60,
+         'batch': 16,
+         'steps': 150,
          'group_size': 4,
          'max_new_tokens': 12,
-         'kl_coef': 0.05,
+         'kl_coef': 0.01,
          'seed': 1},
- 'estimates': {'gen': 0.002719, 'score': 0.0, 'refl': 0.002246, 'a_tr': 0.002959}}
+ 'estimates': {'gen': 0.002937, 'score': 0.0, 'refl': 0.002492, 'a_tr': 0.003696}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),
