@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 
 from .dist import rank_groups
 from .layout import Layout, shard_slices
-from .model import LM, VALUE, ModelConfig, ShardedLlama, param_shapes
+from .model import ARCHITECTURES, LM, VALUE, ModelConfig, ShardedLlama, param_shapes
 
-_ARCH = {LM: "LlamaForCausalLM", VALUE: "LlamaForTokenClassification"}
+_HEAD_CLASS = {LM: "ForCausalLM", VALUE: "ForTokenClassification"}
 
 
 def tiny_config(**overrides) -> dict:
@@ -50,12 +50,11 @@ def head_of(cfg: dict) -> str:
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float) -> torch.Tensor:
-    """HF-style init of one full parameter (norm weights 1, biases 0, others N(0, std)),
-    seeded by (seed, name) so any shard of it can be made without the others."""
+    """Init of one full parameter: norm weights 1, all others N(0, std) (biases too,
+    unlike HF's zeros, so tests exercise them), seeded by (seed, name) so any shard of
+    it can be made without the others."""
     if name.endswith("norm.weight"):
         return torch.ones(shape)
-    if name.endswith(".bias"):
-        return torch.zeros(shape)
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     return torch.randn(shape, generator=g) * std
 
@@ -92,7 +91,7 @@ def _write(path: Path, cfg: dict, head: str, tensors: dict[str, torch.Tensor], m
     path.mkdir(parents=True, exist_ok=True)
     if cfg.get("tie_word_embeddings"):  # as transformers saves tied models
         tensors = {n: t for n, t in tensors.items() if n != "lm_head.weight"}
-    out = dict(cfg, architectures=[_ARCH[head]])
+    out = dict(cfg, architectures=[ARCHITECTURES[cfg.get("model_type", "llama")] + _HEAD_CLASS[head]])
     if head == VALUE:
         out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     tensors = {n: t.contiguous() for n, t in tensors.items()}

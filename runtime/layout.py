@@ -23,6 +23,9 @@ _TP_DIM = {
     "self_attn.k_proj.weight": 0,
     "self_attn.v_proj.weight": 0,
     "self_attn.o_proj.weight": 1,
+    "self_attn.q_proj.bias": 0,  # Qwen2-style attention biases follow their weights
+    "self_attn.k_proj.bias": 0,
+    "self_attn.v_proj.bias": 0,
     "mlp.gate_proj.weight": 0,
     "mlp.up_proj.weight": 0,
     "mlp.down_proj.weight": 1,

@@ -24,6 +24,8 @@ from .layout import shard_slices, stage_layers, tp_split_dim
 
 LM = "lm"
 VALUE = "value"
+# model_type -> HF class-name prefix (…ForCausalLM, …ForTokenClassification)
+ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2"}
 
 
 @dataclass(frozen=True)
@@ -41,15 +43,21 @@ class ModelConfig:
     rope_theta: float
     tie_word_embeddings: bool
     score_bias: bool
+    qkv_bias: bool
     hf: dict = field(compare=False, hash=False, repr=False)
 
     @staticmethod
     def from_hf(cfg: dict) -> "ModelConfig":
-        """Parse a config.json dict; refuses features this runtime does not implement
-        (so a checkpoint never loads with silently wrong numerics)."""
-        for key in ("attention_bias", "mlp_bias"):
-            if cfg.get(key):
-                raise ValueError(f"config.json sets {key}=true: biased LLaMA variants are not supported")
+        """Parse a config.json dict (LLaMA, or Qwen2: LLaMA with q/k/v biases); refuses
+        features this runtime does not implement (so a checkpoint never loads with
+        silently wrong numerics)."""
+        kind = cfg.get("model_type", "llama")
+        if kind not in ARCHITECTURES:
+            raise ValueError(f"model_type {kind!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+        if cfg.get("mlp_bias") or (kind == "llama" and cfg.get("attention_bias")):
+            raise ValueError("config.json sets mlp_bias/attention_bias: biased LLaMA variants are not supported")
+        if cfg.get("use_sliding_window"):
+            raise ValueError("config.json sets use_sliding_window: sliding-window attention is not supported")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported (LLaMA uses 'silu')")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -68,6 +76,7 @@ class ModelConfig:
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             score_bias=bool(cfg.get("token_classification_bias", True)),
+            qkv_bias=kind == "qwen2",
             hf=dict(cfg),
         )
 
@@ -87,6 +96,8 @@ def param_shapes(cfg: ModelConfig, head: str) -> dict[str, tuple[int, ...]]:
             p + "self_attn.q_proj.weight": (q, h),
             p + "self_attn.k_proj.weight": (kv, h),
             p + "self_attn.v_proj.weight": (kv, h),
+            **({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.bias": (kv,)} if cfg.qkv_bias else {}),
             p + "self_attn.o_proj.weight": (h, q),
             p + "post_attention_layernorm.weight": (h,),
             p + "mlp.gate_proj.weight": (i, h),
@@ -198,11 +209,13 @@ class RMSNorm(nn.Module):
 
 
 class _Weight(nn.Module):
-    """A bare weight holder, so parameter names match HF (`…q_proj.weight`)."""
+    """A bare weight (and optional bias) holder, so parameter names match HF
+    (`…q_proj.weight`, `…q_proj.bias`)."""
 
-    def __init__(self, shape, device, dtype):
+    def __init__(self, shape, device, dtype, bias: bool = False):
         super().__init__()
         self.weight = _param(shape, device, dtype)
+        self.bias = _param(shape[:1], device, dtype) if bias else None
 
 
 def rope_cos_sin(position_ids, head_dim, theta, dtype):
@@ -258,9 +271,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, device, dtype)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, device, dtype)
         self.self_attn = nn.Module()
-        self.self_attn.q_proj = _Weight((self.heads * hd, h), device, dtype)
-        self.self_attn.k_proj = _Weight((self.kv_heads * hd, h), device, dtype)
-        self.self_attn.v_proj = _Weight((self.kv_heads * hd, h), device, dtype)
+        self.self_attn.q_proj = _Weight((self.heads * hd, h), device, dtype, cfg.qkv_bias)
+        self.self_attn.k_proj = _Weight((self.kv_heads * hd, h), device, dtype, cfg.qkv_bias)
+        self.self_attn.v_proj = _Weight((self.kv_heads * hd, h), device, dtype, cfg.qkv_bias)
         self.self_attn.o_proj = _Weight((h, self.heads * hd), device, dtype)
         self.mlp = nn.Module()
         self.mlp.gate_proj = _Weight((inter, h), device, dtype)
@@ -271,9 +284,9 @@ class DecoderLayer(nn.Module):
         b, t, _ = x.shape
         hd, a = self.cfg.head_dim, self.self_attn
         x = copy_to_tp(x, self.groups)
-        q = F.linear(x, a.q_proj.weight).view(b, t, self.heads, hd).transpose(1, 2)
-        k = F.linear(x, a.k_proj.weight).view(b, t, self.kv_heads, hd).transpose(1, 2)
-        v = F.linear(x, a.v_proj.weight).view(b, t, self.kv_heads, hd).transpose(1, 2)
+        q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(b, t, self.heads, hd).transpose(1, 2)
+        k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(b, t, self.kv_heads, hd).transpose(1, 2)
+        v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(b, t, self.kv_heads, hd).transpose(1, 2)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         if cache is not None:
             cache.k[self.index][:, :, start:start + t] = k

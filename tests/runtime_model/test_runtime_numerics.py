@@ -1,7 +1,7 @@
 """Sharded LLaMA numerics against Hugging Face `transformers` on the same checkpoint:
 logits, log-probs, loss, value head, gradients and one Adam step, for every
-(dp, tp, pp) with dp*tp*pp <= 4, and for tied embeddings on a few layouts — all in ONE
-spawned 4-process gloo world."""
+(dp, tp, pp) with dp*tp*pp <= 4, and for tied embeddings and Qwen2 (q/k/v biases) on
+a few layouts — all in ONE spawned 4-process gloo world."""
 
 import torch
 from torch.testing import assert_close
@@ -19,6 +19,8 @@ LAYOUTS = [
     if dp * tp * pp <= 4
 ]
 TIED_LAYOUTS = [(1, 1, 1), (1, 2, 2), (2, 1, 2), (1, 1, 4)]
+QWEN2 = dict(CONFIG, model_type="qwen2", tie_word_embeddings=True)
+QWEN2_LAYOUTS = [(1, 1, 1), (1, 2, 2), (2, 2, 1)]
 BATCH, SEQ = 12, 9  # 12 rows split evenly over dp = 1..4
 # eps well above fp32 grad noise: Adam divides by |g| + eps, so near-zero gradients would
 # turn last-bit differences into visible weight differences
@@ -35,17 +37,17 @@ def _batch():
 def _hf_reference(lm_dir, value_dir=None):
     """Logits, log-probs, values; loss, grads and post-Adam weights on the full batch
     (a tied lm_head's entries are the embedding's, as HF shares the tensor)."""
-    from transformers import LlamaForCausalLM, LlamaForTokenClassification
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     ids, mask = _batch()
-    hf = LlamaForCausalLM.from_pretrained(lm_dir, torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(lm_dir, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         logits = hf(ids, attention_mask=mask).logits
     logprobs = logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     entropy = torch.distributions.Categorical(logits=logits).entropy()
     values = None
     if value_dir is not None:
-        vm = LlamaForTokenClassification.from_pretrained(value_dir, torch_dtype=torch.float32).eval()
+        vm = AutoModelForTokenClassification.from_pretrained(value_dir, torch_dtype=torch.float32).eval()
         with torch.no_grad():
             values = vm(ids, attention_mask=mask).logits[..., 0]
     # training reference: full (unpadded) batch, mean next-token CE, one Adam step
@@ -123,14 +125,17 @@ def test_sharded_llama_matches_transformers_for_every_layout(tmp_path):
     lm_dir = ck.write_random_checkpoint(tmp_path / "lm", CONFIG, seed=3)
     value_dir = ck.write_random_checkpoint(tmp_path / "value", CONFIG, seed=4, head="value")
     tied_dir = ck.write_random_checkpoint(tmp_path / "tied", dict(CONFIG, tie_word_embeddings=True), seed=5)
+    qwen_dir = ck.write_random_checkpoint(tmp_path / "qwen2", QWEN2, seed=6)
+    qwen_value_dir = ck.write_random_checkpoint(tmp_path / "qwen2_value", QWEN2, seed=7, head="value")
     cases = {
         "untied": (lm_dir, value_dir, _hf_reference(lm_dir, value_dir), LAYOUTS),
         "tied": (tied_dir, None, _hf_reference(tied_dir), TIED_LAYOUTS),
+        "qwen2": (qwen_dir, qwen_value_dir, _hf_reference(qwen_dir, qwen_value_dir), QWEN2_LAYOUTS),
     }
     checked = spawn(_check_cases, 4, cases)
     # rank 0 is in every layout; every layout ran on all of its ranks
     for rank, done in enumerate(checked):
         want = [(c, k) for c, (_, _, _, keys) in cases.items() for k in keys if rank < k[0] * k[1] * k[2]]
         assert sorted(done) == sorted(want)
-    assert len(checked[0]) == len(LAYOUTS) + len(TIED_LAYOUTS)
+    assert len(checked[0]) == len(LAYOUTS) + len(TIED_LAYOUTS) + len(QWEN2_LAYOUTS)
     assert {(1, 2, 2), (2, 2, 1), (1, 1, 4), (3, 1, 1)} <= set(LAYOUTS)
