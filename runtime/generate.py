@@ -83,8 +83,9 @@ def generate(model: ShardedLlama, prompt_ids: torch.Tensor, prompt_mask: torch.T
     """Continue left-padded prompts; collective over the replica's tp*pp ranks.
 
     The last stage gathers the logits of the newest position over tp, chooses tokens
-    (identically on its tp ranks), and broadcasts tokens, log-probs and the done flag
-    to the replica, so the first stage can embed them and all ranks stop together."""
+    (identically on its tp ranks), and broadcasts tokens and log-probs to the replica,
+    so the first stage can embed them and every rank sees the same EOS and stops
+    together."""
     g = model.groups
     device = model.device
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
