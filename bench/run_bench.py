@@ -5,7 +5,8 @@
 2. Generated-code overhead: the 1-device plan of the program vs a hand-written
    single-process loop calling the same runtime functions directly.
 
-Usage: python bench/run_bench.py [programs/ppo.rlhf] [--steps 30] [--out bench/results]
+Usage: python bench/run_bench.py [programs/ppo.rlhf] [--steps 30] [--out bench/results/run_bench]
+Writes OUT/bench.json.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,10 +101,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "run_bench"))
     args = parser.parse_args()
     program, out = Path(args.program), Path(args.out)
-    solver, solver_est = run_generated(program, out / "solver", args.steps)
-    sym, sym_est = run_generated(program, out / "symmetric", args.steps, symmetric=True)
-    one, _ = run_generated(program, out / "one_device", args.steps, devices=1, symmetric=True)
+    with tempfile.TemporaryDirectory() as runs:  # run dirs hold checkpoints: not kept
+        solver, solver_est = run_generated(program, Path(runs) / "solver", args.steps)
+        sym, sym_est = run_generated(program, Path(runs) / "symmetric", args.steps, symmetric=True)
+        one, _ = run_generated(program, Path(runs) / "one_device", args.steps, devices=1, symmetric=True)
     hand = hand_written(program, args.steps)
+    out.mkdir(parents=True, exist_ok=True)
     result = {
         "program": str(program), "steps": args.steps, "warmup": WARMUP,
         "solver_plan_s_per_iter": solver, "solver_plan_estimate_s": solver_est,
