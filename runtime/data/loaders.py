@@ -1,0 +1,143 @@
+"""JSONL data sources with a seeded, resumable sampler: prompts, preference pairs, SFT.
+
+Every loader yields global batches (dicts of tensors, layout as in
+`rlhfc_runtime.algorithms.batch`) and has a `state_dict()` holding the sampler's
+position, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from rlhfc_runtime.algorithms.batch import build_sequences
+
+
+class Sampler:
+    """Endless, deterministic index stream over `n` items: a fresh permutation per
+    epoch seeded by (seed, epoch), so the position alone fixes everything after it."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        if n <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def take(self, k: int) -> list[int]:
+        """The next `k` indices, moving on to the next epoch's permutation as needed."""
+        out: list[int] = []
+        while len(out) < k:
+            order = self._order()
+            step = min(k - len(out), self.n - self.position)
+            out += order[self.position:self.position + step]
+            self.position += step
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "n": self.n}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume at a saved position; refuses a state taken on different data."""
+        if state["n"] != self.n or state["seed"] != self.seed:
+            raise ValueError(f"sampler state is for {state['n']} items with seed {state['seed']}, "
+                             f"this dataset has {self.n} items with seed {self.seed}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def read_jsonl(path: str | Path, fields: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a JSONL file, each checked to hold string `fields`; errors name the
+    file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}:{e.colno}: invalid JSON: {e.msg}") from None
+            missing = [k for k in fields if not isinstance(row.get(k), str)]
+            if missing:
+                raise ValueError(f"{path}:{line_no}:1: missing string field(s) {', '.join(missing)} "
+                                 f"(hint: set the dataset's field names to this file's keys)")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}:1:1: no rows")
+    return rows
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as left-padded ids and mask [B, max len]: generation appends on the
+    right, so every prompt must end in the same column."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids, mask
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Token lists as right-padded ids [B, max len]."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+class JsonlLoader:
+    """A JSONL dataset as batches. `fields` maps roles to JSON keys:
+    {"prompt"} → prompt batches (left-padded `input_ids`, `attention_mask`);
+    {"prompt", "chosen", "rejected"} → pair batches [B, 2, T];
+    {"prompt", "response"} → SFT batches [B, T] with the response as `response_mask`.
+    Prompts keep their last `max_len` tokens; responses their first `max_len`, plus eos."""
+
+    def __init__(self, path: str | Path, tokenizer, fields: Mapping[str, str],
+                 max_len: int, seed: int = 0, shuffle: bool = True):
+        roles = set(fields)
+        if roles not in ({"prompt"}, {"prompt", "chosen", "rejected"}, {"prompt", "response"}):
+            raise ValueError(f"dataset fields {sorted(roles)}: expected prompt, "
+                             f"prompt/chosen/rejected, or prompt/response")
+        self.path, self.tokenizer, self.fields, self.max_len = Path(path), tokenizer, dict(fields), max_len
+        self.rows = read_jsonl(path, list(fields.values()))
+        self.sampler = Sampler(len(self.rows), seed, shuffle)
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"][-self.max_len:]
+
+    def _response_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:self.max_len]
+        return ids + [self.tokenizer.eos_token_id]
+
+    def _sequences(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        prompt_ids, prompt_mask = left_pad([self._prompt_ids(p) for p in prompts], pad)
+        response_ids = right_pad([self._response_ids(r) for r in responses], pad)
+        return build_sequences(prompt_ids, prompt_mask, response_ids, eos, pad)
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The next `batch_size` rows as tensors."""
+        rows = [self.rows[i] for i in self.sampler.take(batch_size)]
+        prompts = [r[self.fields["prompt"]] for r in rows]
+        if "chosen" in self.fields:
+            n = len(rows)
+            pairs = self._sequences(prompts * 2, [r[self.fields["chosen"]] for r in rows]
+                                    + [r[self.fields["rejected"]] for r in rows])
+            return {k: torch.stack([v[:n], v[n:]], dim=1) for k, v in pairs.items()}
+        if "response" in self.fields:
+            return self._sequences(prompts, [r[self.fields["response"]] for r in rows])
+        ids, mask = left_pad([self._prompt_ids(p) for p in prompts], self.tokenizer.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.sampler.load_state_dict(state)

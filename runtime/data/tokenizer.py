@@ -1,0 +1,42 @@
+"""Tokenizers: Hugging Face fast tokenizers loaded from local files only, and the
+character-level tokenizer of the bundled tiny task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL_NAMES = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
+
+
+def char_tokenizer(vocab: Sequence[str], pad: str, bos: str, eos: str) -> Tokenizer:
+    """A character-level tokenizer over `vocab` (ids = positions) that prepends `bos`:
+    every character is one token, so token ids are the task's symbols."""
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([pad, bos, eos])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab.index(bos))])
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """A fast tokenizer from a `tokenizer.json` file or a local directory (never the
+    network). For a bare file, `<pad>`/`<bos>`/`<eos>` become the special tokens when
+    the vocabulary has them; a missing pad token falls back to eos."""
+    path = Path(path)
+    if path.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    elif path.is_file():
+        vocab = Tokenizer.from_file(str(path)).get_vocab()
+        specials = {k: v for k, v in SPECIAL_NAMES.items() if v in vocab}
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), **specials)
+    else:
+        raise FileNotFoundError(f"no tokenizer at {path}: give a tokenizer.json or a directory holding one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
