@@ -55,6 +55,10 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
+    if only and (out / "plan_bench.json").exists():  # a partial run updates its rows only
+        done = {r["case"] for r in rows}
+        old = [r for r in json.loads((out / "plan_bench.json").read_text()) if r["case"] not in done]
+        rows = sorted(old + rows, key=lambda r: r["gpus"])
     (out / "plan_bench.json").write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
     cols = ["case", "solve_s", "status", "gap", "iteration_s", "lower_bound_s", "symmetric_s", "vs_symmetric",
             "mcmc_s", "vs_mcmc", "peak_rss_mib"]

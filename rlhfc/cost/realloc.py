@@ -15,8 +15,8 @@ slowest link crossed (NVLink when both meshes lie in one node, the NIC otherwise
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from fractions import Fraction
 from collections import Counter
 from functools import lru_cache
 
@@ -35,32 +35,32 @@ class ReallocCost:
     seconds: float
 
 
-def _tp_overlap(t_a: int, tp_a: int, t_b: int, tp_b: int) -> Fraction:
-    """Length of [t_a/tp_a, (t_a+1)/tp_a) ∩ [t_b/tp_b, (t_b+1)/tp_b)."""
-    lo = max(Fraction(t_a, tp_a), Fraction(t_b, tp_b))
-    hi = min(Fraction(t_a + 1, tp_a), Fraction(t_b + 1, tp_b))
-    return max(Fraction(0), hi - lo)
+def _overlap(lo_a: int, hi_a: int, lo_b: int, hi_b: int) -> int:
+    return max(0, min(hi_a, hi_b) - max(lo_a, lo_b))
 
 
+@lru_cache(maxsize=1 << 16)
 def held_params(shape: ModelShape, head: Head, a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
     """Parameters a device with coordinates b = (pp_rank, pp, tp_rank, tp) in the
     destination already holds, given its coordinates a in the source layout."""
     p_a, pp_a, t_a, tp_a = a
     p_b, pp_b, t_b, tp_b = b
     split, replicated = layer_params(shape)
-    tp_frac = _tp_overlap(t_a, tp_a, t_b, tp_b)
-    shared_layers = len(set(stage_layers(shape.n_layers, pp_a, p_a)) & set(stage_layers(shape.n_layers, pp_b, p_b)))
-    held = shared_layers * (split * tp_frac + replicated)
-    vocab_h = shape.vocab * shape.hidden
+    unit = math.lcm(tp_a, tp_b)  # tensor-parallel intervals in units of 1/unit
+    tp_num = _overlap(t_a * unit // tp_a, (t_a + 1) * unit // tp_a, t_b * unit // tp_b, (t_b + 1) * unit // tp_b)
+    la, lb = stage_layers(shape.n_layers, pp_a, p_a), stage_layers(shape.n_layers, pp_b, p_b)
+    shared_layers = _overlap(la.start, la.stop, lb.start, lb.stop)
+    held = shared_layers * (split * tp_num // unit + replicated)
+    vocab_part = shape.vocab * shape.hidden * tp_num // unit
     if p_a == 0 and p_b == 0:
-        held += vocab_h * tp_frac
+        held += vocab_part
     if p_a == pp_a - 1 and p_b == pp_b - 1:
         held += shape.hidden  # final norm
         if head is Head.VALUE:
             held += shape.hidden
         elif not shape.tied_embeddings:
-            held += vocab_h * tp_frac
-    return int(held)
+            held += vocab_part
+    return held
 
 
 def _stage_tp_coords(s: Strategy, devices_per_node: int) -> dict[int, tuple[int, int]]:
@@ -68,6 +68,12 @@ def _stage_tp_coords(s: Strategy, devices_per_node: int) -> dict[int, tuple[int,
     return {
         r: (i // (s.dp * s.tp), i % s.tp) for i, r in enumerate(s.mesh.ranks(devices_per_node))
     }
+
+
+def _meshes_overlap(a, b) -> bool:
+    """Whether two meshes share a device (node ranges and device ranges both intersect)."""
+    return (a.first_node < b.first_node + b.n_nodes and b.first_node < a.first_node + a.n_nodes
+            and a.first_device < b.first_device + b.n_devices and b.first_device < a.first_device + a.n_devices)
 
 
 @lru_cache(maxsize=1 << 20)
@@ -79,9 +85,9 @@ def realloc_cost(
     need = {p: stage_params(shape, head, dst.tp, dst.pp, p) for p in range(dst.pp)}
     missing_total = dst.dp * dst.tp * sum(need.values())  # as if nothing were held
     missing_max = max(need.values())
-    src_coords = _stage_tp_coords(src, devices_per_node)
-    dst_coords = _stage_tp_coords(dst, devices_per_node)
-    if src_coords.keys() & dst_coords.keys():
+    if _meshes_overlap(src.mesh, dst.mesh):
+        src_coords = _stage_tp_coords(src, devices_per_node)
+        dst_coords = _stage_tp_coords(dst, devices_per_node)
         pairs = Counter((src_coords.get(r), b) for r, b in dst_coords.items())
         missing = {
             (a, b): need[b[0]] - (held_params(shape, head, (a[0], src.pp, a[1], src.tp), (b[0], dst.pp, b[1], dst.tp)) if a else 0)

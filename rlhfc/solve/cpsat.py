@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from rlhfc.solve.problem import Option, Problem, kib
+from rlhfc.solve.problem import Option, Problem, by_layout, kib
 from rlhfc.solve.schedule import Schedule
 
 
@@ -69,7 +69,7 @@ def solve_cpsat(
         home = problem.home_call(call)
         if home:
             max_realloc[call] = max(
-                (problem.realloc(call, h, o) for h in _by_layout(opts[home]).values() for o in _by_layout(opts[call]).values()),
+                (problem.realloc(call, h, o) for h in by_layout(opts[home]).values() for o in by_layout(opts[call]).values()),
                 default=0,
             )
     horizon = sum(max(o.duration for o in opts[c]) + max_realloc.get(c, 0) for c in problem.calls)
@@ -137,22 +137,14 @@ def _add_hint(m, problem: Problem, hint, x, start, end, realloc, makespan) -> No
     m.Add(makespan <= sched.makespan)
 
 
-def _by_layout(options: tuple[Option, ...]) -> dict[tuple, Option]:
-    """One representative option per layout (realloc depends on the layout only)."""
-    out: dict[tuple, Option] = {}
-    for o in options:
-        out.setdefault(o.layout, o)
-    return out
-
-
 def _add_realloc(m, problem: Problem, x, realloc) -> None:
     opts = problem.by_call
     for c in realloc:
         home = problem.home_call(c)
         y_home = _layout_vars(m, x, home, opts[home])
         y_dst = _layout_vars(m, x, c, opts[c])
-        homes = _by_layout(opts[home])
-        for layout, rep in _by_layout(opts[c]).items():
+        homes = by_layout(opts[home])
+        for layout, rep in by_layout(opts[c]).items():
             terms = [problem.realloc(c, h, rep) * y_home[hl] for hl, h in homes.items()]
             m.Add(realloc[c] >= sum(terms)).OnlyEnforceIf(y_dst[layout])
 

@@ -179,18 +179,21 @@ def make_option(df: Dataflow, call: Call, s: Strategy, device: Device, coeffs: C
 def prune_dominated(options: list[Option], layout_matters: bool) -> list[Option]:
     """Drop options no faster and no smaller than another on the same mesh (and, when the
     call takes part in a reallocation, the same layout), keeping the first of equals."""
-    def group(o: Option):
-        return o.layout if layout_matters else o.strategy.mesh
-
-    kept: list[Option] = []
+    kept: dict[object, list[Option]] = {}
     for o in sorted(options, key=lambda o: (o.duration, o.cost.static_bytes, o.cost.transient_bytes)):
+        group = kept.setdefault(o.layout if layout_matters else o.strategy.mesh, [])
         if not any(
-            group(k) == group(o) and k.duration <= o.duration and k.cost.static_bytes <= o.cost.static_bytes
+            k.duration <= o.duration and k.cost.static_bytes <= o.cost.static_bytes
             and k.cost.transient_bytes <= o.cost.transient_bytes
-            for k in kept
+            for k in group
         ):
-            kept.append(o)
-    return kept
+            group.append(o)
+    return sorted((o for group in kept.values() for o in group), key=_option_order)
+
+
+def _option_order(o: Option):
+    s = o.strategy
+    return (o.duration, s.mesh.first_node, s.mesh.n_nodes, s.mesh.first_device, s.mesh.n_devices, s.dp, s.tp, s.pp, s.n_mbs)
 
 
 def home_calls(df: Dataflow) -> dict[str, str]:
@@ -263,22 +266,36 @@ def prune_with_realloc(problem: Problem) -> Problem:
     for home, calls in receivers.items():
         if not opts[home] or not all(opts[c] for c in calls):
             continue  # infeasible: left to the diagnostics
+        homes = by_layout(opts[home])
+        costs: dict[tuple, list[int]] = {hl: [] for hl in homes}  # home layout -> realloc per receiver layout
         for call in calls:
-            total = {o: [o.duration + problem.realloc(call, h, o) for h in opts[home]] for o in opts[call]}
+            dsts = by_layout(opts[call])
+            r = {(hl, dl): problem.realloc(call, h, d) for hl, h in homes.items() for dl, d in dsts.items()}
+            span = {dl: (min(r[hl, dl] for hl in homes), max(r[hl, dl] for hl in homes)) for dl in dsts}
             kept: list[Option] = []
-            for o in sorted(opts[call], key=lambda o: (min(total[o]), _mem(o))):
-                if not any(k.strategy.mesh == o.strategy.mesh and max(total[k]) <= min(total[o])
-                           and _no_worse_memory(k, o) for k in kept):
+            for o in sorted(opts[call], key=lambda o: (o.duration + span[o.layout][0], _mem(o), _option_order(o))):
+                if not any(k.strategy.mesh == o.strategy.mesh and _no_worse_memory(k, o)
+                           and k.duration + span[k.layout][1] <= o.duration + span[o.layout][0] for k in kept):
                     kept.append(o)
-            opts[call] = tuple(kept)
-        cost = {h: [problem.realloc(c, h, o) for c in calls for o in opts[c]] for h in opts[home]}
+            opts[call] = tuple(sorted(kept, key=_option_order))
+            kept_layouts = sorted({o.layout for o in kept}, key=lambda dl: _option_order(dsts[dl]))
+            for hl in homes:
+                costs[hl] += [r[hl, dl] for dl in kept_layouts]
         kept = []
-        for h in sorted(opts[home], key=lambda h: (h.duration, _mem(h), sum(cost[h]))):
+        for h in sorted(opts[home], key=lambda h: (h.duration, _mem(h), sum(costs[h.layout]), _option_order(h))):
             if not any(k.strategy.mesh == h.strategy.mesh and k.duration <= h.duration and _no_worse_memory(k, h)
-                       and all(a <= b for a, b in zip(cost[k], cost[h])) for k in kept):
+                       and all(a <= b for a, b in zip(costs[k.layout], costs[h.layout])) for k in kept):
                 kept.append(h)
-        opts[home] = tuple(kept)
+        opts[home] = tuple(sorted(kept, key=_option_order))
     return replace(problem, options=tuple((c, opts[c]) for c in problem.calls))
+
+
+def by_layout(options) -> dict[tuple, Option]:
+    """One representative option per layout (reallocation depends on the layout only)."""
+    out: dict[tuple, Option] = {}
+    for o in options:
+        out.setdefault(o.layout, o)
+    return out
 
 
 def with_options(problem: Problem, choice: dict[str, Option]) -> Problem:
