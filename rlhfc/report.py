@@ -18,7 +18,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     """Per-call table, reallocations, and the solver's figures."""
     calls = Table(title=f"plan for {plan.source} on {plan.cluster.nodes}x{plan.cluster.devices_per_node} {plan.cluster.device}")
     for col in ("call", "model", "mesh", "dp/tp/pp", "n_mbs", "start s", "end s", "peak GiB/dev"):
-        calls.add_column(col, justify="right" if col.endswith(("s", "dev", "mbs")) else "left")
+        calls.add_column(col, justify="right" if col.endswith(("s", "dev", "mbs")) else "left", no_wrap=True)
     for p in plan.calls:
         calls.add_row(p.call, p.model, *_strategy(p.strategy), f"{p.start:.3f}", f"{p.end:.3f}", f"{p.peak_memory / GIB:.1f}")
     console.print(calls)
