@@ -9,6 +9,7 @@ the run directory lets `--resume` continue without losing a step.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -99,8 +100,24 @@ def run_command(
                    f"Continue from the last checkpoint with: rlhfc run {file} --out {out} --resume"
                    + (f" --devices {devices}" if devices else ""))
         raise typer.Exit(1)
+    _err.print(summarize(read_metrics(out / "metrics.jsonl")) + f"; metrics in {out / 'metrics.jsonl'}")
     if plot:
         _err.print(f"wrote {plot_metrics(out / 'metrics.jsonl', out / 'curves.png')}")
+
+
+def summarize(records: list[dict], window: int = 10) -> str:
+    """One line saying whether training moved: the mean reward (or loss, where a run has
+    no reward) of the first and last `window` steps, and the time per step."""
+    if not records:
+        return "no steps recorded"
+    name = next((n for n in ("reward", "reward_accuracy", "loss") if _pick(records[-1], n) is not None), None)
+    line = f"{records[-1]['step']} steps, {statistics.median(r['time/iteration'] for r in records):.3f} s/step (median)"
+    if name is None:
+        return line
+    values = [v for v in (_pick(r, name) for r in records) if v is not None]
+    head, tail = values[:window], values[-window:]
+    return (f"{line}; {name} {sum(head) / len(head):.3f} (first {len(head)}) "
+            f"→ {sum(tail) / len(tail):.3f} (last {len(tail)})")
 
 
 def read_metrics(path: Path) -> list[dict]:
