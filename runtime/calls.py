@@ -129,16 +129,19 @@ def head_outputs(module: ShardedLlama, h, mb) -> dict:
 def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, greedy: bool) -> dict:
     """`group_size` samples per prompt (groups are consecutive rows), padded to exactly
     `max_new_tokens` so every dp rank's rows have one shape; `logp` in the aligned
-    [B, T] form (zero outside the response). The sampling seed depends on (seed, step,
-    dp rank) only, so a resumed run draws the same tokens."""
+    [B, T] form (zero outside the response). The sampling seed depends on (seed, step)
+    only and each row draws by its global index (`settings["rows"]` prompts in all), so a
+    resumed run, or one under another plan, draws the same tokens."""
     group = int(settings.get("group_size", 1))
     new = int(settings.get("max_new_tokens", 16))
     ids = prompts["input_ids"].repeat_interleave(group, 0)
     mask = prompts["attention_mask"].repeat_interleave(group, 0)
-    seed = (int(settings.get("seed", 0)) * 1_000_003 + int(settings["step"])) * 4099 + groups.dp_rank
+    seed = (int(settings.get("seed", 0)) * 1_000_003 + int(settings["step"])) * 4099
+    first, _ = rows_of(int(settings["rows"]), groups.layout, groups.rank)
     params = SamplingParams(
         max_new_tokens=new, greedy=greedy, temperature=float(settings.get("temperature", 1.0)),
         top_k=int(settings.get("top_k", 0)), top_p=float(settings.get("top_p", 1.0)), seed=seed,
+        first_row=first * group, total_rows=int(settings["rows"]) * group,
         eos_token_id=int(settings["eos_id"]), pad_token_id=int(settings["pad_id"]),
     )
     out = generate(module, ids, mask, params)

@@ -78,7 +78,8 @@ class Engine:
     def call(self, name, *, model, kind, using, layout, inputs, outputs, options=None) -> None:
         """Run one call on this rank's part of `layout` (no-op elsewhere)."""
         lay = self.layouts[layout]
-        settings = {**self.program["run"], **self.specials, **(options or {}), "step": self.step}
+        settings = {**self.program["run"], **self.specials, **(options or {}), "step": self.step,
+                    "rows": self.rows[inputs[0]]}
         factor = int(settings.get("group_size", 1)) if kind == "generate" else 1
         for key in outputs:  # every rank tracks row counts, so moves agree on them
             self.rows[key] = self.rows[inputs[0]] * factor

@@ -22,8 +22,13 @@ from .model import HeadOutput, ShardedLlama
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to choose each token: greedy, or sampling with temperature / top-k / top-p
-    from a generator seeded with `seed` (same seed, same layout -> same tokens)."""
+    """How to choose each token: greedy, or sampling with temperature / top-k / top-p.
+
+    Sampling draws one uniform number per row of the *global* batch and token from a
+    generator seeded with `seed`, and this call's rows are `first_row` onwards of
+    `total_rows` (None: the local batch is the whole batch). So a row's tokens depend
+    on the seed and the row, not on how the batch is split over data-parallel ranks:
+    a plan changes the speed of a run, not its samples."""
 
     max_new_tokens: int = 16
     greedy: bool = True
@@ -31,6 +36,8 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    first_row: int = 0
+    total_rows: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int = 0
 
@@ -60,8 +67,9 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device=None) -> tuple[
     return ids, mask
 
 
-def choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-    """Next tokens [B] from full-vocabulary logits [B, V]."""
+def choose(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor) -> torch.Tensor:
+    """Next tokens [B] from full-vocabulary logits [B, V]; sampling inverts each row's
+    cumulative distribution at its `uniform` [B] number in [0, 1)."""
     if params.greedy:
         return logits.argmax(-1)
     logits = logits.float() / params.temperature
@@ -74,7 +82,9 @@ def choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -
         before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
         sorted_logits = sorted_logits.masked_fill(before >= params.top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+    cdf = logits.softmax(-1).cumsum(-1)
+    threshold = uniform.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, threshold, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -104,7 +114,8 @@ def generate(model: ShardedLlama, prompt_ids: torch.Tensor, prompt_mask: torch.T
         packed = torch.zeros(batch, 2, device=device, dtype=torch.float64)
         if model.last:
             logits = HeadOutput(model, hidden[:, -1:]).logits()[:, 0].float()
-            tok = choose(logits, params, gen)
+            drawn = torch.rand(params.total_rows or batch, generator=gen, device=device)
+            tok = choose(logits, params, drawn[params.first_row:params.first_row + batch])
             lp = logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
             packed = torch.stack([tok.double(), lp.double()], 1)
         if len(g.mp_ranks) > 1:

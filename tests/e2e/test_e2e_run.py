@@ -74,6 +74,27 @@ def test_plan_changes_speed_not_results(tmp_path, ppo_whole):
                 assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-6), k
 
 
+def four_device_plan(df):
+    """Four processes: generation dp2 x tp2, reference pp=2 on two devices beside the
+    critic's tp=2 inference on the other two, both trainings dp=4."""
+    gen, dp4 = strategy(0, 4, dp=2, tp=2), strategy(0, 4, dp=4)
+    return plan(df, {"gen": gen, "score": gen, "refl": strategy(0, 2, dp=1, pp=2),
+                     "vals": strategy(2, 2, dp=1, tp=2), "a_tr": dp4, "c_tr": dp4})
+
+
+def test_four_processes_learn_what_two_learn(tmp_path, ppo_whole):
+    """On 4 gloo processes, with the actor reallocated between dp=4 training and dp2 x tp2
+    generation, the first steps' metrics equal the 2-process run's."""
+    script = generated(tmp_path, "ppo", plan=four_device_plan,
+                       edit=lambda text: text.replace("devices_per_node = 2", "devices_per_node = 4"))
+    done = run(script, tmp_path / "four", "--steps", "2", "--save-every", "10")
+    assert done.returncode == 0, done.stderr
+    for a, b in zip(untimed(metrics(ppo_whole[1]))[:2], untimed(metrics(tmp_path / "four")), strict=True):
+        for k in a:
+            if not k.startswith("estimate/"):
+                assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-6), k
+
+
 def test_ppo_with_reallocation_resumes_exactly_after_a_worker_dies(tmp_path, ppo_whole):
     script, whole = ppo_whole
     died = run(script, tmp_path / "cut", "--steps", "4", "--save-every", "2", env={"RLHFC_FAIL_AT_STEP": "3"})

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from rlhfc_runtime import checkpoint as ck
 from rlhfc_runtime.dist import ensure_groups, spawn
-from rlhfc_runtime.generate import SamplingParams, generate, left_pad
+from rlhfc_runtime.generate import SamplingParams, choose, generate, left_pad
 from rlhfc_runtime.layout import Layout
 
 CONFIG = ck.tiny_config(num_hidden_layers=2, rope_theta=1000.0)
@@ -50,7 +50,8 @@ def _generate_everywhere(path, eos):
             resp = g.response_mask[:, 1:].bool()
             assert_close(forward[:, g.prompt_len - 1:][resp[:, g.prompt_len - 1:]], g.logprobs[g.response_mask[:, g.prompt_len:].bool()],
                          atol=1e-5, rtol=0, msg=lambda m: f"{key}: logprobs {m}")
-        sample = SamplingParams(max_new_tokens=NEW, greedy=False, temperature=0.7, top_k=20, top_p=0.9, seed=5, pad_token_id=PAD)
+        sample = SamplingParams(max_new_tokens=NEW, greedy=False, temperature=0.7, top_k=20, top_p=0.9, seed=5,
+                                first_row=dp_rank * len(PROMPTS) // lay.dp, total_rows=len(PROMPTS), pad_token_id=PAD)
         sampled = generate(model, ids, mask, sample)
         top1 = generate(model, ids, mask, SamplingParams(max_new_tokens=NEW, greedy=False, top_k=1, seed=9, pad_token_id=PAD))
         results[key] = dict(greedy=greedy, stop=stop, sampled=sampled, top1=top1, dp_rank=dp_rank)
@@ -92,5 +93,20 @@ def test_generation_matches_transformers_and_is_layout_independent(tmp_path):
         other = _gather_dp(results, key)
         for field in ("greedy", "stop"):
             assert other[field] == rows[field], f"{key} {field}"
-        if key[0] == 1:  # same prompts on one replica: same seed -> same samples under tp/pp
-            assert other["sampled"] == rows["sampled"], key
+        assert other["sampled"] == rows["sampled"], key  # rows draw by global index: any dp split
+
+
+
+def test_sampling_follows_the_filtered_distribution():
+    """Inverse-CDF sampling draws each token with its softmax probability, and never one
+    that top-k or top-p removed."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]]).repeat(40_000, 1)
+    uniform = torch.rand(40_000, generator=torch.Generator().manual_seed(0))
+    plain = choose(logits, SamplingParams(greedy=False), uniform)
+    freq = torch.bincount(plain, minlength=5).float() / len(plain)
+    assert_close(freq, logits[0].softmax(-1), atol=0.01, rtol=0)
+    top2 = choose(logits, SamplingParams(greedy=False, top_k=2), uniform)
+    assert set(top2.tolist()) == {0, 1}
+    assert_close((top2 == 0).float().mean(), logits[0, :2].softmax(-1)[0], atol=0.01, rtol=0)
+    nucleus = choose(logits, SamplingParams(greedy=False, top_p=0.7), uniform)
+    assert set(nucleus.tolist()) == {0, 1}  # p(0) = 0.56 < 0.7 and p(0) + p(1) = 0.77: tokens 0 and 1
