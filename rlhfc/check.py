@@ -37,7 +37,7 @@ CALL_KINDS = tuple(k.value for k in ir.CallKind)
 CALL_OPTIONS = ("n_mbs", "max_new_tokens", "group_size", "temperature", "top_p", "top_k")
 INT_CALL_OPTIONS = ("n_mbs", "max_new_tokens", "group_size", "top_k")
 CLUSTER_COUNTS = ("nodes", "devices_per_node")
-CLUSTER_OVERRIDES = ("memory", "flops", "mem_bandwidth", "intra_bandwidth", "inter_bandwidth")
+CLUSTER_OVERRIDES = ("memory", "flops", "mem_bandwidth", "intra_bandwidth", "inter_bandwidth", "achievable")
 DATASET_FIELDS = ("field", "prompt", "chosen", "rejected", "response")
 OPTIMIZERS = ("adam", "adamw")
 DEFAULT_OPTIMIZER = ir.Optimizer("adam", (("lr", 1e-5),))
@@ -297,13 +297,32 @@ def _check_cluster(unit: _Unit, rep: _Reporter, val: _Values) -> ir.Cluster:
                 rep.error("E019", f"unknown device `{name}`", opt.value.span,
                           _suggest(name, device_names()) or f"known devices: {', '.join(device_names())}")
             device = name or device
+        elif key == "hardware":
+            profiled = _hardware_profile(unit, opt, rep, val)
+            if profiled:
+                device, overrides = profiled[0], [*profiled[1], *overrides]
         elif key in CLUSTER_OVERRIDES:
             number = val.positive_number(opt, "E018")
             if number is not None:
                 overrides.append((key, float(number)))
         else:
-            val.unknown(opt.key, CLUSTER_COUNTS + ("device",) + CLUSTER_OVERRIDES, "`cluster`")
-    return ir.Cluster(counts["nodes"], counts["devices_per_node"], device, tuple(sorted(overrides)))
+            val.unknown(opt.key, CLUSTER_COUNTS + ("device", "hardware") + CLUSTER_OVERRIDES, "`cluster`")
+    figures = dict(overrides)  # the block's own figures win over a profile's (listed first)
+    return ir.Cluster(counts["nodes"], counts["devices_per_node"], device, tuple(sorted(figures.items())))
+
+
+def _hardware_profile(unit: _Unit, opt: ast.Option, rep: _Reporter, val: _Values):
+    """`hardware = "hw.json"`: (device, figures) of a profile from `rlhfc profile`, relative to the program."""
+    from rlhfc.hardware import ProfileError, load_profile
+
+    text = val.string(opt)
+    if text is None:
+        return None
+    try:
+        return load_profile(unit.path.parent / text)
+    except ProfileError as e:
+        rep.error("E020", str(e), opt.value.span, "write one with `rlhfc profile --out FILE`")
+        return None
 
 
 def _keywords(args, rep: _Reporter, where: str):

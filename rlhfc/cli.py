@@ -20,3 +20,5 @@ app = typer.Typer(
 from rlhfc import cli_language  # noqa: E402,F401  check, graph, fmt
 from rlhfc import cli_run  # noqa: E402,F401  compile, run
 from rlhfc import cli_plan  # noqa: E402,F401  plan
+from rlhfc import calibrate  # noqa: E402,F401  calibrate
+from rlhfc import profile  # noqa: E402,F401  profile

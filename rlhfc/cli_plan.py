@@ -14,7 +14,9 @@ from rich.console import Console
 
 from rlhfc import ir
 from rlhfc.cli import app
-from rlhfc.hardware import DEVICE_NAMES
+from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
+from rlhfc.cost.fit import FitError, load_coefficients
+from rlhfc.hardware import DEVICE_NAMES, ProfileError, with_profile
 
 _CLUSTER = re.compile(r"^(\d+)x(\d+):(.+)$")
 
@@ -27,6 +29,22 @@ def parse_cluster(text: str) -> ir.Cluster:
     return ir.Cluster(int(m.group(1)), int(m.group(2)), m.group(3))
 
 
+def pricing(hardware: Path | None, coefficients: Path | None) -> Coefficients:
+    """The coefficients to plan with: fitted ones, else the profile's measured latencies and
+    overheads, else the defaults (the profile is read first so that a bad one fails early)."""
+    if hardware:
+        with_profile(ir.Cluster(1, 1, "cpu"), hardware)
+    chosen = coefficients or hardware
+    return load_coefficients(chosen) if chosen else DEFAULT_COEFFICIENTS
+
+
+def with_hardware(dataflow: ir.Dataflow, hardware: Path | None) -> ir.Dataflow:
+    """The dataflow priced on a measured profile (`--hardware`), if one is given."""
+    from dataclasses import replace
+
+    return replace(dataflow, cluster=with_profile(dataflow.cluster, hardware)) if hardware else dataflow
+
+
 @app.command("plan")
 def plan_command(
     file: Path = typer.Argument(..., help="the .rlhf program"),
@@ -36,18 +54,26 @@ def plan_command(
     png: Path = typer.Option(None, "--png", help="write a per-device Gantt chart (PNG)"),
     time_limit: float = typer.Option(10.0, "--time-limit", help="CP-SAT time limit, seconds"),
     workers: int = typer.Option(8, "--workers", help="CP-SAT workers"),
+    hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
+    coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
+    explain: bool = typer.Option(False, "--explain", help="show the terms of every call's estimate"),
 ) -> None:
     """Choose every call's devices and dp/tp/pp with CP-SAT and print the plan."""
     from rlhfc.check import load_program
     from rlhfc.diagnostics import CompileError, render
+    from rlhfc.explain import explain_plan, print_explanation
     from rlhfc.report import print_plan, save_gantt
     from rlhfc.solve import PlanError, plan_dataflow
 
     out, err = Console(), Console(stderr=True)
     try:
+        coeffs = pricing(hardware, coefficients)
         override = parse_cluster(cluster) if cluster else None
-        dataflow = load_program(str(file), cluster_override=override)
-        plan = plan_dataflow(dataflow, time_limit=time_limit, workers=workers)
+        dataflow = with_hardware(load_program(str(file), cluster_override=override), hardware)
+        plan = plan_dataflow(dataflow, time_limit=time_limit, workers=workers, coeffs=coeffs)
+    except (ProfileError, FitError) as e:
+        err.print(f"error: {e}", markup=False, highlight=False)
+        raise typer.Exit(1)
     except CompileError as e:
         err.print(render(e.diagnostics), markup=False, highlight=False)
         raise typer.Exit(1)
@@ -56,6 +82,8 @@ def plan_command(
         err.print(f"error[plan]: {where}{e}", markup=False, highlight=False)
         raise typer.Exit(1)
     print_plan(plan, out)
+    if explain:
+        print_explanation(explain_plan(dataflow, plan, coeffs), out)
     if json_out:
         json_out.write_text(plan.to_json())
     for path in (svg, png):

@@ -28,27 +28,35 @@ _err = Console(stderr=True, soft_wrap=True)
 
 
 def compile_program(path: Path, devices: int | None = None, symmetric: bool = False,
-                    time_limit: float = 10.0, output: Path = Path("build/program.py")) -> tuple[OpProgram, str]:
+                    time_limit: float = 10.0, output: Path = Path("build/program.py"),
+                    hardware: Path | None = None, coefficients: Path | None = None) -> tuple[OpProgram, str]:
     """check → plan → lower → emit, for a file to be written at `output`; `devices`
-    replaces the cluster with N local CPU processes. Raises CompileError on a bad
-    program, PlanError when nothing fits."""
+    replaces the cluster with N local CPU processes; `hardware` and `coefficients` price
+    the plan with a measured profile and fitted coefficients. Raises CompileError on a
+    bad program, PlanError when nothing fits, ProfileError / FitError on a bad file."""
     from rlhfc.check import load_program
+    from rlhfc.cli_plan import pricing, with_hardware
     from rlhfc.solve import plan_dataflow, symmetric_plan
 
+    coeffs = pricing(hardware, coefficients)
     override = None if devices is None else ir.Cluster(nodes=1, devices_per_node=devices, device="cpu")
-    dataflow = load_program(str(path), cluster_override=override)
-    plan = symmetric_plan(dataflow) if symmetric else plan_dataflow(dataflow, time_limit=time_limit)
+    dataflow = with_hardware(load_program(str(path), cluster_override=override), hardware)
+    plan = symmetric_plan(dataflow, coeffs) if symmetric else plan_dataflow(dataflow, time_limit=time_limit, coeffs=coeffs)
     prog = lower(dataflow, plan)
     return prog, emit(prog, str(output))
 
 
 def _compile_or_exit(path: Path, **kwargs) -> tuple[OpProgram, str]:
     """The compiled program, or the diagnostics on stderr and exit status 1."""
+    from rlhfc.cost.fit import FitError
     from rlhfc.diagnostics import CompileError, render
+    from rlhfc.hardware import ProfileError
     from rlhfc.solve.diagnose import PlanError
 
     try:
         return compile_program(path, **kwargs)
+    except (ProfileError, FitError) as e:
+        typer.echo(f"error: {e}", err=True)
     except CompileError as e:
         typer.echo(render(e.diagnostics, color=sys.stderr.isatty()), err=True, nl=False)
     except PlanError as e:
@@ -62,10 +70,13 @@ def compile_command(
     output: Path = typer.Option(None, "-o", "--output", help="where to write the Python file (default build/NAME.py)"),
     devices: int = typer.Option(None, "--devices", help="plan for N local CPU processes instead of the cluster block"),
     symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan, not the solver"),
+    hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
+    coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
 ) -> None:
     """Compile a program into one runnable Python file (plan embedded as a comment)."""
     output = output or Path("build") / f"{file.stem}.py"
-    _, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=output)
+    _, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=output, hardware=hardware,
+                               coefficients=coefficients)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     _err.print(f"wrote {output}")
@@ -80,12 +91,20 @@ def run_command(
     plot: bool = typer.Option(False, "--plot", help="write reward and KL curves to OUT/curves.png"),
     symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan"),
     save_every: int = typer.Option(None, "--save-every", help="checkpoint every K steps"),
+    hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
+    coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
 ) -> None:
-    """Compile and train: metrics in OUT/metrics.jsonl, checkpoints in OUT/checkpoint."""
+    """Compile and train: metrics in OUT/metrics.jsonl (measured and estimated time per
+    call), the calls' cost inputs for `rlhfc calibrate` in OUT/cost_inputs.json,
+    checkpoints in OUT/checkpoint."""
+    from rlhfc.cost.fit import COST_INPUTS_FILE, cost_inputs_json
+
     out = out or Path("runs") / file.stem
-    prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=out / "program.py")
+    prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=out / "program.py",
+                                  hardware=hardware, coefficients=coefficients)
     out.mkdir(parents=True, exist_ok=True)
     (out / "program.py").write_text(text)
+    (out / COST_INPUTS_FILE).write_text(cost_inputs_json(prog.dataflow, prog.plan))
     total = steps or (prog.dataflow.run.steps if prog.dataflow.run else 1)
     cmd = [sys.executable, str(out / "program.py"), "--out", str(out), "--steps", str(total)]
     cmd += ["--resume"] if resume else []

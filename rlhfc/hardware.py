@@ -3,12 +3,16 @@
 Figures are dense bf16 vendor datasheet values (see /work/shared/REFERENCE.md); the
 `achievable` fraction is the MFU-like share of peak that real kernels reach and is the
 first thing to calibrate from measurements. A cluster block may override any figure
-(`memory`, `flops`, `mem_bandwidth`, `intra_bandwidth`, `inter_bandwidth`).
+(`memory`, `flops`, `mem_bandwidth`, `intra_bandwidth`, `inter_bandwidth`, `achievable`),
+or name a measured profile (`hardware = "hw.json"`, written by `rlhfc profile`) whose
+figures become those overrides.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from rlhfc.ir import Cluster
 
@@ -42,7 +46,48 @@ CATALOG: dict[str, Device] = {
 
 DEVICE_NAMES: tuple[str, ...] = tuple(CATALOG)
 
-OVERRIDE_KEYS: tuple[str, ...] = ("memory", "flops", "mem_bandwidth", "intra_bandwidth", "inter_bandwidth")
+OVERRIDE_KEYS: tuple[str, ...] = ("memory", "flops", "mem_bandwidth", "intra_bandwidth", "inter_bandwidth", "achievable")
+
+PROFILE_SCHEMA_VERSION = 1
+
+
+class ProfileError(ValueError):
+    """A hardware profile that cannot be read: the message says which file and why."""
+
+
+def read_json(path: str | Path, what: str, error: type[Exception]) -> dict:
+    """A JSON object from a user's file, or `error` with a one-line reason (never a traceback)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise error(f"{what} {path} is not a JSON object")
+    return doc
+
+
+def load_profile(path: str | Path) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """(catalog device, overrides) of a profile written by `rlhfc profile`: the measured
+    figures replace the catalog's, so the cost model prices this machine."""
+    doc = read_json(path, "hardware profile", ProfileError)
+    if doc.get("schema_version") != PROFILE_SCHEMA_VERSION:
+        got = doc.get("schema_version")
+        raise ProfileError(f"hardware profile {path}: schema version {got!r}, expected {PROFILE_SCHEMA_VERSION}")
+    figures = doc.get("device")
+    if doc.get("base") not in CATALOG or not isinstance(figures, dict):
+        raise ProfileError(f"hardware profile {path}: needs `base` (one of {', '.join(DEVICE_NAMES)}) and `device`")
+    bad = sorted(k for k, v in figures.items() if k not in OVERRIDE_KEYS or not isinstance(v, (int, float)) or v <= 0)
+    if bad:
+        raise ProfileError(f"hardware profile {path}: bad device figure(s) {bad}; known: {', '.join(OVERRIDE_KEYS)}")
+    return doc["base"], tuple(sorted((k, float(v)) for k, v in figures.items()))
+
+
+def with_profile(cluster: Cluster, path: str | Path) -> Cluster:
+    """The cluster priced with a measured profile (its device and figures replace the block's)."""
+    base, overrides = load_profile(path)
+    return replace(cluster, device=base, overrides=overrides)
 
 
 def device_for(cluster: Cluster) -> Device:

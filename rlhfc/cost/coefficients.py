@@ -24,6 +24,8 @@ class Coefficients:
     logit_bytes: int = 4
     # Bytes per token of every data key moved between calls (ids, logprobs, values).
     key_bytes_per_token: int = 4
+    # Correction of the device's `achievable` share of peak FLOP/s, fitted by `rlhfc calibrate`.
+    compute_efficiency: float = 1.0
     # Share of the link / HBM bandwidth that collectives and kernels reach.
     link_efficiency: float = 0.7
     mem_bandwidth_efficiency: float = 0.7

@@ -47,6 +47,7 @@ class CallCost:
     seconds: float
     static_bytes: int
     transient_bytes: int
+    terms: tuple[tuple[str, float], ...] = ()  # named parts of `seconds` (`rlhfc plan --explain`)
 
     @property
     def peak_bytes(self) -> int:
@@ -96,22 +97,24 @@ def dp_bandwidth(strategy: Strategy, device: Device) -> float:
     return device.intra_bandwidth if inside else device.inter_bandwidth
 
 
-def _pipelined(per_step: float, s: Strategy, c: Coefficients) -> float:
-    """Stretch bubble-free work by the 1F1B factor and add the per-micro-batch overheads."""
-    steps = s.n_mbs + s.pp - 1
-    return per_step * steps / s.n_mbs + c.micro_batch_overhead * steps
+def flop_rate(device: Device, c: Coefficients) -> float:
+    """FLOP/s that kernels reach on one device: peak × achievable × the fitted correction."""
+    return device.flops * device.achievable * c.compute_efficiency
 
 
-def _forward_backward_seconds(
+def _forward_backward_terms(
     shape: ModelShape, n_params: int, tokens: int, s: Strategy, device: Device, c: Coefficients,
     flops_per_token_param: int, allreduces_per_layer: int,
-) -> float:
-    """Compute plus tensor-parallel communication of a pass over `tokens`, pipelined."""
-    compute = flops_per_token_param * n_params * tokens / (s.mesh.size * device.flops * device.achievable)
+) -> dict[str, float]:
+    """Compute plus tensor-parallel communication of a pass over `tokens`, stretched by the
+    1F1B factor (m + pp − 1)/m (the stretch is the bubble), plus per-micro-batch overheads."""
+    compute = flops_per_token_param * n_params * tokens / (s.mesh.size * flop_rate(device, c))
     layers = math.ceil(shape.n_layers / s.pp)
     act_bytes = tokens / s.dp * shape.hidden * 2
     tp_comm = layers * allreduces_per_layer * allreduce_seconds(act_bytes, s.tp, device.intra_bandwidth, c)
-    return _pipelined(compute + tp_comm, s, c)
+    steps = s.n_mbs + s.pp - 1
+    return {"compute": compute, "tp": tp_comm, "bubble": (compute + tp_comm) * (s.pp - 1) / s.n_mbs,
+            "overhead": c.micro_batch_overhead * steps}
 
 
 def call_cost(
@@ -133,40 +136,46 @@ def call_cost(
     weights = c.weight_bytes_per_param * p_dev
 
     if call.kind is CallKind.TRAIN:
-        seconds = _forward_backward_seconds(shape, n_params, tokens, s, device, c, 6, 4)
-        seconds += allreduce_seconds(2 * p_dev, s.dp, dp_bandwidth(s, device), c)
-        seconds += 2 * c.train_bytes_per_param * p_dev / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
+        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, 6, 4)
+        terms["dp"] = allreduce_seconds(2 * p_dev, s.dp, dp_bandwidth(s, device), c)
+        terms["optimizer"] = 2 * c.train_bytes_per_param * p_dev / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
         state = c.train_bytes_per_param * p_dev
         in_flight = min(s.pp, s.n_mbs)
         acts = int(c.train_activation_bytes * tokens_mb * shape.hidden * layers / s.tp) * in_flight
         transient = acts + 2 * logits
-        return _split(seconds, state, transient, is_home)
+        return _split(terms, state, transient, is_home)
 
     if call.kind is CallKind.INFERENCE:
-        seconds = _forward_backward_seconds(shape, n_params, tokens, s, device, c, 2, 2)
+        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, 2, 2)
         transient = int(c.inference_activation_bytes * tokens_mb * shape.hidden / s.tp) + logits
-        return _split(seconds, weights, transient, is_home)
+        return _split(terms, weights, transient, is_home)
 
-    # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps.
-    prefill = _forward_backward_seconds(shape, n_params, call.batch * call.prompt_len, s, device, c, 2, 2)
+    # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps; a step
+    # takes max(m, pp) stage times, of which max(0, pp − m) are the pipeline's bubble.
+    terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, 2, 2)
     seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs))
     kv_per_token = 2 * layers * (shape.n_kv_heads // s.tp) * shape.head_dim * 2
     mean_context = call.prompt_len + call.gen_len / 2
-    stage_flops = 2 * p_dev * seqs_mb / (device.flops * device.achievable)
+    stage_flops = 2 * p_dev * seqs_mb / flop_rate(device, c)
     stage_bytes = (weights + kv_per_token * seqs_mb * mean_context) / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
     tp_comm = layers * 2 * allreduce_seconds(seqs_mb * shape.hidden * 2, s.tp, device.intra_bandwidth, c)
     stage = max(stage_flops, stage_bytes) + tp_comm + c.decode_step_overhead
-    decode = call.gen_len * max(s.n_mbs, s.pp) * stage
+    steps = call.gen_len * s.n_mbs
+    terms["decode_memory" if stage_bytes >= stage_flops else "decode_compute"] = steps * max(stage_flops, stage_bytes)
+    terms["tp"] += steps * tp_comm
+    terms["decode_overhead"] = steps * c.decode_step_overhead
+    terms["bubble"] += call.gen_len * max(0, s.pp - s.n_mbs) * stage
     kv_cache = kv_per_token * math.ceil(call.batch / s.dp) * call.seq_len
     transient = kv_cache + c.logit_bytes * seqs_mb * vocab_out // s.tp
-    return _split(prefill + decode, weights, transient, is_home)
+    return _split(terms, weights, transient, is_home)
 
 
-def _split(seconds: float, resident: int, transient: int, is_home: bool) -> CallCost:
+def _split(terms: dict[str, float], resident: int, transient: int, is_home: bool) -> CallCost:
     """A home call keeps its resident bytes for the iteration; any other call holds a copy."""
+    seconds, named = sum(terms.values()), tuple(terms.items())
     if is_home:
-        return CallCost(seconds, int(resident), int(transient))
-    return CallCost(seconds, 0, int(resident + transient))
+        return CallCost(seconds, int(resident), int(transient), named)
+    return CallCost(seconds, 0, int(resident + transient), named)
 
 
 def transfer_seconds(call: Call, cluster: Cluster, device: Device, c: Coefficients) -> float:

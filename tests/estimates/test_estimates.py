@@ -1,0 +1,165 @@
+"""Hardware profiles, calibration, `plan --explain` and their CLI errors (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhfc.check import load_program
+from rlhfc.cli import app
+from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS
+from rlhfc.cost.fit import (
+    FIT_FIELDS, PricedCall, Sample, coefficients_to_json, cost_inputs_json, fit_coefficients, load_coefficients,
+    priced_calls,
+)
+from rlhfc.explain import explain_plan
+from rlhfc.hardware import device_for, load_profile, with_profile
+from rlhfc.ir import Cluster, Mesh, Strategy
+from rlhfc.profile import Measurement, derive
+from rlhfc.solve import plan_dataflow
+from rlhfc.solve.problem import SearchSpace, build_problem, home_calls
+
+ROOT = Path(__file__).resolve().parents[2]
+PPO = ROOT / "programs" / "ppo.rlhf"
+runner = CliRunner()
+
+MEASURED = [
+    Measurement("matmul", (64, 64, 64), 2e-5), Measurement("matmul", (512, 256, 256), 1e-3),
+    Measurement("copy", (1 << 26,), 8e-3),
+    Measurement("decode", (1, 32), 1e-4), Measurement("decode", (32, 256), 2e-3),
+    Measurement("allreduce", (2, 4), 2e-4), Measurement("allreduce", (2, 1 << 22), 4e-3),
+]
+
+
+def _profile(tmp_path: Path) -> Path:
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(derive(MEASURED)))
+    return path
+
+
+def _plan_json(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
+    result = runner.invoke(app, ["plan", str(PPO), "--time-limit", "5", "--workers", "1", "--json", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
+
+
+def test_profile_round_trip_and_figures(tmp_path):
+    doc = derive(MEASURED)
+    base, overrides = load_profile(_profile(tmp_path))
+    assert base == "cpu" and dict(overrides) == pytest.approx(doc["device"])
+    device = device_for(with_profile(Cluster(1, 2, "cpu"), tmp_path / "hw.json"))
+    assert device.flops == pytest.approx(2 * 512 * 256 * 256 / 1e-3)  # the best matmul
+    assert device.mem_bandwidth * DEFAULT_COEFFICIENTS.mem_bandwidth_efficiency == pytest.approx(2 * (1 << 26) / 8e-3)
+    assert load_coefficients(tmp_path / "hw.json").collective_latency == pytest.approx(doc["coefficients"]["collective_latency"])
+
+
+def test_plan_uses_the_hardware_profile(tmp_path):
+    default = _plan_json(tmp_path)
+    profiled = _plan_json(tmp_path, "--hardware", str(_profile(tmp_path)))
+    assert profiled["cluster"]["overrides"] and not default["cluster"]["overrides"]
+    assert profiled["iteration_time"] != default["iteration_time"]
+
+
+def test_cluster_block_names_a_profile(tmp_path):
+    hw = _profile(tmp_path)
+    text = PPO.read_text().replace('"../data/', f'"{ROOT}/data/').replace(
+        'device = "cpu" }', f'device = "cpu"  hardware = "{hw.name}" }}')
+    program = tmp_path / "ppo_hw.rlhf"
+    program.write_text(text)
+    cluster = load_program(str(program)).cluster
+    assert dict(cluster.overrides) == pytest.approx(dict(load_profile(hw)[1]))
+
+
+def _synthetic_samples(truth) -> list[Sample]:
+    """Every option of a tiny PPO on 4 CPUs, 'measured' by the cost model with `truth`."""
+    from tests.planner.planner_fixtures import TINY, ppo_dataflow
+
+    df = ppo_dataflow(TINY, Cluster(1, 4, "cpu"), batch=32, prompt_len=16, gen_len=16)
+    homes = home_calls(df)
+    out = []
+    for call in df.calls:
+        model = df.model(call.model)
+        for s in (Strategy(Mesh(0, 1, 0, 1), 1, 1, 1, 1), Strategy(Mesh(0, 1, 0, 4), 4, 1, 1, 2),
+                  Strategy(Mesh(0, 1, 0, 4), 1, 2, 2, 4), Strategy(Mesh(0, 1, 0, 2), 1, 2, 1, 1),
+                  Strategy(Mesh(0, 1, 0, 2), 2, 1, 1, 8)):
+            priced = PricedCall(call, model, s, df.cluster, homes[call.model] == call.name)
+            out.append(Sample("synthetic", priced, priced.seconds(truth)))
+    return out
+
+
+def test_calibrate_recovers_known_coefficients():
+    truth = replace(DEFAULT_COEFFICIENTS, compute_efficiency=0.3, mem_bandwidth_efficiency=0.2, link_efficiency=0.4,
+                    collective_latency=3e-4, micro_batch_overhead=5e-3, decode_step_overhead=4e-4)
+    fitted = fit_coefficients(_synthetic_samples(truth), prior=1e-9)
+    for name in FIT_FIELDS:
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=0.02), name
+
+
+def test_coefficients_and_cost_inputs_round_trip(tmp_path):
+    c = replace(DEFAULT_COEFFICIENTS, micro_batch_overhead=7e-3)
+    (tmp_path / "c.json").write_text(coefficients_to_json(c))
+    assert load_coefficients(tmp_path / "c.json") == c
+    df = load_program(str(PPO), cluster_override=Cluster(1, 4, "cpu"))
+    plan = plan_dataflow(df, time_limit=5, workers=1)
+    (tmp_path / "cost_inputs.json").write_text(cost_inputs_json(df, plan))
+    priced = priced_calls(tmp_path / "cost_inputs.json")
+    for p in plan.calls:
+        if p.call in priced:  # neural calls: priced again exactly as the planner did
+            assert math.ceil(priced[p.call].seconds(DEFAULT_COEFFICIENTS) * 1e6 - 1e-9) * 1e-6 == pytest.approx(p.end - p.start)
+
+
+@pytest.mark.parametrize("devices", [1, 2, 4])
+def test_explain_terms_sum_to_the_estimate(devices):
+    df = load_program(str(PPO), cluster_override=Cluster(1, devices, "cpu"))
+    plan = plan_dataflow(df, time_limit=5, workers=1)
+    rows = explain_plan(df, plan, DEFAULT_COEFFICIENTS)
+    assert [r.call for r in rows] == [p.call for p in plan.calls]
+    for r in rows:
+        assert abs(sum(v for _, v in r.terms) - r.estimate) <= DEFAULT_COEFFICIENTS.time_unit
+    moved = {m.before_call: m.seconds for m in plan.reallocations}
+    assert {r.call: r.realloc for r in rows if r.realloc} == pytest.approx(moved)
+
+
+def test_explain_terms_with_pipeline_and_tensor_parallel():
+    """Every option of a bigger space (pp and tp > 1, many micro-batches) sums exactly."""
+    from tests.planner.planner_fixtures import TINY, ppo_dataflow
+
+    problem = build_problem(ppo_dataflow(TINY, Cluster(1, 8, "cpu"), batch=64, prompt_len=16, gen_len=16),
+                            space=SearchSpace(n_mbs=(1, 2, 8)))
+    options = [o for _, opts in problem.options for o in opts]
+    assert any(o.strategy.pp > 1 for o in options) and any(o.strategy.tp > 1 for o in options)
+    for o in options:
+        assert math.isclose(sum(v for _, v in o.cost.terms), o.cost.seconds, rel_tol=1e-12)
+
+
+def test_plan_explain_prints_the_terms(tmp_path):
+    result = runner.invoke(app, ["plan", str(PPO), "--time-limit", "5", "--workers", "1", "--explain"])
+    assert result.exit_code == 0, result.output
+    assert "estimate terms per call" in result.output and "compute" in result.output
+
+
+@pytest.mark.parametrize("args", [
+    ["calibrate", "{tmp}/missing/metrics.jsonl"],
+    ["calibrate", "{tmp}/bad/metrics.jsonl"],
+    ["plan", str(PPO), "--hardware", "{tmp}/missing.json"],
+    ["plan", str(PPO), "--hardware", "{tmp}/bad.json"],
+    ["plan", str(PPO), "--coefficients", "{tmp}/bad.json"],
+    ["plan", str(PPO), "--coefficients", "{tmp}/other.json"],
+    ["compile", str(PPO), "--coefficients", "{tmp}/missing.json"],
+])
+def test_cli_errors_are_one_clear_line(tmp_path, args):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "bad" / "cost_inputs.json").write_text("{not json")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text('{"schema_version": 1, "coefficients": {"nope": 1}}')
+    result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output and "error" in result.output
