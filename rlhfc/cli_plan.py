@@ -7,6 +7,7 @@ exit with status 1; never a traceback.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import typer
@@ -65,7 +66,8 @@ def plan_command(
     from rlhfc.report import print_plan, save_gantt
     from rlhfc.solve import PlanError, plan_dataflow
 
-    out, err = Console(), Console(stderr=True)
+    # piped or redirected output gets whole tables, not 80-column abridged ones
+    out, err = Console(width=None if sys.stdout.isatty() else 120), Console(stderr=True)
     try:
         coeffs = pricing(hardware, coefficients)
         override = parse_cluster(cluster) if cluster else None

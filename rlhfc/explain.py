@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from rlhfc.cost.coefficients import Coefficients
 from rlhfc.ir import Dataflow, Pin, Span, Strategy
 from rlhfc.plan import Plan
+from rlhfc.report import compact_table
 from rlhfc.solve.problem import Option, Problem, build_problem
 
 # Display order and headings of the cost model's terms (`CallCost.terms`).
@@ -68,18 +67,23 @@ def explain_plan(df: Dataflow, plan: Plan, coeffs: Coefficients) -> tuple[CallEx
 def print_explanation(rows: tuple[CallExplanation, ...], console: Console) -> None:
     """A table in milliseconds: one column per term that some call has."""
     used = [(k, head) for k, head in TERMS if any(dict(r.terms).get(k) for r in rows)]
-    table = Table(title="estimate terms per call (ms)", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
-    for col in ("call", "d/t/p/m", "realloc", "xfer", *(h for _, h in used), "=total"):
-        table.add_column(col, justify="left" if col in ("call", "d/t/p/m") else "right", no_wrap=True)
+    table = compact_table("estimate terms per call (ms)")
+    for col in ("call", "realloc", "xfer", *(h for _, h in used), "=total"):
+        table.add_column(col, justify="left" if col == "call" else "right", no_wrap=True,
+                         min_width=max(len(r.call) for r in rows) if col == "call" else None)
     for r in rows:
-        s, terms = r.strategy, dict(r.terms)
-        table.add_row(r.call, f"{s.dp}/{s.tp}/{s.pp}/{s.n_mbs}", _ms(r.realloc), _ms(r.transfer),
+        terms = dict(r.terms)
+        table.add_row(r.call, _ms(r.realloc), _ms(r.transfer),
                       *(_ms(terms.get(k, 0.0)) for k, _ in used), _ms(r.estimate))
     console.print(table)
-    console.print("d/t/p/m: dp/tp/pp/micro-batches; realloc and xfer come before the call; the other terms "
+    console.print("realloc and xfer come before the call; the other terms "
                   "add up to its estimate (=total, up to 1 µs rounding). dec.mem: memory-bound decode; "
                   "ovh: per-micro-batch overhead; dec.ovh: per-decode-step overhead.")
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f}" if seconds else "-"
+    """Milliseconds to four significant digits at most (a 70B plan still fits 80 columns)."""
+    if not seconds:
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.{max(0, 3 - len(str(int(abs(ms)))))}f}" if abs(ms) >= 1 else f"{ms:.3f}"

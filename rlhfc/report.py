@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -10,22 +11,27 @@ from rlhfc.plan import Plan
 GIB = 1 << 30
 
 
+def compact_table(title: str) -> Table:
+    """A table without outer borders or padding, so plans fit 80 columns unabridged."""
+    return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+
+
 def _strategy(s) -> tuple[str, str, str]:
     return str(s.mesh), f"{s.dp}/{s.tp}/{s.pp}", str(s.n_mbs)
 
 
 def print_plan(plan: Plan, console: Console) -> None:
     """Per-call table, reallocations, and the solver's figures."""
-    calls = Table(title=f"plan for {plan.source} on {plan.cluster.nodes}x{plan.cluster.devices_per_node} {plan.cluster.device}")
+    calls = compact_table(f"plan for {plan.source} on {plan.cluster.nodes}x{plan.cluster.devices_per_node} {plan.cluster.device}")
     for col in ("call", "model", "mesh", "dp/tp/pp", "n_mbs", "start s", "end s", "peak GiB/dev"):
         calls.add_column(col, justify="right" if col.endswith(("s", "dev", "mbs")) else "left", no_wrap=True)
     for p in plan.calls:
         calls.add_row(p.call, p.model, *_strategy(p.strategy), f"{p.start:.3f}", f"{p.end:.3f}", f"{p.peak_memory / GIB:.1f}")
     console.print(calls)
     if plan.reallocations:
-        moves = Table(title="parameter reallocations")
+        moves = compact_table("parameter reallocations")
         for col in ("model", "before", "from", "to", "GB", "seconds"):
-            moves.add_column(col)
+            moves.add_column(col, no_wrap=True)
         for r in plan.reallocations:
             moves.add_row(r.model, r.before_call, f"{r.src.mesh} {r.src.dp}/{r.src.tp}/{r.src.pp}",
                           f"{r.dst.mesh} {r.dst.dp}/{r.dst.tp}/{r.dst.pp}", f"{r.bytes / 1e9:.2f}", f"{r.seconds:.3f}")
