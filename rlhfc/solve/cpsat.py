@@ -17,7 +17,9 @@
   overlap, so the peak is the largest single call on top of the resident state).
 - Redundant energy cut: Σ duration·|mesh|·x ≤ devices·makespan.
 - Objective: makespan ≥ end(c), integer time units (µs, durations rounded up).
-Fixed seed and worker count; the result's bound is CP-SAT's BestObjectiveBound.
+- Tie-break: once the makespan is proven optimal, a second solve with makespan ≤ that
+  optimum picks the plan whose option indices come first, call by call (`_first_optimal`).
+The result's bound is CP-SAT's BestObjectiveBound.
 """
 
 from __future__ import annotations
@@ -105,20 +107,46 @@ def solve_cpsat(
     if hint:
         _add_hint(m, problem, hint, x, start, end, realloc, makespan)
     solver = cp_model.CpSolver()
-    # Same seed and workers give the same plan when the search ends by proving
-    # optimality (always with workers=1); a run cut by the wall-clock limit may differ.
+    # Parallel workers race, so the optimal plan found first varies from run to run;
+    # `_first_optimal` makes it unique. A run cut by the wall-clock limit may still differ.
     solver.parameters.max_time_in_seconds = time_limit
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     status = solver.Solve(m)
     name = solver.StatusName(status)
-    seconds = time.perf_counter() - t0
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return SolveResult(None, None, 0, name, seconds)
-    choice = tuple(
-        (c, next(o for i, o in enumerate(opts[c]) if solver.BooleanValue(x[c, i]))) for c in problem.calls
-    )
-    return SolveResult(choice, int(solver.ObjectiveValue()), int(solver.BestObjectiveBound()), name, seconds)
+        return SolveResult(None, None, 0, name, time.perf_counter() - t0)
+    picked = _picked(solver, problem, x)
+    best, bound = int(solver.ObjectiveValue()), int(solver.BestObjectiveBound())
+    if status == cp_model.OPTIMAL:
+        picked = _first_optimal(m, solver, problem, x, makespan, best, picked, time_limit - (time.perf_counter() - t0))
+    choice = tuple((c, opts[c][picked[c]]) for c in problem.calls)
+    return SolveResult(choice, best, bound, name, time.perf_counter() - t0)
+
+
+def _first_optimal(m, solver, problem: Problem, x, makespan, best: int, picked: dict[str, int], time_left: float):
+    """Among the plans of makespan `best`, the one whose option indices, read call by call,
+    come first (a mixed-radix rank, so exactly one plan minimises it): the same plan
+    whichever optimum the racing workers found. `picked` if that is not proven in time."""
+    rank, weight = [], 1
+    for c in reversed(problem.calls):
+        n = len(problem.by_call[c])
+        index = m.NewIntVar(0, n - 1, f"index[{c}]")  # keeps the rank's terms within int64
+        m.Add(index == sum(i * x[c, i] for i in range(1, n)))
+        rank.append(weight * index)
+        weight *= n
+    m.Add(makespan <= best)
+    m.Minimize(sum(rank))
+    m.ClearHints()
+    for (c, i), var in x.items():
+        m.AddHint(var, picked[c] == i)
+    solver.parameters.max_time_in_seconds = max(time_left, 0.1)
+    return _picked(solver, problem, x) if solver.Solve(m) == cp_model.OPTIMAL else picked
+
+
+def _picked(solver, problem: Problem, x) -> dict[str, int]:
+    """The option index each call takes in the solver's solution."""
+    return {c: next(i for i in range(len(problem.by_call[c])) if solver.BooleanValue(x[c, i])) for c in problem.calls}
 
 
 def _add_hint(m, problem: Problem, hint, x, start, end, realloc, makespan) -> None:

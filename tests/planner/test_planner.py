@@ -11,6 +11,7 @@ import pytest
 from planner_fixtures import LLAMA_7B, TINY, ppo_dataflow, small_dataflow
 from typer.testing import CliRunner
 
+from rlhfc.check import load_program
 from rlhfc.cli import app
 from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS
 from rlhfc.cost.model import call_cost
@@ -141,6 +142,14 @@ def test_plan_json_round_trip_and_stable():
     assert Plan.from_json(first.to_json(include_timing=True)) == first
     assert Plan.from_json(first.to_json()) == replace(first, solve_seconds=0.0)
     assert first.iteration_time <= first.baseline_time
+
+
+def test_multi_worker_plans_are_byte_identical():
+    """The tiny PPO job has several optimal plans that 8 racing workers used to pick
+    between at random; the tie-break makes every solve return the same one."""
+    df = load_program(ROOT / "programs/ppo.rlhf")
+    plans = {plan_dataflow(df, workers=8).to_json() for _ in range(5)}
+    assert len(plans) == 1
 
 
 def test_cli_plan_smoke(tmp_path):
