@@ -137,11 +137,12 @@ def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, 
     ids = prompts["input_ids"].repeat_interleave(group, 0)
     mask = prompts["attention_mask"].repeat_interleave(group, 0)
     seed = (int(settings.get("seed", 0)) * 1_000_003 + int(settings["step"])) * 4099
-    first, _ = rows_of(int(settings["rows"]), groups.layout, groups.rank)
+    total = int(settings.get("rows", prompts["input_ids"].shape[0]))  # absent: these rows are all
+    first, _ = rows_of(total, groups.layout, groups.rank)
     params = SamplingParams(
         max_new_tokens=new, greedy=greedy, temperature=float(settings.get("temperature", 1.0)),
         top_k=int(settings.get("top_k", 0)), top_p=float(settings.get("top_p", 1.0)), seed=seed,
-        first_row=first * group, total_rows=int(settings["rows"]) * group,
+        first_row=first * group, total_rows=total * group,
         eos_token_id=int(settings["eos_id"]), pad_token_id=int(settings["pad_id"]),
     )
     out = generate(module, ids, mask, params)
