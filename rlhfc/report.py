@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -44,27 +46,54 @@ def print_plan(plan: Plan, console: Console) -> None:
         console.print(f"symmetric baseline {plan.baseline_time:.3f} s  speedup {plan.baseline_time / plan.iteration_time:.2f}x")
 
 
+def device_bands(plan: Plan) -> list[tuple[int, int]]:
+    """Runs [first, last] of consecutive devices that run the same calls and receive the
+    same reallocations: one chart row each, so a 1024-device plan stays readable."""
+    dpn, n = plan.cluster.devices_per_node, plan.cluster.n_devices
+    meshes = [set(p.strategy.mesh.ranks(dpn)) for p in plan.calls]
+    meshes += [set(r.dst.mesh.ranks(dpn)) for r in plan.reallocations]
+    signature = [tuple(d in m for m in meshes) for d in range(n)]
+    bands, first = [], 0
+    for d in range(1, n + 1):
+        if d == n or signature[d] != signature[first]:
+            bands.append((first, d - 1))
+            first = d
+    return bands
+
+
 def save_gantt(plan: Plan, path: str) -> None:
-    """One row per device, one bar per call (SVG or PNG by the file's extension)."""
+    """Devices with the same schedule share a row; one bar per call, hatched bars for
+    the reallocations that end where their call starts (SVG or PNG by the extension)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dpn = plan.cluster.devices_per_node
-    n = plan.cluster.n_devices
+    bands = device_bands(plan)
     colors = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(10, max(2.0, 0.25 * n + 1)))
+    fig, ax = plt.subplots(figsize=(10, max(2.0, 0.45 * len(bands) + 1.2)))
+
+    def draw(ranks, start, length, label, **style):
+        rows = [i for i, (first, _) in enumerate(bands) if first in ranks]
+        for i in rows:
+            ax.broken_barh([(start, length)], (i - 0.4, 0.8), **style)
+        if label and rows:
+            ax.text(start + length / 2, rows[0], label, fontsize=8, ha="center", va="center")
+
+    starts = {p.call: p.start for p in plan.calls}
     for k, p in enumerate(plan.calls):
-        if p.end <= p.start:
-            continue
-        for r in p.strategy.mesh.ranks(dpn):
-            ax.broken_barh([(p.start, p.end - p.start)], (r - 0.4, 0.8), color=colors(k % 10))
-        ax.text(p.start, min(p.strategy.mesh.ranks(dpn)), p.call, fontsize=7, va="center")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("device")
-    ax.set_ylim(n - 0.5, -0.5)
-    ax.set_title(f"{plan.source}: {plan.iteration_time:.3f} s per iteration")
+        if p.end > p.start:
+            draw(set(p.strategy.mesh.ranks(dpn)), p.start, p.end - p.start, p.call, color=colors(k % 10))
+    for r in plan.reallocations:
+        draw(set(r.dst.mesh.ranks(dpn)), starts[r.before_call] - r.seconds, r.seconds, None,
+             facecolor="white", edgecolor="black", hatch="///")
+    ax.set_yticks(range(len(bands)), [f"{a}" if a == b else f"{a}-{b}" for a, b in bands])
+    ax.set_xlabel("seconds (hatched: parameter reallocation)")
+    ax.set_ylabel("devices")
+    ax.set_ylim(len(bands) - 0.5, -0.5)
+    ax.set_title(f"{Path(plan.source).name} on {plan.cluster.nodes}x{dpn} {plan.cluster.device}: "
+                 f"{plan.iteration_time:.3f} s per iteration")
     fig.tight_layout()
     fig.savefig(path, metadata={"Date": None} if path.endswith(".svg") else None)
     plt.close(fig)
