@@ -82,14 +82,20 @@ def four_device_plan(df):
                      "vals": strategy(2, 2, dp=1, tp=2), "a_tr": dp4, "c_tr": dp4})
 
 
-def test_four_processes_learn_what_two_learn(tmp_path, ppo_whole):
+@pytest.mark.parametrize("program", ["ppo", "grpo"])
+def test_four_processes_learn_what_two_learn(tmp_path, program):
     """On 4 gloo processes, with the actor reallocated between dp=4 training and dp2 x tp2
-    generation, the first steps' metrics equal the 2-process run's."""
-    script = generated(tmp_path, "ppo", plan=four_device_plan,
-                       edit=lambda text: text.replace("devices_per_node = 2", "devices_per_node = 4"))
-    done = run(script, tmp_path / "four", "--steps", "2", "--save-every", "10")
-    assert done.returncode == 0, done.stderr
-    for a, b in zip(untimed(metrics(ppo_whole[1]))[:2], untimed(metrics(tmp_path / "four")), strict=True):
+    generation, the first steps' metrics equal those of the 2-process split plan."""
+    runs = {}
+    for name, plan_of, devices in (("two", split_plan, 2), ("four", four_device_plan, 4)):
+        (tmp_path / name).mkdir()
+        script = generated(tmp_path / name, program, plan=plan_of,
+                           edit=lambda text, d=devices: text.replace("devices_per_node = 2", f"devices_per_node = {d}"))
+        done = run(script, tmp_path / name / "out", "--steps", "2", "--save-every", "10")
+        assert done.returncode == 0, done.stderr
+        runs[name] = untimed(metrics(tmp_path / name / "out"))
+    for a, b in zip(runs["two"], runs["four"], strict=True):
+        assert a.keys() == b.keys()
         for k in a:
             if not k.startswith("estimate/"):
                 assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-6), k
