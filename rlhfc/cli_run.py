@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Column
 
 from rlhfc import ir
 from rlhfc.cli import app
@@ -155,8 +156,9 @@ def _pick(record: dict, name: str) -> float | None:
 def _follow(cmd: list[str], out: Path, total: int) -> int:
     """Run the program, showing step, reward, KL, loss and time per call as it goes."""
     metrics = out / "metrics.jsonl"
-    columns = [TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}"), BarColumn(bar_width=20),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    columns = [TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}", table_column=Column(no_wrap=True)),
+               BarColumn(bar_width=20), TextColumn("{task.fields[info]}", table_column=Column(ratio=1)),
+               TimeElapsedColumn()]
     with (out / "worker.log").open("w") as log, Progress(*columns, console=_err) as bar:
         task = bar.add_task("train", total=total, info="starting workers…")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
