@@ -157,7 +157,7 @@ def _follow(cmd: list[str], out: Path, total: int) -> int:
     """Run the program, showing step, reward, KL, loss and time per call as it goes."""
     metrics = out / "metrics.jsonl"
     columns = [TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}", table_column=Column(no_wrap=True)),
-               BarColumn(bar_width=20), TextColumn("{task.fields[info]}", table_column=Column(ratio=1)),
+               BarColumn(bar_width=20), TextColumn("{task.fields[info]}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
                TimeElapsedColumn()]
     with (out / "worker.log").open("w") as log, Progress(*columns, console=_err) as bar:
         task = bar.add_task("train", total=total, info="starting workers…")
