@@ -156,9 +156,13 @@ def _pick(record: dict, name: str) -> float | None:
 def _follow(cmd: list[str], out: Path, total: int) -> int:
     """Run the program, showing step, reward, KL, loss and time per call as it goes."""
     metrics = out / "metrics.jsonl"
-    columns = [TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}", table_column=Column(no_wrap=True)),
-               BarColumn(bar_width=20), TextColumn("{task.fields[info]}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
-               TimeElapsedColumn()]
+    step_width = len(f"step {total}/{total}")
+    info_width = max(20, _err.width - step_width - 20 - 7 - 3)  # what the bar and the clock leave
+    columns = [TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}",
+                          table_column=Column(no_wrap=True, min_width=step_width)),
+               BarColumn(bar_width=20), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                     max_width=info_width))]
     with (out / "worker.log").open("w") as log, Progress(*columns, console=_err) as bar:
         task = bar.add_task("train", total=total, info="starting workers…")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
