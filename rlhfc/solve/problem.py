@@ -27,7 +27,7 @@ from functools import cached_property
 
 from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
 from rlhfc.cost.model import CallCost, call_cost, transfer_seconds
-from rlhfc.cost.realloc import realloc_cost
+from rlhfc.cost.realloc import meshes_overlap, realloc_cost
 from rlhfc.hardware import Device, device_for
 from rlhfc.ir import Call, CallKind, Cluster, Dataflow, EdgeKind, Mesh, Model, Strategy
 
@@ -79,28 +79,55 @@ class Problem:
     def homes(self) -> dict[str, str]:
         return dict(self.home_of)
 
+    @cached_property
+    def model_of(self) -> dict[str, Model]:
+        """Call -> its model."""
+        return {c.name: self.dataflow.model(c.model) for c in self.dataflow.calls}
+
     @property
     def calls(self) -> tuple[str, ...]:
         return tuple(c for c, _ in self.options)
 
     def home_call(self, call: str) -> str | None:
         """The home call whose layout `call` reallocates from, or None when it is one."""
-        home = self.homes.get(self.dataflow.call(call).model)
+        home = self.homes.get(self.model_of[call].name)
         return None if home in (None, call) else home
 
     def is_home(self, call: str) -> bool:
-        return self.homes.get(self.dataflow.call(call).model) == call
+        return self.homes.get(self.model_of[call].name) == call
 
     def realloc(self, call: str, home: Option, dst: Option) -> int:
         """Time units to bring `call`'s model from the home option's layout to `dst`'s."""
         return self.to_units(self.realloc_cost(call, home, dst).seconds)
 
     def realloc_cost(self, call: str, home: Option, dst: Option):
-        model = self.dataflow.model(self.dataflow.call(call).model)
+        """Reallocation depends on the layouts only (`Option.layout`), not on n_mbs."""
+        model = self.model_of[call]
         return realloc_cost(
-            model.shape, model.head, _layout_only(home.strategy), _layout_only(dst.strategy),
+            model.shape, model.head, home.strategy, dst.strategy,
             self.dataflow.cluster.devices_per_node, self.device, self.coeffs,
         )
+
+    def realloc_table(self, call: str, homes: dict[tuple, Option], dsts: dict[tuple, Option]) -> dict[tuple, int]:
+        """`realloc` for every (home layout, destination layout) pair, the same integers
+        computed faster: from a mesh disjoint from the destination's, the cost depends on
+        the destination layout and the link only (nothing is held), so it is computed
+        once per destination layout and link."""
+        out = {}
+        for dl, d in dsts.items():
+            dm = d.strategy.mesh
+            disjoint = {}  # one node? -> units from any home mesh disjoint from dm
+            for hl, h in homes.items():
+                hm = h.strategy.mesh
+                if meshes_overlap(hm, dm):
+                    out[hl, dl] = self.to_units(self.realloc_cost(call, h, d).seconds)
+                    continue
+                one_node = hm.n_nodes == dm.n_nodes == 1 and hm.first_node == dm.first_node
+                units = disjoint.get(one_node)
+                if units is None:
+                    units = disjoint[one_node] = self.to_units(self.realloc_cost(call, h, d).seconds)
+                out[hl, dl] = units
+        return out
 
     @property
     def capacity_kib(self) -> int:
@@ -122,10 +149,6 @@ def kib(nbytes: int) -> int:
     """Memory in whole KiB, rounded up: the unit of the solvers' memory constraints (keeps
     CP-SAT's coefficients far from the ~1e11 of raw bytes)."""
     return -(-nbytes >> 10)
-
-
-def _layout_only(s: Strategy) -> Strategy:
-    return Strategy(s.mesh, s.dp, s.tp, s.pp, 1)
 
 
 def enumerate_meshes(cluster: Cluster, space: SearchSpace) -> list[Mesh]:
@@ -270,22 +293,27 @@ def prune_with_realloc(problem: Problem) -> Problem:
         costs: dict[tuple, list[int]] = {hl: [] for hl in homes}  # home layout -> realloc per receiver layout
         for call in calls:
             dsts = by_layout(opts[call])
-            r = {(hl, dl): problem.realloc(call, h, d) for hl, h in homes.items() for dl, d in dsts.items()}
+            r = problem.realloc_table(call, homes, dsts)
             span = {dl: (min(r[hl, dl] for hl in homes), max(r[hl, dl] for hl in homes)) for dl in dsts}
             kept: list[Option] = []
+            same_mesh: dict[Mesh, list[Option]] = {}  # kept, by mesh (dominance is within a mesh)
             for o in sorted(opts[call], key=lambda o: (o.duration + span[o.layout][0], _mem(o), _option_order(o))):
-                if not any(k.strategy.mesh == o.strategy.mesh and _no_worse_memory(k, o)
-                           and k.duration + span[k.layout][1] <= o.duration + span[o.layout][0] for k in kept):
+                rivals = same_mesh.setdefault(o.strategy.mesh, [])
+                if not any(_no_worse_memory(k, o) and k.duration + span[k.layout][1] <= o.duration + span[o.layout][0]
+                           for k in rivals):
                     kept.append(o)
+                    rivals.append(o)
             opts[call] = tuple(sorted(kept, key=_option_order))
             kept_layouts = sorted({o.layout for o in kept}, key=lambda dl: _option_order(dsts[dl]))
             for hl in homes:
                 costs[hl] += [r[hl, dl] for dl in kept_layouts]
-        kept = []
+        kept, same_mesh = [], {}
         for h in sorted(opts[home], key=lambda h: (h.duration, _mem(h), sum(costs[h.layout]), _option_order(h))):
-            if not any(k.strategy.mesh == h.strategy.mesh and k.duration <= h.duration and _no_worse_memory(k, h)
-                       and all(a <= b for a, b in zip(costs[k.layout], costs[h.layout])) for k in kept):
+            rivals = same_mesh.setdefault(h.strategy.mesh, [])
+            if not any(k.duration <= h.duration and _no_worse_memory(k, h)
+                       and all(a <= b for a, b in zip(costs[k.layout], costs[h.layout])) for k in rivals):
                 kept.append(h)
+                rivals.append(h)
         opts[home] = tuple(sorted(kept, key=_option_order))
     return replace(problem, options=tuple((c, opts[c]) for c in problem.calls))
 

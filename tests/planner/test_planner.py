@@ -85,6 +85,26 @@ def test_realloc_bytes_equal_exhaustive_count(head):
     assert same.bytes == 0 and same.seconds == 0
 
 
+
+@pytest.mark.parametrize("head", [Head.LM, Head.VALUE])
+def test_realloc_run_by_run_equals_device_by_device(head):
+    """The fast closed forms (rank ranges counted run by run, at any offset; disjoint
+    meshes) give the very bytes and seconds of the device-by-device count."""
+    from rlhfc.cost.realloc import _missing_by_rank
+
+    device, c = device_for(Cluster(4, 8, "H100-80GB")), DEFAULT_COEFFICIENTS
+    meshes = [Mesh(0, 4, 0, 8), Mesh(2, 2, 0, 8), Mesh(1, 1, 0, 8), Mesh(1, 1, 4, 4), Mesh(1, 1, 2, 2),
+              Mesh(1, 1, 3, 1), Mesh(3, 1, 0, 8)]
+    strategies = [Strategy(m, m.size // (tp * pp), tp, pp) for m in meshes for tp in (1, 2, 4, 8)
+                  for pp in (1, 2, 4, 8) if tp <= m.n_devices and m.size % (tp * pp) == 0]
+    for src, dst in itertools.product(strategies, strategies):
+        cost = realloc_cost(LLAMA_7B, head, src, dst, 8, device, c)
+        total, worst = _missing_by_rank(LLAMA_7B, head, src, dst, 8)
+        one_node = src.mesh.n_nodes == dst.mesh.n_nodes == 1 and src.mesh.first_node == dst.mesh.first_node
+        link = device.intra_bandwidth if one_node else device.inter_bandwidth
+        assert cost.bytes == c.weight_bytes_per_param * total, (src, dst)
+        assert cost.seconds == c.weight_bytes_per_param * worst / (link * c.link_efficiency), (src, dst)
+
 def test_train_memory_holds_adam_state():
     df = ppo_dataflow(LLAMA_7B, Cluster(1, 8, "H100-80GB"))
     a_tr = df.call("a_tr")
