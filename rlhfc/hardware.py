@@ -3,8 +3,8 @@
 Figures are dense bf16 vendor datasheet values (see /work/shared/REFERENCE.md); the
 `achievable` fraction is the MFU-like share of peak that real kernels reach and is the
 first thing to calibrate from measurements. A cluster block may override any figure
-(`memory`, `flops`, `mem_bandwidth`, `intra_bandwidth`, `inter_bandwidth`, `achievable`),
-or name a measured profile (`hardware = "hw.json"`, written by `rlhfc profile`) whose
+(`memory`, `flops`, `mem_bandwidth`, `intra_bandwidth`, `inter_bandwidth`, `achievable`,
+`cores`), or name a measured profile (`hardware = "hw.json"`, written by `rlhfc profile`) whose
 figures become those overrides.
 """
 
@@ -30,6 +30,9 @@ class Device:
     intra_bandwidth: float  # bytes/s to a device of the same node (NVLink, one direction)
     inter_bandwidth: float  # bytes/s to a device of another node (NIC share per device)
     achievable: float  # fraction of `flops` that training / inference kernels reach
+    # Physical cores one node's processes share (`cpu` only; 0: unknown, one core per
+    # process). Written by `rlhfc profile`, or `cores = N` in the cluster block.
+    cores: float = 0.0
 
 
 CATALOG: dict[str, Device] = {
@@ -46,7 +49,9 @@ CATALOG: dict[str, Device] = {
 
 DEVICE_NAMES: tuple[str, ...] = tuple(CATALOG)
 
-OVERRIDE_KEYS: tuple[str, ...] = ("memory", "flops", "mem_bandwidth", "intra_bandwidth", "inter_bandwidth", "achievable")
+OVERRIDE_KEYS: tuple[str, ...] = (
+    "memory", "flops", "mem_bandwidth", "intra_bandwidth", "inter_bandwidth", "achievable", "cores",
+)
 
 PROFILE_SCHEMA_VERSION = 1
 
@@ -101,3 +106,14 @@ def device_for(cluster: Cluster) -> Device:
     if "memory" in overrides:
         overrides["memory"] = int(overrides["memory"])
     return replace(CATALOG[cluster.device], **overrides)
+
+
+def core_share(cluster: Cluster, device: Device) -> float:
+    """How many processes of a local CPU cluster share one core: max(1, devices_per_node /
+    cores) when the profile or the cluster block gives `cores`, else 1. Every second of a
+    CPU process's work (FLOPs, memory traffic, Python and kernel-launch overheads,
+    collectives) is time-shared, so the cost model multiplies a call's time by it. The
+    core count comes only from the profile or the program, never from the planning machine."""
+    if cluster.device != "cpu" or device.cores <= 0:
+        return 1.0
+    return max(1.0, cluster.devices_per_node / device.cores)

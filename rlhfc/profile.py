@@ -9,7 +9,9 @@ What it measures, per worker process (one thread each, as `rlhfc run` workers ar
   processes from `rlhfc_runtime.dist.spawn`; a least-squares line t = latency +
   2(n−1)/n·bytes/bandwidth gives `collective_latency` and the link bandwidth;
 - decode steps by batch and context: one attention-plus-MLP step over a KV cache; the
-  intercept of time against bytes read gives `decode_step_overhead`.
+  intercept of time against bytes read gives `decode_step_overhead`;
+- `cores`: the cores it ran on (`os.sched_getaffinity`), so that the cost model knows
+  when `cpu` processes outnumber them and share cores.
 
 Bandwidths are stored as the achieved figure divided by the model's default efficiency,
 so that the default coefficients reproduce the measurement; `rlhfc calibrate` refines both.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -138,8 +141,17 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return max(0.0, my - slope * mx), slope
 
 
-def derive(ms: list[Measurement], base: str = "cpu") -> dict:
-    """The profile document (schema `PROFILE_SCHEMA_VERSION`) from the measurements."""
+def physical_cores() -> int:
+    """The cores this process may run on (its CPU affinity; the machine's count elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def derive(ms: list[Measurement], base: str = "cpu", cores: int | None = None) -> dict:
+    """The profile document (schema `PROFILE_SCHEMA_VERSION`) from the measurements;
+    `cores`: the cores they were measured on (a `cpu` device figure; None: left out)."""
     c = DEFAULT_COEFFICIENTS
     rates = [2 * math.prod(m.case) / m.seconds for m in ms if m.what == "matmul"]
     peak = max(rates)
@@ -155,6 +167,8 @@ def derive(ms: list[Measurement], base: str = "cpu") -> dict:
         "mem_bandwidth": mem_bw / c.mem_bandwidth_efficiency,
         "intra_bandwidth": link / c.link_efficiency, "inter_bandwidth": link / c.link_efficiency,
     }
+    if cores and base == "cpu":
+        device["cores"] = cores  # processes beyond it share cores (`rlhfc.hardware.core_share`)
     coefficients = asdict(replace(c, collective_latency=latency or c.collective_latency,
                                   decode_step_overhead=overhead or c.decode_step_overhead))
     return {
@@ -205,12 +219,13 @@ def profile_command(
             bar.update(task, description=f"{what} {'x'.join(map(str, case))}")
             measured += run_case(what, case)
             bar.advance(task)
-    doc = derive(measured)
+    doc = derive(measured, cores=physical_cores())
     out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     d, c = doc["device"], doc["coefficients"]
     err.print(f"matmul {d['flops'] / 1e9:.1f} GFLOP/s peak ({d['achievable']:.0%} on average), "
               f"memory {d['mem_bandwidth'] * DEFAULT_COEFFICIENTS.mem_bandwidth_efficiency / 1e9:.1f} GB/s, "
               f"all-reduce {c['collective_latency'] * 1e6:.0f} µs + "
               f"{d['intra_bandwidth'] * DEFAULT_COEFFICIENTS.link_efficiency / 1e9:.2f} GB/s, "
-              f"decode step overhead {c['decode_step_overhead'] * 1e6:.0f} µs")
+              f"decode step overhead {c['decode_step_overhead'] * 1e6:.0f} µs, "
+              f"{d.get('cores', '?')} cores")
     err.print(f"wrote {out}; use it with `rlhfc plan --hardware {out}` or `cluster {{ hardware = \"{out}\" }}`")

@@ -35,6 +35,10 @@ class Coefficients:
     micro_batch_overhead: float = 2e-3
     # Fixed cost of one decoding step of one micro-batch on one stage, seconds.
     decode_step_overhead: float = 30e-6
+    # Driver work per iteration op that the schedule does not price (a data load, a move
+    # between meshes, a rule reward, a dropped copy), seconds; 0 leaves it out. Fitted by
+    # `rlhfc.cost.fit.fit_driver_overhead` from iteration times; not used by the solver.
+    driver_op_overhead: float = 0.0
     # Time unit of the solver: durations are rounded up to whole microseconds.
     time_unit: float = 1e-6
 

@@ -31,6 +31,8 @@ FIT_FIELDS: tuple[str, ...] = (
     "compute_efficiency", "mem_bandwidth_efficiency", "link_efficiency", "collective_latency",
     "micro_batch_overhead", "decode_step_overhead",
 )
+# Coefficients whose zero means "left out" rather than an impossible value.
+MAY_BE_ZERO: tuple[str, ...] = ("driver_op_overhead",)
 _SPAN = Span("<run>", 0, 0, 0, 0)
 
 
@@ -57,7 +59,8 @@ def load_coefficients(path: str | Path) -> Coefficients:
     if not isinstance(values, dict):
         raise FitError(f"{path}: not a coefficients file (schema version {COEFFICIENTS_SCHEMA_VERSION} "
                        f"with a `coefficients` object); write one with `rlhfc calibrate --out`")
-    bad = sorted(k for k, v in values.items() if k not in known or not isinstance(v, (int, float)) or v <= 0)
+    bad = sorted(k for k, v in values.items() if k not in known or not isinstance(v, (int, float))
+                 or v < 0 or (v == 0 and k not in MAY_BE_ZERO))
     if bad:
         raise FitError(f"{path}: unknown or non-positive coefficient(s) {bad}")
     return replace(DEFAULT_COEFFICIENTS, **values)
@@ -96,6 +99,7 @@ class Sample:
 
 def cost_inputs_json(dataflow, plan) -> str:
     """The cost inputs of every neural call of a plan, for `rlhfc calibrate` to price again."""
+    from rlhfc.lower import lower
     from rlhfc.plan import _strategy_dict
     from rlhfc.solve.problem import home_calls
 
@@ -111,11 +115,22 @@ def cost_inputs_json(dataflow, plan) -> str:
             "gen_len": call.gen_len, "model": model.name, "head": model.head.value,
             "shape": asdict(model.shape), "strategy": _strategy_dict(p.strategy), "is_home": homes.get(model.name) == call.name,
         })
-    doc = {"schema_version": COST_INPUTS_SCHEMA_VERSION,
+    doc = {"schema_version": COST_INPUTS_SCHEMA_VERSION, "driver_ops": driver_ops(lower(dataflow, plan)),
            "cluster": {"nodes": c.nodes, "devices_per_node": c.devices_per_node, "device": c.device,
                        "overrides": [[k, v] for k, v in c.overrides]},
            "calls": calls}
     return json.dumps(doc, sort_keys=True, indent=2) + "\n"
+
+
+def driver_ops(prog) -> int:
+    """Ops of a lowered iteration (`rlhfc.lower.OpProgram`) other than neural calls: data
+    loads, data moves between meshes, rule-reward calls, reallocations and drops. Each is a
+    step of the driver's loop whose fixed cost (Python, dispatch, synchronisation) the
+    schedule does not price (it prices only a move's bytes and a reallocation's copy)."""
+    from rlhfc.lower import Call as CallOp
+
+    return sum(1 for op in prog.ops
+               if not (isinstance(op, CallOp) and prog.dataflow.model(op.model).shape is not None))
 
 
 def priced_calls(path: str | Path) -> dict[str, PricedCall]:
@@ -212,6 +227,15 @@ def fit_coefficients(
         if not improved:
             break
     return _with_logs(start, names, x)
+
+
+def fit_driver_overhead(runs: list[tuple[float, int, float]]) -> float:
+    """`driver_op_overhead` from whole iterations, each (scheduled seconds, driver ops,
+    measured seconds): the least-squares fit of the relative error of scheduled + k·ops
+    against measured, k ≥ 0 (closed form: one coefficient, linear in k)."""
+    num = sum(n / y * (1 - m / y) for m, n, y in runs if y > 0)
+    den = sum((n / y) ** 2 for m, n, y in runs if y > 0)
+    return max(0.0, num / den) if den else 0.0
 
 
 def relative_error(predicted: float, measured: float) -> float:

@@ -22,6 +22,14 @@ Sources:
   head_dim·2 bytes per token.
 - Rule rewards (`Model.kind == "rule"`) cost nothing and hold no device: they run in the
   driver process between the calls they connect.
+- Shared cores: on a local `cpu` cluster with more processes per node than physical
+  cores (`cores`, from the profile or the cluster block), each process gets
+  cores/devices_per_node of a core, so every term of a call (FLOPs, memory traffic,
+  fixed overheads, collectives) takes `core_share` = max(1, devices_per_node/cores)
+  times longer (`rlhfc.hardware.core_share`).
+- Driver work: an iteration also runs the ops between calls that the schedule does not
+  price (data loads, data moves between meshes, rule rewards, copies dropped);
+  `iteration_seconds` adds `driver_op_overhead` per such op of the lowered program.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import math
 from dataclasses import dataclass
 
 from rlhfc.cost.coefficients import Coefficients
-from rlhfc.hardware import Device
+from rlhfc.hardware import Device, core_share
 from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelShape, Strategy
 from rlhfc_runtime.layout import stage_layers
 
@@ -125,6 +133,7 @@ def call_cost(
     state (train: weights+grads+Adam; frozen: weights) in `static_bytes`."""
     if model.kind == "rule" or model.shape is None:
         return FREE
+    share = core_share(cluster, device)
     shape = model.shape
     n_params = shape.param_count(model.head)
     p_dev = device_params(shape, model.head, s.tp, s.pp)
@@ -143,12 +152,12 @@ def call_cost(
         in_flight = min(s.pp, s.n_mbs)
         acts = int(c.train_activation_bytes * tokens_mb * shape.hidden * layers / s.tp) * in_flight
         transient = acts + 2 * logits
-        return _split(terms, state, transient, is_home)
+        return _split(terms, state, transient, is_home, share)
 
     if call.kind is CallKind.INFERENCE:
         terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, 2, 2)
         transient = int(c.inference_activation_bytes * tokens_mb * shape.hidden / s.tp) + logits
-        return _split(terms, weights, transient, is_home)
+        return _split(terms, weights, transient, is_home, share)
 
     # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps; a step
     # takes max(m, pp) stage times, of which max(0, pp − m) are the pipeline's bubble.
@@ -167,12 +176,14 @@ def call_cost(
     terms["bubble"] += call.gen_len * max(0, s.pp - s.n_mbs) * stage
     kv_cache = kv_per_token * math.ceil(call.batch / s.dp) * call.seq_len
     transient = kv_cache + c.logit_bytes * seqs_mb * vocab_out // s.tp
-    return _split(terms, weights, transient, is_home)
+    return _split(terms, weights, transient, is_home, share)
 
 
-def _split(terms: dict[str, float], resident: int, transient: int, is_home: bool) -> CallCost:
-    """A home call keeps its resident bytes for the iteration; any other call holds a copy."""
-    seconds, named = sum(terms.values()), tuple(terms.items())
+def _split(terms: dict[str, float], resident: int, transient: int, is_home: bool, share: float = 1.0) -> CallCost:
+    """A home call keeps its resident bytes for the iteration; any other call holds a copy.
+    Every term is stretched by `share`, the processes per core of an oversubscribed CPU node."""
+    named = tuple((k, v * share) for k, v in terms.items())
+    seconds = sum(v for _, v in named)
     if is_home:
         return CallCost(seconds, int(resident), int(transient), named)
     return CallCost(seconds, 0, int(resident + transient), named)
@@ -186,3 +197,9 @@ def transfer_seconds(call: Call, cluster: Cluster, device: Device, c: Coefficien
         return 0.0
     link = device.inter_bandwidth if cluster.nodes > 1 else device.intra_bandwidth
     return call.batch * call.seq_len * c.key_bytes_per_token / (link * c.link_efficiency)
+
+
+def iteration_seconds(scheduled: float, driver_ops: int, c: Coefficients) -> float:
+    """An iteration's estimate: the schedule's makespan plus the driver's own work, a fixed
+    `driver_op_overhead` per op that the schedule does not price (`driver_ops`)."""
+    return scheduled + driver_ops * c.driver_op_overhead

@@ -163,3 +163,65 @@ def test_cli_errors_are_one_clear_line(tmp_path, args):
     assert result.exit_code == 1
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output and "error" in result.output
+
+
+# ---- shared cores and driver work ------------------------------------------------------
+
+
+def _ppo_call_seconds(cluster: Cluster) -> dict[str, float]:
+    """Every neural call of the tiny PPO on a 4-process dp layout, priced on `cluster`."""
+    from rlhfc.cost.model import call_cost
+
+    df = load_program(str(PPO), cluster_override=cluster)
+    homes, s = home_calls(df), Strategy(Mesh(0, 1, 0, 4), 4, 1, 1, 1)
+    return {c.name: call_cost(c, df.model(c.model), s, df.cluster, device_for(df.cluster), DEFAULT_COEFFICIENTS,
+                              homes.get(c.model) == c.name).seconds
+            for c in df.calls if df.model(c.model).shape is not None}
+
+
+def test_four_processes_on_two_cores_take_twice_as_long():
+    """4 processes sharing 2 cores: every call takes devices_per_node / cores = 2x the time
+    it takes with 4 cores; with enough cores (or none declared) nothing changes."""
+    two, four = Cluster(1, 4, "cpu", (("cores", 2.0),)), Cluster(1, 4, "cpu", (("cores", 4.0),))
+    shared, own, undeclared = _ppo_call_seconds(two), _ppo_call_seconds(four), _ppo_call_seconds(Cluster(1, 4, "cpu"))
+    assert own == undeclared and own
+    for name, seconds in own.items():
+        assert shared[name] == pytest.approx(2 * seconds), name
+    assert _ppo_call_seconds(Cluster(1, 4, "cpu", (("cores", 8.0),))) == own  # spare cores do not speed up
+    h100 = Cluster(1, 4, "H100-80GB", (("cores", 2.0),))  # only local CPU devices share cores
+    assert _ppo_call_seconds(h100) == _ppo_call_seconds(Cluster(1, 4, "H100-80GB"))
+
+
+def test_cores_from_the_cluster_block_and_the_profile(tmp_path):
+    text = PPO.read_text().replace('"../data/', f'"{ROOT}/data/').replace('device = "cpu" }', 'device = "cpu"  cores = 2 }')
+    program = tmp_path / "ppo_cores.rlhf"
+    program.write_text(text)
+    assert dict(load_program(str(program)).cluster.overrides)["cores"] == 2.0
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(derive(MEASURED, cores=2)))
+    device = device_for(with_profile(Cluster(1, 4, "cpu"), path))
+    assert device.cores == 2.0
+    assert "cores" not in derive(MEASURED)["device"]  # no count given: the profile leaves it out
+
+
+def test_driver_overhead_fit_and_iteration_estimate(tmp_path):
+    from rlhfc.cost.fit import driver_ops, fit_driver_overhead
+    from rlhfc.cost.model import iteration_seconds
+    from rlhfc.lower import lower
+
+    runs = [(0.010, 3, 0.010 + 3 * 2e-3), (0.040, 8, 0.040 + 8 * 2e-3), (0.005, 1, 0.005 + 2e-3)]
+    k = fit_driver_overhead(runs)
+    assert k == pytest.approx(2e-3)
+    assert fit_driver_overhead([(0.02, 2, 0.01)]) == 0.0  # never negative
+    c = replace(DEFAULT_COEFFICIENTS, driver_op_overhead=k)
+    assert iteration_seconds(0.010, 3, c) == pytest.approx(0.016)
+    assert iteration_seconds(0.010, 3, DEFAULT_COEFFICIENTS) == 0.010  # the default leaves it out
+    (tmp_path / "c.json").write_text(coefficients_to_json(c))
+    assert load_coefficients(tmp_path / "c.json") == c
+    (tmp_path / "d.json").write_text(coefficients_to_json(DEFAULT_COEFFICIENTS))
+    assert load_coefficients(tmp_path / "d.json") == DEFAULT_COEFFICIENTS  # zero is allowed for it
+    df = load_program(str(PPO), cluster_override=Cluster(1, 2, "cpu"))
+    prog = lower(df, plan_dataflow(df, time_limit=5, workers=1))
+    n = driver_ops(prog)
+    assert 0 < n < len(prog.ops)  # the loads, moves and rule reward, not the neural calls
+    assert json.loads(cost_inputs_json(df, prog.plan))["driver_ops"] == n
