@@ -53,7 +53,7 @@ class Engine:
         self.rows: dict[str, int] = {}  # key -> global row count this iteration
         self.loaders = {}
         self.stats: dict[str, float] = {}
-        self.times: dict[str, float] = {}
+        self.spans: dict[str, tuple[float, float]] = {}  # op -> (start, end), wall clock (time.time)
         for name, spec in program["models"].items():
             home = spec["home"]
             if spec["kind"] != "rule" and self.rank in layouts[home].ranks:
@@ -85,7 +85,7 @@ class Engine:
             self.rows[key] = self.rows[inputs[0]] * factor
         if self.rank not in lay.ranks:
             return
-        t0 = time.perf_counter()
+        t0 = time.time()
         spec = self.program["models"][model]
         batch = {k: self._input(k, layout) for k in inputs}
         runtime_model = None if spec["kind"] == "rule" else self.models[(model, layout)]
@@ -97,14 +97,14 @@ class Engine:
         self.stats.update({f"{name}/{k}": float(v) for k, v in stats.items()})
         if "score" in outputs:  # the reward curve, whatever the algorithm
             self.stats["reward"] = float(produced["score"]["score"].float().mean())
-        self.times[name] = time.perf_counter() - t0
+        self.spans[name] = (t0, time.time())
 
     def realloc(self, model: str, *, src: str, dst: str) -> None:
         """Build `model`'s shards in `dst` from `src` (point-to-point, src ∪ dst only)."""
         s, d = self.layouts[src], self.layouts[dst]
         if self.rank not in s.ranks and self.rank not in d.ranks:
             return
-        t0 = time.perf_counter()
+        t0 = time.time()
         spec = self.program["models"][model]
         source = self.models.get((model, src))
         shards = reallocate(
@@ -118,7 +118,7 @@ class Engine:
                 self.models[(model, dst)] = calls.model_from_shards(spec, shards, d, self.rank)
             else:
                 calls.load_shards(target, shards)
-        self.times[f"realloc {model} {src}->{dst}"] = time.perf_counter() - t0
+        self.spans[f"realloc {model} {src}->{dst}"] = (t0, time.time())
 
     def drop(self, model: str, *, layout: str) -> None:
         """Free a non-home parameter copy after its last use in the iteration."""
@@ -130,14 +130,14 @@ class Engine:
         ranks = tuple(sorted(set(s.ranks) | set(d.ranks)))
         if self.rank not in ranks:
             return
-        t0 = time.perf_counter()
+        t0 = time.time()
         local = self.data.get((key, src))
         box = [batch_spec(local, self.rows[key]) if self.rank == s.ranks[0] else None]
         dist.broadcast_object_list(box, src=s.ranks[0], group=self.groups[ranks])
         out = redistribute_batch(local, box[0], s, d, self.rank, device=rdist.device_for_rank())
         if self.rank in d.ranks:
             self.data[(key, dst)] = out
-        self.times[f"move {key} {src}->{dst}"] = time.perf_counter() - t0
+        self.spans[f"move {key} {src}->{dst}"] = (t0, time.time())
 
     # ---- the loop ----------------------------------------------------------------
     def run(self, iteration) -> None:
@@ -149,7 +149,7 @@ class Engine:
         log = _MetricsLog(self.out / "metrics.jsonl", self.step) if self.rank == 0 else None
         while self.step < steps:
             t0 = time.perf_counter()
-            self.stats, self.times, self.data, self.rows = {}, {}, {}, {}
+            self.stats, self.spans, self.data, self.rows = {}, {}, {}, {}
             iteration(self)
             self.step += 1
             record = self._gather(time.perf_counter() - t0)
@@ -162,17 +162,21 @@ class Engine:
                 os._exit(17)
 
     def _gather(self, seconds: float) -> dict:
-        """One metrics record: stats averaged over the ranks that report them, per-call
-        times as the slowest rank saw them, next to the planner's estimates."""
+        """One metrics record: stats averaged over the ranks that report them, per-op times
+        from the last rank's start to the last rank's end (a rank that arrives early waits
+        in the op's first collective; that wait is the schedule's, not the op's), next to
+        the planner's estimates."""
         parts = [None] * self.world
-        dist.all_gather_object(parts, (self.stats, self.times))
+        dist.all_gather_object(parts, (self.stats, self.spans))
         stats: dict[str, list[float]] = {}
-        times: dict[str, float] = {}
+        spans: dict[str, tuple[float, float]] = {}
         for s, t in parts:
             for k, v in s.items():
                 stats.setdefault(k, []).append(v)
-            for k, v in t.items():
-                times[k] = max(times.get(k, 0.0), v)
+            for k, (start, end) in t.items():
+                last_start, last_end = spans.get(k, (start, end))
+                spans[k] = (max(last_start, start), max(last_end, end))
+        times = {k: end - start for k, (start, end) in spans.items()}
         record = {"step": self.step, **{k: sum(v) / len(v) for k, v in sorted(stats.items())}}
         record["time/iteration"] = seconds
         record.update({f"time/{k}": v for k, v in sorted(times.items())})

@@ -114,6 +114,8 @@ def test_ppo_with_reallocation_resumes_exactly_after_a_worker_dies(tmp_path, ppo
     assert a == b  # losses, KL, reward: bit-identical to the uninterrupted run
     timed = metrics(whole)[0]  # every op ran, timed beside the planner's estimate
     assert {"time/gen", "time/a_tr", "time/c_tr", "time/realloc actor L0->L2", "estimate/gen"} <= set(timed)
+    op_times = [v for k, v in timed.items() if k.startswith("time/") and k != "time/iteration"]
+    assert all(0 < v < timed["time/iteration"] for v in op_times)  # last start to last end, within the step
 
 
 def test_grpo_reward_rises_with_actor_reallocated_every_step(tmp_path):
