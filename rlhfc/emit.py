@@ -14,7 +14,7 @@ import pprint
 import jinja2
 
 from rlhfc import ir
-from rlhfc.lower import Call, Drop, Load, Move, Op, OpProgram, Realloc
+from rlhfc.lower import Call, Drop, Load, Move, Offload, Op, OpProgram, Realloc, Reload
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("rlhfc", "templates"),
@@ -34,6 +34,8 @@ def op_line(op: Op) -> str:
         return f"e.drop({op.model!r}, layout={op.layout!r})"
     if isinstance(op, Move):
         return f"e.move({op.key!r}, src={op.src!r}, dst={op.dst!r})"
+    if isinstance(op, (Offload, Reload)):
+        return f"e.{type(op).__name__.lower()}({op.model!r}, layout={op.layout!r})"
     options = f", options={dict(op.options)!r}" if op.options else ""
     return (
         f"e.call({op.name!r}, model={op.model!r}, kind={op.kind!r}, using={op.interface!r}, "
@@ -60,7 +62,7 @@ def program_spec(prog: OpProgram, base: str = ".") -> dict:
         "source": relative_path(df.source, base),
         "world_size": prog.world_size,
         "device": df.cluster.device,
-        "models": {m.name: _model_spec(m, homes.get(m.name), base) for m in df.models},
+        "models": {m.name: _model_spec(m, homes.get(m.name), m.name in prog.plan.offloaded, base) for m in df.models},
         "datasets": {
             d.name: {"format": d.format, "path": relative_path(d.path, base), "fields": dict(d.fields),
                      "tokenizer": relative_path(getattr(d, "tokenizer", None), base), "max_len": d.max_len}
@@ -71,7 +73,7 @@ def program_spec(prog: OpProgram, base: str = ".") -> dict:
     }
 
 
-def _model_spec(m: ir.Model, home: str | None, base: str) -> dict:
+def _model_spec(m: ir.Model, home: str | None, offloaded: bool, base: str) -> dict:
     return {
         "kind": m.kind,
         "shape": None if m.shape is None else {
@@ -86,6 +88,7 @@ def _model_spec(m: ir.Model, home: str | None, base: str) -> dict:
         "optimizer": None if m.optimizer is None else {"name": m.optimizer.name, **dict(m.optimizer.params)},
         "rule": m.rule,
         "home": home,
+        "offloaded": offloaded,
     }
 
 

@@ -3,7 +3,8 @@
 The plan is priced again term by term with the very functions the solver used (each call
 pinned to its planned strategy), so the terms of a call add up to its estimate: compute,
 decode (memory- or compute-bound), the optimizer step, tensor- and data-parallel
-all-reduces, the pipeline bubble, fixed per-step overheads, plus the reallocation of its
+all-reduces, the pipeline bubble, fixed per-step overheads, the reload of an offloaded
+model's weights, plus the reallocation of its
 model before it and the largest data transfer into it.
 """
 
@@ -17,13 +18,13 @@ from rlhfc.cost.coefficients import Coefficients
 from rlhfc.ir import Dataflow, Pin, Span, Strategy
 from rlhfc.plan import Plan
 from rlhfc.report import compact_table
-from rlhfc.solve.problem import Option, Problem, build_problem
+from rlhfc.solve.problem import Option, Problem, SearchSpace, build_problem
 
 # Display order and headings of the cost model's terms (`CallCost.terms`).
 TERMS: tuple[tuple[str, str], ...] = (
     ("compute", "compute"), ("decode_memory", "dec.mem"), ("decode_compute", "dec.flop"),
     ("optimizer", "optim"), ("tp", "tp"), ("dp", "dp"), ("bubble", "bubble"),
-    ("overhead", "ovh"), ("decode_overhead", "dec.ovh"),
+    ("overhead", "ovh"), ("decode_overhead", "dec.ovh"), ("reload", "reload"),
 )
 _SPAN = Span("<plan>", 0, 0, 0, 0)
 
@@ -43,10 +44,14 @@ class CallExplanation:
 
 
 def replay(df: Dataflow, plan: Plan, coeffs: Coefficients) -> tuple[Problem, dict[str, Option]]:
-    """The planning problem with every call pinned to its planned strategy, and that choice."""
+    """The planning problem with every call pinned to its planned strategy (offloaded where
+    the plan offloads), and that choice."""
     pins = tuple(Pin(p.call, p.strategy, _SPAN) for p in plan.calls)
-    problem = build_problem(replace(df, pins=pins), coeffs)
-    return problem, {c: opts[0] for c, opts in problem.options}
+    problem = build_problem(replace(df, pins=pins), coeffs, SearchSpace(offload=bool(plan.offloaded)))
+    return problem, {
+        c: next(o for o in opts if o.offloaded == (problem.model_of[c].name in plan.offloaded))
+        for c, opts in problem.options
+    }
 
 
 def explain_plan(df: Dataflow, plan: Plan, coeffs: Coefficients) -> tuple[CallExplanation, ...]:
@@ -78,7 +83,9 @@ def print_explanation(rows: tuple[CallExplanation, ...], console: Console) -> No
     console.print(table)
     console.print("realloc and xfer come before the call; the other terms "
                   "add up to its estimate (=total, up to 1 µs rounding). dec.mem: memory-bound decode; "
-                  "ovh: per-micro-batch overhead; dec.ovh: per-decode-step overhead.")
+                  "ovh: per-micro-batch overhead; dec.ovh: per-decode-step overhead"
+                  + ("; reload: an offloaded model's weights back from host memory." if any(
+                      dict(r.terms).get("reload") for r in rows) else "."))
 
 
 def _ms(seconds: float) -> str:

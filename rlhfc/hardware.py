@@ -33,6 +33,8 @@ class Device:
     # Physical cores one node's processes share (`cpu` only; 0: unknown, one core per
     # process). Written by `rlhfc profile`, or `cores = N` in the cluster block.
     cores: float = 0.0
+    # Host <-> device bytes/s per device (PCIe share), what reloading offloaded weights costs.
+    host_bandwidth: float = 25e9
 
 
 CATALOG: dict[str, Device] = {
@@ -43,7 +45,7 @@ CATALOG: dict[str, Device] = {
         Device("A100-80GB", 312e12, 80 * GB, 2.0e12, 300e9, 25e9, 0.5),
         Device("A100-40GB", 312e12, 40 * GB, 1.555e12, 300e9, 25e9, 0.5),
         # A local machine's CPU cores, for the CPU/gloo runs of this repository.
-        Device("cpu", 1e12, 16 * GB, 20e9, 10e9, 1e9, 0.3),
+        Device("cpu", 1e12, 16 * GB, 20e9, 10e9, 1e9, 0.3, host_bandwidth=10e9),
     )
 }
 
@@ -51,6 +53,7 @@ DEVICE_NAMES: tuple[str, ...] = tuple(CATALOG)
 
 OVERRIDE_KEYS: tuple[str, ...] = (
     "memory", "flops", "mem_bandwidth", "intra_bandwidth", "inter_bandwidth", "achievable", "cores",
+    "host_bandwidth",
 )
 
 PROFILE_SCHEMA_VERSION = 1

@@ -10,6 +10,8 @@ Parameters: a model's authoritative copy lives in its home layout (the train lay
 a trainable model). Before a call in another layout the parameters are reallocated
 there; the copy is dropped after its last use in the iteration, and a train call away
 from home is reallocated back, so every iteration starts and ends with models at home.
+A frozen model the plan offloads is reloaded to its (only) call's devices before the
+call and offloaded to host memory after it.
 Data: a key lives where its producer ran; it is moved to a consumer's layout the first
 time that layout needs it. Dataset keys are loaded on every rank (deterministic).
 """
@@ -72,7 +74,23 @@ class Move:
     dst: str
 
 
-Op = Load | Call | Realloc | Drop | Move
+@dataclass(frozen=True)
+class Offload:
+    """Free `model`'s device copy in `layout`; its weights wait in host memory."""
+
+    model: str
+    layout: str
+
+
+@dataclass(frozen=True)
+class Reload:
+    """Bring `model`'s offloaded weights back to the devices of `layout` (no-op if there)."""
+
+    model: str
+    layout: str
+
+
+Op = Load | Call | Realloc | Drop | Move | Offload | Reload
 
 
 @dataclass(frozen=True)
@@ -103,7 +121,7 @@ def participants(op: Op, layouts: dict[str, Layout]) -> tuple[int, ...]:
     """The ranks an op involves, sorted: the only ranks that may block on it."""
     if isinstance(op, Load):
         return tuple(sorted({r for lay in layouts.values() for r in lay.ranks}))
-    names = (op.layout,) if isinstance(op, (Call, Drop)) else (op.src, op.dst)
+    names = (op.layout,) if isinstance(op, (Call, Drop, Offload, Reload)) else (op.src, op.dst)
     return tuple(sorted({r for n in names for r in layouts[n].ranks}))
 
 
@@ -187,7 +205,11 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
         if model.kind != "rule" and lay not in copies[c.model]:
             ops.append(Realloc(c.model, homes[c.model], lay))
             copies[c.model].add(lay)
+        if c.model in plan.offloaded:
+            ops.append(Reload(c.model, lay))
         ops.append(Call(c.name, c.model, c.kind.value, c.interface, lay, c.inputs, c.outputs, _options(c, plan)))
+        if c.model in plan.offloaded:
+            ops.append(Offload(c.model, lay))
         for key in c.outputs:
             where[key] = {lay}
         if model.kind == "rule" or lay == homes[c.model]:

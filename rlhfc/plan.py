@@ -42,7 +42,8 @@ class Plan:
     """A whole iteration: placements in start order, reallocations, and solver facts.
 
     `homes` maps each model to the layout its parameters (and optimizer state) live in
-    between iterations: the train call's layout for trainable models.
+    between iterations: the train call's layout for trainable models, unless the model
+    is `offloaded`.
     """
 
     source: str
@@ -56,6 +57,9 @@ class Plan:
     solve_seconds: float
     baseline_time: float | None = None
     schema_version: int = SCHEMA_VERSION
+    # Frozen models whose weights wait in host memory between iterations, reloaded before
+    # their call (chosen only when the plan does not fit in device memory otherwise).
+    offloaded: tuple[str, ...] = ()
 
     @property
     def gap(self) -> float:
@@ -114,6 +118,7 @@ def plan_to_json(plan: Plan, include_timing: bool = False) -> str:
         "lower_bound": plan.lower_bound,
         "status": plan.status,
         "baseline_time": plan.baseline_time,
+        "offloaded": list(plan.offloaded),
     }
     if include_timing:
         doc["solve_seconds"] = plan.solve_seconds
@@ -137,7 +142,7 @@ def plan_from_json(text: str) -> Plan:
         tuple(Reallocation(r["model"], r["before_call"], _strategy_from(r["src"]), _strategy_from(r["dst"]), r["bytes"],
                            r["seconds"]) for r in d["reallocations"]),
         d["iteration_time"], d["lower_bound"], d["status"], d.get("solve_seconds", 0.0), d["baseline_time"],
-        d["schema_version"],
+        d["schema_version"], tuple(d.get("offloaded", ())),
     )
 
 

@@ -38,11 +38,16 @@ def print_plan(plan: Plan, console: Console) -> None:
             moves.add_row(r.model, r.before_call, f"{r.src.mesh} {r.src.dp}/{r.src.tp}/{r.src.pp}",
                           f"{r.dst.mesh} {r.dst.dp}/{r.dst.tp}/{r.dst.pp}", f"{r.bytes / 1e9:.2f}", f"{r.seconds:.3f}")
         console.print(moves)
+    if plan.offloaded:
+        console.print(f"offloaded to host memory between iterations, reloaded before their call: "
+                      f"{', '.join(plan.offloaded)} (the plan does not fit in device memory otherwise)")
     console.print(
         f"iteration time [bold]{plan.iteration_time:.3f} s[/]  lower bound {plan.lower_bound:.3f} s  "
         f"gap {plan.gap:.2%}  status {plan.status}  solve {plan.solve_seconds:.1f} s"
     )
-    if plan.baseline_time:
+    if plan.baseline_time is None:
+        console.print("symmetric baseline: no single strategy for all calls fits in memory")
+    else:
         console.print(f"symmetric baseline {plan.baseline_time:.3f} s  speedup {plan.baseline_time / plan.iteration_time:.2f}x")
 
 

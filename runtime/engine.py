@@ -25,6 +25,8 @@ import torch.distributed as dist
 from rlhfc_runtime import dist as rdist
 from rlhfc_runtime import calls
 from rlhfc_runtime.layout import Layout
+from rlhfc_runtime.offload import offload as offload_shards
+from rlhfc_runtime.offload import reload as reload_shards
 from rlhfc_runtime.realloc import reallocate
 from rlhfc_runtime.transfer import batch_spec, redistribute_batch, rows_of
 
@@ -52,12 +54,15 @@ class Engine:
         self.data: dict[tuple[str, str], dict] = {}  # (key, layout) -> this rank's rows
         self.rows: dict[str, int] = {}  # key -> global row count this iteration
         self.loaders = {}
+        self.host: dict[tuple[str, str], dict] = {}  # (model, layout) -> offloaded weights
         self.stats: dict[str, float] = {}
         self.spans: dict[str, tuple[float, float]] = {}  # op -> (start, end), wall clock (time.time)
         for name, spec in program["models"].items():
             home = spec["home"]
             if spec["kind"] != "rule" and self.rank in layouts[home].ranks:
                 self.models[(name, home)] = calls.build_model(spec, layouts[home])
+                if spec.get("offloaded"):  # waits in host memory until its call reloads it
+                    self.offload(name, layout=home)
         for name, spec in program["datasets"].items():
             self.loaders[name] = calls.build_loader(name, spec, self.seed)
         self.specials = calls.special_ids(next(iter(self.loaders.values()))) if self.loaders else {}
@@ -119,6 +124,27 @@ class Engine:
             else:
                 calls.load_shards(target, shards)
         self.spans[f"realloc {model} {src}->{dst}"] = (t0, time.time())
+
+    def offload(self, model: str, *, layout: str) -> None:
+        """Free `model`'s device copy in `layout`; its weights wait in host memory. A frozen
+        model's weights never change, so the host copy is made once and kept."""
+        if self.rank not in self.layouts[layout].ranks:
+            return
+        t0 = time.time()
+        copy = self.models.pop((model, layout))
+        if (model, layout) not in self.host:
+            self.host[(model, layout)] = offload_shards(calls.shards_of(copy))
+        self.spans[f"offload {model} {layout}"] = (t0, time.time())
+
+    def reload(self, model: str, *, layout: str) -> None:
+        """Bring `model`'s weights back from host memory to `layout` (no-op while there)."""
+        if self.rank not in self.layouts[layout].ranks or (model, layout) in self.models:
+            return
+        t0 = time.time()
+        shards = reload_shards(self.host[(model, layout)], rdist.device_for_rank())
+        spec = self.program["models"][model]
+        self.models[(model, layout)] = calls.model_from_shards(spec, shards, self.layouts[layout], self.rank)
+        self.spans[f"reload {model} {layout}"] = (t0, time.time())
 
     def drop(self, model: str, *, layout: str) -> None:
         """Free a non-home parameter copy after its last use in the iteration."""
@@ -191,7 +217,8 @@ class Engine:
         ckpt.mkdir(parents=True, exist_ok=True)
         state = {
             "step": self.step,
-            "models": {name: calls.model_state(m) for (name, _), m in self.models.items()},
+            "models": {**{name: {"shards": host, "optimizer": None} for (name, _), host in self.host.items()},
+                       **{name: calls.model_state(m) for (name, _), m in self.models.items()}},
             "loaders": {name: ld.state_dict() for name, ld in self.loaders.items()},
             "rng": _rng_state(),
         }

@@ -27,6 +27,8 @@ Sources:
   cores/devices_per_node of a core, so every term of a call (FLOPs, memory traffic,
   fixed overheads, collectives) takes `core_share` = max(1, devices_per_node/cores)
   times longer (`rlhfc.hardware.core_share`).
+- Offload: a frozen model offloaded to host memory between iterations pays its device
+  weights over the host link before its call (`reload_seconds`).
 - Driver work: an iteration also runs the ops between calls that the schedule does not
   price (data loads, data moves between meshes, rule rewards, copies dropped);
   `iteration_seconds` adds `driver_op_overhead` per such op of the lowered program.
@@ -197,6 +199,12 @@ def transfer_seconds(call: Call, cluster: Cluster, device: Device, c: Coefficien
         return 0.0
     link = device.inter_bandwidth if cluster.nodes > 1 else device.intra_bandwidth
     return call.batch * call.seq_len * c.key_bytes_per_token / (link * c.link_efficiency)
+
+
+def reload_seconds(weight_bytes: int, device: Device) -> float:
+    """Bringing an offloaded model's weights back from host memory: bytes over the host
+    link (PCIe share per device; ReaL, Mei et al. 2024, offloads frozen models this way)."""
+    return weight_bytes / device.host_bandwidth
 
 
 def iteration_seconds(scheduled: float, driver_ops: int, c: Coefficients) -> float:

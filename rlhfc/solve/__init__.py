@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
 from rlhfc.ir import Dataflow
@@ -14,7 +15,7 @@ from rlhfc.plan import CallPlacement, Plan, Reallocation
 from rlhfc.solve.baselines import symmetric_choice
 from rlhfc.solve.cpsat import solve_cpsat
 from rlhfc.solve.diagnose import PlanError, diagnose_infeasible
-from rlhfc.solve.problem import Option, Problem, SearchSpace, build_problem, with_options
+from rlhfc.solve.problem import Option, Problem, SearchSpace, build_problem, offloadable, with_options
 from rlhfc.solve.schedule import Schedule, evaluate
 
 __all__ = ["PlanError", "SearchSpace", "build_problem", "plan_dataflow", "plan_from_choice", "symmetric_plan"]
@@ -49,6 +50,7 @@ def plan_from_choice(
         df.source, df.cluster, tuple(placements), homes, tuple(reallocs), problem.seconds(sched.makespan),
         problem.seconds(min(bound, sched.makespan)), status, round(solve_seconds, 3),
         problem.seconds(baseline.makespan) if baseline else None,
+        offloaded=tuple(sorted(df.call(c).model for c, o in choice.items() if o.offloaded)),
     )
 
 
@@ -66,9 +68,27 @@ def plan_dataflow(
     coeffs: Coefficients = DEFAULT_COEFFICIENTS, space: SearchSpace = SearchSpace(),
 ) -> Plan:
     """The CP-SAT plan of one iteration, with its proven bound and the symmetric baseline.
+    When no plan fits in device memory, frozen models may wait in host memory between
+    iterations (offloaded) and the search runs again.
 
     Raises `PlanError` (with a hint) when no placement fits."""
     t0 = time.perf_counter()
+    try:
+        problem, choice, sched, result, baseline = _solve(df, time_limit, workers, seed, coeffs, space)
+    except PlanError:
+        if space.offload or not any(offloadable(df, m) for m in df.models):
+            raise
+        problem, choice, sched, result, baseline = _solve(
+            df, time_limit, workers, seed, coeffs, replace(space, offload=True))
+    status = "OPTIMAL" if result.status == "OPTIMAL" else "FEASIBLE"
+    return plan_from_choice(
+        problem, choice, sched, status=status, bound=result.bound, solve_seconds=time.perf_counter() - t0,
+        baseline=baseline[1] if baseline else None,
+    )
+
+
+def _solve(df: Dataflow, time_limit: float, workers: int, seed: int, coeffs: Coefficients, space: SearchSpace):
+    """(problem, choice, schedule, CP-SAT result, symmetric baseline) of one search space."""
     problem = build_problem(df, coeffs, space)
     diagnose_infeasible(problem)  # per-call reasons, before the solver
     baseline = symmetric_choice(problem)
@@ -84,11 +104,7 @@ def plan_dataflow(
     else:
         choice = dict(result.choice)
         sched = evaluate(problem, choice)
-    status = "OPTIMAL" if result.status == "OPTIMAL" else "FEASIBLE"
-    return plan_from_choice(
-        problem, choice, sched, status=status, bound=result.bound, solve_seconds=time.perf_counter() - t0,
-        baseline=baseline[1] if baseline else None,
-    )
+    return problem, choice, sched, result, baseline
 
 
 def symmetric_plan(df: Dataflow, coeffs: Coefficients = DEFAULT_COEFFICIENTS) -> Plan:

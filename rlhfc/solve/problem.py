@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
-from rlhfc.cost.model import CallCost, call_cost, transfer_seconds
+from rlhfc.cost.model import CallCost, call_cost, reload_seconds, transfer_seconds
 from rlhfc.cost.realloc import meshes_overlap, realloc_cost
 from rlhfc.hardware import Device, device_for
 from rlhfc.ir import Call, CallKind, Cluster, Dataflow, EdgeKind, Mesh, Model, Strategy
@@ -38,6 +38,9 @@ class SearchSpace:
 
     n_mbs: tuple[int, ...] = (1, 2, 4, 8)
     sub_node_nodes: int = 1
+    # Also offer offloaded options for frozen single-call models (`offloaded_option`);
+    # `plan_dataflow` turns this on only when the plan does not fit without it.
+    offload: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Option:
     duration: int  # time units, compute only (reallocation is added per pair)
     cost: CallCost
     devices: frozenset[int]
+    offloaded: bool = False  # the model's weights wait in host memory between iterations
 
     @property
     def layout(self) -> tuple:
@@ -199,6 +203,21 @@ def make_option(df: Dataflow, call: Call, s: Strategy, device: Device, coeffs: C
     return Option(call.name, s, duration, cost, devices)
 
 
+def offloadable(df: Dataflow, model: Model) -> bool:
+    """A frozen neural model with one call: its weights never change and nothing else
+    reallocates from them, so they can wait in host memory between its calls."""
+    return model.kind != "rule" and not model.trainable and sum(c.model == model.name for c in df.calls) == 1
+
+
+def offloaded_option(o: Option, device: Device, coeffs: Coefficients) -> Option:
+    """`o` with its model's weights in host memory between iterations: nothing resident on
+    the mesh, the weights transient during the call, and their reload over the host link
+    (ReaL offloads frozen models the same way) before it."""
+    reload = reload_seconds(o.cost.static_bytes, device)
+    cost = CallCost(o.cost.seconds + reload, 0, o.cost.peak_bytes, o.cost.terms + (("reload", reload),))
+    return replace(o, duration=to_units(cost.seconds, coeffs), cost=cost, offloaded=True)
+
+
 def prune_dominated(options: list[Option], layout_matters: bool) -> list[Option]:
     """Drop options no faster and no smaller than another on the same mesh (and, when the
     call takes part in a reallocation, the same layout), keeping the first of equals."""
@@ -216,7 +235,7 @@ def prune_dominated(options: list[Option], layout_matters: bool) -> list[Option]
 
 def _option_order(o: Option):
     s = o.strategy
-    return (o.duration, s.mesh.first_node, s.mesh.n_nodes, s.mesh.first_device, s.mesh.n_devices, s.dp, s.tp, s.pp, s.n_mbs)
+    return (o.duration, s.mesh.first_node, s.mesh.n_nodes, s.mesh.first_device, s.mesh.n_devices, s.dp, s.tp, s.pp, s.n_mbs, o.offloaded)
 
 
 def home_calls(df: Dataflow) -> dict[str, str]:
@@ -249,6 +268,8 @@ def build_problem(
         else:
             strategies = [s for m in meshes for s in enumerate_strategies(call, model, m, space)]
         options = [make_option(df, call, s, device, coeffs, is_home) for s in strategies]
+        if space.offload and is_home and offloadable(df, model):
+            options += [offloaded_option(o, device, coeffs) for o in options]
         fitting = [o for o in options if o.cost.peak_bytes <= device.memory]
         dropped.append((call.name, len(options) - len(fitting)))
         layout_matters = model_calls[call.model] > 1

@@ -126,3 +126,38 @@ def test_grpo_reward_rises_with_actor_reallocated_every_step(tmp_path):
     rewards = [r["reward"] for r in metrics(tmp_path / "run")]
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
     assert last > 2 * first, (first, last)
+
+
+def test_offloaded_reference_computes_what_a_resident_one_does_and_resumes(tmp_path):
+    """Device memory that holds the plan only with the frozen reference in host memory:
+    the plan offloads it, the program reloads it before its call and offloads it after,
+    and the metrics equal those of the same plan with the reference resident."""
+    from dataclasses import replace
+
+    from rlhfc.solve import plan_dataflow
+
+    source = ((ROOT / "programs" / "ppo.rlhf").read_text().replace('"../data/', f'"{ROOT}/data/')
+              .replace("batch = 64", "batch = 8").replace('device = "cpu" }', 'device = "cpu"  memory = 1329KiB }'))
+    (tmp_path / "ppo.rlhf").write_text(source)
+    df = load_program(tmp_path / "ppo.rlhf")
+    offloaded = plan_dataflow(df, time_limit=5)
+    assert offloaded.offloaded == ("ref",)
+    scripts = {}
+    for name, p in (("offloaded", offloaded), ("resident", replace(offloaded, offloaded=()))):
+        scripts[name] = tmp_path / f"{name}.py"
+        scripts[name].write_text(emit(lower(df, p), str(scripts[name])))
+    text = scripts["offloaded"].read_text()
+    assert text.index("e.reload('ref'") < text.index("e.call('refl'") < text.index("e.offload('ref'")
+    assert "e.reload(" not in scripts["resident"].read_text()
+    for name, script in scripts.items():
+        done = run(script, tmp_path / name, "--steps", "4", "--save-every", "2")
+        assert done.returncode == 0, done.stderr
+    assert untimed(metrics(tmp_path / "offloaded")) == untimed(metrics(tmp_path / "resident"))
+    assert any(k.startswith("time/reload ref ") for k in metrics(tmp_path / "offloaded")[0])
+
+    died = run(scripts["offloaded"], tmp_path / "cut", "--steps", "4", "--save-every", "2",
+               env={"RLHFC_FAIL_AT_STEP": "3"})
+    assert died.returncode != 0
+    resumed = run(scripts["offloaded"], tmp_path / "cut", "--steps", "4", "--save-every", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert untimed(metrics(tmp_path / "cut")) == untimed(metrics(tmp_path / "offloaded"))

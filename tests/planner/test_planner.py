@@ -120,11 +120,14 @@ def test_train_memory_holds_adam_state():
 SMALL_SPACE = SearchSpace(n_mbs=(1, 2))
 
 
-@pytest.mark.parametrize("devices,memory", [(2, None), (2, 1_500_000), (4, 2_000_000)])
-def test_cpsat_equals_brute_force(devices, memory):
+@pytest.mark.parametrize("devices,memory,offload", [
+    (2, None, False), (2, 1_500_000, False), (4, 2_000_000, False), (2, 1_500_000, True), (4, 2_000_000, True)])
+def test_cpsat_equals_brute_force(devices, memory, offload):
+    """Also with offloaded options for the frozen models in the search space."""
     overrides = (("memory", memory),) if memory else ()
     df = small_dataflow(TINY, Cluster(1, devices, "cpu", overrides), batch=8, prompt_len=32, gen_len=32)
-    problem = build_problem(df, space=SMALL_SPACE)
+    problem = build_problem(df, space=replace(SMALL_SPACE, offload=offload))
+    assert any(o.offloaded for _, opts in problem.options for o in opts) == offload
     exact = brute_force(problem)
     result = solve_cpsat(problem, time_limit=30, workers=2)
     assert result.status == "OPTIMAL"
@@ -162,6 +165,22 @@ def test_plan_json_round_trip_and_stable():
     assert Plan.from_json(first.to_json(include_timing=True)) == first
     assert Plan.from_json(first.to_json()) == replace(first, solve_seconds=0.0)
     assert first.iteration_time <= first.baseline_time
+
+
+def test_frozen_models_are_offloaded_only_when_memory_needs_it():
+    """4 x 70B on 32 nodes of A100-40GB fits only with the frozen reference and reward
+    models in host memory between iterations; 16 nodes of H100-80GB hold them resident."""
+    from rlhfc.explain import explain_plan
+
+    df = load_program(ROOT / "programs/ppo_70b.rlhf", cluster_override=Cluster(32, 8, "A100-40GB"))
+    assert solve_cpsat(build_problem(df), time_limit=20, workers=8).status == "INFEASIBLE"
+    plan = plan_dataflow(df, time_limit=20)
+    assert plan.status == "OPTIMAL" and plan.offloaded == ("ref", "reward")
+    assert all(p.peak_memory <= device_for(df.cluster).memory for p in plan.calls)
+    assert Plan.from_json(plan.to_json()) == replace(plan, solve_seconds=0.0)
+    reloads = {r.call: dict(r.terms).get("reload", 0) for r in explain_plan(df, plan, DEFAULT_COEFFICIENTS)}
+    assert reloads["refl"] > 0 and reloads["score"] > 0 and reloads["a_tr"] == 0
+    assert plan_dataflow(load_program(ROOT / "programs/ppo_70b.rlhf"), time_limit=20).offloaded == ()
 
 
 def test_multi_worker_plans_are_byte_identical():
