@@ -82,7 +82,7 @@ def run_one(program: str, devices: int, symmetric: bool, steps: int, work: Path,
     if any(r.program == program and r.devices == devices and same_plan(r.plan, prog.plan) for r in seen):
         return None
     (out / "program.py").write_text(text)
-    (out / COST_INPUTS_FILE).write_text(cost_inputs_json(prog.dataflow, prog.plan))
+    (out / COST_INPUTS_FILE).write_text(cost_inputs_json(prog))
     subprocess.run([sys.executable, str(out / "program.py"), "--out", str(out), "--steps", str(steps),
                     "--save-every", str(10 * steps)], check=True, capture_output=True)
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]

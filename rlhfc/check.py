@@ -17,6 +17,7 @@ from pathlib import Path
 from rlhfc import ast, ir
 from rlhfc.diagnostics import CompileError, Diagnostic, Severity
 from rlhfc.interfaces import INTERFACES, RULES, default_interface
+from rlhfc.hardware import OVERRIDE_KEYS
 from rlhfc.parse import parse_file
 from rlhfc.presets import PRESETS, SHAPE_KEYS, shape_from_config
 
@@ -37,8 +38,7 @@ CALL_KINDS = tuple(k.value for k in ir.CallKind)
 CALL_OPTIONS = ("n_mbs", "max_new_tokens", "group_size", "temperature", "top_p", "top_k")
 INT_CALL_OPTIONS = ("n_mbs", "max_new_tokens", "group_size", "top_k")
 CLUSTER_COUNTS = ("nodes", "devices_per_node")
-CLUSTER_OVERRIDES = ("memory", "flops", "mem_bandwidth", "intra_bandwidth", "inter_bandwidth", "achievable", "cores",
-                     "host_bandwidth")
+CLUSTER_OVERRIDES = OVERRIDE_KEYS  # device figures a `cluster` block may set: the catalog's own list
 DATASET_FIELDS = ("field", "prompt", "chosen", "rejected", "response")
 OPTIMIZERS = ("adam", "adamw")
 DEFAULT_OPTIMIZER = ir.Optimizer("adam", (("lr", 1e-5),))

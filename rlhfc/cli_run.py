@@ -105,7 +105,7 @@ def run_command(
                                   hardware=hardware, coefficients=coefficients)
     out.mkdir(parents=True, exist_ok=True)
     (out / "program.py").write_text(text)
-    (out / COST_INPUTS_FILE).write_text(cost_inputs_json(prog.dataflow, prog.plan))
+    (out / COST_INPUTS_FILE).write_text(cost_inputs_json(prog))
     total = steps or (prog.dataflow.run.steps if prog.dataflow.run else 1)
     cmd = [sys.executable, str(out / "program.py"), "--out", str(out), "--steps", str(total)]
     cmd += ["--resume"] if resume else []

@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,6 +68,13 @@ class Engine:
             self.loaders[name] = calls.build_loader(name, spec, self.seed)
         self.specials = calls.special_ids(next(iter(self.loaders.values()))) if self.loaders else {}
 
+    @contextmanager
+    def _timed(self, op: str):
+        """Record `op`'s wall-clock (start, end) on this rank; `_gather` combines the ranks."""
+        start = time.time()
+        yield
+        self.spans[op] = (start, time.time())
+
     # ---- ops ---------------------------------------------------------------------
     def load(self, key: str, dataset: str) -> None:
         """Every rank draws the same next batch (deterministic sampler), keeps it whole."""
@@ -90,61 +98,57 @@ class Engine:
             self.rows[key] = self.rows[inputs[0]] * factor
         if self.rank not in lay.ranks:
             return
-        t0 = time.time()
-        spec = self.program["models"][model]
-        batch = {k: self._input(k, layout) for k in inputs}
-        runtime_model = None if spec["kind"] == "rule" else self.models[(model, layout)]
-        produced, stats = calls.run_call(
-            kind, using, runtime_model, spec, batch, outputs, settings, rdist.rank_groups(lay, self.rank)
-        )
-        for key in outputs:
-            self.data[(key, layout)] = produced[key]
-        self.stats.update({f"{name}/{k}": float(v) for k, v in stats.items()})
-        if "score" in outputs:  # the reward curve, whatever the algorithm
-            self.stats["reward"] = float(produced["score"]["score"].float().mean())
-        self.spans[name] = (t0, time.time())
+        with self._timed(name):
+            spec = self.program["models"][model]
+            batch = {k: self._input(k, layout) for k in inputs}
+            runtime_model = None if spec["kind"] == "rule" else self.models[(model, layout)]
+            produced, stats = calls.run_call(
+                kind, using, runtime_model, spec, batch, outputs, settings, rdist.rank_groups(lay, self.rank)
+            )
+            for key in outputs:
+                self.data[(key, layout)] = produced[key]
+            self.stats.update({f"{name}/{k}": float(v) for k, v in stats.items()})
+            if "score" in outputs:  # the reward curve, whatever the algorithm
+                self.stats["reward"] = float(produced["score"]["score"].float().mean())
 
     def realloc(self, model: str, *, src: str, dst: str) -> None:
         """Build `model`'s shards in `dst` from `src` (point-to-point, src ∪ dst only)."""
         s, d = self.layouts[src], self.layouts[dst]
         if self.rank not in s.ranks and self.rank not in d.ranks:
             return
-        t0 = time.time()
-        spec = self.program["models"][model]
-        source = self.models.get((model, src))
-        shards = reallocate(
-            calls.shards_of(source) if source is not None else {},
-            calls.param_shapes(spec), spec["shape"]["n_layers"], s, d, self.rank,
-            dtype=torch.float32, device=rdist.device_for_rank(),
-        )
-        if self.rank in d.ranks:
-            target = self.models.get((model, dst))
-            if target is None:
-                self.models[(model, dst)] = calls.model_from_shards(spec, shards, d, self.rank)
-            else:
-                calls.load_shards(target, shards)
-        self.spans[f"realloc {model} {src}->{dst}"] = (t0, time.time())
+        with self._timed(f"realloc {model} {src}->{dst}"):
+            spec = self.program["models"][model]
+            source = self.models.get((model, src))
+            shards = reallocate(
+                calls.shards_of(source) if source is not None else {},
+                calls.param_shapes(spec), spec["shape"]["n_layers"], s, d, self.rank,
+                dtype=torch.float32, device=rdist.device_for_rank(),
+            )
+            if self.rank in d.ranks:
+                target = self.models.get((model, dst))
+                if target is None:
+                    self.models[(model, dst)] = calls.model_from_shards(spec, shards, d, self.rank)
+                else:
+                    calls.load_shards(target, shards)
 
     def offload(self, model: str, *, layout: str) -> None:
         """Free `model`'s device copy in `layout`; its weights wait in host memory. A frozen
         model's weights never change, so the host copy is made once and kept."""
         if self.rank not in self.layouts[layout].ranks:
             return
-        t0 = time.time()
-        copy = self.models.pop((model, layout))
-        if (model, layout) not in self.host:
-            self.host[(model, layout)] = offload_shards(calls.shards_of(copy))
-        self.spans[f"offload {model} {layout}"] = (t0, time.time())
+        with self._timed(f"offload {model} {layout}"):
+            copy = self.models.pop((model, layout))
+            if (model, layout) not in self.host:
+                self.host[(model, layout)] = offload_shards(calls.shards_of(copy))
 
     def reload(self, model: str, *, layout: str) -> None:
         """Bring `model`'s weights back from host memory to `layout` (no-op while there)."""
         if self.rank not in self.layouts[layout].ranks or (model, layout) in self.models:
             return
-        t0 = time.time()
-        shards = reload_shards(self.host[(model, layout)], rdist.device_for_rank())
-        spec = self.program["models"][model]
-        self.models[(model, layout)] = calls.model_from_shards(spec, shards, self.layouts[layout], self.rank)
-        self.spans[f"reload {model} {layout}"] = (t0, time.time())
+        with self._timed(f"reload {model} {layout}"):
+            shards = reload_shards(self.host[(model, layout)], rdist.device_for_rank())
+            spec = self.program["models"][model]
+            self.models[(model, layout)] = calls.model_from_shards(spec, shards, self.layouts[layout], self.rank)
 
     def drop(self, model: str, *, layout: str) -> None:
         """Free a non-home parameter copy after its last use in the iteration."""
@@ -156,14 +160,13 @@ class Engine:
         ranks = tuple(sorted(set(s.ranks) | set(d.ranks)))
         if self.rank not in ranks:
             return
-        t0 = time.time()
-        local = self.data.get((key, src))
-        box = [batch_spec(local, self.rows[key]) if self.rank == s.ranks[0] else None]
-        dist.broadcast_object_list(box, src=s.ranks[0], group=self.groups[ranks])
-        out = redistribute_batch(local, box[0], s, d, self.rank, device=rdist.device_for_rank())
-        if self.rank in d.ranks:
-            self.data[(key, dst)] = out
-        self.spans[f"move {key} {src}->{dst}"] = (t0, time.time())
+        with self._timed(f"move {key} {src}->{dst}"):
+            local = self.data.get((key, src))
+            box = [batch_spec(local, self.rows[key]) if self.rank == s.ranks[0] else None]
+            dist.broadcast_object_list(box, src=s.ranks[0], group=self.groups[ranks])
+            out = redistribute_batch(local, box[0], s, d, self.rank, device=rdist.device_for_rank())
+            if self.rank in d.ranks:
+                self.data[(key, dst)] = out
 
     # ---- the loop ----------------------------------------------------------------
     def run(self, iteration) -> None:

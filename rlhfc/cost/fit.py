@@ -97,12 +97,13 @@ class Sample:
         return f"{self.run}:{self.priced.call.name}"
 
 
-def cost_inputs_json(dataflow, plan) -> str:
-    """The cost inputs of every neural call of a plan, for `rlhfc calibrate` to price again."""
-    from rlhfc.lower import lower
+def cost_inputs_json(prog) -> str:
+    """The cost inputs of every neural call of a lowered plan (`rlhfc.lower.OpProgram`),
+    for `rlhfc calibrate` to price again."""
     from rlhfc.plan import _strategy_dict
     from rlhfc.solve.problem import home_calls
 
+    dataflow, plan = prog.dataflow, prog.plan
     homes = home_calls(dataflow)
     c = dataflow.cluster
     calls = []
@@ -115,7 +116,7 @@ def cost_inputs_json(dataflow, plan) -> str:
             "gen_len": call.gen_len, "model": model.name, "head": model.head.value,
             "shape": asdict(model.shape), "strategy": _strategy_dict(p.strategy), "is_home": homes.get(model.name) == call.name,
         })
-    doc = {"schema_version": COST_INPUTS_SCHEMA_VERSION, "driver_ops": driver_ops(lower(dataflow, plan)),
+    doc = {"schema_version": COST_INPUTS_SCHEMA_VERSION, "driver_ops": driver_ops(prog),
            "cluster": {"nodes": c.nodes, "devices_per_node": c.devices_per_node, "device": c.device,
                        "overrides": [[k, v] for k, v in c.overrides]},
            "calls": calls}

@@ -195,7 +195,7 @@ def _missing_by_rank(
     shape: ModelShape, head: Head, src: Strategy, dst: Strategy, devices_per_node: int,
 ) -> tuple[int, int]:
     """(total, largest per device) parameters to send, device by device (any meshes)."""
-    need = {p: stage_params(shape, head, dst.tp, dst.pp, p) for p in range(dst.pp)}
+    need = _need(shape, head, dst.tp, dst.pp)
     src_coords = _stage_tp_coords(src, devices_per_node)
     dst_coords = _stage_tp_coords(dst, devices_per_node)
     pairs = Counter((src_coords.get(r), b) for r, b in dst_coords.items())

@@ -73,13 +73,15 @@ def plan_dataflow(
 
     Raises `PlanError` (with a hint) when no placement fits."""
     t0 = time.perf_counter()
+    problem = build_problem(df, coeffs, space)
+    diagnose_infeasible(problem)  # per-call reasons, before the solver (offloading cannot help)
     try:
-        problem, choice, sched, result, baseline = _solve(df, time_limit, workers, seed, coeffs, space)
-    except PlanError:
+        problem, choice, sched, result, baseline = _solve(problem, time_limit, workers, seed)
+    except PlanError:  # no combination fits: frozen models may wait in host memory
         if space.offload or not any(offloadable(df, m) for m in df.models):
             raise
-        problem, choice, sched, result, baseline = _solve(
-            df, time_limit, workers, seed, coeffs, replace(space, offload=True))
+        problem = build_problem(df, coeffs, replace(space, offload=True))
+        problem, choice, sched, result, baseline = _solve(problem, time_limit, workers, seed)
     status = "OPTIMAL" if result.status == "OPTIMAL" else "FEASIBLE"
     return plan_from_choice(
         problem, choice, sched, status=status, bound=result.bound, solve_seconds=time.perf_counter() - t0,
@@ -87,13 +89,12 @@ def plan_dataflow(
     )
 
 
-def _solve(df: Dataflow, time_limit: float, workers: int, seed: int, coeffs: Coefficients, space: SearchSpace):
-    """(problem, choice, schedule, CP-SAT result, symmetric baseline) of one search space."""
-    problem = build_problem(df, coeffs, space)
-    diagnose_infeasible(problem)  # per-call reasons, before the solver
+def _solve(problem: Problem, time_limit: float, workers: int, seed: int):
+    """(problem with the hint's options, choice, schedule, CP-SAT result, symmetric
+    baseline) of a problem whose every call has an option; `PlanError` if none combine."""
     baseline = symmetric_choice(problem)
     hint = None
-    if baseline and not df.pins:
+    if baseline and not problem.dataflow.pins:
         problem = with_options(problem, baseline[0])
         hint = baseline
     result = solve_cpsat(problem, time_limit, workers, seed, hint=hint)

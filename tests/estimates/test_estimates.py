@@ -20,6 +20,7 @@ from rlhfc.cost.fit import (
 from rlhfc.explain import explain_plan
 from rlhfc.hardware import device_for, load_profile, with_profile
 from rlhfc.ir import Cluster, Mesh, Strategy
+from rlhfc.lower import lower
 from rlhfc.profile import Measurement, derive
 from rlhfc.solve import plan_dataflow
 from rlhfc.solve.problem import SearchSpace, build_problem, home_calls
@@ -107,7 +108,7 @@ def test_coefficients_and_cost_inputs_round_trip(tmp_path):
     assert load_coefficients(tmp_path / "c.json") == c
     df = load_program(str(PPO), cluster_override=Cluster(1, 4, "cpu"))
     plan = plan_dataflow(df, time_limit=5, workers=1)
-    (tmp_path / "cost_inputs.json").write_text(cost_inputs_json(df, plan))
+    (tmp_path / "cost_inputs.json").write_text(cost_inputs_json(lower(df, plan)))
     priced = priced_calls(tmp_path / "cost_inputs.json")
     for p in plan.calls:
         if p.call in priced:  # neural calls: priced again exactly as the planner did
@@ -207,7 +208,6 @@ def test_cores_from_the_cluster_block_and_the_profile(tmp_path):
 def test_driver_overhead_fit_and_iteration_estimate(tmp_path):
     from rlhfc.cost.fit import driver_ops, fit_driver_overhead
     from rlhfc.cost.model import iteration_seconds
-    from rlhfc.lower import lower
 
     runs = [(0.010, 3, 0.010 + 3 * 2e-3), (0.040, 8, 0.040 + 8 * 2e-3), (0.005, 1, 0.005 + 2e-3)]
     k = fit_driver_overhead(runs)
@@ -224,4 +224,4 @@ def test_driver_overhead_fit_and_iteration_estimate(tmp_path):
     prog = lower(df, plan_dataflow(df, time_limit=5, workers=1))
     n = driver_ops(prog)
     assert 0 < n < len(prog.ops)  # the loads, moves and rule reward, not the neural calls
-    assert json.loads(cost_inputs_json(df, prog.plan))["driver_ops"] == n
+    assert json.loads(cost_inputs_json(prog))["driver_ops"] == n
