@@ -55,12 +55,12 @@ class Run:
 def compile_with_cores(path: Path, devices: int, cores: int, symmetric: bool, output: Path):
     """`rlhfc compile --devices N` with the cluster block `cores = C` added: the core count is
     an explicit input of the plan, as in a program, never read at plan time."""
-    from rlhfc.check import load_program
-    from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS
-    from rlhfc.emit import emit
+    from rlhfc.frontend.check import load_program
+    from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
+    from rlhfc.backend.emit import emit
     from rlhfc.ir import Cluster
-    from rlhfc.lower import lower
-    from rlhfc.solve import plan_dataflow, symmetric_plan
+    from rlhfc.backend.lower import lower
+    from rlhfc.planner.solve import plan_dataflow, symmetric_plan
 
     cluster = Cluster(nodes=1, devices_per_node=devices, device="cpu", overrides=(("cores", float(cores)),))
     dataflow = load_program(str(path), cluster_override=cluster)
@@ -73,7 +73,7 @@ def compile_with_cores(path: Path, devices: int, cores: int, symmetric: bool, ou
 def run_one(program: str, devices: int, symmetric: bool, steps: int, work: Path, seen: list[Run],
             cores: int) -> Run | None:
     """Compile, run `steps` steps, and read the medians back (None when the plan is one of `seen`'s)."""
-    from rlhfc.cost.fit import COST_INPUTS_FILE, cost_inputs_json, driver_ops, samples_from_run
+    from rlhfc.planner.cost.fit import COST_INPUTS_FILE, cost_inputs_json, driver_ops, samples_from_run
 
     out = work / f"{program}-{devices}-{'sym' if symmetric else 'solver'}"
     out.mkdir(parents=True)
@@ -100,8 +100,8 @@ def scheduled_iteration(run: Run, coeffs, cores: bool = True) -> float:
     rules); `cores=False` prices it as if each process had a core (the ablation)."""
     from dataclasses import replace
 
-    from rlhfc.explain import replay
-    from rlhfc.solve.schedule import evaluate
+    from rlhfc.planner.explain import replay
+    from rlhfc.planner.solve.schedule import evaluate
 
     df = run.dataflow if cores else replace(run.dataflow, cluster=without_cores(run.dataflow.cluster))
     problem, choice = replay(df, run.plan, coeffs)
@@ -118,7 +118,7 @@ def fit_all(runs: list[Run], cores: bool = True):
     """Call coefficients fitted on the runs' calls, then `driver_op_overhead` on their iterations."""
     from dataclasses import replace
 
-    from rlhfc.cost.fit import fit_coefficients, fit_driver_overhead
+    from rlhfc.planner.cost.fit import fit_coefficients, fit_driver_overhead
 
     samples = [s if cores else ablate(s) for r in runs for s in r.samples]
     c = fit_coefficients(samples)
@@ -134,7 +134,7 @@ def ablate(sample):
 
 def predicted_iteration(run: Run, coeffs, cores: bool = True) -> float:
     """The iteration estimate: the schedule's makespan plus the driver's ops."""
-    from rlhfc.cost.model import iteration_seconds
+    from rlhfc.planner.cost.model import iteration_seconds
 
     return iteration_seconds(scheduled_iteration(run, coeffs, cores), run.driver_ops, coeffs)
 
@@ -157,8 +157,8 @@ def evaluate_runs(runs: list[Run]) -> dict:
     """Errors before calibration, after a leave-one-program-out fit, and after an in-sample fit."""
     from dataclasses import replace
 
-    from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS
-    from rlhfc.cost.fit import relative_error
+    from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
+    from rlhfc.planner.cost.fit import relative_error
 
     programs = sorted({r.program for r in runs})
     in_sample = fit_all(runs)
@@ -277,7 +277,7 @@ def main() -> None:
                         help="cores the processes share (default: this process's CPU affinity)")
     parser.add_argument("--out", type=Path, default=RESULTS / "estimate_bench")
     args = parser.parse_args()
-    from rlhfc.profile import physical_cores
+    from rlhfc.planner.profile import physical_cores
 
     cores = args.cores or physical_cores()
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rlhfc.cli_run import read_metrics, summarize
+from rlhfc.cli.run import read_metrics, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ("ppo", "grpo", "rloo", "remax", "dpo", "sft", "reward_model", "ppo_pinned")

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "planner"
 from planner_fixtures import CODELLAMA_34B, LLAMA_7B, LLAMA_13B, LLAMA_70B, ppo_dataflow  # noqa: E402
 
 from rlhfc.ir import Cluster  # noqa: E402
-from rlhfc.solve import build_problem, plan_dataflow  # noqa: E402
-from rlhfc.solve.baselines import mcmc  # noqa: E402
+from rlhfc.planner.solve import build_problem, plan_dataflow  # noqa: E402
+from rlhfc.planner.solve.baselines import mcmc  # noqa: E402
 
 CASES = [  # name, shape, GPUs, CP-SAT time limit
     ("7B", LLAMA_7B, 8, 10), ("7B", LLAMA_7B, 16, 10), ("13B", LLAMA_13B, 32, 10),

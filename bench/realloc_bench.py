@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from rlhfc_runtime.layout import Layout, shard_slices
+from rlhfc_runtime.contract.layout import Layout, shard_slices
 from rlhfc_runtime.realloc import bytes_moved, messages, minimum_bytes, plan_reallocation
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -33,7 +33,7 @@ def median_iteration(run_dir: Path) -> float:
 
 def run_generated(program: Path, out: Path, steps: int, **compile_args) -> tuple[float, float]:
     """(measured median s/iteration, planner's estimate) of one compiled run."""
-    from rlhfc.cli_run import compile_program
+    from rlhfc.cli.run import compile_program
 
     prog, text = compile_program(program, output=out / "program.py", **compile_args)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,10 +48,10 @@ def hand_written(program: Path, steps: int) -> float:
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
     import torch
 
-    from rlhfc.check import load_program
-    from rlhfc.emit import program_spec
-    from rlhfc.lower import lower
-    from rlhfc.solve import symmetric_plan
+    from rlhfc.frontend.check import load_program
+    from rlhfc.backend.emit import program_spec
+    from rlhfc.backend.lower import lower
+    from rlhfc.planner.solve import symmetric_plan
     from rlhfc_runtime import calls
     from rlhfc_runtime import dist as rdist
     from rlhfc_runtime.engine import resolve_paths

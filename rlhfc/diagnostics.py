@@ -45,6 +45,7 @@ CODES: dict[str, str] = {
     "E024": "missing required value",
     "E025": "unknown model preset",
     "E026": "sequence longer than the model's max_positions",
+    "E027": "no plan fits the cluster",
     "W001": "dataset file not found at check time",
     "W002": "model or dataset declared but not used by the `run`",
 }
@@ -64,6 +65,18 @@ class Diagnostic:
     @property
     def is_error(self) -> bool:
         return self.severity is Severity.ERROR
+
+
+def located(severity: Severity, code: str, message: str, span: Span | None, hint: str | None = None) -> Diagnostic:
+    """A diagnostic made after parsing (planner): its source line read back from the span's file."""
+    line_text = None
+    if span is not None:
+        try:
+            with open(span.file, encoding="utf-8", errors="replace") as f:
+                line_text = next((ln.rstrip("\n") for i, ln in enumerate(f, 1) if i == span.line), None)
+        except (OSError, ValueError):
+            pass
+    return Diagnostic(severity, code, message, span, hint, line_text)
 
 
 @dataclass

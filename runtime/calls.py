@@ -20,7 +20,7 @@ from rlhfc_runtime.data.loaders import JsonlLoader
 from rlhfc_runtime.data.tokenizer import load_tokenizer
 from rlhfc_runtime.dist import device_for_rank, rank_groups
 from rlhfc_runtime.generate import SamplingParams, generate
-from rlhfc_runtime.layout import Layout
+from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.model import ShardedLlama, next_token_logprobs
 from rlhfc_runtime.model import param_shapes as model_param_shapes
 from rlhfc_runtime.model import ModelConfig

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .dist import rank_groups
-from .layout import Layout, shard_slices
-from .model import ARCHITECTURES, LM, VALUE, ModelConfig, ShardedLlama, param_shapes
+from rlhfc_runtime.dist import rank_groups
+from rlhfc_runtime.contract.layout import Layout, shard_slices
+from rlhfc_runtime.model import ARCHITECTURES, LM, VALUE, ModelConfig, ShardedLlama, param_shapes
 
 _HEAD_CLASS = {LM: "ForCausalLM", VALUE: "ForTokenClassification"}
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .layout import Layout
+from rlhfc_runtime.contract.layout import Layout
 
 
 def device_for_rank() -> torch.device:

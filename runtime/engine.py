@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from rlhfc_runtime import dist as rdist
 from rlhfc_runtime import calls
-from rlhfc_runtime.layout import Layout
+from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.offload import offload as offload_shards
 from rlhfc_runtime.offload import reload as reload_shards
 from rlhfc_runtime.realloc import reallocate

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .model import HeadOutput, ShardedLlama
+from rlhfc_runtime.model import HeadOutput, ShardedLlama
 
 
 @dataclass(frozen=True)

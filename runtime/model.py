@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .dist import RankGroups
-from .layout import shard_slices, stage_layers, tp_split_dim
+from rlhfc_runtime.dist import RankGroups
+from rlhfc_runtime.contract.layout import shard_slices, stage_layers, tp_split_dim
 
 LM = "lm"
 VALUE = "value"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Mapping
 
-from rlhfc_runtime.layout import Layout, param_stages, shard_slices, tp_split_dim
+from rlhfc_runtime.contract.layout import Layout, param_stages, shard_slices, tp_split_dim
 
 DEFAULT_BUCKET_BYTES = 64 * 2**20
 # Pieces at least this large that are contiguous on one side at least travel as their own

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhfc_runtime.layout import Layout
+from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.realloc import DEFAULT_DEVICES_PER_NODE, cover_intervals, default_device
 
 

@@ -1,4 +1,4 @@
-"""The runtime side of the interface catalog (`rlhfc.interfaces`): for each name a
+"""The runtime side of the interface catalog (`rlhfc_runtime.contract.interfaces`): for each name a
 small object that says what the model must compute and how to turn that into the
 call's outputs or loss.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfc.ir import CallKind, Head
+from rlhfc_runtime.contract.kinds import CallKind, Head
 from rlhfc_runtime.algorithms.advantages import (
     gae, group_normalised, kl_penalised_rewards, leave_one_out, returns_to_go,
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfc.interfaces import INTERFACES, RULES
+from rlhfc_runtime.contract.interfaces import INTERFACES, RULES
 from rlhfc_runtime.algorithms.batch import build_sequences
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rule_scores
 from rlhfc_runtime.algorithms.rules import RULE_FUNCTIONS, length_reward, pattern_reward

@@ -6,8 +6,8 @@ import ast
 
 from codegen_fixtures import dataflow, split_plan
 
-from rlhfc.emit import emit, program_spec
-from rlhfc.lower import lower
+from rlhfc.backend.emit import emit, program_spec
+from rlhfc.backend.lower import lower
 
 HOSTILE = 'x"""; __import__("os").system("touch PWNED") #\n\'\\ ' + "'''"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from codegen_fixtures import split_plan
 
-from rlhfc.check import load_program
-from rlhfc.cli_run import compile_program
-from rlhfc.emit import emit
-from rlhfc.lower import lower
+from rlhfc.frontend.check import load_program
+from rlhfc.cli.run import compile_program
+from rlhfc.backend.emit import emit
+from rlhfc.backend.lower import lower
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "codegen"

@@ -7,7 +7,7 @@ import itertools
 
 from codegen_fixtures import dataflow, single_plan, split_plan, strategy, plan
 
-from rlhfc.lower import Call, Drop, Load, Move, Realloc, lower, participants
+from rlhfc.backend.lower import Call, Drop, Load, Move, Realloc, lower, participants
 
 
 def simulate(prog) -> list[tuple[int, object]]:

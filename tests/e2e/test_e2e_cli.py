@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlhfc.cli_run import plot_metrics, read_metrics, summarize
+from rlhfc.cli.run import plot_metrics, read_metrics, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 

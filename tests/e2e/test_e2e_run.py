@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from codegen_fixtures import plan, split_plan, strategy
 
-from rlhfc.check import load_program
-from rlhfc.emit import emit
-from rlhfc.lower import Realloc, lower
+from rlhfc.frontend.check import load_program
+from rlhfc.backend.emit import emit
+from rlhfc.backend.lower import Realloc, lower
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -134,7 +134,7 @@ def test_offloaded_reference_computes_what_a_resident_one_does_and_resumes(tmp_p
     and the metrics equal those of the same plan with the reference resident."""
     from dataclasses import replace
 
-    from rlhfc.solve import plan_dataflow
+    from rlhfc.planner.solve import plan_dataflow
 
     source = ((ROOT / "programs" / "ppo.rlhf").read_text().replace('"../data/', f'"{ROOT}/data/')
               .replace("batch = 64", "batch = 8").replace('device = "cpu" }', 'device = "cpu"  memory = 1329KiB }'))

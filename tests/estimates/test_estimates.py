@@ -10,20 +10,20 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rlhfc.check import load_program
+from rlhfc.frontend.check import load_program
 from rlhfc.cli import app
-from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS
-from rlhfc.cost.fit import (
+from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
+from rlhfc.planner.cost.fit import (
     FIT_FIELDS, PricedCall, Sample, coefficients_to_json, cost_inputs_json, fit_coefficients, load_coefficients,
     priced_calls,
 )
-from rlhfc.explain import explain_plan
+from rlhfc.planner.explain import explain_plan
 from rlhfc.hardware import device_for, load_profile, with_profile
 from rlhfc.ir import Cluster, Mesh, Strategy
-from rlhfc.lower import lower
-from rlhfc.profile import Measurement, derive
-from rlhfc.solve import plan_dataflow
-from rlhfc.solve.problem import SearchSpace, build_problem, home_calls
+from rlhfc.backend.lower import lower
+from rlhfc.planner.profile import Measurement, derive
+from rlhfc.planner.solve import plan_dataflow
+from rlhfc.planner.solve.problem import SearchSpace, build_problem, home_calls
 
 ROOT = Path(__file__).resolve().parents[2]
 PPO = ROOT / "programs" / "ppo.rlhf"
@@ -171,7 +171,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, args):
 
 def _ppo_call_seconds(cluster: Cluster) -> dict[str, float]:
     """Every neural call of the tiny PPO on a 4-process dp layout, priced on `cluster`."""
-    from rlhfc.cost.model import call_cost
+    from rlhfc.planner.cost.model import call_cost
 
     df = load_program(str(PPO), cluster_override=cluster)
     homes, s = home_calls(df), Strategy(Mesh(0, 1, 0, 4), 4, 1, 1, 1)
@@ -206,8 +206,8 @@ def test_cores_from_the_cluster_block_and_the_profile(tmp_path):
 
 
 def test_driver_overhead_fit_and_iteration_estimate(tmp_path):
-    from rlhfc.cost.fit import driver_ops, fit_driver_overhead
-    from rlhfc.cost.model import iteration_seconds
+    from rlhfc.planner.cost.fit import driver_ops, fit_driver_overhead
+    from rlhfc.planner.cost.model import iteration_seconds
 
     runs = [(0.010, 3, 0.010 + 3 * 2e-3), (0.040, 8, 0.040 + 8 * 2e-3), (0.005, 1, 0.005 + 2e-3)]
     k = fit_driver_overhead(runs)

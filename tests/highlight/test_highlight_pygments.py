@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from pygments.token import Comment, Error, Keyword, Name, Number, Operator, String
 
-from rlhfc import highlight
-from rlhfc.highlight import RlhfLexer
+from rlhfc.frontend import highlight
+from rlhfc.frontend.highlight import RlhfLexer
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted([*ROOT.glob("programs/*.rlhf"), *ROOT.glob("stdlib/*.rlhf")])
@@ -123,7 +123,7 @@ def test_word_lists_match_the_textmate_grammar():
 
 def test_pygmentize_finds_the_lexer_through_the_entry_point():
     names = {ep.name: ep.value for ep in entry_points(group="pygments.lexers")}
-    assert names.get("rlhf") == "rlhfc.highlight:RlhfLexer", "reinstall: pip install -e ."
+    assert names.get("rlhf") == "rlhfc.frontend.highlight:RlhfLexer", "reinstall: pip install -e ."
     out = subprocess.run(
         [sys.executable, "-m", "pygments", "-l", "rlhf", "-f", "raw", str(ROOT / "stdlib" / "ppo.rlhf")],
         capture_output=True, text=True, check=True,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from rlhfc import ir
-from rlhfc.check import load_program
-from rlhfc.presets import PRESETS
+from rlhfc.frontend.check import load_program
+from rlhfc.frontend.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
 

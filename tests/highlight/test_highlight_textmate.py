@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhfc import highlight
+from rlhfc.frontend import highlight
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAMMAR = ROOT / "grammar" / "rlhf.tmLanguage.json"

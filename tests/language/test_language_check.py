@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from rlhfc import ir
-from rlhfc.check import check_program, load_program
+from rlhfc.frontend.check import check_program, load_program
 from rlhfc.diagnostics import CompileError
-from rlhfc.presets import PRESETS
+from rlhfc.frontend.presets import PRESETS
 
 TINY = 'model actor = llama(preset = "tiny") { trainable  optimizer = adam(lr = 1e-3) }\n' \
        'model ref = llama(preset = "tiny")\nmodel reward = rule("pattern_reward")\n'

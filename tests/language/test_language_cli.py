@@ -109,8 +109,8 @@ def test_help_teaches_with_examples(command):
 
 def test_spec_examples_parse_and_format_stably():
     """The code blocks of docs/language.md are real programs of this grammar."""
-    from rlhfc.fmt import format_program
-    from rlhfc.parse import parse_text
+    from rlhfc.frontend.fmt import format_program
+    from rlhfc.frontend.parse import parse_text
 
     blocks = re.findall(r"```\n(.*?)```", (ROOT / "docs" / "language.md").read_text(), re.S)
     programs = [b for b in blocks if re.search(r"^(import|dataflow|model) ", b, re.M)]
@@ -121,7 +121,7 @@ def test_spec_examples_parse_and_format_stably():
 
 
 def test_color_rendering_marks_severity_and_location(monkeypatch):
-    from rlhfc.check import check_program
+    from rlhfc.frontend.check import check_program
     from rlhfc.diagnostics import render
 
     monkeypatch.chdir(ROOT)
@@ -132,9 +132,9 @@ def test_color_rendering_marks_severity_and_location(monkeypatch):
 
 
 def test_fmt_keeps_comments_inside_statements():
-    from rlhfc.ast import without_spans
-    from rlhfc.fmt import format_program
-    from rlhfc.parse import parse_text
+    from rlhfc.frontend.ast import without_spans
+    from rlhfc.frontend.fmt import format_program
+    from rlhfc.frontend.parse import parse_text
 
     source = ('/* header\n   block */\n\nimport ppo from "stdlib/ppo.rlhf" // trailing\n// lead model\n'
               'model a = llama(preset = "tiny") {\n  trainable // inside\n  optimizer = adam(lr = 1e-6)\n}\n'

@@ -7,11 +7,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhfc.ast import without_spans
-from rlhfc.check import check_program
+from rlhfc.frontend.ast import without_spans
+from rlhfc.frontend.check import check_program
 from rlhfc.diagnostics import CompileError
-from rlhfc.fmt import format_program
-from rlhfc.parse import parse_text
+from rlhfc.frontend.fmt import format_program
+from rlhfc.frontend.parse import parse_text
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYWORDS = {"import", "from", "cluster", "model", "dataset", "dataflow", "run", "place", "on", "using",

@@ -11,18 +11,18 @@ import pytest
 from planner_fixtures import LLAMA_7B, TINY, ppo_dataflow, small_dataflow
 from typer.testing import CliRunner
 
-from rlhfc.check import load_program
+from rlhfc.frontend.check import load_program
 from rlhfc.cli import app
-from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS
-from rlhfc.cost.model import call_cost
-from rlhfc.cost.realloc import realloc_cost
+from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
+from rlhfc.planner.cost.model import call_cost
+from rlhfc.planner.cost.realloc import realloc_cost
 from rlhfc.hardware import device_for
 from rlhfc.ir import Cluster, Head, Mesh, Pin, Strategy
 from rlhfc.plan import Plan
-from rlhfc.solve import PlanError, SearchSpace, build_problem, plan_dataflow
-from rlhfc.solve.baselines import brute_force, mcmc
-from rlhfc.solve.cpsat import solve_cpsat
-from rlhfc_runtime.layout import Layout, shard_slices
+from rlhfc.planner.solve import PlanError, SearchSpace, build_problem, plan_dataflow
+from rlhfc.planner.solve.baselines import brute_force, mcmc
+from rlhfc.planner.solve.cpsat import solve_cpsat
+from rlhfc_runtime.contract.layout import Layout, shard_slices
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU4 = Cluster(1, 4, "cpu")
@@ -90,7 +90,7 @@ def test_realloc_bytes_equal_exhaustive_count(head):
 def test_realloc_run_by_run_equals_device_by_device(head):
     """The fast closed forms (rank ranges counted run by run, at any offset; disjoint
     meshes) give the very bytes and seconds of the device-by-device count."""
-    from rlhfc.cost.realloc import _missing_by_rank
+    from rlhfc.planner.cost.realloc import _missing_by_rank
 
     device, c = device_for(Cluster(4, 8, "H100-80GB")), DEFAULT_COEFFICIENTS
     meshes = [Mesh(0, 4, 0, 8), Mesh(2, 2, 0, 8), Mesh(1, 1, 0, 8), Mesh(1, 1, 4, 4), Mesh(1, 1, 2, 2),
@@ -170,7 +170,7 @@ def test_plan_json_round_trip_and_stable():
 def test_frozen_models_are_offloaded_only_when_memory_needs_it():
     """4 x 70B on 32 nodes of A100-40GB fits only with the frozen reference and reward
     models in host memory between iterations; 16 nodes of H100-80GB hold them resident."""
-    from rlhfc.explain import explain_plan
+    from rlhfc.planner.explain import explain_plan
 
     df = load_program(ROOT / "programs/ppo_70b.rlhf", cluster_override=Cluster(32, 8, "A100-40GB"))
     assert solve_cpsat(build_problem(df), time_limit=20, workers=8).status == "INFEASIBLE"

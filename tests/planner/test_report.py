@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rlhfc.ir import Cluster, Mesh, Strategy
 from rlhfc.plan import CallPlacement, Plan, Reallocation
-from rlhfc.report import device_bands, save_gantt
+from rlhfc.planner.report import device_bands, save_gantt
 
 
 def _plan(calls, reallocations=()):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from rlhfc_runtime import checkpoint as ck
 from rlhfc_runtime.dist import ensure_groups, spawn
-from rlhfc_runtime.layout import Layout
+from rlhfc_runtime.contract.layout import Layout
 
 CONFIG = ck.tiny_config(num_hidden_layers=4)
 LAYOUTS = [(1, 1, 1), (1, 2, 2), (2, 2, 1), (1, 1, 4), (4, 1, 1), (2, 1, 2)]

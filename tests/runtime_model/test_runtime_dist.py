@@ -8,12 +8,12 @@ import textwrap
 import pytest
 
 from rlhfc_runtime.dist import WorkerFailed, spawn
-from rlhfc_runtime.layout import Layout
+from rlhfc_runtime.contract.layout import Layout
 
 SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist
     from rlhfc_runtime.dist import init_from_env, ensure_groups, rank_groups, group
-    from rlhfc_runtime.layout import Layout
+    from rlhfc_runtime.contract.layout import Layout
     rank = init_from_env()
     a, b = Layout((0, 1), 1, 2, 1), Layout((1, 0), 2, 1, 1)
     ensure_groups([a, b] if rank == 0 else [b, a])  # different order on each rank

@@ -7,7 +7,7 @@ from torch.testing import assert_close
 from rlhfc_runtime import checkpoint as ck
 from rlhfc_runtime.dist import ensure_groups, spawn
 from rlhfc_runtime.generate import SamplingParams, choose, generate, left_pad
-from rlhfc_runtime.layout import Layout
+from rlhfc_runtime.contract.layout import Layout
 
 CONFIG = ck.tiny_config(num_hidden_layers=2, rope_theta=1000.0)
 PROMPTS = [[5, 9, 3, 17, 22], [40, 32], [11, 12, 13], [7, 8, 9, 10, 11, 12]]

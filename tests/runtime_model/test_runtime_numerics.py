@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 from rlhfc_runtime import checkpoint as ck
 from rlhfc_runtime.dist import ensure_groups, spawn
-from rlhfc_runtime.layout import Layout
+from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.model import lm_loss
 
 # 4 layers so pp=4 still gives every stage a layer; kv heads 2 = the largest tp.

@@ -3,7 +3,7 @@ every layout of a 4-rank world."""
 
 from __future__ import annotations
 
-from rlhfc_runtime.layout import Layout
+from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.model import LM, VALUE, ModelConfig, param_shapes
 
 N_LAYERS = 4

@@ -8,7 +8,7 @@ import pytest
 import torch
 from realloc_cases import N_LAYERS, all_layouts, llama_shapes
 
-from rlhfc_runtime.layout import Layout, shard_slices
+from rlhfc_runtime.contract.layout import Layout, shard_slices
 from rlhfc_runtime.offload import offload, reload
 from rlhfc_runtime.realloc import bytes_moved, messages, minimum_bytes, plan_reallocation, reallocate
 from rlhfc_runtime.transfer import plan_batch, rows_of
@@ -162,10 +162,10 @@ def test_rank_new_to_the_model_must_name_dtype():
 
 
 def test_compiler_cost_model_bytes_agree_with_minimum():
-    """The solver's closed form (rlhfc.cost.realloc) and this module's box arithmetic are
+    """The solver's closed form (rlhfc.planner.cost.realloc) and this module's box arithmetic are
     independent computations of the same minimum: every pair of one-node layouts."""
-    from rlhfc.cost.coefficients import DEFAULT_COEFFICIENTS
-    from rlhfc.cost.realloc import realloc_cost
+    from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
+    from rlhfc.planner.cost.realloc import realloc_cost
     from rlhfc.hardware import CATALOG
     from rlhfc.ir import Head, Mesh, ModelShape, Strategy
     from rlhfc_runtime.model import LM, VALUE, ModelConfig, param_shapes

@@ -19,7 +19,7 @@ def _full_params(seed: int):
 
 
 def _local(full, layout, rank):
-    from rlhfc_runtime.layout import shard_slices
+    from rlhfc_runtime.contract.layout import shard_slices
 
     out = {}
     for n, t in full.items():

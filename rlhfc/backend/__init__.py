@@ -1,0 +1,1 @@
+"""Back end: Plan → op program (lower) → Python file (emit)."""

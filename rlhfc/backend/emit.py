@@ -1,0 +1,137 @@
+"""Code generation: an op program becomes one readable, deterministic Python file.
+
+jinja2 lays the file out; this module renders every value as a Python literal first,
+through `repr()` / `pprint`, so no string from a program (paths, names, options) can
+reach the generated code unescaped. Output is a pure function of the op program.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pprint
+
+import jinja2
+
+from rlhfc import ir
+from rlhfc.backend.lower import Call, Drop, Load, Move, Offload, Op, OpProgram, Realloc, Reload
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("rlhfc.backend", "templates"),
+    autoescape=False,
+    keep_trailing_newline=True,
+    undefined=jinja2.StrictUndefined,
+)
+
+
+def op_line(op: Op) -> str:
+    """One op as one line of Python calling the engine, with every value repr()'d."""
+    if isinstance(op, Load):
+        return f"e.load({op.key!r}, dataset={op.dataset!r})"
+    if isinstance(op, Realloc):
+        return f"e.realloc({op.model!r}, src={op.src!r}, dst={op.dst!r})"
+    if isinstance(op, Drop):
+        return f"e.drop({op.model!r}, layout={op.layout!r})"
+    if isinstance(op, Move):
+        return f"e.move({op.key!r}, src={op.src!r}, dst={op.dst!r})"
+    if isinstance(op, (Offload, Reload)):
+        return f"e.{type(op).__name__.lower()}({op.model!r}, layout={op.layout!r})"
+    options = f", options={dict(op.options)!r}" if op.options else ""
+    return (
+        f"e.call({op.name!r}, model={op.model!r}, kind={op.kind!r}, using={op.interface!r}, "
+        f"layout={op.layout!r}, inputs={op.inputs!r}, outputs={op.outputs!r}{options})"
+    )
+
+
+def relative_path(path: str | None, base: str) -> str | None:
+    """A path as the generated file will find it: relative to the file's directory, so
+    the output does not depend on where the checkout lives (the engine resolves it)."""
+    if path is None or not os.path.isabs(path):
+        return path
+    return os.path.relpath(path, os.path.abspath(base))
+
+
+def program_spec(prog: OpProgram, base: str = ".") -> dict:
+    """What the engine needs besides the ops: models, datasets, run settings, cluster.
+    Plain literals only (str, int, float, bool, None, tuples, dicts); file paths
+    relative to `base`, the generated file's directory."""
+    df = prog.dataflow
+    homes = dict(prog.homes)
+    run = df.run or ir.RunConfig(dataflow="", batch=1, steps=1)
+    return {
+        "source": relative_path(df.source, base),
+        "world_size": prog.world_size,
+        "device": df.cluster.device,
+        "models": {m.name: _model_spec(m, homes.get(m.name), m.name in prog.plan.offloaded, base) for m in df.models},
+        "datasets": {
+            d.name: {"format": d.format, "path": relative_path(d.path, base), "fields": dict(d.fields),
+                     "tokenizer": relative_path(getattr(d, "tokenizer", None), base), "max_len": d.max_len}
+            for d in df.datasets
+        },
+        "run": {"dataflow": run.dataflow, "batch": run.batch, "steps": run.steps, **dict(run.params)},
+        "estimates": {p.call: round(p.end - p.start, 6) for p in prog.plan.calls},
+    }
+
+
+def _model_spec(m: ir.Model, home: str | None, offloaded: bool, base: str) -> dict:
+    return {
+        "kind": m.kind,
+        "shape": None if m.shape is None else {
+            "n_layers": m.shape.n_layers, "hidden": m.shape.hidden, "n_heads": m.shape.n_heads,
+            "n_kv_heads": m.shape.n_kv_heads, "intermediate": m.shape.intermediate,
+            "vocab": m.shape.vocab, "max_positions": m.shape.max_positions,
+            "tied_embeddings": m.shape.tied_embeddings,
+        },
+        "head": m.head.value,
+        "trainable": m.trainable,
+        "checkpoint": relative_path(m.checkpoint, base),
+        "optimizer": None if m.optimizer is None else {"name": m.optimizer.name, **dict(m.optimizer.params)},
+        "rule": m.rule,
+        "home": home,
+        "offloaded": offloaded,
+    }
+
+
+def plan_table(prog: OpProgram) -> list[str]:
+    """The plan as an aligned text table, one row per call in op order."""
+    plan = prog.plan
+    rows = [("call", "model", "layout", "mesh", "dp", "tp", "pp", "mbs", "start s", "end s", "peak MiB")]
+    layout_of = {op.name: op.layout for op in prog.ops if isinstance(op, Call)}
+    for op in prog.ops:
+        if isinstance(op, Call):
+            p = plan.placement(op.name)
+            s = p.strategy
+            rows.append((op.name, op.model, layout_of[op.name], str(s.mesh), str(s.dp), str(s.tp), str(s.pp),
+                         str(s.n_mbs), f"{p.start:.3f}", f"{p.end:.3f}", f"{p.peak_memory / 2**20:.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    homes = ", ".join(f"{m} -> {lay}" for m, lay in prog.homes)
+    return [*lines, "", f"homes: {homes}"] if homes else lines
+
+
+def emit(prog: OpProgram, path: str = "build/program.py") -> str:
+    """The generated Python source for a file to be written at `path` (paths inside it
+    are relative to that file's directory)."""
+    base = os.path.dirname(path) or "."
+    plan = prog.plan
+    summary = (f"{plan.status}, estimated {plan.iteration_time:.3f} s/iteration, "
+               f"lower bound {plan.lower_bound:.3f} s, gap {plan.gap:.1%}")
+    text = _ENV.get_template("program.py.j2").render(
+        source=_docstring_safe(repr(relative_path(prog.dataflow.source, base))),
+        filename=_docstring_safe(path),
+        world_size=prog.world_size,
+        plan_summary=summary,
+        plan_table=[_docstring_safe(line) for line in plan_table(prog)],
+        program=pprint.pformat(program_spec(prog, base), width=100, sort_dicts=False),
+        layout_lines=[f"{name!r}: Layout(ranks={lay.ranks!r}, dp={lay.dp}, tp={lay.tp}, pp={lay.pp}),"
+                      for name, lay in prog.layouts],
+        groups=repr(prog.groups),
+        op_lines=[op_line(op) for op in prog.ops],
+    )
+    ast.parse(text)  # a generated file that does not parse is a compiler bug: fail here
+    return text
+
+
+def _docstring_safe(text: str) -> str:
+    """Text inside the module docstring: no backslashes or quote runs can end it early."""
+    return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"').replace("\n", " ")

@@ -1,0 +1,183 @@
+"""`rlhfc compile` and `rlhfc run`: the whole pipeline from a .rlhf file to a training run.
+
+`run` compiles into the run directory (program.py, the plan in its header), starts the generated
+program as a child process (it spawns the workers), and follows its metrics file with a
+progress bar. A worker that dies stops the run with a clear message; the checkpoint in
+the run directory lets `--resume` continue without losing a step.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Column
+
+from rlhfc.backend.lower import OpProgram
+from rlhfc.driver import compile_program
+
+_err = Console(stderr=True, soft_wrap=True)
+
+
+def _compile_or_exit(path: Path, **kwargs) -> tuple[OpProgram, str]:
+    """The compiled program, or the diagnostics on stderr and exit status 1."""
+    from rlhfc.planner.cost.fit import FitError
+    from rlhfc.diagnostics import CompileError, render
+    from rlhfc.hardware import ProfileError
+
+    try:
+        return compile_program(path, **kwargs)
+    except (ProfileError, FitError) as e:
+        typer.echo(f"error: {e}", err=True)
+    except CompileError as e:
+        typer.echo(render(e.diagnostics, color=sys.stderr.isatty()), err=True, nl=False)
+    raise typer.Exit(1)
+
+
+def compile_command(
+    file: Path = typer.Argument(..., help="the .rlhf program"),
+    output: Path = typer.Option(None, "-o", "--output", help="where to write the Python file (default build/NAME.py)"),
+    devices: int = typer.Option(None, "--devices", help="plan for N local CPU processes instead of the cluster block"),
+    symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan, not the solver"),
+    hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
+    coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
+) -> None:
+    """Compile a program into one runnable Python file (plan embedded as a comment)."""
+    output = output or Path("build") / f"{file.stem}.py"
+    _, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=output, hardware=hardware,
+                               coefficients=coefficients)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    _err.print(f"wrote {output}")
+
+
+def run_command(
+    file: Path = typer.Argument(..., help="the .rlhf program"),
+    devices: int = typer.Option(None, "--devices", help="N local CPU processes (default: the cluster block)"),
+    steps: int = typer.Option(None, "--steps", help="stop after this many steps (default: the run block)"),
+    out: Path = typer.Option(None, "--out", help="run directory (default runs/NAME)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run directory's checkpoint"),
+    plot: bool = typer.Option(False, "--plot", help="write reward and KL curves to OUT/curves.png"),
+    symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan"),
+    save_every: int = typer.Option(None, "--save-every", help="checkpoint every K steps"),
+    hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
+    coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
+) -> None:
+    """Compile and train: metrics in OUT/metrics.jsonl (measured and estimated time per
+    call), the calls' cost inputs for `rlhfc calibrate` in OUT/cost_inputs.json,
+    checkpoints in OUT/checkpoint."""
+    from rlhfc.planner.cost.fit import COST_INPUTS_FILE, cost_inputs_json
+
+    out = out or Path("runs") / file.stem
+    prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=out / "program.py",
+                                  hardware=hardware, coefficients=coefficients)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "program.py").write_text(text)
+    (out / COST_INPUTS_FILE).write_text(cost_inputs_json(prog))
+    total = steps or (prog.dataflow.run.steps if prog.dataflow.run else 1)
+    cmd = [sys.executable, str(out / "program.py"), "--out", str(out), "--steps", str(total)]
+    cmd += ["--resume"] if resume else []
+    cmd += ["--save-every", str(save_every)] if save_every else []
+    _err.print(f"[bold]{file}[/]: {prog.world_size} process(es), plan {prog.plan.status}, "
+               f"{len(prog.ops)} ops per step → {out}")
+    code = _follow(cmd, out, total)
+    if code != 0:
+        log = (out / "worker.log").read_text().strip().splitlines()[-15:]
+        _err.print("\n".join(log), markup=False, highlight=False)
+        _err.print(f"[red]error[/]: the run stopped (exit code {code}); the log is {out / 'worker.log'}.\n"
+                   f"Continue from the last checkpoint with: rlhfc run {file} --out {out} --resume"
+                   + (f" --devices {devices}" if devices else ""))
+        raise typer.Exit(1)
+    _err.print(summarize(read_metrics(out / "metrics.jsonl")) + f"; metrics in {out / 'metrics.jsonl'}")
+    if plot:
+        _err.print(f"wrote {plot_metrics(out / 'metrics.jsonl', out / 'curves.png')}")
+
+
+def summarize(records: list[dict], window: int = 10) -> str:
+    """One line saying whether training moved: the mean reward (or loss, where a run has
+    no reward) of the first and last `window` steps, and the time per step."""
+    if not records:
+        return "no steps recorded"
+    name = next((n for n in ("reward", "reward_accuracy", "loss") if _pick(records[-1], n) is not None), None)
+    line = f"{records[-1]['step']} steps, {statistics.median(r['time/iteration'] for r in records):.3f} s/step (median)"
+    if name is None:
+        return line
+    values = [v for v in (_pick(r, name) for r in records) if v is not None]
+    head, tail = values[:window], values[-window:]
+    return (f"{line}; {name} {sum(head) / len(head):.3f} (first {len(head)}) "
+            f"→ {sum(tail) / len(tail):.3f} (last {len(tail)})")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file (empty if it does not exist yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _pick(record: dict, name: str) -> float | None:
+    """A metric by its last name part (`reward`, `ref_kl`, `loss`), first call first."""
+    keys = sorted(k for k in record if k.split("/")[-1] == name and not k.startswith(("time/", "estimate/")))
+    return record[keys[0]] if keys else None
+
+
+def _follow(cmd: list[str], out: Path, total: int) -> int:
+    """Run the program, showing step, reward, KL, loss and time per call as it goes."""
+    metrics = out / "metrics.jsonl"
+    step_width = len(f"step {total}/{total}")
+    info_width = max(20, _err.width - step_width - 20 - 7 - 3)  # what the bar and the clock leave
+    columns = [TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}",
+                          table_column=Column(no_wrap=True, min_width=step_width)),
+               BarColumn(bar_width=20), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                     max_width=info_width))]
+    with (out / "worker.log").open("w") as log, Progress(*columns, console=_err) as bar:
+        task = bar.add_task("train", total=total, info="starting workers…")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            time.sleep(0.5)
+            _update(bar, task, read_metrics(metrics))
+        _update(bar, task, read_metrics(metrics))
+    return proc.returncode
+
+
+def _update(bar: Progress, task, records: list[dict]) -> None:
+    if not records:
+        return
+    last = records[-1]
+    parts = [f"{name} {v:.3f}" for name, v in
+             (("reward", _pick(last, "reward")), ("kl", _pick(last, "ref_kl")), ("loss", _pick(last, "loss")))
+             if v is not None]
+    calls = [f"{k[5:]} {v:.2f}s" for k, v in last.items()
+             if k.startswith("time/") and k != "time/iteration" and " " not in k]
+    bar.update(task, completed=last["step"], info="  ".join(parts + calls))
+
+
+def plot_metrics(metrics: Path, png: Path) -> Path:
+    """Reward and KL against step, one panel each, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, word in zip(axes, ("reward", "ref_kl")):
+        points = [(r["step"], _pick(r, word)) for r in records if _pick(r, word) is not None]
+        if points:
+            ax.plot(*zip(*points))
+        ax.set_xlabel("step")
+        ax.set_title(word)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+

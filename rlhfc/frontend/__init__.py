@@ -1,0 +1,1 @@
+"""Front end: source text → checked IR (parse, check, fmt, graph, highlight)."""

@@ -1,0 +1,1 @@
+"""Planner: IR + cluster + hardware → Plan (cost model, CP-SAT search, explain, report)."""

@@ -1,0 +1,46 @@
+"""Every tunable number of the cost model in one frozen dataclass, so that a profiler can
+fit them from measurements and hand a new instance to the estimator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Constants of the analytical roofline model (sources in `rlhfc.planner.cost.model`)."""
+
+    # Mixed-precision Adam: bf16 weights (2) + bf16 grads (2) + fp32 master, m, v (12).
+    train_bytes_per_param: int = 16
+    # bf16 weights of an inference / generation copy.
+    weight_bytes_per_param: int = 2
+    # Activation bytes stored per token, per hidden unit, per layer for backward
+    # (Korthikanti et al. 2022, "Reducing Activation Recomputation", 34·s·b·h with
+    # flash attention removing the 5·a·s²·b term), divided by tp with sequence parallel.
+    train_activation_bytes: float = 34.0
+    # Transient activation bytes per token, per hidden unit, for one forward layer.
+    inference_activation_bytes: float = 20.0
+    # fp32 logits per token per vocabulary entry (x2 in training: logits and grads).
+    logit_bytes: int = 4
+    # Bytes per token of every data key moved between calls (ids, logprobs, values).
+    key_bytes_per_token: int = 4
+    # Correction of the device's `achievable` share of peak FLOP/s, fitted by `rlhfc calibrate`.
+    compute_efficiency: float = 1.0
+    # Share of the link / HBM bandwidth that collectives and kernels reach.
+    link_efficiency: float = 0.7
+    mem_bandwidth_efficiency: float = 0.7
+    # Latency of one collective (all-reduce launch and sync), seconds.
+    collective_latency: float = 10e-6
+    # Fixed cost of one micro-batch step on one pipeline stage (kernel launches), seconds.
+    micro_batch_overhead: float = 2e-3
+    # Fixed cost of one decoding step of one micro-batch on one stage, seconds.
+    decode_step_overhead: float = 30e-6
+    # Driver work per iteration op that the schedule does not price (a data load, a move
+    # between meshes, a rule reward, a dropped copy), seconds; 0 leaves it out. Fitted by
+    # `rlhfc.planner.cost.fit.fit_driver_overhead` from iteration times; not used by the solver.
+    driver_op_overhead: float = 0.0
+    # Time unit of the solver: durations are rounded up to whole microseconds.
+    time_unit: float = 1e-6
+
+
+DEFAULT_COEFFICIENTS = Coefficients()

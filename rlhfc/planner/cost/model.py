@@ -1,0 +1,213 @@
+"""Analytical time and memory of one call under one strategy: every formula in one place.
+
+Sources:
+- FLOPs: 6·N per trained token, 2·N per forward token (Kaplan et al. 2020, "Scaling
+  Laws", §2.1), N the exact parameter count of `ModelShape.param_count`.
+- Pipeline bubble: a 1F1B pipeline of `pp` stages and `m` micro-batches takes
+  (m + pp − 1)/m of the bubble-free time, bubble fraction (pp−1)/(m+pp−1) (Narayanan et
+  al. 2021, "Efficient Large-Scale LM Training on GPU Clusters", §2.2).
+- Tensor parallel: 2 all-reduces per layer forward, 2 more backward, of the activations
+  (Shoeybi et al. 2019, Megatron-LM §3); ring all-reduce moves 2(n−1)/n of the buffer
+  per device (Patarasuk & Yuan 2009).
+- Data parallel: one ring all-reduce of the bf16 gradients per step.
+- Memory: 16 bytes/param for mixed-precision Adam (Rajbhandari et al. 2020, ZeRO §3);
+  activations 34·tokens·hidden bytes per layer with flash attention and sequence
+  parallel over tp (Korthikanti et al. 2022); 1F1B keeps min(pp, m) micro-batches in
+  flight on the first stage.
+- Generation: prefill is compute-bound like inference; each decode step is memory-bound,
+  reading the stage's weights and KV cache once per micro-batch (roofline: max of
+  compute and bytes/bandwidth; Pope et al. 2022, "Efficiently Scaling Transformer
+  Inference"); with `m` micro-batches pipelined over `pp` stages a step takes
+  max(m, pp) stage times (ReaL's pipelined generation). KV cache: 2·layers·kv_heads·
+  head_dim·2 bytes per token.
+- Rule rewards (`Model.kind == "rule"`) cost nothing and hold no device: they run in the
+  driver process between the calls they connect.
+- Shared cores: on a local `cpu` cluster with more processes per node than physical
+  cores (`cores`, from the profile or the cluster block), each process gets
+  cores/devices_per_node of a core, so every term of a call (FLOPs, memory traffic,
+  fixed overheads, collectives) takes `core_share` = max(1, devices_per_node/cores)
+  times longer (`rlhfc.hardware.core_share`).
+- Offload: a frozen model offloaded to host memory between iterations pays its device
+  weights over the host link before its call (`reload_seconds`).
+- Driver work: an iteration also runs the ops between calls that the schedule does not
+  price (data loads, data moves between meshes, rule rewards, copies dropped);
+  `iteration_seconds` adds `driver_op_overhead` per such op of the lowered program.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rlhfc.planner.cost.coefficients import Coefficients
+from rlhfc.hardware import Device, core_share
+from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelShape, Strategy
+from rlhfc_runtime.contract.layout import stage_layers
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """Estimated seconds of a call and its per-device memory on the fullest device.
+
+    `static_bytes` stays on the mesh for the whole iteration when this call is its
+    model's home (weights, grads and optimizer state); `transient_bytes` lives only
+    while the call runs (activations, KV cache, a reallocated weight copy).
+    """
+
+    seconds: float
+    static_bytes: int
+    transient_bytes: int
+    terms: tuple[tuple[str, float], ...] = ()  # named parts of `seconds` (`rlhfc plan --explain`)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.static_bytes + self.transient_bytes
+
+
+FREE = CallCost(0.0, 0, 0)
+
+
+def layer_params(shape: ModelShape) -> tuple[int, int]:
+    """(tensor-parallel-split, replicated) parameters of one decoder layer."""
+    h, kv = shape.hidden, shape.n_kv_heads * shape.head_dim
+    return 2 * h * h + 2 * h * kv + 3 * h * shape.intermediate, 2 * h
+
+
+def stage_params(shape: ModelShape, head: Head, tp: int, pp: int, stage: int) -> int:
+    """Parameters one device of pipeline stage `stage` holds, exactly as `layout.shard_slices`
+    splits them (q/k/v/o/MLP and embedding/LM head split by tp, norms and value head not)."""
+    split, replicated = layer_params(shape)
+    n = len(stage_layers(shape.n_layers, pp, stage)) * (split // tp + replicated)
+    if stage == 0:
+        n += shape.vocab * shape.hidden // tp
+    if stage == pp - 1:
+        n += shape.hidden  # final norm
+        if head is Head.VALUE:
+            n += shape.hidden
+        elif not shape.tied_embeddings:
+            n += shape.vocab * shape.hidden // tp
+    return n
+
+
+def device_params(shape: ModelShape, head: Head, tp: int, pp: int) -> int:
+    """Parameters on the fullest device of a (tp, pp) layout."""
+    return max(stage_params(shape, head, tp, pp, s) for s in range(pp))
+
+
+def allreduce_seconds(nbytes: float, n: int, bandwidth: float, c: Coefficients) -> float:
+    """Ring all-reduce of `nbytes` over `n` devices: 2(n−1)/n·bytes over the link, plus latency."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / (bandwidth * c.link_efficiency) + c.collective_latency
+
+
+def dp_bandwidth(strategy: Strategy, device: Device) -> float:
+    """A dp group stays inside a node when one pipeline block (dp·tp devices) fits a node."""
+    inside = strategy.dp * strategy.tp <= strategy.mesh.n_devices
+    return device.intra_bandwidth if inside else device.inter_bandwidth
+
+
+def flop_rate(device: Device, c: Coefficients) -> float:
+    """FLOP/s that kernels reach on one device: peak × achievable × the fitted correction."""
+    return device.flops * device.achievable * c.compute_efficiency
+
+
+def _forward_backward_terms(
+    shape: ModelShape, n_params: int, tokens: int, s: Strategy, device: Device, c: Coefficients,
+    flops_per_token_param: int, allreduces_per_layer: int,
+) -> dict[str, float]:
+    """Compute plus tensor-parallel communication of a pass over `tokens`, stretched by the
+    1F1B factor (m + pp − 1)/m (the stretch is the bubble), plus per-micro-batch overheads."""
+    compute = flops_per_token_param * n_params * tokens / (s.mesh.size * flop_rate(device, c))
+    layers = math.ceil(shape.n_layers / s.pp)
+    act_bytes = tokens / s.dp * shape.hidden * 2
+    tp_comm = layers * allreduces_per_layer * allreduce_seconds(act_bytes, s.tp, device.intra_bandwidth, c)
+    steps = s.n_mbs + s.pp - 1
+    return {"compute": compute, "tp": tp_comm, "bubble": (compute + tp_comm) * (s.pp - 1) / s.n_mbs,
+            "overhead": c.micro_batch_overhead * steps}
+
+
+def call_cost(
+    call: Call, model: Model, s: Strategy, cluster: Cluster, device: Device, c: Coefficients,
+    is_home: bool,
+) -> CallCost:
+    """Time and memory of `call` under strategy `s`; `is_home` puts the model's resident
+    state (train: weights+grads+Adam; frozen: weights) in `static_bytes`."""
+    if model.kind == "rule" or model.shape is None:
+        return FREE
+    share = core_share(cluster, device)
+    shape = model.shape
+    n_params = shape.param_count(model.head)
+    p_dev = device_params(shape, model.head, s.tp, s.pp)
+    layers = math.ceil(shape.n_layers / s.pp)
+    tokens = call.batch * call.seq_len
+    tokens_mb = math.ceil(tokens / (s.dp * s.n_mbs))
+    vocab_out = shape.vocab if model.head is Head.LM else 1
+    logits = c.logit_bytes * tokens_mb * vocab_out // s.tp
+    weights = c.weight_bytes_per_param * p_dev
+
+    if call.kind is CallKind.TRAIN:
+        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, 6, 4)
+        terms["dp"] = allreduce_seconds(2 * p_dev, s.dp, dp_bandwidth(s, device), c)
+        terms["optimizer"] = 2 * c.train_bytes_per_param * p_dev / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
+        state = c.train_bytes_per_param * p_dev
+        in_flight = min(s.pp, s.n_mbs)
+        acts = int(c.train_activation_bytes * tokens_mb * shape.hidden * layers / s.tp) * in_flight
+        transient = acts + 2 * logits
+        return _split(terms, state, transient, is_home, share)
+
+    if call.kind is CallKind.INFERENCE:
+        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, 2, 2)
+        transient = int(c.inference_activation_bytes * tokens_mb * shape.hidden / s.tp) + logits
+        return _split(terms, weights, transient, is_home, share)
+
+    # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps; a step
+    # takes max(m, pp) stage times, of which max(0, pp − m) are the pipeline's bubble.
+    terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, 2, 2)
+    seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs))
+    kv_per_token = 2 * layers * (shape.n_kv_heads // s.tp) * shape.head_dim * 2
+    mean_context = call.prompt_len + call.gen_len / 2
+    stage_flops = 2 * p_dev * seqs_mb / flop_rate(device, c)
+    stage_bytes = (weights + kv_per_token * seqs_mb * mean_context) / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
+    tp_comm = layers * 2 * allreduce_seconds(seqs_mb * shape.hidden * 2, s.tp, device.intra_bandwidth, c)
+    stage = max(stage_flops, stage_bytes) + tp_comm + c.decode_step_overhead
+    steps = call.gen_len * s.n_mbs
+    terms["decode_memory" if stage_bytes >= stage_flops else "decode_compute"] = steps * max(stage_flops, stage_bytes)
+    terms["tp"] += steps * tp_comm
+    terms["decode_overhead"] = steps * c.decode_step_overhead
+    terms["bubble"] += call.gen_len * max(0, s.pp - s.n_mbs) * stage
+    kv_cache = kv_per_token * math.ceil(call.batch / s.dp) * call.seq_len
+    transient = kv_cache + c.logit_bytes * seqs_mb * vocab_out // s.tp
+    return _split(terms, weights, transient, is_home, share)
+
+
+def _split(terms: dict[str, float], resident: int, transient: int, is_home: bool, share: float = 1.0) -> CallCost:
+    """A home call keeps its resident bytes for the iteration; any other call holds a copy.
+    Every term is stretched by `share`, the processes per core of an oversubscribed CPU node."""
+    named = tuple((k, v * share) for k, v in terms.items())
+    seconds = sum(v for _, v in named)
+    if is_home:
+        return CallCost(seconds, int(resident), int(transient), named)
+    return CallCost(seconds, 0, int(resident + transient), named)
+
+
+def transfer_seconds(call: Call, cluster: Cluster, device: Device, c: Coefficients) -> float:
+    """Moving one data key of `call` (a value per token of every sequence) between calls,
+    over the slowest link of the cluster. Charged on every data edge: consumers regroup
+    data by their own dp layout even on the same mesh, and the volume is a few MB."""
+    if cluster.n_devices <= 1:
+        return 0.0
+    link = device.inter_bandwidth if cluster.nodes > 1 else device.intra_bandwidth
+    return call.batch * call.seq_len * c.key_bytes_per_token / (link * c.link_efficiency)
+
+
+def reload_seconds(weight_bytes: int, device: Device) -> float:
+    """Bringing an offloaded model's weights back from host memory: bytes over the host
+    link (PCIe share per device; ReaL, Mei et al. 2024, offloads frozen models this way)."""
+    return weight_bytes / device.host_bandwidth
+
+
+def iteration_seconds(scheduled: float, driver_ops: int, c: Coefficients) -> float:
+    """An iteration's estimate: the schedule's makespan plus the driver's own work, a fixed
+    `driver_op_overhead` per op that the schedule does not price (`driver_ops`)."""
+    return scheduled + driver_ops * c.driver_op_overhead

@@ -1,0 +1,121 @@
+"""Planners: the CP-SAT model and the baselines it is compared with.
+
+`plan_dataflow` is the library entry point (the CLI and the lowering stage use it);
+`symmetric_plan` is the Megatron-style baseline as a `Plan`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
+from rlhfc.ir import Dataflow
+from rlhfc.plan import CallPlacement, Plan, Reallocation
+from rlhfc.planner.solve.baselines import symmetric_choice
+from rlhfc.planner.solve.cpsat import solve_cpsat
+from rlhfc.planner.solve.diagnose import PlanError, diagnose_infeasible
+from rlhfc.planner.solve.problem import Option, Problem, SearchSpace, build_problem, offloadable, with_options
+from rlhfc.planner.solve.schedule import Schedule, evaluate
+
+__all__ = ["PlanError", "SearchSpace", "build_problem", "plan_dataflow", "plan_from_choice", "symmetric_plan"]
+
+
+def plan_from_choice(
+    problem: Problem, choice: dict[str, Option], sched: Schedule, *, status: str, bound: int,
+    solve_seconds: float, baseline: Schedule | None = None,
+) -> Plan:
+    """Turn an evaluated assignment into a `Plan` (times in seconds, calls by start)."""
+    df = problem.dataflow
+    start, end, realloc = dict(sched.starts), dict(sched.ends), dict(sched.reallocs)
+    placements = []
+    for call in sorted(problem.calls, key=lambda c: (start[c], problem.calls.index(c))):
+        o = choice[call]
+        placements.append(CallPlacement(
+            call, df.call(call).model, o.strategy, problem.seconds(start[call] + realloc[call]),
+            problem.seconds(end[call]), o.cost.peak_bytes + _resident_elsewhere(problem, choice, call),
+        ))
+    reallocs = []
+    for call in problem.calls:
+        home = problem.home_call(call)
+        if home:
+            cost = problem.realloc_cost(call, choice[home], choice[call])
+            if cost.bytes:
+                reallocs.append(Reallocation(
+                    df.call(call).model, call, choice[home].strategy, choice[call].strategy, cost.bytes,
+                    problem.seconds(realloc[call]),
+                ))
+    homes = tuple(sorted((df.call(c).model, choice[c].strategy) for c in problem.homes.values()))
+    return Plan(
+        df.source, df.cluster, tuple(placements), homes, tuple(reallocs), problem.seconds(sched.makespan),
+        problem.seconds(min(bound, sched.makespan)), status, round(solve_seconds, 3),
+        problem.seconds(baseline.makespan) if baseline else None,
+        offloaded=tuple(sorted(df.call(c).model for c, o in choice.items() if o.offloaded)),
+    )
+
+
+def _resident_elsewhere(problem: Problem, choice: dict[str, Option], call: str) -> int:
+    """Resident bytes of other models' homes on the fullest device of `call`'s mesh."""
+    devices = choice[call].devices
+    return max(
+        (sum(o.cost.static_bytes for c, o in choice.items() if c != call and d in o.devices) for d in devices),
+        default=0,
+    )
+
+
+def plan_dataflow(
+    df: Dataflow, time_limit: float = 10.0, workers: int = 8, seed: int = 0,
+    coeffs: Coefficients = DEFAULT_COEFFICIENTS, space: SearchSpace = SearchSpace(),
+) -> Plan:
+    """The CP-SAT plan of one iteration, with its proven bound and the symmetric baseline.
+    When no plan fits in device memory, frozen models may wait in host memory between
+    iterations (offloaded) and the search runs again.
+
+    Raises `PlanError` (with a hint) when no placement fits."""
+    t0 = time.perf_counter()
+    problem = build_problem(df, coeffs, space)
+    diagnose_infeasible(problem)  # per-call reasons, before the solver (offloading cannot help)
+    try:
+        problem, choice, sched, result, baseline = _solve(problem, time_limit, workers, seed)
+    except PlanError:  # no combination fits: frozen models may wait in host memory
+        if space.offload or not any(offloadable(df, m) for m in df.models):
+            raise
+        problem = build_problem(df, coeffs, replace(space, offload=True))
+        problem, choice, sched, result, baseline = _solve(problem, time_limit, workers, seed)
+    status = "OPTIMAL" if result.status == "OPTIMAL" else "FEASIBLE"
+    return plan_from_choice(
+        problem, choice, sched, status=status, bound=result.bound, solve_seconds=time.perf_counter() - t0,
+        baseline=baseline[1] if baseline else None,
+    )
+
+
+def _solve(problem: Problem, time_limit: float, workers: int, seed: int):
+    """(problem with the hint's options, choice, schedule, CP-SAT result, symmetric
+    baseline) of a problem whose every call has an option; `PlanError` if none combine."""
+    baseline = symmetric_choice(problem)
+    hint = None
+    if baseline and not problem.dataflow.pins:
+        problem = with_options(problem, baseline[0])
+        hint = baseline
+    result = solve_cpsat(problem, time_limit, workers, seed, hint=hint)
+    if result.choice is None and not (hint and result.status == "UNKNOWN"):
+        diagnose_infeasible(problem, solver_status=result.status)
+    if result.choice is None:  # time limit before CP-SAT accepted the hint: keep the hint
+        choice, sched = hint
+    else:
+        choice = dict(result.choice)
+        sched = evaluate(problem, choice)
+    return problem, choice, sched, result, baseline
+
+
+def symmetric_plan(df: Dataflow, coeffs: Coefficients = DEFAULT_COEFFICIENTS) -> Plan:
+    """The best one-strategy-for-all-calls plan on the whole cluster (Megatron-style)."""
+    t0 = time.perf_counter()
+    problem = build_problem(df, coeffs)
+    best = symmetric_choice(problem)
+    if best is None:
+        diagnose_infeasible(problem, solver_status="no symmetric strategy fits in memory")
+    choice, sched = best
+    return plan_from_choice(
+        problem, choice, sched, status="HEURISTIC", bound=0, solve_seconds=time.perf_counter() - t0, baseline=sched,
+    )

@@ -1,0 +1,88 @@
+"""Plans to compare the CP-SAT plan with, all scored by the exact evaluator.
+
+- symmetric: every call on all devices with one Megatron-style (dp, tp, pp, n_mbs),
+  the best single strategy for all calls (no reallocation is then needed);
+- brute force: every combination of options, for small cases (tests);
+- MCMC: ReaL's search (Mei et al. 2024 §5): change one call's option at random, accept
+  with the Metropolis rule on the makespan, within a time budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+
+from rlhfc.ir import Mesh, Strategy
+from rlhfc.planner.solve.problem import Option, Problem, enumerate_strategies, make_option
+from rlhfc.planner.solve.schedule import Schedule, evaluate
+
+
+def symmetric_choice(problem: Problem) -> tuple[dict[str, Option], Schedule] | None:
+    """The best plan that runs every call on the whole cluster with one shared strategy."""
+    df = problem.dataflow
+    whole = Mesh(0, df.cluster.nodes, 0, df.cluster.devices_per_node)
+    neural = [c for c in df.calls if df.model(c.model).kind != "rule"]
+    per_call = {c.name: {_degrees(s): s for s in enumerate_strategies(c, df.model(c.model), whole, problem.space)} for c in neural}
+    shared = sorted(set.intersection(*(set(v) for v in per_call.values()))) if per_call else []
+    best = None
+    for degrees in shared:
+        choice = {}
+        for call in df.calls:
+            if call.name in per_call:
+                s = per_call[call.name][degrees]
+                choice[call.name] = make_option(df, call, s, problem.device, problem.coeffs, problem.is_home(call.name))
+            else:
+                choice[call.name] = problem.by_call[call.name][0]
+        sched = evaluate(problem, choice)
+        if sched and (best is None or sched.makespan < best[1].makespan):
+            best = (choice, sched)
+    return best
+
+
+def _degrees(s: Strategy) -> tuple[int, int, int, int]:
+    return (s.dp, s.tp, s.pp, s.n_mbs)
+
+
+def brute_force(problem: Problem) -> tuple[dict[str, Option], Schedule] | None:
+    """The exact optimum by enumerating every combination (only for tiny problems)."""
+    calls = problem.calls
+    best = None
+    for combo in itertools.product(*(problem.by_call[c] for c in calls)):
+        choice = dict(zip(calls, combo))
+        sched = evaluate(problem, choice)
+        if sched and (best is None or sched.makespan < best[1].makespan):
+            best = (choice, sched)
+    return best
+
+
+def mcmc(
+    problem: Problem, budget_seconds: float, seed: int = 0, temperature: float = 0.05,
+    start: dict[str, Option] | None = None,
+) -> tuple[dict[str, Option], Schedule] | None:
+    """Metropolis search over assignments; `temperature` is relative to the current makespan."""
+    rng = random.Random(seed)
+    calls = [c for c in problem.calls if len(problem.by_call[c]) > 1]
+    current = dict(start) if start else None
+    sched = evaluate(problem, current) if current else None
+    deadline = time.perf_counter() + budget_seconds
+    while sched is None and time.perf_counter() < deadline:  # random feasible start
+        current = {c: rng.choice(problem.by_call[c]) for c in problem.calls}
+        sched = evaluate(problem, current)
+    if sched is None:
+        return None
+    best = (dict(current), sched)
+    while calls and time.perf_counter() < deadline:
+        c = rng.choice(calls)
+        proposal = dict(current)
+        proposal[c] = rng.choice(problem.by_call[c])
+        new = evaluate(problem, proposal)
+        if new is None:
+            continue
+        delta = (new.makespan - sched.makespan) / max(sched.makespan, 1)
+        if delta <= 0 or rng.random() < math.exp(-delta / temperature):
+            current, sched = proposal, new
+            if sched.makespan < best[1].makespan:
+                best = (dict(current), sched)
+    return best

@@ -1,0 +1,203 @@
+"""The CP-SAT model of the planning problem.
+
+- x[c,o]: call c runs with option o; exactly one per call.
+- start/end/size per call, size = Σ duration(o)·x[c,o] + realloc(c).
+- Resources are device *atoms*: maximal device sets that every option covers wholly or
+  not at all (a whole node when no option slices it); one NoOverlap per atom over
+  optional intervals (start, size, end) of the calls, present iff the call's chosen
+  option covers the atom.
+- Precedence: end(src) + transfer ≤ start(dst) for data edges and same-iteration
+  parameter edges.
+- Reallocation (exact, no pair literals): with y[m,L] = Σ x over the home call's
+  options of layout L, for each layout L' of a non-home call c of model m,
+  realloc(c) ≥ Σ_L R(L, L')·y[m,L], enforced only if c uses layout L'. Minimising the
+  makespan never wants realloc(c) above its lower bound on the critical path.
+- Memory (whole KiB) per atom and per call c: Σ resident bytes of the home options covering the atom
+  + Σ transient bytes of c's options covering it ≤ capacity (calls on one device never
+  overlap, so the peak is the largest single call on top of the resident state).
+- Redundant energy cut: Σ duration·|mesh|·x ≤ devices·makespan.
+- Objective: makespan ≥ end(c), integer time units (µs, durations rounded up).
+- Tie-break: once the makespan is proven optimal, a second solve with makespan ≤ that
+  optimum picks the plan whose option indices come first, call by call (`_first_optimal`).
+The result's bound is CP-SAT's BestObjectiveBound.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ortools.sat.python import cp_model
+
+from rlhfc.planner.solve.problem import Option, Problem, by_layout, kib
+from rlhfc.planner.solve.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """What CP-SAT proved: the chosen option per call, makespan, bound, status, seconds."""
+
+    choice: tuple[tuple[str, Option], ...] | None
+    makespan: int | None
+    bound: int
+    status: str
+    seconds: float
+
+
+def _atoms(problem: Problem) -> list[tuple[frozenset[int], list[tuple[str, int]]]]:
+    """Group devices by the set of options covering them."""
+    cover: dict[int, list[tuple[str, int]]] = {}
+    for call, opts in problem.options:
+        for i, o in enumerate(opts):
+            for d in o.devices:
+                cover.setdefault(d, []).append((call, i))
+    groups: dict[tuple, set[int]] = {}
+    for d, keys in cover.items():
+        groups.setdefault(tuple(keys), set()).add(d)
+    return sorted(((frozenset(ds), list(k)) for k, ds in groups.items()), key=lambda a: min(a[0]))
+
+
+def solve_cpsat(
+    problem: Problem, time_limit: float = 10.0, workers: int = 8, seed: int = 0,
+    hint: tuple[dict[str, Option], Schedule] | None = None,
+) -> SolveResult:
+    """Build and solve the model; `hint` (e.g. the symmetric plan and its schedule) seeds
+    the search and caps the makespan."""
+    t0 = time.perf_counter()
+    m = cp_model.CpModel()
+    opts = problem.by_call
+    max_realloc = {}
+    for call in problem.calls:
+        home = problem.home_call(call)
+        if home:
+            max_realloc[call] = max(
+                (problem.realloc(call, h, o) for h in by_layout(opts[home]).values() for o in by_layout(opts[call]).values()),
+                default=0,
+            )
+    horizon = sum(max(o.duration for o in opts[c]) + max_realloc.get(c, 0) for c in problem.calls)
+    horizon += sum(t for _, _, t in problem.edges) + 1
+    x = {(c, i): m.NewBoolVar(f"x[{c},{i}]") for c in problem.calls for i in range(len(opts[c]))}
+    start = {c: m.NewIntVar(0, horizon, f"start[{c}]") for c in problem.calls}
+    end = {c: m.NewIntVar(0, horizon, f"end[{c}]") for c in problem.calls}
+    realloc = {c: m.NewIntVar(0, r, f"realloc[{c}]") for c, r in max_realloc.items()}
+    size = {c: m.NewIntVar(0, horizon, f"size[{c}]") for c in problem.calls}
+    for c in problem.calls:
+        m.AddExactlyOne(x[c, i] for i in range(len(opts[c])))
+        m.Add(size[c] == realloc.get(c, 0) + sum(o.duration * x[c, i] for i, o in enumerate(opts[c])))
+        m.Add(end[c] == start[c] + size[c])
+    for src, dst, lag in problem.edges:
+        m.Add(start[dst] >= end[src] + lag)
+    _add_realloc(m, problem, x, realloc)
+    for n, (_, keys) in enumerate(_atoms(problem)):
+        intervals = []
+        for call in sorted({c for c, _ in keys}):
+            covering = [x[c, i] for c, i in keys if c == call]
+            present = covering[0] if len(covering) == 1 else m.NewBoolVar(f"on[{call},{n}]")
+            if len(covering) > 1:
+                m.Add(present == sum(covering))
+            intervals.append(m.NewOptionalIntervalVar(start[call], size[call], end[call], present, f"iv[{call},{n}]"))
+        m.AddNoOverlap(intervals)
+        _add_memory(m, problem, x, keys)
+    makespan = m.NewIntVar(0, horizon, "makespan")
+    m.AddMaxEquality(makespan, list(end.values()))
+    # Redundant energy cut (tightens the bound): busy device-time fits in the cluster.
+    m.Add(sum(o.duration * len(o.devices) * x[c, i] for c in problem.calls for i, o in enumerate(opts[c]))
+          <= problem.dataflow.cluster.n_devices * makespan)
+    m.Minimize(makespan)
+    if hint:
+        _add_hint(m, problem, hint, x, start, end, realloc, makespan)
+    solver = cp_model.CpSolver()
+    # Parallel workers race, so the optimal plan found first varies from run to run;
+    # `_first_optimal` makes it unique. A run cut by the wall-clock limit may still differ.
+    solver.parameters.max_time_in_seconds = time_limit
+    solver.parameters.num_workers = workers
+    solver.parameters.random_seed = seed
+    status = solver.Solve(m)
+    name = solver.StatusName(status)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return SolveResult(None, None, 0, name, time.perf_counter() - t0)
+    picked = _picked(solver, problem, x)
+    best, bound = int(solver.ObjectiveValue()), int(solver.BestObjectiveBound())
+    if status == cp_model.OPTIMAL:
+        picked = _first_optimal(m, solver, problem, x, makespan, best, picked, time_limit - (time.perf_counter() - t0))
+    choice = tuple((c, opts[c][picked[c]]) for c in problem.calls)
+    return SolveResult(choice, best, bound, name, time.perf_counter() - t0)
+
+
+def _first_optimal(m, solver, problem: Problem, x, makespan, best: int, picked: dict[str, int], time_left: float):
+    """Among the plans of makespan `best`, the one whose option indices, read call by call,
+    come first (a mixed-radix rank, so exactly one plan minimises it): the same plan
+    whichever optimum the racing workers found. `picked` if that is not proven in time."""
+    rank, weight = [], 1
+    for c in reversed(problem.calls):
+        n = len(problem.by_call[c])
+        index = m.NewIntVar(0, n - 1, f"index[{c}]")  # keeps the rank's terms within int64
+        m.Add(index == sum(i * x[c, i] for i in range(1, n)))
+        rank.append(weight * index)
+        weight *= n
+    m.Add(makespan <= best)
+    m.Minimize(sum(rank))
+    m.ClearHints()
+    for (c, i), var in x.items():
+        m.AddHint(var, picked[c] == i)
+    solver.parameters.max_time_in_seconds = max(time_left, 0.1)
+    return _picked(solver, problem, x) if solver.Solve(m) == cp_model.OPTIMAL else picked
+
+
+def _picked(solver, problem: Problem, x) -> dict[str, int]:
+    """The option index each call takes in the solver's solution."""
+    return {c: next(i for i in range(len(problem.by_call[c])) if solver.BooleanValue(x[c, i])) for c in problem.calls}
+
+
+def _add_hint(m, problem: Problem, hint, x, start, end, realloc, makespan) -> None:
+    """Hint a complete solution (choice and times) and bound the makespan by it."""
+    choice, sched = hint
+    for c in problem.calls:
+        for i, o in enumerate(problem.by_call[c]):
+            m.AddHint(x[c, i], o == choice[c])
+    starts, ends, reallocs = dict(sched.starts), dict(sched.ends), dict(sched.reallocs)
+    for c in problem.calls:
+        m.AddHint(start[c], starts[c])
+        m.AddHint(end[c], ends[c])
+        if c in realloc:
+            m.AddHint(realloc[c], reallocs[c])
+    m.AddHint(makespan, sched.makespan)
+    m.Add(makespan <= sched.makespan)
+
+
+def _add_realloc(m, problem: Problem, x, realloc) -> None:
+    opts = problem.by_call
+    for c in realloc:
+        home = problem.home_call(c)
+        y_home = _layout_vars(m, x, home, opts[home])
+        y_dst = _layout_vars(m, x, c, opts[c])
+        homes = by_layout(opts[home])
+        for layout, rep in by_layout(opts[c]).items():
+            terms = [problem.realloc(c, h, rep) * y_home[hl] for hl, h in homes.items()]
+            m.Add(realloc[c] >= sum(terms)).OnlyEnforceIf(y_dst[layout])
+
+
+def _layout_vars(m, x, call: str, options: tuple[Option, ...]) -> dict[tuple, cp_model.IntVar]:
+    """y[L] ⇔ the call uses one of its options of layout L."""
+    members: dict[tuple, list] = {}
+    for i, o in enumerate(options):
+        members.setdefault(o.layout, []).append(x[call, i])
+    out = {}
+    for layout, xs in members.items():
+        if len(xs) == 1:
+            out[layout] = xs[0]
+        else:
+            y = m.NewBoolVar(f"y[{call},{len(out)}]")
+            m.Add(y == sum(xs))
+            out[layout] = y
+    return out
+
+
+def _add_memory(m, problem: Problem, x, keys: list[tuple[str, int]]) -> None:
+    """Resident state of homes on this atom + transient of each call ≤ capacity."""
+    opts = problem.by_call
+    resident = [kib(opts[c][i].cost.static_bytes) * x[c, i] for c, i in keys if opts[c][i].cost.static_bytes]
+    calls = sorted({c for c, _ in keys})
+    for call in calls:
+        transient = [kib(opts[c][i].cost.transient_bytes) * x[c, i] for c, i in keys if c == call]
+        m.Add(sum(resident) + sum(transient) <= problem.capacity_kib)

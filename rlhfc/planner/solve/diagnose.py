@@ -1,0 +1,96 @@
+"""Why no plan exists, said in the user's terms: which call, which limit, what would fix it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from rlhfc.diagnostics import CompileError, Severity, located
+from rlhfc.ir import Dataflow, Span
+from rlhfc.planner.solve.problem import Problem, enumerate_meshes, enumerate_strategies, make_option
+
+GIB = 1 << 30
+
+
+class PlanError(CompileError):
+    """No placement fits: one E027 diagnostic pointing at the call (or pin) at fault,
+    rendered like every other compile error."""
+
+    def __init__(self, message: str, hint: str | None = None, span: Span | None = None):
+        super().__init__([located(Severity.ERROR, "E027", f"no plan fits: {message}", span, hint)])
+        self.message, self.hint, self.span = message, hint, span
+
+
+def _smallest_peak(problem: Problem, df: Dataflow, call_name: str) -> int | None:
+    """The least per-device peak over every strategy of the call on `df`'s cluster."""
+    call = df.call(call_name)
+    model = df.model(call.model)
+    is_home = problem.is_home(call_name)
+    peaks = [
+        make_option(df, call, s, problem.device, problem.coeffs, is_home).cost.peak_bytes
+        for m in enumerate_meshes(df.cluster, problem.space)
+        for s in enumerate_strategies(call, model, m, problem.space)
+    ]
+    return min(peaks, default=None)
+
+
+def _fix_hint(problem: Problem, call_name: str) -> str | None:
+    """The smallest cluster growth, else the largest batch, that lets the call fit."""
+    df = problem.dataflow
+    cl = df.cluster
+    nodes = cl.nodes
+    while nodes < 1024:
+        nodes *= 2
+        bigger = replace(df, cluster=replace(cl, nodes=nodes), pins=())
+        peak = _smallest_peak(problem, bigger, call_name)
+        if peak is not None and peak <= problem.capacity:
+            return f"needs {nodes} nodes of {cl.devices_per_node} x {cl.device} (--cluster {nodes}x{cl.devices_per_node}:{cl.device})"
+    call = df.call(call_name)
+    batch = call.batch
+    while batch > 1:
+        batch //= 2
+        smaller = replace(df, calls=tuple(replace(c, batch=batch) if c.name == call_name else c for c in df.calls))
+        peak = _smallest_peak(problem, smaller, call_name)
+        if peak is not None and peak <= problem.capacity:
+            return f"lower batch to {batch}"
+    return None
+
+
+def diagnose_infeasible(problem: Problem, solver_status: str | None = None) -> None:
+    """Raise `PlanError` for the first call with no fitting option; with `solver_status`
+    (the solver found no plan although every call alone fits) blame the combination."""
+    df = problem.dataflow
+    cap = problem.capacity / GIB
+    pins = {p.call: p for p in df.pins}
+    for call, options in problem.options:
+        if options:
+            continue
+        c = df.call(call)
+        if call in pins:
+            peak = _smallest_peak_of_pin(problem, call)
+            raise PlanError(
+                f"pinned call `{call}` needs {peak / GIB:.1f} GiB per device under its pinned strategy; "
+                f"a {df.cluster.device} has {cap:.1f} GiB",
+                "raise the pin's tp/pp or n_mbs, or remove the pin", pins[call].span,
+            )
+        peak = _smallest_peak(problem, df, call)
+        need = f"needs at least {peak / GIB:.1f} GiB per device" if peak else "has no valid strategy"
+        raise PlanError(
+            f"call `{call}` ({c.kind.value} on model `{c.model}`) {need} on any mesh of "
+            f"{df.cluster.nodes}x{df.cluster.devices_per_node} {df.cluster.device} ({cap:.1f} GiB each)",
+            _fix_hint(problem, call), c.span,
+        )
+    if solver_status is not None:
+        homes = ", ".join(sorted(problem.homes))
+        cl = df.cluster
+        raise PlanError(
+            f"no plan fits ({solver_status}): every call fits alone, but the resident parameters and "
+            f"optimizer state of {homes} do not fit together with the calls on {cl.n_devices} x {cl.device}",
+            f"try --cluster {cl.nodes * 2}x{cl.devices_per_node}:{cl.device}, or pins that spread the models",
+        )
+
+
+def _smallest_peak_of_pin(problem: Problem, call_name: str) -> int:
+    df = problem.dataflow
+    pin = next(p for p in df.pins if p.call == call_name)
+    c = df.call(call_name)
+    return make_option(df, c, pin.strategy, problem.device, problem.coeffs, problem.is_home(call_name)).cost.peak_bytes

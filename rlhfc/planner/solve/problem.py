@@ -1,0 +1,355 @@
+"""The planning problem as the solvers see it: every call's candidate options with their
+integer durations and memory, the precedence edges with their transfer times, and the
+reallocation time between layouts of one model.
+
+Search space (ReaL, Mei et al. 2024 §4): a mesh is an aligned power-of-two slice of one
+node or an aligned power-of-two run of whole nodes; tp is a power of two inside a node
+dividing heads, kv heads, intermediate and vocab; pp ≤ layers; dp·tp·pp = mesh size;
+dp·n_mbs divides the batch; n_mbs comes from `SearchSpace.n_mbs`. On clusters of more
+than `SearchSpace.sub_node_nodes` nodes, slices smaller than a node are offered on the
+first `sub_node_nodes` nodes only (nodes are interchangeable, and slicing every node
+multiplies the options without changing which plans are reachable up to node order in
+practice; the proven bound is relative to this space).
+
+Durations are seconds rounded up to whole `Coefficients.time_unit` (1 µs by default),
+so CP-SAT, brute force and MCMC optimise the very same integers.
+
+Homes: a model's parameters live in its train call's layout (its first call's layout
+for a frozen model); every other call of the model pays the reallocation from the home
+layout to its own layout at its start, on its own devices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
+from rlhfc.planner.cost.model import CallCost, call_cost, reload_seconds, transfer_seconds
+from rlhfc.planner.cost.realloc import meshes_overlap, realloc_cost
+from rlhfc.hardware import Device, device_for
+from rlhfc.ir import Call, CallKind, Cluster, Dataflow, EdgeKind, Mesh, Model, Strategy
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Knobs of the option enumeration."""
+
+    n_mbs: tuple[int, ...] = (1, 2, 4, 8)
+    sub_node_nodes: int = 1
+    # Also offer offloaded options for frozen single-call models (`offloaded_option`);
+    # `plan_dataflow` turns this on only when the plan does not fit without it.
+    offload: bool = False
+
+
+@dataclass(frozen=True)
+class Option:
+    """One candidate strategy for one call, with its integer duration and memory."""
+
+    call: str
+    strategy: Strategy
+    duration: int  # time units, compute only (reallocation is added per pair)
+    cost: CallCost
+    devices: frozenset[int]
+    offloaded: bool = False  # the model's weights wait in host memory between iterations
+
+    @property
+    def layout(self) -> tuple:
+        """What reallocation depends on: the mesh and degrees, not the micro-batches."""
+        s = self.strategy
+        return (s.mesh, s.dp, s.tp, s.pp)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything a solver needs; built once by `build_problem`."""
+
+    dataflow: Dataflow
+    device: Device
+    coeffs: Coefficients
+    options: tuple[tuple[str, tuple[Option, ...]], ...]  # per call, in program order
+    home_of: tuple[tuple[str, str], ...]  # model -> its home call
+    edges: tuple[tuple[str, str, int], ...]  # (src, dst, transfer time units), same iteration
+    capacity: int
+    dropped: tuple[tuple[str, int], ...] = field(default=())  # call -> options over memory
+    space: SearchSpace = SearchSpace()
+
+    @cached_property
+    def by_call(self) -> dict[str, tuple[Option, ...]]:
+        return dict(self.options)
+
+    @cached_property
+    def homes(self) -> dict[str, str]:
+        return dict(self.home_of)
+
+    @cached_property
+    def model_of(self) -> dict[str, Model]:
+        """Call -> its model."""
+        return {c.name: self.dataflow.model(c.model) for c in self.dataflow.calls}
+
+    @property
+    def calls(self) -> tuple[str, ...]:
+        return tuple(c for c, _ in self.options)
+
+    def home_call(self, call: str) -> str | None:
+        """The home call whose layout `call` reallocates from, or None when it is one."""
+        home = self.homes.get(self.model_of[call].name)
+        return None if home in (None, call) else home
+
+    def is_home(self, call: str) -> bool:
+        return self.homes.get(self.model_of[call].name) == call
+
+    def realloc(self, call: str, home: Option, dst: Option) -> int:
+        """Time units to bring `call`'s model from the home option's layout to `dst`'s."""
+        return self.to_units(self.realloc_cost(call, home, dst).seconds)
+
+    def realloc_cost(self, call: str, home: Option, dst: Option):
+        """Reallocation depends on the layouts only (`Option.layout`), not on n_mbs."""
+        model = self.model_of[call]
+        return realloc_cost(
+            model.shape, model.head, home.strategy, dst.strategy,
+            self.dataflow.cluster.devices_per_node, self.device, self.coeffs,
+        )
+
+    def realloc_table(self, call: str, homes: dict[tuple, Option], dsts: dict[tuple, Option]) -> dict[tuple, int]:
+        """`realloc` for every (home layout, destination layout) pair, the same integers
+        computed faster: from a mesh disjoint from the destination's, the cost depends on
+        the destination layout and the link only (nothing is held), so it is computed
+        once per destination layout and link."""
+        out = {}
+        for dl, d in dsts.items():
+            dm = d.strategy.mesh
+            disjoint = {}  # one node? -> units from any home mesh disjoint from dm
+            for hl, h in homes.items():
+                hm = h.strategy.mesh
+                if meshes_overlap(hm, dm):
+                    out[hl, dl] = self.to_units(self.realloc_cost(call, h, d).seconds)
+                    continue
+                one_node = hm.n_nodes == dm.n_nodes == 1 and hm.first_node == dm.first_node
+                units = disjoint.get(one_node)
+                if units is None:
+                    units = disjoint[one_node] = self.to_units(self.realloc_cost(call, h, d).seconds)
+                out[hl, dl] = units
+        return out
+
+    @property
+    def capacity_kib(self) -> int:
+        return self.capacity >> 10
+
+    def to_units(self, seconds: float) -> int:
+        return to_units(seconds, self.coeffs)
+
+    def seconds(self, units: int) -> float:
+        return round(units * self.coeffs.time_unit, 9)
+
+
+def to_units(seconds: float, coeffs: Coefficients) -> int:
+    """Round a duration up to whole solver time units (the 1e-9 absorbs float noise)."""
+    return math.ceil(seconds / coeffs.time_unit - 1e-9)
+
+
+def kib(nbytes: int) -> int:
+    """Memory in whole KiB, rounded up: the unit of the solvers' memory constraints (keeps
+    CP-SAT's coefficients far from the ~1e11 of raw bytes)."""
+    return -(-nbytes >> 10)
+
+
+def enumerate_meshes(cluster: Cluster, space: SearchSpace) -> list[Mesh]:
+    """Aligned power-of-two node slices (on the first `sub_node_nodes` nodes of a bigger
+    cluster) and aligned power-of-two runs of whole nodes, small to large."""
+    dpn, nodes = cluster.devices_per_node, cluster.nodes
+    meshes = []
+    sliced = nodes if nodes <= space.sub_node_nodes else space.sub_node_nodes
+    size = 1
+    while size < dpn:
+        meshes += [Mesh(n, 1, d, size) for n in range(sliced) for d in range(0, dpn - size + 1, size)]
+        size *= 2
+    run = 1
+    while run <= nodes:
+        meshes += [Mesh(n, run, 0, dpn) for n in range(0, nodes - run + 1, run)]
+        run *= 2
+    return meshes
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [1 << k for k in range(limit.bit_length()) if 1 << k <= limit]
+
+
+def enumerate_strategies(call: Call, model: Model, mesh: Mesh, space: SearchSpace) -> list[Strategy]:
+    """Every valid (dp, tp, pp, n_mbs) of `call` on `mesh`."""
+    if model.shape is None:
+        return [Strategy(mesh, mesh.size, 1, 1, 1)]
+    shape = model.shape
+    out = []
+    for tp in _powers_of_two(mesh.n_devices):
+        if any(x % tp for x in (shape.n_heads, shape.n_kv_heads, shape.intermediate, shape.vocab)):
+            continue
+        for pp in _powers_of_two(mesh.size // tp):
+            dp = mesh.size // (tp * pp)
+            if pp > shape.n_layers:
+                continue
+            for n_mbs in space.n_mbs:
+                if call.batch % (dp * n_mbs) == 0:
+                    out.append(Strategy(mesh, dp, tp, pp, n_mbs))
+    return out
+
+
+def make_option(df: Dataflow, call: Call, s: Strategy, device: Device, coeffs: Coefficients, is_home: bool) -> Option:
+    """Cost one strategy of one call."""
+    cost = call_cost(call, df.model(call.model), s, df.cluster, device, coeffs, is_home)
+    duration = to_units(cost.seconds, coeffs)
+    devices = frozenset() if df.model(call.model).kind == "rule" else frozenset(s.mesh.ranks(df.cluster.devices_per_node))
+    return Option(call.name, s, duration, cost, devices)
+
+
+def offloadable(df: Dataflow, model: Model) -> bool:
+    """A frozen neural model with one call: its weights never change and nothing else
+    reallocates from them, so they can wait in host memory between its calls."""
+    return model.kind != "rule" and not model.trainable and sum(c.model == model.name for c in df.calls) == 1
+
+
+def offloaded_option(o: Option, device: Device, coeffs: Coefficients) -> Option:
+    """`o` with its model's weights in host memory between iterations: nothing resident on
+    the mesh, the weights transient during the call, and their reload over the host link
+    (ReaL offloads frozen models the same way) before it."""
+    reload = reload_seconds(o.cost.static_bytes, device)
+    cost = CallCost(o.cost.seconds + reload, 0, o.cost.peak_bytes, o.cost.terms + (("reload", reload),))
+    return replace(o, duration=to_units(cost.seconds, coeffs), cost=cost, offloaded=True)
+
+
+def prune_dominated(options: list[Option], layout_matters: bool) -> list[Option]:
+    """Drop options no faster and no smaller than another on the same mesh (and, when the
+    call takes part in a reallocation, the same layout), keeping the first of equals."""
+    kept: dict[object, list[Option]] = {}
+    for o in sorted(options, key=lambda o: (o.duration, o.cost.static_bytes, o.cost.transient_bytes)):
+        group = kept.setdefault(o.layout if layout_matters else o.strategy.mesh, [])
+        if not any(
+            k.duration <= o.duration and k.cost.static_bytes <= o.cost.static_bytes
+            and k.cost.transient_bytes <= o.cost.transient_bytes
+            for k in group
+        ):
+            group.append(o)
+    return sorted((o for group in kept.values() for o in group), key=_option_order)
+
+
+def _option_order(o: Option):
+    s = o.strategy
+    return (o.duration, s.mesh.first_node, s.mesh.n_nodes, s.mesh.first_device, s.mesh.n_devices, s.dp, s.tp, s.pp, s.n_mbs, o.offloaded)
+
+
+def home_calls(df: Dataflow) -> dict[str, str]:
+    """Model -> the call whose layout holds its parameters between uses."""
+    neural = [c for c in df.calls if df.model(c.model).kind != "rule"]
+    homes = {c.model: c.name for c in reversed(neural)}  # first call of each model
+    homes.update({c.model: c.name for c in neural if c.kind is CallKind.TRAIN})
+    return homes
+
+
+def build_problem(
+    df: Dataflow, coeffs: Coefficients = DEFAULT_COEFFICIENTS, space: SearchSpace = SearchSpace(),
+) -> Problem:
+    """Enumerate, cost, memory-filter and prune every call's options; pins replace the
+    enumeration of their call by the single pinned strategy."""
+    device = device_for(df.cluster)
+    homes = home_calls(df)
+    meshes = enumerate_meshes(df.cluster, space)
+    pins = {p.call: p.strategy for p in df.pins}
+    model_calls = {m.name: sum(c.model == m.name for c in df.calls) for m in df.models}
+    per_call, dropped = [], []
+    for call in df.calls:
+        model = df.model(call.model)
+        is_home = homes.get(call.model) == call.name
+        if model.kind == "rule":  # runs in the driver: no devices, reported on the whole cluster
+            whole = Mesh(0, df.cluster.nodes, 0, df.cluster.devices_per_node)
+            strategies = [Strategy(whole, whole.size, 1, 1, 1)]
+        elif call.name in pins:
+            strategies = [pins[call.name]]
+        else:
+            strategies = [s for m in meshes for s in enumerate_strategies(call, model, m, space)]
+        options = [make_option(df, call, s, device, coeffs, is_home) for s in strategies]
+        if space.offload and is_home and offloadable(df, model):
+            options += [offloaded_option(o, device, coeffs) for o in options]
+        fitting = [o for o in options if o.cost.peak_bytes <= device.memory]
+        dropped.append((call.name, len(options) - len(fitting)))
+        layout_matters = model_calls[call.model] > 1
+        per_call.append((call.name, tuple(prune_dominated(fitting, layout_matters))))
+    calls = {c.name for c in df.calls}
+    edges: dict[tuple[str, str], int] = {}
+    for e in df.edges:
+        if e.next_iteration or e.src not in calls or e.dst not in calls:
+            continue
+        t = 0
+        if e.kind is EdgeKind.DATA:
+            t = to_units(transfer_seconds(df.call(e.dst), df.cluster, device, coeffs), coeffs)
+        edges[e.src, e.dst] = max(t, edges.get((e.src, e.dst), 0))
+    problem = Problem(df, device, coeffs, tuple(per_call), tuple(sorted(homes.items())),
+        tuple((a, b, t) for (a, b), t in edges.items()), device.memory, tuple(dropped), space)
+    return prune_with_realloc(problem)
+
+
+def _mem(o: Option) -> tuple[int, int]:
+    return o.cost.static_bytes, o.cost.transient_bytes
+
+
+def _no_worse_memory(a: Option, b: Option) -> bool:
+    return a.cost.static_bytes <= b.cost.static_bytes and a.cost.transient_bytes <= b.cost.transient_bytes
+
+
+def prune_with_realloc(problem: Problem) -> Problem:
+    """Dominance across layouts once reallocation is known, on the same mesh:
+    a receiving option B goes if some A has worst-case time (duration + largest realloc
+    from any home) ≤ B's best case and no more memory; a home option B goes if some A is
+    no slower, no larger, and no costlier to reallocate from for every receiving layout."""
+    opts = dict(problem.options)
+    receivers: dict[str, list[str]] = {}
+    for call in problem.calls:
+        home = problem.home_call(call)
+        if home:
+            receivers.setdefault(home, []).append(call)
+    for home, calls in receivers.items():
+        if not opts[home] or not all(opts[c] for c in calls):
+            continue  # infeasible: left to the diagnostics
+        homes = by_layout(opts[home])
+        costs: dict[tuple, list[int]] = {hl: [] for hl in homes}  # home layout -> realloc per receiver layout
+        for call in calls:
+            dsts = by_layout(opts[call])
+            r = problem.realloc_table(call, homes, dsts)
+            span = {dl: (min(r[hl, dl] for hl in homes), max(r[hl, dl] for hl in homes)) for dl in dsts}
+            kept: list[Option] = []
+            same_mesh: dict[Mesh, list[Option]] = {}  # kept, by mesh (dominance is within a mesh)
+            for o in sorted(opts[call], key=lambda o: (o.duration + span[o.layout][0], _mem(o), _option_order(o))):
+                rivals = same_mesh.setdefault(o.strategy.mesh, [])
+                if not any(_no_worse_memory(k, o) and k.duration + span[k.layout][1] <= o.duration + span[o.layout][0]
+                           for k in rivals):
+                    kept.append(o)
+                    rivals.append(o)
+            opts[call] = tuple(sorted(kept, key=_option_order))
+            kept_layouts = sorted({o.layout for o in kept}, key=lambda dl: _option_order(dsts[dl]))
+            for hl in homes:
+                costs[hl] += [r[hl, dl] for dl in kept_layouts]
+        kept, same_mesh = [], {}
+        for h in sorted(opts[home], key=lambda h: (h.duration, _mem(h), sum(costs[h.layout]), _option_order(h))):
+            rivals = same_mesh.setdefault(h.strategy.mesh, [])
+            if not any(k.duration <= h.duration and _no_worse_memory(k, h)
+                       and all(a <= b for a, b in zip(costs[k.layout], costs[h.layout])) for k in rivals):
+                kept.append(h)
+                rivals.append(h)
+        opts[home] = tuple(sorted(kept, key=_option_order))
+    return replace(problem, options=tuple((c, opts[c]) for c in problem.calls))
+
+
+def by_layout(options) -> dict[tuple, Option]:
+    """One representative option per layout (reallocation depends on the layout only)."""
+    out: dict[tuple, Option] = {}
+    for o in options:
+        out.setdefault(o.layout, o)
+    return out
+
+
+def with_options(problem: Problem, choice: dict[str, Option]) -> Problem:
+    """The problem with `choice`'s options added back where pruning dropped them, so
+    that a baseline can seed the solver as a complete hint."""
+    return replace(problem, options=tuple(
+        (c, opts if choice[c] in opts else opts + (choice[c],)) for c, opts in problem.options
+    ))

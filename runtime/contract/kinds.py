@@ -1,0 +1,27 @@
+"""The words both sides use for what a call does, what a model computes and what it is."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class CallKind(str, Enum):
+    """The three things an RLHF dataflow does with a model."""
+
+    GENERATE = "generate"
+    INFERENCE = "inference"
+    TRAIN = "train"
+
+
+class Head(str, Enum):
+    """What sits on top of the decoder: next-token logits or one scalar per token."""
+
+    LM = "lm"
+    VALUE = "value"
+
+
+class ModelKind(str, Enum):
+    """A neural decoder with parameters, or a rule: a reward function without any."""
+
+    LLAMA = "llama"
+    RULE = "rule"
