@@ -1,0 +1,229 @@
+"""Declarations: `cluster`, `model` (shape from checkpoint, preset or inline keys) and `dataset`."""
+
+from __future__ import annotations
+
+import json
+
+from rlhfc_runtime.contract.interfaces import RULES
+
+from rlhfc import ir
+from rlhfc.frontend import ast
+from rlhfc.frontend.check.common import (
+    CLUSTER_COUNTS,
+    CLUSTER_OVERRIDES,
+    DATASET_FIELDS,
+    DEFAULT_OPTIMIZER,
+    OPTIMIZERS,
+    Reporter,
+    Unit,
+    Values,
+    by_key,
+    device_names,
+    path_exists,
+    resolved_path,
+    suggest,
+    value_text,
+)
+from rlhfc.frontend.presets import PRESETS, SHAPE_KEYS, shape_from_config
+
+
+def check_cluster(unit: Unit, rep: Reporter, val: Values) -> ir.Cluster:
+    decls = unit.statements(ast.ClusterDecl)
+    if not decls:
+        return ir.Cluster(1, 1, "cpu")
+    opts = by_key(decls[0].options, rep, "`cluster`")
+    counts = {"nodes": 1, "devices_per_node": 1}
+    device, overrides = "cpu", []
+    for key, opt in opts.items():
+        if key in CLUSTER_COUNTS:
+            counts[key] = val.positive_int(opt, "E018") or 1
+        elif key == "device":
+            name = val.string(opt)
+            if name is not None and name not in device_names():
+                rep.error("E019", f"unknown device `{name}`", opt.value.span,
+                          suggest(name, device_names()) or f"known devices: {', '.join(device_names())}")
+            device = name or device
+        elif key == "hardware":
+            profiled = _hardware_profile(unit, opt, rep, val)
+            if profiled:
+                device, overrides = profiled[0], [*profiled[1], *overrides]
+        elif key in CLUSTER_OVERRIDES:
+            number = val.positive_number(opt, "E018")
+            if number is not None:
+                overrides.append((key, float(number)))
+        else:
+            val.unknown(opt.key, CLUSTER_COUNTS + ("device", "hardware") + CLUSTER_OVERRIDES, "`cluster`")
+    figures = dict(overrides)  # the block's own figures win over a profile's (listed first)
+    return ir.Cluster(counts["nodes"], counts["devices_per_node"], device, tuple(sorted(figures.items())))
+
+
+def _hardware_profile(unit: Unit, opt: ast.Option, rep: Reporter, val: Values):
+    """`hardware = "hw.json"`: (device, figures) of a profile from `rlhfc profile`, relative to the program."""
+    from rlhfc.hardware import ProfileError, load_profile
+
+    text = val.string(opt)
+    if text is None:
+        return None
+    try:
+        return load_profile(unit.path.parent / text)
+    except ProfileError as e:
+        rep.error("E020", str(e), opt.value.span, "write one with `rlhfc profile --out FILE`")
+        return None
+
+
+def split_args(args, rep: Reporter, where: str):
+    """(positional args, keyword options by key) of a constructor call."""
+    positional = [a for a in args if a.key is None]
+    keywords = by_key([ast.Option(a.key, a.value, a.span) for a in args if a.key is not None], rep, where)
+    return positional, keywords
+
+
+def _shape(decl: ast.ModelDecl, unit: Unit, positional, keywords, rep: Reporter,
+           val: Values) -> tuple[ir.ModelShape | None, str | None]:
+    """The model's shape and resolved checkpoint from exactly one of: checkpoint, preset, inline keys."""
+    inline = {k: o for k, o in keywords.items() if k in SHAPE_KEYS}
+    sources = [s for s, present in (("a checkpoint", bool(positional)), ("`preset`", "preset" in keywords),
+                                     ("inline shape keys", bool(inline))) if present]
+    if len(sources) != 1:
+        message = (f"model `{decl.name.text}` has no shape" if not sources
+                   else f"model `{decl.name.text}` has {' and '.join(sources)}; give exactly one")
+        rep.error("E024" if not sources else "E022", message, decl.family.span,
+                  'llama("ckpt/dir"), llama(preset = "llama-2-7b") or llama(layers = 2, hidden = 64, ...)')
+        return None, None
+    if positional:
+        if len(positional) > 1:
+            rep.error("E022", "`llama` takes one positional argument, the checkpoint directory",
+                      positional[1].span)
+        path_text = val.string(positional[0])
+        if path_text is None:
+            return None, None
+        ckpt = resolved_path(unit.path.parent / path_text)
+        config = ckpt / "config.json"
+        try:
+            return shape_from_config(json.loads(config.read_text(encoding="utf-8"))), str(ckpt)
+        except OSError:
+            problem = f"no `config.json` in checkpoint directory `{path_text}`"
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            problem = f"`{path_text}/config.json` is not a usable LLaMA config ({error})"
+        rep.error("E017", problem, positional[0].span,
+                  "paths are relative to the program file; or use preset = \"…\" / inline shape keys")
+        return None, str(ckpt)
+    if "preset" in keywords:
+        name = val.string(keywords["preset"])
+        if name is not None and name not in PRESETS:
+            rep.error("E025", f"unknown preset `{name}`", keywords["preset"].value.span,
+                      suggest(name, PRESETS) or f"presets: {', '.join(PRESETS)}")
+            return None, None
+        return (PRESETS[name] if name else None), None
+    values = {SHAPE_KEYS[k]: val.positive_int(o) for k, o in inline.items()}
+    missing = [k for k in ("layers", "hidden", "heads", "intermediate", "vocab") if k not in inline]
+    if missing:
+        rep.error("E024", f"inline shape of `{decl.name.text}` lacks {', '.join(missing)}", decl.family.span,
+                  "inline shapes need layers, hidden, heads, intermediate, vocab (kv_heads, max_positions optional)")
+        return None, None
+    if None in values.values():
+        return None, None
+    values.setdefault("n_kv_heads", values["n_heads"])
+    shape = ir.ModelShape(**values)
+    if shape.hidden % shape.n_heads or shape.n_heads % shape.n_kv_heads:
+        rep.error("E022", f"inconsistent shape: hidden {shape.hidden}, heads {shape.n_heads}, "
+                          f"kv_heads {shape.n_kv_heads}", decl.family.span,
+                  "hidden must be a multiple of heads, heads a multiple of kv_heads")
+        return None, None
+    return shape, None
+
+
+def check_model(decl: ast.ModelDecl, unit: Unit, rep: Reporter, val: Values) -> ir.Model:
+    where = f"model `{decl.name.text}`"
+    positional, keywords = split_args(decl.args, rep, where)
+    family = decl.family.text
+    trainable = any(isinstance(item, ast.Flag) for item in decl.body or ())
+    body = by_key([i for i in decl.body or () if isinstance(i, ast.Option)], rep, where)
+    if family == "rule":
+        name = val.string(positional[0]) if len(positional) == 1 and not keywords else None
+        if len(positional) != 1 or keywords:
+            rep.error("E022", 'a rule model takes one argument, the rule name: rule("pattern_reward")',
+                      decl.family.span)
+        elif name is not None and name not in RULES:
+            rep.error("E009", f"unknown rule `{name}`", positional[0].span,
+                      suggest(name, RULES) or f"registered rules: {', '.join(RULES)}")
+        if decl.body:
+            rep.error("E022", "a rule model has no parameters: no `trainable`, no optimizer", decl.body[0].span)
+        return ir.Model(decl.name.text, "rule", None, ir.Head.VALUE, False, None, None, name, decl.name.span)
+    if family != "llama":
+        rep.error("E022", f"unknown model family `{family}`", decl.family.span,
+                  "families: llama(...) for a decoder, rule(\"NAME\") for a reward function")
+        return ir.Model(decl.name.text, family, None, ir.Head.LM, trainable, None, None, None, decl.name.span)
+    head = ir.Head.LM
+    for key, opt in keywords.items():
+        if key == "head":
+            if isinstance(opt.value, ast.Name) and opt.value.text in ("lm", "value"):
+                head = ir.Head(opt.value.text)
+            else:
+                rep.error("E022", f"`head` is `lm` or `value`, not `{value_text(opt.value)}`", opt.value.span)
+        elif key != "preset" and key not in SHAPE_KEYS:
+            val.unknown(opt.key, ("head", "preset") + tuple(SHAPE_KEYS), "`llama(...)`")
+    shape, checkpoint = _shape(decl, unit, positional, keywords, rep, val)
+    optimizer = DEFAULT_OPTIMIZER if trainable else None
+    for key, opt in body.items():
+        if key != "optimizer":
+            val.unknown(opt.key, ("optimizer",), f"the body of {where}")
+        elif not isinstance(opt.value, ast.Func) or opt.value.name.text not in OPTIMIZERS:
+            rep.error("E022", f"`optimizer` must be one of {', '.join(o + '(...)' for o in OPTIMIZERS)}",
+                      opt.value.span, "e.g. optimizer = adam(lr = 1e-6, weight_decay = 0.0)")
+        elif not trainable:
+            rep.error("E022", f"optimizer on frozen model `{decl.name.text}`", opt.span,
+                      "add `trainable` to the model's body, or drop the optimizer")
+        else:
+            params = []
+            for kw in opt.value.kwargs:
+                if isinstance(kw.value, ast.Number):
+                    params.append((kw.key.text, float(kw.value.value)))
+                else:
+                    rep.error("E022", f"optimizer setting `{kw.key.text}` must be a number", kw.value.span)
+            optimizer = ir.Optimizer(opt.value.name.text, tuple(params))
+    return ir.Model(decl.name.text, "llama", shape, head, trainable, checkpoint, optimizer, None, decl.name.span)
+
+
+def check_dataset(decl: ast.DatasetDecl, unit: Unit, rep: Reporter, val: Values) -> ir.Dataset:
+    where = f"dataset `{decl.name.text}`"
+    positional, keywords = split_args(decl.args, rep, where)
+    if decl.format.text != "jsonl":
+        rep.error("E022", f"unknown dataset format `{decl.format.text}`", decl.format.span,
+                  'the one format is jsonl("PATH", field = "prompt", max_len = N)')
+    path_text = val.string(positional[0]) if positional else None
+    if len(positional) != 1:
+        rep.error("E024" if not positional else "E022", f"{where} takes one positional argument, the file path",
+                  decl.format.span)
+    fields, max_len, tokenizer = [], 0, None
+    for key, opt in keywords.items():
+        if key in DATASET_FIELDS:
+            column = val.string(opt)
+            if column is not None:
+                fields.append((key, column))
+        elif key == "max_len":
+            max_len = val.positive_int(opt) or 0
+        elif key == "tokenizer":
+            tokenizer = val.string(opt)
+        else:
+            val.unknown(opt.key, DATASET_FIELDS + ("max_len", "tokenizer"), where)
+    names = {k for k, _ in fields}
+    if "max_len" not in keywords:
+        rep.error("E024", f"{where} needs `max_len`", decl.span, "max_len = N: prompt (or pair) tokens")
+    if not names & {"field", "prompt"}:
+        rep.error("E024", f"{where} needs `field` or `prompt`", decl.span,
+                  'field = "prompt" names the JSON key holding the text')
+    if ("chosen" in names) != ("rejected" in names):
+        rep.error("E024", f"{where} has only one of `chosen` / `rejected`", decl.span, "pair data needs both")
+    resolved = {}
+    for label, text, span in (("dataset file", path_text, positional[0].span if positional else None),
+                              ("tokenizer", tokenizer, keywords["tokenizer"].value.span if tokenizer else None)):
+        if text is None:
+            continue
+        resolved[label] = resolved_path(unit.path.parent / text)
+        if not path_exists(resolved[label]):
+            rep.warning("W001", f"{label} `{text}` not found (yet)", span,
+                        "paths are relative to the program file; it must exist when the program runs")
+    tok = str(resolved["tokenizer"]) if "tokenizer" in resolved else None
+    return ir.Dataset(decl.name.text, decl.format.text, str(resolved.get("dataset file", "")), tuple(fields),
+                      max_len, decl.name.span, tok)

@@ -1,0 +1,206 @@
+"""Instantiation: the `run` dataflow bound to models and datasets; sizes propagated; edges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhfc_runtime.contract.interfaces import INTERFACES, default_interface
+
+from rlhfc import ir
+from rlhfc.frontend import ast
+from rlhfc.frontend.check.common import (
+    CALL_KINDS,
+    Reporter,
+    Unit,
+    Values,
+    by_key,
+    plain_value,
+    suggest,
+)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """Sequences per iteration and token lengths carried by one data key."""
+
+    rows: int
+    prompt_len: int
+    gen_len: int
+
+
+def run_config(run: ast.RunStmt, rep: Reporter, val: Values) -> ir.RunConfig:
+    opts = by_key(run.options, rep, "`run`")
+    batch, steps = 1, 1
+    if "batch" not in opts:
+        rep.error("E024", "`run` needs `batch` (prompts per iteration)", run.span, "run NAME(...) { batch = 64 }")
+    params = []
+    for key, opt in opts.items():
+        if key in ("batch", "steps", "max_new_tokens", "group_size", "seed", "save_every"):
+            number = val.positive_int(opt) if key != "seed" else val.natural(opt)
+            if key == "batch":
+                batch = number or 1
+            elif key == "steps":
+                steps = number or 1
+            elif number is not None:
+                params.append((key, number))
+        else:
+            value = val.plain(opt)
+            if value is not None:
+                params.append((key, value))
+    return ir.RunConfig(run.dataflow.text, batch, steps, tuple(params), run.span)
+
+
+def instantiate(unit: Unit, run: ast.RunStmt, models: dict[str, ir.Model], datasets: dict[str, ir.Dataset],
+                 config: ir.RunConfig, rep: Reporter
+                 ) -> tuple[tuple[ir.Call, ...], tuple[ir.Edge, ...], set[str]]:
+    """The run's dataflow bound to this program's models and datasets: (calls, edges, all call names).
+
+    Calls whose binding failed are left out of `calls` but kept in the names, so that
+    pins on them are still checked.
+    """
+    if run.dataflow.text not in unit.dataflows:
+        rep.error("E002", f"undefined dataflow `{run.dataflow.text}`", run.dataflow.span,
+                  suggest(run.dataflow.text, unit.dataflows) or 'import it: import ppo from "stdlib/ppo.rlhf"')
+        return (), (), set()
+    _, decl = unit.dataflows[run.dataflow.text]
+    if len(run.args) != len(decl.params):
+        rep.error("E013", f"`{decl.name.text}` takes {len(decl.params)} arguments but `run` gives {len(run.args)}",
+                  run.dataflow.span, f"parameters: {', '.join(p.text for p in decl.params)}")
+        return (), (), {c.name.text for c in decl.calls}
+    binding: dict[str, str] = {}
+    model_params = {c.model.text for c in decl.calls}
+    data_params = {k.text for c in decl.calls for k in c.inputs}
+    ok = True
+    for param, arg in zip(decl.params, run.args):
+        binding[param.text] = arg.text
+        is_model = param.text in model_params
+        if arg.text not in models and arg.text not in datasets:
+            rep.error("E002", f"undefined name `{arg.text}`", arg.span,
+                      suggest(arg.text, list(models) + list(datasets)) or "declare it with `model` or `dataset`")
+            ok = False
+        elif is_model and arg.text not in models:
+            rep.error("E023", f"parameter `{param.text}` of `{decl.name.text}` is a model, but `{arg.text}` is a dataset",
+                      arg.span)
+            ok = False
+        elif param.text in data_params and arg.text in models:
+            rep.error("E023", f"parameter `{param.text}` of `{decl.name.text}` is data, but `{arg.text}` is a model",
+                      arg.span)
+            ok = False
+    arg_span = {p.text: a.span for p, a in zip(decl.params, run.args)}
+    names = {c.name.text for c in decl.calls}
+    calls = []
+    for call in decl.calls:
+        model = models.get(binding.get(call.model.text, ""))
+        if model is None or call.kind.text not in CALL_KINDS:
+            ok = False
+            continue
+        built = _bind_call(call, model, binding, config, arg_span[call.model.text], rep)
+        ok = ok and built is not None
+        if built is not None:
+            calls.append(built)
+    if not ok or rep.has_errors:
+        return tuple(calls), (), names
+    calls = _sized(tuple(calls), datasets, binding, config)
+    too_long = set()  # one error per model: its first call that does not fit
+    for call in calls:
+        shape = models[call.model].shape
+        if shape is not None and call.seq_len > shape.max_positions and call.model not in too_long:
+            too_long.add(call.model)
+            rep.error("E026", f"call `{call.name}` needs {call.prompt_len} prompt + {call.gen_len} generated = "
+                              f"{call.seq_len} positions, but `{call.model}` has max_positions {shape.max_positions}",
+                      run.span, "lower the dataset's max_len or max_new_tokens, or use a longer-context model")
+    return calls, _edges(calls, models), names
+
+
+def _bind_call(call: ast.CallStmt, model: ir.Model, binding: dict[str, str], config: ir.RunConfig,
+               arg_span: ir.Span, rep: Reporter) -> ir.Call | None:
+    """One call bound to a model: interface, head, trainability; sizes come later."""
+    kind = ir.CallKind(call.kind.text)
+    where = f"call `{call.name.text}` ({call.model.text} = `{model.name}`)"
+    if model.kind == "rule":
+        if kind is not ir.CallKind.INFERENCE or call.interface is not None:
+            rep.error("E012", f"{where}: a rule model only supports `inference` with its own rule", arg_span,
+                      f"`{model.name}` is rule(\"{model.rule}\"); bind a llama model here instead")
+            return None
+        interface = "rule"
+    else:
+        interface = call.interface.text if call.interface else default_interface(kind, model.head, False)
+        iface = INTERFACES.get(interface or "")
+        if iface is None:
+            return None  # reported by the structural check
+        if iface.head is not None and iface.head is not model.head:
+            rep.error("E011", f"{where}: interface `{interface}` needs a `head = {iface.head.value}` model, "
+                              f"`{model.name}` has `head = {model.head.value}`", arg_span,
+                      f"bind a {iface.head.value}-head model, or set `head = {iface.head.value}` on `{model.name}`")
+            return None
+    if kind is ir.CallKind.TRAIN and not model.trainable:
+        rep.error("E007", f"{where} trains model `{model.name}`, which is frozen", arg_span,
+                  f"add `{{ trainable  optimizer = adam(lr = 1e-6) }}` to `model {model.name}`")
+        return None
+    options = tuple((o.key.text, plain_value(o.value)) for o in call.options or () if plain_value(o.value) is not None)
+    gen_len = dict(options).get("max_new_tokens", config.param("max_new_tokens"))
+    if kind is ir.CallKind.GENERATE and gen_len is None:
+        rep.error("E024", f"generate call `{call.name.text}` needs `max_new_tokens`", call.span,
+                  "set it in the `run` block or in the call's options")
+        return None
+    return ir.Call(call.name.text, model.name, kind, tuple(binding.get(k.text, k.text) for k in call.inputs),
+                   tuple(k.text for k in call.outputs), interface, options, 0, 0, int(gen_len or 0), call.span)
+
+
+def _topological(calls: tuple[ir.Call, ...]) -> list[ir.Call]:
+    producer = {k: c.name for c in calls for k in c.outputs}
+    done: set[str] = set()
+    order: list[ir.Call] = []
+    pending = list(calls)
+    while pending:
+        ready = [c for c in pending if all(producer.get(k) in done or k not in producer for k in c.inputs)]
+        if not ready:  # a cycle: reported by the structural check, never sized
+            break
+        order += ready
+        done |= {c.name for c in ready}
+        pending = [c for c in pending if c.name not in done]
+    return order
+
+
+def _sized(calls: tuple[ir.Call, ...], datasets: dict[str, ir.Dataset], binding: dict[str, str],
+           config: ir.RunConfig) -> tuple[ir.Call, ...]:
+    """Batch, prompt and generation lengths of every call, propagated along data keys.
+
+    A dataset key carries `batch` rows (2 × batch sequences for chosen/rejected pairs);
+    a sampling `generate` multiplies its rows by `group_size` (call option, else the
+    run's, else 1; greedy generation uses 1 unless its options say otherwise); every
+    other call sees the largest row count and lengths among its inputs.
+    """
+    keys: dict[str, KeyInfo] = {}
+    for name in set(binding.values()) & set(datasets):
+        ds = datasets[name]
+        pairs = {"chosen", "rejected"} <= {k for k, _ in ds.fields}
+        keys[name] = KeyInfo(config.batch * (2 if pairs else 1), ds.max_len, 0)
+    sized = {}
+    for call in _topological(calls):
+        ins = [keys[k] for k in call.inputs if k in keys] or [KeyInfo(config.batch, 0, 0)]
+        rows, prompt_len, gen_len = max(i.rows for i in ins), max(i.prompt_len for i in ins), max(i.gen_len for i in ins)
+        if call.kind is ir.CallKind.GENERATE:
+            default_group = config.param("group_size", 1) if call.interface == "generate" else 1
+            rows *= int(call.option("group_size", default_group))
+            gen_len = call.gen_len
+        for out in call.outputs:
+            keys[out] = KeyInfo(rows, prompt_len, gen_len)
+        sized[call.name] = ir.Call(call.name, call.model, call.kind, call.inputs, call.outputs, call.interface,
+                                   call.options, rows, prompt_len, gen_len, call.span)
+    return tuple(sized[c.name] for c in calls)
+
+
+def _edges(calls: tuple[ir.Call, ...], models: dict[str, ir.Model]) -> tuple[ir.Edge, ...]:
+    """Data edges (producer → consumer per key) and parameter-version edges of trainable models."""
+    producer = {k: c.name for c in calls for k in c.outputs}
+    edges = [ir.Edge(producer[k], c.name, ir.EdgeKind.DATA, k) for c in calls for k in c.inputs if k in producer]
+    for model in sorted({c.model for c in calls}):
+        if not models[model].trainable:
+            continue
+        trains = [c.name for c in calls if c.model == model and c.kind is ir.CallKind.TRAIN]
+        others = [c.name for c in calls if c.model == model and c.kind is not ir.CallKind.TRAIN]
+        for t in trains:
+            edges += [ir.Edge(o, t, ir.EdgeKind.PARAM, model) for o in others]
+            edges += [ir.Edge(t, o, ir.EdgeKind.PARAM, model, next_iteration=True) for o in others]
+    return tuple(edges)
