@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
 
+from rlhfc_runtime.contract.interfaces import INTERFACES
 from rlhfc_runtime.algorithms.batch import build_sequences
 from rlhfc_runtime.algorithms.ops import token_logprobs
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rule_scores
@@ -70,6 +71,7 @@ def sample(model, prompts: dict, max_new_tokens: int, generator: torch.Generator
 def train_step(model, optimizer, name: str, args: list, hyper: dict) -> dict:
     """One registry train call: bind, prepare on the whole batch, loss, one Adam step."""
     interface = REGISTRY[name]
+    hyper = {**INTERFACES[name].defaults(), **{k: v for k, v in hyper.items() if k in INTERFACES[name].defaults()}}
     batch = interface.prepare(bind(name, args), hyper)
     inputs = interface.model_inputs(batch)
     forward = forward_logp if interface.head.value == "lm" else forward_values

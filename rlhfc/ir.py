@@ -123,7 +123,8 @@ class Call:
     """One model function call of an iteration, with the sizes its cost depends on.
 
     `inputs` / `outputs` are data keys. `batch` is sequences per iteration (after group
-    sampling), `prompt_len` and `gen_len` the token counts the estimator uses.
+    sampling), `prompt_len` and `gen_len` the token counts the estimator uses, `settings`
+    every value the runtime reads for this call, resolved by the checker.
     """
 
     name: str
@@ -137,6 +138,7 @@ class Call:
     prompt_len: int
     gen_len: int
     span: Span
+    settings: tuple[tuple[str, int | float | str], ...] = ()  # resolved (`check.settings.resolve`)
 
     @property
     def seq_len(self) -> int:
@@ -190,6 +192,16 @@ class RunConfig:
 
     def param(self, key: str, default=None):
         return dict(self.params).get(key, default)
+
+    @property
+    def seed(self) -> int:
+        """Seeds sampling, shuffling and initialisation (0 unless the run sets it)."""
+        return int(self.param("seed", 0))
+
+    @property
+    def save_every(self) -> int:
+        """Steps between checkpoints (10 unless the run sets it)."""
+        return int(self.param("save_every", 10))
 
 
 @dataclass(frozen=True)

@@ -130,19 +130,19 @@ def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, 
     """`group_size` samples per prompt (groups are consecutive rows), padded to exactly
     `max_new_tokens` so every dp rank's rows have one shape; `logp` in the aligned
     [B, T] form (zero outside the response). The sampling seed depends on (seed, step)
-    only and each row draws by its global index (`settings["rows"]` prompts in all), so a
+    only and each row draws by its global index (`settings["rows"]` rows in all), so a
     resumed run, or one under another plan, draws the same tokens."""
-    group = int(settings.get("group_size", 1))
-    new = int(settings.get("max_new_tokens", 16))
-    ids = prompts["input_ids"].repeat_interleave(group, 0)
-    mask = prompts["attention_mask"].repeat_interleave(group, 0)
-    seed = (int(settings.get("seed", 0)) * 1_000_003 + int(settings["step"])) * 4099
-    total = int(settings.get("rows", prompts["input_ids"].shape[0]))  # absent: these rows are all
-    first, _ = rows_of(total, groups.layout, groups.rank)
+    group = int(settings["group_size"])
+    new = int(settings["max_new_tokens"])
+    ids = prompts["input_ids"].repeat_interleave(group, 0) if group > 1 else prompts["input_ids"]
+    mask = prompts["attention_mask"].repeat_interleave(group, 0) if group > 1 else prompts["attention_mask"]
+    seed = (int(settings["seed"]) * 1_000_003 + int(settings["step"])) * 4099
+    total = int(settings["rows"])  # rows this call makes in all: prompts x group
+    first, _ = rows_of(total // group, groups.layout, groups.rank)  # dp ranks hold whole prompts
     params = SamplingParams(
-        max_new_tokens=new, greedy=greedy, temperature=float(settings.get("temperature", 1.0)),
-        top_k=int(settings.get("top_k", 0)), top_p=float(settings.get("top_p", 1.0)), seed=seed,
-        first_row=first * group, total_rows=total * group,
+        max_new_tokens=new, greedy=greedy, temperature=float(settings["temperature"]),
+        top_k=int(settings["top_k"]), top_p=float(settings["top_p"]), seed=seed,
+        first_row=first * group, total_rows=total,
         eos_token_id=int(settings["eos_id"]), pad_token_id=int(settings["pad_id"]),
     )
     out = generate(module, ids, mask, params)
@@ -172,10 +172,10 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
              groups) -> tuple[dict, dict]:
     """Run one call on this rank's rows: (produced keys, metrics to log)."""
     args = [_unwrap(k, v) for k, v in batch.items()]
-    n_mbs = int(settings.get("n_mbs", 1))
+    n_mbs = int(settings["n_mbs"])
     if spec["kind"] == "rule":
         seq = args[0]
-        scores = rule_scores(spec["rule"], seq, int(settings.get("max_new_tokens", 16)), int(settings["eos_id"]))
+        scores = rule_scores(spec["rule"], seq, int(settings["max_new_tokens"]), int(settings["eos_id"]))
         return {outputs[0]: {outputs[0]: scores}}, {}
     if kind == "generate":
         produced = generate_batch(model.module, args[0], settings, groups, greedy=REGISTRY[using].greedy)

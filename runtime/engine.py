@@ -49,7 +49,7 @@ class Engine:
         self.groups = {ranks: dist.new_group(list(ranks)) for ranks in groups}  # move groups, op order
         self.out = Path(options["out"])
         self.step = 0
-        self.seed = int(program["run"].get("seed", 0))
+        self.seed = int(program["run"]["seed"])
         _seed_everything(self.seed * 1009 + self.rank)
         self.models = {}  # (model, layout) -> runtime model on this rank
         self.data: dict[tuple[str, str], dict] = {}  # (key, layout) -> this rank's rows
@@ -88,25 +88,35 @@ class Engine:
             self.data[(key, layout)] = calls.take_rows(self.data[(key, "*")], lo, hi)
         return self.data[(key, layout)]
 
-    def call(self, name, *, model, kind, using, layout, inputs, outputs, options=None) -> None:
-        """Run one call on this rank's part of `layout` (no-op elsewhere)."""
+    def call(self, name, *, model, kind, using, layout, inputs, outputs, settings) -> None:
+        """Run one call on this rank's part of `layout` (no-op elsewhere). `settings` are
+        the compiler's resolved values: the engine adds only what exists at run time
+        (step, seed, the tokenizer's special ids) and checks the rows it was promised."""
         lay = self.layouts[layout]
-        settings = {**self.program["run"], **self.specials, **(options or {}), "step": self.step,
-                    "rows": self.rows[inputs[0]]}
-        factor = int(settings.get("group_size", 1)) if kind == "generate" else 1
         for key in outputs:  # every rank tracks row counts, so moves agree on them
-            self.rows[key] = self.rows[inputs[0]] * factor
+            self.rows[key] = settings["rows"]
         if self.rank not in lay.ranks:
             return
         with self._timed(name):
             spec = self.program["models"][model]
             batch = {k: self._input(k, layout) for k in inputs}
             runtime_model = None if spec["kind"] == "rule" else self.models[(model, layout)]
+            context = {**settings, **self.specials, "step": self.step, "seed": self.seed}
             produced, stats = calls.run_call(
-                kind, using, runtime_model, spec, batch, outputs, settings, rdist.rank_groups(lay, self.rank)
+                kind, using, runtime_model, spec, batch, outputs, context, rdist.rank_groups(lay, self.rank)
             )
             for key in outputs:
                 self.data[(key, layout)] = produced[key]
+            local = calls.batch_rows(produced[outputs[0]]) if outputs else calls.batch_rows(batch[inputs[0]])
+            if kind == "generate":  # each dp rank samples group_size rows for each of its prompts
+                expected = calls.batch_rows(batch[inputs[0]]) * int(settings["group_size"])
+            else:
+                lo, hi = rows_of(settings["rows"], lay, self.rank)
+                expected = hi - lo
+            if local != expected:
+                raise RuntimeError(f"call {name!r} made {local} rows on rank {self.rank} where the compiled "
+                                   f"program says {expected} (of {settings['rows']}): a compiler bug")
+            self.stats[f"rows/{name}"] = float(local * lay.dp)  # averaged over ranks: the global count
             self.stats.update({f"{name}/{k}": float(v) for k, v in stats.items()})
             if "score" in outputs:  # the reward curve, whatever the algorithm
                 self.stats["reward"] = float(produced["score"]["score"].float().mean())
@@ -172,7 +182,7 @@ class Engine:
     def run(self, iteration) -> None:
         """Steps until `steps`, with metrics on rank 0 and checkpoints every `save_every`."""
         steps = int(self.options.get("steps") or self.program["run"]["steps"])
-        save_every = int(self.options.get("save_every") or self.program["run"].get("save_every", 10))
+        save_every = int(self.options.get("save_every") or self.program["run"]["save_every"])
         if self.options.get("resume"):
             self.restore()
         log = _MetricsLog(self.out / "metrics.jsonl", self.step) if self.rank == 0 else None

@@ -36,10 +36,9 @@ def op_line(op: Op) -> str:
         return f"e.move({op.key!r}, src={op.src!r}, dst={op.dst!r})"
     if isinstance(op, (Offload, Reload)):
         return f"e.{type(op).__name__.lower()}({op.model!r}, layout={op.layout!r})"
-    options = f", options={dict(op.options)!r}" if op.options else ""
     return (
         f"e.call({op.name!r}, model={op.model!r}, kind={op.kind!r}, using={op.interface!r}, "
-        f"layout={op.layout!r}, inputs={op.inputs!r}, outputs={op.outputs!r}{options})"
+        f"layout={op.layout!r}, inputs={op.inputs!r}, outputs={op.outputs!r}, settings={dict(op.settings)!r})"
     )
 
 
@@ -68,7 +67,8 @@ def program_spec(prog: OpProgram, base: str = ".") -> dict:
                      "tokenizer": relative_path(getattr(d, "tokenizer", None), base), "max_len": d.max_len}
             for d in df.datasets
         },
-        "run": {"dataflow": run.dataflow, "batch": run.batch, "steps": run.steps, **dict(run.params)},
+        "run": {"dataflow": run.dataflow, "batch": run.batch, "steps": run.steps, "seed": run.seed,
+                "save_every": run.save_every},
         "estimates": {p.call: round(p.end - p.start, 6) for p in prog.plan.calls},
     }
 

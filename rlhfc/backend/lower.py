@@ -36,7 +36,8 @@ class Load:
 
 @dataclass(frozen=True)
 class Call:
-    """Run `interface` on `model` in `layout`, each dp rank on its share of the batch."""
+    """Run `interface` on `model` in `layout`, each dp rank on its share of the batch.
+    `settings` is every value the runtime reads for it (`call_settings`): nothing else."""
 
     name: str
     model: str
@@ -45,7 +46,7 @@ class Call:
     layout: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    options: tuple[tuple[str, float | int | str], ...]
+    settings: tuple[tuple[str, float | int | str], ...]
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
             copies[c.model].add(lay)
         if c.model in plan.offloaded:
             ops.append(Reload(c.model, lay))
-        ops.append(Call(c.name, c.model, c.kind.value, c.interface, lay, c.inputs, c.outputs, _options(c, plan)))
+        ops.append(Call(c.name, c.model, c.kind.value, c.interface, lay, c.inputs, c.outputs, call_settings(c, plan)))
         if c.model in plan.offloaded:
             ops.append(Offload(c.model, lay))
         for key in c.outputs:
@@ -231,12 +232,10 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
     )
 
 
-def _options(call: ir.Call, plan: Plan) -> tuple[tuple[str, float | int | str], ...]:
-    """The call's options plus the plan's micro-batch count where it is not 1."""
-    n_mbs = plan.placement(call.name).strategy.n_mbs
-    if n_mbs == 1 or call.option("n_mbs") is not None:
-        return call.options
-    return (*call.options, ("n_mbs", n_mbs))
+def call_settings(call: ir.Call, plan: Plan) -> tuple[tuple[str, float | int | str], ...]:
+    """What the op carries: the checker's resolved settings plus the plan's decisions
+    for this call (micro-batches), so the runtime runs what the cost model priced."""
+    return (*call.settings, ("n_mbs", plan.placement(call.name).strategy.n_mbs))
 
 
 def _nearest(holders: set[str], dst: str) -> str:

@@ -39,22 +39,10 @@ Batch = dict[str, torch.Tensor]
 Hyper = Mapping[str, float | int | str]
 Metrics = dict[str, torch.Tensor]
 
-DEFAULT_HYPER: dict[str, float | int | str] = {
-    "kl_coef": 0.05,      # KL to the reference: reward penalty (PPO, RLOO, ReMax) or loss (GRPO)
-    "kl_mode": "reward",  # PPO only: "reward" (penalty in the reward) or "loss" (k3 term)
-    "clip": 0.2,          # policy ratio clip
-    "value_clip": 0.2,    # critic value clip
-    "gamma": 1.0,
-    "lam": 0.95,
-    "adv_norm": 1,        # PPO: whiten advantages over the batch
-    "beta": 0.1,          # DPO temperature
-    "group_size": 1,
-}
-
-
 def hyper_value(hyper: Hyper, key: str):
-    """A hyper-parameter from the run / call options, or its documented default."""
-    return hyper.get(key, DEFAULT_HYPER[key])
+    """A resolved setting of the call (`rlhfc_runtime.contract.interfaces`): the compiler
+    gives every one the interface declares, so a missing key is a compiler bug."""
+    return hyper[key]
 
 
 def _token_weight(response_mask: torch.Tensor) -> torch.Tensor:
@@ -206,6 +194,7 @@ def _remax_prepare(batch: Batch, hyper: Hyper) -> Batch:
     rewards = kl_penalised_rewards(score, batch["logp"], batch["ref_logp"], mask,
                                    float(hyper_value(hyper, "kl_coef")))
     baseline = sequence_score(batch["base_score"]).float()
+    baseline = baseline.repeat_interleave(score.shape[0] // baseline.shape[0])  # one greedy row per prompt
     advantages = (returns_to_go(rewards, mask) - baseline.unsqueeze(-1)) * mask
     return {"advantages": advantages, "token_weight": _token_weight(mask)}
 

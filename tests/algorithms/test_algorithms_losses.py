@@ -7,11 +7,17 @@ import torch
 from rlhfc_runtime.algorithms.advantages import gae, group_normalised, leave_one_out
 from rlhfc_runtime.algorithms.batch import split_rows
 from rlhfc_runtime.algorithms.ops import token_logprobs
+from rlhfc_runtime.contract.interfaces import INTERFACES
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind
 
 torch.manual_seed(0)
 B, T = 4, 9
 
+
+
+def settings(name: str, **overrides) -> dict:
+    """An interface's settings as the compiler resolves them: the contract's defaults, overridden."""
+    return {**INTERFACES[name].defaults(), **overrides}
 
 def _seq():
     """Left-padded prompts (lengths 3,2,3,1) and responses of lengths 4,6,2,5 + padding."""
@@ -88,11 +94,12 @@ def test_ppo_losses_match_reference_and_split_additively():
     old, ref = -torch.rand(B, T) * 3 * mask, -torch.rand(B, T) * 3 * mask
     new = old + 0.3 * torch.randn(B, T) * mask
     score, values, values_new = torch.rand(B), torch.randn(B, T), torch.randn(B, T)
-    hyper = {"kl_coef": 0.1, "clip": 0.2, "value_clip": 0.2}
+    overrides = {"kl_coef": 0.1, "clip": 0.2, "value_clip": 0.2}
     ref_actor, ref_critic = _ppo_reference(seq, new, old, ref, score, values, values_new, 0.1, 0.2, 0.2)
     for name, out, expected in (("ppo_actor", {"logp": new}, ref_actor),
                                 ("ppo_critic", {"values": values_new}, ref_critic)):
         iface = REGISTRY[name]
+        hyper = settings(name, **{k: v for k, v in overrides.items() if k in INTERFACES[name].defaults()})
         batch = iface.prepare(bind(name, [seq, old, ref, score, values]), hyper)
         loss, _ = iface.loss(out, batch, hyper)
         assert abs(loss.item() - expected) < 1e-4, name
@@ -107,7 +114,7 @@ def test_grpo_loss_with_k3_kl():
     old, ref = -torch.rand(B, T) * mask, -torch.rand(B, T) * mask
     new = old + 0.1 * torch.randn(B, T) * mask
     score = torch.tensor([1.0, 0.0, 0.3, 0.9])
-    hyper = {"kl_coef": 0.05, "clip": 0.2, "group_size": 2}
+    hyper = settings("grpo_actor", kl_coef=0.05, clip=0.2, group_size=2)
     iface = REGISTRY["grpo_actor"]
     loss, _ = iface.loss({"logp": new}, iface.prepare(bind("grpo_actor", [seq, old, ref, score]), hyper), hyper)
     total, n = 0.0, 0
@@ -129,9 +136,9 @@ def test_remax_and_rloo_advantages():
     logp = -torch.rand(B, T) * mask
     ref = logp.clone()  # zero KL: advantages are pure baselines
     score, base = torch.tensor([1.0, 0.2, 0.6, 0.0]), torch.tensor([0.5, 0.5, 0.1, 0.3])
-    remax = REGISTRY["remax_actor"].prepare(bind("remax_actor", [seq, logp, ref, score, base]), {})
+    remax = REGISTRY["remax_actor"].prepare(bind("remax_actor", [seq, logp, ref, score, base]), settings("remax_actor"))
     assert torch.allclose(remax["advantages"], ((score - base)[:, None] * mask))
-    rloo = REGISTRY["rloo_actor"].prepare(bind("rloo_actor", [seq, logp, ref, score]), {"group_size": 2})
+    rloo = REGISTRY["rloo_actor"].prepare(bind("rloo_actor", [seq, logp, ref, score]), settings("rloo_actor", group_size=2))
     expected = torch.tensor([0.8, -0.8, 0.6, -0.6])[:, None] * mask
     assert torch.allclose(rloo["advantages"], expected)
 
@@ -147,7 +154,7 @@ def test_dpo_and_bradley_terry_per_pair_formulas():
     logp = -torch.rand(4, T)
     ref = torch.tensor([[-3.0, -4.0], [-2.0, -1.0]])
     iface = REGISTRY["dpo"]
-    loss, metrics = iface.loss({"logp": logp}, iface.prepare(bind("dpo", [pairs, ref]), {}), {"beta": 0.5})
+    loss, metrics = iface.loss({"logp": logp}, iface.prepare(bind("dpo", [pairs, ref]), {}), settings("dpo", beta=0.5))
     pi = (logp * flat_mask).sum(-1).reshape(2, 2)
     expected = sum(math.log(1 + math.exp(-0.5 * ((pi[i, 0] - ref[i, 0]) - (pi[i, 1] - ref[i, 1])).item()))
                    for i in range(2)) / 2

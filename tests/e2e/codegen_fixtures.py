@@ -3,7 +3,10 @@ layouts exactly (no solver involved), so a test can say where reallocation must 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rlhfc import ir
+from rlhfc.frontend.check.settings import resolve
 from rlhfc.plan import CallPlacement, Plan
 
 SPAN = ir.Span("t.rlhf", 1, 1, 1, 1)
@@ -27,9 +30,11 @@ def model(name, trainable=False, head=ir.Head.LM, rule=None):
 
 def dataflow(calls=PPO_CALLS, devices=2, dataset_path="../data/tiny/prompts.jsonl", batch=8, steps=3, **params):
     """A PPO-shaped dataflow with its data and parameter edges, as the checker builds it."""
+    run = ir.RunConfig("ppo", batch, steps, tuple(sorted({"max_new_tokens": 12, "seed": 1, **params}.items())))
     ir_calls = tuple(
         ir.Call(n, m, ir.CallKind(k), i, o, f, (), batch, 16, 12, SPAN) for n, m, k, i, o, f in calls
     )
+    ir_calls = tuple(replace(c, settings=resolve(c, run, 1)) for c in ir_calls)
     producers = {key: c.name for c in ir_calls for key in c.outputs}
     edges = [ir.Edge(producers[k], c.name, ir.EdgeKind.DATA, k) for c in ir_calls for k in c.inputs if k in producers]
     for t in (c for c in ir_calls if c.kind is ir.CallKind.TRAIN):
@@ -45,7 +50,6 @@ def dataflow(calls=PPO_CALLS, devices=2, dataset_path="../data/tiny/prompts.json
     )
     ds = ir.Dataset("prompts", "jsonl", dataset_path,
                     (("field", "prompt"), ("tokenizer", "../data/tiny/tokenizer.json")), 16, SPAN)
-    run = ir.RunConfig("ppo", batch, steps, tuple(sorted({"max_new_tokens": 12, "seed": 1, **params}.items())))
     return ir.Dataflow("programs/t.rlhf", models, (ds,), ir_calls, tuple(edges),
                        ir.Cluster(1, devices, "cpu"), run)
 

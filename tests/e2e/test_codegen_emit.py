@@ -17,7 +17,7 @@ def literal_strings(tree: ast.AST) -> list[str]:
 
 
 def test_hostile_dataset_path_stays_a_string(tmp_path):
-    df = dataflow(dataset_path=HOSTILE, note=HOSTILE)
+    df = dataflow(dataset_path=HOSTILE, kl_mode=HOSTILE)  # a path and a call setting
     text = emit(lower(df, split_plan(df)))
     tree = ast.parse(text)
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
@@ -27,7 +27,8 @@ def test_hostile_dataset_path_stays_a_string(tmp_path):
     ns = {}
     exec(compile(tree, "gen.py", "exec"), ns)  # defining the module runs nothing hostile
     assert ns["PROGRAM"]["datasets"]["prompts"]["path"] == HOSTILE
-    assert ns["PROGRAM"]["run"]["note"] == HOSTILE
+    settings = [ast.literal_eval(k.value) for n in calls for k in n.keywords if k.arg == "settings"]
+    assert any(s.get("kl_mode") == HOSTILE for s in settings)
     assert not (tmp_path / "PWNED").exists()
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rlhfc_runtime.contract.interfaces import INTERFACES, default_interface
 
@@ -17,6 +17,7 @@ from rlhfc.frontend.check.common import (
     plain_value,
     suggest,
 )
+from rlhfc.frontend.check.settings import check_run_keys, generation_group, resolve
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class KeyInfo:
     rows: int
     prompt_len: int
     gen_len: int
+    group: int = 1  # samples per prompt of the rollout these rows come from
 
 
 def run_config(run: ast.RunStmt, rep: Reporter, val: Values) -> ir.RunConfig:
@@ -101,6 +103,7 @@ def instantiate(unit: Unit, run: ast.RunStmt, models: dict[str, ir.Model], datas
     if not ok or rep.has_errors:
         return tuple(calls), (), names
     calls = _sized(tuple(calls), datasets, binding, config)
+    check_run_keys(run, calls, rep)
     too_long = set()  # one error per model: its first call that does not fit
     for call in calls:
         shape = models[call.model].shape
@@ -167,9 +170,9 @@ def _sized(calls: tuple[ir.Call, ...], datasets: dict[str, ir.Dataset], binding:
     """Batch, prompt and generation lengths of every call, propagated along data keys.
 
     A dataset key carries `batch` rows (2 × batch sequences for chosen/rejected pairs);
-    a sampling `generate` multiplies its rows by `group_size` (call option, else the
-    run's, else 1; greedy generation uses 1 unless its options say otherwise); every
-    other call sees the largest row count and lengths among its inputs.
+    a `generate` multiplies its rows by its group size (`settings.generation_group`);
+    every other call sees the largest row count and lengths among its inputs. Each
+    call's settings are resolved here, once (`settings.resolve`).
     """
     keys: dict[str, KeyInfo] = {}
     for name in set(binding.values()) & set(datasets):
@@ -180,14 +183,15 @@ def _sized(calls: tuple[ir.Call, ...], datasets: dict[str, ir.Dataset], binding:
     for call in _topological(calls):
         ins = [keys[k] for k in call.inputs if k in keys] or [KeyInfo(config.batch, 0, 0)]
         rows, prompt_len, gen_len = max(i.rows for i in ins), max(i.prompt_len for i in ins), max(i.gen_len for i in ins)
+        group = max(i.group for i in ins)
         if call.kind is ir.CallKind.GENERATE:
-            default_group = config.param("group_size", 1) if call.interface == "generate" else 1
-            rows *= int(call.option("group_size", default_group))
+            group = generation_group(call, config)
+            rows *= group
             gen_len = call.gen_len
         for out in call.outputs:
-            keys[out] = KeyInfo(rows, prompt_len, gen_len)
-        sized[call.name] = ir.Call(call.name, call.model, call.kind, call.inputs, call.outputs, call.interface,
-                                   call.options, rows, prompt_len, gen_len, call.span)
+            keys[out] = KeyInfo(rows, prompt_len, gen_len, group)
+        call = replace(call, batch=rows, prompt_len=prompt_len, gen_len=gen_len)
+        sized[call.name] = replace(call, settings=resolve(call, config, group))
     return tuple(sized[c.name] for c in calls)
 
 

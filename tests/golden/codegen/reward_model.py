@@ -37,7 +37,7 @@ PROGRAM = {'source': '../programs/reward_model.rlhf',
                         'fields': {'prompt': 'prompt', 'chosen': 'chosen', 'rejected': 'rejected'},
                         'tokenizer': '../data/tiny/tokenizer.json',
                         'max_len': 32}},
- 'run': {'dataflow': 'reward_model', 'batch': 16, 'steps': 40, 'seed': 1},
+ 'run': {'dataflow': 'reward_model', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10},
  'estimates': {'rm_tr': 0.003012}}
 
 LAYOUTS = {
@@ -51,7 +51,7 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('pairs', dataset='pairs')
-    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=())
+    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=(), settings={'rows': 32, 'n_mbs': 1})
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ PROGRAM = {'source': '../programs/sft.rlhf',
                         'fields': {'prompt': 'prompt', 'response': 'response'},
                         'tokenizer': '../data/tiny/tokenizer.json',
                         'max_len': 32}},
- 'run': {'dataflow': 'sft', 'batch': 16, 'steps': 40, 'seed': 1},
+ 'run': {'dataflow': 'sft', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10},
  'estimates': {'a_tr': 0.002643}}
 
 LAYOUTS = {
@@ -51,7 +51,7 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('demos', dataset='demos')
-    e.call('a_tr', model='actor', kind='train', using='sft', layout='L0', inputs=('demos',), outputs=())
+    e.call('a_tr', model='actor', kind='train', using='sft', layout='L0', inputs=('demos',), outputs=(), settings={'rows': 16, 'n_mbs': 1})
 
 
 if __name__ == "__main__":

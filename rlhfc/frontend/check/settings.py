@@ -1,0 +1,74 @@
+"""Settings: every value a call's runtime code reads, resolved once here (call option >
+run block > the contract's default) and checked against the contract's types and ranges.
+The op carries the result; the runtime re-derives nothing.
+"""
+
+from __future__ import annotations
+
+from rlhfc_runtime.contract.interfaces import GENERATE_SETTINGS, INTERFACES, Setting
+
+from rlhfc import ir
+from rlhfc.frontend import ast
+from rlhfc.frontend.check.common import Reporter, plain_value, suggest
+
+# Keys of the `run` block that are the job's, not a call's.
+RUN_KEYS = ("batch", "steps", "seed", "save_every", "max_new_tokens")
+
+
+def call_settings(call: ir.Call) -> tuple[Setting, ...]:
+    """The settings `call` reads: its interface's (and its kind's, for generate)."""
+    iface = INTERFACES.get(call.interface)
+    if iface is not None:
+        return iface.all_settings()
+    return ()  # rule rewards read only what `resolve` adds
+
+
+def resolve(call: ir.Call, config: ir.RunConfig, rollout_group: int) -> tuple[tuple[str, int | float | str], ...]:
+    """The resolved settings of a sized call. `rows` is the global row count it produces
+    (generate) or processes; `rollout_group` the samples per prompt of its inputs."""
+    out: dict[str, int | float | str] = {"rows": call.batch}
+    for setting in call_settings(call):
+        if setting.name == "group_size":
+            value = generation_group(call, config) if call.kind is ir.CallKind.GENERATE else rollout_group
+        else:
+            value = call.option(setting.name, config.param(setting.name, setting.default))
+        out[setting.name] = setting.type(value)
+    if call.kind is ir.CallKind.GENERATE or call.interface == "rule":
+        out["max_new_tokens"] = call.gen_len
+    return tuple(out.items())
+
+
+def generation_group(call: ir.Call, config: ir.RunConfig) -> int:
+    """Samples per prompt of a generate call: its option, else the run's for sampling
+    (`generate`), else 1 (greedy decoding draws one response per prompt)."""
+    default = config.param("group_size", 1) if call.interface == "generate" else 1
+    return int(call.option("group_size", default))
+
+
+def check_run_keys(run: ast.RunStmt, calls: tuple[ir.Call, ...], rep: Reporter) -> None:
+    """Every run-block key is the job's or a setting some call reads, with an allowed value."""
+    known: dict[str, Setting] = {}
+    for call in calls:
+        for setting in call_settings(call):
+            known.setdefault(setting.name, setting)
+    for opt in run.options or ():
+        key = opt.key.text
+        if key in RUN_KEYS:
+            continue
+        if key not in known:
+            names = sorted(set(RUN_KEYS) | set(known))
+            rep.error("E022", f"unknown key `{key}` in `run`: no call of this dataflow reads it", opt.key.span,
+                      suggest(key, names) or f"known keys: {', '.join(names)}")
+            continue
+        check_value(known[key], opt, rep)
+
+
+def check_value(setting: Setting, opt: ast.Option, rep: Reporter) -> None:
+    """A located E022 when `opt`'s value is not allowed for `setting`."""
+    problem = setting.problem(plain_value(opt.value) if not isinstance(opt.value, ast.Name) else None)
+    if problem is not None:
+        rep.error("E022", f"`{setting.name}` {problem}", opt.value.span, setting.doc)
+
+
+def generate_setting(name: str) -> Setting | None:
+    return next((s for s in GENERATE_SETTINGS if s.name == name), None)
