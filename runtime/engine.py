@@ -26,6 +26,7 @@ import torch.distributed as dist
 from rlhfc_runtime import dist as rdist
 from rlhfc_runtime import calls
 from rlhfc_runtime.contract.layout import Layout
+from rlhfc_runtime.memory import CallMemory, resident_bytes
 from rlhfc_runtime.offload import offload as offload_shards
 from rlhfc_runtime.offload import reload as reload_shards
 from rlhfc_runtime.realloc import reallocate
@@ -57,6 +58,7 @@ class Engine:
         self.loaders = {}
         self.host: dict[tuple[str, str], dict] = {}  # (model, layout) -> offloaded weights
         self.stats: dict[str, float] = {}
+        self.measuring = False  # count this step's peak memory per call (`run`)
         self.spans: dict[str, tuple[float, float]] = {}  # op -> (start, end), wall clock (time.time)
         for name, spec in program["models"].items():
             home = spec["home"]
@@ -102,9 +104,13 @@ class Engine:
             batch = {k: self._input(k, layout) for k in inputs}
             runtime_model = None if spec["kind"] == "rule" else self.models[(model, layout)]
             context = {**settings, **self.specials, "step": self.step, "seed": self.seed}
-            produced, stats = calls.run_call(
-                kind, using, runtime_model, spec, batch, outputs, context, rdist.rank_groups(lay, self.rank)
-            )
+            resident = resident_bytes(*((runtime_model.module, runtime_model.optimizer) if runtime_model else (None, None)))
+            with CallMemory(rdist.device_for_rank(), resident, active=self.measuring) as memory:
+                produced, stats = calls.run_call(
+                    kind, using, runtime_model, spec, batch, outputs, context, rdist.rank_groups(lay, self.rank)
+                )
+            if runtime_model is not None and self.measuring:
+                self.stats[f"peak_bytes/{name}"] = float(memory.peak_bytes)
             for key in outputs:
                 self.data[(key, layout)] = produced[key]
             local = calls.batch_rows(produced[outputs[0]]) if outputs else calls.batch_rows(batch[inputs[0]])
@@ -186,7 +192,11 @@ class Engine:
         if self.options.get("resume"):
             self.restore()
         log = _MetricsLog(self.out / "metrics.jsonl", self.step) if self.rank == 0 else None
+        first = self.step
         while self.step < steps:
+            # Peak memory is counted tensor by tensor on CPU (slow): on this process's first
+            # step and on every checkpoint step, which metrics.jsonl then carries.
+            self.measuring = self.step == first or (self.step + 1) % save_every == 0
             t0 = time.perf_counter()
             self.stats, self.spans, self.data, self.rows = {}, {}, {}, {}
             iteration(self)
@@ -216,10 +226,12 @@ class Engine:
                 last_start, last_end = spans.get(k, (start, end))
                 spans[k] = (max(last_start, start), max(last_end, end))
         times = {k: end - start for k, (start, end) in spans.items()}
-        record = {"step": self.step, **{k: sum(v) / len(v) for k, v in sorted(stats.items())}}
+        record = {"step": self.step, **{k: max(v) if k.startswith("peak_bytes/") else sum(v) / len(v)
+                                        for k, v in sorted(stats.items())}}  # peaks: the fullest rank
         record["time/iteration"] = seconds
         record.update({f"time/{k}": v for k, v in sorted(times.items())})
         record.update({f"estimate/{k}": v for k, v in self.program["estimates"].items()})
+        record.update({f"estimate/peak_bytes/{k}": v for k, v in self.program["estimated_peak_bytes"].items()})
         return record
 
     # ---- checkpoints -------------------------------------------------------------
