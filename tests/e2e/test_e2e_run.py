@@ -42,7 +42,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 def untimed(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "peak_bytes/"))} for r in records]
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,8 @@ PROGRAM = {'source': '../programs/dpo.rlhf',
                         'tokenizer': '../data/tiny/tokenizer.json',
                         'max_len': 32}},
  'run': {'dataflow': 'dpo', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10},
- 'estimates': {'refl': 0.002281, 'a_tr': 0.003064}}
+ 'estimates': {'refl': 0.002281, 'a_tr': 0.003064},
+ 'estimated_peak_bytes': {'refl': 2266752, 'a_tr': 3970688}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -66,7 +66,8 @@ PROGRAM = {'source': '../programs/grpo.rlhf',
                           'tokenizer': '../data/tiny/tokenizer.json',
                           'max_len': 16}},
  'run': {'dataflow': 'grpo', 'batch': 8, 'steps': 150, 'seed': 1, 'save_every': 10},
- 'estimates': {'gen': 0.002719, 'score': 0.0, 'refl': 0.002246, 'a_tr': 0.002959}}
+ 'estimates': {'gen': 0.002719, 'score': 0.0, 'refl': 0.002246, 'a_tr': 0.002959},
+ 'estimated_peak_bytes': {'gen': 1763584, 'refl': 2168448, 'a_tr': 3659392}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

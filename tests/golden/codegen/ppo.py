@@ -89,7 +89,12 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                'refl': 0.002473,
                'vals': 0.002458,
                'a_tr': 0.003633,
-               'c_tr': 0.003582}}
+               'c_tr': 0.003582},
+ 'estimated_peak_bytes': {'gen': 3044608,
+                          'refl': 3942016,
+                          'vals': 3955584,
+                          'a_tr': 6837888,
+                          'c_tr': 6558336}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

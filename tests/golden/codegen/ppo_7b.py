@@ -96,7 +96,13 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                'refl': 1.502802,
                'vals': 1.481089,
                'a_tr': 4.1154,
-               'c_tr': 4.050261}}
+               'c_tr': 4.050261},
+ 'estimated_peak_bytes': {'gen': 49193189376,
+                          'score': 30997585920,
+                          'refl': 32046129152,
+                          'vals': 32682385408,
+                          'a_tr': 68930838528,
+                          'c_tr': 66833752064}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=4, pp=2),

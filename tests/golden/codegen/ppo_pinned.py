@@ -89,7 +89,12 @@ PROGRAM = {'source': '../programs/ppo_pinned.rlhf',
                'refl': 0.002246,
                'vals': 0.002234,
                'a_tr': 0.002959,
-               'c_tr': 0.002912}}
+               'c_tr': 0.002912},
+ 'estimated_peak_bytes': {'gen': 3014912,
+                          'refl': 3419776,
+                          'vals': 3463296,
+                          'a_tr': 4910720,
+                          'c_tr': 4684928}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -84,7 +84,12 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                           'tokenizer': '../data/tiny/tokenizer.json',
                           'max_len': 16}},
  'run': {'dataflow': 'ppo', 'batch': 64, 'steps': 150, 'seed': 1, 'save_every': 10},
- 'estimates': {'gen': 1.0, 'score': 1.0, 'refl': 1.0, 'vals': 1.0, 'a_tr': 1.0, 'c_tr': 1.0}}
+ 'estimates': {'gen': 1.0, 'score': 1.0, 'refl': 1.0, 'vals': 1.0, 'a_tr': 1.0, 'c_tr': 1.0},
+ 'estimated_peak_bytes': {'gen': 1048576,
+                          'refl': 1048576,
+                          'vals': 1048576,
+                          'a_tr': 1048576,
+                          'c_tr': 1048576}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -73,7 +73,8 @@ PROGRAM = {'source': '../programs/remax.rlhf',
                'score': 0.0,
                'refl': 0.002246,
                'base': 0.0,
-               'a_tr': 0.002959}}
+               'a_tr': 0.002959},
+ 'estimated_peak_bytes': {'gen': 1763584, 'greedy': 1763584, 'refl': 2168448, 'a_tr': 3659392}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -38,7 +38,8 @@ PROGRAM = {'source': '../programs/reward_model.rlhf',
                         'tokenizer': '../data/tiny/tokenizer.json',
                         'max_len': 32}},
  'run': {'dataflow': 'reward_model', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10},
- 'estimates': {'rm_tr': 0.003012}}
+ 'estimates': {'rm_tr': 0.003012},
+ 'estimated_peak_bytes': {'rm_tr': 3483648}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -66,7 +66,8 @@ PROGRAM = {'source': '../programs/rloo.rlhf',
                           'tokenizer': '../data/tiny/tokenizer.json',
                           'max_len': 16}},
  'run': {'dataflow': 'rloo', 'batch': 16, 'steps': 150, 'seed': 1, 'save_every': 10},
- 'estimates': {'gen': 0.002937, 'score': 0.0, 'refl': 0.002492, 'a_tr': 0.003696}}
+ 'estimates': {'gen': 0.002937, 'score': 0.0, 'refl': 0.002492, 'a_tr': 0.003696},
+ 'estimated_peak_bytes': {'gen': 1882368, 'refl': 2856576, 'a_tr': 5838464}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

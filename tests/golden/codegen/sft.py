@@ -38,7 +38,8 @@ PROGRAM = {'source': '../programs/sft.rlhf',
                         'tokenizer': '../data/tiny/tokenizer.json',
                         'max_len': 32}},
  'run': {'dataflow': 'sft', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10},
- 'estimates': {'a_tr': 0.002643}}
+ 'estimates': {'a_tr': 0.002643},
+ 'estimated_peak_bytes': {'a_tr': 2561024}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),
