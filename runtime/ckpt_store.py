@@ -258,7 +258,7 @@ def compare(manifest: dict, program: dict) -> tuple[list[str], list[str]]:
         if a is None or b is None:
             refuse.append(f"model {name} was {'added' if a is None else 'removed'}")
             continue
-        refuse += [f"model {name}: {k} {_short(a.get(k))} -> {_short(b.get(k))}" for k in a if a.get(k) != b.get(k)]
+        refuse += [f"model {name}: {k} {_short(x)} -> {_short(y)}" for k, x, y in _differences(a, b)]
     for name in sorted(set(old["datasets"]) | set(new["datasets"])):
         if old["datasets"].get(name) != new["datasets"].get(name):
             refuse.append(f"dataset {name} changed")
@@ -276,6 +276,16 @@ def compare(manifest: dict, program: dict) -> tuple[list[str], list[str]]:
     apply += [f"{k} {_short(before.get(k))} -> {_short(v)}" for k, v in program["run"].items()
               if k not in FIXED_RUN_KEYS and before.get(k) != v]
     return refuse, apply
+
+
+def _differences(a: dict, b: dict, prefix: str = ""):
+    """(dotted key, old, new) for every leaf that differs."""
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            yield f"{prefix}{k}", x, y
 
 
 def _short(value) -> str:
