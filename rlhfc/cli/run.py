@@ -45,17 +45,28 @@ def _compile_or_exit(path: Path, **kwargs) -> tuple[OpProgram, str]:
 def compile_command(
     file: Path = typer.Argument(..., help="the .rlhf program"),
     output: Path = typer.Option(None, "-o", "--output", help="where to write the Python file (default build/NAME.py)"),
-    devices: int = typer.Option(None, "--devices", help="plan for N local CPU processes instead of the cluster block"),
+    devices: int = typer.Option(None, "--devices", min=1, help="plan for N local CPU processes instead of the cluster block"),
     symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan, not the solver"),
     hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
     coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
 ) -> None:
     """Compile a program into one runnable Python file (plan embedded as a comment)."""
+    from rlhfc.files import FileProblem, writable_target
+
     output = output or Path("build") / f"{file.stem}.py"
+    try:
+        writable_target(output)
+    except FileProblem as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     _, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=output, hardware=hardware,
                                coefficients=coefficients)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+    except OSError as e:
+        typer.echo(f"error: cannot write `{output}`: {e.strerror or e}", err=True)
+        raise typer.Exit(1) from None
     _err.print(f"wrote {output}")
 
 
