@@ -266,3 +266,20 @@ def test_a_partial_metrics_line_is_dropped_on_resume(tmp_path, ppo_run, capsys):
     _MetricsLog(path, 2)
     assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2]
     assert "dropped 1 damaged line(s) (line 5)" in capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_path_and_bytes_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_store, "save_file", full)
+    target = tmp_path / "actor.safetensors"
+    with pytest.raises(OSError) as caught:
+        ckpt_store._write_tensors(target, {"w": torch.zeros(4, 4)})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert "64 bytes needed" in str(caught.value)
+    assert ckpt_store._os_message(caught.value, target).endswith("no space left on device")
+    assert list(tmp_path.iterdir()) == []
