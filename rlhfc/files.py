@@ -18,7 +18,7 @@ def regular_file(path: Path, limit: int, what: str = "file") -> int:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise FileProblem(f"cannot read {what} `{path}`: {e.strerror or e}") from None
+        raise FileProblem(f"cannot read `{path}`: {e.strerror or e}") from None
     if stat.S_ISDIR(st.st_mode):
         raise FileProblem(f"{what} `{path}` is a directory")
     if not stat.S_ISREG(st.st_mode):
@@ -36,7 +36,7 @@ def read_bytes(path: Path, limit: int, what: str = "file") -> bytes:
         with os.fdopen(fd, "rb") as f:
             data = f.read(limit + 1)
     except OSError as e:
-        raise FileProblem(f"cannot read {what} `{path}`: {e.strerror or e}") from None
+        raise FileProblem(f"cannot read `{path}`: {e.strerror or e}") from None
     if len(data) > limit:
         raise FileProblem(f"{what} `{path}` is larger than {limit // 1024} KiB")
     return data
