@@ -65,8 +65,12 @@ class ProfileError(ValueError):
 
 def read_json(path: str | Path, what: str, error: type[Exception]) -> dict:
     """A JSON object from a user's file, or `error` with a one-line reason (never a traceback)."""
+    from rlhfc.files import FileProblem, read_text
+
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(read_text(Path(path), 16 << 20, what))
+    except FileProblem as e:
+        raise error(str(e)) from None
     except OSError as e:
         raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -199,6 +199,11 @@ class RunConfig:
         return int(self.param("seed", 0))
 
     @property
+    def keep(self) -> int:
+        """Checkpoints kept (the newest `keep`; 2 unless the run sets it)."""
+        return int(self.param("keep", 2))
+
+    @property
     def save_every(self) -> int:
         """Steps between checkpoints (10 unless the run sets it)."""
         return int(self.param("save_every", 10))

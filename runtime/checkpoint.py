@@ -173,16 +173,23 @@ def init_random(cfg: dict, layout: Layout, head: str = LM, seed: int = 0, device
 
 def save_checkpoint(model: ShardedLlama, path: str | Path, max_shard_bytes: int | None = None) -> Path | None:
     """Write the full model as an HF checkpoint; collective over the model's mesh.
+    Returns the path on the writer (the mesh's first rank), None elsewhere; files of at
+    most max_shard_bytes come with a model.safetensors.index.json."""
+    out = gather_full(model, model.shards())
+    if out is None:
+        return None
+    return _write(Path(path), model.cfg.hf, model.head, out, max_shard_bytes)
 
-    Data-parallel replica 0 holds every slice; each of its ranks sends its shards,
-    parameter by parameter in HF order, to the mesh's first rank, which writes
-    (returns the path there, None elsewhere) one model.safetensors, or files of at most
-    max_shard_bytes with a model.safetensors.index.json. The writer holds the full
-    model in CPU memory while saving."""
+
+def gather_full(model: ShardedLlama, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Full tensors from this rank's shards of them (`local`: HF parameter name -> a
+    tensor shaped like that parameter's shard: the weights, or an optimizer moment);
+    collective over the model's mesh. Data-parallel replica 0 holds every slice; each of
+    its ranks sends its shards, name by name in HF order, to the mesh's first rank, which
+    returns the full tensors on CPU (None elsewhere) and holds them all in memory."""
     g = model.groups
     layout, writer = g.layout, g.layout.ranks[0]
     full_shapes = param_shapes(model.cfg, model.head)
-    mine = model.shards()
     out: dict[str, torch.Tensor] = {}
     for name, shape in full_shapes.items():
         if g.rank == writer:
@@ -193,17 +200,15 @@ def save_checkpoint(model: ShardedLlama, path: str | Path, max_shard_bytes: int 
                 if _slices_at(model, name, holder) is None:
                     continue
                 if holder == g.rank == writer:
-                    out[name][model.slices(name)] = mine[name].cpu()
+                    out[name][model.slices(name)] = local[name].cpu()
                 elif holder == g.rank:
-                    dist.send(mine[name].contiguous(), writer)
+                    dist.send(local[name].detach().contiguous(), writer)
                 elif g.rank == writer:
                     sl = _slices_at(model, name, holder)
                     buf = torch.empty(tuple(s.stop - s.start for s in sl), dtype=model.dtype, device=model.device)
                     dist.recv(buf, holder)
                     out[name][sl] = buf.cpu()
-    if g.rank != writer:
-        return None
-    return _write(Path(path), model.cfg.hf, model.head, out, max_shard_bytes)
+    return out if g.rank == writer else None
 
 
 def _slices_at(model: ShardedLlama, name: str, rank: int):

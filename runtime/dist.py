@@ -54,7 +54,12 @@ def free_port() -> int:
 
 
 class WorkerFailed(RuntimeError):
-    """A spawned worker raised; the message names the rank and carries its traceback."""
+    """A spawned worker raised; the message names the rank and carries its traceback;
+    `summary` is the exception's own last line (what the user is shown)."""
+
+    def __init__(self, message: str, summary: str = ""):
+        super().__init__(message)
+        self.summary = summary or message.strip().splitlines()[-1]
 
 
 def _worker(index: int, fn: Callable, nprocs: int, port: int, results, args: tuple) -> None:
@@ -74,19 +79,22 @@ def _worker(index: int, fn: Callable, nprocs: int, port: int, results, args: tup
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, nprocs: int, *args: Any) -> list[Any]:
+def spawn(fn: Callable, nprocs: int, *args: Any, on_start: Callable[[list[int]], None] | None = None) -> list[Any]:
     """Run `fn(*args)` in `nprocs` fresh processes that form one world on this machine;
     returns each rank's return value (picklable), in rank order.
 
     A failing worker raises WorkerFailed instead of a hang (torch's process context
     terminates the others); the message carries the traceback of the rank that failed
-    FIRST, since the others usually fail only because their peer went away."""
+    FIRST, since the others usually fail only because their peer went away.
+    `on_start(pids)` learns the workers' process ids (to forward signals to them)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = mp.start_processes(
         _worker, args=(fn, nprocs, free_port(), results, args), nprocs=nprocs,
         join=False, start_method="spawn",
     )
+    if on_start is not None:
+        on_start(list(procs.pids()))
     values: dict[int, Any] = {}
     errors: list[tuple[float, int, str]] = []
 

@@ -11,7 +11,6 @@ all ranks share, so a run cannot deadlock on a schedule.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -23,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rlhfc_runtime import calls, ckpt_store
 from rlhfc_runtime import dist as rdist
-from rlhfc_runtime import calls
+from rlhfc_runtime.contract.rundir import read_metrics_lines
+from rlhfc_runtime.export import export as hf_export
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.memory import CallMemory, resident_bytes
 from rlhfc_runtime.offload import offload as offload_shards
@@ -185,15 +186,28 @@ class Engine:
                 self.data[(key, dst)] = out
 
     # ---- the loop ----------------------------------------------------------------
-    def run(self, iteration) -> None:
-        """Steps until `steps`, with metrics on rank 0 and checkpoints every `save_every`."""
+    def run(self, iteration, stop=None) -> dict:
+        """Steps until `steps`, with metrics on rank 0 and checkpoints every `save_every`
+        (the last `keep` kept). `stop` (signals.StopFlag) is asked at every step boundary:
+        a signal on any rank ends the loop there on all ranks, with a checkpoint. Returns
+        {"stopped": signal or 0, "step": the last step done, "saved": the newest checkpoint's step}."""
         steps = int(self.options.get("steps") or self.program["run"]["steps"])
         save_every = int(self.options.get("save_every") or self.program["run"]["save_every"])
+        self.keep = int(self.options.get("keep") or self.program["run"]["keep"])
         if self.options.get("resume"):
             self.restore()
+        saved = self.step
         log = _MetricsLog(self.out / "metrics.jsonl", self.step) if self.rank == 0 else None
         first = self.step
-        while self.step < steps:
+        while True:
+            signum = stop.agreed() if stop is not None else 0
+            if signum:
+                if self.step > saved:
+                    self.save()
+                    saved = self.step
+                return {"stopped": signum, "step": self.step, "saved": saved}
+            if self.step >= steps:
+                return {"stopped": 0, "step": self.step, "saved": saved}
             # Peak memory is counted tensor by tensor on CPU (slow): on this process's first
             # step and on every checkpoint step, which metrics.jsonl then carries.
             self.measuring = self.step == first or (self.step + 1) % save_every == 0
@@ -206,6 +220,7 @@ class Engine:
                 log.write(record)
             if self.step % save_every == 0 or self.step == steps:
                 self.save()
+                saved = self.step
             die_at = os.environ.get("RLHFC_FAIL_AT_STEP")  # tests: a worker dies mid-run
             if die_at and int(die_at) == self.step and self.rank == self.world - 1:
                 os._exit(17)
@@ -236,50 +251,46 @@ class Engine:
 
     # ---- checkpoints -------------------------------------------------------------
     def save(self) -> None:
-        """Per-rank state at an iteration boundary (models are home): models, optimizer
-        states, data positions, RNG states, step; `latest` flips only when all are written."""
-        ckpt = self.out / "checkpoint"
-        ckpt.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": self.step,
-            "models": {**{name: {"shards": host, "optimizer": None} for (name, _), host in self.host.items()},
-                       **{name: calls.model_state(m) for (name, _), m in self.models.items()}},
-            "loaders": {name: ld.state_dict() for name, ld in self.loaders.items()},
-            "rng": _rng_state(),
-        }
-        tmp = ckpt / f"rank{self.rank}.pt.tmp"
-        torch.save(state, tmp)
-        dist.barrier()
-        os.replace(tmp, ckpt / f"rank{self.rank}.pt")
-        dist.barrier()
-        if self.rank == 0:
-            (ckpt / "latest.tmp").write_text(str(self.step))
-            os.replace(ckpt / "latest.tmp", ckpt / "latest")
+        """Checkpoint at an iteration boundary (models are home): ckpt_store's versioned,
+        layout-free step directory, and each trainable model's HF export in OUT/hf."""
+        tokenizer = next((d.get("tokenizer") for d in self.program["datasets"].values() if d.get("tokenizer")), None)
+
+        def export(name, spec, weights):
+            hf_export(self.out, name, spec, weights, tokenizer, self.specials)
+
+        ckpt_store.save(self, keep=getattr(self, "keep", 2), export=export)
 
     def restore(self) -> None:
-        """Continue from the latest checkpoint exactly where it stopped (no-op if none)."""
-        ckpt = self.out / "checkpoint"
-        if not (ckpt / "latest").exists():
-            return
-        state = torch.load(ckpt / f"rank{self.rank}.pt", weights_only=False)
-        self.step = state["step"]
-        for (name, _), m in self.models.items():
-            calls.load_model_state(m, state["models"][name])
-        for name, ld in self.loaders.items():
-            ld.load_state_dict(state["loaders"][name])
-        _set_rng_state(state["rng"])
+        """Continue from the checkpoint the launcher chose (`options["checkpoint"]`), or
+        the newest intact one; rank 0 says what it skipped or changed."""
+        chosen = self.options.get("checkpoint")
+        if chosen:
+            directory, notes = Path(chosen), []
+        else:
+            directory, notes = ckpt_store.prepare(self.out, self.program)
+        if directory is not None:
+            note = ckpt_store.restore(self, directory)
+            notes += [note] if note else []
+        if self.rank == 0:
+            for note in notes:
+                print(f"rlhfc: {note}", file=sys.stderr, flush=True)
 
 
 class _MetricsLog:
-    """metrics.jsonl, truncated to `start_step` on resume so no step appears twice;
-    also TensorBoard scalars (OUT/tensorboard) when tensorboard is installed."""
+    """metrics.jsonl, truncated to `start_step` on resume so no step appears twice (lines
+    that are not records, such as a partial last line after a crash, are dropped, saying
+    so); also TensorBoard scalars (OUT/tensorboard) when tensorboard is installed."""
 
     def __init__(self, path: Path, start_step: int):
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        records, bad = read_metrics_lines(path)
+        if bad:
+            print(f"rlhfc: {path}: dropped {len(bad)} damaged line(s) (line {', '.join(map(str, bad[:5]))})",
+                  file=sys.stderr, flush=True)
+        kept = [r for r in records if r["step"] <= start_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
         self.path = path
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -302,19 +313,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-
-
-def _worker(program, layouts, groups, iteration, options) -> None:
-    Engine(program, layouts, groups, options).run(iteration)
-
-
 def resolve_paths(program: dict, base: Path) -> dict:
     """The program with its file paths (relative to the generated file) made absolute."""
     def fix(path):
@@ -330,22 +328,7 @@ def resolve_paths(program: dict, base: Path) -> dict:
 
 
 def main(program: dict, layouts: dict[str, Layout], groups, iteration, here: str, argv=None) -> None:
-    """Entry point of a generated program (`here` is its __file__): parse options, then
-    run as one torchrun worker or spawn the local world; a failing worker ends the run
-    with its message."""
-    program = resolve_paths(program, Path(here).resolve().parent)
-    parser = argparse.ArgumentParser(description=f"RLHF job compiled from {program['source']}")
-    parser.add_argument("--out", default="runs/latest", help="run directory: metrics, checkpoints")
-    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps")
-    parser.add_argument("--save-every", type=int, default=None, help="checkpoint every K steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    options = vars(parser.parse_args(argv))
-    if "RANK" in os.environ:
-        _worker(program, layouts, groups, iteration, options)
-        return
-    try:
-        rdist.spawn(_worker, program["world_size"], program, layouts, groups, iteration, options)
-    except rdist.WorkerFailed as e:
-        print(f"rlhfc: the run stopped: {e}\nrerun with --resume to continue from the last checkpoint",
-              file=sys.stderr)
-        raise SystemExit(1) from None
+    """Entry point of a generated program (`here` is its __file__): see launch.main."""
+    from rlhfc_runtime.launch import main as launch_main
+
+    launch_main(program, layouts, groups, iteration, here, argv)

@@ -8,7 +8,8 @@ the run directory lets `--resume` continue without losing a step.
 
 from __future__ import annotations
 
-import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,38 +45,70 @@ def _compile_or_exit(path: Path, **kwargs) -> tuple[OpProgram, str]:
 def compile_command(
     file: Path = typer.Argument(..., help="the .rlhf program"),
     output: Path = typer.Option(None, "-o", "--output", help="where to write the Python file (default build/NAME.py)"),
-    devices: int = typer.Option(None, "--devices", help="plan for N local CPU processes instead of the cluster block"),
+    devices: int = typer.Option(None, "--devices", min=1, help="plan for N local CPU processes instead of the cluster block"),
     symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan, not the solver"),
     hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
     coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
 ) -> None:
     """Compile a program into one runnable Python file (plan embedded as a comment)."""
+    from rlhfc.files import FileProblem, writable_target
+
     output = output or Path("build") / f"{file.stem}.py"
+    try:
+        writable_target(output)
+    except FileProblem as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     _, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=output, hardware=hardware,
                                coefficients=coefficients)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+    except OSError as e:
+        typer.echo(f"error: cannot write `{output}`: {e.strerror or e}", err=True)
+        raise typer.Exit(1) from None
     _err.print(f"wrote {output}")
 
 
 def run_command(
     file: Path = typer.Argument(..., help="the .rlhf program"),
-    devices: int = typer.Option(None, "--devices", help="N local CPU processes (default: the cluster block)"),
-    steps: int = typer.Option(None, "--steps", help="stop after this many steps (default: the run block)"),
+    devices: int = typer.Option(None, "--devices", min=1, help="N local CPU processes (default: the cluster block)"),
+    steps: int = typer.Option(None, "--steps", min=1, help="stop after this many steps (default: the run block)"),
     out: Path = typer.Option(None, "--out", help="run directory (default runs/NAME)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the run directory's checkpoint"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run directory's newest intact checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start over in a run directory that has a checkpoint"),
+    keep: int = typer.Option(None, "--keep", min=1, help="keep the last K checkpoints (default: the run block, 2)"),
     plot: bool = typer.Option(False, "--plot", help="write reward and KL curves to OUT/curves.png"),
     symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan"),
-    save_every: int = typer.Option(None, "--save-every", help="checkpoint every K steps"),
+    save_every: int = typer.Option(None, "--save-every", min=1, help="checkpoint every K steps"),
     hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
     coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
 ) -> None:
     """Compile and train: metrics in OUT/metrics.jsonl (measured and estimated time per
     call), the calls' cost inputs for `rlhfc calibrate` in OUT/cost_inputs.json,
     checkpoints in OUT/checkpoint."""
-    from rlhfc.planner.cost.fit import COST_INPUTS_FILE, cost_inputs_json
+    from rlhfc_runtime.contract.rundir import RunDirError, RunLock, check_fresh
 
     out = out or Path("runs") / file.stem
+    lock = RunLock(out)
+    try:
+        lock.acquire()  # before anything is written into OUT
+        check_fresh(out, resume, overwrite)
+    except (RunDirError, OSError) as e:
+        lock.release()
+        _err.print(f"[red]error[/]: {e}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    try:
+        _run_locked(file, out, devices=devices, steps=steps, resume=resume, plot=plot, symmetric=symmetric,
+                    save_every=save_every, keep=keep, hardware=hardware, coefficients=coefficients)
+    finally:
+        lock.release()
+
+
+def _run_locked(file: Path, out: Path, *, devices, steps, resume, plot, symmetric, save_every, keep, hardware,
+                coefficients) -> None:
+    from rlhfc.planner.cost.fit import COST_INPUTS_FILE, cost_inputs_json
+
     prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=out / "program.py",
                                   hardware=hardware, coefficients=coefficients)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,19 +118,48 @@ def run_command(
     cmd = [sys.executable, str(out / "program.py"), "--out", str(out), "--steps", str(total)]
     cmd += ["--resume"] if resume else []
     cmd += ["--save-every", str(save_every)] if save_every else []
+    cmd += ["--keep", str(keep)] if keep else []
     _err.print(f"[bold]{file}[/]: {prog.world_size} process(es), plan {prog.plan.status}, "
                f"{len(prog.ops)} ops per step → {out}")
-    code = _follow(cmd, out, total)
+    again = f"rlhfc run {file} --out {out} --resume" + (f" --devices {devices}" if devices else "")
+    code, signum = _follow(cmd, out, total)
+    if signum:
+        _err.print(_stopped(out, signum, again), markup=False, highlight=False)
+        raise typer.Exit(128 + signum)
     if code != 0:
-        log = (out / "worker.log").read_text().strip().splitlines()[-15:]
-        _err.print("\n".join(log), markup=False, highlight=False)
+        said = [ln[len("rlhfc: "):] for ln in _log_lines(out / "worker.log") if ln.startswith("rlhfc: ")]
+        said = [ln for ln in said if not ln.startswith("the run stopped")]
+        for line in said[-5:] or _log_lines(out / "worker.log")[-3:]:
+            _err.print(line, markup=False, highlight=False)
         _err.print(f"[red]error[/]: the run stopped (exit code {code}); the log is {out / 'worker.log'}.\n"
-                   f"Continue from the last checkpoint with: rlhfc run {file} --out {out} --resume"
-                   + (f" --devices {devices}" if devices else ""))
+                   f"Continue from the last checkpoint with: {again}", highlight=False)
         raise typer.Exit(1)
     _err.print(summarize(read_metrics(out / "metrics.jsonl")) + f"; metrics in {out / 'metrics.jsonl'}")
     if plot:
         _err.print(f"wrote {plot_metrics(out / 'metrics.jsonl', out / 'curves.png')}")
+
+
+def _log_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return []
+
+
+def _stopped(out: Path, signum: int, again: str) -> str:
+    """The one line after a stop: what was kept, what was lost, how to continue."""
+    from rlhfc_runtime.contract.rundir import step_dirs
+
+    done = max((r["step"] for r in read_metrics(out / "metrics.jsonl")), default=0)
+    dirs = step_dirs(out)
+    saved = int(dirs[0].name.split("-")[1]) if dirs else 0
+    if done == 0:
+        kept = "no step had finished"
+    elif saved >= done:
+        kept = f"checkpoint at step {saved}, nothing lost"
+    else:
+        kept = f"steps {saved + 1}..{done} are lost (the last checkpoint is step {saved})"
+    return f"stopped by {signal.Signals(signum).name} after step {done}; {kept}; resume with: {again}"
 
 
 def summarize(records: list[dict], window: int = 10) -> str:
@@ -116,10 +178,11 @@ def summarize(records: list[dict], window: int = 10) -> str:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl file (empty if it does not exist yet)."""
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    """The records of a metrics.jsonl file (empty if it does not exist yet); a line
+    being written, or damaged, is skipped."""
+    from rlhfc_runtime.contract.rundir import read_metrics_lines
+
+    return read_metrics_lines(path)[0]
 
 
 def _pick(record: dict, name: str) -> float | None:
@@ -128,8 +191,14 @@ def _pick(record: dict, name: str) -> float | None:
     return record[keys[0]] if keys else None
 
 
-def _follow(cmd: list[str], out: Path, total: int) -> int:
-    """Run the program, showing step, reward, KL, loss and time per call as it goes."""
+GRACE_S = 60.0  # how long a stopped program may take to reach a step boundary and save
+
+
+def _follow(cmd: list[str], out: Path, total: int) -> tuple[int, int]:
+    """Run the program in its own process group, showing step, reward, KL, loss and time
+    per call as it goes; (exit status, the stop signal received or 0). SIGINT / SIGTERM
+    go to the whole group (program and workers); whatever is left after GRACE_S, or
+    after the program ends, is killed, so no worker outlives the run."""
     metrics = out / "metrics.jsonl"
     step_width = len(f"step {total}/{total}")
     info_width = max(20, _err.width - step_width - 20 - 7 - 3)  # what the bar and the clock leave
@@ -138,14 +207,35 @@ def _follow(cmd: list[str], out: Path, total: int) -> int:
                BarColumn(bar_width=20), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis",
                                                                      max_width=info_width))]
+    got: list[tuple[int, float]] = []
+
+    def forward(signum, frame):
+        got.append((signum, time.monotonic()))
+        _signal_group(proc.pid, signum)
+
     with (out / "worker.log").open("w") as log, Progress(*columns, console=_err) as bar:
         task = bar.add_task("train", total=total, info="starting workers…")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            time.sleep(0.5)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while proc.poll() is None:
+                time.sleep(0.2)
+                if got and time.monotonic() - got[0][1] > GRACE_S:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                _update(bar, task, read_metrics(metrics))
             _update(bar, task, read_metrics(metrics))
-        _update(bar, task, read_metrics(metrics))
-    return proc.returncode
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            _signal_group(proc.pid, signal.SIGKILL)  # no orphans, whatever happened
+    return proc.returncode, (got[0][0] if got else 0)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _update(bar: Progress, task, records: list[dict]) -> None:

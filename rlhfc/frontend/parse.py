@@ -79,7 +79,10 @@ def _number(token: Token) -> int | float:
         return int(amount) if amount == int(amount) else amount
     if token.type == "INT":
         return int(text)
-    return float(text)
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _BadLiteral(token, f"number literal `{text}` is too large to be a finite number")
+    return value
 
 
 class _ToAst(Transformer):
@@ -305,13 +308,16 @@ def read_source(path, display: str | None = None) -> str:
     def fail(message: str, hint: str | None = None):
         return CompileError([Diagnostic(Severity.ERROR, "E020", message, Span(shown, 1, 1, 1, 1), hint)])
 
+    from rlhfc.files import FileProblem, read_bytes
+
     try:
         if path.is_dir():
             raise fail(f"`{shown}` is a directory, not a .rlhf file")
-        with path.open("rb") as handle:
-            data = handle.read(MAX_SOURCE_BYTES + 1)
+        data = read_bytes(path, MAX_SOURCE_BYTES, "program")
     except CompileError:
         raise
+    except FileProblem as error:
+        raise fail(str(error).replace(str(path), shown)) from None
     except (OSError, ValueError) as error:
         raise fail(f"cannot read `{shown}`: {getattr(error, 'strerror', None) or error}") from None
     if len(data) > MAX_SOURCE_BYTES:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from rlhfc.files import FileProblem, read_text
+
 from rlhfc_runtime.contract.interfaces import RULES
 
 from rlhfc import ir
@@ -100,9 +102,14 @@ def _shape(decl: ast.ModelDecl, unit: Unit, positional, keywords, rep: Reporter,
         ckpt = resolved_path(unit.path.parent / path_text)
         config = ckpt / "config.json"
         try:
-            return shape_from_config(json.loads(config.read_text(encoding="utf-8"))), str(ckpt)
+            if not config.exists():
+                raise OSError
+            text = read_text(config, 1 << 20, "config")
+            return shape_from_config(json.loads(text)), str(ckpt)
         except OSError:
             problem = f"no `config.json` in checkpoint directory `{path_text}`"
+        except FileProblem as error:
+            problem = str(error)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             problem = f"`{path_text}/config.json` is not a usable LLaMA config ({error})"
         rep.error("E017", problem, positional[0].span,
@@ -175,14 +182,29 @@ def check_model(decl: ast.ModelDecl, unit: Unit, rep: Reporter, val: Values) -> 
             rep.error("E022", f"optimizer on frozen model `{decl.name.text}`", opt.span,
                       "add `trainable` to the model's body, or drop the optimizer")
         else:
-            params = []
+            params, seen = [], set()
             for kw in opt.value.kwargs:
-                if isinstance(kw.value, ast.Number):
-                    params.append((kw.key.text, float(kw.value.value)))
+                key = kw.key.text
+                if key not in OPTIMIZER_BOUNDS:
+                    val.unknown(kw.key, tuple(OPTIMIZER_BOUNDS), f"`{opt.value.name.text}(...)`")
+                elif key in seen or seen.add(key):
+                    rep.error("E003", f"optimizer setting `{key}` is given more than once", kw.key.span)
+                elif not isinstance(kw.value, ast.Number):
+                    rep.error("E022", f"optimizer setting `{key}` must be a number", kw.value.span)
+                elif not OPTIMIZER_BOUNDS[key][0](float(kw.value.value)):
+                    rep.error("E022", f"optimizer setting `{key} = {kw.value.value}`: {OPTIMIZER_BOUNDS[key][1]}",
+                              kw.value.span)
                 else:
-                    rep.error("E022", f"optimizer setting `{kw.key.text}` must be a number", kw.value.span)
+                    params.append((key, float(kw.value.value)))
             optimizer = ir.Optimizer(opt.value.name.text, tuple(params))
     return ir.Model(decl.name.text, "llama", shape, head, trainable, checkpoint, optimizer, None, decl.name.span)
+
+
+OPTIMIZER_BOUNDS = {  # what torch's Adam / AdamW accept as numbers
+    "lr": (lambda v: 0 < v < 1e3, "the learning rate must be positive"),
+    "weight_decay": (lambda v: 0 <= v < 1e3, "weight decay must be 0 or more"),
+    "eps": (lambda v: 0 < v < 1, "eps must be positive and small"),
+}
 
 
 def check_dataset(decl: ast.DatasetDecl, unit: Unit, rep: Reporter, val: Values) -> ir.Dataset:

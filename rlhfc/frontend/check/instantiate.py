@@ -37,7 +37,7 @@ def run_config(run: ast.RunStmt, rep: Reporter, val: Values) -> ir.RunConfig:
         rep.error("E024", "`run` needs `batch` (prompts per iteration)", run.span, "run NAME(...) { batch = 64 }")
     params = []
     for key, opt in opts.items():
-        if key in ("batch", "steps", "max_new_tokens", "group_size", "seed", "save_every"):
+        if key in ("batch", "steps", "max_new_tokens", "group_size", "seed", "save_every", "keep"):
             number = val.positive_int(opt) if key != "seed" else val.natural(opt)
             if key == "batch":
                 batch = number or 1

@@ -76,6 +76,10 @@ class Loader:
         for stmt in unit.program.statements:
             if isinstance(stmt, ast.Import):
                 path, display = resolve_import(unit, stmt.path.value)
+                if not stmt.path.value.endswith(".rlhf"):  # never read (or quote) other files
+                    self.rep.error("E020", f"`{display}` is not a .rlhf file", stmt.path.span,
+                                   "imports name .rlhf programs; `stdlib/NAME.rlhf` is the shipped library")
+                    continue
                 target = self.load(path, display, stmt.path.span)
                 for name in stmt.names:
                     if target is None:

@@ -12,7 +12,7 @@ from rlhfc.frontend import ast
 from rlhfc.frontend.check.common import Reporter, plain_value, suggest
 
 # Keys of the `run` block that are the job's, not a call's.
-RUN_KEYS = ("batch", "steps", "seed", "save_every", "max_new_tokens")
+RUN_KEYS = ("batch", "steps", "seed", "save_every", "keep", "max_new_tokens")
 
 
 def call_settings(call: ir.Call) -> tuple[Setting, ...]:

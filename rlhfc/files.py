@@ -1,0 +1,58 @@
+"""Reading and writing the user's files safely: stat before open, so a FIFO, a device,
+a directory or a huge file is refused without being read (nothing hangs, nothing is
+slurped), and messages name the path, never the file's contents."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+class FileProblem(ValueError):
+    """A file that cannot be used; the message names the path and why."""
+
+
+def regular_file(path: Path, limit: int, what: str = "file") -> int:
+    """The size of `path` if it is a regular file of at most `limit` bytes, else FileProblem."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise FileProblem(f"cannot read `{path}`: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FileProblem(f"{what} `{path}` is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise FileProblem(f"{what} `{path}` is not a regular file (a FIFO, socket or device)")
+    if st.st_size > limit:
+        raise FileProblem(f"{what} `{path}` is larger than {limit // 1024} KiB")
+    return st.st_size
+
+
+def read_bytes(path: Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (FileProblem otherwise)."""
+    regular_file(path, limit, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a swap for a FIFO cannot block us
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise FileProblem(f"cannot read `{path}`: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise FileProblem(f"{what} `{path}` is larger than {limit // 1024} KiB")
+    return data
+
+
+def read_text(path: Path, limit: int, what: str = "file") -> str:
+    try:
+        return read_bytes(path, limit, what).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FileProblem(f"{what} `{path}` is not UTF-8 text (byte {e.start})") from None
+
+
+def writable_target(path: Path, what: str = "output") -> None:
+    """Refuse an output path that is a directory or not a regular file (`/dev/full`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileProblem(f"{what} `{path}` is a directory; give a file name")
+    if path.exists() and not path.is_file():
+        raise FileProblem(f"{what} `{path}` is not a regular file")

@@ -1,0 +1,361 @@
+"""Checkpoints a run can trust: versioned step directories, no pickle, layout-free.
+
+    OUT/checkpoint/step-000010/
+        manifest.json             step, program fingerprint and hash, layouts, world size,
+                                  loader positions, per-file sha256 and size
+        MODEL.safetensors         each trainable model's full weights, HF names
+        MODEL.optim.safetensors   its Adam moments, full, `exp_avg/NAME`, `exp_avg_sq/NAME`
+        rank{R}.json / rank{R}.safetensors   that rank's Python / torch RNG states
+    OUT/checkpoint/latest         the step of the newest complete directory
+
+A save writes into `step-N.partial`, gathers every file's checksum to rank 0, which
+writes the manifest, renames the directory and only then flips `latest`; the last `keep`
+directories stay. Weights and moments are full tensors gathered through `shard_slices`,
+so a resume reads its own slices under any plan and any number of processes. Frozen
+models are not saved: they are rebuilt from their checkpoint or seed, as at the start.
+Nothing is unpickled: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rlhfc_runtime.checkpoint import gather_full
+from rlhfc_runtime.contract.rundir import step_dir_name, step_dirs
+from rlhfc_runtime.errors import RunError
+
+FORMAT, VERSION = "rlhfc-checkpoint", 1
+MANIFEST = "manifest.json"
+_MODEL_KEYS = ("kind", "shape", "head", "trainable", "checkpoint", "rule", "init_seed")
+FIXED_RUN_KEYS = ("dataflow", "seed")  # a resume cannot change these; other run keys it applies
+
+
+def fingerprint(program: dict) -> dict:
+    """What a checkpoint must agree on with the program that resumes it."""
+    return {
+        "models": {n: {k: m.get(k) for k in _MODEL_KEYS} | {"optimizer": (m.get("optimizer") or {}).get("name")}
+                   for n, m in sorted(program["models"].items())},
+        "datasets": program["datasets"],
+        "calls": sorted(program.get("estimates", {})),
+        "run": {k: program["run"].get(k) for k in FIXED_RUN_KEYS},
+    }
+
+
+def program_hash(program: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint(program), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trainable(program: dict) -> list[str]:
+    return sorted(n for n, m in program["models"].items() if m.get("trainable") and m["kind"] != "rule")
+
+
+# ---- save ----------------------------------------------------------------------------
+def save(engine, keep: int = 2, export=None) -> Path:
+    """Write the checkpoint of `engine.step` (collective over the world); returns its
+    directory. `export(name, spec, weights)` is called on each model's writer with the
+    gathered weights (the HF export). Any rank's OSError removes the partial directory
+    on every rank and raises RunError naming the path; the previous checkpoint stays."""
+    e = engine
+    root = e.out / "checkpoint"
+    final = root / step_dir_name(e.step)
+    part = root / (final.name + ".partial")
+    problem = None
+    if e.rank == 0:
+        try:
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir(parents=True)
+        except OSError as err:
+            problem = _os_message(err, part)
+    problem = _agree(problem)
+    if problem:
+        raise RunError(problem)
+    files: dict[str, dict] = {}
+    models: dict[str, dict] = {}
+    try:
+        for name in trainable(e.program):
+            spec = e.program["models"][name]
+            if e.rank not in e.layouts[spec["home"]].ranks:
+                continue
+            m = e.models[(name, spec["home"])]
+            weights, moments, step = _gather_model(m)
+            if weights is None:
+                continue
+            files.update(_write_tensors(part / f"{name}.safetensors", weights))
+            files.update(_write_tensors(part / f"{name}.optim.safetensors", moments))
+            models[name] = {"optimizer_step": step}
+            if export is not None:
+                export(name, spec, weights)
+        rng = {"python": _jsonable(random.getstate()), "rank": e.rank}
+        files.update(_write_bytes(part / f"rank{e.rank}.json", json.dumps(rng).encode()))
+        files.update(_write_tensors(part / f"rank{e.rank}.safetensors", {"torch": torch.get_rng_state()}))
+    except OSError as err:
+        problem = _os_message(err, getattr(err, "filename", None) or part)
+    parts = [None] * e.world
+    dist.all_gather_object(parts, (files, models, problem))
+    problem = next((p[2] for p in parts if p[2]), None)
+    if e.rank == 0 and problem is None:
+        try:
+            manifest = {
+                "format": FORMAT, "version": VERSION, "step": e.step, "world_size": e.world,
+                "program_hash": program_hash(e.program), "fingerprint": fingerprint(e.program),
+                "program": {"models": {n: {"optimizer": s.get("optimizer")} for n, s in e.program["models"].items()},
+                            "run": e.program["run"]},
+                "layouts": {k: [list(v.ranks), v.dp, v.tp, v.pp] for k, v in e.layouts.items()},
+                "loaders": {n: ld.state_dict() for n, ld in e.loaders.items()},
+                "models": {k: v for p in parts for k, v in p[1].items()},
+                "files": {k: v for p in parts for k, v in sorted(p[0].items())},
+            }
+            _write_bytes(part / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(part, final)
+            _write_bytes(root / "latest", str(e.step).encode())
+            for old in step_dirs(e.out)[max(1, keep):]:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as err:
+            problem = _os_message(err, getattr(err, "filename", None) or part)
+    if e.rank == 0 and problem:
+        shutil.rmtree(part, ignore_errors=True)
+    problem = _agree(problem if e.rank == 0 else None)
+    if problem:
+        raise RunError(f"{problem}; the checkpoint of step {e.step} was not written, the previous one is intact")
+    return final
+
+
+def _agree(problem: str | None) -> str | None:
+    """Rank 0's problem (or None) on every rank."""
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather_model(m):
+    """(weights, moments, optimizer step) of a trainable home model on its writer; (None, …) elsewhere."""
+    module, opt = m.module, m.optimizer
+    named = dict(module.named_parameters())
+    moments, step = {}, 0.0
+    for kind in ("exp_avg", "exp_avg_sq"):
+        local = {n: opt.state[p][kind] if kind in opt.state.get(p, {}) else torch.zeros_like(p.detach())
+                 for n, p in named.items()}
+        full = gather_full(module, local)
+        if full is not None:
+            moments.update({f"{kind}/{n}": t for n, t in full.items()})
+    for p in named.values():
+        if "step" in opt.state.get(p, {}):
+            step = float(opt.state[p]["step"])
+            break
+    weights = gather_full(module, module.shards())
+    return weights, moments, step
+
+
+def _write_tensors(path: Path, tensors: dict) -> dict:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        raise OSError(err.errno, f"{err.strerror or err} ({need} bytes needed)", str(path)) from None
+    except Exception as err:  # safetensors reports a full disk as its own error
+        tmp.unlink(missing_ok=True)
+        raise OSError(errno.EIO, str(err), str(path)) from None
+    os.replace(tmp, path)
+    return {path.name: _digest(path)}
+
+
+def _write_bytes(path: Path, data: bytes) -> dict:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, f"{err.strerror} ({len(data)} bytes needed)", str(path)) from None
+    os.replace(tmp, path)
+    return {path.name: _digest(path)}
+
+
+def _digest(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+
+
+def _os_message(err: OSError, path) -> str:
+    what = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    return f"{path}: {what}"
+
+
+def _jsonable(state):
+    return [_jsonable(x) for x in state] if isinstance(state, (tuple, list)) else state
+
+
+# ---- choose and validate -------------------------------------------------------------
+def problem_of(directory: Path) -> str | None:
+    """Why a step directory cannot be resumed from (None: it can)."""
+    try:
+        manifest = read_manifest(directory)
+    except RunError as err:
+        return str(err)
+    for name, want in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if _digest(path) != want:
+            return f"{path} does not match its checksum"
+    return None
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    try:
+        if not path.is_file() or path.stat().st_size > 64 << 20:
+            raise RunError(f"{path} is missing or not a regular file")
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path}: unreadable manifest ({type(err).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise RunError(f"{path}: not an rlhfc checkpoint manifest of version {VERSION}")
+    return manifest
+
+
+def choose(out: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete, intact step directory (None: nothing to resume) and notes on
+    what was skipped. A pickled checkpoint of an older rlhfc is never loaded."""
+    notes = []
+    ckpt = Path(out) / "checkpoint"
+    if any(ckpt.glob("rank*.pt")) and not step_dirs(out):
+        raise RunError(f"{ckpt} holds an old pickle checkpoint (rank*.pt), which is not loaded since it could run "
+                       f"code; start over with --overwrite")
+    for d in step_dirs(out):
+        problem = problem_of(d)
+        if problem is None:
+            return d, notes
+        notes.append(f"skipping checkpoint {d.name}: {problem}")
+    return None, notes
+
+
+def compare(manifest: dict, program: dict) -> tuple[list[str], list[str]]:
+    """(what changed that a resume cannot continue with, what changed that it applies)."""
+    refuse, apply = [], []
+    old, new = manifest["fingerprint"], fingerprint(program)
+    for name in sorted(set(old["models"]) | set(new["models"])):
+        a, b = old["models"].get(name), new["models"].get(name)
+        if a is None or b is None:
+            refuse.append(f"model {name} was {'added' if a is None else 'removed'}")
+            continue
+        refuse += [f"model {name}: {k} {_short(x)} -> {_short(y)}" for k, x, y in _differences(a, b)]
+    for name in sorted(set(old["datasets"]) | set(new["datasets"])):
+        if old["datasets"].get(name) != new["datasets"].get(name):
+            refuse.append(f"dataset {name} changed")
+    if old["calls"] != new["calls"]:
+        refuse.append(f"the dataflow's calls {', '.join(old['calls'])} -> {', '.join(new['calls'])}")
+    refuse += [f"run {k} {_short(old['run'].get(k))} -> {_short(v)}" for k, v in new["run"].items()
+               if old["run"].get(k) != v]
+    was = manifest.get("program", {})
+    for name, spec in program["models"].items():
+        before = (was.get("models", {}).get(name) or {}).get("optimizer") or {}
+        for k, v in (spec.get("optimizer") or {}).items():
+            if before.get(k) != v and k != "name":
+                apply.append(f"{name} {k} {_short(before.get(k))} -> {_short(v)}")
+    before = was.get("run", {})
+    apply += [f"{k} {_short(before.get(k))} -> {_short(v)}" for k, v in program["run"].items()
+              if k not in FIXED_RUN_KEYS and before.get(k) != v]
+    return refuse, apply
+
+
+def _differences(a: dict, b: dict, prefix: str = ""):
+    """(dotted key, old, new) for every leaf that differs."""
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            yield f"{prefix}{k}", x, y
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def prepare(out: Path, program: dict) -> tuple[Path | None, list[str]]:
+    """What a resume continues from, and what to tell the user; RunError if it cannot."""
+    directory, notes = choose(out)
+    if directory is None:
+        return None, notes + [f"no checkpoint in {Path(out) / 'checkpoint'}: starting at step 0"]
+    manifest = read_manifest(directory)
+    refuse, apply = compare(manifest, program)
+    if refuse:
+        listed = "\n".join(f"  - {r}" for r in refuse[:12])
+        raise RunError(f"cannot resume {directory}: the program changed in ways the checkpoint cannot follow:\n"
+                       f"{listed}\nrevert these changes, or start over with --overwrite")
+    if notes:
+        notes.append(f"resuming from the newest intact checkpoint, {directory.name}")
+    if apply:
+        notes.append("resuming with changed settings: " + "; ".join(apply))
+    return directory, notes
+
+
+# ---- restore -------------------------------------------------------------------------
+def restore(engine, directory: Path) -> str | None:
+    """Load `directory` into the engine on this rank (its own slices of every trainable
+    model it holds at home); returns a note when RNG states could not carry over."""
+    e = engine
+    manifest = read_manifest(directory)
+    e.step = int(manifest["step"])
+    for name in trainable(e.program):
+        key = (name, e.program["models"][name]["home"])
+        if key not in e.models:
+            continue
+        m = e.models[key]
+        module = m.module
+        with safe_open(str(directory / f"{name}.safetensors"), "pt") as f:
+            module.load_shards({n: f.get_slice(n)[module.slices(n)] for n in module.shards()})
+        _load_optimizer(m, directory / f"{name}.optim.safetensors", manifest["models"][name]["optimizer_step"])
+    for name, ld in e.loaders.items():
+        ld.load_state_dict(manifest["loaders"][name])
+    if manifest["world_size"] == e.world:
+        rng = json.loads((directory / f"rank{e.rank}.json").read_text())["python"]
+        random.setstate((rng[0], tuple(rng[1]), rng[2]))
+        with safe_open(str(directory / f"rank{e.rank}.safetensors"), "pt") as f:
+            torch.set_rng_state(f.get_tensor("torch"))
+        return None
+    seed = e.seed * 1009 + e.rank + 7919 * e.step
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return (f"the checkpoint was written by {manifest['world_size']} processes, this run has {e.world}: weights, "
+            f"optimizer and data positions carry over, random states are reseeded")
+
+
+def _load_optimizer(m, path: Path, step: float) -> None:
+    opt, module = m.optimizer, m.module
+    names = {id(p): n for n, p in module.named_parameters()}
+    sd = opt.state_dict()
+    state = {}
+    with safe_open(str(path), "pt") as f:
+        index = 0
+        for group in opt.param_groups:
+            for p in group["params"]:
+                n = names[id(p)]
+                sl = module.slices(n)
+                state[index] = {"step": torch.tensor(step, dtype=torch.float32),
+                                "exp_avg": f.get_slice(f"exp_avg/{n}")[sl],
+                                "exp_avg_sq": f.get_slice(f"exp_avg_sq/{n}")[sl]}
+                index += 1
+    if step > 0:
+        opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})

@@ -1,0 +1,75 @@
+"""Hugging Face export of trained models: OUT/hf/MODEL/ after every checkpoint and at
+the end, from the full weights the checkpoint gathers (whatever the layout).
+
+config.json (architectures `*ForCausalLM`, or `*ForTokenClassification` for a value
+head, saved as `score.weight`), model.safetensors (files of at most `max_shard_bytes`
+with an index when larger), generation_config.json, and the tokenizer: the files of the
+model's own checkpoint directory when it has them, else the dataset's tokenizer.json.
+The directory is written beside the old one and swapped in, so a reader sees one
+complete export or the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from rlhfc_runtime.checkpoint import _write, read_config
+from rlhfc_runtime.calls import hf_config
+
+MAX_SHARD_BYTES = 5 * 10**9  # as transformers' save_pretrained
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def model_config(spec: dict) -> dict:
+    """The config.json of a model: its checkpoint's, or the one its inline shape implies."""
+    return read_config(spec["checkpoint"]) if spec.get("checkpoint") else hf_config(spec)
+
+
+def export(out: Path, name: str, spec: dict, weights: dict, tokenizer: str | None, specials: dict,
+           max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write OUT/hf/NAME from full `weights` (HF names); returns its directory."""
+    final = Path(out) / "hf" / name
+    tmp = final.with_name(name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cfg = model_config(spec)
+    for key, special in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):
+        if specials.get(special) is not None:
+            cfg[key] = int(specials[special])
+    try:
+        _write(tmp, cfg, spec["head"], dict(weights), max_shard_bytes)
+        generation = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        _copy_tokenizer(spec, tokenizer, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _copy_tokenizer(spec: dict, tokenizer: str | None, into: Path) -> None:
+    source = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
+    if source is not None and (source / "tokenizer.json").is_file():
+        for file in TOKENIZER_FILES:
+            if (source / file).is_file():
+                shutil.copyfile(source / file, into / file)
+        return
+    if not tokenizer:
+        return
+    path = Path(tokenizer)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+        return
+    shutil.copyfile(path, into / "tokenizer.json")
+    if path.parent != path and (path.parent / "tokenizer_config.json").is_file():
+        shutil.copyfile(path.parent / "tokenizer_config.json", into / "tokenizer_config.json")
+    else:
+        (into / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")

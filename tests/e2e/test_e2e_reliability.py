@@ -1,0 +1,286 @@
+"""A run you can trust: checkpoints without pickle that resume under another process
+count, fall back past a damaged one and refuse a changed program; the HF export loads
+in transformers and generates what the trained model does; SIGINT / SIGTERM stop every
+process with a checkpoint; one run per directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfc.driver import compile_program
+from rlhfc_runtime import ckpt_store
+from rlhfc_runtime.contract.rundir import RunDirError, RunLock, check_fresh
+from rlhfc_runtime.errors import RunError
+from test_e2e_run import metrics, run, untimed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+    """programs/ppo.rlhf on 2 processes, 4 steps, a checkpoint every 2: (source, run dir)."""
+    tmp = tmp_path_factory.mktemp("trust")
+    source = tmp / "ppo.rlhf"
+    source.write_text((ROOT / "programs" / "ppo.rlhf").read_text().replace('"../data/', f'"{ROOT}/data/'))
+    script = _compiled(source, tmp / "ppo2.py", devices=2)
+    done = run(script, tmp / "whole", "--steps", "4", "--save-every", "2")
+    assert done.returncode == 0, done.stderr
+    return source, tmp / "whole"
+
+
+def _compiled(source: Path, output: Path, devices: int) -> Path:
+    _, text = compile_program(source, devices=devices, output=output)
+    output.write_text(text)
+    return output
+
+
+def _cut_at_step_2(whole: Path, cut: Path) -> None:
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoint" / "step-000004")
+    (cut / "checkpoint" / "latest").write_text("2")
+
+
+def test_resume_under_another_process_count_gives_the_same_metrics(tmp_path, ppo_run):
+    source, whole = ppo_run
+    ckpt = whole / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-000002", "step-000004"]
+    manifest = json.loads((ckpt / "step-000004" / "manifest.json").read_text())
+    assert manifest["step"] == 4 and manifest["world_size"] == 2 and "actor.safetensors" in manifest["files"]
+    assert not list(ckpt.rglob("*.pt")) and not list(ckpt.rglob("*.partial"))
+    _cut_at_step_2(whole, tmp_path / "cut")
+    one = _compiled(source, tmp_path / "ppo1.py", devices=1)
+    resumed = run(one, tmp_path / "cut", "--steps", "4", "--save-every", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "written by 2 processes, this run has 1" in resumed.stderr
+    a, b = untimed(metrics(whole)), untimed(metrics(tmp_path / "cut"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        for k in x:
+            if not k.startswith("estimate/"):
+                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
+
+
+def test_a_crafted_pickle_in_the_run_directory_never_executes(tmp_path, ppo_run):
+    source, _ = ppo_run
+    script = _compiled(source, tmp_path / "ppo2.py", devices=2)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "rank0.pt").write_bytes(pickle.dumps(Exploit()))
+    (out / "checkpoint" / "latest").write_text("2")
+    resumed = run(script, out, "--steps", "4", "--resume")
+    assert resumed.returncode == 1
+    assert "old pickle checkpoint" in resumed.stderr and "Traceback" not in resumed.stderr
+    assert not marker.exists()
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, ppo_run):
+    _, whole = ppo_run
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    weights = out / "checkpoint" / "step-000004" / "critic.optim.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # a torn write
+    program = json.loads(json.dumps(_program_of(whole)))
+    chosen, notes = ckpt_store.prepare(out, program)
+    assert chosen.name == "step-000002"
+    assert any("step-000004" in n and "checksum" in n for n in notes)
+    assert any("newest intact checkpoint, step-000002" in n for n in notes)
+
+
+def _program_of(out: Path) -> dict:
+    """The PROGRAM dict of the run's generated file, paths resolved (as the launcher does)."""
+    from rlhfc_runtime.engine import resolve_paths
+
+    text = (out.parent / "ppo2.py").read_text()
+    start = text.index("PROGRAM = ") + len("PROGRAM = ")
+    literal = text[start:text.index("\n\nLAYOUTS")]
+    import ast
+
+    return resolve_paths(ast.literal_eval(literal), out.parent)
+
+
+def test_resume_refuses_a_changed_shape_and_applies_a_changed_lr(tmp_path, ppo_run):
+    _, whole = ppo_run
+    program = _program_of(whole)
+    manifest = ckpt_store.read_manifest(whole / "checkpoint" / "step-000004")
+    wider = json.loads(json.dumps(program))
+    wider["models"]["critic"]["shape"]["hidden"] = 128
+    refuse, _ = ckpt_store.compare(manifest, wider)
+    assert refuse == ["model critic: shape.hidden 64 -> 128"]
+    with pytest.raises(RunError, match="(?s)cannot resume .*model critic: shape.hidden 64 -> 128"):
+        ckpt_store.prepare(whole, wider)
+    slower = json.loads(json.dumps(program))
+    slower["models"]["actor"]["optimizer"]["lr"] = 1e-4
+    slower["run"]["save_every"] = program["run"]["save_every"] + 5
+    _, notes = ckpt_store.prepare(whole, slower)
+    assert notes == ["resuming with changed settings: actor lr 0.002 -> 0.0001; "
+                     f"save_every {program['run']['save_every']} -> {program['run']['save_every'] + 5}"]
+
+
+def test_hf_export_loads_in_transformers_and_generates_what_the_trained_model_does(ppo_run):
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+
+    from rlhfc_runtime.dist import spawn
+
+    _, whole = ppo_run
+    hf = whole / "hf"
+    actor = AutoModelForCausalLM.from_pretrained(hf / "actor", dtype=torch.float32).eval()
+    critic, info = AutoModelForTokenClassification.from_pretrained(hf / "critic", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tok = AutoTokenizer.from_pretrained(hf / "actor")
+    assert tok("ab3")["input_ids"]
+    exported = load_file(str(hf / "actor" / "model.safetensors"))
+    trained = load_file(str(whole / "checkpoint" / "step-000004" / "actor.safetensors"))
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    ids = torch.tensor([tok("ab3")["input_ids"], tok("cd7")["input_ids"]])
+    ours, initial = spawn(_greedy_in_runtime, 1, str(whole / "checkpoint" / "step-000004"), ids)[0]
+    theirs = actor.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+    assert any(not torch.equal(initial[k], exported[k]) for k in exported)  # weights moved
+
+
+def _greedy_in_runtime(step_dir: str, ids):
+    from safetensors import safe_open
+
+    from rlhfc_runtime import checkpoint as ck
+    from rlhfc_runtime.contract.layout import Layout
+    from rlhfc_runtime.dist import ensure_groups
+    from rlhfc_runtime.generate import SamplingParams, generate
+
+    lay = Layout((0,), 1, 1, 1)
+    ensure_groups([lay])
+    cfg = json.loads((Path(step_dir).parents[1] / "hf" / "actor" / "config.json").read_text())
+    model = ck.init_random(cfg, lay)
+    initial = {k: v.clone() for k, v in model.shards().items()}
+    with safe_open(str(Path(step_dir) / "actor.safetensors"), "pt") as f:
+        model.load_shards({n: f.get_tensor(n) for n in model.shards()})
+    out = generate(model, ids, torch.ones_like(ids), SamplingParams(max_new_tokens=6, eos_token_id=None,
+                                                                    pad_token_id=0))
+    return out.sequences, initial
+
+
+def test_one_run_per_directory(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        (out / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "since": "now"}))
+        with pytest.raises(RunDirError, match=f"in use by another run \\(pid {holder.pid} on"):
+            RunLock(out).acquire()
+        cli = _rlhfc("run", "programs/ppo.rlhf", "--out", str(out), "--steps", "1")
+        assert cli.returncode == 1 and f"pid {holder.pid}" in cli.stderr and "Traceback" not in cli.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(out):  # its holder is gone: a stale lock is taken over
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert not (out / ".lock").exists()
+    (out / "checkpoint" / "step-000002").mkdir(parents=True)
+    with pytest.raises(RunDirError, match="--resume.*--overwrite"):
+        check_fresh(out, resume=False, overwrite=False)
+    fresh = _rlhfc("run", "programs/ppo.rlhf", "--out", str(out), "--steps", "1")
+    assert fresh.returncode == 1 and "--overwrite" in fresh.stderr
+    check_fresh(out, resume=False, overwrite=True)
+    assert not (out / "checkpoint").exists()
+
+
+def _rlhfc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "rlhfc"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+
+
+def _wait_for_steps(out: Path, n: int, proc, limit: float = 120.0) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} steps in {limit} s")
+
+
+def _group_left(pgid: int, limit: float = 5.0) -> list[str]:
+    """The processes of group `pgid` still alive after up to `limit` s (multiprocessing's
+    resource tracker leaves a moment after its parent)."""
+    end = time.monotonic() + limit
+    while True:
+        found = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+        if not found or time.monotonic() > end:
+            return found
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", ["rlhfc run, SIGINT", "generated program, SIGTERM"])
+def test_a_signal_stops_every_process_with_a_checkpoint_and_resumes(tmp_path, how):
+    out = tmp_path / "out"
+    if how.startswith("rlhfc"):
+        cmd = [str(Path(sys.executable).parent / "rlhfc"), "run", "programs/grpo.rlhf", "--steps", "400",
+               "--out", str(out), "--save-every", "1000"]
+        sig, code = signal.SIGINT, 130
+    else:
+        script = tmp_path / "grpo.py"
+        _, text = compile_program(ROOT / "programs" / "grpo.rlhf", output=script)
+        script.write_text(text)
+        cmd = [sys.executable, str(script), "--out", str(out), "--steps", "400", "--save-every", "1000"]
+        sig, code = signal.SIGTERM, 143
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_steps(out, 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == code, err
+    assert _group_left(proc.pid) == []  # no worker outlives the run
+    done = [r["step"] for r in metrics(out)]
+    latest = int((out / "checkpoint" / "latest").read_text())
+    assert latest == done[-1] < 400  # the checkpoint of the step it stopped at
+    line = [ln for ln in err.splitlines() if "stopped by " + signal.Signals(sig).name in ln]
+    assert line and "nothing lost" in line[-1] and f"--out {out} --resume" in line[-1]
+    if how.startswith("rlhfc"):
+        resumed = _rlhfc("run", "programs/grpo.rlhf", "--steps", str(latest + 1), "--out", str(out), "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert [r["step"] for r in metrics(out)] == list(range(1, latest + 2))
+
+
+def test_a_partial_metrics_line_is_dropped_on_resume(tmp_path, ppo_run, capsys):
+    from rlhfc_runtime.engine import _MetricsLog
+
+    _, whole = ppo_run
+    path = tmp_path / "metrics.jsonl"
+    path.write_text((whole / "metrics.jsonl").read_text() + '{"step": 5, "rew')
+    _MetricsLog(path, 2)
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2]
+    assert "dropped 1 damaged line(s) (line 5)" in capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_path_and_bytes_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_store, "save_file", full)
+    target = tmp_path / "actor.safetensors"
+    with pytest.raises(OSError) as caught:
+        ckpt_store._write_tensors(target, {"w": torch.zeros(4, 4)})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert "64 bytes needed" in str(caught.value)
+    assert ckpt_store._os_message(caught.value, target).endswith("no space left on device")
+    assert list(tmp_path.iterdir()) == []
