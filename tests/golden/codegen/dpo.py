@@ -68,8 +68,8 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('pairs', dataset='pairs')
-    e.call('refl', model='ref', kind='inference', using='pair_logprobs', layout='L0', inputs=('pairs',), outputs=('ref_logp',), settings={'rows': 32, 'n_mbs': 1})
-    e.call('a_tr', model='actor', kind='train', using='dpo', layout='L0', inputs=('pairs', 'ref_logp'), outputs=(), settings={'rows': 32, 'beta': 0.1, 'n_mbs': 1})
+    e.call('refl', model='ref', kind='inference', using='pair_logprobs', layout='L0', inputs=('pairs',), outputs=('ref_logp',), settings={'rows': 32, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
+    e.call('a_tr', model='actor', kind='train', using='dpo', layout='L0', inputs=('pairs', 'ref_logp'), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'beta': 0.1, 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('pairs', dataset='pairs')
-    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=(), settings={'rows': 32, 'n_mbs': 1})
+    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('demos', dataset='demos')
-    e.call('a_tr', model='actor', kind='train', using='sft', layout='L0', inputs=('demos',), outputs=(), settings={'rows': 16, 'n_mbs': 1})
+    e.call('a_tr', model='actor', kind='train', using='sft', layout='L0', inputs=('demos',), outputs=(), settings={'rows': 16, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":
