@@ -21,9 +21,8 @@ from rlhfc_runtime.data.tokenizer import load_tokenizer
 from rlhfc_runtime.dist import device_for_rank, rank_groups
 from rlhfc_runtime.generate import SamplingParams, generate
 from rlhfc_runtime.contract.layout import Layout
-from rlhfc_runtime.model import ShardedLlama, next_token_logprobs
+from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedLlama, next_token_logprobs
 from rlhfc_runtime.model import param_shapes as model_param_shapes
-from rlhfc_runtime.model import ModelConfig
 from rlhfc_runtime.transfer import rows_of
 
 
@@ -68,11 +67,25 @@ def _optimizer(module: ShardedLlama, spec: dict) -> torch.optim.Optimizer | None
 
 
 def model_from_shards(spec: dict, shards: dict, layout: Layout, rank: int) -> RuntimeModel:
-    """A model copy in a non-home layout (inference / generation only: no optimizer)."""
-    module = ShardedLlama(ModelConfig.from_hf(hf_config(spec)), rank_groups(layout, rank), spec["head"],
-                          device_for_rank())
-    module.load_shards(shards)
+    """A model copy in a non-home layout (inference / generation only: no optimizer),
+    built directly on `shards` (device and dtype theirs; no second copy)."""
+    device = device_for_rank()
+    shards = {n: t.to(device) for n, t in shards.items()}  # no-op for reallocated shards
+    module = ShardedLlama.from_shards(ModelConfig.from_hf(hf_config(spec)), rank_groups(layout, rank), spec["head"],
+                                      shards)
     return RuntimeModel(module, None)
+
+
+def set_precision(model: RuntimeModel, precision: str) -> None:
+    """Frozen copies (no optimizer) hold their weights in the call's precision (bf16
+    inference and generation copies); trainable ones keep fp32 master weights and
+    compute under autocast (`ShardedLlama.compute`)."""
+    dtype = DTYPES[precision]
+    if model.optimizer is None and model.module.dtype != dtype:
+        with torch.no_grad():
+            for p in model.module.parameters():  # one parameter at a time: no second copy of the model
+                p.data = p.data.to(dtype)
+        model.module.dtype = dtype
 
 
 def shards_of(model: RuntimeModel) -> dict:
@@ -88,19 +101,6 @@ def load_shards(model: RuntimeModel, shards: dict) -> None:
 def param_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) parameter shapes: reallocation plans from them on every rank."""
     return model_param_shapes(ModelConfig.from_hf(hf_config(spec)), spec["head"])
-
-
-def model_state(model: RuntimeModel) -> dict:
-    """Parameters and optimizer state of a home shard, for a checkpoint."""
-    return {"shards": {n: t.clone() for n, t in model.module.shards().items()},
-            "optimizer": model.optimizer.state_dict() if model.optimizer else None}
-
-
-def load_model_state(model: RuntimeModel, state: dict) -> None:
-    """Restore what `model_state` saved (resume)."""
-    model.module.load_shards(state["shards"])
-    if model.optimizer:
-        model.optimizer.load_state_dict(state["optimizer"])
 
 
 def take_rows(batch: dict, lo: int, hi: int) -> dict:
@@ -145,7 +145,7 @@ def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, 
         first_row=first * group, total_rows=total,
         eos_token_id=int(settings["eos_id"]), pad_token_id=int(settings["pad_id"]),
     )
-    out = generate(module, ids, mask, params)
+    out = generate(module, ids, mask, params, str(settings["precision"]), int(settings["n_mbs"]))
     missing = new - (out.sequences.shape[1] - out.prompt_len)
     pad = lambda t, value=0: F.pad(t, (0, missing), value=value)  # noqa: E731
     return {
@@ -177,6 +177,7 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
         seq = args[0]
         scores = rule_scores(spec["rule"], seq, int(settings["max_new_tokens"]), int(settings["eos_id"]))
         return {outputs[0]: {outputs[0]: scores}}, {}
+    set_precision(model, str(settings["precision"]))
     if kind == "generate":
         produced = generate_batch(model.module, args[0], settings, groups, greedy=REGISTRY[using].greedy)
         names = REGISTRY[using].outputs  # positional: `-> base_seq` may rename "seq"
@@ -186,8 +187,9 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
     if kind == "inference":
         inputs = iface.model_inputs(flat)
         key = "logp" if model.module.head == "lm" else "values"
-        out = model.module.run_pipeline(inputs["input_ids"], inputs["attention_mask"],
-                                        lambda h, mb: head_outputs(model.module, h, mb)[key], n_mbs)
+        with model.module.compute(str(settings["precision"])):
+            out = model.module.run_pipeline(inputs["input_ids"], inputs["attention_mask"],
+                                            lambda h, mb: head_outputs(model.module, h, mb)[key].float(), n_mbs)
         values = iface.compute({key: out}, flat)
         return {k: {k: v} for k, v in zip(outputs, values)}, {}
     return {}, _train(iface, model, flat, settings, groups, n_mbs)
@@ -216,13 +218,19 @@ def _train(iface, model: RuntimeModel, flat: dict, settings: dict, groups, n_mbs
 
     extra = {k: v for k, v in mine.items() if k not in ("input_ids", "attention_mask")}
     model.optimizer.zero_grad(set_to_none=True)
-    loss = model.module.run_pipeline(inputs["input_ids"], inputs["attention_mask"],
-                                     lambda h, mb: loss_fn(head_outputs(model.module, h, mb), mb), n_mbs, extra,
-                                     backward=True)
+    with model.module.compute(str(settings["precision"])):  # bf16 compute on the fp32 master weights
+        loss = model.module.run_pipeline(inputs["input_ids"], inputs["attention_mask"],
+                                         lambda h, mb: loss_fn(_fp32(head_outputs(model.module, h, mb)), mb), n_mbs,
+                                         extra, backward=True, schedule="1f1b", recompute=bool(settings["recompute"]))
     model.module.reduce_gradients()
     model.optimizer.step()
     # Contributions summed over micro-batches, times dp: the engine averages over ranks.
     return {**{k: sum(v) * dp for k, v in metrics.items()}, "loss": float(loss)}
+
+
+def _fp32(outputs: dict) -> dict:
+    """Losses and advantages in fp32 whatever the compute precision."""
+    return {k: v.float() for k, v in outputs.items()}
 
 
 def _gather_rows(batch: dict, groups) -> dict:

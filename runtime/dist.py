@@ -13,6 +13,7 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterable
 
 import torch
@@ -20,6 +21,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhfc_runtime.contract.layout import Layout
+
+
+# How long a collective may wait for a peer before the run stops with an error (a dead
+# peer becomes a clear failure instead of a hang); RLHFC_DIST_TIMEOUT overrides it.
+DEFAULT_TIMEOUT_S = 600
 
 
 def device_for_rank() -> torch.device:
@@ -30,20 +36,56 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
+def check_ranks_per_gpu(local_ranks: int, gpus: int) -> None:
+    """One rank per GPU: NCCL refuses two ranks on one device, so say so up front."""
+    if gpus and local_ranks > gpus:
+        raise RuntimeError(
+            f"{local_ranks} processes on this node but only {gpus} GPU(s): rlhfc runs one rank per GPU. "
+            f"Plan for {gpus} device(s) per node (cluster {{ devices_per_node = {gpus} }} or --devices {gpus}), "
+            "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPU processes"
+        )
+
+
+def backend_for(device: torch.device) -> str:
+    """gloo for CPU tensors, NCCL for CUDA tensors where there is a GPU (one world
+    serves both: object collectives and host tensors go over gloo)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_from_env(backend: str | None = None) -> int:
     """Join the world described by the environment (idempotent); returns this rank.
 
-    NCCL on CUDA, gloo otherwise, unless `backend` says which."""
+    On CUDA: checks one rank per GPU, binds this process to its GPU and passes it as
+    `device_id` (NCCL connects eagerly, so batched point-to-point needs no collective
+    warm-up); gloo and NCCL share the world. A collective that waits longer than the
+    timeout raises instead of hanging."""
     if not dist.is_initialized():
         device = device_for_rank()
+        extra = {}
         if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+            check_ranks_per_gpu(max(local, device.index + 1), torch.cuda.device_count())
             torch.cuda.set_device(device)
+            extra["device_id"] = device
         dist.init_process_group(
-            backend=backend or ("nccl" if device.type == "cuda" else "gloo"),
+            backend=backend or backend_for(device),
             rank=int(os.environ["RANK"]),
             world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timedelta(seconds=float(os.environ.get("RLHFC_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))),
+            **extra,
         )
     return dist.get_rank()
+
+
+def exchange(sends=(), recvs=()) -> None:
+    """Post point-to-point sends [(tensor, peer)] and receives [(buffer, peer)] as one
+    batch (`dist.batch_isend_irecv`: one NCCL group call, so a pair of ranks that both
+    send and receive cannot block each other) and wait for all of them."""
+    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
 
 
 def free_port() -> int:
@@ -87,6 +129,8 @@ def spawn(fn: Callable, nprocs: int, *args: Any, on_start: Callable[[list[int]],
     terminates the others); the message carries the traceback of the rank that failed
     FIRST, since the others usually fail only because their peer went away.
     `on_start(pids)` learns the workers' process ids (to forward signals to them)."""
+    if torch.cuda.is_available():
+        check_ranks_per_gpu(nprocs, torch.cuda.device_count())
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = mp.start_processes(
@@ -151,15 +195,18 @@ def tied_embedding_ranks(layout: Layout, dp_rank: int, tp_rank: int) -> tuple[in
     return tuple(dict.fromkeys((layout.rank_at(0, dp_rank, tp_rank), layout.rank_at(layout.pp - 1, dp_rank, tp_rank))))
 
 
-def ensure_groups(layouts: Iterable[Layout]) -> None:
-    """Create the process groups of all `layouts` that do not exist yet.
+def ensure_groups(layouts: Iterable[Layout], extra: Iterable[tuple[int, ...]] = ()) -> None:
+    """Create the process groups of all `layouts` (and the `extra` rank sets, e.g. the
+    op program's data-move groups) that do not exist yet: eagerly, once per rank set.
 
     `dist.new_group` is collective over the whole world, so every rank must call this
-    with the same layouts in the same order; the groups are created in sorted order of
-    their rank tuples, which makes the order independent of the caller's order too."""
-    wanted = sorted({r for lay in layouts for r in layout_group_ranks(lay)} - _GROUPS.keys())
-    for ranks in wanted:
-        _GROUPS[ranks] = dist.new_group(list(ranks))
+    with the same arguments; the groups are created in sorted order of their rank
+    tuples, which makes the order independent of the caller's order too. The whole
+    world is the default group, never a second communicator over the same ranks."""
+    world = tuple(range(dist.get_world_size()))
+    wanted = {r for lay in layouts for r in layout_group_ranks(lay)} | {tuple(r) for r in extra}
+    for ranks in sorted(wanted - _GROUPS.keys()):
+        _GROUPS[ranks] = dist.group.WORLD if ranks == world else dist.new_group(list(ranks))
 
 
 def group(ranks: Iterable[int]):

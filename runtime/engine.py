@@ -47,8 +47,10 @@ class Engine:
         self.world = dist.get_world_size()
         if self.world != program["world_size"]:
             raise SystemExit(f"this program was planned for {program['world_size']} processes, got {self.world}")
-        rdist.ensure_groups(layouts.values())  # fixed order on every rank
-        self.groups = {ranks: dist.new_group(list(ranks)) for ranks in groups}  # move groups, op order
+        rdist.ensure_groups(layouts.values(), groups)  # every group once, in one order on every rank
+        self.groups = {tuple(ranks): rdist.group(ranks) for ranks in groups}  # the data moves' groups
+        self.device = rdist.device_for_rank()
+        self.precision: dict[tuple[str, str], str] = {}  # (model, layout) -> its calls' precision
         self.out = Path(options["out"])
         self.step = 0
         self.seed = int(program["run"]["seed"])
@@ -73,15 +75,33 @@ class Engine:
 
     @contextmanager
     def _timed(self, op: str):
-        """Record `op`'s wall-clock (start, end) on this rank; `_gather` combines the ranks."""
+        """Record `op`'s wall-clock (start, end) on this rank; `_gather` combines the ranks.
+        On CUDA the device is synchronised at both ends, so an op's time includes its
+        queued kernels instead of leaking them into the next op."""
+        self._sync()
         start = time.time()
         yield
+        self._sync()
         self.spans[op] = (start, time.time())
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _copy_dtype(self, model: str, layout: str) -> torch.dtype:
+        """The dtype of `model`'s parameters in `layout`, the same on every rank: fp32 in
+        a trainable model's home (master weights), else its calls' precision there (fp32
+        until a call has run: the first iteration casts at the call instead)."""
+        spec = self.program["models"][model]
+        if spec["trainable"] and layout == spec["home"]:
+            return torch.float32
+        return calls.DTYPES[self.precision.get((model, layout), "fp32")]
 
     # ---- ops ---------------------------------------------------------------------
     def load(self, key: str, dataset: str) -> None:
         """Every rank draws the same next batch (deterministic sampler), keeps it whole."""
         batch = self.loaders[dataset].next_batch(int(self.program["run"]["batch"]))
+        batch = {k: v.to(self.device) for k, v in batch.items()}  # loaders make host tensors
         self.rows[key] = calls.batch_rows(batch)
         self.data[(key, "*")] = batch
 
@@ -98,6 +118,8 @@ class Engine:
         lay = self.layouts[layout]
         for key in outputs:  # every rank tracks row counts, so moves agree on them
             self.rows[key] = settings["rows"]
+        if "precision" in settings:  # every rank: reallocations into this layout agree on the wire dtype
+            self.precision[(model, layout)] = settings["precision"]
         if self.rank not in lay.ranks:
             return
         with self._timed(name):
@@ -139,7 +161,7 @@ class Engine:
             shards = reallocate(
                 calls.shards_of(source) if source is not None else {},
                 calls.param_shapes(spec), spec["shape"]["n_layers"], s, d, self.rank,
-                dtype=torch.float32, device=rdist.device_for_rank(),
+                dtype=self._copy_dtype(model, dst), device=self.device,
             )
             if self.rank in d.ranks:
                 target = self.models.get((model, dst))
@@ -163,7 +185,7 @@ class Engine:
         if self.rank not in self.layouts[layout].ranks or (model, layout) in self.models:
             return
         with self._timed(f"reload {model} {layout}"):
-            shards = reload_shards(self.host[(model, layout)], rdist.device_for_rank())
+            shards = reload_shards(self.host[(model, layout)], self.device)
             spec = self.program["models"][model]
             self.models[(model, layout)] = calls.model_from_shards(spec, shards, self.layouts[layout], self.rank)
 
@@ -180,8 +202,8 @@ class Engine:
         with self._timed(f"move {key} {src}->{dst}"):
             local = self.data.get((key, src))
             box = [batch_spec(local, self.rows[key]) if self.rank == s.ranks[0] else None]
-            dist.broadcast_object_list(box, src=s.ranks[0], group=self.groups[ranks])
-            out = redistribute_batch(local, box[0], s, d, self.rank, device=rdist.device_for_rank())
+            dist.broadcast_object_list(box, src=s.ranks[0], group=self.groups[ranks], device=self.device)
+            out = redistribute_batch(local, box[0], s, d, self.rank, device=self.device)
             if self.rank in d.ranks:
                 self.data[(key, dst)] = out
 

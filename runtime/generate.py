@@ -12,12 +12,18 @@ sequence recomputes — the quantity PPO's ratio needs.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from rlhfc_runtime.model import HeadOutput, ShardedLlama
+from rlhfc_runtime.model import DTYPES, ShardedLlama
+
+# Steps between checks whether every row has ended (a host sync on CUDA): at most this
+# many wasted steps per batch; the result is the same as checking after every token.
+EOS_CHECK_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -84,28 +90,55 @@ def choose(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor) 
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     cdf = logits.softmax(-1).cumsum(-1)
     threshold = uniform.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
-    return torch.searchsorted(cdf, threshold, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    # the first index whose cumulative mass exceeds the threshold (searchsorted, right=True)
+    return (cdf <= threshold).sum(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 @torch.no_grad()
 def generate(model: ShardedLlama, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-             params: SamplingParams) -> Generation:
+             params: SamplingParams, precision: str | None = None, n_micro: int = 1) -> Generation:
     """Continue left-padded prompts; collective over the replica's tp*pp ranks.
 
-    The last stage gathers the logits of the newest position over tp, chooses tokens
-    (identically on its tp ranks), and broadcasts tokens and log-probs to the replica,
-    so the first stage can embed them and every rank sees the same EOS and stops
-    together."""
-    g = model.groups
+    The batch runs as `n_micro` consecutive micro-batches (each with its own KV cache:
+    the memory the plan priced), in `precision` ("bf16" / "fp32"; the weights' dtype
+    by default). The last stage gathers the logits of the newest position over tp,
+    chooses tokens (identically on its tp ranks), and broadcasts tokens and log-probs
+    to the replica, so the first stage can embed them and every rank sees the same EOS
+    and stops together."""
     device = model.device
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    parts = [(lo, ids, mask) for lo, ids, mask in zip(
+        torch.arange(prompt_ids.shape[0]).tensor_split(n_micro), prompt_ids.tensor_split(n_micro),
+        prompt_mask.tensor_split(n_micro)) if ids.shape[0]]
+    dtype = DTYPES[precision] if precision else model.dtype
+    with model.compute(precision) if precision else nullcontext():
+        outs = [_generate(model, ids, mask, params, int(rows[0]), dtype) for rows, ids, mask in parts]
+    if len(outs) == 1:
+        return outs[0]
+    n = max(o.logprobs.shape[1] for o in outs)
+    pad = lambda t, width, value=0: F.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
+    plen = outs[0].prompt_len
+    return Generation(
+        torch.cat([pad(o.sequences, plen + n, params.pad_token_id) for o in outs]),
+        torch.cat([pad(o.logprobs, n) for o in outs]),
+        torch.cat([pad(o.attention_mask, plen + n) for o in outs]),
+        torch.cat([pad(o.response_mask, plen + n) for o in outs]),
+        plen,
+    )
+
+
+def _generate(model: ShardedLlama, prompt_ids, prompt_mask, params: SamplingParams, offset: int, dtype) -> Generation:
+    """One micro-batch: rows `offset`… of this call's local batch."""
+    g = model.groups
+    device = model.device
     batch, plen = prompt_ids.shape
-    total = plen + params.max_new_tokens
-    cache = model.new_cache(batch, total)
+    cache = model.new_cache(batch, plen + params.max_new_tokens, dtype)
     key_valid = torch.cat([prompt_mask.bool(), torch.ones(batch, params.max_new_tokens, dtype=torch.bool, device=device)], 1)
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     next_pos = prompt_mask.long().sum(-1)
-    gen = torch.Generator(device=device).manual_seed(params.seed)
+    # draws come from a CPU generator: the same samples on every device type
+    gen = torch.Generator().manual_seed(params.seed)
+    first = params.first_row + offset
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps = [], []
     step_ids, start = prompt_ids, 0
@@ -113,9 +146,11 @@ def generate(model: ShardedLlama, prompt_ids: torch.Tensor, prompt_mask: torch.T
         _, hidden = model.pipeline_forward(step_ids, positions, key_valid[:, :start + step_ids.shape[1]], cache, start)
         packed = torch.zeros(batch, 2, device=device, dtype=torch.float64)
         if model.last:
-            logits = HeadOutput(model, hidden[:, -1:]).logits()[:, 0].float()
-            drawn = torch.rand(params.total_rows or batch, generator=gen, device=device)
-            tok = choose(logits, params, drawn[params.first_row:params.first_row + batch])
+            logits = model.head_output(hidden[:, -1:]).logits()[:, 0].float()
+            drawn = None
+            if not params.greedy:
+                drawn = torch.rand(params.total_rows or (first + batch), generator=gen)[first:first + batch].to(device)
+            tok = choose(logits, params, drawn)
             lp = logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
             packed = torch.stack([tok.double(), lp.double()], 1)
         if len(g.mp_ranks) > 1:
@@ -125,18 +160,20 @@ def generate(model: ShardedLlama, prompt_ids: torch.Tensor, prompt_mask: torch.T
         lp = lp.masked_fill(done, 0.0)
         tokens.append(tok)
         logps.append(lp)
-        alive = ~done
+        alive = done.logical_not()
         if params.eos_token_id is not None:
             done = done | (tok == params.eos_token_id)
         key_valid[:, plen + step] = alive
         start += step_ids.shape[1]
         step_ids, positions = tok[:, None], (next_pos + step)[:, None]
-        if bool(done.all()):
+        if (step + 1) % EOS_CHECK_EVERY == 0 and bool(done.all()):
             break
-    new = torch.stack(tokens, 1)
-    n = new.shape[1]
-    response = key_valid[:, plen:plen + n].long()
+    response = key_valid[:, plen:plen + len(tokens)].long()
+    # drop the steps after every row ended (at most EOS_CHECK_EVERY - 1)
+    n = max(int((response.any(0).long() * torch.arange(1, len(tokens) + 1, device=device)).max()), 1)
+    new = torch.stack(tokens, 1)[:, :n]
+    response = response[:, :n]
     sequences = torch.cat([prompt_ids, new], 1)
     attention_mask = torch.cat([prompt_mask.long(), response], 1)
     response_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.long), response], 1)
-    return Generation(sequences, torch.stack(logps, 1), attention_mask, response_mask, plen)
+    return Generation(sequences, torch.stack(logps, 1)[:, :n], attention_mask, response_mask, plen)

@@ -7,25 +7,41 @@ with rope_theta, GQA attention, SwiGLU); tensor parallelism is Megatron-style (c
 parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel embedding and LM head);
 pipeline stages own layer ranges and exchange activations with send/recv in a GPipe
 schedule; data-parallel replicas average gradients.
+
+Layers live in `layers`, pipeline schedules (GPipe, 1F1B) in `pipeline`; this module
+holds the configuration, the heads, the sharded model and its gradient handling.
+Precision: a model's parameters have one dtype (`dtype`); `compute(precision)` runs
+its forward passes in bf16 under autocast when the parameters are fp32 (training on
+fp32 master weights), and is a no-op when they already have the wanted dtype.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from rlhfc_runtime.dist import RankGroups
+from torch.utils.checkpoint import checkpoint
+
 from rlhfc_runtime.contract.layout import shard_slices, stage_layers, tp_split_dim
+from rlhfc_runtime.dist import RankGroups
+from rlhfc_runtime.layers import (  # noqa: F401  (re-exported: the model's public pieces)
+    DecoderLayer, KVCache, RMSNorm, _active, _Weight, attention, attention_mask_4d, copy_to_tp, gather_from_tp,
+    reduce_from_tp, rope_cos_sin,
+)
+from rlhfc_runtime.pipeline import PipelineStage
 
 LM = "lm"
 VALUE = "value"
 # model_type -> HF class-name prefix (…ForCausalLM, …ForTokenClassification)
 ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2"}
+# the contract's `precision` setting -> torch dtype
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GRAD_BUCKET_BYTES = 25 * 2**20  # gradient all-reduce bucket (as DDP's default)
 
 
 @dataclass(frozen=True)
@@ -116,202 +132,6 @@ def param_shapes(cfg: ModelConfig, head: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# ---------------------------------------------------------------- tensor-parallel ops
-
-
-def _active(group_ranks: tuple[int, ...]) -> bool:
-    return len(group_ranks) > 1
-
-
-class _CopyToTP(torch.autograd.Function):
-    """Identity forward; sums the gradient over the tp group (input of a column-parallel
-    layer: every tp rank's partial output depends on the same replicated input)."""
-
-    @staticmethod
-    def forward(ctx, x, groups):
-        ctx.groups = groups
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.groups.tp)
-        return grad, None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """Sums partial results over the tp group; the gradient passes unchanged (output of
-    a row-parallel layer, whose consumers are replicated)."""
-
-    @staticmethod
-    def forward(ctx, x, groups):
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=groups.tp)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherLastDim(torch.autograd.Function):
-    """Concatenates the tp ranks' slices of the last dimension; the gradient keeps this
-    rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x, groups):
-        ctx.groups, ctx.width = groups, x.shape[-1]
-        parts = [torch.empty_like(x) for _ in groups.tp_ranks]
-        dist.all_gather(parts, x.contiguous(), group=groups.tp)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        start = ctx.groups.tp_rank * ctx.width
-        return grad[..., start:start + ctx.width].contiguous(), None
-
-
-def copy_to_tp(x, groups: RankGroups):
-    """Enter a column-parallel region (identity; gradient summed over tp)."""
-    return _CopyToTP.apply(x, groups) if _active(groups.tp_ranks) else x
-
-
-def reduce_from_tp(x, groups: RankGroups):
-    """Leave a row-parallel region: sum the tp ranks' partial results."""
-    return _ReduceFromTP.apply(x, groups) if _active(groups.tp_ranks) else x
-
-
-def gather_from_tp(x, groups: RankGroups):
-    """Concatenate the tp ranks' slices of the last dimension (vocab-parallel logits)."""
-    return _GatherLastDim.apply(x, groups) if _active(groups.tp_ranks) else x
-
-
-# ---------------------------------------------------------------- layers
-
-
-def _param(shape, device, dtype) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-
-
-class RMSNorm(nn.Module):
-    """HF LlamaRMSNorm: normalise in fp32, scale in the input dtype."""
-
-    def __init__(self, size, eps, device, dtype):
-        super().__init__()
-        self.weight = _param((size,), device, dtype)
-        self.eps = eps
-
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-class _Weight(nn.Module):
-    """A bare weight (and optional bias) holder, so parameter names match HF
-    (`…q_proj.weight`, `…q_proj.bias`)."""
-
-    def __init__(self, shape, device, dtype, bias: bool = False):
-        super().__init__()
-        self.weight = _param(shape, device, dtype)
-        self.bias = _param(shape[:1], device, dtype) if bias else None
-
-
-def rope_cos_sin(position_ids, head_dim, theta, dtype):
-    """HF default RoPE tables for `position_ids` [B, T] -> cos, sin [B, T, head_dim]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _apply_rope(x, cos, sin):
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
-
-
-def attention_mask_4d(key_valid, q_start: int, q_len: int):
-    """Boolean [B, 1, q_len, K] mask: query i (absolute position q_start+i in the
-    cache) sees valid keys at or before it. A query always sees itself, so padded
-    rows never become all-masked (their outputs are ignored)."""
-    k_len = key_valid.shape[1]
-    q_abs = torch.arange(q_start, q_start + q_len, device=key_valid.device)[:, None]
-    k_idx = torch.arange(k_len, device=key_valid.device)[None, :]
-    causal = k_idx <= q_abs
-    mask = causal[None] & key_valid[:, None, :].bool()
-    mask = mask | (k_idx == q_abs)[None]
-    return mask[:, None]
-
-
-class KVCache:
-    """Preallocated keys and values of one stage's layers, for incremental decoding."""
-
-    def __init__(self, layers, batch, max_len, kv_heads, head_dim, device, dtype):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.k = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layers}
-        self.v = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layers}
-
-
-class DecoderLayer(nn.Module):
-    """One LLaMA block; attention heads and MLP columns split over the tp group."""
-
-    def __init__(self, cfg: ModelConfig, groups: RankGroups, index: int, device, dtype):
-        super().__init__()
-        tp = groups.layout.tp
-        if cfg.num_kv_heads % tp or cfg.num_heads % tp:
-            raise ValueError(f"tp={tp} must divide heads={cfg.num_heads} and kv heads={cfg.num_kv_heads}")
-        self.cfg, self.groups, self.index = cfg, groups, index
-        self.heads, self.kv_heads = cfg.num_heads // tp, cfg.num_kv_heads // tp
-        h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size // tp
-        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, device, dtype)
-        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, device, dtype)
-        self.self_attn = nn.Module()
-        self.self_attn.q_proj = _Weight((self.heads * hd, h), device, dtype, cfg.qkv_bias)
-        self.self_attn.k_proj = _Weight((self.kv_heads * hd, h), device, dtype, cfg.qkv_bias)
-        self.self_attn.v_proj = _Weight((self.kv_heads * hd, h), device, dtype, cfg.qkv_bias)
-        self.self_attn.o_proj = _Weight((h, self.heads * hd), device, dtype)
-        self.mlp = nn.Module()
-        self.mlp.gate_proj = _Weight((inter, h), device, dtype)
-        self.mlp.up_proj = _Weight((inter, h), device, dtype)
-        self.mlp.down_proj = _Weight((h, inter), device, dtype)
-
-    def _attention(self, x, cos, sin, mask, cache: KVCache | None, start: int):
-        b, t, _ = x.shape
-        hd, a = self.cfg.head_dim, self.self_attn
-        x = copy_to_tp(x, self.groups)
-        q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(b, t, self.heads, hd).transpose(1, 2)
-        k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(b, t, self.kv_heads, hd).transpose(1, 2)
-        v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(b, t, self.kv_heads, hd).transpose(1, 2)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        if cache is not None:
-            cache.k[self.index][:, :, start:start + t] = k
-            cache.v[self.index][:, :, start:start + t] = v
-            k, v = cache.k[self.index][:, :, :start + t], cache.v[self.index][:, :, :start + t]
-        rep = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:  # no padding, no cache: let SDPA pick its fused causal kernel
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, t, self.heads * hd)
-        return reduce_from_tp(F.linear(out, a.o_proj.weight), self.groups)
-
-    def _mlp(self, x):
-        m = self.mlp
-        x = copy_to_tp(x, self.groups)
-        y = F.silu(F.linear(x, m.gate_proj.weight)) * F.linear(x, m.up_proj.weight)
-        return reduce_from_tp(F.linear(y, m.down_proj.weight), self.groups)
-
-    def forward(self, x, cos, sin, mask, cache=None, start=0):
-        x = x + self._attention(self.input_layernorm(x), cos, sin, mask, cache, start)
-        return x + self._mlp(self.post_attention_layernorm(x))
-
-
 # ---------------------------------------------------------------- heads
 
 
@@ -368,7 +188,7 @@ class HeadOutput:
 # ---------------------------------------------------------------- the model
 
 
-class ShardedLlama(nn.Module):
+class ShardedLlama(PipelineStage, nn.Module):
     """The part of a LLaMA model that one rank holds under a layout.
 
     Parameter names are HF names; `shards()` / `load_shards()` are the contract with
@@ -380,6 +200,7 @@ class ShardedLlama(nn.Module):
         self.cfg, self.groups, self.head = cfg, groups, head
         self.device = torch.device(device or "cpu")
         self.dtype = dtype
+        self._recompute = False  # set by run_pipeline for a backward pass that asks for it
         layout = groups.layout
         self.first = groups.pp_rank == 0
         self.last = groups.pp_rank == layout.pp - 1
@@ -398,7 +219,7 @@ class ShardedLlama(nn.Module):
             if head == LM:
                 self.lm_head = _Weight((vocab, cfg.hidden_size), self.device, dtype)
             else:
-                self.score = nn.Linear(cfg.hidden_size, 1, bias=cfg.score_bias, device=self.device, dtype=dtype)
+                self.score = _Weight((1, cfg.hidden_size), self.device, dtype, cfg.score_bias)
         self._check_shapes()
 
     def _check_shapes(self):
@@ -411,6 +232,29 @@ class ShardedLlama(nn.Module):
             want = tuple(s.stop - s.start for s in self.slices(n))
             if tuple(mine[n].shape) != want:
                 raise AssertionError(f"{n}: shard shape {tuple(mine[n].shape)} != layout's {want}")
+
+    @staticmethod
+    def from_shards(cfg: ModelConfig, groups: RankGroups, head: str, shards: dict[str, torch.Tensor]) -> "ShardedLlama":
+        """A model whose parameters ARE `shards` (received by reallocation or reloaded
+        from host memory): built on the meta device, then the tensors are assigned, so
+        no second copy of the weights is ever allocated. Device and dtype are theirs."""
+        sample = next(iter(shards.values()))
+        module = ShardedLlama(cfg, groups, head, device="meta", dtype=sample.dtype)
+        module.load_state_dict(shards, strict=True, assign=True)
+        module.device = sample.device
+        return module
+
+    def compute(self, precision: str):
+        """The context forward passes of a call with `precision` run in: bf16 autocast
+        over fp32 weights (training on master weights), nothing when the weights already
+        have that dtype (bf16 inference copies, fp32 runs)."""
+        dtype = DTYPES[precision]
+        if dtype == self.dtype:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def head_output(self, hidden) -> HeadOutput:
+        return HeadOutput(self, hidden)
 
     def slices(self, name: str):
         """This rank's slice of full parameter `name` (layout.shard_slices)."""
@@ -446,8 +290,13 @@ class ShardedLlama(nn.Module):
             if key_valid is None:
                 key_valid = torch.ones(x.shape[0], start + x.shape[1], dtype=torch.bool, device=x.device)
             mask = attention_mask_4d(key_valid, start, x.shape[1])
+        recompute = self._recompute and torch.is_grad_enabled() and cache is None
         for n in self.layer_ids:
-            x = self.model.layers[str(n)](x, cos, sin, mask, cache, start)
+            layer = self.model.layers[str(n)]
+            if recompute:  # keep only the layer's input; rerun its forward in backward
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, start)
         return self.model.norm(x) if self.last else x
 
     def _embed(self, ids):
@@ -458,113 +307,14 @@ class ShardedLlama(nn.Module):
         pad = self.cfg.hf.get("pad_token_id")
         # like HF's nn.Embedding(padding_idx=pad_token_id): the pad row gets no gradient
         pad = pad - start if pad is not None and 0 <= pad - start < w.shape[0] else None
-        out = F.embedding(local.masked_fill(outside, 0), w, padding_idx=pad) * (~outside)[..., None].to(w.dtype)
+        out = F.embedding(local.masked_fill(outside, 0), w, padding_idx=pad) * outside.logical_not()[..., None].to(w.dtype)
         return reduce_from_tp(out, self.groups)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache for this stage's layers."""
+    def new_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KV cache for this stage's layers (in the compute dtype `dtype`,
+        the parameters' by default)."""
         return KVCache(self.layer_ids, batch, max_len, self.cfg.num_kv_heads // self.groups.layout.tp,
-                       self.cfg.head_dim, self.device, self.dtype)
-
-    # ------------------------------------------------------------ pipeline
-
-    def _neighbour(self, step: int) -> int:
-        g = self.groups
-        return g.layout.rank_at(g.pp_rank + step, g.dp_rank, g.tp_rank)
-
-    def send_next(self, hidden):
-        """Send this stage's output activations to the next stage (same dp, tp)."""
-        dist.send(hidden.detach().contiguous(), self._neighbour(+1))
-
-    def recv_prev(self, shape):
-        """Receive the previous stage's output activations (same dp, tp)."""
-        buf = torch.empty(shape, device=self.device, dtype=self.dtype)
-        dist.recv(buf, self._neighbour(-1))
-        return buf
-
-    def pipeline_forward(self, ids, position_ids, key_valid, cache=None, start=0):
-        """Pass one micro-batch through the whole pipeline; returns (stage input,
-        stage output): the last stage's output is the final hidden state."""
-        if self.first:
-            inp = ids
-        else:
-            inp = self.recv_prev((ids.shape[0], ids.shape[1], self.cfg.hidden_size))
-            inp.requires_grad_(torch.is_grad_enabled())
-        out = self.stage_forward(inp, position_ids, key_valid, cache, start)
-        if not self.last:
-            self.send_next(out)
-        return inp, out
-
-    def run_pipeline(
-        self,
-        input_ids,
-        attention_mask=None,
-        fn: Callable[[HeadOutput, dict], object] | None = None,
-        n_micro: int = 1,
-        extra: dict | None = None,
-        backward: bool = False,
-    ):
-        """GPipe over micro-batches of one data-parallel replica's batch.
-
-        `fn(head_output, micro_batch)` runs on the last stage per micro-batch; the
-        micro-batch dict holds input_ids, attention_mask and the rows of every tensor in
-        `extra`. Forward only: fn returns a tensor, and the concatenation over
-        micro-batches comes back on every stage. backward=True: fn returns the
-        micro-batch's mean loss; gradients of the batch-mean loss accumulate into .grad
-        (not yet averaged over dp, see `reduce_gradients`) and the loss comes back."""
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, **(extra or {})}
-        rows = input_ids.shape[0]
-        micro = [dict(zip(batch, parts)) for parts in zip(*(t.tensor_split(n_micro) for t in batch.values()))]
-        micro = [m for m in micro if m["input_ids"].shape[0]]
-        kept, results = [], []
-        with torch.set_grad_enabled(backward):
-            for mb in micro:
-                inp, out = self.pipeline_forward(
-                    mb["input_ids"], mb["position_ids"], mb["attention_mask"] if padded else None
-                )
-                if self.last:
-                    r = fn(HeadOutput(self, out), mb)
-                    if backward:
-                        r = r * (mb["input_ids"].shape[0] / rows)
-                    results.append(r)
-                kept.append((inp, out))
-        if not backward:
-            local = torch.cat(results) if self.last else None
-            return self._from_last_stage(local)
-        loss = torch.zeros((), device=self.device)
-        for i in reversed(range(len(kept))):
-            inp, out = kept[i]
-            if self.last:
-                results[i].backward()
-                loss += results[i].detach().float()
-            else:
-                grad = self.recv_next_grad(out)
-                out.backward(grad)
-            if not self.first:
-                dist.send(inp.grad.contiguous(), self._neighbour(-1))
-        return self._from_last_stage(loss)
-
-    def recv_next_grad(self, out):
-        """Receive d(loss)/d(out) from the next stage, for this stage's backward."""
-        grad = torch.empty_like(out)
-        dist.recv(grad, self._neighbour(+1))
-        return grad
-
-    def _from_last_stage(self, tensor):
-        """Broadcast a last-stage tensor to every stage of this replica's pipeline."""
-        g = self.groups
-        if g.layout.pp == 1:
-            return tensor
-        meta = [(tuple(tensor.shape), tensor.dtype) if self.last else None]
-        src = g.pp_ranks[-1]
-        dist.broadcast_object_list(meta, src=src, group=g.pp)
-        if not self.last:
-            tensor = torch.empty(meta[0][0], dtype=meta[0][1], device=self.device)
-        dist.broadcast(tensor.contiguous(), src=src, group=g.pp)
-        return tensor
+                       self.cfg.head_dim, self.device, dtype or self.dtype)
 
     # ------------------------------------------------------------ conveniences
 
@@ -596,23 +346,31 @@ class ShardedLlama(nn.Module):
         for p in mine:
             p.grad = total.clone()
 
-    def reduce_gradients(self) -> None:
+    def reduce_gradients(self, bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
         """Sum tied-embedding gradients, then average gradients over the data-parallel
-        group (one flat bucket)."""
+        group in fp32, bucket by bucket (one bucket of extra memory, never a copy of
+        all gradients; a gradient at least a bucket large is reduced in place)."""
         self._sum_tied_gradients()
         g = self.groups
         if g.layout.dp == 1:
             return
-        params = list(self.parameters())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([t.reshape(-1) for t in grads])
-        dist.all_reduce(flat, group=g.dp)
-        flat /= g.layout.dp
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
+        grads = []
+        for p in self.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        for bucket in _buckets(grads, bucket_bytes):
+            if len(bucket) == 1 and bucket[0].dtype == torch.float32 and bucket[0].is_contiguous():
+                dist.all_reduce(bucket[0], group=g.dp)
+                bucket[0].div_(g.layout.dp)
+                continue
+            flat = torch.cat([t.reshape(-1).float() for t in bucket])
+            dist.all_reduce(flat, group=g.dp)
+            flat /= g.layout.dp
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
 
     def grad_norm(self) -> float:
         """L2 norm of the whole model's gradient, the same on every rank of a replica:
@@ -642,17 +400,34 @@ class ShardedLlama(nn.Module):
         return norm
 
     def train_step(self, input_ids, attention_mask, loss_fn, optimizer, n_micro: int = 1, extra=None,
-                   max_grad_norm: float | None = None) -> float:
-        """zero grads, GPipe forward+backward of the batch-mean loss, dp average,
-        optional global-norm clipping, optimizer step; returns the loss (same value on
-        every rank of the replica)."""
+                   max_grad_norm: float | None = None, *, precision: str = "fp32", schedule: str = "1f1b",
+                   recompute: bool = False) -> float:
+        """zero grads, forward+backward of the batch-mean loss (`schedule`, `recompute`,
+        compute in `precision` over these weights), dp average, optional global-norm
+        clipping, optimizer step; returns the loss (same value on every rank of the
+        replica)."""
         optimizer.zero_grad(set_to_none=True)
-        loss = self.run_pipeline(input_ids, attention_mask, loss_fn, n_micro, extra, backward=True)
+        with self.compute(precision):
+            loss = self.run_pipeline(input_ids, attention_mask, loss_fn, n_micro, extra, backward=True,
+                                     schedule=schedule, recompute=recompute)
         self.reduce_gradients()
         if max_grad_norm is not None:
             self.clip_grad_norm_(max_grad_norm)
         optimizer.step()
         return float(loss)
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int):
+    """Consecutive runs of `tensors` of about `limit` bytes (in fp32)."""
+    bucket, size = [], 0
+    for t in tensors:
+        if bucket and size + 4 * t.numel() > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += 4 * t.numel()
+    if bucket:
+        yield bucket
 
 
 def next_token_logprobs(head: HeadOutput, ids):

@@ -345,12 +345,13 @@ def reallocate(
 
     Calling convention: every rank in `src.ranks` ∪ `dst.ranks` must call it with the
     same arguments (bar `shards`/`rank`); other ranks may call it (no-op) or not. No
-    group or collective is used, only isend/irecv between the ranks that exchange
-    data, posted in `messages` order: same code on gloo and NCCL. (NCCL's
-    batch_isend_irecv would need every rank of the group on first use, which ranks
-    outside the layouts cannot promise.) `dtype` / `device` default to those of the
-    local shards; `dtype` is required on ranks that held nothing before. A shard kept
-    whole is returned as the same tensor (no copy) unless `copy` is set.
+    group or collective is used, only point-to-point messages between the ranks that
+    exchange data, posted in `messages` order as one `batch_isend_irecv` (one NCCL
+    group call; the world is initialised eagerly with its device, so no collective
+    warm-up over ranks outside the layouts is needed): same code on gloo and NCCL.
+    `dtype` / `device` default to those of the local shards; `dtype` is required on
+    ranks that held nothing before, and is the wire's dtype (senders cast to it). A
+    shard kept whole is returned as the same tensor (no copy) unless `copy` is set.
     """
     import torch
     import torch.distributed as dist
@@ -371,31 +372,37 @@ def reallocate(
     shapes = plan.shapes_for(rank)
     out = {}
     for t in mine:  # shards kept whole need no new memory
-        if t.is_local and not copy and tuple(shards[t.name].shape) == shapes[t.name] == _index_shape(t.dst_index):
+        if (t.is_local and not copy and shards[t.name].dtype == dtype
+                and tuple(shards[t.name].shape) == shapes[t.name] == _index_shape(t.dst_index)):
             out[t.name] = shards[t.name]
     for name, shape in shapes.items():
         if name not in out:
             out[name] = torch.empty(shape, dtype=dtype, device=device)
-    pending = []  # (request, buffer kept alive until complete, transfers to unpack or None)
+    ops, pending = [], []  # P2P ops; (buffer kept alive until complete, transfers to unpack or None)
     for m in messages(mine, bucket_bytes, single_min_bytes):
         if m.src == rank:
             if m.send_in_place:
                 t = m.transfers[0]
-                buf = shards[t.name][t.src_slices()].contiguous()  # a view unless the caller's shard is strided
+                # a view unless the caller's shard is strided or of another dtype than the wire's
+                buf = shards[t.name][t.src_slices()].to(dtype).contiguous()
             else:
-                buf = torch.cat([shards[t.name][t.src_slices()].reshape(-1) for t in m.transfers])
-            pending.append((dist.isend(buf, m.dst), buf, None))
+                buf = torch.cat([shards[t.name][t.src_slices()].reshape(-1).to(dtype) for t in m.transfers])
+            ops.append(dist.P2POp(dist.isend, buf, m.dst))
+            pending.append((buf, None))
         elif m.recv_in_place:
             t = m.transfers[0]
             buf = out[t.name][t.dst_slices()]
-            pending.append((dist.irecv(buf, m.src), buf, None))
+            ops.append(dist.P2POp(dist.irecv, buf, m.src))
+            pending.append((buf, None))
         else:
             buf = torch.empty(m.numel, dtype=dtype, device=device)
-            pending.append((dist.irecv(buf, m.src), buf, m.transfers))
+            ops.append(dist.P2POp(dist.irecv, buf, m.src))
+            pending.append((buf, m.transfers))
+    requests = dist.batch_isend_irecv(ops) if ops else []
     for t in mine:  # local copies overlap with the messages in flight
         if t.is_local and out[t.name] is not shards[t.name]:
             out[t.name][t.dst_slices()] = shards[t.name][t.src_slices()]
-    for req, buf, to_unpack in pending:
+    for req, (buf, to_unpack) in zip(requests, pending):
         req.wait()
         offset = 0
         for t in to_unpack or ():

@@ -91,9 +91,11 @@ def redistribute_batch(
 
     Calling convention as `realloc.reallocate`: every rank in src ∪ dst calls it with
     the same `spec`, layouts and devices_per_node; one isend/irecv per (sender,
-    receiver, key) in a fixed order. Returns {} on ranks outside `dst`."""
+    receiver, key) in a fixed order, posted as one `batch_isend_irecv`. Returns {} on
+    ranks outside `dst`."""
     import torch
-    import torch.distributed as dist
+
+    from rlhfc_runtime.dist import exchange
 
     if rank not in src.ranks and rank not in dst.ranks:
         return {}
@@ -112,19 +114,16 @@ def redistribute_batch(
             k: torch.empty((need[1] - need[0], *shape), dtype=getattr(torch, dt), device=device)
             for k, shape, dt in spec.keys
         }
-    requests, sends = [], []
+    sends, recvs = [], []
     for t in sorted(plan, key=lambda t: (t.src, t.dst, t.lo)):
         for k, _, _ in spec.keys:
             if t.src == t.dst:
                 out[k][t.lo - need[0] : t.hi - need[0]] = local[k][t.lo - held[0] : t.hi - held[0]]
             elif t.src == rank:
-                buf = local[k][t.lo - held[0] : t.hi - held[0]].contiguous()
-                sends.append(buf)
-                requests.append(dist.isend(buf, t.dst))
+                sends.append((local[k][t.lo - held[0] : t.hi - held[0]].to(device).contiguous(), t.dst))
             else:
-                requests.append(dist.irecv(out[k][t.lo - need[0] : t.hi - need[0]], t.src))
-    for req in requests:
-        req.wait()
+                recvs.append((out[k][t.lo - need[0] : t.hi - need[0]], t.src))
+    exchange(sends, recvs)
     return out
 
 

@@ -234,8 +234,10 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
 
 def call_settings(call: ir.Call, plan: Plan) -> tuple[tuple[str, float | int | str], ...]:
     """What the op carries: the checker's resolved settings plus the plan's decisions
-    for this call (micro-batches), so the runtime runs what the cost model priced."""
-    return (*call.settings, ("n_mbs", plan.placement(call.name).strategy.n_mbs))
+    for this call (micro-batches, activation recompute), so the runtime runs what the
+    cost model priced."""
+    strategy = plan.placement(call.name).strategy
+    return (*call.settings, ("n_mbs", strategy.n_mbs), ("recompute", bool(getattr(strategy, "recompute", False))))
 
 
 def _nearest(holders: set[str], dst: str) -> str:

@@ -335,4 +335,4 @@ def rule_scores(name: str, seq: Mapping[str, torch.Tensor], max_new_tokens: int,
         if answer and answer[-1] == eos_id:
             answer = answer[:-1]
         scores.append(rule(prompt, answer, max_new_tokens))
-    return torch.tensor(scores, dtype=torch.float32)
+    return torch.tensor(scores, dtype=torch.float32, device=seq["input_ids"].device)

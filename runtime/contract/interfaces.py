@@ -58,6 +58,12 @@ GENERATE_SETTINGS: tuple[Setting, ...] = (
     _s("top_p", float, 1.0, "nucleus sampling: keep the smallest set of tokens with this mass", 1e-6, 1.0),
     _s("top_k", int, 0, "keep the k most likely tokens (0: all)", 0),
 )
+# Settings of every call on a neural model (not rule rewards). `precision`'s default is
+# the checker's: "fp32" on a `cpu` cluster, else this one.
+MODEL_SETTINGS: tuple[Setting, ...] = (
+    _s("precision", str, "bf16", "compute precision: bf16 compute with fp32 master weights for training and "
+       "bf16 weights for inference / generation copies, or fp32 throughout", choices=("bf16", "fp32")),
+)
 _KL = _s("kl_coef", float, 0.05, "weight of the KL to the reference (reward penalty, or loss term)", 0.0)
 _CLIP = _s("clip", float, 0.2, "policy ratio clip epsilon", 0.0)
 _PPO_ADV = (
@@ -84,7 +90,7 @@ class Interface:
     settings: tuple[Setting, ...] = ()
 
     def all_settings(self) -> tuple[Setting, ...]:
-        return (GENERATE_SETTINGS if self.kind is CallKind.GENERATE else ()) + self.settings
+        return MODEL_SETTINGS + (GENERATE_SETTINGS if self.kind is CallKind.GENERATE else ()) + self.settings
 
     def defaults(self) -> dict[str, int | float | str]:
         """Every setting at its default (what a program that sets none gets)."""

@@ -44,7 +44,8 @@ def check_program(path: str | Path, cluster_override: ir.Cluster | None = None
     config, calls, edges, pins = None, (), (), ()
     if runs:
         config = run_config(runs[0], rep, val)
-        calls, edges, names = instantiate(unit, runs[0], models, datasets, config, rep)
+        calls, edges, names = instantiate(unit, runs[0], models, datasets, config, rep,
+                                          cluster.device if cluster is not None else None)
 
         pins = check_pins(unit, calls, names, models, cluster, rep, val)
     elif unit.statements(ast.PlaceStmt):

@@ -53,7 +53,7 @@ def run_config(run: ast.RunStmt, rep: Reporter, val: Values) -> ir.RunConfig:
 
 
 def instantiate(unit: Unit, run: ast.RunStmt, models: dict[str, ir.Model], datasets: dict[str, ir.Dataset],
-                 config: ir.RunConfig, rep: Reporter
+                 config: ir.RunConfig, rep: Reporter, device: str | None = None
                  ) -> tuple[tuple[ir.Call, ...], tuple[ir.Edge, ...], set[str]]:
     """The run's dataflow bound to this program's models and datasets: (calls, edges, all call names).
 
@@ -102,7 +102,7 @@ def instantiate(unit: Unit, run: ast.RunStmt, models: dict[str, ir.Model], datas
             calls.append(built)
     if not ok or rep.has_errors:
         return tuple(calls), (), names
-    calls = _sized(tuple(calls), datasets, binding, config)
+    calls = _sized(tuple(calls), datasets, binding, config, device)
     check_run_keys(run, calls, rep)
     too_long = set()  # one error per model: its first call that does not fit
     for call in calls:
@@ -166,7 +166,7 @@ def _topological(calls: tuple[ir.Call, ...]) -> list[ir.Call]:
 
 
 def _sized(calls: tuple[ir.Call, ...], datasets: dict[str, ir.Dataset], binding: dict[str, str],
-           config: ir.RunConfig) -> tuple[ir.Call, ...]:
+           config: ir.RunConfig, device: str | None = None) -> tuple[ir.Call, ...]:
     """Batch, prompt and generation lengths of every call, propagated along data keys.
 
     A dataset key carries `batch` rows (2 × batch sequences for chosen/rejected pairs);
@@ -191,7 +191,7 @@ def _sized(calls: tuple[ir.Call, ...], datasets: dict[str, ir.Dataset], binding:
         for out in call.outputs:
             keys[out] = KeyInfo(rows, prompt_len, gen_len, group)
         call = replace(call, batch=rows, prompt_len=prompt_len, gen_len=gen_len)
-        sized[call.name] = replace(call, settings=resolve(call, config, group))
+        sized[call.name] = replace(call, settings=resolve(call, config, group, device))
     return tuple(sized[c.name] for c in calls)
 
 

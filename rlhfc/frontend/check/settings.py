@@ -23,13 +23,22 @@ def call_settings(call: ir.Call) -> tuple[Setting, ...]:
     return ()  # rule rewards read only what `resolve` adds
 
 
-def resolve(call: ir.Call, config: ir.RunConfig, rollout_group: int) -> tuple[tuple[str, int | float | str], ...]:
+def default_precision(device: str | None) -> str:
+    """fp32 on CPU clusters (no fast bf16 there), bf16 on accelerators."""
+    return "fp32" if device in (None, "cpu") else "bf16"
+
+
+def resolve(call: ir.Call, config: ir.RunConfig, rollout_group: int,
+            device: str | None = None) -> tuple[tuple[str, int | float | str], ...]:
     """The resolved settings of a sized call. `rows` is the global row count it produces
-    (generate) or processes; `rollout_group` the samples per prompt of its inputs."""
+    (generate) or processes; `rollout_group` the samples per prompt of its inputs;
+    `device` the cluster's device name (the default precision depends on it)."""
     out: dict[str, int | float | str] = {"rows": call.batch}
     for setting in call_settings(call):
         if setting.name == "group_size":
             value = generation_group(call, config) if call.kind is ir.CallKind.GENERATE else rollout_group
+        elif setting.name == "precision":
+            value = call.option("precision", config.param("precision", default_precision(device)))
         else:
             value = call.option(setting.name, config.param(setting.name, setting.default))
         out[setting.name] = setting.type(value)

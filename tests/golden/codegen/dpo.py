@@ -54,7 +54,7 @@ PROGRAM = {'source': '../programs/dpo.rlhf',
                         'fields': {'prompt': 'prompt', 'chosen': 'chosen', 'rejected': 'rejected'},
                         'tokenizer': '../data/tiny/tokenizer.json',
                         'max_len': 32}},
- 'run': {'dataflow': 'dpo', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10},
+ 'run': {'dataflow': 'dpo', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10, 'keep': 2},
  'estimates': {'refl': 0.002281, 'a_tr': 0.003064},
  'estimated_peak_bytes': {'refl': 2266752, 'a_tr': 3970688}}
 
@@ -69,8 +69,8 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('pairs', dataset='pairs')
-    e.call('refl', model='ref', kind='inference', using='pair_logprobs', layout='L0', inputs=('pairs',), outputs=('ref_logp',), settings={'rows': 32, 'n_mbs': 1})
-    e.call('a_tr', model='actor', kind='train', using='dpo', layout='L0', inputs=('pairs', 'ref_logp'), outputs=(), settings={'rows': 32, 'beta': 0.1, 'n_mbs': 1})
+    e.call('refl', model='ref', kind='inference', using='pair_logprobs', layout='L0', inputs=('pairs',), outputs=('ref_logp',), settings={'rows': 32, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
+    e.call('a_tr', model='actor', kind='train', using='dpo', layout='L0', inputs=('pairs', 'ref_logp'), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'beta': 0.1, 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":

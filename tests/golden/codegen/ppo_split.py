@@ -83,7 +83,7 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                           'fields': {'field': 'prompt'},
                           'tokenizer': '../data/tiny/tokenizer.json',
                           'max_len': 16}},
- 'run': {'dataflow': 'ppo', 'batch': 64, 'steps': 150, 'seed': 1, 'save_every': 10},
+ 'run': {'dataflow': 'ppo', 'batch': 64, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
  'estimates': {'gen': 1.0, 'score': 1.0, 'refl': 1.0, 'vals': 1.0, 'a_tr': 1.0, 'c_tr': 1.0},
  'estimated_peak_bytes': {'gen': 1048576,
                           'refl': 1048576,
@@ -105,21 +105,21 @@ def iteration(e: Engine) -> None:
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
     e.realloc('actor', src='L0', dst='L2')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L2', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 12, 'n_mbs': 1})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L2', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
     e.drop('actor', layout='L2')
-    e.call('score', model='reward', kind='inference', using='rule', layout='L2', inputs=('seq',), outputs=('score',), settings={'rows': 64, 'max_new_tokens': 12, 'n_mbs': 1})
+    e.call('score', model='reward', kind='inference', using='rule', layout='L2', inputs=('seq',), outputs=('score',), settings={'rows': 64, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
     e.move('seq', src='L2', dst='L1')
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L1', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'n_mbs': 1})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L1', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
     e.realloc('critic', src='L0', dst='L1')
-    e.call('vals', model='critic', kind='inference', using='values', layout='L1', inputs=('seq',), outputs=('values',), settings={'rows': 64, 'n_mbs': 1})
+    e.call('vals', model='critic', kind='inference', using='values', layout='L1', inputs=('seq',), outputs=('values',), settings={'rows': 64, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
     e.drop('critic', layout='L1')
     e.move('seq', src='L1', dst='L0')
     e.move('logp', src='L2', dst='L0')
     e.move('ref_logp', src='L1', dst='L0')
     e.move('score', src='L2', dst='L0')
     e.move('values', src='L1', dst='L0')
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'kl_coef': 0.01, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'adv_norm': 1, 'n_mbs': 1})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'kl_coef': 0.01, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'n_mbs': 1})
+    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'adv_norm': 1, 'n_mbs': 1, 'recompute': False})
+    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":

@@ -37,7 +37,12 @@ PROGRAM = {'source': '../programs/reward_model.rlhf',
                         'fields': {'prompt': 'prompt', 'chosen': 'chosen', 'rejected': 'rejected'},
                         'tokenizer': '../data/tiny/tokenizer.json',
                         'max_len': 32}},
- 'run': {'dataflow': 'reward_model', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10},
+ 'run': {'dataflow': 'reward_model',
+         'batch': 16,
+         'steps': 40,
+         'seed': 1,
+         'save_every': 10,
+         'keep': 2},
  'estimates': {'rm_tr': 0.003012},
  'estimated_peak_bytes': {'rm_tr': 3483648}}
 
@@ -52,7 +57,7 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('pairs', dataset='pairs')
-    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=(), settings={'rows': 32, 'n_mbs': 1})
+    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ PROGRAM = {'source': '../programs/rloo.rlhf',
                           'fields': {'field': 'prompt'},
                           'tokenizer': '../data/tiny/tokenizer.json',
                           'max_len': 16}},
- 'run': {'dataflow': 'rloo', 'batch': 16, 'steps': 150, 'seed': 1, 'save_every': 10},
+ 'run': {'dataflow': 'rloo', 'batch': 16, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
  'estimates': {'gen': 0.002937, 'score': 0.0, 'refl': 0.002492, 'a_tr': 0.003696},
  'estimated_peak_bytes': {'gen': 1882368, 'refl': 2856576, 'a_tr': 5838464}}
 
@@ -80,10 +80,10 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'group_size': 4, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 12, 'n_mbs': 1})
-    e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 64, 'max_new_tokens': 12, 'n_mbs': 1})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'n_mbs': 1})
-    e.call('a_tr', model='actor', kind='train', using='rloo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score'), outputs=(), settings={'rows': 64, 'kl_coef': 0.01, 'clip': 0.2, 'group_size': 4, 'n_mbs': 1})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'group_size': 4, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
+    e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 64, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
+    e.call('a_tr', model='actor', kind='train', using='rloo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'clip': 0.2, 'group_size': 4, 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":

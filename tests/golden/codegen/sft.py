@@ -37,7 +37,7 @@ PROGRAM = {'source': '../programs/sft.rlhf',
                         'fields': {'prompt': 'prompt', 'response': 'response'},
                         'tokenizer': '../data/tiny/tokenizer.json',
                         'max_len': 32}},
- 'run': {'dataflow': 'sft', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10},
+ 'run': {'dataflow': 'sft', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10, 'keep': 2},
  'estimates': {'a_tr': 0.002643},
  'estimated_peak_bytes': {'a_tr': 2561024}}
 
@@ -52,7 +52,7 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('demos', dataset='demos')
-    e.call('a_tr', model='actor', kind='train', using='sft', layout='L0', inputs=('demos',), outputs=(), settings={'rows': 16, 'n_mbs': 1})
+    e.call('a_tr', model='actor', kind='train', using='sft', layout='L0', inputs=('demos',), outputs=(), settings={'rows': 16, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":
