@@ -116,10 +116,12 @@ def summarize(records: list[dict], window: int = 10) -> str:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl file (empty if it does not exist yet)."""
+    """The complete records of a metrics.jsonl file (empty if it does not exist yet); a
+    last line still being written (no newline yet) is not one."""
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    text = path.read_text()
+    return [json.loads(ln) for ln in text[:text.rfind("\n") + 1].splitlines() if ln.strip()]
 
 
 def _pick(record: dict, name: str) -> float | None:
