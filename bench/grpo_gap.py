@@ -22,16 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learning_bench import first_last  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TRL = 'max_grad_norm = 1.0  lr_schedule = "linear"'
+STM = 'loss_agg = "seq-mean-token-mean"'
 VARIANTS = {
-    "rlhfc (grpo.rlhf)": "",
-    "kl_coef = 0 (TRL beta default)": "kl_coef = 0.0",
-    "max_grad_norm 1, linear lr decay (HF Trainer defaults)": TRL,
-    "seq-mean-token-mean (TRL loss_type grpo)": 'loss_agg = "seq-mean-token-mean"',
-    "4 mini-batches per rollout (steps_per_generation 4)": "mini_batches = 4",
-    "TRL defaults together (beta 0.04)": f"{TRL}  mini_batches = 4",
-    "Dr.GRPO + clip-higher + entropy": 'loss_agg = "seq-mean-token-sum-norm"  scale_rewards = "none"  '
-                                       'clip_high = 0.28  entropy_coef = 0.001',
+    "rlhfc (grpo.rlhf: token-mean, beta 0.04)": "",
+    "kl_coef = 0 (TRL's beta default in recent releases)": "kl_coef = 0.0",
+    "max_grad_norm 1, linear lr decay (HF Trainer defaults)": 'max_grad_norm = 1.0  lr_schedule = "linear"',
+    "seq-mean-token-mean (TRL loss_type grpo)": STM,
+    "4 mini-batches per rollout (TRL steps_per_generation 4)": "mini_batches = 4",
+    "seq-mean-token-mean, 4 mini-batches": f"{STM}  mini_batches = 4",
+    "seq-mean-token-mean, kl_coef = 0": f"{STM}  kl_coef = 0.0",
+    "issue 15's GRPO options": f'{STM}  scale_rewards = "none"  clip_high = 0.28  entropy_coef = 0.001',
+    "Dr.GRPO (token sums / max_new_tokens, no std)": 'loss_agg = "seq-mean-token-sum-norm"  scale_rewards = "none"',
 }
 
 

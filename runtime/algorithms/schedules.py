@@ -4,8 +4,9 @@ the learning-rate schedule.
 The learning rate is a pure function of the optimizer-step index (the engine's step
 times the steps per call, plus the mini-batch), so it needs no state: a resumed run,
 or one under another plan, gets the same rates. The adaptive KL coefficient depends
-on the KLs observed so far; `TrainState` holds it per train call as plain numbers
-(`state_dict()` / `load_state_dict()`), for the engine's checkpoints.
+on the KLs observed so far: an `AdaptiveKL` per trained model holds it as plain numbers
+(`state_dict()` / `load_state_dict()`), saved with the model in checkpoints
+(`calls.model_state`).
 """
 
 from __future__ import annotations
@@ -48,26 +49,3 @@ class AdaptiveKL:
 
     def load_state_dict(self, state: dict) -> None:
         self.coef, self.target, self.horizon = (float(state[k]) for k in ("coef", "target", "horizon"))
-
-
-class TrainState:
-    """Per-train-call state across steps (call name -> AdaptiveKL), saved and restored as
-    plain numbers. One instance per worker; every rank updates it from the same whole
-    batch, so all ranks hold the same values."""
-
-    def __init__(self) -> None:
-        self.kl: dict[str, AdaptiveKL] = {}
-
-    def kl_controller(self, call: str, hyper) -> AdaptiveKL:
-        if call not in self.kl:
-            self.kl[call] = AdaptiveKL(hyper["kl_coef"], hyper["kl_target"], hyper["kl_horizon"])
-        return self.kl[call]
-
-    def state_dict(self) -> dict:
-        return {"kl": {name: c.state_dict() for name, c in sorted(self.kl.items())}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.kl = {}
-        for name, saved in state.get("kl", {}).items():
-            self.kl[name] = AdaptiveKL(0.0, 0.0, 1.0)
-            self.kl[name].load_state_dict(saved)
