@@ -17,7 +17,7 @@ from pathlib import Path
 from rlhfc.cli.run import read_metrics, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRAMS = ("ppo", "grpo", "rloo", "remax", "dpo", "sft", "reward_model", "ppo_pinned")
+PROGRAMS = ("ppo", "ppo_epochs", "grpo", "grpo_seqmean", "rloo", "remax", "dpo", "sft", "reward_model", "ppo_pinned")
 METRICS = {"dpo": "a_tr/dpo_loss", "sft": "a_tr/sft_loss", "reward_model": "rm_tr/reward_accuracy"}
 
 

@@ -69,15 +69,24 @@ def sample(model, prompts: dict, max_new_tokens: int, generator: torch.Generator
 
 
 def train_step(model, optimizer, name: str, args: list, hyper: dict) -> dict:
-    """One registry train call: bind, prepare on the whole batch, loss, one Adam step."""
+    """One registry train call: bind, prepare and weigh the whole batch (one mini-batch),
+    loss, one Adam step."""
     interface = REGISTRY[name]
-    hyper = {**INTERFACES[name].defaults(), **{k: v for k, v in hyper.items() if k in INTERFACES[name].defaults()}}
-    batch = interface.prepare(bind(name, args), hyper)
+    defaults = INTERFACES[name].defaults()
+    hyper = {**defaults, "max_new_tokens": args[0]["input_ids"].shape[1],
+             **{k: v for k, v in hyper.items() if k in defaults}}
+    hyper.update(clip_low=hyper.get("clip", 0.2), clip_high=hyper.get("clip", 0.2))
+    batch = interface.weigh(interface.prepare(bind(name, args), hyper), hyper)
     inputs = interface.model_inputs(batch)
-    forward = forward_logp if interface.head.value == "lm" else forward_values
-    key = "logp" if interface.head.value == "lm" else "values"
-    loss, metrics = interface.loss({key: forward(model, inputs["input_ids"], inputs["attention_mask"])},
-                                   batch, hyper)
+    if interface.head.value == "lm":
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       position_ids=_positions(inputs["attention_mask"])).logits
+        probs = torch.log_softmax(logits[:, :-1].float(), -1)
+        entropy = torch.nn.functional.pad(-(probs.exp() * probs).sum(-1), (1, 0))
+        outputs = {"logp": token_logprobs(logits, inputs["input_ids"]), "entropy": entropy}
+    else:
+        outputs = {"values": forward_values(model, inputs["input_ids"], inputs["attention_mask"])}
+    loss, metrics = interface.loss(outputs, batch, hyper)
     optimizer.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -46,6 +46,7 @@ CODES: dict[str, str] = {
     "E025": "unknown model preset",
     "E026": "sequence longer than the model's max_positions",
     "E027": "no plan fits the cluster",
+    "E028": "two train calls on one model",
     "W001": "dataset file not found at check time",
     "W002": "model or dataset declared but not used by the `run`",
 }

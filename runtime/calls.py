@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rule_scores
+from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rollout_kl, rule_scores
+from rlhfc_runtime.algorithms.schedules import AdaptiveKL, lr_factor
 from rlhfc_runtime.checkpoint import init_random, load_checkpoint, tiny_config
 from rlhfc_runtime.data.loaders import JsonlLoader
 from rlhfc_runtime.data.tokenizer import load_tokenizer
@@ -32,6 +33,9 @@ class RuntimeModel:
 
     module: ShardedLlama
     optimizer: torch.optim.Optimizer | None
+    # State a train call carries across steps (the adaptive KL coefficient): plain
+    # numbers, saved with the model by `model_state`.
+    adaptive_kl: AdaptiveKL | None = None
 
 
 def hf_config(spec: dict) -> dict:
@@ -118,11 +122,15 @@ def _unwrap(key: str, value: dict):
     return value[key] if set(value) == {key} else value
 
 
-def head_outputs(module: ShardedLlama, h, mb) -> dict:
+def head_outputs(module: ShardedLlama, h, mb, entropy: bool = False) -> dict:
     """What an interface reads from the model, aligned as `algorithms.ops` says:
-    {"logp"} with a zero column 0 for LM heads, {"values"} per token for value heads."""
+    {"logp"} with a zero column 0 for LM heads (and {"entropy"} of the distribution
+    each token was drawn from, where asked), {"values"} per token for value heads."""
     if module.head == "lm":
-        return {"logp": F.pad(next_token_logprobs(h, mb["input_ids"]), (1, 0))}
+        out = {"logp": F.pad(next_token_logprobs(h, mb["input_ids"]), (1, 0))}
+        if entropy:
+            out["entropy"] = F.pad(h.entropy()[:, :-1], (1, 0))
+        return out
     return {"values": h.values()}
 
 
@@ -196,36 +204,75 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
 
 
 def _train(iface, model: RuntimeModel, flat: dict, settings: dict, groups, n_mbs: int) -> dict:
-    """One optimizer step on this dp rank's rows. `prepare` sees the whole batch (group
-    baselines and batch-level weights need it), gathered over the dp group; the loss is
-    a contribution, so the dp-averaged gradient is rescaled to the sum."""
+    """`ppo_epochs` passes over the batch, each shuffled (seeded by seed, step and epoch:
+    the same on every rank) into `mini_batches` optimizer steps. `prepare` sees the whole
+    batch once (group baselines and batch-level whitening need it), gathered over the dp
+    group; the rollout's log-probs stay the old policy. Metrics are averaged over the
+    optimizer steps (`train_steps` says how many)."""
     whole = _gather_rows(flat, groups)
-    prepared = iface.prepare(whole, settings)
-    lo, hi = rows_of(batch_rows(whole), groups.layout, groups.rank)
-    mine = take_rows(prepared, lo, hi)
+    hyper = dict(settings)
+    if "kl_target" in hyper:  # the adaptive (or fixed) KL coefficient of this step
+        if model.adaptive_kl is None:
+            model.adaptive_kl = AdaptiveKL(hyper["kl_coef"], hyper["kl_target"], hyper["kl_horizon"])
+        hyper["kl_coef"] = model.adaptive_kl.coef
+    prepared = iface.prepare(whole, hyper)
+    extra_metrics = {}
+    if "kl_target" in hyper:
+        extra_metrics["kl_coef"] = hyper["kl_coef"]
+        model.adaptive_kl.update(rollout_kl(whole), batch_rows(whole))
+    epochs, n_mini = int(hyper["ppo_epochs"]), int(hyper["mini_batches"])
+    n = batch_rows(prepared)
+    if n_mini > n:
+        raise ValueError(f"mini_batches = {n_mini} exceeds the call's {n} rows")
+    per_call = epochs * n_mini
+    totals: dict[str, float] = {}
+    for epoch in range(epochs):
+        order = _shuffled(n, hyper, epoch) if per_call > 1 else torch.arange(n)
+        for k, part in enumerate(order.tensor_split(n_mini)):
+            update = (int(hyper["step"]) * per_call) + epoch * n_mini + k
+            mini = iface.weigh({key: v[part.to(v.device)] for key, v in prepared.items()}, hyper)
+            factor = lr_factor(str(hyper["lr_schedule"]), update, int(hyper["steps"]) * per_call,
+                               int(hyper["warmup_steps"]))
+            for key, value in _step(iface, model, mini, hyper, groups, n_mbs, factor).items():
+                totals[key] = totals.get(key, 0.0) + value / per_call
+    return {**totals, **extra_metrics, "train_steps": float(per_call)}
+
+
+def _shuffled(n: int, hyper: dict, epoch: int) -> torch.Tensor:
+    """A permutation of the call's rows that depends on (seed, step, epoch) only."""
+    gen = torch.Generator().manual_seed((int(hyper["seed"]) * 1_000_003 + int(hyper["step"])) * 64 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def _step(iface, model: RuntimeModel, mini: dict, hyper: dict, groups, n_mbs: int, lr_scale: float) -> dict:
+    """One optimizer step on this dp rank's rows of a weighed mini-batch, through the
+    model's one train step (forward, backward, dp all-reduce, global-norm clipping,
+    update). The loss is a contribution, so the dp-averaged gradient is rescaled to the
+    sum; returns the step's metrics (contributions times dp: the engine averages ranks)."""
+    lo, hi = rows_of(batch_rows(mini), groups.layout, groups.rank)
+    mine = take_rows(mini, lo, hi)
     inputs = iface.model_inputs(mine)
     rows = inputs["input_ids"].shape[0]
     dp = groups.layout.dp
-    metrics: dict[str, list] = {}
+    metrics: dict[str, float] = {}
 
-    def loss_fn(model_outputs, mb):
-        loss, m = iface.loss(model_outputs, mb, settings)
+    def loss_fn(h, mb):
+        loss, m = iface.loss(_fp32(head_outputs(model.module, h, mb, iface.entropy)), mb, hyper)
         for k, v in m.items():
-            metrics.setdefault(k, []).append(float(v))
+            metrics[k] = metrics.get(k, 0.0) + float(v)
         # run_pipeline weights a micro-batch's mean by its row share; undo that, and
         # undo reduce_gradients' dp average: contributions must be summed.
         return loss * (rows / mb["input_ids"].shape[0]) * dp
 
+    for group in model.optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * lr_scale
     extra = {k: v for k, v in mine.items() if k not in ("input_ids", "attention_mask")}
-    model.optimizer.zero_grad(set_to_none=True)
-    with model.module.compute(str(settings["precision"])):  # bf16 compute on the fp32 master weights
-        loss = model.module.run_pipeline(inputs["input_ids"], inputs["attention_mask"],
-                                         lambda h, mb: loss_fn(_fp32(head_outputs(model.module, h, mb)), mb), n_mbs,
-                                         extra, backward=True, schedule="1f1b", recompute=bool(settings["recompute"]))
-    model.module.reduce_gradients()
-    model.optimizer.step()
-    # Contributions summed over micro-batches, times dp: the engine averages over ranks.
-    return {**{k: sum(v) * dp for k, v in metrics.items()}, "loss": float(loss)}
+    clip = float(hyper["max_grad_norm"]) or None
+    loss = model.module.train_step(inputs["input_ids"], inputs["attention_mask"], loss_fn, model.optimizer, n_mbs, extra, max_grad_norm=clip,
+                                   precision=str(hyper["precision"]), schedule="1f1b",
+                                   recompute=bool(hyper["recompute"]))
+    return {**{k: v * dp for k, v in metrics.items()}, "loss": float(loss), "lr": model.optimizer.param_groups[0]["lr"]}
 
 
 def _fp32(outputs: dict) -> dict:

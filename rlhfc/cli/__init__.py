@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from rlhfc.cli.calibrate import calibrate_command
+from rlhfc.cli.interfaces import interfaces_command
 from rlhfc.cli.language import check, fmt, graph
 from rlhfc.cli.plan import plan_command
 from rlhfc.cli.profile import profile_command
@@ -25,5 +26,6 @@ app = typer.Typer(
 
 for name, command in (("check", check), ("graph", graph), ("fmt", fmt), ("compile", compile_command),
                       ("run", run_command), ("plan", plan_command), ("calibrate", calibrate_command),
-                      ("profile", profile_command)):
+                      ("profile", profile_command),
+                      ("interfaces", interfaces_command)):
     app.command(name)(command)

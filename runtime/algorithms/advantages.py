@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from rlhfc_runtime.algorithms.ops import kl_k1, last_index
+from rlhfc_runtime.algorithms.ops import kl_estimate, last_index
 
 
 def kl_penalised_rewards(
     score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
-    response_mask: torch.Tensor, kl_coef: float,
+    response_mask: torch.Tensor, kl_coef: float, estimator: str = "k1",
 ) -> torch.Tensor:
-    """Per-token rewards: -kl_coef * (logp - ref_logp) on every response token, plus
-    the sequence score on the last one. Keeps the policy near the reference."""
-    rewards = -kl_coef * kl_k1(logp, ref_logp) * response_mask
+    """Per-token rewards: -kl_coef * KL estimate (k1 log(pi/ref) by default) on every
+    response token, plus the sequence score on the last one. Keeps the policy near the
+    reference."""
+    rewards = -kl_coef * kl_estimate(estimator, logp, ref_logp) * response_mask
     last = last_index(response_mask).unsqueeze(-1)
     return rewards.scatter_add(-1, last, score.to(rewards.dtype).unsqueeze(-1))
 
@@ -49,11 +50,19 @@ def _groups(score: torch.Tensor, group_size: int) -> torch.Tensor:
     return score.reshape(-1, group_size)
 
 
-def group_normalised(score: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO advantage of each sample: (score - group mean) / (group std + eps)."""
+def group_normalised(score: torch.Tensor, group_size: int, eps: float = 1e-6, scale: str = "group") -> torch.Tensor:
+    """GRPO advantage of each sample: (score - group mean) / (std + eps), the std of its
+    group (`scale = "group"`, Shao et al. 2024), of the whole batch ("batch", TRL's
+    scale_rewards="batch"), or no division ("none", Dr.GRPO, Liu et al. 2025)."""
     groups = _groups(score, group_size)
-    mean, std = groups.mean(-1, keepdim=True), groups.std(-1, keepdim=True)
-    return ((groups - mean) / (std + eps)).reshape(-1)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale == "group":
+        centred = centred / (groups.std(-1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (score.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown scale_rewards {scale!r}")
+    return centred.reshape(-1)
 
 
 def leave_one_out(score: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -56,12 +56,50 @@ def sequence_score(score: torch.Tensor) -> torch.Tensor:
     return score if score.dim() == 1 else score[:, -1]
 
 
+LOG_RATIO_CLAMP = 20.0  # |log(pi/ref)| beyond this is clamped before exp (verl, OpenRLHF)
+K3_CLAMP = 10.0  # k3 clamped to [-10, 10] (verl's low_var_kl)
+
+
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL estimate log(pi/ref): the PPO reward penalty."""
+    """Per-token KL estimate log(pi/ref) (Schulman's k1): unbiased, high variance."""
     return logp - ref_logp
 
 
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate (log(pi/ref))^2 / 2 (k2): biased, low variance, non-negative."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token unbiased, non-negative KL estimate ref/pi - log(ref/pi) - 1 (GRPO)."""
-    log_ratio = ref_logp - logp
-    return torch.exp(log_ratio) - log_ratio - 1
+    """Per-token unbiased, non-negative KL estimate ref/pi - log(ref/pi) - 1 (k3, GRPO);
+    the log-ratio is clamped to +-20 and the result to [-10, 10], so it never overflows."""
+    log_ratio = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(-K3_CLAMP, K3_CLAMP)
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_estimate(name: str, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """The per-token KL estimate `name` (k1, k2, k3) of pi against ref."""
+    return KL_ESTIMATORS[name](logp, ref_logp)
+
+
+def aggregation_weights(mode: str, response_mask: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Per-token weights whose weighted sum of a per-token loss is its aggregate over the
+    batch (verl's `loss_agg_mode`); any row split's weighted sums add up to it:
+    token-mean: sum / all tokens; seq-mean-token-mean: mean over rows of each row's
+    token mean; seq-mean-token-sum: mean over rows of each row's token sum;
+    seq-mean-token-sum-norm: token sums / `horizon` (max_new_tokens), mean over rows
+    (Dr.GRPO, Liu et al. 2025: a constant normaliser, no length bias)."""
+    mask = response_mask.float()
+    rows = max(mask.shape[0], 1)
+    if mode == "token-mean":
+        return mask / mask.sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * rows)
+    if mode == "seq-mean-token-sum":
+        return mask / rows
+    if mode == "seq-mean-token-sum-norm":
+        return mask / (rows * max(int(horizon), 1))
+    raise ValueError(f"unknown loss_agg {mode!r}")

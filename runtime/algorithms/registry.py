@@ -5,10 +5,13 @@ call's outputs or loss.
 The worker's protocol for a call `model.KIND(args…) using NAME`:
 1. `batch = bind(NAME, args)`: positional inputs to one flat dict (see `batch`).
 2. train only, once on the whole batch: `batch = iface.prepare(batch, hyper)`
-   (advantages, returns, loss weights; group baselines need whole groups).
+   (advantages, returns; group baselines need whole groups); then per mini-batch (of
+   `mini_batches` per epoch, `ppo_epochs` epochs) `iface.weigh(mini_batch, hyper)` (the
+   loss normalisation over the whole mini-batch).
 3. per shard / micro-batch: run the model on `iface.model_inputs(batch)` and collect
    `outputs = {"logp": [N, T]}` for `head = lm` or `{"values": [N, T]}` for
-   `head = value` (alignment as in `ops`); then `iface.outputs(outputs, batch)` for
+   `head = value` (alignment as in `ops`), plus `{"entropy": [N, T]}` where the
+   interface's `entropy` flag asks for it; then `iface.outputs(outputs, batch)` for
    inference, or `iface.loss(outputs, batch, hyper) -> (loss, metrics)` for train.
 Losses and metrics are *contributions*: their sums over any row split of the batch
 (micro-batches, data-parallel ranks) equal the full-batch values, so gradients are
@@ -31,7 +34,7 @@ from rlhfc_runtime.algorithms.losses import (
     bradley_terry_loss, clipped_policy_loss, clipped_value_loss, dpo_loss,
 )
 from rlhfc_runtime.algorithms.ops import (
-    kl_k1, kl_k3, last_index, masked_sum, masked_whiten, sequence_score, state_values,
+    aggregation_weights, kl_estimate, kl_k1, last_index, masked_sum, masked_whiten, sequence_score, state_values,
 )
 from rlhfc_runtime.algorithms.rules import RULE_FUNCTIONS
 
@@ -102,21 +105,35 @@ class InferenceInterface(_ModelInterface):
 
 @dataclass(frozen=True)
 class TrainInterface(_ModelInterface):
-    """A loss: `prepare` once on the whole batch, then `loss` per shard."""
+    """A loss: `prepare` once on the whole batch, `weigh` once per mini-batch (the loss
+    normalisation over the whole mini-batch), then `loss` per shard of it."""
 
     prepare_fn: Callable[[Batch, Hyper], Batch]
+    weight_fn: Callable[[Batch, Hyper], Batch]
     loss_fn: Callable[[Batch, Batch, Hyper], tuple[torch.Tensor, Metrics]]
+    entropy: bool = False  # the loss reads the model's per-token entropy too
 
     kind = CallKind.TRAIN
 
     def prepare(self, batch: Batch, hyper: Hyper) -> Batch:
-        """The batch with the targets and weights the loss needs, computed on all rows."""
+        """The batch with the targets the loss needs (advantages, returns), on all rows."""
         return {**batch, **self.prepare_fn(batch, hyper)}
 
+    def weigh(self, batch: Batch, hyper: Hyper) -> Batch:
+        """A whole (mini-)batch with its loss weights, so shards' losses add up to its loss."""
+        return {**batch, **self.weight_fn(batch, hyper)}
+
     def loss(self, model_outputs: Batch, batch: Batch, hyper: Hyper) -> tuple[torch.Tensor, Metrics]:
-        """(loss contribution, metric contributions) of this shard of a prepared batch."""
+        """(loss contribution, metric contributions) of this shard of a weighed batch."""
         loss, metrics = self.loss_fn(model_outputs, batch, hyper)
         return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def rollout_kl(batch: Batch) -> float:
+    """The batch's mean per-sequence KL of the rollout policy to the reference (summed k1
+    over the response): what adaptive KL steers."""
+    mask = batch["response_mask"].float()
+    return float(masked_sum(kl_k1(batch["logp"], batch["ref_logp"]), mask, dim=-1).mean())
 
 
 # --- inference -------------------------------------------------------------------
@@ -159,7 +176,8 @@ def _ppo_advantages(batch: Batch, hyper: Hyper) -> tuple[torch.Tensor, torch.Ten
     mask = batch["response_mask"].float()
     kl_coef = float(hyper_value(hyper, "kl_coef")) if hyper_value(hyper, "kl_mode") == "reward" else 0.0
     score = sequence_score(batch["score"]).float()
-    rewards = kl_penalised_rewards(score, batch["logp"], batch["ref_logp"], mask, kl_coef)
+    rewards = kl_penalised_rewards(score, batch["logp"], batch["ref_logp"], mask, kl_coef,
+                                   str(hyper_value(hyper, "kl_estimator")))
     old_values = state_values(batch["values"].float()) * mask
     advantages, returns = gae(rewards, old_values, mask, float(hyper_value(hyper, "gamma")),
                               float(hyper_value(hyper, "lam")))
@@ -170,48 +188,62 @@ def _ppo_actor_prepare(batch: Batch, hyper: Hyper) -> Batch:
     advantages, _, _ = _ppo_advantages(batch, hyper)
     if int(hyper_value(hyper, "adv_norm")):
         advantages = masked_whiten(advantages, batch["response_mask"].float())
-    return {"advantages": advantages, "token_weight": _token_weight(batch["response_mask"])}
+    return {"advantages": advantages}
 
 
 def _grpo_prepare(batch: Batch, hyper: Hyper) -> Batch:
     score = sequence_score(batch["score"]).float()
-    advantages = group_normalised(score, int(hyper_value(hyper, "group_size")))
-    return {"advantages": _broadcast(advantages, batch["response_mask"]),
-            "token_weight": _token_weight(batch["response_mask"])}
+    advantages = group_normalised(score, int(hyper_value(hyper, "group_size")),
+                                  scale=str(hyper_value(hyper, "scale_rewards")))
+    return {"advantages": _broadcast(advantages, batch["response_mask"])}
 
 
 def _rloo_prepare(batch: Batch, hyper: Hyper) -> Batch:
     mask = batch["response_mask"].float()
-    kl = masked_sum(kl_k1(batch["logp"], batch["ref_logp"]), mask, dim=-1)
+    kl = masked_sum(kl_estimate(str(hyper_value(hyper, "kl_estimator")), batch["logp"], batch["ref_logp"]),
+                    mask, dim=-1)
     reward = sequence_score(batch["score"]).float() - float(hyper_value(hyper, "kl_coef")) * kl
     advantages = leave_one_out(reward, int(hyper_value(hyper, "group_size")))
-    return {"advantages": _broadcast(advantages, mask), "token_weight": _token_weight(mask)}
+    return {"advantages": _broadcast(advantages, mask)}
 
 
 def _remax_prepare(batch: Batch, hyper: Hyper) -> Batch:
     mask = batch["response_mask"].float()
     score = sequence_score(batch["score"]).float()
     rewards = kl_penalised_rewards(score, batch["logp"], batch["ref_logp"], mask,
-                                   float(hyper_value(hyper, "kl_coef")))
+                                   float(hyper_value(hyper, "kl_coef")), str(hyper_value(hyper, "kl_estimator")))
     baseline = sequence_score(batch["base_score"]).float()
     baseline = baseline.repeat_interleave(score.shape[0] // baseline.shape[0])  # one greedy row per prompt
     advantages = (returns_to_go(rewards, mask) - baseline.unsqueeze(-1)) * mask
-    return {"advantages": advantages, "token_weight": _token_weight(mask)}
+    return {"advantages": advantages}
+
+
+def _policy_weights(batch: Batch, hyper: Hyper) -> Batch:
+    return {"token_weight": aggregation_weights(str(hyper_value(hyper, "loss_agg")), batch["response_mask"],
+                                                int(hyper_value(hyper, "max_new_tokens")))}
+
+
+def _token_mean_weights(batch: Batch, hyper: Hyper) -> Batch:
+    return {"token_weight": _token_weight(batch["response_mask"])}
 
 
 def _policy_loss(kl_loss_coef: Callable[[Hyper], float]):
-    """A clipped policy-gradient loss on prepared advantages, plus a k3 KL-to-reference
-    term weighted by `kl_loss_coef(hyper)` (0 where the KL sits in the reward)."""
+    """A clipped policy-gradient loss on prepared advantages (clip-higher, dual-clip),
+    minus entropy_coef times the entropy, plus a KL-to-reference term (the chosen
+    estimator) weighted by `kl_loss_coef(hyper)` (0 where the KL sits in the reward)."""
 
     def loss_fn(model_outputs: Batch, batch: Batch, hyper: Hyper) -> tuple[torch.Tensor, Metrics]:
         logp, weight = model_outputs["logp"], batch["token_weight"]
-        per_token, clipped = clipped_policy_loss(logp, batch["logp"], batch["advantages"],
-                                                 float(hyper_value(hyper, "clip")))
+        per_token, clipped = clipped_policy_loss(
+            logp, batch["logp"], batch["advantages"], float(hyper_value(hyper, "clip_low")),
+            float(hyper_value(hyper, "clip_high")), float(hyper_value(hyper, "dual_clip")))
         policy_loss = (per_token * weight).sum()
-        kl = (kl_k3(logp, batch["ref_logp"]) * weight).sum()
+        kl = (kl_estimate(str(hyper_value(hyper, "kl_estimator")), logp, batch["ref_logp"]) * weight).sum()
+        entropy = (model_outputs["entropy"] * weight).sum()
         metrics = {"policy_loss": policy_loss, "clip_frac": (clipped * weight).sum(),
-                   "approx_kl": ((batch["logp"] - logp) * weight).sum(), "ref_kl": kl}
-        return policy_loss + kl_loss_coef(hyper) * kl, metrics
+                   "approx_kl": ((batch["logp"] - logp) * weight).sum(), "ref_kl": kl, "entropy": entropy}
+        loss = policy_loss + kl_loss_coef(hyper) * kl - float(hyper_value(hyper, "entropy_coef")) * entropy
+        return loss, metrics
 
     return loss_fn
 
@@ -232,8 +264,7 @@ def _no_kl_loss(hyper: Hyper) -> float:
 
 def _ppo_critic_prepare(batch: Batch, hyper: Hyper) -> Batch:
     _, returns, old_values = _ppo_advantages(batch, hyper)
-    return {"returns": returns, "old_values": old_values,
-            "token_weight": _token_weight(batch["response_mask"])}
+    return {"returns": returns, "old_values": old_values}
 
 
 def _ppo_critic_loss(model_outputs: Batch, batch: Batch, hyper: Hyper) -> tuple[torch.Tensor, Metrics]:
@@ -245,7 +276,11 @@ def _ppo_critic_loss(model_outputs: Batch, batch: Batch, hyper: Hyper) -> tuple[
     return loss, {"value_loss": loss, "value_clip_frac": (clipped * weight).sum()}
 
 
-def _pair_prepare(batch: Batch, hyper: Hyper) -> Batch:
+def _nothing(batch: Batch, hyper: Hyper) -> Batch:
+    return {}
+
+
+def _pair_weights(batch: Batch, hyper: Hyper) -> Batch:
     return {"pair_weight": _row_weight(batch["input_ids"].shape[0], batch["input_ids"])}
 
 
@@ -269,10 +304,6 @@ def _pairwise_reward_loss(model_outputs: Batch, batch: Batch, hyper: Hyper) -> t
                   "reward_accuracy": ((scores[:, 0] > scores[:, 1]).float() * weight).sum()}
 
 
-def _sft_prepare(batch: Batch, hyper: Hyper) -> Batch:
-    return {"token_weight": _token_weight(batch["response_mask"])}
-
-
 def _sft_loss(model_outputs: Batch, batch: Batch, hyper: Hyper) -> tuple[torch.Tensor, Metrics]:
     loss = -(model_outputs["logp"] * batch["token_weight"]).sum()
     return loss, {"sft_loss": loss}
@@ -290,19 +321,19 @@ REGISTRY: dict[str, GenerateInterface | InferenceInterface | TrainInterface] = {
         InferenceInterface("values", ("seq",), ("values",), _VALUE, False, _filled_values),
         InferenceInterface("pair_logprobs", ("pairs",), ("logp",), _LM, True, _pair_logprobs),
         TrainInterface("ppo_actor", _ACTOR_INPUTS + ("values",), (), _LM, False,
-                       _ppo_actor_prepare, _policy_loss(_ppo_kl_loss_coef)),
+                       _ppo_actor_prepare, _policy_weights, _policy_loss(_ppo_kl_loss_coef), True),
         TrainInterface("ppo_critic", _ACTOR_INPUTS + ("values",), (), _VALUE, False,
-                       _ppo_critic_prepare, _ppo_critic_loss),
+                       _ppo_critic_prepare, _token_mean_weights, _ppo_critic_loss),
         TrainInterface("grpo_actor", _ACTOR_INPUTS, (), _LM, False,
-                       _grpo_prepare, _policy_loss(_grpo_kl_loss_coef)),
+                       _grpo_prepare, _policy_weights, _policy_loss(_grpo_kl_loss_coef), True),
         TrainInterface("rloo_actor", _ACTOR_INPUTS, (), _LM, False,
-                       _rloo_prepare, _policy_loss(_no_kl_loss)),
+                       _rloo_prepare, _policy_weights, _policy_loss(_no_kl_loss), True),
         TrainInterface("remax_actor", _ACTOR_INPUTS + ("base_score",), (), _LM, False,
-                       _remax_prepare, _policy_loss(_no_kl_loss)),
-        TrainInterface("dpo", ("pairs", "ref_logp"), (), _LM, True, _pair_prepare, _dpo_loss),
-        TrainInterface("sft", ("data",), (), _LM, False, _sft_prepare, _sft_loss),
+                       _remax_prepare, _policy_weights, _policy_loss(_no_kl_loss), True),
+        TrainInterface("dpo", ("pairs", "ref_logp"), (), _LM, True, _nothing, _pair_weights, _dpo_loss),
+        TrainInterface("sft", ("data",), (), _LM, False, _nothing, _token_mean_weights, _sft_loss),
         TrainInterface("pairwise_reward", ("pairs",), (), _VALUE, True,
-                       _pair_prepare, _pairwise_reward_loss),
+                       _nothing, _pair_weights, _pairwise_reward_loss),
     )
 }
 

@@ -26,6 +26,7 @@ class Setting:
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
+    fallback: str | None = None  # unset: takes this other setting's resolved value
 
     def problem(self, value) -> str | None:
         """Why `value` is not allowed here, or None when it is."""
@@ -46,8 +47,8 @@ class Setting:
         return None
 
 
-def _s(name, type_, default, doc, low=None, high=None, choices=()):
-    return Setting(name, type_, default, doc, low, high, tuple(choices))
+def _s(name, type_, default, doc, low=None, high=None, choices=(), fallback=None):
+    return Setting(name, type_, default, doc, low, high, tuple(choices), fallback)
 
 
 # Settings of every sampling / greedy generate call (`max_new_tokens` has no default:
@@ -64,11 +65,46 @@ MODEL_SETTINGS: tuple[Setting, ...] = (
     _s("precision", str, "bf16", "compute precision: bf16 compute with fp32 master weights for training and "
        "bf16 weights for inference / generation copies, or fp32 throughout", choices=("bf16", "fp32")),
 )
-_KL = _s("kl_coef", float, 0.05, "weight of the KL to the reference (reward penalty, or loss term)", 0.0)
-_CLIP = _s("clip", float, 0.2, "policy ratio clip epsilon", 0.0)
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+# Every train call: optimizer steps per call, gradient clipping, learning-rate schedule.
+TRAIN_SETTINGS: tuple[Setting, ...] = (
+    _s("ppo_epochs", int, 1, "passes over the call's batch; each shuffles it (seeded) into mini-batches", 1, 64),
+    _s("mini_batches", int, 1, "optimizer steps per pass: the batch is cut into this many mini-batches", 1),
+    _s("max_grad_norm", float, 0.0, "clip the global gradient norm (over tp, pp, dp) to this (0: off)", 0.0),
+    _s("lr_schedule", str, "constant", "learning rate over the run's optimizer steps",
+       choices=("constant", "linear", "cosine")),
+    _s("warmup_steps", int, 0, "optimizer steps of linear warm-up from 0 before the schedule", 0),
+)
+
+
+def _kl(default_estimator: str) -> tuple[Setting, ...]:
+    return (
+        _s("kl_coef", float, 0.05, "weight of the KL to the reference (reward penalty, or loss term); "
+           "the start value when kl_target is set", 0.0),
+        _s("kl_estimator", str, default_estimator, "per-token KL estimator: k1 log(pi/ref), "
+           "k2 (log(pi/ref))^2/2, k3 ref/pi - log(ref/pi) - 1 (clamped to [-10, 10])", choices=KL_ESTIMATORS),
+        _s("kl_target", float, 0.0, "adaptive KL (Ziegler et al. 2019): steer kl_coef towards this "
+           "per-sequence KL (0: fixed kl_coef)", 0.0),
+        _s("kl_horizon", float, 10000.0, "adaptive KL horizon: kl_coef *= 1 + clip(KL/target - 1, "
+           "-0.2, 0.2) * rows / horizon", 1.0),
+    )
+
+
+_POLICY = (
+    _s("clip", float, 0.2, "policy ratio clip epsilon (sets clip_low and clip_high)", 0.0),
+    _s("clip_low", float, 0.2, "ratio clipped below at 1 - clip_low (default: clip)", 0.0, 1.0, fallback="clip"),
+    _s("clip_high", float, 0.2, "ratio clipped above at 1 + clip_high (DAPO clip-higher; default: clip)",
+       0.0, fallback="clip"),
+    _s("dual_clip", float, 0.0, "dual-clip PPO (Ye et al. 2020): bound the loss of negative advantages "
+       "at -c * A (0: off; else > 1, e.g. 3)", 0.0),
+    _s("entropy_coef", float, 0.0, "entropy bonus weight (the entropy is always logged)", 0.0),
+    _s("loss_agg", str, "token-mean", "loss aggregation: over all tokens, per-sequence token means, "
+       "per-sequence token sums, or sums / max_new_tokens (Dr.GRPO)", choices=LOSS_AGG),
+)
 _PPO_ADV = (
-    _KL,
-    _s("kl_mode", str, "reward", "PPO: the KL as a per-token reward penalty, or as a k3 loss term",
+    _s("kl_mode", str, "reward", "PPO: the KL as a per-token reward penalty, or as a loss term",
        choices=("reward", "loss")),
     _s("gamma", float, 1.0, "GAE discount", 0.0, 1.0),
     _s("lam", float, 0.95, "GAE lambda", 0.0, 1.0),
@@ -90,7 +126,8 @@ class Interface:
     settings: tuple[Setting, ...] = ()
 
     def all_settings(self) -> tuple[Setting, ...]:
-        return MODEL_SETTINGS + (GENERATE_SETTINGS if self.kind is CallKind.GENERATE else ()) + self.settings
+        kind = {CallKind.GENERATE: GENERATE_SETTINGS, CallKind.TRAIN: TRAIN_SETTINGS}.get(self.kind, ())
+        return MODEL_SETTINGS + self.settings + kind
 
     def defaults(self) -> dict[str, int | float | str]:
         """Every setting at its default (what a program that sets none gets)."""
@@ -114,16 +151,20 @@ INTERFACES: dict[str, Interface] = {
                   "summed response log-probs of chosen and rejected sequences"),
         Interface("ppo_actor", _T, ("seq", "logp", "ref_logp", "score", "values"), (), Head.LM,
                   "PPO clipped policy loss on GAE advantages with a KL penalty in the reward",
-                  (*_PPO_ADV, _CLIP, _s("adv_norm", int, 1, "whiten advantages over the batch (1) or not (0)", 0, 1))),
+                  (*_kl("k1"), *_PPO_ADV, *_POLICY,
+                   _s("adv_norm", int, 1, "whiten advantages over the batch (1) or not (0)", 0, 1))),
         Interface("ppo_critic", _T, ("seq", "logp", "ref_logp", "score", "values"), (), Head.VALUE,
                   "PPO clipped value loss against GAE returns",
-                  (*_PPO_ADV, _s("value_clip", float, 0.2, "critic value clip", 0.0))),
+                  (*_kl("k1"), *_PPO_ADV, _s("value_clip", float, 0.2, "critic value clip", 0.0))),
         Interface("grpo_actor", _T, ("seq", "logp", "ref_logp", "score"), (), Head.LM,
-                  "GRPO: group-normalised advantages, clipped loss, KL to the reference", (_KL, _CLIP, _GROUP)),
+                  "GRPO: group-normalised advantages, clipped loss, KL to the reference",
+                  (*_kl("k3"), *_POLICY, _GROUP,
+                   _s("scale_rewards", str, "group", "divide advantages by the group's reward std, the "
+                      "batch's, or not at all (Dr.GRPO)", choices=("group", "batch", "none")))),
         Interface("rloo_actor", _T, ("seq", "logp", "ref_logp", "score"), (), Head.LM,
-                  "RLOO: leave-one-out baseline within each group", (_KL, _CLIP, _GROUP)),
+                  "RLOO: leave-one-out baseline within each group", (*_kl("k1"), *_POLICY, _GROUP)),
         Interface("remax_actor", _T, ("seq", "logp", "ref_logp", "score", "base_score"), (), Head.LM,
-                  "ReMax: REINFORCE with the greedy response's reward as baseline", (_KL, _CLIP)),
+                  "ReMax: REINFORCE with the greedy response's reward as baseline", (*_kl("k1"), *_POLICY)),
         Interface("dpo", _T, ("pairs", "ref_logp"), (), Head.LM,
                   "DPO loss on chosen/rejected pairs against reference log-probs",
                   (_s("beta", float, 0.1, "DPO temperature", 1e-9),)),

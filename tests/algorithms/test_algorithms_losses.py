@@ -16,8 +16,23 @@ B, T = 4, 9
 
 
 def settings(name: str, **overrides) -> dict:
-    """An interface's settings as the compiler resolves them: the contract's defaults, overridden."""
-    return {**INTERFACES[name].defaults(), **overrides}
+    """An interface's settings as the compiler resolves them: the contract's defaults, overridden
+    (clip_low / clip_high follow clip unless set; max_new_tokens is the padded response width)."""
+    out = {**INTERFACES[name].defaults(), "max_new_tokens": T, **overrides}
+    for side in ("clip_low", "clip_high"):
+        if side in out and side not in overrides:
+            out[side] = out["clip"]
+    return out
+
+
+def prepared(name: str, args, hyper) -> dict:
+    """A whole batch as one train call's single mini-batch sees it: prepared, then weighed."""
+    iface = REGISTRY[name]
+    return iface.weigh(iface.prepare(bind(name, args), hyper), hyper)
+
+
+def zero_entropy(logp):
+    return {"logp": logp, "entropy": torch.zeros_like(logp)}
 
 def _seq():
     """Left-padded prompts (lengths 3,2,3,1) and responses of lengths 4,6,2,5 + padding."""
@@ -96,11 +111,11 @@ def test_ppo_losses_match_reference_and_split_additively():
     score, values, values_new = torch.rand(B), torch.randn(B, T), torch.randn(B, T)
     overrides = {"kl_coef": 0.1, "clip": 0.2, "value_clip": 0.2}
     ref_actor, ref_critic = _ppo_reference(seq, new, old, ref, score, values, values_new, 0.1, 0.2, 0.2)
-    for name, out, expected in (("ppo_actor", {"logp": new}, ref_actor),
+    for name, out, expected in (("ppo_actor", zero_entropy(new), ref_actor),
                                 ("ppo_critic", {"values": values_new}, ref_critic)):
         iface = REGISTRY[name]
         hyper = settings(name, **{k: v for k, v in overrides.items() if k in INTERFACES[name].defaults()})
-        batch = iface.prepare(bind(name, [seq, old, ref, score, values]), hyper)
+        batch = prepared(name, [seq, old, ref, score, values], hyper)
         loss, _ = iface.loss(out, batch, hyper)
         assert abs(loss.item() - expected) < 1e-4, name
         parts = split_rows({**batch, **{f"out_{k}": v for k, v in out.items()}}, 3)
@@ -116,7 +131,7 @@ def test_grpo_loss_with_k3_kl():
     score = torch.tensor([1.0, 0.0, 0.3, 0.9])
     hyper = settings("grpo_actor", kl_coef=0.05, clip=0.2, group_size=2)
     iface = REGISTRY["grpo_actor"]
-    loss, _ = iface.loss({"logp": new}, iface.prepare(bind("grpo_actor", [seq, old, ref, score]), hyper), hyper)
+    loss, _ = iface.loss(zero_entropy(new), prepared("grpo_actor", [seq, old, ref, score], hyper), hyper)
     total, n = 0.0, 0
     for b in range(B):
         g = score[(b // 2) * 2:(b // 2) * 2 + 2]
@@ -154,14 +169,14 @@ def test_dpo_and_bradley_terry_per_pair_formulas():
     logp = -torch.rand(4, T)
     ref = torch.tensor([[-3.0, -4.0], [-2.0, -1.0]])
     iface = REGISTRY["dpo"]
-    loss, metrics = iface.loss({"logp": logp}, iface.prepare(bind("dpo", [pairs, ref]), {}), settings("dpo", beta=0.5))
+    loss, metrics = iface.loss({"logp": logp}, prepared("dpo", [pairs, ref], {}), settings("dpo", beta=0.5))
     pi = (logp * flat_mask).sum(-1).reshape(2, 2)
     expected = sum(math.log(1 + math.exp(-0.5 * ((pi[i, 0] - ref[i, 0]) - (pi[i, 1] - ref[i, 1])).item()))
                    for i in range(2)) / 2
     assert abs(loss.item() - expected) < 1e-5
     values = torch.randn(4, T)
     iface = REGISTRY["pairwise_reward"]
-    loss, _ = iface.loss({"values": values}, iface.prepare(bind("pairwise_reward", [pairs]), {}), {})
+    loss, _ = iface.loss({"values": values}, prepared("pairwise_reward", [pairs], {}), {})
     attn = pairs["attention_mask"].reshape(-1, T)
     last = [max(attn[r].nonzero().flatten().tolist()) for r in range(4)]
     s = [values[r, last[r]].item() for r in range(4)]
@@ -174,7 +189,7 @@ def test_sft_loss_is_masked_next_token_cross_entropy():
     logits = torch.randn(B, T, 32)
     logp = token_logprobs(logits, seq["input_ids"])
     iface = REGISTRY["sft"]
-    loss, _ = iface.loss({"logp": logp}, iface.prepare(bind("sft", [seq]), {}), {})
+    loss, _ = iface.loss({"logp": logp}, prepared("sft", [seq], {}), {})
     labels = seq["input_ids"][:, 1:].masked_fill(seq["response_mask"][:, 1:] == 0, -100)
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 32), labels.reshape(-1))
     assert torch.allclose(loss, expected, atol=1e-5)

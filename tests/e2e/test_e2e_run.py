@@ -161,3 +161,21 @@ def test_offloaded_reference_computes_what_a_resident_one_does_and_resumes(tmp_p
     resumed = run(scripts["offloaded"], tmp_path / "cut", "--steps", "4", "--save-every", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert untimed(metrics(tmp_path / "cut")) == untimed(metrics(tmp_path / "offloaded"))
+
+
+def test_mini_batch_epochs_clip_and_keep_results_across_plans(tmp_path):
+    """PPO with 2 epochs x 4 mini-batches: 8 optimizer steps per call, the ratio moves
+    off 1 (clip_frac > 0), and a dp=2 / pp=2 plan gives the single-layout plan's metrics
+    (the shuffle depends on seed, step and epoch only)."""
+    runs = {}
+    for name, chosen in (("split", split_plan), ("mixed", mixed_plan)):
+        script = generated(tmp_path / name if (tmp_path / name).mkdir() is None else None, "ppo_epochs", plan=chosen)
+        done = run(script, tmp_path / name / "out", "--steps", "2", "--save-every", "10")
+        assert done.returncode == 0, done.stderr
+        runs[name] = untimed(metrics(tmp_path / name / "out"))
+    assert all(r["a_tr/train_steps"] == 8 and r["c_tr/train_steps"] == 8 for r in runs["split"])
+    assert max(r["a_tr/clip_frac"] for r in runs["split"]) > 0 and runs["split"][0]["a_tr/approx_kl"] != 0
+    for a, b in zip(runs["split"], runs["mixed"], strict=True):
+        for k in a:
+            if not k.startswith("estimate/"):
+                assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-6), k

@@ -142,3 +142,45 @@ def test_unusable_paths_are_diagnostics(tmp_path, statement):
     prog = _write(tmp_path, statement.format(long="a" * 5000) + "\n")
     flow, diagnostics = check_program(prog)
     assert diagnostics and {d.code for d in diagnostics} <= {"E020", "E017", "W001"}
+
+
+def _grpo(tmp_path, run_keys: str, call_options: str = "") -> Path:
+    lib = _write(tmp_path, "dataflow grpo(actor, ref, reward, prompts) {\n"
+                 "    gen   = actor.generate(prompts)                 -> seq, logp\n"
+                 "    score = reward.inference(seq)                   -> score\n"
+                 "    refl  = ref.inference(seq)                      -> ref_logp\n"
+                 f"    a_tr  = actor.train(seq, logp, ref_logp, score)  using grpo_actor {call_options}\n}}\n",
+                 "lib.rlhf")
+    return _write(tmp_path, f'import grpo from "./{lib.name}"\n' + TINY +
+                  'dataset p = jsonl("p.jsonl", field = "prompt", max_len = 8)\n'
+                  f'run grpo(actor, ref, reward, p) {{ batch = 4  max_new_tokens = 6  group_size = 2  {run_keys} }}\n')
+
+
+def test_hyper_parameters_are_checked_and_located(tmp_path):
+    """The issue's done-when cases: a misspelt key, a bad choice; and bad call options."""
+    def errors(path):
+        diags = [d for d in check_program(path)[1] if d.is_error]
+        assert all(d.code == "E022" for d in diags)
+        return {d.message.split("`")[1]: d for d in diags}
+
+    path = _grpo(tmp_path, 'kl_coeff = 0.01  loss_agg = "bogus"')
+    run_line = path.read_text().splitlines()[5]
+    found = errors(path)
+    assert set(found) == {"kl_coeff", "loss_agg"}
+    assert "kl_coef" in found["kl_coeff"].hint
+    assert (found["kl_coeff"].span.line, found["kl_coeff"].span.col) == (6, run_line.index("kl_coeff") + 1)
+    assert "'seq-mean-token-sum-norm'" in found["loss_agg"].message
+    assert (found["loss_agg"].span.line, found["loss_agg"].span.col) == (6, run_line.index('"bogus"') + 1)
+    found = errors(_grpo(tmp_path, "", "{ mini_batches = 0  clip_hi = 0.3 }"))
+    assert set(found) == {"mini_batches", "clip_hi"}
+    assert "[1, inf]" in found["mini_batches"].message and found["mini_batches"].span.line == 5
+    assert "clip_high" in found["clip_hi"].hint
+
+
+def test_clip_sets_both_sides_unless_they_are_set(tmp_path):
+    from rlhfc.frontend.check.settings import resolve
+
+    flow = load_program(_grpo(tmp_path, "clip = 0.3", "{ clip_high = 0.28 }"))
+    settings = dict(resolve(next(c for c in flow.calls if c.name == "a_tr"), flow.run, 2))
+    assert (settings["clip_low"], settings["clip_high"], settings["clip"]) == (0.3, 0.28, 0.3)
+    assert settings["max_new_tokens"] == 6 and settings["steps"] == 1 and settings["kl_estimator"] == "k3"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from rlhfc_runtime.contract.interfaces import INTERFACES
+from rlhfc_runtime.contract.interfaces import INTERFACES, TRAIN_SETTINGS
 
 from rlhfc import ir
 from rlhfc.frontend import ast
+from rlhfc.frontend.check.settings import check_value
 from rlhfc.frontend.check.common import (
     CALL_KINDS,
     CALL_OPTIONS,
@@ -74,9 +75,15 @@ def check_dataflow_structure(decl: ast.DataflowDecl, rep: Reporter) -> None:
 def _check_call_options(call: ast.CallStmt, rep: Reporter) -> None:
     """Known option keys, with counts as positive integers and sampling settings as positive numbers."""
     val = Values(rep)
+    iface = INTERFACES.get(_call_interface(call) or "")
+    own = {s.name: s for s in iface.settings} if iface is not None and iface.kind is ir.CallKind.TRAIN else {}
+    if iface is not None and iface.kind is ir.CallKind.TRAIN:
+        own.update({s.name: s for s in TRAIN_SETTINGS})
     for opt in call.options or ():
-        if opt.key.text not in CALL_OPTIONS:
-            val.unknown(opt.key, CALL_OPTIONS, f"the options of call `{call.name.text}`")
+        if opt.key.text in own and opt.key.text not in CALL_OPTIONS:
+            check_value(own[opt.key.text], opt, rep)  # a train interface's setting, for this call only
+        elif opt.key.text not in CALL_OPTIONS:
+            val.unknown(opt.key, tuple(CALL_OPTIONS) + tuple(own), f"the options of call `{call.name.text}`")
         elif opt.key.text in INT_CALL_OPTIONS:
             val.positive_int(opt)
         else:

@@ -102,6 +102,7 @@ def instantiate(unit: Unit, run: ast.RunStmt, models: dict[str, ir.Model], datas
             calls.append(built)
     if not ok or rep.has_errors:
         return tuple(calls), (), names
+    _one_train_per_model(calls, rep)
     calls = _sized(tuple(calls), datasets, binding, config, device)
     check_run_keys(run, calls, rep)
     too_long = set()  # one error per model: its first call that does not fit
@@ -113,6 +114,22 @@ def instantiate(unit: Unit, run: ast.RunStmt, models: dict[str, ir.Model], datas
                               f"{call.seq_len} positions, but `{call.model}` has max_positions {shape.max_positions}",
                       run.span, "lower the dataset's max_len or max_new_tokens, or use a longer-context model")
     return calls, _edges(calls, models), names
+
+
+def _one_train_per_model(calls: list[ir.Call], rep: Reporter) -> None:
+    """E028 at every train call after a model's first: a model has one optimizer and one
+    home layout, owned by its train call, and one parameter version per iteration."""
+    first: dict[str, ir.Call] = {}
+    for call in calls:
+        if call.kind is not ir.CallKind.TRAIN:
+            continue
+        if call.model not in first:
+            first[call.model] = call
+            continue
+        rep.error("E028", f"call `{call.name}` trains `{call.model}`, which `{first[call.model].name}` already trains: "
+                          f"one train call per model per iteration (its optimizer step and home layout belong "
+                          f"to that call; a second update of the same parameters is not supported)", call.span,
+                  "combine the objectives in one interface, or train a separate copy of the model")
 
 
 def _bind_call(call: ast.CallStmt, model: ir.Model, binding: dict[str, str], config: ir.RunConfig,

@@ -34,16 +34,21 @@ def resolve(call: ir.Call, config: ir.RunConfig, rollout_group: int,
     (generate) or processes; `rollout_group` the samples per prompt of its inputs;
     `device` the cluster's device name (the default precision depends on it)."""
     out: dict[str, int | float | str] = {"rows": call.batch}
-    for setting in call_settings(call):
+    settings = call_settings(call)
+    for setting in sorted(settings, key=lambda s: s.fallback is not None):  # fallbacks after their source
         if setting.name == "group_size":
             value = generation_group(call, config) if call.kind is ir.CallKind.GENERATE else rollout_group
         elif setting.name == "precision":
             value = call.option("precision", config.param("precision", default_precision(device)))
         else:
-            value = call.option(setting.name, config.param(setting.name, setting.default))
+            default = out[setting.fallback] if setting.fallback else setting.default
+            value = call.option(setting.name, config.param(setting.name, default))
         out[setting.name] = setting.type(value)
-    if call.kind is ir.CallKind.GENERATE or call.interface == "rule":
-        out["max_new_tokens"] = call.gen_len
+    out = {"rows": call.batch, **{s.name: out[s.name] for s in settings}}
+    if call.kind is ir.CallKind.GENERATE or call.interface == "rule" or "loss_agg" in out:
+        out["max_new_tokens"] = call.gen_len  # seq-mean-token-sum-norm divides by it
+    if call.kind is ir.CallKind.TRAIN:
+        out["steps"] = config.steps  # the run's length: learning-rate schedules span it
     return tuple(out.items())
 
 

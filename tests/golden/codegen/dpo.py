@@ -70,7 +70,7 @@ def iteration(e: Engine) -> None:
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('pairs', dataset='pairs')
     e.call('refl', model='ref', kind='inference', using='pair_logprobs', layout='L0', inputs=('pairs',), outputs=('ref_logp',), settings={'rows': 32, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='dpo', layout='L0', inputs=('pairs', 'ref_logp'), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'beta': 0.1, 'n_mbs': 1, 'recompute': False})
+    e.call('a_tr', model='actor', kind='train', using='dpo', layout='L0', inputs=('pairs', 'ref_logp'), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'beta': 0.1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 40, 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":

@@ -118,8 +118,8 @@ def iteration(e: Engine) -> None:
     e.move('ref_logp', src='L1', dst='L0')
     e.move('score', src='L2', dst='L0')
     e.move('values', src='L1', dst='L0')
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'adv_norm': 1, 'n_mbs': 1, 'recompute': False})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'n_mbs': 1, 'recompute': False})
+    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False})
+    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 150, 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":

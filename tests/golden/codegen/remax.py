@@ -92,7 +92,7 @@ def iteration(e: Engine) -> None:
     e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 32, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
     e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 32, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
     e.call('base', model='reward', kind='inference', using='rule', layout='L0', inputs=('base_seq',), outputs=('base_score',), settings={'rows': 32, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='remax_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'base_score'), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'kl_coef': 0.001, 'clip': 0.2, 'n_mbs': 1, 'recompute': False})
+    e.call('a_tr', model='actor', kind='train', using='remax_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'base_score'), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'kl_coef': 0.001, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":
