@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from rich.console import Console
 
-from rlhfc.planner.cost.coefficients import Coefficients
+from rlhfc.planner.cost.coefficients import Coefficients, default_coefficients
 from rlhfc.ir import Dataflow, Pin, Span, Strategy
 from rlhfc.plan import Plan
 from rlhfc.planner.report import compact_table
@@ -43,9 +43,10 @@ class CallExplanation:
     estimate: float  # the call's duration in the plan (end − start)
 
 
-def replay(df: Dataflow, plan: Plan, coeffs: Coefficients) -> tuple[Problem, dict[str, Option]]:
+def replay(df: Dataflow, plan: Plan, coeffs: Coefficients | None) -> tuple[Problem, dict[str, Option]]:
     """The planning problem with every call pinned to its planned strategy (offloaded where
-    the plan offloads), and that choice."""
+    the plan offloads), and that choice; `coeffs` None: the device's defaults."""
+    coeffs = coeffs or default_coefficients(df.cluster.device)
     pins = tuple(Pin(p.call, p.strategy, _SPAN) for p in plan.calls)
     problem = build_problem(replace(df, pins=pins), coeffs, SearchSpace(offload=bool(plan.offloaded)))
     return problem, {
@@ -54,7 +55,7 @@ def replay(df: Dataflow, plan: Plan, coeffs: Coefficients) -> tuple[Problem, dic
     }
 
 
-def explain_plan(df: Dataflow, plan: Plan, coeffs: Coefficients) -> tuple[CallExplanation, ...]:
+def explain_plan(df: Dataflow, plan: Plan, coeffs: Coefficients | None) -> tuple[CallExplanation, ...]:
     """Every call of `plan` (in plan order) with its estimate's terms."""
     problem, choice = replay(df, plan, coeffs)
     out = []

@@ -26,6 +26,8 @@ class Coefficients:
     key_bytes_per_token: int = 4
     # Correction of the device's `achievable` share of peak FLOP/s, fitted by `rlhfc calibrate`.
     compute_efficiency: float = 1.0
+    # Forward-only passes (inference, prefill) reach this multiple of the train FLOP rate.
+    inference_efficiency: float = 1.0
     # Share of the link / HBM bandwidth that collectives and kernels reach.
     link_efficiency: float = 0.7
     mem_bandwidth_efficiency: float = 0.7
@@ -35,6 +37,13 @@ class Coefficients:
     micro_batch_overhead: float = 2e-3
     # Fixed cost of one decoding step of one micro-batch on one stage, seconds.
     decode_step_overhead: float = 30e-6
+    # Fixed cost per decoder layer of one decoding step of one micro-batch on one stage
+    # (its kernel launches and small-batch kernels), seconds.
+    decode_layer_overhead: float = 0.0
+    # Reallocation moves parameters in buckets of `realloc_bucket_bytes` per destination
+    # device, each paying `realloc_bucket_latency` seconds (launch, sync, copy-in/out).
+    realloc_bucket_bytes: int = 1 << 28
+    realloc_bucket_latency: float = 0.0
     # Driver work per iteration op that the schedule does not price (a data load, a move
     # between meshes, a rule reward, a dropped copy), seconds; 0 leaves it out. Fitted by
     # `rlhfc.planner.cost.fit.fit_driver_overhead` from iteration times; not used by the solver.
@@ -44,3 +53,13 @@ class Coefficients:
 
 
 DEFAULT_COEFFICIENTS = Coefficients()
+
+
+def default_coefficients(device: str) -> Coefficients:
+    """The coefficients a device is priced with when none are given: fitted ones for the
+    GPUs (`GPU_COEFFICIENTS`), the analytical defaults elsewhere (`cpu`, whose runs
+    `rlhfc calibrate` fits)."""
+    return GPU_COEFFICIENTS.get(device, DEFAULT_COEFFICIENTS)
+
+
+GPU_COEFFICIENTS: dict[str, Coefficients] = {}

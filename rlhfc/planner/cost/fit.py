@@ -32,7 +32,7 @@ FIT_FIELDS: tuple[str, ...] = (
     "micro_batch_overhead", "decode_step_overhead",
 )
 # Coefficients whose zero means "left out" rather than an impossible value.
-MAY_BE_ZERO: tuple[str, ...] = ("driver_op_overhead",)
+MAY_BE_ZERO: tuple[str, ...] = ("driver_op_overhead", "decode_layer_overhead", "realloc_bucket_latency")
 _SPAN = Span("<run>", 0, 0, 0, 0)
 
 

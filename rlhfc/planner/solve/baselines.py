@@ -19,8 +19,11 @@ from rlhfc.planner.solve.problem import Option, Problem, enumerate_strategies, m
 from rlhfc.planner.solve.schedule import Schedule, evaluate
 
 
-def symmetric_choice(problem: Problem) -> tuple[dict[str, Option], Schedule] | None:
-    """The best plan that runs every call on the whole cluster with one shared strategy."""
+def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[dict[str, Option], Schedule] | None:
+    """The best plan that runs every call on the whole cluster with one shared strategy.
+    Every call holds every device, so the calls run one after another and the order
+    matters only through transfer lags: candidates are compared on a few orders, and
+    the best one scheduled over all orders (those tried before `deadline`)."""
     df = problem.dataflow
     whole = Mesh(0, df.cluster.nodes, 0, df.cluster.devices_per_node)
     neural = [c for c in df.calls if df.model(c.model).kind != "rule"]
@@ -35,10 +38,17 @@ def symmetric_choice(problem: Problem) -> tuple[dict[str, Option], Schedule] | N
                 choice[call.name] = make_option(df, call, s, problem.device, problem.coeffs, problem.is_home(call.name))
             else:
                 choice[call.name] = problem.by_call[call.name][0]
-        sched = evaluate(problem, choice)
+        sched = evaluate(problem, choice, max_orders=SYMMETRIC_ORDERS, deadline=deadline)
         if sched and (best is None or sched.makespan < best[1].makespan):
             best = (choice, sched)
-    return best
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+    if best is None:
+        return None
+    return best[0], evaluate(problem, best[0], deadline=deadline)
+
+
+SYMMETRIC_ORDERS = 20
 
 
 def _degrees(s: Strategy) -> tuple[int, int, int, int]:

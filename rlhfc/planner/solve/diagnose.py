@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from rlhfc.diagnostics import CompileError, Severity, located
-from rlhfc.ir import Dataflow, Span
-from rlhfc.planner.solve.problem import Problem, enumerate_meshes, enumerate_strategies, make_option
+from rlhfc.hardware import LIMITS, cluster_problems
+from rlhfc.ir import Cluster, Dataflow, Span
+from rlhfc.planner.solve.problem import Problem, call_options, enumerate_meshes, make_option
 
 GIB = 1 << 30
 
@@ -25,11 +26,9 @@ def _smallest_peak(problem: Problem, df: Dataflow, call_name: str) -> int | None
     call = df.call(call_name)
     model = df.model(call.model)
     is_home = problem.is_home(call_name)
-    peaks = [
-        make_option(df, call, s, problem.device, problem.coeffs, is_home).cost.peak_bytes
-        for m in enumerate_meshes(df.cluster, problem.space)
-        for s in enumerate_strategies(call, model, m, problem.space)
-    ]
+    peaks = [o.cost.peak_bytes for o in call_options(
+        df, call, model, enumerate_meshes(df.cluster, problem.space), problem.space, problem.device,
+        problem.coeffs, is_home)]
     return min(peaks, default=None)
 
 
@@ -53,6 +52,15 @@ def _fix_hint(problem: Problem, call_name: str) -> str | None:
         if peak is not None and peak <= problem.capacity:
             return f"lower batch to {batch}"
     return None
+
+
+def check_cluster(cluster: Cluster) -> None:
+    """`PlanError` for a cluster no plan can be made for (a million nodes, 1e-300 FLOP/s):
+    the frontend reports these at their source; this catches dataflows built otherwise."""
+    problems = cluster_problems(cluster)
+    if problems:
+        raise PlanError(f"implausible cluster: {'; '.join(problems)}",
+                        f"limits: {', '.join(f'{k} {lo:g}..{hi:g}' for k, (lo, hi) in LIMITS.items())}")
 
 
 def diagnose_infeasible(problem: Problem, solver_status: str | None = None) -> None:
