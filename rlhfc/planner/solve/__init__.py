@@ -83,12 +83,15 @@ def plan_dataflow(
     diagnose_infeasible(problem)  # per-call reasons, before the solver (offloading cannot help)
     try:
         problem, choice, sched, result, baseline = _solve(problem, deadline, workers, seed)
-    except PlanError:  # no combination fits: frozen models may wait in host memory
+    except PlanError as e:  # no combination fits: frozen models may wait in host memory
         if space.offload or not any(offloadable(df, m) for m in df.models):
-            raise
+            _with_hint(problem, e)
         now = time.perf_counter()
         problem = build_problem(df, coeffs, replace(space, offload=True), deadline=now + BUILD_SHARE * (deadline - now))
-        problem, choice, sched, result, baseline = _solve(problem, deadline, workers, seed)
+        try:
+            problem, choice, sched, result, baseline = _solve(problem, deadline, workers, seed)
+        except PlanError as e:
+            _with_hint(problem, e)
     status = "OPTIMAL" if result.status == "OPTIMAL" else "FEASIBLE"
     return plan_from_choice(
         problem, choice, sched, status=status, bound=result.bound, solve_seconds=time.perf_counter() - t0,
@@ -101,7 +104,14 @@ def plan_dataflow(
 BUILD_SHARE = 0.4
 BASELINE_SHARE = 0.3
 # Seconds kept back for assembling the plan after the solver returns.
-MARGIN = 0.2
+MARGIN = 0.3
+
+
+def _with_hint(problem: Problem, error: PlanError):
+    """Raise `error` again, with a fix that was checked to plan when the solver gave up."""
+    if error.message.startswith("no plan fits ("):
+        diagnose_infeasible(problem, solver_status=error.message[len("no plan fits ("):].split(")")[0])
+    raise error
 
 
 def _solve(problem: Problem, deadline: float, workers: int, seed: int):
@@ -119,7 +129,7 @@ def _solve(problem: Problem, deadline: float, workers: int, seed: int):
     if result.choice is None and not (hint and result.status == "UNKNOWN"):
         if result.status == "UNKNOWN":
             raise PlanError("no plan found within the time limit", "raise --time-limit")
-        diagnose_infeasible(problem, solver_status=result.status)
+        diagnose_infeasible(problem, solver_status=result.status, hint=False)
     if result.choice is None:  # time limit before CP-SAT accepted the hint: keep the hint
         choice, sched = hint
         result = replace(result, status="FEASIBLE")
