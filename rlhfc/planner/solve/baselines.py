@@ -27,20 +27,25 @@ def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[d
     df = problem.dataflow
     whole = Mesh(0, df.cluster.nodes, 0, df.cluster.devices_per_node)
     neural = [c for c in df.calls if df.model(c.model).kind != "rule"]
-    per_call = {c.name: {_degrees(s): s for s in enumerate_strategies(c, df.model(c.model), whole, problem.space)} for c in neural}
+    per_call: dict[str, dict[tuple, list[Strategy]]] = {}
+    for c in neural:  # degrees -> the call's strategies with them (train: with and without recompute)
+        for s in enumerate_strategies(c, df.model(c.model), whole, problem.space):
+            per_call.setdefault(c.name, {}).setdefault(_degrees(s), []).append(s)
     shared = sorted(set.intersection(*(set(v) for v in per_call.values()))) if per_call else []
     best = None
     for degrees in shared:
-        choice = {}
-        for call in df.calls:
-            if call.name in per_call:
-                s = per_call[call.name][degrees]
-                choice[call.name] = make_option(df, call, s, problem.device, problem.coeffs, problem.is_home(call.name))
-            else:
-                choice[call.name] = problem.by_call[call.name][0]
-        sched = evaluate(problem, choice, max_orders=SYMMETRIC_ORDERS, deadline=deadline)
-        if sched and (best is None or sched.makespan < best[1].makespan):
-            best = (choice, sched)
+        for variant in itertools.product(*(per_call[c.name][degrees] for c in neural)):
+            picked = dict(zip((c.name for c in neural), variant))
+            choice = {}
+            for call in df.calls:
+                if call.name in picked:
+                    choice[call.name] = make_option(df, call, picked[call.name], problem.device, problem.coeffs,
+                                                    problem.is_home(call.name))
+                else:
+                    choice[call.name] = problem.by_call[call.name][0]
+            sched = evaluate(problem, choice, max_orders=SYMMETRIC_ORDERS, deadline=deadline)
+            if sched and (best is None or sched.makespan < best[1].makespan):
+                best = (choice, sched)
         if deadline is not None and time.perf_counter() > deadline:
             break
     if best is None:

@@ -3,15 +3,15 @@
 Run it with `python build/ppo_7b.py` (8 local processes) or
 `torchrun --nproc-per-node 8 build/ppo_7b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 17.150 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 20.123 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s   peak MiB
-    gen    actor   L0      node0[0:8]  1   4   2   8    0.000    4.519   46914
-    score  reward  L0      node0[0:8]  1   4   2   8    4.519    6.000   29562
-    refl   ref     L0      node0[0:8]  1   4   2   8    6.000    7.503   30562
-    vals   critic  L0      node0[0:8]  1   4   2   8    7.503    8.984   31168
-    a_tr   actor   L0      node0[0:8]  1   4   2   8    8.984    13.099  65738
-    c_tr   critic  L0      node0[0:8]  1   4   2   8    13.099   17.150  63738
+    gen    actor   L0      node0[0:8]  1   4   2   8    0.000    4.522   46914
+    score  reward  L0      node0[0:8]  1   4   2   8    4.522    6.005   29562
+    refl   ref     L0      node0[0:8]  1   4   2   8    6.005    7.511   30562
+    vals   critic  L0      node0[0:8]  1   4   2   8    7.511    8.994   31168
+    a_tr   actor   L0      node0[0:8]  1   4   2   8    8.994    14.602  35146
+    c_tr   critic  L0      node0[0:8]  1   4   2   8    14.602   20.123  33146
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -91,12 +91,12 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                           'tokenizer': '../data/tiny/tokenizer.json',
                           'max_len': 256}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'max_new_tokens': 256, 'kl_coef': 0.05},
- 'estimates': {'gen': 4.519046,
-               'score': 1.481089,
-               'refl': 1.502802,
-               'vals': 1.481089,
-               'a_tr': 4.1154,
-               'c_tr': 4.050261}}
+ 'estimates': {'gen': 4.521566,
+               'score': 1.483609,
+               'refl': 1.505322,
+               'vals': 1.483609,
+               'a_tr': 5.607761,
+               'c_tr': 5.520909}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=4, pp=2),
