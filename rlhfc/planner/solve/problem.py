@@ -8,8 +8,9 @@ dividing heads, kv heads, intermediate and vocab; pp ≤ layers; dp·tp·pp = me
 pp any divisor of mesh size / tp (so nodes of 5, 6 or 7 devices plan too); dp·n_mbs
 divides the (mini-)batch, n_mbs a power of two up to the per-replica mini-batch (what
 memory may need); train calls with and without activation recompute. Slices smaller than
-a node are offered on every node (`SearchSpace.sub_node_nodes` limits them to the first
-nodes; the proven bound is relative to the space searched).
+a node are offered on every node of clusters up to 4 nodes and on the first node of larger
+ones (`SearchSpace.sub_node_nodes` sets how many; the proven bound is relative to the
+space searched).
 
 Durations are seconds rounded up to whole `Coefficients.time_unit` (1 µs by default),
 so CP-SAT, brute force and MCMC optimise the very same integers.
@@ -42,7 +43,9 @@ class SearchSpace:
     # (what memory requires, e.g. 64 for 7B PPO on 8 x A100-40GB).
     n_mbs: tuple[int, ...] | None = None
     memory_step: float = 1 / 32
-    # Nodes that get sub-node meshes; None: every node.
+    # Nodes that get sub-node meshes; None: every node of a cluster of up to
+    # `SUB_NODE_EVERY` nodes, the first node of a larger one (nodes are interchangeable,
+    # and slicing all 16 nodes of a 128-GPU cluster makes its 10 s solve 3x slower).
     sub_node_nodes: int | None = None
     # Offer train calls with activation recompute as well as without.
     recompute: bool = True
@@ -163,12 +166,18 @@ def kib(nbytes: int) -> int:
     return -(-nbytes >> 10)
 
 
+SUB_NODE_EVERY = 4
+
+
 def enumerate_meshes(cluster: Cluster, space: SearchSpace) -> list[Mesh]:
     """Aligned power-of-two node slices (on the first `sub_node_nodes` nodes of a bigger
     cluster) and aligned power-of-two runs of whole nodes, small to large."""
     dpn, nodes = cluster.devices_per_node, cluster.nodes
     meshes = []
-    sliced = nodes if space.sub_node_nodes is None else min(nodes, space.sub_node_nodes)
+    if space.sub_node_nodes is None:
+        sliced = nodes if nodes <= SUB_NODE_EVERY else 1
+    else:
+        sliced = min(nodes, space.sub_node_nodes)
     size = 1
     while size < dpn:
         meshes += [Mesh(n, 1, d, size) for n in range(sliced) for d in range(0, dpn - size + 1, size)]

@@ -3,15 +3,15 @@
 Run it with `python build/ppo.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/ppo.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.016 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.015 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  3
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
     refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  4
     vals   critic  L0      node0[0:2]  2   1   1   1    0.005    0.008  4
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.012  5
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.012    0.016  5
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.011  7
+    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.011    0.015  6
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """
@@ -93,8 +93,8 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                'score': 0.0,
                'refl': 0.002473,
                'vals': 0.002458,
-               'a_tr': 0.004106,
-               'c_tr': 0.00404}}
+               'a_tr': 0.003633,
+               'c_tr': 0.003582}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -3,15 +3,15 @@
 Run it with `python build/ppo_70b.py` (128 local processes) or
 `torchrun --nproc-per-node 128 build/ppo_70b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 20.849 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 92.890 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh         dp  tp  pp  mbs  start s  end s   peak MiB
-    gen    actor   L0      nodes[0:16]  2   8   8   8    0.000    3.423   40594
-    score  reward  L0      nodes[0:16]  2   8   8   8    3.423    5.089   38171
-    refl   ref     L0      nodes[0:16]  2   8   8   8    5.089    6.760   38421
-    vals   critic  L0      nodes[0:16]  2   8   8   8    6.760    8.426   40274
-    a_tr   actor   L0      nodes[0:16]  2   8   8   8    8.426    14.646  45263
-    c_tr   critic  L0      nodes[0:16]  2   8   8   8    14.646   20.849  44763
+    gen    actor   L0      nodes[0:16]  2   8   8   8    0.000    37.781  40594
+    score  reward  L0      nodes[0:16]  2   8   8   8    37.781   45.498  38171
+    refl   ref     L0      nodes[0:16]  2   8   8   8    45.498   53.242  38421
+    vals   critic  L0      nodes[0:16]  2   8   8   8    53.242   60.959  40274
+    a_tr   actor   L0      nodes[0:16]  2   8   8   8    60.959   76.952  45263
+    c_tr   critic  L0      nodes[0:16]  2   8   8   8    76.952   92.890  44763
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -91,12 +91,12 @@ PROGRAM = {'source': '../programs/ppo_70b.rlhf',
                           'tokenizer': '../data/tiny/tokenizer.json',
                           'max_len': 256}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'max_new_tokens': 256, 'kl_coef': 0.05},
- 'estimates': {'gen': 3.422845,
-               'score': 1.666164,
-               'refl': 1.670688,
-               'vals': 1.666164,
-               'a_tr': 6.22041,
-               'c_tr': 6.202316}}
+ 'estimates': {'gen': 37.780753,
+               'score': 7.717033,
+               'refl': 7.744448,
+               'vals': 7.717033,
+               'a_tr': 15.992782,
+               'c_tr': 15.93795}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127), dp=2, tp=8, pp=8),

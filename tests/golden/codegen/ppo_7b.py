@@ -3,15 +3,15 @@
 Run it with `python build/ppo_7b.py` (8 local processes) or
 `torchrun --nproc-per-node 8 build/ppo_7b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 20.123 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 67.014 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s   peak MiB
-    gen    actor   L0      node0[0:8]  1   4   2   8    0.000    4.522   46914
-    score  reward  L0      node0[0:8]  1   4   2   8    4.522    6.005   29562
-    refl   ref     L0      node0[0:8]  1   4   2   8    6.005    7.511   30562
-    vals   critic  L0      node0[0:8]  1   4   2   8    7.511    8.994   31168
-    a_tr   actor   L0      node0[0:8]  1   4   2   8    8.994    14.602  35146
-    c_tr   critic  L0      node0[0:8]  1   4   2   8    14.602   20.123  33146
+    gen    actor   L0      node0[0:8]  1   8   1   1    0.000    18.400  46644
+    score  reward  L0      node0[0:8]  1   8   1   1    18.400   25.069  31205
+    refl   ref     L0      node0[0:8]  1   8   1   1    25.069   31.855  35205
+    vals   critic  L0      node0[0:8]  1   8   1   1    31.855   38.523  32781
+    a_tr   actor   L0      node0[0:8]  1   8   1   1    38.523   52.886  49189
+    c_tr   critic  L0      node0[0:8]  1   8   1   1    52.886   67.014  41189
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -91,15 +91,15 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                           'tokenizer': '../data/tiny/tokenizer.json',
                           'max_len': 256}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'max_new_tokens': 256, 'kl_coef': 0.05},
- 'estimates': {'gen': 4.521566,
-               'score': 1.483609,
-               'refl': 1.505322,
-               'vals': 1.483609,
-               'a_tr': 5.607761,
-               'c_tr': 5.520909}}
+ 'estimates': {'gen': 18.399782,
+               'score': 6.668907,
+               'refl': 6.785879,
+               'vals': 6.668907,
+               'a_tr': 14.362397,
+               'c_tr': 14.12793}}
 
 LAYOUTS = {
-    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=4, pp=2),
+    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=8, pp=1),
 }
 
 GROUPS = ((0, 1, 2, 3, 4, 5, 6, 7),)
@@ -109,12 +109,12 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), options={'n_mbs': 8})
-    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), options={'n_mbs': 8})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), options={'n_mbs': 8})
-    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), options={'n_mbs': 8})
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), options={'n_mbs': 8})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), options={'n_mbs': 8})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'))
+    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',))
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',))
+    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',))
+    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=())
+    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=())
 
 
 if __name__ == "__main__":

@@ -3,15 +3,15 @@
 Run it with `python build/ppo_pinned.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/ppo_pinned.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.014 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.013 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  3
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
     refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  3
     vals   critic  L0      node0[0:2]  2   1   1   1    0.005    0.007  3
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.007    0.010  4
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.010    0.014  4
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.007    0.010  5
+    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.010    0.013  4
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """
@@ -93,8 +93,8 @@ PROGRAM = {'source': '../programs/ppo_pinned.rlhf',
                'score': 0.0,
                'refl': 0.002246,
                'vals': 0.002234,
-               'a_tr': 0.003204,
-               'c_tr': 0.003146}}
+               'a_tr': 0.002959,
+               'c_tr': 0.002912}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -78,7 +78,7 @@ PROGRAM = {'source': '../programs/remax.rlhf',
                'score': 0.0,
                'refl': 0.002246,
                'base': 0.0,
-               'a_tr': 0.003204}}
+               'a_tr': 0.002959}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

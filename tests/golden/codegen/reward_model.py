@@ -6,7 +6,7 @@ Run it with `python build/reward_model.py` (2 local processes) or
 Plan: HEURISTIC, estimated 0.003 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model  layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    rm_tr  rm     L0      node0[0:2]  2   1   1   1    0.000    0.003  2
+    rm_tr  rm     L0      node0[0:2]  2   1   1   1    0.000    0.003  3
     
     homes: rm -> L0
 """
@@ -38,7 +38,7 @@ PROGRAM = {'source': '../programs/reward_model.rlhf',
                         'tokenizer': '../data/tiny/tokenizer.json',
                         'max_len': 32}},
  'run': {'dataflow': 'reward_model', 'batch': 16, 'steps': 40, 'seed': 1},
- 'estimates': {'rm_tr': 0.003279}}
+ 'estimates': {'rm_tr': 0.003012}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),
