@@ -175,3 +175,13 @@ def test_infeasible_hint_names_a_cluster_that_plans():
     assert plan_dataflow(replace(df, cluster=suggested), time_limit=10).iteration_time > 0
     with pytest.raises(PlanError):  # and it is the smallest such growth
         plan_dataflow(replace(df, cluster=replace(suggested, nodes=suggested.nodes // 2)), time_limit=10)
+
+
+def test_recompute_pin(tmp_path):
+    text = (ROOT / "programs/ppo_7b.rlhf").read_text().replace("../data", str(ROOT / "data"))
+    path = tmp_path / "p.rlhf"
+    path.write_text(text + "place a_tr on node0[0:8] dp = 2 tp = 4 pp = 1 n_mbs = 8 recompute = true\n")
+    plan = plan_dataflow(check_program(path)[0], time_limit=5, workers=2)
+    assert plan.placement("a_tr").strategy == Strategy(Mesh(0, 1, 0, 8), 2, 4, 1, 8, True)
+    path.write_text(text + "place gen on node0[0:8] dp = 2 tp = 4 pp = 1 recompute = true\n")
+    assert any(d.code == "E022" and "train calls" in d.message for d in check_program(path)[1])

@@ -50,8 +50,8 @@ def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[d
         sched = evaluate(problem, choice, max_orders=SYMMETRIC_ORDERS, deadline=deadline)
         if sched and (best is None or sched.makespan < best[1].makespan):
             best = (choice, sched)
-        if deadline is not None and time.perf_counter() > deadline:
-            break
+        if best is not None and deadline is not None and time.perf_counter() > deadline:
+            break  # past the deadline: the best so far (once one fits)
     if best is None:
         return None
     return best[0], evaluate(problem, best[0], deadline=deadline)
