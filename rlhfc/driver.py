@@ -12,18 +12,19 @@ from rlhfc.backend.emit import emit
 from rlhfc.backend.lower import OpProgram, lower
 from rlhfc.frontend.check import load_program
 from rlhfc.hardware import with_profile
-from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
+from rlhfc.planner.cost.coefficients import Coefficients
 from rlhfc.planner.cost.fit import load_coefficients
 from rlhfc.planner.solve import plan_dataflow, symmetric_plan
 
 
-def pricing(hardware: Path | None, coefficients: Path | None) -> Coefficients:
+def pricing(hardware: Path | None, coefficients: Path | None) -> Coefficients | None:
     """The coefficients to plan with: fitted ones, else the profile's measured latencies and
-    overheads, else the defaults (the profile is read first so that a bad one fails early)."""
+    overheads, else None: the cluster device's defaults (`default_coefficients`; the
+    profile is read first so that a bad one fails early)."""
     if hardware:
         with_profile(ir.Cluster(1, 1, "cpu"), hardware)
     chosen = coefficients or hardware
-    return load_coefficients(chosen) if chosen else DEFAULT_COEFFICIENTS
+    return load_coefficients(chosen) if chosen else None
 
 
 def with_hardware(dataflow: ir.Dataflow, hardware: Path | None) -> ir.Dataflow:

@@ -58,6 +58,29 @@ OVERRIDE_KEYS: tuple[str, ...] = (
 
 PROFILE_SCHEMA_VERSION = 1
 
+# What a cluster may declare, beyond which a figure is a typo rather than a machine (a
+# million nodes, a 1e-300 FLOP/s device): the planner would hang or divide by ~zero.
+LIMITS: dict[str, tuple[float, float]] = {
+    "nodes": (1, 1024), "devices_per_node": (1, 64),
+    "memory": (2**20, 2**44), "flops": (1e6, 1e18), "mem_bandwidth": (1e6, 1e15),
+    "intra_bandwidth": (1e5, 1e14), "inter_bandwidth": (1e5, 1e14), "host_bandwidth": (1e5, 1e14),
+    "achievable": (1e-3, 1.0), "cores": (0.0, 4096),
+}
+
+
+def out_of_range(key: str, value: float) -> str | None:
+    """Why `value` is not a plausible `key` of a cluster (None when it is)."""
+    lo, hi = LIMITS.get(key, (float("-inf"), float("inf")))
+    if lo <= value <= hi:
+        return None
+    return f"`{key}` = {value:g} is outside {lo:g} .. {hi:g}"
+
+
+def cluster_problems(cluster: Cluster) -> list[str]:
+    """Every implausible count or figure of a cluster (its block, a profile or --cluster)."""
+    figures = [("nodes", cluster.nodes), ("devices_per_node", cluster.devices_per_node), *cluster.overrides]
+    return [why for k, v in figures if (why := out_of_range(k, v))]
+
 
 class ProfileError(ValueError):
     """A hardware profile that cannot be read: the message says which file and why."""
@@ -90,7 +113,8 @@ def load_profile(path: str | Path) -> tuple[str, tuple[tuple[str, float], ...]]:
     figures = doc.get("device")
     if doc.get("base") not in CATALOG or not isinstance(figures, dict):
         raise ProfileError(f"hardware profile {path}: needs `base` (one of {', '.join(DEVICE_NAMES)}) and `device`")
-    bad = sorted(k for k, v in figures.items() if k not in OVERRIDE_KEYS or not isinstance(v, (int, float)) or v <= 0)
+    bad = sorted(k for k, v in figures.items() if k not in OVERRIDE_KEYS or not isinstance(v, (int, float)) or v <= 0
+                 or out_of_range(k, v))
     if bad:
         raise ProfileError(f"hardware profile {path}: bad device figure(s) {bad}; known: {', '.join(OVERRIDE_KEYS)}")
     return doc["base"], tuple(sorted((k, float(v)) for k, v in figures.items()))

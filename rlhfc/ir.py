@@ -100,13 +100,16 @@ class Mesh:
 
 @dataclass(frozen=True)
 class Strategy:
-    """Where and how one call runs: a mesh and its data/tensor/pipeline degrees."""
+    """Where and how one call runs: a mesh and its data/tensor/pipeline degrees;
+    `recompute` (train calls) keeps only each layer's input for backward and runs the
+    forward again there (activation checkpointing)."""
 
     mesh: Mesh
     dp: int
     tp: int
     pp: int
     n_mbs: int = 1
+    recompute: bool = False
 
 
 @dataclass(frozen=True)

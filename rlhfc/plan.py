@@ -82,14 +82,14 @@ def _strategy_dict(s: Strategy) -> dict:
     m = s.mesh
     return {
         "mesh": {"first_node": m.first_node, "n_nodes": m.n_nodes, "first_device": m.first_device, "n_devices": m.n_devices},
-        "dp": s.dp, "tp": s.tp, "pp": s.pp, "n_mbs": s.n_mbs,
+        "dp": s.dp, "tp": s.tp, "pp": s.pp, "n_mbs": s.n_mbs, "recompute": s.recompute,
     }
 
 
 def _strategy_from(d: dict) -> Strategy:
     from rlhfc.ir import Mesh
 
-    return Strategy(Mesh(**d["mesh"]), d["dp"], d["tp"], d["pp"], d["n_mbs"])
+    return Strategy(Mesh(**d["mesh"]), d["dp"], d["tp"], d["pp"], d["n_mbs"], bool(d.get("recompute", False)))
 
 
 def plan_to_json(plan: Plan, include_timing: bool = False) -> str:

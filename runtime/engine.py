@@ -62,6 +62,7 @@ class Engine:
         self.host: dict[tuple[str, str], dict] = {}  # (model, layout) -> offloaded weights
         self.stats: dict[str, float] = {}
         self.measuring = False  # count this step's peak memory per call (`run`)
+        self.steps = int(program["run"]["steps"])  # this run's step count (`run` applies --steps)
         self.spans: dict[str, tuple[float, float]] = {}  # op -> (start, end), wall clock (time.time)
         for name, spec in program["models"].items():
             home = spec["home"]
@@ -126,7 +127,7 @@ class Engine:
             spec = self.program["models"][model]
             batch = {k: self._input(k, layout) for k in inputs}
             runtime_model = None if spec["kind"] == "rule" else self.models[(model, layout)]
-            context = {**settings, **self.specials, "step": self.step, "seed": self.seed}
+            context = {**settings, **self.specials, "step": self.step, "steps": self.steps, "seed": self.seed}
             resident = resident_bytes(*((runtime_model.module, runtime_model.optimizer) if runtime_model else (None, None)))
             with CallMemory(rdist.device_for_rank(), resident, active=self.measuring) as memory:
                 produced, stats = calls.run_call(
@@ -213,7 +214,7 @@ class Engine:
         (the last `keep` kept). `stop` (signals.StopFlag) is asked at every step boundary:
         a signal on any rank ends the loop there on all ranks, with a checkpoint. Returns
         {"stopped": signal or 0, "step": the last step done, "saved": the newest checkpoint's step}."""
-        steps = int(self.options.get("steps") or self.program["run"]["steps"])
+        steps = self.steps = int(self.options.get("steps") or self.program["run"]["steps"])
         save_every = int(self.options.get("save_every") or self.program["run"]["save_every"])
         self.keep = int(self.options.get("keep") or self.program["run"]["keep"])
         if self.options.get("resume"):

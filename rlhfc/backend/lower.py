@@ -237,7 +237,7 @@ def call_settings(call: ir.Call, plan: Plan) -> tuple[tuple[str, float | int | s
     for this call (micro-batches, activation recompute), so the runtime runs what the
     cost model priced."""
     strategy = plan.placement(call.name).strategy
-    return (*call.settings, ("n_mbs", strategy.n_mbs), ("recompute", bool(getattr(strategy, "recompute", False))))
+    return (*call.settings, ("n_mbs", strategy.n_mbs), ("recompute", strategy.recompute))
 
 
 def _nearest(holders: set[str], dst: str) -> str:

@@ -44,7 +44,8 @@ def plan_command(
     """Choose every call's devices and dp/tp/pp with CP-SAT and print the plan."""
     from rlhfc.frontend.check import load_program
     from rlhfc.diagnostics import CompileError, render
-    from rlhfc.planner.explain import explain_plan, print_explanation
+    from rlhfc.planner.cost.coefficients import estimate_meaning
+    from rlhfc.planner.explain import explain_plan, print_explanation, roofline_seconds
     from rlhfc.planner.report import print_plan, save_gantt
     from rlhfc.planner.solve import plan_dataflow
 
@@ -64,6 +65,9 @@ def plan_command(
     print_plan(plan, out)
     if explain:
         print_explanation(explain_plan(dataflow, plan, coeffs), out)
+        floor, _ = roofline_seconds(dataflow, plan, coeffs)
+        out.print(f"iteration {plan.iteration_time:.3f} s estimated ({estimate_meaning(dataflow.cluster.device, coeffs)}); "
+                  f"physical roofline of the same plan {floor:.3f} s", markup=False, highlight=False)
     if json_out:
         json_out.write_text(plan.to_json())
     for path in (svg, png):

@@ -19,7 +19,7 @@ def compact_table(title: str) -> Table:
 
 
 def _strategy(s) -> tuple[str, str, str]:
-    return str(s.mesh), f"{s.dp}/{s.tp}/{s.pp}", str(s.n_mbs)
+    return str(s.mesh), f"{s.dp}/{s.tp}/{s.pp}", f"{s.n_mbs} rc" if s.recompute else str(s.n_mbs)
 
 
 def print_plan(plan: Plan, console: Console) -> None:
@@ -30,6 +30,8 @@ def print_plan(plan: Plan, console: Console) -> None:
     for p in plan.calls:
         calls.add_row(p.call, p.model, *_strategy(p.strategy), f"{p.start:.3f}", f"{p.end:.3f}", f"{p.peak_memory / GIB:.1f}")
     console.print(calls)
+    if any(p.strategy.recompute for p in plan.calls):
+        console.print("rc: activations recomputed in backward (one more forward, one layer input kept per layer)")
     if plan.reallocations:
         moves = compact_table("parameter reallocations")
         for col in ("model", "before", "from", "to", "GB", "seconds"):

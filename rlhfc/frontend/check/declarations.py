@@ -9,6 +9,7 @@ from rlhfc.files import FileProblem, read_text
 from rlhfc_runtime.contract.interfaces import RULES
 
 from rlhfc import ir
+from rlhfc.hardware import out_of_range
 from rlhfc.frontend import ast
 from rlhfc.frontend.check.common import (
     CLUSTER_COUNTS,
@@ -38,7 +39,7 @@ def check_cluster(unit: Unit, rep: Reporter, val: Values) -> ir.Cluster:
     device, overrides = "cpu", []
     for key, opt in opts.items():
         if key in CLUSTER_COUNTS:
-            counts[key] = val.positive_int(opt, "E018") or 1
+            counts[key] = _plausible(key, val.positive_int(opt, "E018"), opt, rep) or 1
         elif key == "device":
             name = val.string(opt)
             if name is not None and name not in device_names():
@@ -50,13 +51,22 @@ def check_cluster(unit: Unit, rep: Reporter, val: Values) -> ir.Cluster:
             if profiled:
                 device, overrides = profiled[0], [*profiled[1], *overrides]
         elif key in CLUSTER_OVERRIDES:
-            number = val.positive_number(opt, "E018")
+            number = _plausible(key, val.positive_number(opt, "E018"), opt, rep)
             if number is not None:
                 overrides.append((key, float(number)))
         else:
             val.unknown(opt.key, CLUSTER_COUNTS + ("device", "hardware") + CLUSTER_OVERRIDES, "`cluster`")
     figures = dict(overrides)  # the block's own figures win over a profile's (listed first)
     return ir.Cluster(counts["nodes"], counts["devices_per_node"], device, tuple(sorted(figures.items())))
+
+
+def _plausible(key: str, number, opt: ast.Option, rep: Reporter):
+    """`number` if it is a plausible cluster figure (`hardware.LIMITS`), else None and E018."""
+    why = None if number is None else out_of_range(key, number)
+    if why:
+        rep.error("E018", f"{why}: not a cluster this compiler can plan", opt.value.span)
+        return None
+    return number
 
 
 def _hardware_profile(unit: Unit, opt: ast.Option, rep: Reporter, val: Values):

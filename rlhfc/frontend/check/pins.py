@@ -50,15 +50,22 @@ def check_pins(unit: Unit, calls: tuple[ir.Call, ...], names: set[str], models: 
             rep.error("E003", f"call `{place.call.text}` is pinned twice", place.call.span)
         mesh = _mesh(place.mesh, cluster, rep)
         opts = by_key(place.options, rep, "`place`")
-        degrees = {}
+        degrees, recompute = {}, False
         for key, opt in opts.items():
             if key in ("dp", "tp", "pp", "n_mbs"):
                 degrees[key] = val.positive_int(opt)
+            elif key == "recompute" and isinstance(opt.value, ast.Bool):
+                recompute = opt.value.value
+            elif key == "recompute":
+                rep.error("E022", "`recompute` must be true or false", opt.value.span)
             else:
-                val.unknown(opt.key, ("dp", "tp", "pp", "n_mbs"), "`place`")
+                val.unknown(opt.key, ("dp", "tp", "pp", "n_mbs", "recompute"), "`place`")
         missing = [k for k in ("dp", "tp", "pp") if k not in opts]
         if missing:
             rep.error("E024", f"`place` needs {', '.join(missing)}", place.span, "place CALL on MESH dp = N tp = N pp = N")
+        if recompute and call is not None and call.kind is not ir.CallKind.TRAIN:
+            rep.error("E022", f"`recompute` applies to train calls; `{call.name}` is a {call.kind.value} call",
+                      opts["recompute"].value.span)
         if mesh is None or missing or None in degrees.values():
             continue
         dp, tp, pp = degrees["dp"], degrees["tp"], degrees["pp"]
@@ -73,6 +80,7 @@ def check_pins(unit: Unit, calls: tuple[ir.Call, ...], names: set[str], models: 
             rep.error("E014", f"tp = {tp} does not divide the heads of `{call.model}` "
                               f"({shape.n_heads} heads, {shape.n_kv_heads} kv heads)", opts["tp"].value.span,
                       "choose tp dividing both head counts")
-        pins[place.call.text] = ir.Pin(place.call.text, ir.Strategy(mesh, dp, tp, pp, degrees.get("n_mbs") or 1),
+        pins[place.call.text] = ir.Pin(place.call.text, ir.Strategy(mesh, dp, tp, pp, degrees.get("n_mbs") or 1,
+                                                                         recompute),
                                        place.span)
     return tuple(pins.values())

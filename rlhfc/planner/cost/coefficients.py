@@ -3,7 +3,7 @@ fit them from measurements and hand a new instance to the estimator."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class Coefficients:
     key_bytes_per_token: int = 4
     # Correction of the device's `achievable` share of peak FLOP/s, fitted by `rlhfc calibrate`.
     compute_efficiency: float = 1.0
+    # Forward-only passes (inference, prefill) reach this multiple of the train FLOP rate.
+    inference_efficiency: float = 1.0
     # Share of the link / HBM bandwidth that collectives and kernels reach.
     link_efficiency: float = 0.7
     mem_bandwidth_efficiency: float = 0.7
@@ -35,6 +37,13 @@ class Coefficients:
     micro_batch_overhead: float = 2e-3
     # Fixed cost of one decoding step of one micro-batch on one stage, seconds.
     decode_step_overhead: float = 30e-6
+    # Fixed cost per decoder layer of one decoding step of one micro-batch on one stage
+    # (its kernel launches and small-batch kernels), seconds.
+    decode_layer_overhead: float = 0.0
+    # Reallocation moves parameters in buckets of `realloc_bucket_bytes` per destination
+    # device, each paying `realloc_bucket_latency` seconds (launch, sync, copy-in/out).
+    realloc_bucket_bytes: int = 1 << 28
+    realloc_bucket_latency: float = 0.0
     # Driver work per iteration op that the schedule does not price (a data load, a move
     # between meshes, a rule reward, a dropped copy), seconds; 0 leaves it out. Fitted by
     # `rlhfc.planner.cost.fit.fit_driver_overhead` from iteration times; not used by the solver.
@@ -44,3 +53,44 @@ class Coefficients:
 
 
 DEFAULT_COEFFICIENTS = Coefficients()
+
+
+def default_coefficients(device: str) -> Coefficients:
+    """The coefficients a device is priced with when none are given: fitted ones for the
+    GPUs (`GPU_COEFFICIENTS`), the analytical defaults elsewhere (`cpu`, whose runs
+    `rlhfc calibrate` fits)."""
+    return GPU_COEFFICIENTS.get(device, DEFAULT_COEFFICIENTS)
+
+
+def estimate_meaning(device: str, given: Coefficients | None) -> str:
+    """What an estimate priced with `given` (None: the device's defaults) stands for."""
+    if given is not None:
+        return "with the given coefficients"
+    if device in GPU_COEFFICIENTS:
+        return "what a well-built runtime measures: coefficients fitted to ReaL's measured H100 PPO iterations"
+    return "analytical defaults; `rlhfc calibrate` fits them to this machine's runs"
+
+
+# Fitted by `bench/fit_real.py` to ReaL's measured seconds per PPO iteration on H100s
+# (Mei et al. 2024; `bench/data/real_measured.json` has the figures and their source):
+# rlhfc's plan against ReaL's searched plan, rlhfc's symmetric plan against ReaL's
+# symmetric heuristic, 12 settings (errors in `bench/results/real_fit.md`). An estimate
+# with them is what a well-built runtime measures, not the physical floor.
+H100_COEFFICIENTS = replace(
+    DEFAULT_COEFFICIENTS,
+    collective_latency=6.911449441663001e-05,
+    compute_efficiency=0.33,
+    decode_layer_overhead=0.0011523701075384983,
+    decode_step_overhead=0.0013157469353453752,
+    inference_efficiency=0.5,
+    mem_bandwidth_efficiency=0.3,
+    micro_batch_overhead=0.004160925870022605,
+    realloc_bucket_latency=0.014868575364222762,
+)
+
+# The other GPUs reuse the H100 fit: its efficiencies are fractions of each device's own
+# peak FLOP/s and bandwidth (the catalog's figures), its fixed costs software latencies
+# of the same runtime on either generation. An assumption, not a measurement.
+GPU_COEFFICIENTS: dict[str, Coefficients] = {
+    name: H100_COEFFICIENTS for name in ("H100-80GB", "H200", "A100-80GB", "A100-40GB")
+}

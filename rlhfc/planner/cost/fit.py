@@ -32,7 +32,7 @@ FIT_FIELDS: tuple[str, ...] = (
     "micro_batch_overhead", "decode_step_overhead",
 )
 # Coefficients whose zero means "left out" rather than an impossible value.
-MAY_BE_ZERO: tuple[str, ...] = ("driver_op_overhead",)
+MAY_BE_ZERO: tuple[str, ...] = ("driver_op_overhead", "decode_layer_overhead", "realloc_bucket_latency")
 _SPAN = Span("<run>", 0, 0, 0, 0)
 
 
@@ -192,15 +192,21 @@ def _with_logs(base: Coefficients, names: tuple[str, ...], logs) -> Coefficients
 def fit_coefficients(
     samples: list[Sample], start: Coefficients = DEFAULT_COEFFICIENTS, names: tuple[str, ...] = FIT_FIELDS,
     huber: float = 0.1, prior: float = 1e-3, iterations: int = 60,
+    bounds: dict[str, tuple[float, float]] | None = None,
 ) -> Coefficients:
     """Coefficients minimising the Huber loss of log(predicted/measured) over `samples`
     (Levenberg–Marquardt on the logs of `names`, numeric Jacobian, plus `prior`·‖log
-    change‖² so that unobserved coefficients stay at `start`)."""
+    change‖² so that unobserved coefficients stay at `start`), each kept inside its
+    `bounds` (steps are projected onto them). A sample is anything with `measured`
+    seconds and `priced.seconds(coefficients)`: a call, or a whole plan's iteration."""
     import numpy as np
 
     if not samples:
         raise FitError("no call times to fit: the runs recorded no neural calls")
-    x0 = np.log([getattr(start, n) for n in names])
+    box = bounds or {}
+    lo = np.log([box.get(n, (1e-300, 1e300))[0] for n in names])
+    hi = np.log([box.get(n, (1e-300, 1e300))[1] for n in names])
+    x0 = np.clip(np.log([getattr(start, n) for n in names]), lo, hi)
     x, damping = x0.copy(), 1e-3
 
     def objective(x):
@@ -218,7 +224,7 @@ def fit_coefficients(
         g = jac.T @ (w * r) + prior * (x - x0)
         improved = False
         while damping < 1e8:
-            step = np.linalg.solve(a + damping * np.diag(np.diag(a) + 1e-12), -g)
+            step = np.clip(x + np.linalg.solve(a + damping * np.diag(np.diag(a) + 1e-12), -g), lo, hi) - x
             r_new, loss_new = objective(x + step)
             if loss_new < loss:
                 x, r, improved = x + step, r_new, loss - loss_new > 1e-12 * max(loss, 1e-12)

@@ -107,24 +107,58 @@ def dp_bandwidth(strategy: Strategy, device: Device) -> float:
     return device.intra_bandwidth if inside else device.inter_bandwidth
 
 
-def flop_rate(device: Device, c: Coefficients) -> float:
-    """FLOP/s that kernels reach on one device: peak × achievable × the fitted correction."""
-    return device.flops * device.achievable * c.compute_efficiency
+def flop_rate(device: Device, c: Coefficients, kind: CallKind = CallKind.TRAIN) -> float:
+    """FLOP/s that kernels reach on one device: peak × achievable × the fitted correction,
+    × `inference_efficiency` for forward-only passes (inference, prefill)."""
+    phase = 1.0 if kind is CallKind.TRAIN else c.inference_efficiency
+    return device.flops * device.achievable * c.compute_efficiency * phase
+
+
+def optimizer_steps(call: Call) -> tuple[int, int]:
+    """(mini-batches, epochs) of a train call: it takes mini_batches·epochs optimizer
+    steps over its batch (PPO's `mini_batches` / `ppo_epochs`; 1 and 1 by default, as the
+    runtime does); every other call makes one pass."""
+    if call.kind is not CallKind.TRAIN:
+        return 1, 1
+    return max(1, int(call.option("mini_batches", 1))), max(1, int(call.option("ppo_epochs", 1)))
 
 
 def _forward_backward_terms(
     shape: ModelShape, n_params: int, tokens: int, s: Strategy, device: Device, c: Coefficients,
-    flops_per_token_param: int, allreduces_per_layer: int,
+    kind: CallKind, passes: int = 1, mini_batches: int = 1,
 ) -> dict[str, float]:
-    """Compute plus tensor-parallel communication of a pass over `tokens`, stretched by the
-    1F1B factor (m + pp − 1)/m (the stretch is the bubble), plus per-micro-batch overheads."""
-    compute = flops_per_token_param * n_params * tokens / (s.mesh.size * flop_rate(device, c))
+    """Compute plus tensor-parallel communication of `passes` passes over `tokens` in
+    `mini_batches` pipelined mini-batches of `n_mbs` micro-batches each, stretched by the
+    1F1B factor (m + pp − 1)/m per mini-batch (the stretch is the bubble), plus
+    per-micro-batch overheads. Train: 6·N per token and 4 tp all-reduces per layer, and
+    with recompute one more forward (2·N, 2 all-reduces) as its own term."""
+    train = kind is CallKind.TRAIN
+    flops_per_token_param, allreduces_per_layer = (6, 4) if train else (2, 2)
+    rate = s.mesh.size * flop_rate(device, c, kind)
+    compute = passes * flops_per_token_param * n_params * tokens / rate
     layers = math.ceil(shape.n_layers / s.pp)
-    act_bytes = tokens / s.dp * shape.hidden * 2
-    tp_comm = layers * allreduces_per_layer * allreduce_seconds(act_bytes, s.tp, device.intra_bandwidth, c)
-    steps = s.n_mbs + s.pp - 1
-    return {"compute": compute, "tp": tp_comm, "bubble": (compute + tp_comm) * (s.pp - 1) / s.n_mbs,
-            "overhead": c.micro_batch_overhead * steps}
+    act_bytes = tokens / (s.dp * mini_batches * s.n_mbs) * shape.hidden * 2  # one micro-batch
+    one_allreduce = allreduce_seconds(act_bytes, s.tp, device.intra_bandwidth, c)
+    tp_comm = passes * mini_batches * s.n_mbs * layers * allreduces_per_layer * one_allreduce
+    terms = {"compute": compute, "tp": tp_comm}
+    if train and s.recompute:
+        terms["recompute"] = compute / 3 + tp_comm / 2
+    work = sum(terms.values())
+    steps = passes * mini_batches * (s.n_mbs + s.pp - 1)
+    terms["bubble"] = work * (s.pp - 1) / s.n_mbs
+    terms["overhead"] = c.micro_batch_overhead * steps
+    return terms
+
+
+def train_activation_bytes(shape: ModelShape, s: Strategy, tokens_mb: int, c: Coefficients) -> int:
+    """Activations one micro-batch keeps per device for backward: every layer's full set
+    (Korthikanti et al. 2022, 34·s·b·h/tp), or with recompute only each layer's bf16 input
+    (2·s·b·h/tp) plus one layer's full set while it is recomputed."""
+    layers = math.ceil(shape.n_layers / s.pp)
+    full_layer = c.train_activation_bytes * tokens_mb * shape.hidden / s.tp
+    if s.recompute:
+        return int(2 * tokens_mb * shape.hidden * layers / s.tp + full_layer)
+    return int(full_layer * layers)
 
 
 def call_cost(
@@ -141,40 +175,42 @@ def call_cost(
     p_dev = device_params(shape, model.head, s.tp, s.pp)
     layers = math.ceil(shape.n_layers / s.pp)
     tokens = call.batch * call.seq_len
-    tokens_mb = math.ceil(tokens / (s.dp * s.n_mbs))
+    mini_batches, epochs = optimizer_steps(call)
+    tokens_mb = math.ceil(tokens / (s.dp * s.n_mbs * mini_batches))
     vocab_out = shape.vocab if model.head is Head.LM else 1
     logits = c.logit_bytes * tokens_mb * vocab_out // s.tp
     weights = c.weight_bytes_per_param * p_dev
 
     if call.kind is CallKind.TRAIN:
-        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, 6, 4)
-        terms["dp"] = allreduce_seconds(2 * p_dev, s.dp, dp_bandwidth(s, device), c)
-        terms["optimizer"] = 2 * c.train_bytes_per_param * p_dev / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
+        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, epochs, mini_batches)
+        updates = epochs * mini_batches
+        terms["dp"] = updates * allreduce_seconds(2 * p_dev, s.dp, dp_bandwidth(s, device), c)
+        terms["optimizer"] = updates * 2 * c.train_bytes_per_param * p_dev / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
         state = c.train_bytes_per_param * p_dev
         in_flight = min(s.pp, s.n_mbs)
-        acts = int(c.train_activation_bytes * tokens_mb * shape.hidden * layers / s.tp) * in_flight
-        transient = acts + 2 * logits
+        transient = train_activation_bytes(shape, s, tokens_mb, c) * in_flight + 2 * logits
         return _split(terms, state, transient, is_home, share)
 
     if call.kind is CallKind.INFERENCE:
-        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, 2, 2)
+        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind)
         transient = int(c.inference_activation_bytes * tokens_mb * shape.hidden / s.tp) + logits
         return _split(terms, weights, transient, is_home, share)
 
     # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps; a step
     # takes max(m, pp) stage times, of which max(0, pp − m) are the pipeline's bubble.
-    terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, 2, 2)
+    terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, call.kind)
     seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs))
     kv_per_token = 2 * layers * (shape.n_kv_heads // s.tp) * shape.head_dim * 2
     mean_context = call.prompt_len + call.gen_len / 2
-    stage_flops = 2 * p_dev * seqs_mb / flop_rate(device, c)
+    stage_flops = 2 * p_dev * seqs_mb / flop_rate(device, c, call.kind)
     stage_bytes = (weights + kv_per_token * seqs_mb * mean_context) / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
     tp_comm = layers * 2 * allreduce_seconds(seqs_mb * shape.hidden * 2, s.tp, device.intra_bandwidth, c)
-    stage = max(stage_flops, stage_bytes) + tp_comm + c.decode_step_overhead
+    fixed = c.decode_step_overhead + c.decode_layer_overhead * layers  # kernel launches, sampling
+    stage = max(stage_flops, stage_bytes) + tp_comm + fixed
     steps = call.gen_len * s.n_mbs
     terms["decode_memory" if stage_bytes >= stage_flops else "decode_compute"] = steps * max(stage_flops, stage_bytes)
     terms["tp"] += steps * tp_comm
-    terms["decode_overhead"] = steps * c.decode_step_overhead
+    terms["decode_overhead"] = steps * fixed
     terms["bubble"] += call.gen_len * max(0, s.pp - s.n_mbs) * stage
     kv_cache = kv_per_token * math.ceil(call.batch / s.dp) * call.seq_len
     transient = kv_cache + c.logit_bytes * seqs_mb * vocab_out // s.tp

@@ -10,7 +10,9 @@ two tensor-parallel intervals [t/tp, (t+1)/tp). Devices outside the source mesh 
 nothing, so disjoint meshes cost dp_dst full copies with no per-device work.
 
 Time: destinations receive in parallel, so it is the largest per-device volume over the
-slowest link crossed (NVLink when both meshes lie in one node, the NIC otherwise).
+slowest link crossed (NVLink when both meshes lie in one node, the NIC otherwise), plus
+a fixed cost per bucket of `Coefficients.realloc_bucket_bytes` that device receives
+(measured weight syncs sit far above the bandwidth floor: HybridFlow, verl).
 """
 
 from __future__ import annotations
@@ -96,7 +98,9 @@ def realloc_cost(
     one_node = sm.n_nodes == dm.n_nodes == 1 and sm.first_node == dm.first_node
     link = device.intra_bandwidth if one_node else device.inter_bandwidth
     nbytes = c.weight_bytes_per_param * missing_total
-    seconds = c.weight_bytes_per_param * missing_max / (link * c.link_efficiency)
+    per_device = c.weight_bytes_per_param * missing_max
+    buckets = -(-per_device // c.realloc_bucket_bytes)
+    seconds = per_device / (link * c.link_efficiency) + buckets * c.realloc_bucket_latency
     return ReallocCost(nbytes, seconds)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
+from rlhfc.planner.cost.coefficients import Coefficients, default_coefficients
 from rlhfc.ir import Dataflow
 from rlhfc.plan import CallPlacement, Plan, Reallocation
 from rlhfc.planner.solve.baselines import symmetric_choice
 from rlhfc.planner.solve.cpsat import solve_cpsat
-from rlhfc.planner.solve.diagnose import PlanError, diagnose_infeasible
+from rlhfc.planner.solve.diagnose import PlanError, check_cluster, diagnose_infeasible
 from rlhfc.planner.solve.problem import Option, Problem, SearchSpace, build_problem, offloadable, with_options
 from rlhfc.planner.solve.schedule import Schedule, evaluate
 
@@ -65,23 +65,33 @@ def _resident_elsewhere(problem: Problem, choice: dict[str, Option], call: str) 
 
 def plan_dataflow(
     df: Dataflow, time_limit: float = 10.0, workers: int = 8, seed: int = 0,
-    coeffs: Coefficients = DEFAULT_COEFFICIENTS, space: SearchSpace = SearchSpace(),
+    coeffs: Coefficients | None = None, space: SearchSpace = SearchSpace(),
 ) -> Plan:
     """The CP-SAT plan of one iteration, with its proven bound and the symmetric baseline.
     When no plan fits in device memory, frozen models may wait in host memory between
     iterations (offloaded) and the search runs again.
 
-    Raises `PlanError` (with a hint) when no placement fits."""
+    `time_limit` bounds the whole call (building and pruning the options, the baseline,
+    both solves): when it runs out, the best plan found so far comes back with status
+    FEASIBLE and its gap. `coeffs` None prices with the cluster device's defaults
+    (`default_coefficients`). Raises `PlanError` (with a hint) when no placement fits."""
     t0 = time.perf_counter()
-    problem = build_problem(df, coeffs, space)
+    deadline = t0 + time_limit
+    check_cluster(df.cluster)
+    coeffs = coeffs or default_coefficients(df.cluster.device)
+    problem = build_problem(df, coeffs, space, deadline=t0 + BUILD_SHARE * time_limit)
     diagnose_infeasible(problem)  # per-call reasons, before the solver (offloading cannot help)
     try:
-        problem, choice, sched, result, baseline = _solve(problem, time_limit, workers, seed)
-    except PlanError:  # no combination fits: frozen models may wait in host memory
+        problem, choice, sched, result, baseline = _solve(problem, deadline, workers, seed)
+    except PlanError as e:  # no combination fits: frozen models may wait in host memory
         if space.offload or not any(offloadable(df, m) for m in df.models):
-            raise
-        problem = build_problem(df, coeffs, replace(space, offload=True))
-        problem, choice, sched, result, baseline = _solve(problem, time_limit, workers, seed)
+            _with_hint(problem, e)
+        now = time.perf_counter()
+        problem = build_problem(df, coeffs, replace(space, offload=True), deadline=now + BUILD_SHARE * (deadline - now))
+        try:
+            problem, choice, sched, result, baseline = _solve(problem, deadline, workers, seed)
+        except PlanError as e:
+            _with_hint(problem, e)
     status = "OPTIMAL" if result.status == "OPTIMAL" else "FEASIBLE"
     return plan_from_choice(
         problem, choice, sched, status=status, bound=result.bound, solve_seconds=time.perf_counter() - t0,
@@ -89,29 +99,51 @@ def plan_dataflow(
     )
 
 
-def _solve(problem: Problem, time_limit: float, workers: int, seed: int):
+# Shares of the time limit: building and pruning the options stops pruning past the
+# first, the symmetric baseline stops comparing candidates past the second (of what is left).
+BUILD_SHARE = 0.4
+BASELINE_SHARE = 0.3
+# Seconds kept back for assembling the plan after the solver returns.
+MARGIN = 0.3
+
+
+def _with_hint(problem: Problem, error: PlanError):
+    """Raise `error` again, with a fix that was checked to plan when the solver gave up."""
+    if error.message.startswith("no plan fits ("):
+        diagnose_infeasible(problem, solver_status=error.message[len("no plan fits ("):].split(")")[0])
+    raise error
+
+
+def _solve(problem: Problem, deadline: float, workers: int, seed: int):
     """(problem with the hint's options, choice, schedule, CP-SAT result, symmetric
-    baseline) of a problem whose every call has an option; `PlanError` if none combine."""
-    baseline = symmetric_choice(problem)
+    baseline) of a problem whose every call has an option; `PlanError` if none combine
+    (or none was found before `deadline`)."""
+    now = time.perf_counter()
+    baseline = symmetric_choice(problem, deadline=now + BASELINE_SHARE * max(0.0, deadline - now))
     hint = None
     if baseline and not problem.dataflow.pins:
         problem = with_options(problem, baseline[0])
         hint = baseline
-    result = solve_cpsat(problem, time_limit, workers, seed, hint=hint)
+    left = max(0.1, deadline - time.perf_counter() - MARGIN)
+    result = solve_cpsat(problem, left, workers, seed, hint=hint)
     if result.choice is None and not (hint and result.status == "UNKNOWN"):
-        diagnose_infeasible(problem, solver_status=result.status)
+        if result.status == "UNKNOWN":
+            raise PlanError("no plan found within the time limit", "raise --time-limit")
+        diagnose_infeasible(problem, solver_status=result.status, hint=False)
     if result.choice is None:  # time limit before CP-SAT accepted the hint: keep the hint
         choice, sched = hint
+        result = replace(result, status="FEASIBLE")
     else:
         choice = dict(result.choice)
-        sched = evaluate(problem, choice)
+        sched = evaluate(problem, choice, deadline=deadline)
     return problem, choice, sched, result, baseline
 
 
-def symmetric_plan(df: Dataflow, coeffs: Coefficients = DEFAULT_COEFFICIENTS) -> Plan:
+def symmetric_plan(df: Dataflow, coeffs: Coefficients | None = None) -> Plan:
     """The best one-strategy-for-all-calls plan on the whole cluster (Megatron-style)."""
     t0 = time.perf_counter()
-    problem = build_problem(df, coeffs)
+    check_cluster(df.cluster)
+    problem = build_problem(df, coeffs or default_coefficients(df.cluster.device))
     best = symmetric_choice(problem)
     if best is None:
         diagnose_infeasible(problem, solver_status="no symmetric strategy fits in memory")

@@ -19,26 +19,45 @@ from rlhfc.planner.solve.problem import Option, Problem, enumerate_strategies, m
 from rlhfc.planner.solve.schedule import Schedule, evaluate
 
 
-def symmetric_choice(problem: Problem) -> tuple[dict[str, Option], Schedule] | None:
-    """The best plan that runs every call on the whole cluster with one shared strategy."""
+def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[dict[str, Option], Schedule] | None:
+    """The best plan that runs every call on the whole cluster with one shared strategy.
+    Every call holds every device, so the calls run one after another: a candidate's
+    makespan is at least its durations' sum, so candidates are tried by that sum and the
+    search stops when it reaches the best makespan (exact); the order matters only
+    through transfer lags, so candidates are compared on a few orders and the best one
+    scheduled over all orders (those tried before `deadline`)."""
     df = problem.dataflow
     whole = Mesh(0, df.cluster.nodes, 0, df.cluster.devices_per_node)
     neural = [c for c in df.calls if df.model(c.model).kind != "rule"]
-    per_call = {c.name: {_degrees(s): s for s in enumerate_strategies(c, df.model(c.model), whole, problem.space)} for c in neural}
+    rules = {c.name: problem.by_call[c.name][0] for c in df.calls if df.model(c.model).kind == "rule"}
+    per_call: dict[str, dict[tuple, list[Strategy]]] = {}
+    for c in neural:  # degrees -> the call's strategies with them (train: with and without recompute)
+        for s in enumerate_strategies(c, df.model(c.model), whole, problem.space):
+            per_call.setdefault(c.name, {}).setdefault(_degrees(s), []).append(s)
     shared = sorted(set.intersection(*(set(v) for v in per_call.values()))) if per_call else []
-    best = None
+    candidates = []
     for degrees in shared:
-        choice = {}
-        for call in df.calls:
-            if call.name in per_call:
-                s = per_call[call.name][degrees]
-                choice[call.name] = make_option(df, call, s, problem.device, problem.coeffs, problem.is_home(call.name))
-            else:
-                choice[call.name] = problem.by_call[call.name][0]
-        sched = evaluate(problem, choice)
+        for variant in itertools.product(*(per_call[c.name][degrees] for c in neural)):
+            choice = dict(rules)
+            for c, st in zip(neural, variant):
+                choice[c.name] = make_option(df, c, st, problem.device, problem.coeffs, problem.is_home(c.name))
+            # every call holds every device, so the makespan is at least the sum of durations
+            candidates.append((sum(o.duration for o in choice.values()), len(candidates), choice))
+    best = None
+    for total, _, choice in sorted(candidates, key=lambda t: t[:2]):
+        if best is not None and total >= best[1].makespan:
+            break  # no later candidate can be faster
+        sched = evaluate(problem, choice, max_orders=SYMMETRIC_ORDERS, deadline=deadline)
         if sched and (best is None or sched.makespan < best[1].makespan):
             best = (choice, sched)
-    return best
+        if best is not None and deadline is not None and time.perf_counter() > deadline:
+            break  # past the deadline: the best so far (once one fits)
+    if best is None:
+        return None
+    return best[0], evaluate(problem, best[0], deadline=deadline)
+
+
+SYMMETRIC_ORDERS = 20
 
 
 def _degrees(s: Strategy) -> tuple[int, int, int, int]:

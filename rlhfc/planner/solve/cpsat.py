@@ -61,8 +61,8 @@ def solve_cpsat(
     problem: Problem, time_limit: float = 10.0, workers: int = 8, seed: int = 0,
     hint: tuple[dict[str, Option], Schedule] | None = None,
 ) -> SolveResult:
-    """Build and solve the model; `hint` (e.g. the symmetric plan and its schedule) seeds
-    the search and caps the makespan."""
+    """Build and solve the model within `time_limit` seconds, building included; `hint`
+    (e.g. the symmetric plan and its schedule) seeds the search and caps the makespan."""
     t0 = time.perf_counter()
     m = cp_model.CpModel()
     opts = problem.by_call
@@ -109,19 +109,34 @@ def solve_cpsat(
     solver = cp_model.CpSolver()
     # Parallel workers race, so the optimal plan found first varies from run to run;
     # `_first_optimal` makes it unique. A run cut by the wall-clock limit may still differ.
-    solver.parameters.max_time_in_seconds = time_limit
+    solver.parameters.max_time_in_seconds = max(0.05, time_limit - (time.perf_counter() - t0))  # building counts
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     status = solver.Solve(m)
     name = solver.StatusName(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return SolveResult(None, None, 0, name, time.perf_counter() - t0)
+        return SolveResult(None, None, static_lower_bound(problem), name, time.perf_counter() - t0)
     picked = _picked(solver, problem, x)
-    best, bound = int(solver.ObjectiveValue()), int(solver.BestObjectiveBound())
+    best = int(solver.ObjectiveValue())
+    bound = max(int(solver.BestObjectiveBound()), min(best, static_lower_bound(problem)))
     if status == cp_model.OPTIMAL:
         picked = _first_optimal(m, solver, problem, x, makespan, best, picked, time_limit - (time.perf_counter() - t0))
     choice = tuple((c, opts[c][picked[c]]) for c in problem.calls)
     return SolveResult(choice, best, bound, name, time.perf_counter() - t0)
+
+
+def static_lower_bound(problem: Problem) -> int:
+    """A bound no plan beats, known without search (it matters when the time limit stops
+    CP-SAT early): the longest dependency chain of the calls' fastest options, and the
+    least device-time of all calls spread over the whole cluster."""
+    opts = problem.by_call
+    fastest = {c: min((o.duration for o in opts[c]), default=0) for c in problem.calls}
+    finish = dict(fastest)
+    for _ in problem.calls:  # relax along the (acyclic) edges until every chain is counted
+        finish = {c: fastest[c] + max((finish[src] + lag for src, dst, lag in problem.edges if dst == c), default=0)
+                  for c in problem.calls}
+    energy = sum(min((o.duration * max(1, len(o.devices)) for o in opts[c]), default=0) for c in problem.calls)
+    return max(max(finish.values(), default=0), -(-energy // problem.dataflow.cluster.n_devices))
 
 
 def _first_optimal(m, solver, problem: Problem, x, makespan, best: int, picked: dict[str, int], time_left: float):

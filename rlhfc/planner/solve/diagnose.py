@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from rlhfc.diagnostics import CompileError, Severity, located
-from rlhfc.ir import Dataflow, Span
-from rlhfc.planner.solve.problem import Problem, enumerate_meshes, enumerate_strategies, make_option
+from rlhfc.hardware import LIMITS, cluster_problems
+from rlhfc.ir import Cluster, Dataflow, Span
+from rlhfc.planner.solve.problem import Problem, call_options, enumerate_meshes, make_option
 
 GIB = 1 << 30
 
@@ -25,39 +26,74 @@ def _smallest_peak(problem: Problem, df: Dataflow, call_name: str) -> int | None
     call = df.call(call_name)
     model = df.model(call.model)
     is_home = problem.is_home(call_name)
-    peaks = [
-        make_option(df, call, s, problem.device, problem.coeffs, is_home).cost.peak_bytes
-        for m in enumerate_meshes(df.cluster, problem.space)
-        for s in enumerate_strategies(call, model, m, problem.space)
-    ]
+    peaks = [o.cost.peak_bytes for o in call_options(
+        df, call, model, enumerate_meshes(df.cluster, problem.space), problem.space, problem.device,
+        problem.coeffs, is_home)]
     return min(peaks, default=None)
 
 
-def _fix_hint(problem: Problem, call_name: str) -> str | None:
-    """The smallest cluster growth, else the largest batch, that lets the call fit."""
+def _feasible(problem: Problem, df: Dataflow) -> bool:
+    """Whether `df` has a plan in `problem`'s search space: every call has a fitting
+    option and the symmetric baseline or a short CP-SAT solve finds a combination."""
+    from rlhfc.planner.solve.baselines import symmetric_choice
+    from rlhfc.planner.solve.cpsat import solve_cpsat
+    from rlhfc.planner.solve.problem import build_problem
+
+    if cluster_problems(df.cluster):
+        return False
+    candidate = build_problem(df, problem.coeffs, problem.space)
+    if not all(opts for _, opts in candidate.options):
+        return False
+    if symmetric_choice(candidate) is not None:
+        return True
+    return solve_cpsat(candidate, time_limit=HINT_SOLVE_SECONDS, workers=2).status in ("OPTIMAL", "FEASIBLE")
+
+
+HINT_SOLVE_SECONDS = 3.0
+
+
+def _fix_hint(problem: Problem, call_name: str | None = None) -> str | None:
+    """The smallest cluster growth, else the largest batch, with which the program was
+    checked to plan (`_feasible`); `call_name` first filters candidates by that call's
+    smallest peak alone (cheap). None when neither helps."""
     df = problem.dataflow
     cl = df.cluster
     nodes = cl.nodes
-    while nodes < 1024:
+    while nodes < LIMITS["nodes"][1]:
         nodes *= 2
         bigger = replace(df, cluster=replace(cl, nodes=nodes), pins=())
-        peak = _smallest_peak(problem, bigger, call_name)
-        if peak is not None and peak <= problem.capacity:
+        if call_name:
+            peak = _smallest_peak(problem, bigger, call_name)
+            if peak is None or peak > problem.capacity:
+                continue
+        if _feasible(problem, bigger):
             return f"needs {nodes} nodes of {cl.devices_per_node} x {cl.device} (--cluster {nodes}x{cl.devices_per_node}:{cl.device})"
-    call = df.call(call_name)
-    batch = call.batch
+    batch = min(c.batch for c in df.calls)
     while batch > 1:
         batch //= 2
-        smaller = replace(df, calls=tuple(replace(c, batch=batch) if c.name == call_name else c for c in df.calls))
-        peak = _smallest_peak(problem, smaller, call_name)
-        if peak is not None and peak <= problem.capacity:
+        smaller = replace(df, calls=tuple(replace(c, batch=min(c.batch, batch)) for c in df.calls))
+        if call_name:
+            peak = _smallest_peak(problem, smaller, call_name)
+            if peak is None or peak > problem.capacity:
+                continue
+        if _feasible(problem, smaller):
             return f"lower batch to {batch}"
     return None
 
 
-def diagnose_infeasible(problem: Problem, solver_status: str | None = None) -> None:
+def check_cluster(cluster: Cluster) -> None:
+    """`PlanError` for a cluster no plan can be made for (a million nodes, 1e-300 FLOP/s):
+    the frontend reports these at their source; this catches dataflows built otherwise."""
+    problems = cluster_problems(cluster)
+    if problems:
+        raise PlanError(f"implausible cluster: {'; '.join(problems)}",
+                        f"limits: {', '.join(f'{k} {lo:g}..{hi:g}' for k, (lo, hi) in LIMITS.items())}")
+
+
+def diagnose_infeasible(problem: Problem, solver_status: str | None = None, hint: bool = True) -> None:
     """Raise `PlanError` for the first call with no fitting option; with `solver_status`
-    (the solver found no plan although every call alone fits) blame the combination."""
+    (the solver found no plan although every call alone fits) blame the combination.
+    `hint` False leaves out the fix (it is checked by planning again: seconds)."""
     df = problem.dataflow
     cap = problem.capacity / GIB
     pins = {p.call: p for p in df.pins}
@@ -82,10 +118,11 @@ def diagnose_infeasible(problem: Problem, solver_status: str | None = None) -> N
     if solver_status is not None:
         homes = ", ".join(sorted(problem.homes))
         cl = df.cluster
+        fix = _fix_hint(problem) if hint and not df.pins else None
         raise PlanError(
             f"no plan fits ({solver_status}): every call fits alone, but the resident parameters and "
             f"optimizer state of {homes} do not fit together with the calls on {cl.n_devices} x {cl.device}",
-            f"try --cluster {cl.nodes * 2}x{cl.devices_per_node}:{cl.device}, or pins that spread the models",
+            fix or "pins that spread the models, or a larger cluster",
         )
 
 

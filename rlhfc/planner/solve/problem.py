@@ -5,11 +5,12 @@ reallocation time between layouts of one model.
 Search space (ReaL, Mei et al. 2024 §4): a mesh is an aligned power-of-two slice of one
 node or an aligned power-of-two run of whole nodes; tp is a power of two inside a node
 dividing heads, kv heads, intermediate and vocab; pp ≤ layers; dp·tp·pp = mesh size;
-dp·n_mbs divides the batch; n_mbs comes from `SearchSpace.n_mbs`. On clusters of more
-than `SearchSpace.sub_node_nodes` nodes, slices smaller than a node are offered on the
-first `sub_node_nodes` nodes only (nodes are interchangeable, and slicing every node
-multiplies the options without changing which plans are reachable up to node order in
-practice; the proven bound is relative to this space).
+pp any divisor of mesh size / tp (so nodes of 5, 6 or 7 devices plan too); dp·n_mbs
+divides the (mini-)batch, n_mbs a power of two up to the per-replica mini-batch (what
+memory may need); train calls with and without activation recompute. Slices smaller than
+a node are offered on every node of clusters up to 4 nodes and on the first node of larger
+ones (`SearchSpace.sub_node_nodes` sets how many; the proven bound is relative to the
+space searched).
 
 Durations are seconds rounded up to whole `Coefficients.time_unit` (1 µs by default),
 so CP-SAT, brute force and MCMC optimise the very same integers.
@@ -22,11 +23,12 @@ layout to its own layout at its start, on its own devices.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
-from rlhfc.planner.cost.model import CallCost, call_cost, reload_seconds, transfer_seconds
+from rlhfc.planner.cost.model import CallCost, call_cost, optimizer_steps, reload_seconds, transfer_seconds
 from rlhfc.planner.cost.realloc import meshes_overlap, realloc_cost
 from rlhfc.hardware import Device, device_for
 from rlhfc.ir import Call, CallKind, Cluster, Dataflow, EdgeKind, Mesh, Model, Strategy
@@ -36,8 +38,17 @@ from rlhfc.ir import Call, CallKind, Cluster, Dataflow, EdgeKind, Mesh, Model, S
 class SearchSpace:
     """Knobs of the option enumeration."""
 
-    n_mbs: tuple[int, ...] = (1, 2, 4, 8)
-    sub_node_nodes: int = 1
+    # Micro-batches per mini-batch. None: 1, 2, 4, 8, then further doublings up to the
+    # per-replica mini-batch while each still frees `memory_step` of device memory
+    # (what memory requires, e.g. 64 for 7B PPO on 8 x A100-40GB).
+    n_mbs: tuple[int, ...] | None = None
+    memory_step: float = 1 / 32
+    # Nodes that get sub-node meshes; None: every node of a cluster of up to
+    # `SUB_NODE_EVERY` nodes, the first node of a larger one (nodes are interchangeable,
+    # and slicing all 16 nodes of a 128-GPU cluster makes its 10 s solve 3x slower).
+    sub_node_nodes: int | None = None
+    # Offer train calls with activation recompute as well as without.
+    recompute: bool = True
     # Also offer offloaded options for frozen single-call models (`offloaded_option`);
     # `plan_dataflow` turns this on only when the plan does not fit without it.
     offload: bool = False
@@ -155,12 +166,18 @@ def kib(nbytes: int) -> int:
     return -(-nbytes >> 10)
 
 
+SUB_NODE_EVERY = 4
+
+
 def enumerate_meshes(cluster: Cluster, space: SearchSpace) -> list[Mesh]:
     """Aligned power-of-two node slices (on the first `sub_node_nodes` nodes of a bigger
     cluster) and aligned power-of-two runs of whole nodes, small to large."""
     dpn, nodes = cluster.devices_per_node, cluster.nodes
     meshes = []
-    sliced = nodes if nodes <= space.sub_node_nodes else space.sub_node_nodes
+    if space.sub_node_nodes is None:
+        sliced = nodes if nodes <= SUB_NODE_EVERY else 1
+    else:
+        sliced = min(nodes, space.sub_node_nodes)
     size = 1
     while size < dpn:
         meshes += [Mesh(n, 1, d, size) for n in range(sliced) for d in range(0, dpn - size + 1, size)]
@@ -176,23 +193,65 @@ def _powers_of_two(limit: int) -> list[int]:
     return [1 << k for k in range(limit.bit_length()) if 1 << k <= limit]
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def enumerate_strategies(call: Call, model: Model, mesh: Mesh, space: SearchSpace) -> list[Strategy]:
     """Every valid (dp, tp, pp, n_mbs) of `call` on `mesh`."""
     if model.shape is None:
         return [Strategy(mesh, mesh.size, 1, 1, 1)]
     shape = model.shape
+    recompute = (False, True) if space.recompute and call.kind is CallKind.TRAIN else (False,)
     out = []
     for tp in _powers_of_two(mesh.n_devices):
-        if any(x % tp for x in (shape.n_heads, shape.n_kv_heads, shape.intermediate, shape.vocab)):
+        # tp groups stay inside a node: tp divides the devices of each node of the mesh
+        if mesh.n_devices % tp or any(x % tp for x in (shape.n_heads, shape.n_kv_heads, shape.intermediate, shape.vocab)):
             continue
-        for pp in _powers_of_two(mesh.size // tp):
+        # pp any divisor of the rest (a node of 6 devices gives dp·pp = 3 or 6 per node),
+        # dp what remains: dp·tp·pp = mesh size, and dp·n_mbs divides the batch below
+        for pp in _divisors(mesh.size // tp):
             dp = mesh.size // (tp * pp)
             if pp > shape.n_layers:
                 continue
-            for n_mbs in space.n_mbs:
-                if call.batch % (dp * n_mbs) == 0:
-                    out.append(Strategy(mesh, dp, tp, pp, n_mbs))
+            per_replica = mini_batch_rows(call) // dp if mini_batch_rows(call) % dp == 0 else 0
+            for n_mbs in BASE_N_MBS if space.n_mbs is None else space.n_mbs:
+                if per_replica and per_replica % n_mbs == 0:
+                    out += [Strategy(mesh, dp, tp, pp, n_mbs, rc) for rc in recompute]
     return out
+
+
+BASE_N_MBS = (1, 2, 4, 8)
+
+
+def call_options(
+    df: Dataflow, call: Call, model: Model, meshes: list[Mesh], space: SearchSpace, device: Device,
+    coeffs: Coefficients, is_home: bool,
+) -> list[Option]:
+    """Every option of `call` on `meshes`: `enumerate_strategies`, and with the default
+    space n_mbs doubled past 8 while the doubling frees at least `memory_step` of device
+    memory (a layout whose activations or KV cache need more micro-batches gets them)."""
+    options = [make_option(df, call, s, device, coeffs, is_home) for m in meshes
+               for s in enumerate_strategies(call, model, m, space)]
+    if space.n_mbs is not None:
+        return options
+    step = device.memory * space.memory_step
+    rows = mini_batch_rows(call)
+    for o in [o for o in options if o.strategy.n_mbs == BASE_N_MBS[-1]]:
+        s = o.strategy
+        while rows % (s.dp * s.n_mbs * 2) == 0:
+            more = make_option(df, call, replace(s, n_mbs=s.n_mbs * 2), device, coeffs, is_home)
+            if o.cost.peak_bytes - more.cost.peak_bytes < step:
+                break
+            options.append(more)
+            o, s = more, more.strategy
+    return options
+
+
+def mini_batch_rows(call: Call) -> int:
+    """Sequences of one mini-batch of the call (a train call takes `mini_batches`
+    optimizer steps over its batch; every other call one pass)."""
+    return call.batch // optimizer_steps(call)[0] if call.kind is CallKind.TRAIN else call.batch
 
 
 def make_option(df: Dataflow, call: Call, s: Strategy, device: Device, coeffs: Coefficients, is_home: bool) -> Option:
@@ -248,9 +307,13 @@ def home_calls(df: Dataflow) -> dict[str, str]:
 
 def build_problem(
     df: Dataflow, coeffs: Coefficients = DEFAULT_COEFFICIENTS, space: SearchSpace = SearchSpace(),
+    deadline: float | None = None,
 ) -> Problem:
     """Enumerate, cost, memory-filter and prune every call's options; pins replace the
-    enumeration of their call by the single pinned strategy."""
+    enumeration of their call by the single pinned strategy. Past the `time.perf_counter()`
+    `deadline` the pruning across layouts stops (the options it would drop stay: slower
+    to solve, same optimum)."""
+    df = with_train_steps(df)
     device = device_for(df.cluster)
     homes = home_calls(df)
     meshes = enumerate_meshes(df.cluster, space)
@@ -266,8 +329,9 @@ def build_problem(
         elif call.name in pins:
             strategies = [pins[call.name]]
         else:
-            strategies = [s for m in meshes for s in enumerate_strategies(call, model, m, space)]
-        options = [make_option(df, call, s, device, coeffs, is_home) for s in strategies]
+            strategies = None
+        options = (call_options(df, call, model, meshes, space, device, coeffs, is_home) if strategies is None
+                   else [make_option(df, call, s, device, coeffs, is_home) for s in strategies])
         if space.offload and is_home and offloadable(df, model):
             options += [offloaded_option(o, device, coeffs) for o in options]
         fitting = [o for o in options if o.cost.peak_bytes <= device.memory]
@@ -285,7 +349,23 @@ def build_problem(
         edges[e.src, e.dst] = max(t, edges.get((e.src, e.dst), 0))
     problem = Problem(df, device, coeffs, tuple(per_call), tuple(sorted(homes.items())),
         tuple((a, b, t) for (a, b), t in edges.items()), device.memory, tuple(dropped), space)
-    return prune_with_realloc(problem)
+    return prune_with_realloc(problem, deadline)
+
+
+TRAIN_STEP_KEYS = ("mini_batches", "ppo_epochs")
+
+
+def with_train_steps(df: Dataflow) -> Dataflow:
+    """Train calls carry the run block's `mini_batches` / `ppo_epochs` (unless their own
+    options set them), so that the cost model prices the optimizer steps the run takes."""
+    run = {k: df.run.param(k) for k in TRAIN_STEP_KEYS if df.run is not None and df.run.param(k) is not None}
+    if not run:
+        return df
+    calls = tuple(
+        replace(c, options=c.options + tuple((k, v) for k, v in run.items() if c.option(k) is None))
+        if c.kind is CallKind.TRAIN else c for c in df.calls
+    )
+    return replace(df, calls=calls)
 
 
 def _mem(o: Option) -> tuple[int, int]:
@@ -296,7 +376,7 @@ def _no_worse_memory(a: Option, b: Option) -> bool:
     return a.cost.static_bytes <= b.cost.static_bytes and a.cost.transient_bytes <= b.cost.transient_bytes
 
 
-def prune_with_realloc(problem: Problem) -> Problem:
+def prune_with_realloc(problem: Problem, deadline: float | None = None) -> Problem:
     """Dominance across layouts once reallocation is known, on the same mesh:
     a receiving option B goes if some A has worst-case time (duration + largest realloc
     from any home) ≤ B's best case and no more memory; a home option B goes if some A is
@@ -310,6 +390,8 @@ def prune_with_realloc(problem: Problem) -> Problem:
     for home, calls in receivers.items():
         if not opts[home] or not all(opts[c] for c in calls):
             continue  # infeasible: left to the diagnostics
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         homes = by_layout(opts[home])
         costs: dict[tuple, list[int]] = {hl: [] for hl in homes}  # home layout -> realloc per receiver layout
         for call in calls:

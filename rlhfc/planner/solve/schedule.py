@@ -10,6 +10,7 @@ compared on it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from rlhfc.planner.solve.problem import Option, Problem, kib
@@ -95,19 +96,24 @@ def serial_schedule(problem: Problem, choice: dict[str, Option], order: list[str
     return start, end
 
 
-def evaluate(problem: Problem, choice: dict[str, Option]) -> Schedule | None:
-    """The optimal schedule of `choice`, or None if it does not fit in memory."""
+def evaluate(
+    problem: Problem, choice: dict[str, Option], max_orders: int = MAX_ORDERS, deadline: float | None = None,
+) -> Schedule | None:
+    """The optimal schedule of `choice` (over up to `max_orders` orders, and those tried
+    before the `time.perf_counter()` `deadline`), or None if it does not fit in memory."""
     if not fits_memory(problem, choice):
         return None
     dur = durations(problem, choice)
     calls = list(problem.calls)
     preds = {c: {s for s, d, _ in problem.edges if d == c} for c in calls}
     best = None
-    for order in _topological_orders(calls, preds, MAX_ORDERS):
+    for order in _topological_orders(calls, preds, max_orders):
         start, end = serial_schedule(problem, choice, order, dur)
         span = max(end.values(), default=0)
         if best is None or span < best[2]:
             best = (start, end, span)
+        if deadline is not None and time.perf_counter() > deadline:
+            break
     start, end, span = best
     return Schedule(
         tuple((c, start[c]) for c in calls), tuple((c, end[c]) for c in calls),

@@ -3,15 +3,15 @@
 Run it with `python build/ppo_7b.py` (8 local processes) or
 `torchrun --nproc-per-node 8 build/ppo_7b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 17.150 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 67.014 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s   peak MiB
-    gen    actor   L0      node0[0:8]  1   4   2   8    0.000    4.519   46914
-    score  reward  L0      node0[0:8]  1   4   2   8    4.519    6.000   29562
-    refl   ref     L0      node0[0:8]  1   4   2   8    6.000    7.503   30562
-    vals   critic  L0      node0[0:8]  1   4   2   8    7.503    8.984   31168
-    a_tr   actor   L0      node0[0:8]  1   4   2   8    8.984    13.099  65738
-    c_tr   critic  L0      node0[0:8]  1   4   2   8    13.099   17.150  63738
+    gen    actor   L0      node0[0:8]  1   8   1   1    0.000    18.400  46644
+    score  reward  L0      node0[0:8]  1   8   1   1    18.400   25.069  31205
+    refl   ref     L0      node0[0:8]  1   8   1   1    25.069   31.855  35205
+    vals   critic  L0      node0[0:8]  1   8   1   1    31.855   38.523  32781
+    a_tr   actor   L0      node0[0:8]  1   8   1   1    38.523   52.886  49189
+    c_tr   critic  L0      node0[0:8]  1   8   1   1    52.886   67.014  41189
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -91,21 +91,21 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                           'tokenizer': '../data/tiny/tokenizer.json',
                           'max_len': 256}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'seed': 0, 'save_every': 10, 'keep': 2},
- 'estimates': {'gen': 4.519046,
-               'score': 1.481089,
-               'refl': 1.502802,
-               'vals': 1.481089,
-               'a_tr': 4.1154,
-               'c_tr': 4.050261},
- 'estimated_peak_bytes': {'gen': 49193189376,
-                          'score': 30997585920,
-                          'refl': 32046129152,
-                          'vals': 32682385408,
-                          'a_tr': 68930838528,
-                          'c_tr': 66833752064}}
+ 'estimates': {'gen': 18.399782,
+               'score': 6.668907,
+               'refl': 6.785879,
+               'vals': 6.668907,
+               'a_tr': 14.362397,
+               'c_tr': 14.12793},
+ 'estimated_peak_bytes': {'gen': 48909549568,
+                          'score': 32720904192,
+                          'refl': 36915077120,
+                          'vals': 34373214208,
+                          'a_tr': 51578363904,
+                          'c_tr': 43190018048}}
 
 LAYOUTS = {
-    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=4, pp=2),
+    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=8, pp=1),
 }
 
 GROUPS = ((0, 1, 2, 3, 4, 5, 6, 7),)
@@ -115,12 +115,12 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 256, 'n_mbs': 8, 'recompute': False})
-    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 8, 'recompute': False})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 8, 'recompute': False})
-    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 8, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 8, 'recompute': False})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 8, 'recompute': False})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 256, 'n_mbs': 1, 'recompute': False})
+    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 1, 'recompute': False})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 1, 'recompute': False})
+    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 1, 'recompute': False})
+    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 1, 'recompute': True})
+    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 1, 'recompute': True})
 
 
 if __name__ == "__main__":

@@ -3,15 +3,15 @@
 Run it with `python build/ppo_epochs.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/ppo_epochs.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.015 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.049 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  3
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
     refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  4
     vals   critic  L0      node0[0:2]  2   1   1   1    0.005    0.008  4
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.011  7
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.011    0.015  6
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.028  4
+    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.028    0.049  3
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """
@@ -88,13 +88,13 @@ PROGRAM = {'source': '../programs/ppo_epochs.rlhf',
                'score': 0.0,
                'refl': 0.002473,
                'vals': 0.002458,
-               'a_tr': 0.003633,
-               'c_tr': 0.003582},
+               'a_tr': 0.020546,
+               'c_tr': 0.020406},
  'estimated_peak_bytes': {'gen': 3044608,
                           'refl': 3942016,
                           'vals': 3955584,
-                          'a_tr': 6837888,
-                          'c_tr': 6558336}}
+                          'a_tr': 3698304,
+                          'c_tr': 3628416}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),
