@@ -11,7 +11,7 @@ from rlhfc_runtime.dist import WorkerFailed, spawn
 from rlhfc_runtime.contract.layout import Layout
 
 SCRIPT = textwrap.dedent("""
-    import torch, torch.distributed as dist
+    import os, torch, torch.distributed as dist
     from rlhfc_runtime.dist import init_from_env, ensure_groups, rank_groups, group
     from rlhfc_runtime.contract.layout import Layout
     rank = init_from_env()
@@ -22,7 +22,8 @@ SCRIPT = textwrap.dedent("""
     dist.all_reduce(x, group=g.dp)
     y = torch.tensor([float(10 * (rank + 1))])
     dist.all_reduce(y, group=group((0, 1)))
-    print(f"rank {rank} dp_rank {g.dp_rank} sum {x.item()} {y.item()} backend {dist.get_backend()}")
+    line = f"rank {rank} dp_rank {g.dp_rank} sum {x.item()} {y.item()} backend {dist.get_backend()}\\n"
+    os.write(1, line.encode())  # one write: the two ranks share stdout, print's pieces interleave
     dist.destroy_process_group()
 """)
 
