@@ -184,3 +184,19 @@ def test_clip_sets_both_sides_unless_they_are_set(tmp_path):
     settings = dict(resolve(next(c for c in flow.calls if c.name == "a_tr"), flow.run, 2))
     assert (settings["clip_low"], settings["clip_high"], settings["clip"]) == (0.3, 0.28, 0.3)
     assert settings["max_new_tokens"] == 6 and settings["steps"] == 1 and settings["kl_estimator"] == "k3"
+
+
+def test_a_call_option_is_checked_like_the_same_run_key(tmp_path):
+    """Call options and run-block keys are one set of contract settings with one range:
+    what the run block allows the call allows, what it refuses the call refuses."""
+    def dataflow(options: str) -> Path:
+        return _write(tmp_path, 'model actor = llama(preset = "tiny") { trainable }\n'
+                      'dataset p = jsonl("p.jsonl", field = "prompt", max_len = 8)\n'
+                      f'dataflow d(actor, p) {{ gen = actor.generate(p) -> seq, logp  {{ {options} }} }}\n'
+                      'run d(actor, p) { batch = 4  max_new_tokens = 4 }\n')
+
+    flow = load_program(dataflow('top_k = 0  precision = "bf16"'))
+    settings = dict(flow.call("gen").settings)
+    assert (settings["top_k"], settings["precision"]) == (0, "bf16")
+    found = [d for d in check_program(dataflow("top_p = 1.5"))[1] if d.is_error]
+    assert [d.code for d in found] == ["E022"] and "top_p" in found[0].message and "[1e-06, 1]" in found[0].message

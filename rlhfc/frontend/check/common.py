@@ -27,8 +27,9 @@ def device_names() -> tuple[str, ...]:
 
 
 CALL_KINDS = tuple(k.value for k in ir.CallKind)
-CALL_OPTIONS = ("n_mbs", "max_new_tokens", "group_size", "temperature", "top_p", "top_k")
-INT_CALL_OPTIONS = ("n_mbs", "max_new_tokens", "group_size", "top_k")
+# A call's own option keys besides the settings its interface reads (the contract's):
+# micro-batches (a constraint on the plan) and its generation length.
+CALL_KEYS = ("n_mbs", "max_new_tokens")
 CLUSTER_COUNTS = ("nodes", "devices_per_node")
 CLUSTER_OVERRIDES = OVERRIDE_KEYS  # device figures a `cluster` block may set: the catalog's own list
 DATASET_FIELDS = ("field", "prompt", "chosen", "rejected", "response")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from rlhfc_runtime.contract.interfaces import INTERFACES, TRAIN_SETTINGS
+from rlhfc_runtime.contract.interfaces import INTERFACES, MODEL_SETTINGS
 
 from rlhfc import ir
 from rlhfc.frontend import ast
 from rlhfc.frontend.check.settings import check_value
 from rlhfc.frontend.check.common import (
     CALL_KINDS,
-    CALL_OPTIONS,
-    INT_CALL_OPTIONS,
+    CALL_KEYS,
     Reporter,
     Values,
     by_key,
@@ -73,21 +72,18 @@ def check_dataflow_structure(decl: ast.DataflowDecl, rep: Reporter) -> None:
 
 
 def _check_call_options(call: ast.CallStmt, rep: Reporter) -> None:
-    """Known option keys, with counts as positive integers and sampling settings as positive numbers."""
+    """A call's options: its own counts (`CALL_KEYS`), or a setting its interface reads,
+    checked against the contract like the same key in the `run` block."""
     val = Values(rep)
     iface = INTERFACES.get(_call_interface(call) or "")
-    own = {s.name: s for s in iface.settings} if iface is not None and iface.kind is ir.CallKind.TRAIN else {}
-    if iface is not None and iface.kind is ir.CallKind.TRAIN:
-        own.update({s.name: s for s in TRAIN_SETTINGS})
+    settings = {s.name: s for s in (iface.all_settings() if iface is not None else MODEL_SETTINGS)}
     for opt in call.options or ():
-        if opt.key.text in own and opt.key.text not in CALL_OPTIONS:
-            check_value(own[opt.key.text], opt, rep)  # a train interface's setting, for this call only
-        elif opt.key.text not in CALL_OPTIONS:
-            val.unknown(opt.key, tuple(CALL_OPTIONS) + tuple(own), f"the options of call `{call.name.text}`")
-        elif opt.key.text in INT_CALL_OPTIONS:
+        if opt.key.text in CALL_KEYS:
             val.positive_int(opt)
+        elif opt.key.text in settings:
+            check_value(settings[opt.key.text], opt, rep)
         else:
-            val.positive_number(opt)
+            val.unknown(opt.key, CALL_KEYS + tuple(settings), f"the options of call `{call.name.text}`")
 
 
 def _check_interface_arity(call: ast.CallStmt, rep: Reporter) -> None:

@@ -5,11 +5,11 @@ The op carries the result; the runtime re-derives nothing.
 
 from __future__ import annotations
 
-from rlhfc_runtime.contract.interfaces import GENERATE_SETTINGS, INTERFACES, Setting
+from rlhfc_runtime.contract.interfaces import INTERFACES, Setting
 
 from rlhfc import ir
 from rlhfc.frontend import ast
-from rlhfc.frontend.check.common import Reporter, plain_value, suggest
+from rlhfc.frontend.check.common import Reporter, describe, plain_value, suggest, value_text
 
 # Keys of the `run` block that are the job's, not a call's.
 RUN_KEYS = ("batch", "steps", "seed", "save_every", "keep", "max_new_tokens")
@@ -81,8 +81,5 @@ def check_value(setting: Setting, opt: ast.Option, rep: Reporter) -> None:
     """A located E022 when `opt`'s value is not allowed for `setting`."""
     problem = setting.problem(plain_value(opt.value) if not isinstance(opt.value, ast.Name) else None)
     if problem is not None:
-        rep.error("E022", f"`{setting.name}` {problem}", opt.value.span, setting.doc)
-
-
-def generate_setting(name: str) -> Setting | None:
-    return next((s for s in GENERATE_SETTINGS if s.name == name), None)
+        rep.error("E022", f"`{setting.name}` {problem}, not {describe(opt.value)} `{value_text(opt.value)}`",
+                  opt.value.span, setting.doc)
