@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rollout_kl, rule_scores
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL, lr_factor
 from rlhfc_runtime.checkpoint import init_random, load_checkpoint, tiny_config
@@ -34,7 +35,7 @@ class RuntimeModel:
     module: ShardedLlama
     optimizer: torch.optim.Optimizer | None
     # State a train call carries across steps (the adaptive KL coefficient): plain
-    # numbers, saved with the model by `model_state`.
+    # numbers, saved in the checkpoint with the model (`ckpt_store`).
     adaptive_kl: AdaptiveKL | None = None
 
 
@@ -134,6 +135,12 @@ def head_outputs(module: ShardedLlama, h, mb, entropy: bool = False) -> dict:
     return {"values": h.values()}
 
 
+def step_seed(settings: dict) -> int:
+    """A seed that depends on the run's seed and the step only (not on rank or plan),
+    so sampling and shuffling agree on every rank and after a resume."""
+    return int(settings["seed"]) * 1_000_003 + int(settings["step"])
+
+
 def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, greedy: bool) -> dict:
     """`group_size` samples per prompt (groups are consecutive rows), padded to exactly
     `max_new_tokens` so every dp rank's rows have one shape; `logp` in the aligned
@@ -144,7 +151,7 @@ def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, 
     new = int(settings["max_new_tokens"])
     ids = prompts["input_ids"].repeat_interleave(group, 0) if group > 1 else prompts["input_ids"]
     mask = prompts["attention_mask"].repeat_interleave(group, 0) if group > 1 else prompts["attention_mask"]
-    seed = (int(settings["seed"]) * 1_000_003 + int(settings["step"])) * 4099
+    seed = step_seed(settings) * 4099
     total = int(settings["rows"])  # rows this call makes in all: prompts x group
     first, _ = rows_of(total // group, groups.layout, groups.rank)  # dp ranks hold whole prompts
     params = SamplingParams(
@@ -181,7 +188,7 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
     """Run one call on this rank's rows: (produced keys, metrics to log)."""
     args = [_unwrap(k, v) for k, v in batch.items()]
     n_mbs = int(settings["n_mbs"])
-    if spec["kind"] == "rule":
+    if spec["kind"] == ModelKind.RULE:
         seq = args[0]
         scores = rule_scores(spec["rule"], seq, int(settings["max_new_tokens"]), int(settings["eos_id"]))
         return {outputs[0]: {outputs[0]: scores}}, {}
@@ -240,7 +247,7 @@ def _train(iface, model: RuntimeModel, flat: dict, settings: dict, groups, n_mbs
 
 def _shuffled(n: int, hyper: dict, epoch: int) -> torch.Tensor:
     """A permutation of the call's rows that depends on (seed, step, epoch) only."""
-    gen = torch.Generator().manual_seed((int(hyper["seed"]) * 1_000_003 + int(hyper["step"])) * 64 + epoch)
+    gen = torch.Generator().manual_seed(step_seed(hyper) * 64 + epoch)
     return torch.randperm(n, generator=gen)
 
 
@@ -269,9 +276,9 @@ def _step(iface, model: RuntimeModel, mini: dict, hyper: dict, groups, n_mbs: in
         group["lr"] = group["initial_lr"] * lr_scale
     extra = {k: v for k, v in mine.items() if k not in ("input_ids", "attention_mask")}
     clip = float(hyper["max_grad_norm"]) or None
-    loss = model.module.train_step(inputs["input_ids"], inputs["attention_mask"], loss_fn, model.optimizer, n_mbs, extra, max_grad_norm=clip,
-                                   precision=str(hyper["precision"]), schedule="1f1b",
-                                   recompute=bool(hyper["recompute"]))
+    loss = model.module.train_step(inputs["input_ids"], inputs["attention_mask"], loss_fn, model.optimizer,
+                                   n_mbs, extra, max_grad_norm=clip, precision=str(hyper["precision"]),
+                                   schedule="1f1b", recompute=bool(hyper["recompute"]))
     return {**{k: v * dp for k, v in metrics.items()}, "loss": float(loss), "lr": model.optimizer.param_groups[0]["lr"]}
 
 

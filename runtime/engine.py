@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime import calls, ckpt_store
 from rlhfc_runtime import dist as rdist
 from rlhfc_runtime.contract.rundir import read_metrics_lines
@@ -62,11 +63,14 @@ class Engine:
         self.host: dict[tuple[str, str], dict] = {}  # (model, layout) -> offloaded weights
         self.stats: dict[str, float] = {}
         self.measuring = False  # count this step's peak memory per call (`run`)
-        self.steps = int(program["run"]["steps"])  # this run's step count (`run` applies --steps)
+        run = program["run"]  # the compiler's values; the command line may override them
+        self.steps = int(options.get("steps") or run["steps"])
+        self.save_every = int(options.get("save_every") or run["save_every"])
+        self.keep = int(options.get("keep") or run["keep"])
         self.spans: dict[str, tuple[float, float]] = {}  # op -> (start, end), wall clock (time.time)
         for name, spec in program["models"].items():
             home = spec["home"]
-            if spec["kind"] != "rule" and self.rank in layouts[home].ranks:
+            if spec["kind"] != ModelKind.RULE and self.rank in layouts[home].ranks:
                 self.models[(name, home)] = calls.build_model(spec, layouts[home])
                 if spec.get("offloaded"):  # waits in host memory until its call reloads it
                     self.offload(name, layout=home)
@@ -126,14 +130,15 @@ class Engine:
         with self._timed(name):
             spec = self.program["models"][model]
             batch = {k: self._input(k, layout) for k in inputs}
-            runtime_model = None if spec["kind"] == "rule" else self.models[(model, layout)]
-            context = {**settings, **self.specials, "step": self.step, "steps": self.steps, "seed": self.seed}
-            resident = resident_bytes(*((runtime_model.module, runtime_model.optimizer) if runtime_model else (None, None)))
-            with CallMemory(rdist.device_for_rank(), resident, active=self.measuring) as memory:
+            runtime_model = None if spec["kind"] == ModelKind.RULE else self.models[(model, layout)]
+            context = {**settings, **self.specials, "step": self.step, "seed": self.seed}
+            measure = self.measuring and runtime_model is not None
+            resident = resident_bytes(runtime_model.module, runtime_model.optimizer) if measure else 0
+            with CallMemory(self.device, resident, active=measure) as memory:
                 produced, stats = calls.run_call(
                     kind, using, runtime_model, spec, batch, outputs, context, rdist.rank_groups(lay, self.rank)
                 )
-            if runtime_model is not None and self.measuring:
+            if measure:
                 self.stats[f"peak_bytes/{name}"] = float(memory.peak_bytes)
             for key in outputs:
                 self.data[(key, layout)] = produced[key]
@@ -214,9 +219,7 @@ class Engine:
         (the last `keep` kept). `stop` (signals.StopFlag) is asked at every step boundary:
         a signal on any rank ends the loop there on all ranks, with a checkpoint. Returns
         {"stopped": signal or 0, "step": the last step done, "saved": the newest checkpoint's step}."""
-        steps = self.steps = int(self.options.get("steps") or self.program["run"]["steps"])
-        save_every = int(self.options.get("save_every") or self.program["run"]["save_every"])
-        self.keep = int(self.options.get("keep") or self.program["run"]["keep"])
+        steps, save_every = self.steps, self.save_every
         if self.options.get("resume"):
             self.restore()
         saved = self.step
@@ -281,7 +284,7 @@ class Engine:
         def export(name, spec, weights):
             hf_export(self.out, name, spec, weights, tokenizer, self.specials)
 
-        ckpt_store.save(self, keep=getattr(self, "keep", 2), export=export)
+        ckpt_store.save(self, keep=self.keep, export=export)
 
     def restore(self) -> None:
         """Continue from the checkpoint the launcher chose (`options["checkpoint"]`), or

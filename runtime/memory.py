@@ -29,10 +29,8 @@ def tensor_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def resident_bytes(module: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> int:
+def resident_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
     """What a model copy holds between calls: parameters, gradients, optimizer state."""
-    if module is None:
-        return 0
     params = list(module.parameters())
     grads = [p.grad for p in params if p.grad is not None]
     states = [v for s in (optimizer.state.values() if optimizer else ()) for v in s.values()]
