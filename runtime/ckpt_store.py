@@ -31,6 +31,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rlhfc_runtime.contract.kinds import ModelKind
+from rlhfc_runtime.algorithms.schedules import AdaptiveKL
 from rlhfc_runtime.checkpoint import gather_full
 from rlhfc_runtime.contract.rundir import step_dir_name, step_dirs
 from rlhfc_runtime.errors import RunError
@@ -57,7 +59,7 @@ def program_hash(program: dict) -> str:
 
 
 def trainable(program: dict) -> list[str]:
-    return sorted(n for n, m in program["models"].items() if m.get("trainable") and m["kind"] != "rule")
+    return sorted(n for n, m in program["models"].items() if m.get("trainable") and m["kind"] != ModelKind.RULE)
 
 
 # ---- save ----------------------------------------------------------------------------
@@ -93,7 +95,8 @@ def save(engine, keep: int = 2, export=None) -> Path:
                 continue
             files.update(_write_tensors(part / f"{name}.safetensors", weights))
             files.update(_write_tensors(part / f"{name}.optim.safetensors", moments))
-            models[name] = {"optimizer_step": step}
+            models[name] = {"optimizer_step": step,  # and state a train call carries across steps
+                            "adaptive_kl": m.adaptive_kl.state_dict() if m.adaptive_kl else None}
             if export is not None:
                 export(name, spec, weights)
         rng = {"python": _jsonable(random.getstate()), "rank": e.rank}
@@ -327,6 +330,9 @@ def restore(engine, directory: Path) -> str | None:
         with safe_open(str(directory / f"{name}.safetensors"), "pt") as f:
             module.load_shards({n: f.get_slice(n)[module.slices(n)] for n in module.shards()})
         _load_optimizer(m, directory / f"{name}.optim.safetensors", manifest["models"][name]["optimizer_step"])
+        if manifest["models"][name].get("adaptive_kl"):
+            m.adaptive_kl = AdaptiveKL(0.0, 0.0, 1.0)
+            m.adaptive_kl.load_state_dict(manifest["models"][name]["adaptive_kl"])
     for name, ld in e.loaders.items():
         ld.load_state_dict(manifest["loaders"][name])
     if manifest["world_size"] == e.world:

@@ -284,3 +284,21 @@ def test_a_full_disk_names_the_path_and_bytes_and_leaves_no_temp_file(tmp_path, 
     assert "64 bytes needed" in str(caught.value)
     assert ckpt_store._os_message(caught.value, target).endswith("no space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_keeps_the_adaptive_kl_coefficient(tmp_path):
+    """The adaptive KL coefficient is state carried across steps: a resumed run goes on
+    from the saved coefficient, so its metrics equal the uninterrupted run's."""
+    source = tmp_path / "ppo_adaptive.rlhf"
+    text = (ROOT / "programs" / "ppo.rlhf").read_text().replace('"../data/', f'"{ROOT}/data/')
+    source.write_text(text.replace("steps = 150", "steps = 150  kl_target = 0.001  kl_horizon = 100"))
+    script = _compiled(source, tmp_path / "ppo1.py", devices=1)
+    done = run(script, tmp_path / "whole", "--steps", "4", "--save-every", "2")
+    assert done.returncode == 0, done.stderr
+    whole = untimed(metrics(tmp_path / "whole"))
+    assert whole[0]["a_tr/kl_coef"] != whole[3]["a_tr/kl_coef"]  # it does adapt
+    _cut_at_step_2(tmp_path / "whole", tmp_path / "cut")
+    resumed = run(script, tmp_path / "cut", "--steps", "4", "--save-every", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    for x, y in zip(whole, untimed(metrics(tmp_path / "cut")), strict=True):
+        assert y["a_tr/kl_coef"] == pytest.approx(x["a_tr/kl_coef"], rel=1e-9), x["step"]
