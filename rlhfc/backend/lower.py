@@ -176,11 +176,11 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
     plan order) the moves and reallocations it needs, the call, and the drops after it."""
     names = _Layouts(plan.cluster)
     order = call_order(dataflow, plan)
-    neural = [m for m in dataflow.models if m.kind != "rule"]
+    neural = [m for m in dataflow.models if m.kind != ir.ModelKind.RULE]
     homes = {m.name: names.name(plan.home(m.name)) for m in neural if m.name in dict(plan.homes)}
     call_layout = {c.name: names.name(plan.placement(c.name).strategy) for c in order}
     for c in order:  # models the plan gives no home live where their first call runs
-        if dataflow.model(c.model).kind != "rule":
+        if dataflow.model(c.model).kind != ir.ModelKind.RULE:
             homes.setdefault(c.model, call_layout[c.name])
 
     produced = {k for c in dataflow.calls for k in c.outputs}
@@ -203,7 +203,7 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
                 ops.append(Move(key, _nearest(where[key], lay), lay))
                 where[key].add(lay)
         model = dataflow.model(c.model)
-        if model.kind != "rule" and lay not in copies[c.model]:
+        if model.kind != ir.ModelKind.RULE and lay not in copies[c.model]:
             ops.append(Realloc(c.model, homes[c.model], lay))
             copies[c.model].add(lay)
         if c.model in plan.offloaded:
@@ -213,7 +213,7 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
             ops.append(Offload(c.model, lay))
         for key in c.outputs:
             where[key] = {lay}
-        if model.kind == "rule" or lay == homes[c.model]:
+        if model.kind == ir.ModelKind.RULE or lay == homes[c.model]:
             continue
         if c.kind is ir.CallKind.TRAIN:
             ops.append(Realloc(c.model, lay, homes[c.model]))

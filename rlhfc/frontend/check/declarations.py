@@ -156,7 +156,7 @@ def check_model(decl: ast.ModelDecl, unit: Unit, rep: Reporter, val: Values) -> 
     family = decl.family.text
     trainable = any(isinstance(item, ast.Flag) for item in decl.body or ())
     body = by_key([i for i in decl.body or () if isinstance(i, ast.Option)], rep, where)
-    if family == "rule":
+    if family == ir.ModelKind.RULE:
         name = val.string(positional[0]) if len(positional) == 1 and not keywords else None
         if len(positional) != 1 or keywords:
             rep.error("E022", 'a rule model takes one argument, the rule name: rule("pattern_reward")',
@@ -166,8 +166,8 @@ def check_model(decl: ast.ModelDecl, unit: Unit, rep: Reporter, val: Values) -> 
                       suggest(name, RULES) or f"registered rules: {', '.join(RULES)}")
         if decl.body:
             rep.error("E022", "a rule model has no parameters: no `trainable`, no optimizer", decl.body[0].span)
-        return ir.Model(decl.name.text, "rule", None, ir.Head.VALUE, False, None, None, name, decl.name.span)
-    if family != "llama":
+        return ir.Model(decl.name.text, ir.ModelKind.RULE.value, None, ir.Head.VALUE, False, None, None, name, decl.name.span)
+    if family != ir.ModelKind.LLAMA:
         rep.error("E022", f"unknown model family `{family}`", decl.family.span,
                   "families: llama(...) for a decoder, rule(\"NAME\") for a reward function")
         return ir.Model(decl.name.text, family, None, ir.Head.LM, trainable, None, None, None, decl.name.span)
@@ -207,7 +207,7 @@ def check_model(decl: ast.ModelDecl, unit: Unit, rep: Reporter, val: Values) -> 
                 else:
                     params.append((key, float(kw.value.value)))
             optimizer = ir.Optimizer(opt.value.name.text, tuple(params))
-    return ir.Model(decl.name.text, "llama", shape, head, trainable, checkpoint, optimizer, None, decl.name.span)
+    return ir.Model(decl.name.text, ir.ModelKind.LLAMA.value, shape, head, trainable, checkpoint, optimizer, None, decl.name.span)
 
 
 OPTIMIZER_BOUNDS = {  # what torch's Adam / AdamW accept as numbers

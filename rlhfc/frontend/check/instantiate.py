@@ -137,7 +137,7 @@ def _bind_call(call: ast.CallStmt, model: ir.Model, binding: dict[str, str], con
     """One call bound to a model: interface, head, trainability; sizes come later."""
     kind = ir.CallKind(call.kind.text)
     where = f"call `{call.name.text}` ({call.model.text} = `{model.name}`)"
-    if model.kind == "rule":
+    if model.kind == ir.ModelKind.RULE:
         if kind is not ir.CallKind.INFERENCE or call.interface is not None:
             rep.error("E012", f"{where}: a rule model only supports `inference` with its own rule", arg_span,
                       f"`{model.name}` is rule(\"{model.rule}\"); bind a llama model here instead")

@@ -20,7 +20,7 @@ Sources:
   Inference"); with `m` micro-batches pipelined over `pp` stages a step takes
   max(m, pp) stage times (ReaL's pipelined generation). KV cache: 2·layers·kv_heads·
   head_dim·2 bytes per token.
-- Rule rewards (`Model.kind == "rule"`) cost nothing and hold no device: they run in the
+- Rule rewards (`Model.kind == ModelKind.RULE`) cost nothing and hold no device: they run in the
   driver process between the calls they connect.
 - Shared cores: on a local `cpu` cluster with more processes per node than physical
   cores (`cores`, from the profile or the cluster block), each process gets
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from rlhfc.planner.cost.coefficients import Coefficients
 from rlhfc.hardware import Device, core_share
-from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelShape, Strategy
+from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelKind, ModelShape, Strategy
 from rlhfc_runtime.contract.layout import stage_layers
 
 
@@ -167,7 +167,7 @@ def call_cost(
 ) -> CallCost:
     """Time and memory of `call` under strategy `s`; `is_home` puts the model's resident
     state (train: weights+grads+Adam; frozen: weights) in `static_bytes`."""
-    if model.kind == "rule" or model.shape is None:
+    if model.kind == ModelKind.RULE or model.shape is None:
         return FREE
     share = core_share(cluster, device)
     shape = model.shape

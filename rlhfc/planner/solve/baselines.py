@@ -14,7 +14,7 @@ import math
 import random
 import time
 
-from rlhfc.ir import Mesh, Strategy
+from rlhfc.ir import Mesh, ModelKind, Strategy
 from rlhfc.planner.solve.problem import Option, Problem, enumerate_strategies, make_option
 from rlhfc.planner.solve.schedule import Schedule, evaluate
 
@@ -28,8 +28,8 @@ def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[d
     scheduled over all orders (those tried before `deadline`)."""
     df = problem.dataflow
     whole = Mesh(0, df.cluster.nodes, 0, df.cluster.devices_per_node)
-    neural = [c for c in df.calls if df.model(c.model).kind != "rule"]
-    rules = {c.name: problem.by_call[c.name][0] for c in df.calls if df.model(c.model).kind == "rule"}
+    neural = [c for c in df.calls if df.model(c.model).kind != ModelKind.RULE]
+    rules = {c.name: problem.by_call[c.name][0] for c in df.calls if df.model(c.model).kind == ModelKind.RULE}
     per_call: dict[str, dict[tuple, list[Strategy]]] = {}
     for c in neural:  # degrees -> the call's strategies with them (train: with and without recompute)
         for s in enumerate_strategies(c, df.model(c.model), whole, problem.space):

@@ -58,25 +58,23 @@ def _fix_hint(problem: Problem, call_name: str | None = None) -> str | None:
     smallest peak alone (cheap). None when neither helps."""
     df = problem.dataflow
     cl = df.cluster
+
+    def plans(candidate: Dataflow) -> bool:
+        if call_name:
+            peak = _smallest_peak(problem, candidate, call_name)
+            if peak is None or peak > problem.capacity:
+                return False
+        return _feasible(problem, candidate)
+
     nodes = cl.nodes
     while nodes < LIMITS["nodes"][1]:
         nodes *= 2
-        bigger = replace(df, cluster=replace(cl, nodes=nodes), pins=())
-        if call_name:
-            peak = _smallest_peak(problem, bigger, call_name)
-            if peak is None or peak > problem.capacity:
-                continue
-        if _feasible(problem, bigger):
+        if plans(replace(df, cluster=replace(cl, nodes=nodes), pins=())):
             return f"needs {nodes} nodes of {cl.devices_per_node} x {cl.device} (--cluster {nodes}x{cl.devices_per_node}:{cl.device})"
     batch = min(c.batch for c in df.calls)
     while batch > 1:
         batch //= 2
-        smaller = replace(df, calls=tuple(replace(c, batch=min(c.batch, batch)) for c in df.calls))
-        if call_name:
-            peak = _smallest_peak(problem, smaller, call_name)
-            if peak is None or peak > problem.capacity:
-                continue
-        if _feasible(problem, smaller):
+        if plans(replace(df, calls=tuple(replace(c, batch=min(c.batch, batch)) for c in df.calls))):
             return f"lower batch to {batch}"
     return None
 

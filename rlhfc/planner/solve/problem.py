@@ -31,7 +31,7 @@ from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
 from rlhfc.planner.cost.model import CallCost, call_cost, optimizer_steps, reload_seconds, transfer_seconds
 from rlhfc.planner.cost.realloc import meshes_overlap, realloc_cost
 from rlhfc.hardware import Device, device_for
-from rlhfc.ir import Call, CallKind, Cluster, Dataflow, EdgeKind, Mesh, Model, Strategy
+from rlhfc.ir import Call, CallKind, Cluster, Dataflow, EdgeKind, Mesh, Model, ModelKind, Strategy
 
 
 @dataclass(frozen=True)
@@ -258,14 +258,14 @@ def make_option(df: Dataflow, call: Call, s: Strategy, device: Device, coeffs: C
     """Cost one strategy of one call."""
     cost = call_cost(call, df.model(call.model), s, df.cluster, device, coeffs, is_home)
     duration = to_units(cost.seconds, coeffs)
-    devices = frozenset() if df.model(call.model).kind == "rule" else frozenset(s.mesh.ranks(df.cluster.devices_per_node))
+    devices = frozenset() if df.model(call.model).kind == ModelKind.RULE else frozenset(s.mesh.ranks(df.cluster.devices_per_node))
     return Option(call.name, s, duration, cost, devices)
 
 
 def offloadable(df: Dataflow, model: Model) -> bool:
     """A frozen neural model with one call: its weights never change and nothing else
     reallocates from them, so they can wait in host memory between its calls."""
-    return model.kind != "rule" and not model.trainable and sum(c.model == model.name for c in df.calls) == 1
+    return model.kind != ModelKind.RULE and not model.trainable and sum(c.model == model.name for c in df.calls) == 1
 
 
 def offloaded_option(o: Option, device: Device, coeffs: Coefficients) -> Option:
@@ -299,7 +299,7 @@ def _option_order(o: Option):
 
 def home_calls(df: Dataflow) -> dict[str, str]:
     """Model -> the call whose layout holds its parameters between uses."""
-    neural = [c for c in df.calls if df.model(c.model).kind != "rule"]
+    neural = [c for c in df.calls if df.model(c.model).kind != ModelKind.RULE]
     homes = {c.model: c.name for c in reversed(neural)}  # first call of each model
     homes.update({c.model: c.name for c in neural if c.kind is CallKind.TRAIN})
     return homes
@@ -323,7 +323,7 @@ def build_problem(
     for call in df.calls:
         model = df.model(call.model)
         is_home = homes.get(call.model) == call.name
-        if model.kind == "rule":  # runs in the driver: no devices, reported on the whole cluster
+        if model.kind == ModelKind.RULE:  # runs in the driver: no devices, reported on the whole cluster
             whole = Mesh(0, df.cluster.nodes, 0, df.cluster.devices_per_node)
             strategies = [Strategy(whole, whole.size, 1, 1, 1)]
         elif call.name in pins:
