@@ -46,6 +46,9 @@ CODES: dict[str, str] = {
     "E025": "unknown model preset",
     "E026": "sequence longer than the model's max_positions",
     "E027": "no plan fits the cluster",
+    "E028": "reward function not found (or its file does not parse)",
+    "E029": "dataset field missing, or its file unreadable",
+    "E030": "tokenizer does not fit the model, or has no chat template",
     "W001": "dataset file not found at check time",
     "W002": "model or dataset declared but not used by the `run`",
 }

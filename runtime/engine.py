@@ -28,6 +28,7 @@ from rlhfc_runtime import calls
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.offload import offload as offload_shards
 from rlhfc_runtime.offload import reload as reload_shards
+from rlhfc_runtime.metrics_log import MetricsLog as _MetricsLog
 from rlhfc_runtime.realloc import reallocate
 from rlhfc_runtime.transfer import batch_spec, redistribute_batch, rows_of
 
@@ -57,6 +58,8 @@ class Engine:
         self.loaders = {}
         self.host: dict[tuple[str, str], dict] = {}  # (model, layout) -> offloaded weights
         self.stats: dict[str, float] = {}
+        self.samples: list[dict] = []  # decoded rows of this step's reward calls (this rank's share)
+        self.drawn: dict[str, list[int]] = {}  # dataset -> its rows in this step's batch
         self.spans: dict[str, tuple[float, float]] = {}  # op -> (start, end), wall clock (time.time)
         for name, spec in program["models"].items():
             home = spec["home"]
@@ -79,6 +82,7 @@ class Engine:
     def load(self, key: str, dataset: str) -> None:
         """Every rank draws the same next batch (deterministic sampler), keeps it whole."""
         batch = self.loaders[dataset].next_batch(int(self.program["run"]["batch"]))
+        self.drawn[dataset] = self.loaders[dataset].last
         self.rows[key] = calls.batch_rows(batch)
         self.data[(key, "*")] = batch
 
@@ -102,9 +106,15 @@ class Engine:
             batch = {k: self._input(k, layout) for k in inputs}
             runtime_model = None if spec["kind"] == "rule" else self.models[(model, layout)]
             context = {**settings, **self.specials, "step": self.step, "seed": self.seed}
-            produced, stats = calls.run_call(
-                kind, using, runtime_model, spec, batch, outputs, context, rdist.rank_groups(lay, self.rank)
-            )
+            groups = rdist.rank_groups(lay, self.rank)
+            source = self._prompt_source() if spec["kind"] == "rule" else None
+            if source is not None:
+                produced, stats, samples = calls.reward_call(spec, batch[inputs[0]], outputs, context, groups, *source)
+                self.samples += [{"step": self.step + 1, "call": name, **row} for row in samples]
+            elif spec.get("functions"):
+                raise RuntimeError(f"call {name!r}: a python reward needs the prompts of exactly one prompt dataset")
+            else:
+                produced, stats = calls.run_call(kind, using, runtime_model, spec, batch, outputs, context, groups)
             for key in outputs:
                 self.data[(key, layout)] = produced[key]
             local = calls.batch_rows(produced[outputs[0]]) if outputs else calls.batch_rows(batch[inputs[0]])
@@ -120,6 +130,11 @@ class Engine:
             self.stats.update({f"{name}/{k}": float(v) for k, v in stats.items()})
             if "score" in outputs:  # the reward curve, whatever the algorithm
                 self.stats["reward"] = float(produced["score"]["score"].float().mean())
+
+    def _prompt_source(self):
+        """(loader, rows drawn) of this step's one prompt dataset, which reward calls score."""
+        names = [n for n in self.drawn if set(self.loaders[n].fields) == {"prompt"}]
+        return (self.loaders[names[0]], self.drawn[names[0]]) if len(names) == 1 else None
 
     def realloc(self, model: str, *, src: str, dst: str) -> None:
         """Build `model`'s shards in `dst` from `src` (point-to-point, src ∪ dst only)."""
@@ -185,15 +200,15 @@ class Engine:
         save_every = int(self.options.get("save_every") or self.program["run"]["save_every"])
         if self.options.get("resume"):
             self.restore()
-        log = _MetricsLog(self.out / "metrics.jsonl", self.step) if self.rank == 0 else None
+        log = _MetricsLog(self.out, self.step, self.options.get("wandb")) if self.rank == 0 else None
         while self.step < steps:
             t0 = time.perf_counter()
-            self.stats, self.spans, self.data, self.rows = {}, {}, {}, {}
+            self.stats, self.spans, self.data, self.rows, self.samples, self.drawn = {}, {}, {}, {}, [], {}
             iteration(self)
             self.step += 1
-            record = self._gather(time.perf_counter() - t0)
+            record, samples = self._gather(time.perf_counter() - t0)
             if log is not None:
-                log.write(record)
+                log.write(record, samples)
             if self.step % save_every == 0 or self.step == steps:
                 self.save()
             die_at = os.environ.get("RLHFC_FAIL_AT_STEP")  # tests: a worker dies mid-run
@@ -206,10 +221,11 @@ class Engine:
         in the op's first collective; that wait is the schedule's, not the op's), next to
         the planner's estimates."""
         parts = [None] * self.world
-        dist.all_gather_object(parts, (self.stats, self.spans))
+        dist.all_gather_object(parts, (self.stats, self.spans, self.samples))
         stats: dict[str, list[float]] = {}
         spans: dict[str, tuple[float, float]] = {}
-        for s, t in parts:
+        samples = [row for _, _, rows in parts for row in rows]
+        for s, t, _ in parts:
             for k, v in s.items():
                 stats.setdefault(k, []).append(v)
             for k, (start, end) in t.items():
@@ -220,7 +236,7 @@ class Engine:
         record["time/iteration"] = seconds
         record.update({f"time/{k}": v for k, v in sorted(times.items())})
         record.update({f"estimate/{k}": v for k, v in self.program["estimates"].items()})
-        return record
+        return record, samples
 
     # ---- checkpoints -------------------------------------------------------------
     def save(self) -> None:
@@ -258,33 +274,6 @@ class Engine:
         _set_rng_state(state["rng"])
 
 
-class _MetricsLog:
-    """metrics.jsonl, truncated to `start_step` on resume so no step appears twice;
-    also TensorBoard scalars (OUT/tensorboard) when tensorboard is installed."""
-
-    def __init__(self, path: Path, start_step: int):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
-        self.path = path
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # optional: JSONL is the record of truth
-            self.board = None
-        else:
-            self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step + 1)
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.board is not None:
-            for k, v in record.items():
-                self.board.add_scalar(k, v, record["step"])
-            self.board.flush()
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -311,7 +300,9 @@ def resolve_paths(program: dict, base: Path) -> dict:
     return {
         **program,
         "source": fix(program["source"]),
-        "models": {n: {**m, "checkpoint": fix(m["checkpoint"])} for n, m in program["models"].items()},
+        "models": {n: {**m, "checkpoint": fix(m["checkpoint"]),
+                       "functions": [[fix(p), fn, w] for p, fn, w in m.get("functions", ())]}
+                   for n, m in program["models"].items()},
         "datasets": {n: {**d, "path": fix(d["path"]), "tokenizer": fix(d["tokenizer"])}
                      for n, d in program["datasets"].items()},
     }
@@ -327,6 +318,7 @@ def main(program: dict, layouts: dict[str, Layout], groups, iteration, here: str
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--save-every", type=int, default=None, help="checkpoint every K steps")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
     options = vars(parser.parse_args(argv))
     if "RANK" in os.environ:
         _worker(program, layouts, groups, iteration, options)
