@@ -25,7 +25,7 @@ def math_task(tmp_path_factory) -> Path:
     return out
 
 
-def program(tmp: Path, reward='python("rewards.py:exact_match")', dataset=None, actor=None, vocab=64) -> Path:
+def program(tmp: Path, reward='python("rewards.py:exact_match")', dataset=None, actor=None, vocab=96) -> Path:
     actor = actor or MODEL.format(vocab=vocab)
     dataset = dataset or f'jsonl("{tmp}/train.jsonl", field = "question", max_len = 24, tokenizer = "{tmp}/ckpt")'
     text = f"""import grpo from "stdlib/grpo.rlhf"
@@ -117,8 +117,8 @@ def test_tokenizer_defaults_to_the_actor_checkpoint(task):
 
 
 def test_tokenizer_larger_than_the_vocabulary(task):
-    (code, message, _), = errors(program(task, vocab=40))
-    assert code == "E030" and "56 tokens" in message and "40" in message
+    (code, message, _), = errors(program(task, vocab=64))
+    assert code == "E030" and "86 tokens" in message and "64" in message
 
 
 def test_chat_needs_a_template(task):
