@@ -69,6 +69,7 @@ def run_command(
     save_every: int = typer.Option(None, "--save-every", help="checkpoint every K steps"),
     hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
     coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
+    wandb: str = typer.Option(None, "--wandb", help="also log metrics and samples to this W&B project"),
 ) -> None:
     """Compile and train: metrics in OUT/metrics.jsonl (measured and estimated time per
     call), the calls' cost inputs for `rlhfc calibrate` in OUT/cost_inputs.json,
@@ -85,6 +86,7 @@ def run_command(
     cmd = [sys.executable, str(out / "program.py"), "--out", str(out), "--steps", str(total)]
     cmd += ["--resume"] if resume else []
     cmd += ["--save-every", str(save_every)] if save_every else []
+    cmd += ["--wandb", wandb] if wandb else []
     _err.print(f"[bold]{file}[/]: {prog.world_size} process(es), plan {prog.plan.status}, "
                f"{len(prog.ops)} ops per step → {out}")
     code = _follow(cmd, out, total)
@@ -141,11 +143,30 @@ def _follow(cmd: list[str], out: Path, total: int) -> int:
     with (out / "worker.log").open("w") as log, Progress(*columns, console=_err) as bar:
         task = bar.add_task("train", total=total, info="starting workers…")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        shown = time.monotonic()
         while proc.poll() is None:
             time.sleep(0.5)
             _update(bar, task, read_metrics(metrics))
+            if time.monotonic() - shown > SAMPLE_EVERY_S and (line := recent_sample(out / "samples.jsonl")):
+                bar.console.print(line, markup=False, highlight=False)
+                shown = time.monotonic()
         _update(bar, task, read_metrics(metrics))
     return proc.returncode
+
+
+SAMPLE_EVERY_S = 20.0
+
+
+def recent_sample(path: Path) -> str | None:
+    """The last decoded sample of a run as one line: step, reward, prompt → completion."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 8192))
+            last = json.loads(f.read().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    prompt = " ".join(str(last.get("prompt", "")).split())[-60:]
+    return f"  sample step {last['step']} reward {last['reward']:.2f}: {prompt} → {last.get('completion', '')!r}"
 
 
 def _update(bar: Progress, task, records: list[dict]) -> None:

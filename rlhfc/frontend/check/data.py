@@ -158,7 +158,7 @@ def finish_datasets(datasets: dict[str, ir.Dataset], models: dict[str, ir.Model]
     the chat template when `chat = true`."""
     ckpts = sorted((m for m in models.values() if m.checkpoint and m.kind == "llama"),
                    key=lambda m: (not m.trainable, m.head is not ir.Head.LM))
-    default = next((m.checkpoint for m in ckpts if any((Path(m.checkpoint) / f).exists() for f in TOKENIZER_FILES)),
+    default = next((m.checkpoint for m in ckpts if any(path_exists(Path(m.checkpoint) / f) for f in TOKENIZER_FILES)),
                    None)
     out = {}
     for name, ds in datasets.items():
