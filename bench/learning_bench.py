@@ -17,8 +17,10 @@ from pathlib import Path
 from rlhfc.cli.run import read_metrics, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRAMS = ("ppo", "ppo_epochs", "grpo", "grpo_seqmean", "rloo", "remax", "dpo", "sft", "reward_model", "ppo_pinned")
-METRICS = {"dpo": "a_tr/dpo_loss", "sft": "a_tr/sft_loss", "reward_model": "rm_tr/reward_accuracy"}
+PROGRAMS = ("ppo", "ppo_epochs", "grpo", "grpo_seqmean", "rloo", "remax", "dpo", "sft", "reward_model", "ppo_pinned",
+            "grpo_math")
+METRICS = {"dpo": "a_tr/dpo_loss", "sft": "a_tr/sft_loss", "reward_model": "rm_tr/reward_accuracy",
+           "grpo_math": "score/reward/exact_match"}
 
 
 def first_last(records: list[dict], key: str, window: int = 10) -> tuple[float, float]:

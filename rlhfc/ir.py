@@ -39,8 +39,9 @@ class Optimizer:
 class Model:
     """A model of the program: its family, where its weights live, and how it is used.
 
-    `kind` is "llama" for a neural decoder or "rule" for a registered Python reward
-    function (no parameters; inference only; `rule` then names the function).
+    `kind` is "llama" for a neural decoder or "rule" for a reward function without
+    parameters (inference only): a registered rule (`rule` names it) or the user's
+    Python functions (`functions`, weighted; `rule` is None).
     """
 
     name: str
@@ -52,6 +53,8 @@ class Model:
     optimizer: Optimizer | None
     rule: str | None
     span: Span
+    # python("rewards.py:f") rewards: (resolved file, function, weight) per component
+    functions: tuple[tuple[str, str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,10 @@ class Dataset:
     fields: tuple[tuple[str, str], ...]
     max_len: int
     span: Span
-    tokenizer: str | None = None  # tokenizer.json path, resolved like `path`
+    tokenizer: str | None = None  # tokenizer.json or HF tokenizer directory, resolved like `path`
+    chat: bool = False  # apply the tokenizer's chat template to the prompt (a user message)
+    system: str | None = None  # the chat template's system message, if any
+    columns: tuple[str, ...] = ()  # the row's other fields, passed to rewards and samples
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from rlhfc_runtime.generate import SamplingParams, generate
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedLlama, next_token_logprobs
 from rlhfc_runtime.model import param_shapes as model_param_shapes
+from rlhfc_runtime.rewards import RewardError, as_tensor, score_rows
 from rlhfc_runtime.transfer import rows_of
 
 
@@ -175,12 +176,46 @@ def build_loader(name: str, spec: dict, seed: int) -> JsonlLoader:
     if not spec["tokenizer"]:
         raise ValueError(f"dataset {name!r} names no tokenizer (tokenizer = \"…/tokenizer.json\")")
     roles = {("prompt" if role == "field" else role): key for role, key in spec["fields"].items()}
-    return JsonlLoader(spec["path"], load_tokenizer(spec["tokenizer"]), roles, int(spec["max_len"]), seed)
+    return JsonlLoader(spec["path"], load_tokenizer(spec["tokenizer"]), roles, int(spec["max_len"]), seed,
+                       fmt=spec["format"], chat=bool(spec.get("chat")), system=spec.get("system"),
+                       columns=spec.get("columns") or None)
 
 
 def special_ids(loader: JsonlLoader) -> dict:
     """The token ids calls need from the data's tokenizer (end and padding)."""
     return {"eos_id": loader.tokenizer.eos_token_id, "pad_id": loader.tokenizer.pad_token_id}
+
+
+def reward_call(spec: dict, seq: dict, outputs, settings: dict, groups, loader, drawn: list[int]
+                ) -> tuple[dict, dict, list]:
+    """A reward call on this rank's rows of `seq`: (produced key, metrics, sample rows).
+    Row r of the call's `rows` global rows came from prompt r // group_size of the last
+    batch `drawn` from `loader` (rows keep their global order through every move), which
+    gives its dataset row and columns. The first rank of each model-parallel group scores
+    (the user's function runs once per row) and sends the result to the others."""
+    total = int(settings["rows"])
+    if not drawn or total % len(drawn):
+        raise RuntimeError(f"a reward call of {total} rows does not match the {len(drawn)} prompts drawn")
+    group = total // len(drawn)
+    lo, hi = rows_of(total, groups.layout, groups.rank)
+    leader = groups.mp_ranks[0]
+    result: object = None
+    if groups.rank == leader:
+        try:
+            result = score_rows(spec, seq, loader, [drawn[r // group] for r in range(lo, hi)],
+                                lambda: rule_scores(spec["rule"], seq, int(settings["max_new_tokens"]),
+                                                    int(settings["eos_id"])))
+        except RewardError as e:  # every rank of the group stops with the same message
+            result = e
+    if len(groups.mp_ranks) > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=leader, group=groups.mp)
+        result = box[0]
+    if isinstance(result, RewardError):
+        raise result
+    scores, means, samples = result
+    mine = samples if groups.rank == leader and groups.dp_rank == 0 else []
+    return {outputs[0]: {outputs[0]: as_tensor(scores, seq["input_ids"])}}, means, mine
 
 
 def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batch: dict, outputs, settings: dict,

@@ -10,6 +10,7 @@ from (seed, name), so they are the same whatever the layout.
 from __future__ import annotations
 
 import json
+import sys
 import zlib
 from pathlib import Path
 
@@ -111,6 +112,28 @@ def _write(path: Path, cfg: dict, head: str, tensors: dict[str, torch.Tensor], m
     return path
 
 
+# Value heads as the trainers that write them name them: transformers' *ForSequenceClassification
+# and *ForTokenClassification (`score`), OpenRLHF (`value_head`), TRL (`v_head.summary`).
+VALUE_HEAD_PREFIXES = ("score.", "value_head.", "v_head.summary.")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: named tensors missing, unused or misplaced."""
+
+    located = True
+
+
+def hf_name(key: str) -> str:
+    """The model's name for a checkpoint key: value heads become `score.*`, a TRL
+    wrapper's `pretrained_model.` prefix goes, bare backbone keys get `model.`."""
+    for prefix in VALUE_HEAD_PREFIXES:
+        if key.startswith(prefix):
+            return "score." + key[len(prefix):]
+    key = key.removeprefix("pretrained_model.")
+    return key if key.startswith(("model.", "lm_head.")) else "model." + key
+
+
 def weight_index(path: str | Path) -> dict[str, tuple[Path, str]]:
     """HF parameter name -> (safetensors file, key in that file), from a single file or
     a sharded index. Bare backbone keys (`layers.0…`, as LlamaModel saves them) map to
@@ -126,8 +149,8 @@ def weight_index(path: str | Path) -> dict[str, tuple[Path, str]]:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     out = {}
     for key, file in raw.items():
-        name = key if key.startswith(("model.", "lm_head.", "score.")) else "model." + key
-        out[name] = (file, key)
+        if not key.endswith(IGNORED_SUFFIXES):
+            out[hf_name(key)] = (file, key)
     if "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
@@ -138,25 +161,47 @@ def load_checkpoint(
     dtype=torch.float32, seed: int = 0,
 ) -> ShardedLlama:
     """Build this rank's shard of the model in checkpoint `path` under `layout`, reading
-    only its slices. A value head missing from the checkpoint (critic initialised from
-    a causal LM) is initialised from `seed`."""
+    only its slices. Every model tensor must be in the checkpoint and every checkpoint
+    tensor used (CheckpointError names them), except: a value head asked for on a causal
+    LM (a critic started from the actor) is initialised from `seed`, and a value-head
+    model drops an LM head beside its value head (TRL); both are logged."""
     cfg = read_config(path)
     head = head or head_of(cfg)
-    model = ShardedLlama(ModelConfig.from_hf(cfg), rank_groups(layout), head, device, dtype)
     index = weight_index(path)
+    has_head = any(n.startswith("score.") for n in index)
+    if head == LM and has_head:
+        key = next(k for n, (_, k) in index.items() if n.startswith("score."))
+        raise CheckpointError(f"{path}: the checkpoint has a value head (`{key}`) but the model is loaded as a "
+                              f"language model; declare it with `head = value`")
+    if head == VALUE and has_head:  # the checkpoint says whether its value head has a bias
+        cfg = dict(cfg, token_classification_bias="score.bias" in index)
+    model = ShardedLlama(ModelConfig.from_hf(cfg), rank_groups(layout), head, device, dtype)
     full = param_shapes(model.cfg, head)
+    _check_names(path, index, full, head, has_head)
+    if head == VALUE and not has_head:
+        print(f"rlhfc: {path}: causal-LM checkpoint loaded with head = value: the value head is new "
+              f"(initialised from seed {seed})", file=sys.stderr)
     shards = {}
     for name in model.shards():
         if name in index:
             file, key = index[name]
             with safe_open(str(file), "pt") as f:
                 shards[name] = f.get_slice(key)[model.slices(name)]
-        elif name.startswith("score."):
+        else:  # a value head on purpose (checked above)
             shards[name] = random_tensor(name, full[name], seed, cfg.get("initializer_range", 0.02))[model.slices(name)]
-        else:
-            raise KeyError(f"{path}: checkpoint has no parameter {name!r}")
     model.load_shards({n: t.to(dtype) for n, t in shards.items()})
     return model
+
+
+def _check_names(path, index: dict, full: dict, head: str, has_head: bool) -> None:
+    missing = [n for n in full if n not in index and not (head == VALUE and not has_head and n.startswith("score."))]
+    tied = "lm_head.weight" in index and index["lm_head.weight"] == index.get("model.embed_tokens.weight")
+    spare = {"lm_head.weight"} if head == VALUE else set()
+    unused = [index[n][1] for n in index if n not in full and n not in spare and not (tied and n == "lm_head.weight")]
+    if missing or unused:
+        parts = ([f"model tensor(s) missing from the checkpoint: {', '.join(missing[:5])}"] if missing else []) + (
+            [f"checkpoint tensor(s) the model does not use: {', '.join(unused[:5])}"] if unused else [])
+        raise CheckpointError(f"{path}: {'; '.join(parts)} (is this checkpoint of this model's shape and head?)")
 
 
 def init_random(cfg: dict, layout: Layout, head: str = LM, seed: int = 0, device=None, dtype=torch.float32) -> ShardedLlama:

@@ -114,8 +114,12 @@ def _worker(index: int, fn: Callable, nprocs: int, port: int, results, args: tup
     try:
         # plain pickle copies tensor data (torch's queue would pass fds that die with us)
         results.put((index, True, time.time(), pickle.dumps(fn(*args))))
-    except BaseException:
-        results.put((index, False, time.time(), traceback.format_exc()))
+    except BaseException as e:
+        # errors that already say where they come from (the user's reward code) need no traceback
+        located = getattr(e, "located", False)
+        results.put((index, False, time.time(), str(e) if located else traceback.format_exc()))
+        if located:
+            raise SystemExit(1) from None
         raise
     finally:
         dist.destroy_process_group()

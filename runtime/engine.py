@@ -11,7 +11,6 @@ all ranks share, so a run cannot deadlock on a schedule.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -25,12 +24,12 @@ import torch.distributed as dist
 from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime import calls, ckpt_store
 from rlhfc_runtime import dist as rdist
-from rlhfc_runtime.contract.rundir import read_metrics_lines
 from rlhfc_runtime.export import export as hf_export
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.memory import CallMemory, resident_bytes
 from rlhfc_runtime.offload import offload as offload_shards
 from rlhfc_runtime.offload import reload as reload_shards
+from rlhfc_runtime.metrics_log import MetricsLog
 from rlhfc_runtime.realloc import reallocate
 from rlhfc_runtime.transfer import batch_spec, redistribute_batch, rows_of
 
@@ -67,6 +66,8 @@ class Engine:
         self.steps = int(options.get("steps") or run["steps"])
         self.save_every = int(options.get("save_every") or run["save_every"])
         self.keep = int(options.get("keep") or run["keep"])
+        self.samples: list[dict] = []  # decoded rows of this step's reward calls (this rank's share)
+        self.drawn: dict[str, list[int]] = {}  # dataset -> its rows in this step's batch
         self.spans: dict[str, tuple[float, float]] = {}  # op -> (start, end), wall clock (time.time)
         for name, spec in program["models"].items():
             home = spec["home"]
@@ -107,6 +108,7 @@ class Engine:
         """Every rank draws the same next batch (deterministic sampler), keeps it whole."""
         batch = self.loaders[dataset].next_batch(int(self.program["run"]["batch"]))
         batch = {k: v.to(self.device) for k, v in batch.items()}  # loaders make host tensors
+        self.drawn[dataset] = self.loaders[dataset].last
         self.rows[key] = calls.batch_rows(batch)
         self.data[(key, "*")] = batch
 
@@ -134,10 +136,17 @@ class Engine:
             context = {**settings, **self.specials, "step": self.step, "seed": self.seed}
             measure = self.measuring and runtime_model is not None
             resident = resident_bytes(runtime_model.module, runtime_model.optimizer) if measure else 0
+            groups = rdist.rank_groups(lay, self.rank)
+            source = self._prompt_source() if spec["kind"] == ModelKind.RULE else None
             with CallMemory(self.device, resident, active=measure) as memory:
-                produced, stats = calls.run_call(
-                    kind, using, runtime_model, spec, batch, outputs, context, rdist.rank_groups(lay, self.rank)
-                )
+                if source is not None:
+                    produced, stats, samples = calls.reward_call(spec, batch[inputs[0]], outputs, context, groups,
+                                                                 *source)
+                    self.samples += [{"step": self.step + 1, "call": name, **row} for row in samples]
+                elif spec.get("functions"):
+                    raise RuntimeError(f"call {name!r}: a python reward needs the prompts of exactly one prompt dataset")
+                else:
+                    produced, stats = calls.run_call(kind, using, runtime_model, spec, batch, outputs, context, groups)
             if measure:
                 self.stats[f"peak_bytes/{name}"] = float(memory.peak_bytes)
             for key in outputs:
@@ -155,6 +164,11 @@ class Engine:
             self.stats.update({f"{name}/{k}": float(v) for k, v in stats.items()})
             if "score" in outputs:  # the reward curve, whatever the algorithm
                 self.stats["reward"] = float(produced["score"]["score"].float().mean())
+
+    def _prompt_source(self):
+        """(loader, rows drawn) of this step's one prompt dataset, which reward calls score."""
+        names = [n for n in self.drawn if set(self.loaders[n].fields) == {"prompt"}]
+        return (self.loaders[names[0]], self.drawn[names[0]]) if len(names) == 1 else None
 
     def realloc(self, model: str, *, src: str, dst: str) -> None:
         """Build `model`'s shards in `dst` from `src` (point-to-point, src ∪ dst only)."""
@@ -223,7 +237,7 @@ class Engine:
         if self.options.get("resume"):
             self.restore()
         saved = self.step
-        log = _MetricsLog(self.out / "metrics.jsonl", self.step) if self.rank == 0 else None
+        log = MetricsLog(self.out, self.step, self.options.get("wandb")) if self.rank == 0 else None
         first = self.step
         while True:
             signum = stop.agreed() if stop is not None else 0
@@ -238,12 +252,12 @@ class Engine:
             # step and on every checkpoint step, which metrics.jsonl then carries.
             self.measuring = self.step == first or (self.step + 1) % save_every == 0
             t0 = time.perf_counter()
-            self.stats, self.spans, self.data, self.rows = {}, {}, {}, {}
+            self.stats, self.spans, self.data, self.rows, self.samples, self.drawn = {}, {}, {}, {}, [], {}
             iteration(self)
             self.step += 1
-            record = self._gather(time.perf_counter() - t0)
+            record, samples = self._gather(time.perf_counter() - t0)
             if log is not None:
-                log.write(record)
+                log.write(record, samples)
             if self.step % save_every == 0 or self.step == steps:
                 self.save()
                 saved = self.step
@@ -257,10 +271,11 @@ class Engine:
         in the op's first collective; that wait is the schedule's, not the op's), next to
         the planner's estimates."""
         parts = [None] * self.world
-        dist.all_gather_object(parts, (self.stats, self.spans))
+        dist.all_gather_object(parts, (self.stats, self.spans, self.samples))
         stats: dict[str, list[float]] = {}
         spans: dict[str, tuple[float, float]] = {}
-        for s, t in parts:
+        samples = [row for _, _, rows in parts for row in rows]
+        for s, t, _ in parts:
             for k, v in s.items():
                 stats.setdefault(k, []).append(v)
             for k, (start, end) in t.items():
@@ -273,7 +288,7 @@ class Engine:
         record.update({f"time/{k}": v for k, v in sorted(times.items())})
         record.update({f"estimate/{k}": v for k, v in self.program["estimates"].items()})
         record.update({f"estimate/peak_bytes/{k}": v for k, v in self.program["estimated_peak_bytes"].items()})
-        return record
+        return record, samples
 
     # ---- checkpoints -------------------------------------------------------------
     def save(self) -> None:
@@ -302,38 +317,6 @@ class Engine:
                 print(f"rlhfc: {note}", file=sys.stderr, flush=True)
 
 
-class _MetricsLog:
-    """metrics.jsonl, truncated to `start_step` on resume so no step appears twice (lines
-    that are not records, such as a partial last line after a crash, are dropped, saying
-    so); also TensorBoard scalars (OUT/tensorboard) when tensorboard is installed."""
-
-    def __init__(self, path: Path, start_step: int):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        records, bad = read_metrics_lines(path)
-        if bad:
-            print(f"rlhfc: {path}: dropped {len(bad)} damaged line(s) (line {', '.join(map(str, bad[:5]))})",
-                  file=sys.stderr, flush=True)
-        kept = [r for r in records if r["step"] <= start_step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
-        self.path = path
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # optional: JSONL is the record of truth
-            self.board = None
-        else:
-            self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step + 1)
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.board is not None:
-            for k, v in record.items():
-                self.board.add_scalar(k, v, record["step"])
-            self.board.flush()
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -347,7 +330,9 @@ def resolve_paths(program: dict, base: Path) -> dict:
     return {
         **program,
         "source": fix(program["source"]),
-        "models": {n: {**m, "checkpoint": fix(m["checkpoint"])} for n, m in program["models"].items()},
+        "models": {n: {**m, "checkpoint": fix(m["checkpoint"]),
+                       "functions": [[fix(p), fn, w] for p, fn, w in m.get("functions", ())]}
+                   for n, m in program["models"].items()},
         "datasets": {n: {**d, "path": fix(d["path"]), "tokenizer": fix(d["tokenizer"])}
                      for n, d in program["datasets"].items()},
     }

@@ -40,6 +40,7 @@ def parse(program: dict, argv) -> dict:
     parser.add_argument("--keep", type=_positive, default=None, help="keep the last K checkpoints (default 2)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start over in a run directory with a checkpoint")
+    parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log metrics and samples to Weights & Biases")
     return vars(parser.parse_args(argv))
 
 

@@ -64,7 +64,8 @@ def program_spec(prog: OpProgram, base: str = ".") -> dict:
         "models": {m.name: _model_spec(m, homes.get(m.name), m.name in prog.plan.offloaded, base) for m in df.models},
         "datasets": {
             d.name: {"format": d.format, "path": relative_path(d.path, base), "fields": dict(d.fields),
-                     "tokenizer": relative_path(getattr(d, "tokenizer", None), base), "max_len": d.max_len}
+                     "tokenizer": relative_path(getattr(d, "tokenizer", None), base), "max_len": d.max_len,
+                     "chat": d.chat, "system": d.system, "columns": list(d.columns)}
             for d in df.datasets
         },
         "run": {"dataflow": run.dataflow, "batch": run.batch, "steps": run.steps, "seed": run.seed,
@@ -89,6 +90,7 @@ def _model_spec(m: ir.Model, home: str | None, offloaded: bool, base: str) -> di
         "checkpoint": relative_path(m.checkpoint, base),
         "optimizer": None if m.optimizer is None else {"name": m.optimizer.name, **dict(m.optimizer.params)},
         "rule": m.rule,
+        "functions": [[relative_path(path, base), fn, weight] for path, fn, weight in m.functions],
         "home": home,
         "offloaded": offloaded,
     }

@@ -8,6 +8,7 @@ the run directory lets `--resume` continue without losing a step.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
@@ -83,6 +84,7 @@ def run_command(
     save_every: int = typer.Option(None, "--save-every", min=1, help="checkpoint every K steps"),
     hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
     coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
+    wandb: str = typer.Option(None, "--wandb", help="also log metrics and samples to this W&B project"),
 ) -> None:
     """Compile and train: metrics in OUT/metrics.jsonl (measured and estimated time per
     call), the calls' cost inputs for `rlhfc calibrate` in OUT/cost_inputs.json,
@@ -100,13 +102,13 @@ def run_command(
         raise typer.Exit(1) from None
     try:
         _run_locked(file, out, devices=devices, steps=steps, resume=resume, plot=plot, symmetric=symmetric,
-                    save_every=save_every, keep=keep, hardware=hardware, coefficients=coefficients)
+                    save_every=save_every, keep=keep, wandb=wandb, hardware=hardware, coefficients=coefficients)
     finally:
         lock.release()
 
 
-def _run_locked(file: Path, out: Path, *, devices, steps, resume, plot, symmetric, save_every, keep, hardware,
-                coefficients) -> None:
+def _run_locked(file: Path, out: Path, *, devices, steps, resume, plot, symmetric, save_every, keep, wandb,
+                hardware, coefficients) -> None:
     from rlhfc.planner.cost.fit import COST_INPUTS_FILE, cost_inputs_json
 
     prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=out / "program.py",
@@ -119,6 +121,7 @@ def _run_locked(file: Path, out: Path, *, devices, steps, resume, plot, symmetri
     cmd += ["--resume"] if resume else []
     cmd += ["--save-every", str(save_every)] if save_every else []
     cmd += ["--keep", str(keep)] if keep else []
+    cmd += ["--wandb", wandb] if wandb else []
     _err.print(f"[bold]{file}[/]: {prog.world_size} process(es), plan {prog.plan.status}, "
                f"{len(prog.ops)} ops per step → {out}")
     again = f"rlhfc run {file} --out {out} --resume" + (f" --devices {devices}" if devices else "")
@@ -218,11 +221,15 @@ def _follow(cmd: list[str], out: Path, total: int) -> tuple[int, int]:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
+            shown = time.monotonic()
             while proc.poll() is None:
                 time.sleep(0.2)
                 if got and time.monotonic() - got[0][1] > GRACE_S:
                     _signal_group(proc.pid, signal.SIGKILL)
                 _update(bar, task, read_metrics(metrics))
+                if time.monotonic() - shown > SAMPLE_EVERY_S and (line := recent_sample(out / "samples.jsonl")):
+                    bar.console.print(line, markup=False, highlight=False)
+                    shown = time.monotonic()
             _update(bar, task, read_metrics(metrics))
         finally:
             for sig, handler in previous.items():
@@ -236,6 +243,21 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+SAMPLE_EVERY_S = 20.0
+
+
+def recent_sample(path: Path) -> str | None:
+    """The last decoded sample of a run as one line: step, reward, prompt → completion."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 8192))
+            last = json.loads(f.read().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    prompt = " ".join(str(last.get("prompt", "")).split())[-60:]
+    return f"  sample step {last['step']} reward {last['reward']:.2f}: {prompt} → {last.get('completion', '')!r}"
 
 
 def _update(bar: Progress, task, records: list[dict]) -> None:

@@ -21,7 +21,8 @@ class Head(str, Enum):
 
 
 class ModelKind(str, Enum):
-    """A neural decoder with parameters, or a rule: a reward function without any."""
+    """A neural decoder with parameters, or a reward without any: a registered rule or
+    user Python functions (`python(...)` in the source; imported by the workers only)."""
 
     LLAMA = "llama"
     RULE = "rule"

@@ -1,19 +1,22 @@
-"""JSONL data sources with a seeded, resumable sampler: prompts, preference pairs, SFT.
+"""Datasets as batches with a seeded, resumable sampler: prompts, preference pairs, SFT.
 
 Every loader yields global batches (dicts of tensors, layout as in
 `rlhfc_runtime.algorithms.batch`) and has a `state_dict()` holding the sampler's
-position, so a resumed run sees exactly the batches it would have seen.
+position, so a resumed run sees exactly the batches it would have seen. Rows are read
+on demand from a `sources` row source (JSONL, Parquet, `datasets`); the indices of the
+last batch stay on the loader, so a row's other fields (its columns) can be looked up
+by the batch row, on any rank, without moving them with the tensors.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from rlhfc_runtime.algorithms.batch import build_sequences
+from rlhfc_runtime.data.sources import open_rows
 
 
 class Sampler:
@@ -55,28 +58,6 @@ class Sampler:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def read_jsonl(path: str | Path, fields: Sequence[str]) -> list[dict[str, str]]:
-    """The rows of a JSONL file, each checked to hold string `fields`; errors name the
-    file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}:{e.colno}: invalid JSON: {e.msg}") from None
-            missing = [k for k in fields if not isinstance(row.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}:{line_no}:1: missing string field(s) {', '.join(missing)} "
-                                 f"(hint: set the dataset's field names to this file's keys)")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}:1:1: no rows")
-    return rows
-
-
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists as left-padded ids and mask [B, max len]: generation appends on the
     right, so every prompt must end in the same column."""
@@ -93,23 +74,41 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
 
 
 class JsonlLoader:
-    """A JSONL dataset as batches. `fields` maps roles to JSON keys:
+    """A dataset as batches. `fields` maps roles to row keys:
     {"prompt"} → prompt batches (left-padded `input_ids`, `attention_mask`);
     {"prompt", "chosen", "rejected"} → pair batches [B, 2, T];
     {"prompt", "response"} → SFT batches [B, T] with the response as `response_mask`.
-    Prompts keep their last `max_len` tokens; responses their first `max_len`, plus eos."""
+    Prompts keep their last `max_len` tokens; responses their first `max_len`, plus eos.
+    `chat` wraps the prompt in the tokenizer's chat template as a user message (after a
+    `system` message if given), with the generation prompt; `columns` are the row keys
+    reward functions and samples see."""
 
     def __init__(self, path: str | Path, tokenizer, fields: Mapping[str, str],
-                 max_len: int, seed: int = 0, shuffle: bool = True):
+                 max_len: int, seed: int = 0, shuffle: bool = True, fmt: str = "jsonl",
+                 chat: bool = False, system: str | None = None, columns: Sequence[str] | None = None):
         roles = set(fields)
         if roles not in ({"prompt"}, {"prompt", "chosen", "rejected"}, {"prompt", "response"}):
             raise ValueError(f"dataset fields {sorted(roles)}: expected prompt, "
                              f"prompt/chosen/rejected, or prompt/response")
         self.path, self.tokenizer, self.fields, self.max_len = Path(path), tokenizer, dict(fields), max_len
-        self.rows = read_jsonl(path, list(fields.values()))
+        self.chat, self.system = chat, system
+        self.rows = open_rows(path, fmt, list(fields.values()))
+        used = set(self.fields.values())
+        self.columns = list(columns) if columns is not None else [k for k in self.rows[0] if k not in used]
         self.sampler = Sampler(len(self.rows), seed, shuffle)
+        self.last: list[int] = []  # dataset row of each row of the last batch
+
+    def prompt_text(self, text: str) -> str:
+        """What the model is prompted with: the text, or the chat-templated conversation."""
+        if not self.chat:
+            return text
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": text}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _prompt_ids(self, text: str) -> list[int]:
+        if self.chat:  # the template writes its own special tokens
+            return self.tokenizer(self.prompt_text(text), add_special_tokens=False)["input_ids"][-self.max_len:]
         return self.tokenizer(text)["input_ids"][-self.max_len:]
 
     def _response_ids(self, text: str) -> list[int]:
@@ -122,9 +121,15 @@ class JsonlLoader:
         response_ids = right_pad([self._response_ids(r) for r in responses], pad)
         return build_sequences(prompt_ids, prompt_mask, response_ids, eos, pad)
 
+    def row_fields(self, index: int) -> tuple[str, dict]:
+        """(prompt text, columns) of dataset row `index`."""
+        row = self.rows[index]
+        return row[self.fields["prompt"]], {c: row.get(c) for c in self.columns}
+
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         """The next `batch_size` rows as tensors."""
-        rows = [self.rows[i] for i in self.sampler.take(batch_size)]
+        self.last = self.sampler.take(batch_size)
+        rows = [self.rows[i] for i in self.last]
         prompts = [r[self.fields["prompt"]] for r in rows]
         if "chosen" in self.fields:
             n = len(rows)

@@ -3,6 +3,7 @@ character-level tokenizer of the bundled tiny task."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,13 +25,29 @@ def char_tokenizer(vocab: Sequence[str], pad: str, bos: str, eos: str) -> Tokeni
     return tok
 
 
+GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _generic(path: Path) -> PreTrainedTokenizerFast | None:
+    """A directory whose tokenizer_config.json declares the generic fast class loads as
+    exactly its tokenizer.json (AutoTokenizer would pick the model type's own class from
+    a config.json beside it and rebuild the pre-tokenizer)."""
+    try:
+        declared = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if declared not in GENERIC_CLASSES or not (path / "tokenizer.json").exists():
+        return None
+    return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """A fast tokenizer from a `tokenizer.json` file or a local directory (never the
-    network). For a bare file, `<pad>`/`<bos>`/`<eos>` become the special tokens when
+    """A fast tokenizer from a `tokenizer.json` file or a local Hugging Face tokenizer
+    directory (`AutoTokenizer`, local files only: never the network). For a bare file, `<pad>`/`<bos>`/`<eos>` become the special tokens when
     the vocabulary has them; a missing pad token falls back to eos."""
     path = Path(path)
     if path.is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = _generic(path) or AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     elif path.is_file():
         vocab = Tokenizer.from_file(str(path)).get_vocab()
         specials = {k: v for k, v in SPECIAL_NAMES.items() if v in vocab}

@@ -259,12 +259,12 @@ def test_a_signal_stops_every_process_with_a_checkpoint_and_resumes(tmp_path, ho
 
 
 def test_a_partial_metrics_line_is_dropped_on_resume(tmp_path, ppo_run, capsys):
-    from rlhfc_runtime.engine import _MetricsLog
+    from rlhfc_runtime.metrics_log import MetricsLog
 
     _, whole = ppo_run
     path = tmp_path / "metrics.jsonl"
     path.write_text((whole / "metrics.jsonl").read_text() + '{"step": 5, "rew')
-    _MetricsLog(path, 2)
+    MetricsLog(tmp_path, 2)
     assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2]
     assert "dropped 1 damaged line(s) (line 5)" in capsys.readouterr().err
 

@@ -14,7 +14,8 @@ from rlhfc.diagnostics import CompileError, Diagnostic
 from rlhfc.frontend import ast
 from rlhfc.frontend.check.common import Reporter, Values, resolved_path
 from rlhfc.frontend.check.dataflow import check_dataflow_structure
-from rlhfc.frontend.check.declarations import check_cluster, check_dataset, check_model
+from rlhfc.frontend.check.data import check_dataset, finish_datasets
+from rlhfc.frontend.check.declarations import check_cluster, check_model
 from rlhfc.frontend.check.instantiate import instantiate, run_config
 from rlhfc.frontend.check.loader import Loader
 from rlhfc.frontend.check.pins import check_pins
@@ -39,7 +40,7 @@ def check_program(path: str | Path, cluster_override: ir.Cluster | None = None
     if cluster_override is not None:
         cluster = cluster_override
     models = {n: check_model(d, unit, rep, val) for n, d in unit.models.items()}
-    datasets = {n: check_dataset(d, unit, rep, val) for n, d in unit.datasets.items()}
+    datasets = finish_datasets({n: check_dataset(d, unit, rep, val) for n, d in unit.datasets.items()}, models, rep)
     runs = unit.statements(ast.RunStmt)
     config, calls, edges, pins = None, (), (), ()
     if runs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from rlhfc.files import FileProblem, read_text
 
@@ -14,7 +15,6 @@ from rlhfc.frontend import ast
 from rlhfc.frontend.check.common import (
     CLUSTER_COUNTS,
     CLUSTER_OVERRIDES,
-    DATASET_FIELDS,
     DEFAULT_OPTIMIZER,
     OPTIMIZERS,
     Reporter,
@@ -22,12 +22,14 @@ from rlhfc.frontend.check.common import (
     Values,
     by_key,
     device_names,
-    path_exists,
     resolved_path,
     suggest,
     value_text,
 )
+from rlhfc.frontend.check.rewards import check_python_model
 from rlhfc.frontend.presets import PRESETS, SHAPE_KEYS, shape_from_config
+
+VALUE_HEAD_ARCHS = ("ForSequenceClassification", "ForTokenClassification")
 
 
 def check_cluster(unit: Unit, rep: Reporter, val: Values) -> ir.Cluster:
@@ -167,9 +169,11 @@ def check_model(decl: ast.ModelDecl, unit: Unit, rep: Reporter, val: Values) -> 
         if decl.body:
             rep.error("E022", "a rule model has no parameters: no `trainable`, no optimizer", decl.body[0].span)
         return ir.Model(decl.name.text, ir.ModelKind.RULE.value, None, ir.Head.VALUE, False, None, None, name, decl.name.span)
+    if family == "python":  # user reward functions: a rule-kind model
+        return check_python_model(decl, unit, positional, keywords, rep, val)
     if family != ir.ModelKind.LLAMA:
         rep.error("E022", f"unknown model family `{family}`", decl.family.span,
-                  "families: llama(...) for a decoder, rule(\"NAME\") for a reward function")
+                  "families: llama(...) for a decoder, rule(\"NAME\") or python(\"FILE:FN\") for a reward")
         return ir.Model(decl.name.text, family, None, ir.Head.LM, trainable, None, None, None, decl.name.span)
     head = ir.Head.LM
     for key, opt in keywords.items():
@@ -181,6 +185,8 @@ def check_model(decl: ast.ModelDecl, unit: Unit, rep: Reporter, val: Values) -> 
         elif key != "preset" and key not in SHAPE_KEYS:
             val.unknown(opt.key, ("head", "preset") + tuple(SHAPE_KEYS), "`llama(...)`")
     shape, checkpoint = _shape(decl, unit, positional, keywords, rep, val)
+    if checkpoint and shape is not None and "head" not in keywords:
+        _value_head_checkpoint(decl, checkpoint, positional[0].span, rep)
     optimizer = DEFAULT_OPTIMIZER if trainable else None
     for key, opt in body.items():
         if key != "optimizer":
@@ -217,45 +223,13 @@ OPTIMIZER_BOUNDS = {  # what torch's Adam / AdamW accept as numbers
 }
 
 
-def check_dataset(decl: ast.DatasetDecl, unit: Unit, rep: Reporter, val: Values) -> ir.Dataset:
-    where = f"dataset `{decl.name.text}`"
-    positional, keywords = split_args(decl.args, rep, where)
-    if decl.format.text != "jsonl":
-        rep.error("E022", f"unknown dataset format `{decl.format.text}`", decl.format.span,
-                  'the one format is jsonl("PATH", field = "prompt", max_len = N)')
-    path_text = val.string(positional[0]) if positional else None
-    if len(positional) != 1:
-        rep.error("E024" if not positional else "E022", f"{where} takes one positional argument, the file path",
-                  decl.format.span)
-    fields, max_len, tokenizer = [], 0, None
-    for key, opt in keywords.items():
-        if key in DATASET_FIELDS:
-            column = val.string(opt)
-            if column is not None:
-                fields.append((key, column))
-        elif key == "max_len":
-            max_len = val.positive_int(opt) or 0
-        elif key == "tokenizer":
-            tokenizer = val.string(opt)
-        else:
-            val.unknown(opt.key, DATASET_FIELDS + ("max_len", "tokenizer"), where)
-    names = {k for k, _ in fields}
-    if "max_len" not in keywords:
-        rep.error("E024", f"{where} needs `max_len`", decl.span, "max_len = N: prompt (or pair) tokens")
-    if not names & {"field", "prompt"}:
-        rep.error("E024", f"{where} needs `field` or `prompt`", decl.span,
-                  'field = "prompt" names the JSON key holding the text')
-    if ("chosen" in names) != ("rejected" in names):
-        rep.error("E024", f"{where} has only one of `chosen` / `rejected`", decl.span, "pair data needs both")
-    resolved = {}
-    for label, text, span in (("dataset file", path_text, positional[0].span if positional else None),
-                              ("tokenizer", tokenizer, keywords["tokenizer"].value.span if tokenizer else None)):
-        if text is None:
-            continue
-        resolved[label] = resolved_path(unit.path.parent / text)
-        if not path_exists(resolved[label]):
-            rep.warning("W001", f"{label} `{text}` not found (yet)", span,
-                        "paths are relative to the program file; it must exist when the program runs")
-    tok = str(resolved["tokenizer"]) if "tokenizer" in resolved else None
-    return ir.Dataset(decl.name.text, decl.format.text, str(resolved.get("dataset file", "")), tuple(fields),
-                      max_len, decl.name.span, tok)
+def _value_head_checkpoint(decl: ast.ModelDecl, checkpoint: str, span, rep: Reporter) -> None:
+    """A checkpoint of a scoring architecture loaded as an LM: its value head would be dropped."""
+    try:
+        archs = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    scoring = [a for a in archs if isinstance(a, str) and a.endswith(VALUE_HEAD_ARCHS)]
+    if scoring:
+        rep.error("E011", f"`{decl.name.text}` loads a `{scoring[0]}` checkpoint (a value head) as a language model",
+                  span, "add `head = value` to use its score head")

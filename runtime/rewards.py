@@ -1,0 +1,136 @@
+"""Reward calls: registered rules and the user's Python functions, with decoded samples.
+
+A Python reward has TRL's signature, `f(prompts, completions, **columns) -> list[float]`:
+`prompts` are the dataset's prompt texts (before any chat template), `completions` the
+decoded responses, and every other field of the prompt rows is a keyword argument, one
+list per field aligned with the completions (a prompt's group samples repeat its row).
+Several functions are summed with their weights; each is logged as a component.
+
+The user's file is imported here, in the worker, at the first reward call, never by the
+compiler. One rank of each model-parallel group (tp x pp) scores its dp rank's rows and
+sends the scores to the others, so a function runs once per row. An exception in it, or
+a result of the wrong length or type, stops the run with the function's FILE:LINE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import traceback
+from pathlib import Path
+
+import torch
+
+SAMPLES_PER_CALL = 4  # decoded rows written to samples.jsonl per reward call and step
+
+
+class RewardError(RuntimeError):
+    """A located failure of the user's reward code; shown without a worker traceback."""
+
+    located = True
+
+
+_FUNCTIONS: dict[tuple[str, str], object] = {}
+
+
+def load_function(path: str, name: str):
+    """`name` from the Python file `path`, imported once per process."""
+    if (path, name) not in _FUNCTIONS:
+        module_name = "rlhfc_user_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise RewardError(f"{path}:1: cannot import the reward file")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - the user's code: any failure is theirs to see
+            raise RewardError(f"{_where(e, path)}: importing `{Path(path).name}` raised "
+                              f"{type(e).__name__}: {e}") from None
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            raise RewardError(f"{path}:1: `{name}` is not a function of `{Path(path).name}`")
+        _FUNCTIONS[(path, name)] = fn
+    return _FUNCTIONS[(path, name)]
+
+
+def _where(error: BaseException, path: str) -> str:
+    """FILE:LINE of the innermost frame in the user's file (or the innermost frame)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{error.filename}:{error.lineno}"
+    mine = [f for f in frames if Path(f.filename).resolve() == Path(path).resolve()] or frames
+    return f"{mine[-1].filename}:{mine[-1].lineno}" if mine else f"{path}:1"
+
+
+def call_function(path: str, name: str, prompts: list[str], completions: list[str], columns: dict) -> list[float]:
+    """One function's scores for the rows, checked: a list of len(completions) numbers."""
+    fn = load_function(path, name)
+    try:
+        out = fn(prompts, completions, **columns)
+    except Exception as e:  # noqa: BLE001
+        raise RewardError(f"{_where(e, path)}: reward `{name}` raised {type(e).__name__}: {e}") from None
+    try:
+        scores = [float(v) for v in out]
+    except (TypeError, ValueError):
+        raise RewardError(f"{path}:1: reward `{name}` must return a list of numbers, "
+                          f"got {type(out).__name__}") from None
+    if len(scores) != len(completions) or any(math.isnan(s) for s in scores):
+        problem = f"{len(scores)} scores for {len(completions)} completions" if len(scores) != len(completions) \
+            else "a NaN score"
+        raise RewardError(f"{path}:1: reward `{name}` returned {problem}")
+    return scores
+
+
+def python_scores(functions, prompts: list[str], completions: list[str], columns: dict
+                  ) -> tuple[list[float], dict[str, list[float]]]:
+    """(weighted total per row, each function's scores) of `functions` = [(path, name, weight)]."""
+    components = {name: call_function(path, name, prompts, completions, columns) for path, name, _ in functions}
+    total = [sum(w * components[name][i] for _, name, w in functions) for i in range(len(completions))]
+    return total, components
+
+
+def decode_rows(tokenizer, seq: dict) -> tuple[list[str], list[str]]:
+    """(templated prompt text, completion text) of each row of a `seq` batch."""
+    ids, mask, resp = seq["input_ids"].cpu(), seq["attention_mask"].cpu(), seq["response_mask"].cpu()
+    prompts, completions = [], []
+    for row in range(ids.shape[0]):
+        prompt = ids[row][(mask[row] == 1) & (resp[row] == 0)].tolist()
+        answer = ids[row][resp[row] == 1].tolist()
+        prompts.append(tokenizer.decode(prompt, skip_special_tokens=False))
+        completions.append(tokenizer.decode(answer, skip_special_tokens=True))
+    return prompts, completions
+
+
+def score_rows(spec: dict, seq: dict, loader, dataset_rows: list[int], rule_scores) -> tuple[list[float], dict, list]:
+    """(scores, component means, sample rows) of this rank's rows of `seq`; `dataset_rows`
+    is the dataset row of each; `rule_scores()` scores a registered rule's rows."""
+    shown, completions = decode_rows(loader.tokenizer, seq)
+    texts, columns = [], {c: [] for c in loader.columns}
+    for index in dataset_rows:
+        text, cols = loader.row_fields(index)
+        texts.append(text)
+        for c in loader.columns:
+            columns[c].append(cols[c])
+    if spec.get("functions"):
+        scores, components = python_scores(spec["functions"], texts, completions, columns)
+    else:
+        scores, components = [float(v) for v in rule_scores()], {}
+    samples = []
+    for i in range(0, len(scores), max(1, len(scores) // SAMPLES_PER_CALL)):  # spread over the groups
+        samples.append({"prompt": shown[i], "completion": completions[i], "reward": scores[i],
+                        **{f"reward/{k}": v[i] for k, v in components.items()},
+                        **{k: _plain(v[i]) for k, v in columns.items()}})
+    means = {f"reward/{k}": sum(v) / len(v) for k, v in components.items() if v}
+    return scores, means, samples
+
+
+def _plain(value):
+    """A column value as JSON can hold it (numbers, strings, lists; others as text)."""
+    if value is None or isinstance(value, (str, int, float, bool, list, dict)):
+        return value
+    return str(value)
+
+
+def as_tensor(scores: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(scores, dtype=torch.float32, device=like.device)

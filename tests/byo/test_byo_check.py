@@ -1,0 +1,137 @@
+"""Bring your own task, at check time: python(...) rewards read with `ast` (never run),
+dataset formats and fields, tokenizer defaults, chat templates, vocabulary sizes, value heads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhfc.frontend.check import check_program
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ('llama(layers = 2, hidden = 64, heads = 4, kv_heads = 2, intermediate = 128, vocab = {vocab}, '
+         'max_positions = 64)')
+
+
+@pytest.fixture(scope="module")
+def math_task(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("math")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_math_task.py"), "--out", str(out), "--rows", "40"],
+                   check=True, capture_output=True)
+    return out
+
+
+def program(tmp: Path, reward='python("rewards.py:exact_match")', dataset=None, actor=None, vocab=96) -> Path:
+    actor = actor or MODEL.format(vocab=vocab)
+    dataset = dataset or f'jsonl("{tmp}/train.jsonl", field = "question", max_len = 24, tokenizer = "{tmp}/ckpt")'
+    text = f"""import grpo from "stdlib/grpo.rlhf"
+model actor  = {actor} {{ trainable }}
+model ref    = {actor}
+model reward = {reward}
+dataset prompts = {dataset}
+run grpo(actor, ref, reward, prompts) {{ batch = 4  group_size = 2  max_new_tokens = 4 }}
+"""
+    path = tmp / "p.rlhf"
+    path.write_text(text)
+    return path
+
+
+def errors(path: Path) -> list[tuple[str, str, str]]:
+    _, diags = check_program(path)
+    return [(d.code, d.message, d.hint or "") for d in diags if d.severity.value == "error"]
+
+
+@pytest.fixture
+def task(math_task, tmp_path) -> Path:
+    for name in ("train.jsonl",):
+        (tmp_path / name).write_text((math_task / name).read_text())
+    (tmp_path / "ckpt").symlink_to(math_task / "ckpt")
+    (tmp_path / "rewards.py").write_text((ROOT / "programs" / "rewards.py").read_text())
+    return tmp_path
+
+
+def test_python_reward_and_chat_check_and_resolve(task):
+    flow, diags = check_program(program(task, dataset=f'jsonl("train.jsonl", field = "question", max_len = 24, '
+                                                      f'tokenizer = "ckpt", chat = true, system = "Be brief.")'))
+    assert flow is not None, diags
+    reward = flow.model("reward")
+    assert reward.kind == "rule" and reward.functions == ((str(task / "rewards.py"), "exact_match", 1.0),)
+    ds = flow.datasets[0]
+    assert ds.chat and ds.system == "Be brief." and ds.columns == ("answer", "a", "b")
+
+
+def test_weighted_rewards(task):
+    flow, _ = check_program(program(task, reward='python("rewards.py", exact_match = 1.0, format_ok = 0.2)'))
+    assert [(f, w) for _, f, w in flow.model("reward").functions] == [("exact_match", 1.0), ("format_ok", 0.2)]
+
+
+def test_unknown_function_is_located_with_a_suggestion(task):
+    (code, message, hint), = errors(program(task, reward='python("rewards.py:exact_mach")'))
+    assert code == "E029" and "exact_mach" in message and "exact_match" in hint
+
+
+def test_reward_file_is_read_not_run(task):
+    (task / "rewards.py").write_text("raise SystemExit('ran at check time')\ndef f(p, c, **k):\n    return []\n")
+    assert errors(program(task, reward='python("rewards.py:f")')) == []
+    (task / "rewards.py").write_text("def f(p, c:\n")
+    (code, message, _), = errors(program(task, reward='python("rewards.py:f")'))
+    assert code == "E029" and "syntax error" in message and "rewards.py:1" in message
+
+
+def test_missing_reward_file(task):
+    (code, message, _), = errors(program(task, reward='python("nope.py:f")'))
+    assert code == "E020" and "nope.py" in message
+
+
+def test_missing_field_lists_the_fields(task):
+    (code, message, hint), = errors(program(task, dataset='jsonl("train.jsonl", field = "prompt", max_len = 24)'))
+    assert code == "E030" and "train.jsonl:1" in message and "`prompt`" in message
+    assert "question, answer, a, b" in hint
+
+
+def test_formats_by_suffix_and_key(task):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(ln) for ln in (task / "train.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), task / "train.parquet")
+    flow, diags = check_program(program(task, dataset='data("train.parquet", field = "question", max_len = 24)'))
+    assert flow is not None, diags
+    assert flow.datasets[0].format == "parquet" and flow.datasets[0].columns == ("answer", "a", "b")
+    flow, _ = check_program(program(task, dataset='data("train.jsonl", format = "datasets", field = "question", '
+                                                  'max_len = 24)'))
+    assert flow.datasets[0].format == "datasets"
+    (code, _, hint), = errors(program(task, dataset='data("train.txt", field = "question", max_len = 24)'))
+    assert code == "E022" and "format" in hint
+
+
+def test_tokenizer_defaults_to_the_actor_checkpoint(task):
+    flow, diags = check_program(program(task, actor='llama("ckpt")',
+                                        dataset='jsonl("train.jsonl", field = "question", max_len = 24, chat = true)'))
+    assert flow is not None, diags
+    assert flow.datasets[0].tokenizer == str((task / "ckpt").resolve())
+
+
+def test_tokenizer_larger_than_the_vocabulary(task):
+    (code, message, _), = errors(program(task, vocab=64))
+    assert code == "E031" and "86 tokens" in message and "64" in message
+
+
+def test_chat_needs_a_template(task):
+    bare = f'jsonl("train.jsonl", field = "question", max_len = 24, tokenizer = "{ROOT}/data/tiny/tokenizer.json", ' \
+           f'chat = true)'
+    (code, message, _), = errors(program(task, dataset=bare))
+    assert code == "E031" and "chat template" in message
+
+
+def test_value_head_checkpoint_loaded_as_lm_is_an_error(task, tmp_path):
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    config = json.loads((task / "ckpt" / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForSequenceClassification"]}))
+    (code, message, hint), = errors(program(task, reward='llama("rm")'))
+    assert code == "E011" and "ForSequenceClassification" in message and "head = value" in hint
