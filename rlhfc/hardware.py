@@ -4,7 +4,7 @@ Figures are dense bf16 vendor datasheet values (see /work/shared/REFERENCE.md); 
 `achievable` fraction is the MFU-like share of peak that real kernels reach and is the
 first thing to calibrate from measurements. A cluster block may override any figure
 (`memory`, `flops`, `mem_bandwidth`, `intra_bandwidth`, `inter_bandwidth`, `achievable`,
-`cores`), or name a measured profile (`hardware = "hw.json"`, written by `rlhfc profile`) whose
+`cores`, `memory_reserve`), or name a measured profile (`hardware = "hw.json"`, written by `rlhfc profile`) whose
 figures become those overrides.
 """
 
@@ -35,6 +35,14 @@ class Device:
     cores: float = 0.0
     # Host <-> device bytes/s per device (PCIe share), what reloading offloaded weights costs.
     host_bandwidth: float = 25e9
+    # Share of `memory` plans leave free: the CUDA context, NCCL buffers, kernels'
+    # workspaces and allocator fragmentation, which no call's estimate counts.
+    memory_reserve: float = 0.08
+
+    @property
+    def plan_memory(self) -> int:
+        """Bytes a plan may fill on one device: `memory` less the reserve."""
+        return int(self.memory * (1.0 - self.memory_reserve))
 
 
 CATALOG: dict[str, Device] = {
@@ -53,7 +61,7 @@ DEVICE_NAMES: tuple[str, ...] = tuple(CATALOG)
 
 OVERRIDE_KEYS: tuple[str, ...] = (
     "memory", "flops", "mem_bandwidth", "intra_bandwidth", "inter_bandwidth", "achievable", "cores",
-    "host_bandwidth",
+    "host_bandwidth", "memory_reserve",
 )
 
 PROFILE_SCHEMA_VERSION = 1
@@ -64,7 +72,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "nodes": (1, 1024), "devices_per_node": (1, 64),
     "memory": (2**20, 2**44), "flops": (1e6, 1e18), "mem_bandwidth": (1e6, 1e15),
     "intra_bandwidth": (1e5, 1e14), "inter_bandwidth": (1e5, 1e14), "host_bandwidth": (1e5, 1e14),
-    "achievable": (1e-3, 1.0), "cores": (0.0, 4096),
+    "achievable": (1e-3, 1.0), "cores": (0.0, 4096), "memory_reserve": (0.0, 0.9),
 }
 
 

@@ -156,6 +156,12 @@ class Call:
     def option(self, key: str, default=None):
         return dict(self.options).get(key, default)
 
+    @property
+    def rows(self) -> int:
+        """Data rows of the call, what dp splits: `batch`, or half of it when each row
+        holds a chosen/rejected pair (the resolved `rows` setting)."""
+        return int(dict(self.settings).get("rows", self.batch))
+
 
 class EdgeKind(str, Enum):
     """Why one call must wait for another."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from rlhfc.ir import Cluster, Strategy
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `call_memory` per call
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class CallPlacement:
     strategy: Strategy
     start: float
     end: float
-    peak_memory: int  # bytes on the fullest device of the mesh
+    peak_memory: int  # bytes on the fullest device of the mesh, every resident model included
+    # bytes the call's own model copy and work need there: what `peak_bytes/CALL` measures
+    call_memory: int
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ def plan_to_json(plan: Plan, include_timing: bool = False) -> str:
                     "overrides": [[k, v] for k, v in c.overrides]},
         "calls": [
             {"call": p.call, "model": p.model, "strategy": _strategy_dict(p.strategy), "start": p.start,
-             "end": p.end, "peak_memory": p.peak_memory}
+             "end": p.end, "peak_memory": p.peak_memory,
+             "call_memory": p.call_memory}
             for p in plan.calls
         ],
         "homes": [[m, _strategy_dict(s)] for m, s in plan.homes],
@@ -136,7 +139,8 @@ def plan_from_json(text: str) -> Plan:
     return Plan(
         d["source"],
         Cluster(c["nodes"], c["devices_per_node"], c["device"], tuple((k, v) for k, v in c["overrides"])),
-        tuple(CallPlacement(p["call"], p["model"], _strategy_from(p["strategy"]), p["start"], p["end"], p["peak_memory"])
+        tuple(CallPlacement(p["call"], p["model"], _strategy_from(p["strategy"]), p["start"], p["end"], p["peak_memory"],
+                            p["call_memory"])
               for p in d["calls"]),
         tuple((m, _strategy_from(s)) for m, s in d["homes"]),
         tuple(Reallocation(r["model"], r["before_call"], _strategy_from(r["src"]), _strategy_from(r["dst"]), r["bytes"],

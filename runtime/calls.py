@@ -277,6 +277,7 @@ def _train(iface, model: RuntimeModel, flat: dict, settings: dict, groups, n_mbs
                                int(hyper["warmup_steps"]))
             for key, value in _step(iface, model, mini, hyper, groups, n_mbs, factor).items():
                 totals[key] = totals.get(key, 0.0) + value / per_call
+    model.optimizer.zero_grad(set_to_none=True)  # between calls a copy holds weights and Adam state only
     return {**totals, **extra_metrics, "train_steps": float(per_call)}
 
 

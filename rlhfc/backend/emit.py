@@ -71,7 +71,7 @@ def program_spec(prog: OpProgram, base: str = ".") -> dict:
         "run": {"dataflow": run.dataflow, "batch": run.batch, "steps": run.steps, "seed": run.seed,
                 "save_every": run.save_every, "keep": run.keep},
         "estimates": {p.call: round(p.end - p.start, 6) for p in prog.plan.calls},
-        "estimated_peak_bytes": {p.call: p.peak_memory for p in prog.plan.calls
+        "estimated_peak_bytes": {p.call: p.call_memory for p in prog.plan.calls
                                  if df.model(p.model).kind != ir.ModelKind.RULE},
     }
 

@@ -116,8 +116,12 @@ class TrainInterface(_ModelInterface):
     kind = CallKind.TRAIN
 
     def prepare(self, batch: Batch, hyper: Hyper) -> Batch:
-        """The batch with the targets the loss needs (advantages, returns), on all rows."""
-        return {**batch, **self.prepare_fn(batch, hyper)}
+        """The batch with the targets the loss needs (advantages, returns), on all rows.
+        Per-prompt inputs (ReMax's greedy baseline: one row per group of samples) are
+        consumed here and left out, so every key has the call's rows."""
+        out = {**batch, **self.prepare_fn(batch, hyper)}
+        rows = max(v.shape[0] for v in out.values())
+        return {k: v for k, v in out.items() if v.shape[0] == rows}
 
     def weigh(self, batch: Batch, hyper: Hyper) -> Batch:
         """A whole (mini-)batch with its loss weights, so shards' losses add up to its loss."""

@@ -59,11 +59,21 @@ GENERATE_SETTINGS: tuple[Setting, ...] = (
     _s("top_p", float, 1.0, "nucleus sampling: keep the smallest set of tokens with this mass", 1e-6, 1.0),
     _s("top_k", int, 0, "keep the k most likely tokens (0: all)", 0),
 )
+# Compute precisions and the bytes of one value in each: the width of a frozen copy's
+# weights, its KV cache and its reallocation traffic (the cost model prices the same).
+PRECISION_BYTES: dict[str, int] = {"bf16": 2, "fp32": 4}
+
+
+def default_precision(device: str | None) -> str:
+    """fp32 on CPU clusters (no fast bf16 there), bf16 on accelerators."""
+    return "fp32" if device in (None, "cpu") else "bf16"
+
+
 # Settings of every call on a neural model (not rule rewards). `precision`'s default is
-# the checker's: "fp32" on a `cpu` cluster, else this one.
+# `default_precision` of the cluster's device; this one is what `rlhfc interfaces` shows.
 MODEL_SETTINGS: tuple[Setting, ...] = (
     _s("precision", str, "bf16", "compute precision: bf16 compute with fp32 master weights for training and "
-       "bf16 weights for inference / generation copies, or fp32 throughout", choices=("bf16", "fp32")),
+       "bf16 weights for inference / generation copies, or fp32 throughout", choices=tuple(PRECISION_BYTES)),
 )
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")

@@ -58,18 +58,18 @@ class Sampler:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists as left-padded ids and mask [B, max len]: generation appends on the
-    right, so every prompt must end in the same column."""
-    width = max(len(r) for r in rows)
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as left-padded ids and mask [B, max(width, longest)]: generation
+    appends on the right, so every prompt must end in the same column."""
+    width = max(width, *(len(r) for r in rows))
     ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     return ids, mask
 
 
-def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """Token lists as right-padded ids [B, max len]."""
-    width = max(len(r) for r in rows)
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int = 0) -> torch.Tensor:
+    """Token lists as right-padded ids [B, max(width, longest)]."""
+    width = max(width, *(len(r) for r in rows))
     return torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
@@ -79,6 +79,8 @@ class JsonlLoader:
     {"prompt", "chosen", "rejected"} → pair batches [B, 2, T];
     {"prompt", "response"} → SFT batches [B, T] with the response as `response_mask`.
     Prompts keep their last `max_len` tokens; responses their first `max_len`, plus eos.
+    Batches are padded to those widths (prompts to `max_len`, responses to `max_len` + 1),
+    the lengths the plan priced: every step runs the shapes the compiler planned.
     `chat` wraps the prompt in the tokenizer's chat template as a user message (after a
     `system` message if given), with the generation prompt; `columns` are the row keys
     reward functions and samples see."""
@@ -117,8 +119,8 @@ class JsonlLoader:
 
     def _sequences(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        prompt_ids, prompt_mask = left_pad([self._prompt_ids(p) for p in prompts], pad)
-        response_ids = right_pad([self._response_ids(r) for r in responses], pad)
+        prompt_ids, prompt_mask = left_pad([self._prompt_ids(p) for p in prompts], pad, self.max_len)
+        response_ids = right_pad([self._response_ids(r) for r in responses], pad, self.max_len + 1)
         return build_sequences(prompt_ids, prompt_mask, response_ids, eos, pad)
 
     def row_fields(self, index: int) -> tuple[str, dict]:
@@ -138,7 +140,7 @@ class JsonlLoader:
             return {k: torch.stack([v[:n], v[n:]], dim=1) for k, v in pairs.items()}
         if "response" in self.fields:
             return self._sequences(prompts, [r[self.fields["response"]] for r in rows])
-        ids, mask = left_pad([self._prompt_ids(p) for p in prompts], self.tokenizer.pad_token_id)
+        ids, mask = left_pad([self._prompt_ids(p) for p in prompts], self.tokenizer.pad_token_id, self.max_len)
         return {"input_ids": ids, "attention_mask": mask}
 
     def state_dict(self) -> dict[str, int]:

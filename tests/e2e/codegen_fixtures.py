@@ -61,7 +61,7 @@ def strategy(first, n, dp, tp=1, pp=1):
 def plan(df: ir.Dataflow, placements: dict[str, ir.Strategy]) -> Plan:
     """A plan with the given strategies, calls one time unit apart in dataflow order,
     and homes at each trainable model's train call (else its first call)."""
-    calls = tuple(CallPlacement(c.name, c.model, placements[c.name], float(i), float(i + 1), 2**20)
+    calls = tuple(CallPlacement(c.name, c.model, placements[c.name], float(i), float(i + 1), 2**20, 2**20)
                   for i, c in enumerate(df.calls))
     homes = {}
     for c in df.calls:

@@ -50,7 +50,9 @@ def test_pair_data_counts_two_sequences_per_row(tmp_path):
                   'dataset d = jsonl("d.jsonl", prompt = "p", chosen = "c", rejected = "r", max_len = 32)\n'
                   'run dpo(actor, ref, d) { batch = 16 }\n')
     flow = load_program(prog)
-    assert [(c.name, c.batch, c.prompt_len, c.gen_len) for c in flow.calls] == [("refl", 32, 32, 0), ("a_tr", 32, 32, 0)]
+    # 16 rows of 2 sequences; each sequence: a 32-token prompt, a 32-token response + eos
+    assert [(c.name, c.batch, c.rows, c.prompt_len, c.gen_len) for c in flow.calls] == [
+        ("refl", 32, 16, 32, 33), ("a_tr", 32, 16, 32, 33)]
     assert flow.edges == (ir.Edge("refl", "a_tr", ir.EdgeKind.DATA, "ref_logp"),)
 
 

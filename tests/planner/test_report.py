@@ -17,9 +17,9 @@ def _plan(calls, reallocations=()):
 def test_devices_with_the_same_calls_share_a_band(tmp_path: Path):
     everywhere = Strategy(Mesh(0, 2, 0, 4), 8, 1, 1)
     node0, node1_half = Strategy(Mesh(0, 1, 0, 4), 4, 1, 1), Strategy(Mesh(1, 1, 0, 2), 2, 1, 1)
-    calls = [CallPlacement("gen", "actor", everywhere, 0.0, 1.0, 1),
-             CallPlacement("refl", "ref", node0, 1.0, 2.0, 1),
-             CallPlacement("vals", "critic", node1_half, 1.0, 2.0, 1)]
+    calls = [CallPlacement("gen", "actor", everywhere, 0.0, 1.0, 1, 1),
+             CallPlacement("refl", "ref", node0, 1.0, 2.0, 1, 1),
+             CallPlacement("vals", "critic", node1_half, 1.0, 2.0, 1, 1)]
     assert device_bands(_plan(calls)) == [(0, 3), (4, 5), (6, 7)]
     # a reallocation into part of a band splits it: its devices are busy earlier
     move = Reallocation("actor", "gen", node0, replace(node0, mesh=Mesh(0, 1, 0, 2), dp=2), 10, 0.1)

@@ -104,15 +104,14 @@ def test_implausible_cluster_override_is_a_plan_error():
 
 def test_micro_batches_past_eight_where_memory_needs_them():
     """7B PPO with 2048-token prompts on one node of 8 x A100-40GB: the train calls need
-    more than 8 micro-batches to fit next to the other models (the old space, n_mbs ≤ 8,
-    gives a slower plan with the train calls on other layouts)."""
+    more than 8 micro-batches to fit (the old space, n_mbs ≤ 8 without recompute, has no
+    plan at all)."""
     df = ppo_dataflow(LLAMA_7B, Cluster(1, 8, "A100-40GB"), batch=64, prompt_len=2048, gen_len=64)
-    old = SearchSpace(n_mbs=(1, 2, 4, 8), recompute=False)
-    assert solve_cpsat(build_problem(df, space=old), time_limit=10, workers=2).status == "INFEASIBLE"
+    with pytest.raises(PlanError):
+        plan_dataflow(df, time_limit=10, space=SearchSpace(n_mbs=(1, 2, 4, 8), recompute=False))
     plan = plan_dataflow(df, time_limit=10)
     assert plan.placement("a_tr").strategy.n_mbs > 8
-    assert plan.iteration_time < plan_dataflow(df, time_limit=10, space=old).iteration_time
-    assert all(p.peak_memory <= device_for(df.cluster).memory for p in plan.calls)
+    assert all(p.peak_memory <= device_for(df.cluster).plan_memory for p in plan.calls)
 
 
 def test_sub_node_meshes_on_every_node():
@@ -132,14 +131,14 @@ def test_recompute_costs_a_forward_and_saves_activations():
     terms, more = dict(plain.terms), dict(again.terms)
     assert more["recompute"] == pytest.approx(terms["compute"] / 3 + terms["tp"] / 2)
     assert again.seconds > plain.seconds and again.static_bytes == plain.static_bytes
-    assert again.transient_bytes < plain.transient_bytes / 4
+    assert again.transient_bytes < plain.transient_bytes / 2  # layer inputs instead of every activation
     gen = replace(s, recompute=True)
     assert "recompute" not in dict(call_cost(df.call("gen"), df.model("actor"), s, df.cluster, device, c, False).terms)
     assert gen.recompute and not s.recompute
 
 
 def test_recompute_options_equal_brute_force_and_round_trip():
-    df = small_dataflow(TINY, Cluster(1, 2, "cpu", (("memory", 1_500_000),)), batch=8, prompt_len=32, gen_len=32)
+    df = small_dataflow(TINY, Cluster(1, 2, "cpu", (("memory", 2_500_000),)), batch=8, prompt_len=32, gen_len=32)
     problem = build_problem(df, space=SearchSpace(n_mbs=(1, 2)))
     assert any(o.strategy.recompute for o in problem.by_call["a_tr"])
     exact = brute_force(problem)
@@ -155,9 +154,9 @@ def test_mini_batches_and_epochs_are_priced():
     all-reduces, the same FLOPs; 2 epochs double the FLOPs."""
     df = ppo_dataflow(LLAMA_7B, Cluster(1, 8, "H100-80GB"))
     steps = replace(df, run=replace(df.run, params=df.run.params + (("mini_batches", 4), ("ppo_epochs", 2))))
-    s = next(o for o in build_problem(df, space=SearchSpace(n_mbs=(1,))).by_call["a_tr"] if o.strategy.dp == 2)
+    s = next(o for o in build_problem(df, space=SearchSpace(n_mbs=(8,))).by_call["a_tr"] if o.strategy.dp == 2)
     one = dict(s.cost.terms)
-    four = next(o for o in build_problem(steps, space=SearchSpace(n_mbs=(1,))).by_call["a_tr"]
+    four = next(o for o in build_problem(steps, space=SearchSpace(n_mbs=(8,))).by_call["a_tr"]
                 if o.strategy == s.strategy)
     four = dict(four.cost.terms)
     assert four["optimizer"] == pytest.approx(8 * one["optimizer"]) and four["dp"] == pytest.approx(8 * one["dp"])
@@ -168,7 +167,8 @@ def test_infeasible_hint_names_a_cluster_that_plans():
     df = ppo_dataflow(LLAMA_7B, Cluster(1, 1, "A100-40GB"))
     with pytest.raises(PlanError) as e:
         plan_dataflow(df, time_limit=5)
-    assert "`gen`" in str(e.value) and e.value.span == df.call("gen").span
+    named = re.search(r"call `(\w+)`", str(e.value))
+    assert named and e.value.span == df.call(named.group(1)).span
     m = re.search(r"--cluster (\d+)x(\d+):(\S+)\)", e.value.hint)
     assert m, e.value.hint
     suggested = Cluster(int(m.group(1)), int(m.group(2)), m.group(3))

@@ -181,11 +181,11 @@ def test_compiler_cost_model_bytes_agree_with_minimum():
         for n in (1, 2, 4, 8) for first in range(0, 8, n) for dp in (1, 2, 4, 8) for tp in (1, 2, 4, 8)
         if n % (dp * tp) == 0
     ]
-    per_param = DEFAULT_COEFFICIENTS.weight_bytes_per_param
+    per_param = 2  # bf16 on the wire
     for head, head_name in ((Head.LM, LM), (Head.VALUE, VALUE)):
         shapes = param_shapes(cfg, head_name)
         for a in strategies[::3]:
             for b in strategies:
                 la, lb = (Layout(s.mesh.ranks(8), s.dp, s.tp, s.pp) for s in (a, b))
-                cost = realloc_cost(shape, head, a, b, 8, device, DEFAULT_COEFFICIENTS)
+                cost = realloc_cost(shape, head, a, b, 8, device, DEFAULT_COEFFICIENTS, per_param)
                 assert cost.bytes == minimum_bytes(shapes, 8, la, lb, per_param), (head, a, b)

@@ -28,6 +28,7 @@ class KeyInfo:
     prompt_len: int
     gen_len: int
     group: int = 1  # samples per prompt of the rollout these rows come from
+    sequences_per_row: int = 1  # 2 for chosen/rejected pairs: a row holds both
 
 
 def run_config(run: ast.RunStmt, rep: Reporter, val: Values) -> ir.RunConfig:
@@ -186,29 +187,37 @@ def _sized(calls: tuple[ir.Call, ...], datasets: dict[str, ir.Dataset], binding:
            config: ir.RunConfig, device: str | None = None) -> tuple[ir.Call, ...]:
     """Batch, prompt and generation lengths of every call, propagated along data keys.
 
-    A dataset key carries `batch` rows (2 × batch sequences for chosen/rejected pairs);
-    a `generate` multiplies its rows by its group size (`settings.generation_group`);
-    every other call sees the largest row count and lengths among its inputs. Each
-    call's settings are resolved here, once (`settings.resolve`).
+    A dataset key carries `batch` rows (a chosen/rejected row holds 2 sequences); a
+    `generate` multiplies its rows by its group size (`settings.generation_group`);
+    every other call sees the largest row count and lengths among its inputs. A call's
+    `batch` counts sequences (what its cost depends on), its `rows` setting the data
+    rows the runtime holds. Each call's settings are resolved here, once
+    (`settings.resolve`).
     """
     keys: dict[str, KeyInfo] = {}
     for name in set(binding.values()) & set(datasets):
         ds = datasets[name]
-        pairs = {"chosen", "rejected"} <= {k for k, _ in ds.fields}
-        keys[name] = KeyInfo(config.batch * (2 if pairs else 1), ds.max_len, 0)
+        fields = {k for k, _ in ds.fields}
+        pairs = {"chosen", "rejected"} <= fields
+        # responses (SFT, pairs) keep max_len tokens plus eos after the prompt's max_len,
+        # padded to that width by the loader: the length every such step runs
+        response = ds.max_len + 1 if pairs or "response" in fields else 0
+        keys[name] = KeyInfo(config.batch, ds.max_len, response, sequences_per_row=2 if pairs else 1)
     sized = {}
     for call in _topological(calls):
         ins = [keys[k] for k in call.inputs if k in keys] or [KeyInfo(config.batch, 0, 0)]
-        rows, prompt_len, gen_len = max(i.rows for i in ins), max(i.prompt_len for i in ins), max(i.gen_len for i in ins)
+        widest = max(ins, key=lambda i: i.rows * i.sequences_per_row)
+        rows, per_row = widest.rows, widest.sequences_per_row
+        prompt_len, gen_len = max(i.prompt_len for i in ins), max(i.gen_len for i in ins)
         group = max(i.group for i in ins)
         if call.kind is ir.CallKind.GENERATE:
             group = generation_group(call, config)
             rows *= group
             gen_len = call.gen_len
         for out in call.outputs:
-            keys[out] = KeyInfo(rows, prompt_len, gen_len, group)
-        call = replace(call, batch=rows, prompt_len=prompt_len, gen_len=gen_len)
-        sized[call.name] = replace(call, settings=resolve(call, config, group, device))
+            keys[out] = KeyInfo(rows, prompt_len, gen_len, group, 1 if call.kind is ir.CallKind.GENERATE else per_row)
+        call = replace(call, batch=rows * per_row, prompt_len=prompt_len, gen_len=gen_len)
+        sized[call.name] = replace(call, settings=resolve(call, config, group, device, rows))
     return tuple(sized[c.name] for c in calls)
 
 

@@ -5,7 +5,7 @@ The op carries the result; the runtime re-derives nothing.
 
 from __future__ import annotations
 
-from rlhfc_runtime.contract.interfaces import INTERFACES, Setting
+from rlhfc_runtime.contract.interfaces import INTERFACES, Setting, default_precision
 
 from rlhfc import ir
 from rlhfc.frontend import ast
@@ -23,17 +23,14 @@ def call_settings(call: ir.Call) -> tuple[Setting, ...]:
     return ()  # rule rewards read only what `resolve` adds
 
 
-def default_precision(device: str | None) -> str:
-    """fp32 on CPU clusters (no fast bf16 there), bf16 on accelerators."""
-    return "fp32" if device in (None, "cpu") else "bf16"
-
-
 def resolve(call: ir.Call, config: ir.RunConfig, rollout_group: int,
-            device: str | None = None) -> tuple[tuple[str, int | float | str], ...]:
+            device: str | None = None, rows: int | None = None) -> tuple[tuple[str, int | float | str], ...]:
     """The resolved settings of a sized call. `rows` is the global row count it produces
-    (generate) or processes; `rollout_group` the samples per prompt of its inputs;
-    `device` the cluster's device name (the default precision depends on it)."""
-    out: dict[str, int | float | str] = {"rows": call.batch}
+    (generate) or processes (default `call.batch`; fewer when a row holds a chosen/
+    rejected pair); `rollout_group` the samples per prompt of its inputs; `device` the
+    cluster's device name (the default precision depends on it)."""
+    rows = call.batch if rows is None else rows
+    out: dict[str, int | float | str] = {"rows": rows}
     settings = call_settings(call)
     for setting in sorted(settings, key=lambda s: s.fallback is not None):  # fallbacks after their source
         if setting.name == "group_size":
@@ -44,7 +41,7 @@ def resolve(call: ir.Call, config: ir.RunConfig, rollout_group: int,
             default = out[setting.fallback] if setting.fallback else setting.default
             value = call.option(setting.name, config.param(setting.name, default))
         out[setting.name] = setting.type(value)
-    out = {"rows": call.batch, **{s.name: out[s.name] for s in settings}}
+    out = {"rows": rows, **{s.name: out[s.name] for s in settings}}
     if call.kind is ir.CallKind.GENERATE or call.interface == "rule" or "loss_agg" in out:
         out["max_new_tokens"] = call.gen_len  # seq-mean-token-sum-norm divides by it
     if call.kind is ir.CallKind.TRAIN:

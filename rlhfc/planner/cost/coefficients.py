@@ -8,20 +8,9 @@ from dataclasses import dataclass, replace
 
 @dataclass(frozen=True)
 class Coefficients:
-    """Constants of the analytical roofline model (sources in `rlhfc.planner.cost.model`)."""
+    """Constants of the analytical time model (sources in `rlhfc.planner.cost.model`); memory
+    is priced from the runtime's fitted bytes (`rlhfc.planner.cost.memory`)."""
 
-    # Mixed-precision Adam: bf16 weights (2) + bf16 grads (2) + fp32 master, m, v (12).
-    train_bytes_per_param: int = 16
-    # bf16 weights of an inference / generation copy.
-    weight_bytes_per_param: int = 2
-    # Activation bytes stored per token, per hidden unit, per layer for backward
-    # (Korthikanti et al. 2022, "Reducing Activation Recomputation", 34·s·b·h with
-    # flash attention removing the 5·a·s²·b term), divided by tp with sequence parallel.
-    train_activation_bytes: float = 34.0
-    # Transient activation bytes per token, per hidden unit, for one forward layer.
-    inference_activation_bytes: float = 20.0
-    # fp32 logits per token per vocabulary entry (x2 in training: logits and grads).
-    logit_bytes: int = 4
     # Bytes per token of every data key moved between calls (ids, logprobs, values).
     key_bytes_per_token: int = 4
     # Correction of the device's `achievable` share of peak FLOP/s, fitted by `rlhfc calibrate`.

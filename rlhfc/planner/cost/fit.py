@@ -22,7 +22,7 @@ from rlhfc.planner.cost.model import call_cost
 from rlhfc.hardware import device_for, read_json
 from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelShape, Span, Strategy
 
-COEFFICIENTS_SCHEMA_VERSION = 1
+COEFFICIENTS_SCHEMA_VERSION = 2  # 2: memory figures left the time coefficients
 COST_INPUTS_SCHEMA_VERSION = 1
 COST_INPUTS_FILE = "cost_inputs.json"
 

@@ -10,10 +10,11 @@ Sources:
   (Shoeybi et al. 2019, Megatron-LM §3); ring all-reduce moves 2(n−1)/n of the buffer
   per device (Patarasuk & Yuan 2009).
 - Data parallel: one ring all-reduce of the bf16 gradients per step.
-- Memory: 16 bytes/param for mixed-precision Adam (Rajbhandari et al. 2020, ZeRO §3);
-  activations 34·tokens·hidden bytes per layer with flash attention and sequence
-  parallel over tp (Korthikanti et al. 2022); 1F1B keeps min(pp, m) micro-batches in
-  flight on the first stage.
+- Memory: what the runtime allocates in the call's precision (`rlhfc.planner.cost.memory`,
+  fitted to the runtime's measured peaks); 1F1B keeps min(pp − s, m) micro-batches in
+  flight on stage s.
+- Precision: activations move over tp and reallocated weights in the call's precision
+  (2 bytes bf16, 4 fp32); gradients are fp32 (master weights) in either.
 - Generation: prefill is compute-bound like inference; each decode step is memory-bound,
   reading the stage's weights and KV cache once per micro-batch (roofline: max of
   compute and bytes/bandwidth; Pope et al. 2022, "Efficiently Scaling Transformer
@@ -39,9 +40,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rlhfc.planner.cost.coefficients import Coefficients
 from rlhfc.hardware import Device, core_share
 from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelKind, ModelShape, Strategy
+from rlhfc.planner.cost.coefficients import Coefficients
+from rlhfc.planner.cost.memory import call_transient, precision_of, resident_bytes
+from rlhfc_runtime.contract.interfaces import PRECISION_BYTES, default_precision
 from rlhfc_runtime.contract.layout import stage_layers
 
 
@@ -125,7 +128,7 @@ def optimizer_steps(call: Call) -> tuple[int, int]:
 
 def _forward_backward_terms(
     shape: ModelShape, n_params: int, tokens: int, s: Strategy, device: Device, c: Coefficients,
-    kind: CallKind, passes: int = 1, mini_batches: int = 1,
+    kind: CallKind, width: int, passes: int = 1, mini_batches: int = 1,
 ) -> dict[str, float]:
     """Compute plus tensor-parallel communication of `passes` passes over `tokens` in
     `mini_batches` pipelined mini-batches of `n_mbs` micro-batches each, stretched by the
@@ -137,7 +140,7 @@ def _forward_backward_terms(
     rate = s.mesh.size * flop_rate(device, c, kind)
     compute = passes * flops_per_token_param * n_params * tokens / rate
     layers = math.ceil(shape.n_layers / s.pp)
-    act_bytes = tokens / (s.dp * mini_batches * s.n_mbs) * shape.hidden * 2  # one micro-batch
+    act_bytes = tokens / (s.dp * mini_batches * s.n_mbs) * shape.hidden * width  # one micro-batch
     one_allreduce = allreduce_seconds(act_bytes, s.tp, device.intra_bandwidth, c)
     tp_comm = passes * mini_batches * s.n_mbs * layers * allreduces_per_layer * one_allreduce
     terms = {"compute": compute, "tp": tp_comm}
@@ -150,23 +153,12 @@ def _forward_backward_terms(
     return terms
 
 
-def train_activation_bytes(shape: ModelShape, s: Strategy, tokens_mb: int, c: Coefficients) -> int:
-    """Activations one micro-batch keeps per device for backward: every layer's full set
-    (Korthikanti et al. 2022, 34·s·b·h/tp), or with recompute only each layer's bf16 input
-    (2·s·b·h/tp) plus one layer's full set while it is recomputed."""
-    layers = math.ceil(shape.n_layers / s.pp)
-    full_layer = c.train_activation_bytes * tokens_mb * shape.hidden / s.tp
-    if s.recompute:
-        return int(2 * tokens_mb * shape.hidden * layers / s.tp + full_layer)
-    return int(full_layer * layers)
-
-
 def call_cost(
     call: Call, model: Model, s: Strategy, cluster: Cluster, device: Device, c: Coefficients,
     is_home: bool,
 ) -> CallCost:
     """Time and memory of `call` under strategy `s`; `is_home` puts the model's resident
-    state (train: weights+grads+Adam; frozen: weights) in `static_bytes`."""
+    state (train: fp32 master weights + Adam; frozen: weights) in `static_bytes`."""
     if model.kind == ModelKind.RULE or model.shape is None:
         return FREE
     share = core_share(cluster, device)
@@ -174,37 +166,34 @@ def call_cost(
     n_params = shape.param_count(model.head)
     p_dev = device_params(shape, model.head, s.tp, s.pp)
     layers = math.ceil(shape.n_layers / s.pp)
+    precision = precision_of(call, default_precision(device.name))
+    width = PRECISION_BYTES[precision]
     tokens = call.batch * call.seq_len
     mini_batches, epochs = optimizer_steps(call)
     tokens_mb = math.ceil(tokens / (s.dp * s.n_mbs * mini_batches))
-    vocab_out = shape.vocab if model.head is Head.LM else 1
-    logits = c.logit_bytes * tokens_mb * vocab_out // s.tp
-    weights = c.weight_bytes_per_param * p_dev
+    resident, transient = call_memory(call, model, s, tokens_mb, is_home, precision)
 
     if call.kind is CallKind.TRAIN:
-        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, epochs, mini_batches)
+        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, width, epochs, mini_batches)
         updates = epochs * mini_batches
-        terms["dp"] = updates * allreduce_seconds(2 * p_dev, s.dp, dp_bandwidth(s, device), c)
-        terms["optimizer"] = updates * 2 * c.train_bytes_per_param * p_dev / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
-        state = c.train_bytes_per_param * p_dev
-        in_flight = min(s.pp, s.n_mbs)
-        transient = train_activation_bytes(shape, s, tokens_mb, c) * in_flight + 2 * logits
-        return _split(terms, state, transient, is_home, share)
+        terms["dp"] = updates * allreduce_seconds(4 * p_dev, s.dp, dp_bandwidth(s, device), c)  # fp32 grads
+        # Adam reads and writes weights, grads and both moments (fp32): 2 × 16 bytes per parameter
+        terms["optimizer"] = updates * 32 * p_dev / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
+        return _split(terms, resident, transient, is_home, share)
 
     if call.kind is CallKind.INFERENCE:
-        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind)
-        transient = int(c.inference_activation_bytes * tokens_mb * shape.hidden / s.tp) + logits
-        return _split(terms, weights, transient, is_home, share)
+        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, width)
+        return _split(terms, resident, transient, is_home, share)
 
     # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps; a step
     # takes max(m, pp) stage times, of which max(0, pp − m) are the pipeline's bubble.
-    terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, call.kind)
+    terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, call.kind, width)
     seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs))
-    kv_per_token = 2 * layers * (shape.n_kv_heads // s.tp) * shape.head_dim * 2
+    kv_per_token = 2 * layers * (shape.n_kv_heads // s.tp) * shape.head_dim * width
     mean_context = call.prompt_len + call.gen_len / 2
     stage_flops = 2 * p_dev * seqs_mb / flop_rate(device, c, call.kind)
-    stage_bytes = (weights + kv_per_token * seqs_mb * mean_context) / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
-    tp_comm = layers * 2 * allreduce_seconds(seqs_mb * shape.hidden * 2, s.tp, device.intra_bandwidth, c)
+    stage_bytes = (width * p_dev + kv_per_token * seqs_mb * mean_context) / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
+    tp_comm = layers * 2 * allreduce_seconds(seqs_mb * shape.hidden * width, s.tp, device.intra_bandwidth, c)
     fixed = c.decode_step_overhead + c.decode_layer_overhead * layers  # kernel launches, sampling
     stage = max(stage_flops, stage_bytes) + tp_comm + fixed
     steps = call.gen_len * s.n_mbs
@@ -212,9 +201,22 @@ def call_cost(
     terms["tp"] += steps * tp_comm
     terms["decode_overhead"] = steps * fixed
     terms["bubble"] += call.gen_len * max(0, s.pp - s.n_mbs) * stage
-    kv_cache = kv_per_token * math.ceil(call.batch / s.dp) * call.seq_len
-    transient = kv_cache + c.logit_bytes * seqs_mb * vocab_out // s.tp
-    return _split(terms, weights, transient, is_home, share)
+    return _split(terms, resident, transient, is_home, share)
+
+
+def call_memory(call: Call, model: Model, s: Strategy, tokens_mb: int, is_home: bool,
+                precision: str) -> tuple[int, int]:
+    """(resident, transient) bytes of the fullest device of the layout: the pipeline
+    stage whose sum is largest (`rlhfc.planner.cost.memory` prices each stage)."""
+    trainable_home = is_home and model.trainable
+    best = (0, 0)
+    for stage in range(s.pp):
+        p = stage_params(model.shape, model.head, s.tp, s.pp, stage)
+        resident = resident_bytes(p, trainable_home, precision)
+        transient = math.ceil(call_transient(call, model.shape, model.head, s, tokens_mb, stage, p, precision))
+        if resident + transient > sum(best):
+            best = (resident, transient)
+    return best
 
 
 def _split(terms: dict[str, float], resident: int, transient: int, is_home: bool, share: float = 1.0) -> CallCost:

@@ -80,9 +80,10 @@ def meshes_overlap(a, b) -> bool:
 
 def realloc_cost(
     shape: ModelShape, head: Head, src: Strategy, dst: Strategy, devices_per_node: int,
-    device: Device, c: Coefficients,
+    device: Device, c: Coefficients, width: int,
 ) -> ReallocCost:
-    """Minimal bytes and time to build layout `dst` from layout `src` (closed form per device)."""
+    """Minimal bytes and time to build layout `dst` from layout `src` (closed form per
+    device), `width` bytes per parameter on the wire (the destination calls' precision)."""
     sm, dm = src.mesh, dst.mesh
     if not meshes_overlap(sm, dm):  # devices outside the source mesh hold nothing
         missing_total, missing_max = _missing_disjoint(shape, head, dst.dp, dst.tp, dst.pp)
@@ -97,8 +98,8 @@ def realloc_cost(
         missing_total, missing_max = _missing_by_rank(shape, head, src, dst, devices_per_node)
     one_node = sm.n_nodes == dm.n_nodes == 1 and sm.first_node == dm.first_node
     link = device.intra_bandwidth if one_node else device.inter_bandwidth
-    nbytes = c.weight_bytes_per_param * missing_total
-    per_device = c.weight_bytes_per_param * missing_max
+    nbytes = width * missing_total
+    per_device = width * missing_max
     buckets = -(-per_device // c.realloc_bucket_bytes)
     seconds = per_device / (link * c.link_efficiency) + buckets * c.realloc_bucket_latency
     return ReallocCost(nbytes, seconds)

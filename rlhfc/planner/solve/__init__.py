@@ -34,6 +34,7 @@ def plan_from_choice(
         placements.append(CallPlacement(
             call, df.call(call).model, o.strategy, problem.seconds(start[call] + realloc[call]),
             problem.seconds(end[call]), o.cost.peak_bytes + _resident_elsewhere(problem, choice, call),
+            o.cost.peak_bytes,
         ))
     reallocs = []
     for call in problem.calls:

@@ -1,7 +1,8 @@
 """Plans to compare the CP-SAT plan with, all scored by the exact evaluator.
 
 - symmetric: every call on all devices with one Megatron-style (dp, tp, pp, n_mbs),
-  the best single strategy for all calls (no reallocation is then needed);
+  the best single strategy for all calls (no reallocation is then needed), n_mbs any
+  power of two up to the rows;
 - brute force: every combination of options, for small cases (tests);
 - MCMC: ReaL's search (Mei et al. 2024 §5): change one call's option at random, accept
   with the Metropolis rule on the makespan, within a time budget.
@@ -13,9 +14,12 @@ import itertools
 import math
 import random
 import time
+from dataclasses import replace
 
 from rlhfc.ir import Mesh, ModelKind, Strategy
-from rlhfc.planner.solve.problem import Option, Problem, enumerate_strategies, make_option
+from rlhfc.planner.solve.problem import (
+    Option, Problem, powers_of_two, enumerate_strategies, make_option, mini_batch_rows,
+)
 from rlhfc.planner.solve.schedule import Schedule, evaluate
 
 
@@ -30,9 +34,14 @@ def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[d
     whole = Mesh(0, df.cluster.nodes, 0, df.cluster.devices_per_node)
     neural = [c for c in df.calls if df.model(c.model).kind != ModelKind.RULE]
     rules = {c.name: problem.by_call[c.name][0] for c in df.calls if df.model(c.model).kind == ModelKind.RULE}
+    # n_mbs as a Megatron user picks it: any power of two up to the rows (micro-batches
+    # of one row fit where nothing larger does)
+    space = problem.space
+    if space.n_mbs is None:
+        space = replace(space, n_mbs=tuple(powers_of_two(max((mini_batch_rows(c) for c in neural), default=1))))
     per_call: dict[str, dict[tuple, list[Strategy]]] = {}
     for c in neural:  # degrees -> the call's strategies with them (train: with and without recompute)
-        for s in enumerate_strategies(c, df.model(c.model), whole, problem.space):
+        for s in enumerate_strategies(c, df.model(c.model), whole, space):
             per_call.setdefault(c.name, {}).setdefault(_degrees(s), []).append(s)
     shared = sorted(set.intersection(*(set(v) for v in per_call.values()))) if per_call else []
     candidates = []

@@ -66,6 +66,8 @@ def solve_cpsat(
     t0 = time.perf_counter()
     m = cp_model.CpModel()
     opts = problem.by_call
+    if not all(opts[c] for c in problem.calls):  # a call with no fitting option: nothing to search
+        return SolveResult(None, None, 0, "INFEASIBLE", time.perf_counter() - t0)
     max_realloc = {}
     for call in problem.calls:
         home = problem.home_call(call)

@@ -29,7 +29,9 @@ from functools import cached_property
 
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
 from rlhfc.planner.cost.model import CallCost, call_cost, optimizer_steps, reload_seconds, transfer_seconds
+from rlhfc.planner.cost.memory import precision_of
 from rlhfc.planner.cost.realloc import meshes_overlap, realloc_cost
+from rlhfc_runtime.contract.interfaces import PRECISION_BYTES, default_precision
 from rlhfc.hardware import Device, device_for
 from rlhfc.ir import Call, CallKind, Cluster, Dataflow, EdgeKind, Mesh, Model, ModelKind, Strategy
 
@@ -118,9 +120,10 @@ class Problem:
     def realloc_cost(self, call: str, home: Option, dst: Option):
         """Reallocation depends on the layouts only (`Option.layout`), not on n_mbs."""
         model = self.model_of[call]
+        width = PRECISION_BYTES[precision_of(self.dataflow.call(call), default_precision(self.device.name))]
         return realloc_cost(
             model.shape, model.head, home.strategy, dst.strategy,
-            self.dataflow.cluster.devices_per_node, self.device, self.coeffs,
+            self.dataflow.cluster.devices_per_node, self.device, self.coeffs, width,
         )
 
     def realloc_table(self, call: str, homes: dict[tuple, Option], dsts: dict[tuple, Option]) -> dict[tuple, int]:
@@ -189,7 +192,7 @@ def enumerate_meshes(cluster: Cluster, space: SearchSpace) -> list[Mesh]:
     return meshes
 
 
-def _powers_of_two(limit: int) -> list[int]:
+def powers_of_two(limit: int) -> list[int]:
     return [1 << k for k in range(limit.bit_length()) if 1 << k <= limit]
 
 
@@ -204,7 +207,7 @@ def enumerate_strategies(call: Call, model: Model, mesh: Mesh, space: SearchSpac
     shape = model.shape
     recompute = (False, True) if space.recompute and call.kind is CallKind.TRAIN else (False,)
     out = []
-    for tp in _powers_of_two(mesh.n_devices):
+    for tp in powers_of_two(mesh.n_devices):
         # tp groups stay inside a node: tp divides the devices of each node of the mesh
         if mesh.n_devices % tp or any(x % tp for x in (shape.n_heads, shape.n_kv_heads, shape.intermediate, shape.vocab)):
             continue
@@ -235,7 +238,7 @@ def call_options(
                for s in enumerate_strategies(call, model, m, space)]
     if space.n_mbs is not None:
         return options
-    step = device.memory * space.memory_step
+    step = device.plan_memory * space.memory_step
     rows = mini_batch_rows(call)
     for o in [o for o in options if o.strategy.n_mbs == BASE_N_MBS[-1]]:
         s = o.strategy
@@ -249,9 +252,9 @@ def call_options(
 
 
 def mini_batch_rows(call: Call) -> int:
-    """Sequences of one mini-batch of the call (a train call takes `mini_batches`
-    optimizer steps over its batch; every other call one pass)."""
-    return call.batch // optimizer_steps(call)[0] if call.kind is CallKind.TRAIN else call.batch
+    """Data rows of one mini-batch of the call (a train call takes `mini_batches`
+    optimizer steps over its rows; every other call one pass): what dp·n_mbs splits."""
+    return call.rows // optimizer_steps(call)[0] if call.kind is CallKind.TRAIN else call.rows
 
 
 def make_option(df: Dataflow, call: Call, s: Strategy, device: Device, coeffs: Coefficients, is_home: bool) -> Option:
@@ -334,7 +337,7 @@ def build_problem(
                    else [make_option(df, call, s, device, coeffs, is_home) for s in strategies])
         if space.offload and is_home and offloadable(df, model):
             options += [offloaded_option(o, device, coeffs) for o in options]
-        fitting = [o for o in options if o.cost.peak_bytes <= device.memory]
+        fitting = [o for o in options if o.cost.peak_bytes <= device.plan_memory]
         dropped.append((call.name, len(options) - len(fitting)))
         layout_matters = model_calls[call.model] > 1
         per_call.append((call.name, tuple(prune_dominated(fitting, layout_matters))))
@@ -348,7 +351,7 @@ def build_problem(
             t = to_units(transfer_seconds(df.call(e.dst), df.cluster, device, coeffs), coeffs)
         edges[e.src, e.dst] = max(t, edges.get((e.src, e.dst), 0))
     problem = Problem(df, device, coeffs, tuple(per_call), tuple(sorted(homes.items())),
-        tuple((a, b, t) for (a, b), t in edges.items()), device.memory, tuple(dropped), space)
+        tuple((a, b, t) for (a, b), t in edges.items()), device.plan_memory, tuple(dropped), space)
     return prune_with_realloc(problem, deadline)
 
 

@@ -6,10 +6,10 @@ Run it with `python build/grpo_math.py` (1 local process) or
 Plan: HEURISTIC, estimated 0.016 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    gen    actor   L0      node0[0:1]  1   1   1   1    0.000    0.004  3
+    gen    actor   L0      node0[0:1]  1   1   1   1    0.000    0.004  11
     score  reward  L0      node0[0:1]  1   1   1   1    0.004    0.004  0
-    refl   ref     L0      node0[0:1]  1   1   1   1    0.004    0.008  7
-    a_tr   actor   L0      node0[0:1]  1   1   1   1    0.008    0.016  18
+    refl   ref     L0      node0[0:1]  1   1   1   1    0.004    0.008  10
+    a_tr   actor   L0      node0[0:1]  1   1   1   1    0.008    0.016  35
     
     homes: actor -> L0, ref -> L0
 """
@@ -73,8 +73,8 @@ PROGRAM = {'source': '../programs/grpo_math.rlhf',
                           'system': None,
                           'columns': ['answer', 'a', 'b']}},
  'run': {'dataflow': 'grpo', 'batch': 16, 'steps': 300, 'seed': 1, 'save_every': 10, 'keep': 2},
- 'estimates': {'gen': 0.003976, 'score': 0.0, 'refl': 0.003916, 'a_tr': 0.007944},
- 'estimated_peak_bytes': {'gen': 2627840, 'refl': 7091840, 'a_tr': 18593408}}
+ 'estimates': {'gen': 0.004112, 'score': 0.0, 'refl': 0.003916, 'a_tr': 0.007944},
+ 'estimated_peak_bytes': {'gen': 9746870, 'refl': 9215929, 'a_tr': 36572475}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0,), dp=1, tp=1, pp=1),

@@ -9,7 +9,7 @@ Plan: HEURISTIC, estimated 0.008 s/iteration, lower bound 0.000 s, gap 100.0%
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  2
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
     refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  2
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.005    0.008  3
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.005    0.008  6
     
     homes: actor -> L0, ref -> L0
 """
@@ -72,8 +72,8 @@ PROGRAM = {'source': '../programs/grpo_seqmean.rlhf',
                           'system': None,
                           'columns': []}},
  'run': {'dataflow': 'grpo', 'batch': 8, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
- 'estimates': {'gen': 0.002719, 'score': 0.0, 'refl': 0.002246, 'a_tr': 0.002959},
- 'estimated_peak_bytes': {'gen': 1763584, 'refl': 2168448, 'a_tr': 3659392}}
+ 'estimates': {'gen': 0.002937, 'score': 0.0, 'refl': 0.002246, 'a_tr': 0.002982},
+ 'estimated_peak_bytes': {'gen': 1207863, 'refl': 1505731, 'a_tr': 5996450}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

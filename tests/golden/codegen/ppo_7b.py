@@ -3,15 +3,15 @@
 Run it with `python build/ppo_7b.py` (8 local processes) or
 `torchrun --nproc-per-node 8 build/ppo_7b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 67.014 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 100.016 s/iteration, lower bound 0.000 s, gap 100.0%
 
-    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s   peak MiB
-    gen    actor   L0      node0[0:8]  1   8   1   1    0.000    18.400  46644
-    score  reward  L0      node0[0:8]  1   8   1   1    18.400   25.069  31205
-    refl   ref     L0      node0[0:8]  1   8   1   1    25.069   31.855  35205
-    vals   critic  L0      node0[0:8]  1   8   1   1    31.855   38.523  32781
-    a_tr   actor   L0      node0[0:8]  1   8   1   1    38.523   52.886  49189
-    c_tr   critic  L0      node0[0:8]  1   8   1   1    52.886   67.014  41189
+    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s    peak MiB
+    gen    actor   L0      node0[0:8]  1   1   8   16   0.000    39.637   28684
+    score  reward  L0      node0[0:8]  1   1   8   16   39.637   48.209   26620
+    refl   ref     L0      node0[0:8]  1   1   8   16   48.209   56.950   29200
+    vals   critic  L0      node0[0:8]  1   1   8   16   56.950   65.522   28414
+    a_tr   actor   L0      node0[0:8]  1   1   8   16   65.522   82.937   56549
+    c_tr   critic  L0      node0[0:8]  1   1   8   16   82.937   100.016  56549
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -98,21 +98,21 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                           'system': None,
                           'columns': []}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'seed': 0, 'save_every': 10, 'keep': 2},
- 'estimates': {'gen': 18.399782,
-               'score': 6.668907,
-               'refl': 6.785879,
-               'vals': 6.668907,
-               'a_tr': 14.362397,
-               'c_tr': 14.12793},
- 'estimated_peak_bytes': {'gen': 48909549568,
-                          'score': 32720904192,
-                          'refl': 36915077120,
-                          'vals': 34373214208,
-                          'a_tr': 51578363904,
-                          'c_tr': 43190018048}}
+ 'estimates': {'gen': 39.637074,
+               'score': 8.572312,
+               'refl': 8.74046,
+               'vals': 8.572312,
+               'a_tr': 17.415167,
+               'c_tr': 17.078871},
+ 'estimated_peak_bytes': {'gen': 3740406744,
+                          'score': 3457375273,
+                          'refl': 6162709545,
+                          'vals': 3457375273,
+                          'a_tr': 44246550447,
+                          'c_tr': 44246550447}}
 
 LAYOUTS = {
-    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=8, pp=1),
+    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=1, pp=8),
 }
 
 GROUPS = ((0, 1, 2, 3, 4, 5, 6, 7),)
@@ -122,12 +122,12 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 256, 'n_mbs': 1, 'recompute': False})
-    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 1, 'recompute': False})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 1, 'recompute': False})
-    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 1, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 1, 'recompute': True})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 1, 'recompute': True})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 256, 'n_mbs': 16, 'recompute': False})
+    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
+    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
+    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 16, 'recompute': True})
+    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 16, 'recompute': True})
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ Run it with `python build/ppo_epochs.py` (2 local processes) or
 Plan: HEURISTIC, estimated 0.049 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  3
+    gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  4
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  4
-    vals   critic  L0      node0[0:2]  2   1   1   1    0.005    0.008  4
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.028  4
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.028    0.049  3
+    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  4
+    vals   critic  L0      node0[0:2]  2   1   1   1    0.006    0.008  5
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.029  5
+    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.029    0.049  5
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """
@@ -91,17 +91,17 @@ PROGRAM = {'source': '../programs/ppo_epochs.rlhf',
                           'system': None,
                           'columns': []}},
  'run': {'dataflow': 'ppo', 'batch': 64, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
- 'estimates': {'gen': 0.002921,
+ 'estimates': {'gen': 0.003211,
                'score': 0.0,
                'refl': 0.002473,
                'vals': 0.002458,
-               'a_tr': 0.020546,
-               'c_tr': 0.020406},
- 'estimated_peak_bytes': {'gen': 3044608,
-                          'refl': 3942016,
-                          'vals': 3955584,
-                          'a_tr': 3698304,
-                          'c_tr': 3628416}}
+               'a_tr': 0.020727,
+               'c_tr': 0.020581},
+ 'estimated_peak_bytes': {'gen': 2066336,
+                          'refl': 2644194,
+                          'vals': 2591928,
+                          'a_tr': 3600090,
+                          'c_tr': 3469175}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -9,9 +9,9 @@ Plan: HEURISTIC, estimated 0.013 s/iteration, lower bound 0.000 s, gap 100.0%
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  3
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
     refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  3
-    vals   critic  L0      node0[0:2]  2   1   1   1    0.005    0.007  3
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.007    0.010  5
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.010    0.013  4
+    vals   critic  L0      node0[0:2]  2   1   1   1    0.005    0.007  4
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.007    0.010  7
+    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.010    0.013  7
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """
@@ -91,17 +91,17 @@ PROGRAM = {'source': '../programs/ppo_pinned.rlhf',
                           'system': None,
                           'columns': []}},
  'run': {'dataflow': 'ppo', 'batch': 32, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
- 'estimates': {'gen': 0.002719,
+ 'estimates': {'gen': 0.002937,
                'score': 0.0,
                'refl': 0.002246,
                'vals': 0.002234,
-               'a_tr': 0.002959,
-               'c_tr': 0.002912},
- 'estimated_peak_bytes': {'gen': 3014912,
-                          'refl': 3419776,
-                          'vals': 3463296,
-                          'a_tr': 4910720,
-                          'c_tr': 4684928}}
+               'a_tr': 0.002982,
+               'c_tr': 0.002935},
+ 'estimated_peak_bytes': {'gen': 1207863,
+                          'refl': 1505731,
+                          'vals': 1455452,
+                          'a_tr': 5996450,
+                          'c_tr': 5643005}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -7,11 +7,11 @@ Plan: HEURISTIC, estimated 0.011 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call    model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen     actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  2
-    greedy  actor   L0      node0[0:2]  2   1   1   1    0.003    0.005  2
+    greedy  actor   L0      node0[0:2]  2   1   1   1    0.003    0.006  2
     score   reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl    ref     L0      node0[0:2]  2   1   1   1    0.005    0.008  2
-    base    reward  L0      node0[0:2]  2   1   1   1    0.005    0.005  0
-    a_tr    actor   L0      node0[0:2]  2   1   1   1    0.008    0.011  3
+    refl    ref     L0      node0[0:2]  2   1   1   1    0.006    0.008  2
+    base    reward  L0      node0[0:2]  2   1   1   1    0.006    0.006  0
+    a_tr    actor   L0      node0[0:2]  2   1   1   1    0.008    0.011  6
     
     homes: actor -> L0, ref -> L0
 """
@@ -74,13 +74,13 @@ PROGRAM = {'source': '../programs/remax.rlhf',
                           'system': None,
                           'columns': []}},
  'run': {'dataflow': 'remax', 'batch': 32, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
- 'estimates': {'gen': 0.002719,
-               'greedy': 0.002719,
+ 'estimates': {'gen': 0.002937,
+               'greedy': 0.002937,
                'score': 0.0,
                'refl': 0.002246,
                'base': 0.0,
-               'a_tr': 0.002959},
- 'estimated_peak_bytes': {'gen': 1763584, 'greedy': 1763584, 'refl': 2168448, 'a_tr': 3659392}}
+               'a_tr': 0.002982},
+ 'estimated_peak_bytes': {'gen': 1207863, 'greedy': 1207863, 'refl': 1505731, 'a_tr': 5996450}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -3,10 +3,10 @@
 Run it with `python build/reward_model.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/reward_model.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.003 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.004 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model  layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    rm_tr  rm     L0      node0[0:2]  2   1   1   1    0.000    0.003  3
+    rm_tr  rm     L0      node0[0:2]  2   1   1   1    0.000    0.004  11
     
     homes: rm -> L0
 """
@@ -47,8 +47,8 @@ PROGRAM = {'source': '../programs/reward_model.rlhf',
          'seed': 1,
          'save_every': 10,
          'keep': 2},
- 'estimates': {'rm_tr': 0.003012},
- 'estimated_peak_bytes': {'rm_tr': 3483648}}
+ 'estimates': {'rm_tr': 0.003861},
+ 'estimated_peak_bytes': {'rm_tr': 11318142}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),
@@ -61,7 +61,7 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('pairs', dataset='pairs')
-    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 40, 'n_mbs': 1, 'recompute': False})
+    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=(), settings={'rows': 16, 'precision': 'fp32', 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 40, 'n_mbs': 1, 'recompute': False})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""The plan describes what runs: every example, under the solver's plan and under pinned
+tp / pp / dp layouts with more micro-batches than stages, run for one step on 2 gloo
+processes; every model call's measured peak (`peak_bytes/CALL`, the runtime's own
+accounting of live tensors) is within 30% of the plan's estimate
+(`estimate/peak_bytes/CALL`), and every call's rows are the checker's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhfc.frontend.check import load_program
+from rlhfc.ir import ModelKind
+
+ROOT = Path(__file__).resolve().parents[2]
+TOLERANCE = 0.30
+
+PPO_LAYOUTS = """
+place gen  on node0  dp = 1  tp = 2  pp = 1  n_mbs = 2
+place refl on node0  dp = 1  tp = 1  pp = 2  n_mbs = 4
+place vals on node0  dp = 2  tp = 1  pp = 1
+place a_tr on node0  dp = 1  tp = 1  pp = 2  n_mbs = 4
+place c_tr on node0  dp = 1  tp = 2  pp = 1
+"""
+GRPO_LAYOUTS = """
+place gen  on node0  dp = 1  tp = 1  pp = 2  n_mbs = 4
+place refl on node0  dp = 1  tp = 2  pp = 1
+place a_tr on node0  dp = 2  tp = 1  pp = 1  n_mbs = 2
+"""
+CASES = {
+    "ppo-solver": ("ppo", ""),
+    "ppo-tp-pp-dp": ("ppo", PPO_LAYOUTS),
+    "grpo-solver": ("grpo", ""),
+    "grpo-pp-tp-dp": ("grpo", GRPO_LAYOUTS),
+    "remax-group4": ("remax", None),  # None: group_size = 4 added to the run block
+    "rloo": ("rloo", ""),
+    "dpo": ("dpo", ""),
+    "sft": ("sft", ""),
+    "reward_model": ("reward_model", ""),
+}
+
+
+def _program(tmp_path: Path, name: str, pins: str | None) -> Path:
+    text = (ROOT / "programs" / f"{name}.rlhf").read_text().replace('"../data/', f'"{ROOT}/data/')
+    if pins is None:
+        text = text.replace("max_new_tokens = 12", "max_new_tokens = 12  group_size = 4", 1)
+    path = tmp_path / f"{name}.rlhf"
+    path.write_text(text + (pins or ""))
+    return path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_measured_peak_and_rows_match_the_plan(tmp_path, case):
+    name, pins = CASES[case]
+    program = _program(tmp_path, name, pins)
+    df = load_program(program)
+    out = tmp_path / "out"
+    done = subprocess.run([str(Path(sys.executable).parent / "rlhfc"), "run", str(program), "--steps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    model_calls = [c for c in df.calls if df.model(c.model).kind != ModelKind.RULE]
+    for call in df.calls:
+        assert record[f"rows/{call.name}"] == call.rows, call.name
+    for call in model_calls:
+        measured, estimate = record[f"peak_bytes/{call.name}"], record[f"estimate/peak_bytes/{call.name}"]
+        assert abs(measured - estimate) <= TOLERANCE * estimate, (call.name, measured, estimate)
