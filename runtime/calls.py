@@ -222,11 +222,11 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
              groups) -> tuple[dict, dict]:
     """Run one call on this rank's rows: (produced keys, metrics to log)."""
     args = [_unwrap(k, v) for k, v in batch.items()]
-    n_mbs = int(settings["n_mbs"])
     if spec["kind"] == ModelKind.RULE:
         seq = args[0]
         scores = rule_scores(spec["rule"], seq, int(settings["max_new_tokens"]), int(settings["eos_id"]))
         return {outputs[0]: {outputs[0]: scores}}, {}
+    n_mbs = int(settings["n_mbs"])
     set_precision(model, str(settings["precision"]))
     if kind == "generate":
         produced = generate_batch(model.module, args[0], settings, groups, greedy=REGISTRY[using].greedy)

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from rlhfc_runtime.dist import rank_groups
 from rlhfc_runtime.contract.layout import Layout, shard_slices
-from rlhfc_runtime.model import ARCHITECTURES, LM, VALUE, ModelConfig, ShardedLlama, param_shapes
+from rlhfc_runtime.contract.hf import ARCHITECTURES
+from rlhfc_runtime.model import LM, VALUE, ModelConfig, ShardedLlama, param_shapes
 
 _HEAD_CLASS = {LM: "ForCausalLM", VALUE: "ForTokenClassification"}
 

@@ -162,8 +162,9 @@ class Engine:
                                    f"program says {expected} (of {settings['rows']}): a compiler bug")
             self.stats[f"rows/{name}"] = float(local * lay.dp)  # averaged over ranks: the global count
             self.stats.update({f"{name}/{k}": float(v) for k, v in stats.items()})
-            if "score" in outputs:  # the reward curve, whatever the algorithm
-                self.stats["reward"] = float(produced["score"]["score"].float().mean())
+            reward = self.program["reward_key"]
+            if reward in outputs:  # the reward curve, whatever the algorithm
+                self.stats["reward"] = float(produced[reward][reward].float().mean())
 
     def _prompt_source(self):
         """(loader, rows drawn) of this step's one prompt dataset, which reward calls score."""

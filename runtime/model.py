@@ -27,6 +27,7 @@ from torch import nn
 
 from torch.utils.checkpoint import checkpoint
 
+from rlhfc_runtime.contract.hf import rope_parameters, shape_from_hf
 from rlhfc_runtime.contract.layout import shard_slices, stage_layers, tp_split_dim
 from rlhfc_runtime.dist import RankGroups
 from rlhfc_runtime.layers import (  # noqa: F401  (re-exported: the model's public pieces)
@@ -37,8 +38,6 @@ from rlhfc_runtime.pipeline import PipelineStage
 
 LM = "lm"
 VALUE = "value"
-# model_type -> HF class-name prefix (…ForCausalLM, …ForTokenClassification)
-ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2"}
 # the contract's `precision` setting -> torch dtype
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GRAD_BUCKET_BYTES = 25 * 2**20  # gradient all-reduce bucket (as DDP's default)
@@ -67,32 +66,20 @@ class ModelConfig:
         """Parse a config.json dict (LLaMA, or Qwen2: LLaMA with q/k/v biases); refuses
         features this runtime does not implement (so a checkpoint never loads with
         silently wrong numerics)."""
-        kind = cfg.get("model_type", "llama")
-        if kind not in ARCHITECTURES:
-            raise ValueError(f"model_type {kind!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
-        if cfg.get("mlp_bias") or (kind == "llama" and cfg.get("attention_bias")):
-            raise ValueError("config.json sets mlp_bias/attention_bias: biased LLaMA variants are not supported")
-        if cfg.get("use_sliding_window"):
-            raise ValueError("config.json sets use_sliding_window: sliding-window attention is not supported")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported (LLaMA uses 'silu')")
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"rope type {rope.get('rope_type')!r} is not supported, only the default RoPE")
-        heads = cfg["num_attention_heads"]
+        shape = shape_from_hf(cfg)  # the checker's reader: what it accepts, this runs
         return ModelConfig(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=shape.vocab,
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            num_layers=shape.n_layers,
+            num_heads=shape.n_heads,
+            num_kv_heads=shape.n_kv_heads,
+            head_dim=shape.head_dim,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_theta=float(rope_parameters(cfg).get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            tie_word_embeddings=shape.tied_embeddings,
             score_bias=bool(cfg.get("token_classification_bias", True)),
-            qkv_bias=kind == "qwen2",
+            qkv_bias=shape.qkv_bias,
             hf=dict(cfg),
         )
 

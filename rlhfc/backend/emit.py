@@ -15,6 +15,7 @@ import jinja2
 
 from rlhfc import ir
 from rlhfc.backend.lower import Call, Drop, Load, Move, Offload, Op, OpProgram, Realloc, Reload
+from rlhfc_runtime.contract.interfaces import INTERFACES, REWARD_INPUT
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("rlhfc.backend", "templates"),
@@ -70,10 +71,21 @@ def program_spec(prog: OpProgram, base: str = ".") -> dict:
         },
         "run": {"dataflow": run.dataflow, "batch": run.batch, "steps": run.steps, "seed": run.seed,
                 "save_every": run.save_every, "keep": run.keep},
+        "reward_key": reward_key(df),
         "estimates": {p.call: round(p.end - p.start, 6) for p in prog.plan.calls},
         "estimated_peak_bytes": {p.call: p.call_memory for p in prog.plan.calls
                                  if df.model(p.model).kind != ir.ModelKind.RULE},
     }
+
+
+def reward_key(df: ir.Dataflow) -> str | None:
+    """The data key a train call reads as its `REWARD_INPUT` (the key bound to it, whatever
+    the dataflow calls it): the engine logs its mean as the run's `reward`."""
+    for call in df.calls:
+        iface = INTERFACES.get(call.interface)
+        if call.kind is ir.CallKind.TRAIN and iface is not None and REWARD_INPUT in iface.inputs:
+            return call.inputs[iface.inputs.index(REWARD_INPUT)]
+    return None
 
 
 def _model_spec(m: ir.Model, home: str | None, offloaded: bool, base: str) -> dict:

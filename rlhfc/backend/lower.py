@@ -161,6 +161,10 @@ class _Layouts:
         layout = strategy_layout(strategy, self.cluster)
         return self.by_layout.setdefault(layout, f"L{len(self.by_layout)}")
 
+    def index(self, name: str) -> int:
+        """Naming order of layout `name` (names are labels, never parsed)."""
+        return list(self.by_layout.values()).index(name)
+
 
 def _dataset_of(key: str, dataflow: ir.Dataflow) -> str:
     names = [d.name for d in dataflow.datasets]
@@ -200,7 +204,7 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
         lay = call_layout[c.name]
         for key in c.inputs:
             if lay not in where[key]:
-                ops.append(Move(key, _nearest(where[key], lay), lay))
+                ops.append(Move(key, _nearest(where[key], lay, names), lay))
                 where[key].add(lay)
         model = dataflow.model(c.model)
         if model.kind != ir.ModelKind.RULE and lay not in copies[c.model]:
@@ -208,7 +212,8 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
             copies[c.model].add(lay)
         if c.model in plan.offloaded:
             ops.append(Reload(c.model, lay))
-        ops.append(Call(c.name, c.model, c.kind.value, c.interface, lay, c.inputs, c.outputs, call_settings(c, plan)))
+        ops.append(Call(c.name, c.model, c.kind.value, c.interface, lay, c.inputs, c.outputs,
+                        call_settings(c, plan, neural=model.kind != ir.ModelKind.RULE)))
         if c.model in plan.offloaded:
             ops.append(Offload(c.model, lay))
         for key in c.outputs:
@@ -221,36 +226,38 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
             ops.append(Drop(c.model, lay))
             copies[c.model].discard(lay)
 
-    layouts = {n: lay for lay, n in names.by_layout.items()}
+    layouts = {n: lay for lay, n in names.by_layout.items()}  # in naming order: L0, L1, …
     return OpProgram(
         dataflow=dataflow,
         plan=plan,
-        layouts=tuple(sorted(layouts.items(), key=lambda kv: int(kv[0][1:]))),
+        layouts=tuple(layouts.items()),
         homes=tuple(sorted(homes.items())),
         groups=_groups(ops, layouts),
         ops=tuple(ops),
     )
 
 
-def call_settings(call: ir.Call, plan: Plan) -> tuple[tuple[str, float | int | str], ...]:
-    """What the op carries: the checker's resolved settings plus the plan's decisions
-    for this call (micro-batches, activation recompute), so the runtime runs what the
-    cost model priced."""
+def call_settings(call: ir.Call, plan: Plan, neural: bool = True) -> tuple[tuple[str, float | int | str], ...]:
+    """What the op carries: the checker's resolved settings plus, for a call on a neural
+    model, the plan's decisions for it (micro-batches, activation recompute), so the
+    runtime runs what the cost model priced."""
+    if not neural:
+        return call.settings
     strategy = plan.placement(call.name).strategy
     return (*call.settings, ("n_mbs", strategy.n_mbs), ("recompute", strategy.recompute))
 
 
-def _nearest(holders: set[str], dst: str) -> str:
-    """The source layout for a move: deterministic (lowest layout number)."""
-    return min(holders, key=lambda n: int(n[1:]))
+def _nearest(holders: set[str], dst: str, names: "_Layouts") -> str:
+    """The source layout for a move: deterministic (the first named)."""
+    return min(holders, key=names.index)
 
 
 def _groups(ops: list[Op], layouts: dict[str, Layout]) -> tuple[tuple[int, ...], ...]:
     """Every process group the ops use, in first-use order: each layout's ranks, and the
     union of source and destination ranks of every realloc and move."""
     seen: dict[tuple[int, ...], None] = {}
-    for name in sorted(layouts, key=lambda n: int(n[1:])):
-        seen.setdefault(tuple(sorted(layouts[name].ranks)), None)
+    for lay in layouts.values():  # in naming order
+        seen.setdefault(tuple(sorted(lay.ranks)), None)
     for op in ops:
         if isinstance(op, (Realloc, Move)):
             seen.setdefault(participants(op, layouts), None)

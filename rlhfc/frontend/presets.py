@@ -18,26 +18,8 @@ PRESETS: dict[str, ModelShape] = {
     "tiny-32": ModelShape(2, 32, 4, 4, 64, 64, 128),
 }
 
-# `llama(...)` inline keys → ModelShape fields; also the names read from config.json.
+# `llama(...)` inline keys → ModelShape fields (config.json's: `rlhfc_runtime.contract.hf.CONFIG_KEYS`).
 SHAPE_KEYS: dict[str, str] = {
     "layers": "n_layers", "hidden": "hidden", "heads": "n_heads", "kv_heads": "n_kv_heads",
     "intermediate": "intermediate", "vocab": "vocab", "max_positions": "max_positions",
 }
-CONFIG_KEYS: dict[str, str] = {
-    "num_hidden_layers": "n_layers", "hidden_size": "hidden", "num_attention_heads": "n_heads",
-    "num_key_value_heads": "n_kv_heads", "intermediate_size": "intermediate",
-    "vocab_size": "vocab", "max_position_embeddings": "max_positions",
-}
-
-
-def shape_from_config(config: dict) -> ModelShape:
-    """The shape in a Hugging Face LLaMA config.json; KeyError/TypeError/ValueError if incomplete."""
-    fields = {field: config[key] for key, field in CONFIG_KEYS.items()
-              if key in config and key != "num_key_value_heads"}
-    fields["n_kv_heads"] = config.get("num_key_value_heads") or config["num_attention_heads"]
-    missing = {"n_layers", "hidden", "n_heads", "intermediate", "vocab"} - fields.keys()
-    if missing:
-        raise KeyError(", ".join(k for k, f in CONFIG_KEYS.items() if f in missing))
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in fields.values()):
-        raise ValueError("shape entries must be positive integers")
-    return ModelShape(**fields, tied_embeddings=bool(config.get("tie_word_embeddings", False)))

@@ -75,6 +75,9 @@ MODEL_SETTINGS: tuple[Setting, ...] = (
     _s("precision", str, "bf16", "compute precision: bf16 compute with fp32 master weights for training and "
        "bf16 weights for inference / generation copies, or fp32 throughout", choices=tuple(PRECISION_BYTES)),
 )
+# The policy interfaces' input that carries each sequence's reward: the key bound to it
+# is the run's reward curve (`reward` in the metrics).
+REWARD_INPUT = "score"
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 

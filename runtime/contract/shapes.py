@@ -21,6 +21,7 @@ class ModelShape:
     vocab: int
     max_positions: int = 4096
     tied_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: q, k and v projections have biases
 
     @property
     def head_dim(self) -> int:
@@ -30,6 +31,8 @@ class ModelShape:
         """Parameters of a LLaMA-family decoder: exact, so memory estimates are exact."""
         h, kv = self.hidden, self.n_kv_heads * self.head_dim
         attn = h * h * 2 + h * kv * 2  # q, o; k, v
+        if self.qkv_bias:
+            attn += h + 2 * kv
         mlp = 3 * h * self.intermediate  # gate, up, down
         per_layer = attn + mlp + 2 * h  # two RMSNorms
         embed = self.vocab * h

@@ -27,7 +27,8 @@ from rlhfc.frontend.check.common import (
     value_text,
 )
 from rlhfc.frontend.check.rewards import check_python_model
-from rlhfc.frontend.presets import PRESETS, SHAPE_KEYS, shape_from_config
+from rlhfc.frontend.presets import PRESETS, SHAPE_KEYS
+from rlhfc_runtime.contract.hf import shape_from_hf
 
 VALUE_HEAD_ARCHS = ("ForSequenceClassification", "ForTokenClassification")
 
@@ -117,12 +118,12 @@ def _shape(decl: ast.ModelDecl, unit: Unit, positional, keywords, rep: Reporter,
             if not config.exists():
                 raise OSError
             text = read_text(config, 1 << 20, "config")
-            return shape_from_config(json.loads(text)), str(ckpt)
+            return shape_from_hf(json.loads(text)), str(ckpt)
         except OSError:
             problem = f"no `config.json` in checkpoint directory `{path_text}`"
         except FileProblem as error:
             problem = str(error)
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
+        except ValueError as error:  # the runtime's own reader refuses it (json errors are ValueErrors)
             problem = f"`{path_text}/config.json` is not a usable LLaMA config ({error})"
         rep.error("E017", problem, positional[0].span,
                   "paths are relative to the program file; or use preset = \"…\" / inline shape keys")

@@ -71,9 +71,11 @@ FREE = CallCost(0.0, 0, 0)
 
 
 def layer_params(shape: ModelShape) -> tuple[int, int]:
-    """(tensor-parallel-split, replicated) parameters of one decoder layer."""
+    """(tensor-parallel-split, replicated) parameters of one decoder layer (q/k/v biases
+    are split with their weights)."""
     h, kv = shape.hidden, shape.n_kv_heads * shape.head_dim
-    return 2 * h * h + 2 * h * kv + 3 * h * shape.intermediate, 2 * h
+    biases = h + 2 * kv if shape.qkv_bias else 0
+    return 2 * h * h + 2 * h * kv + 3 * h * shape.intermediate + biases, 2 * h
 
 
 def stage_params(shape: ModelShape, head: Head, tp: int, pp: int, stage: int) -> int:
@@ -87,7 +89,7 @@ def stage_params(shape: ModelShape, head: Head, tp: int, pp: int, stage: int) ->
         n += shape.hidden  # final norm
         if head is Head.VALUE:
             n += shape.hidden
-        elif not shape.tied_embeddings:
+        else:  # its own copy of the LM head even when tied (the tied gradients are summed)
             n += shape.vocab * shape.hidden // tp
     return n
 

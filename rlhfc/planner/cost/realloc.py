@@ -60,7 +60,7 @@ def held_params(shape: ModelShape, head: Head, a: tuple[int, int, int, int], b: 
         held += shape.hidden  # final norm
         if head is Head.VALUE:
             held += shape.hidden
-        elif not shape.tied_embeddings:
+        else:  # the LM head, a copy of its own even when tied
             held += vocab_part
     return held
 
@@ -169,7 +169,7 @@ def _missing_overlapping(
                 held += hidden  # final norm
                 if head is Head.VALUE:
                     held += hidden
-                elif not shape.tied_embeddings:
+                else:
                     held += vocab_part
             held_total += held * n
             if need[p_d] - held > missing_max:

@@ -60,6 +60,7 @@ PROGRAM = {'source': '../programs/dpo.rlhf',
                         'system': None,
                         'columns': []}},
  'run': {'dataflow': 'dpo', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10, 'keep': 2},
+ 'reward_key': None,
  'estimates': {'refl': 0.002571, 'a_tr': 0.003956},
  'estimated_peak_bytes': {'refl': 3060749, 'a_tr': 12046784}}
 

@@ -73,8 +73,9 @@ PROGRAM = {'source': '../programs/grpo_math.rlhf',
                           'system': None,
                           'columns': ['answer', 'a', 'b']}},
  'run': {'dataflow': 'grpo', 'batch': 16, 'steps': 300, 'seed': 1, 'save_every': 10, 'keep': 2},
- 'estimates': {'gen': 0.004112, 'score': 0.0, 'refl': 0.003916, 'a_tr': 0.007944},
- 'estimated_peak_bytes': {'gen': 9746870, 'refl': 9215929, 'a_tr': 36572475}}
+ 'reward_key': 'score',
+ 'estimates': {'gen': 0.004117, 'score': 0.0, 'refl': 0.003922, 'a_tr': 0.007962},
+ 'estimated_peak_bytes': {'gen': 9747894, 'refl': 9216953, 'a_tr': 36576889}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0,), dp=1, tp=1, pp=1),
@@ -88,7 +89,7 @@ def iteration(e: Engine) -> None:
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
     e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 128, 'precision': 'fp32', 'group_size': 8, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 2, 'n_mbs': 1, 'recompute': False})
-    e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 128, 'max_new_tokens': 2, 'n_mbs': 1, 'recompute': False})
+    e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 128, 'max_new_tokens': 2})
     e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 128, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
     e.call('a_tr', model='actor', kind='train', using='grpo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score'), outputs=(), settings={'rows': 128, 'precision': 'fp32', 'kl_coef': 0.0, 'kl_estimator': 'k3', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'group_size': 8, 'scale_rewards': 'group', 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 2, 'steps': 300, 'n_mbs': 1, 'recompute': False})
 

@@ -72,6 +72,7 @@ PROGRAM = {'source': '../programs/grpo_seqmean.rlhf',
                           'system': None,
                           'columns': []}},
  'run': {'dataflow': 'grpo', 'batch': 8, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
+ 'reward_key': 'score',
  'estimates': {'gen': 0.002937, 'score': 0.0, 'refl': 0.002246, 'a_tr': 0.002982},
  'estimated_peak_bytes': {'gen': 1207863, 'refl': 1505731, 'a_tr': 5996450}}
 
@@ -87,7 +88,7 @@ def iteration(e: Engine) -> None:
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
     e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 32, 'precision': 'fp32', 'group_size': 4, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
-    e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 32, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
+    e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 32, 'max_new_tokens': 12})
     e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 32, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
     e.call('a_tr', model='actor', kind='train', using='grpo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score'), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'kl_coef': 0.04, 'kl_estimator': 'k3', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'seq-mean-token-mean', 'group_size': 4, 'scale_rewards': 'group', 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False})
 

@@ -91,6 +91,7 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                           'system': None,
                           'columns': []}},
  'run': {'dataflow': 'ppo', 'batch': 64, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
+ 'reward_key': 'score',
  'estimates': {'gen': 1.0, 'score': 1.0, 'refl': 1.0, 'vals': 1.0, 'a_tr': 1.0, 'c_tr': 1.0},
  'estimated_peak_bytes': {'gen': 1048576,
                           'refl': 1048576,
@@ -114,7 +115,7 @@ def iteration(e: Engine) -> None:
     e.realloc('actor', src='L0', dst='L2')
     e.call('gen', model='actor', kind='generate', using='generate', layout='L2', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
     e.drop('actor', layout='L2')
-    e.call('score', model='reward', kind='inference', using='rule', layout='L2', inputs=('seq',), outputs=('score',), settings={'rows': 64, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
+    e.call('score', model='reward', kind='inference', using='rule', layout='L2', inputs=('seq',), outputs=('score',), settings={'rows': 64, 'max_new_tokens': 12})
     e.move('seq', src='L2', dst='L1')
     e.call('refl', model='ref', kind='inference', using='logprobs', layout='L1', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
     e.realloc('critic', src='L0', dst='L1')

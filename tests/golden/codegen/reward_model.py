@@ -47,6 +47,7 @@ PROGRAM = {'source': '../programs/reward_model.rlhf',
          'seed': 1,
          'save_every': 10,
          'keep': 2},
+ 'reward_key': None,
  'estimates': {'rm_tr': 0.003861},
  'estimated_peak_bytes': {'rm_tr': 11318142}}
 

@@ -42,6 +42,7 @@ PROGRAM = {'source': '../programs/sft.rlhf',
                         'system': None,
                         'columns': []}},
  'run': {'dataflow': 'sft', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10, 'keep': 2},
+ 'reward_key': None,
  'estimates': {'a_tr': 0.003101},
  'estimated_peak_bytes': {'a_tr': 6732301}}
 

@@ -1,0 +1,66 @@
+"""Parameter counts are one fact: the contract's `ModelShape.param_count`, the cost
+model's per-stage counts and the runtime's shards (`param_shapes` + `shard_slices`) agree
+for every layout, head, tied embeddings and Qwen2 biases; and the checker's config
+reader is the runtime's, so what the runtime refuses is E017 at check time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rlhfc_runtime import checkpoint as ck
+from rlhfc_runtime.contract.hf import shape_from_hf
+from rlhfc_runtime.contract.kinds import Head
+from rlhfc_runtime.contract.layout import Layout, shard_slices
+from rlhfc_runtime.model import ModelConfig, param_shapes
+
+from rlhfc.planner.cost.model import stage_params
+
+CONFIGS = {
+    "llama": ck.tiny_config(num_hidden_layers=4),
+    "tied": ck.tiny_config(num_hidden_layers=3, tie_word_embeddings=True),
+    "qwen2": ck.tiny_config(num_hidden_layers=4, model_type="qwen2"),
+}
+LAYOUTS = [(tp, pp) for tp in (1, 2) for pp in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("head", [Head.LM, Head.VALUE])
+def test_cost_model_counts_the_runtimes_shards(name, head):
+    cfg = CONFIGS[name]
+    shape = shape_from_hf(cfg)
+    full = param_shapes(ModelConfig.from_hf(dict(cfg, token_classification_bias=False)), head.value)
+    tied_copy = math.prod(full["lm_head.weight"]) if shape.tied_embeddings and head is Head.LM else 0
+    assert shape.param_count(head) == sum(math.prod(s) for s in full.values()) - tied_copy  # distinct parameters
+    for tp, pp in LAYOUTS:
+        layout = Layout(tuple(range(tp * pp)), 1, tp, pp)
+        for rank in layout.ranks:
+            held = sum(math.prod(sl.stop - sl.start for sl in slices) for n, s in full.items()
+                       if (slices := shard_slices(n, s, shape.n_layers, layout, rank)) is not None)
+            assert held == stage_params(shape, head, tp, pp, layout.coord(rank)[0]), (name, head, tp, pp, rank)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"model_type": "mistral"}, "model_type 'mistral'"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"num_hidden_layers": "4"}, "positive integers"),
+])
+def test_checker_refuses_what_the_runtime_refuses(tmp_path, change, reason):
+    from rlhfc.frontend.check import check_program
+
+    cfg = dict(ck.tiny_config(), **change)
+    with pytest.raises(ValueError, match=reason.split("'")[0]):
+        ModelConfig.from_hf(cfg)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(__import__("json").dumps(cfg))
+    program = tmp_path / "p.rlhf"
+    program.write_text('import sft from "stdlib/sft.rlhf"\ncluster { nodes = 1  devices_per_node = 1  device = "cpu" }\n'
+                       'model actor = llama("ckpt") { trainable  optimizer = adam(lr = 1e-3) }\n'
+                       'dataset d = jsonl("d.jsonl", prompt = "p", response = "r", max_len = 8)\n'
+                       'run sft(actor, d) { batch = 2 }\n')
+    _, diagnostics = check_program(program)
+    errors = [d for d in diagnostics if d.code == "E017"]
+    assert errors and reason.split("'")[0] in errors[0].message, [d.message for d in diagnostics]
