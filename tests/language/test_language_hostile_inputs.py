@@ -71,3 +71,25 @@ def test_cli_commands_on_mutated_programs_never_trace_back(tmp_path_factory, jun
     done = rlhfc(*args, cwd=tmp)
     assert done.returncode in (0, 1), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_1500_file_import_chain_loads_without_recursion_and_a_cycle_in_it_is_e021(tmp_path):
+    n = 1500
+    for i in range(1, n):
+        head = f'import d{i + 1} from "f{i + 1}.rlhf"\n' if i + 1 < n else ""
+        (tmp_path / f"f{i}.rlhf").write_text(head + f"dataflow d{i}(actor, data) {{\n"
+                                             "    a_tr = actor.train(data)  using sft\n}\n")
+    (tmp_path / "f0.rlhf").write_text('import d1 from "f1.rlhf"\n'
+                                      'model actor = llama(preset = "tiny") { trainable  optimizer = adam(lr = 1e-3) }\n'
+                                      'dataset d = jsonl("d.jsonl", prompt = "p", response = "r", max_len = 8)\n'
+                                      "run d1(actor, d) { batch = 2 }\n")
+    done = rlhfc("check", "f0.rlhf", cwd=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = tmp_path / f"f{n - 1}.rlhf"
+    last.write_text('import d0 from "f0.rlhf"\n' + last.read_text())
+    deep = tmp_path / f"f{n - 2}.rlhf"
+    deep.write_text(deep.read_text().replace(f"import d{n - 1} ", f"import nope, d{n - 1} "))
+    done = rlhfc("check", "f0.rlhf", cwd=tmp_path)
+    assert done.returncode == 1 and "error[E021]: import cycle: f0.rlhf -> f1.rlhf ->" in done.stderr, done.stderr[-2000:]
+    assert f"f{n - 1}.rlhf:1:16" in done.stderr and "Traceback" not in done.stderr
+    assert f"error[E002]: `f{n - 1}.rlhf` defines no dataflow `nope`" in done.stderr  # names bind at any depth
