@@ -10,6 +10,9 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from rlhfc.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 PPO = (ROOT / "programs" / "ppo.rlhf").read_text().replace('"../data/', f'"{ROOT}/data/')
@@ -48,14 +51,44 @@ def test_non_finite_numbers_and_bad_optimizer_settings_are_located(tmp_path):
     assert "learning rate must be positive" in _check(tmp_path, PPO.replace("lr = 2e-3", "lr = -1", 1)).stderr
 
 
-def test_cli_arguments_and_outputs_are_validated(tmp_path):
-    for args, said in ((("compile", "programs/ppo.rlhf", "-o", "/dev/full"), "is not a regular file"),
-                       (("compile", "programs/ppo.rlhf", "-o", str(tmp_path)), "is a directory"),
-                       (("compile", "programs/ppo.rlhf", "--devices", "0"), "--devices"),
-                       (("run", "programs/ppo.rlhf", "--steps", "0", "--out", str(tmp_path / "r")), "--steps")):
-        done = rlhfc(*args)
-        assert done.returncode in (1, 2) and said in done.stderr and "Traceback" not in done.stderr, args
-    assert not (tmp_path / "r").exists()
+_PPO_FILE = str(ROOT / "programs" / "ppo.rlhf")
+_BAD_ARGUMENTS = [
+    *((("plan", _PPO_FILE, "--cluster", c), "--cluster")
+      for c in ("2x", "0x4:cpu", "axb:cpu", "-1x2:cpu", "1x2", "1x2:nope", "99999999999999999999x2:cpu", "1x4096:cpu")),
+    *((("plan", _PPO_FILE, "--time-limit", t), "--time-limit") for t in ("nan", "inf", "-1", "0", "-inf")),
+    (("plan", _PPO_FILE, "--workers", "0"), "--workers"),
+    (("compile", _PPO_FILE, "--devices", "0"), "--devices"),
+    (("compile", _PPO_FILE, "--devices", "-3"), "--devices"),
+    (("run", _PPO_FILE, "--steps", "0", "--out", "{tmp}/r"), "--steps"),
+    (("run", _PPO_FILE, "--devices", "0", "--out", "{tmp}/r"), "--devices"),
+    (("run", _PPO_FILE, "--keep", "0", "--out", "{tmp}/r"), "--keep"),
+    (("run", _PPO_FILE, "--save-every", "0", "--out", "{tmp}/r"), "--save-every"),
+    *(((cmd, _PPO_FILE, flag, target), flag)
+      for cmd, flag in (("compile", "-o"), ("plan", "--json"), ("plan", "--svg"), ("plan", "--png"), ("graph", "--dot"),
+                        ("graph", "--svg"))
+      for target in ("/dev/full", "{tmp}", "{tmp}/file.txt/below.out")),
+]
+
+
+def test_cli_arguments_and_outputs_are_validated_before_any_work(tmp_path):
+    """Malformed values and unwritable outputs: exit 1, the option named, no traceback, nothing written."""
+    (tmp_path / "file.txt").write_text("a file, so nothing can be below it")
+    for args, said in _BAD_ARGUMENTS:
+        args = [a.format(tmp=tmp_path) for a in args]
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 1 and said in done.output, (args, done.output)
+        assert done.exception is None or isinstance(done.exception, SystemExit), (args, done.exception)
+        assert "solve" not in done.output and "wrote" not in done.output, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_outputs_below_a_missing_directory_are_written(tmp_path):
+    for args in (("compile", _PPO_FILE, "-o", f"{tmp_path}/a/b/p.py"),
+                 ("graph", _PPO_FILE, "--dot", f"{tmp_path}/c/g.dot"),
+                 ("plan", _PPO_FILE, "--time-limit", "2", "--json", f"{tmp_path}/d/plan.json")):
+        done = CliRunner().invoke(app, list(args))
+        assert done.exit_code == 0, done.output
+        assert Path(args[-1]).stat().st_size > 100 and not list(Path(args[-1]).parent.glob("*.tmp"))
 
 
 _TEXT = st.text(alphabet=st.sampled_from(list('abcz_{}()=,"\n /.0123456789-e')), max_size=60)

@@ -1,0 +1,52 @@
+"""Writing a whole file so that a reader sees the old one or the new one, never a torn
+one, and a failure (a full disk) says which file and how many bytes it needed. Used by
+the compiler's outputs and by every file a run writes. Pure Python, no torch."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+
+def write_error(err: OSError, path: Path, need: int) -> OSError:
+    """`err` as an OSError naming `path` and the bytes the write needed."""
+    why = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    return OSError(err.errno or errno.EIO, f"{why} ({need} bytes needed)", str(path))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` into PATH.tmp beside `path`, synced, then renamed over it; on an error the
+    temp file is removed and the OSError names `path` and the bytes needed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(err, path, len(data)) from None
+
+
+def append_atomic(path: Path, data: bytes) -> None:
+    """Append `data` to `path` whole or not at all: a failed append is cut back off, so
+    a full disk never leaves half a line."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise write_error(err, path, len(data)) from None
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as err:
+        os.ftruncate(fd, start)
+        raise write_error(err, path, len(data)) from None
+    finally:
+        os.close(fd)
