@@ -15,17 +15,27 @@ def write_error(err: OSError, path: Path, need: int) -> OSError:
     return OSError(err.errno or errno.EIO, f"{why} ({need} bytes needed)", str(path))
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """`data` into PATH.tmp beside `path`, synced, then renamed over it; on an error the
     temp file is removed and the OSError names `path` and the bytes needed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    if path.exists() and not path.is_file():  # never rename over a device (/dev/full) or a directory
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
@@ -42,9 +52,7 @@ def append_atomic(path: Path, data: bytes) -> None:
         raise write_error(err, path, len(data)) from None
     try:
         start = os.lseek(fd, 0, os.SEEK_END)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
     except OSError as err:
         os.ftruncate(fd, start)
         raise write_error(err, path, len(data)) from None
