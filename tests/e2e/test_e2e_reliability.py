@@ -269,23 +269,6 @@ def test_a_partial_metrics_line_is_dropped_on_resume(tmp_path, ppo_run, capsys):
     assert "dropped 1 damaged line(s) (line 5)" in capsys.readouterr().err
 
 
-def test_a_full_disk_names_the_path_and_bytes_and_leaves_no_temp_file(tmp_path, monkeypatch):
-    import errno
-
-    def full(tensors, path, metadata=None):
-        Path(path).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(ckpt_store, "save_file", full)
-    target = tmp_path / "actor.safetensors"
-    with pytest.raises(OSError) as caught:
-        ckpt_store._write_tensors(target, {"w": torch.zeros(4, 4)})
-    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
-    assert "64 bytes needed" in str(caught.value)
-    assert ckpt_store._os_message(caught.value, target).endswith("no space left on device")
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_resume_keeps_the_adaptive_kl_coefficient(tmp_path):
     """The adaptive KL coefficient is state carried across steps: a resumed run goes on
     from the saved coefficient, so its metrics equal the uninterrupted run's."""
@@ -302,3 +285,20 @@ def test_resume_keeps_the_adaptive_kl_coefficient(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     for x, y in zip(whole, untimed(metrics(tmp_path / "cut")), strict=True):
         assert y["a_tr/kl_coef"] == pytest.approx(x["a_tr/kl_coef"], rel=1e-9), x["step"]
+
+
+def test_data_damaged_after_compile_stops_the_run_before_step_1_with_its_line(tmp_path):
+    """`rlhfc check` scans the rows; a file changed (or larger than the check scans) is
+    checked again before the first step: FILE:LINE:COL, exit 1, no traceback, nothing run."""
+    data = tmp_path / "prompts.jsonl"
+    rows = (ROOT / "data" / "tiny" / "prompts.jsonl").read_text().splitlines(keepends=True)
+    data.write_text("".join(rows[:20]))
+    source = tmp_path / "ppo.rlhf"
+    text = (ROOT / "programs" / "ppo.rlhf").read_text().replace('"../data/tiny/prompts.jsonl"', f'"{data}"')
+    source.write_text(text.replace('"../data/', f'"{ROOT}/data/'))
+    script = _compiled(source, tmp_path / "ppo1.py", devices=1)
+    data.write_text("".join(rows[:6]) + '["not", "an", "object"]\n' + "".join(rows[6:20]))
+    done = run(script, tmp_path / "r", "--steps", "1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"rlhfc: error: {data}:7:1: a row must be a JSON object, not list" in done.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists() or not metrics(tmp_path / "r")

@@ -126,3 +126,34 @@ def test_a_1500_file_import_chain_loads_without_recursion_and_a_cycle_in_it_is_e
     assert done.returncode == 1 and "error[E021]: import cycle: f0.rlhf -> f1.rlhf ->" in done.stderr, done.stderr[-2000:]
     assert f"f{n - 1}.rlhf:1:16" in done.stderr and "Traceback" not in done.stderr
     assert f"error[E002]: `f{n - 1}.rlhf` defines no dataflow `nope`" in done.stderr  # names bind at any depth
+
+
+def _with_data(tmp_path: Path, data: str = "d.jsonl", tokenizer: str = f"{ROOT}/data/tiny/tokenizer.json") -> Path:
+    text = PPO.replace(f'"{ROOT}/data/tiny/prompts.jsonl"', f'"{data}"')
+    (tmp_path / "p.rlhf").write_text(text.replace(f'"{ROOT}/data/tiny/tokenizer.json"', f'"{tokenizer}"'))
+    return tmp_path / "p.rlhf"
+
+
+def test_data_and_tokenizer_errors_are_located_at_check(tmp_path):
+    """Every row is checked (not only the first): FILE:LINE:COL of the bad row, at the
+    dataset's path in the program; a directory, a FIFO or a tokenizer that is not JSON too."""
+    rows = (ROOT / "data" / "tiny" / "prompts.jsonl").read_bytes().splitlines(keepends=True)[:6]
+    program = _with_data(tmp_path)
+    for bad, said in ((b'{"prompt": "ab\xff"}\n', "d.jsonl:4:15: not UTF-8 text (byte 0xff)"),
+                      (b'["prompt"]\n', "d.jsonl:4:1: a row must be a JSON object, not list"),
+                      (b'{"other": "x"}\n', "d.jsonl:4: missing string field(s) prompt (the row has: other"),
+                      (b'{"prompt": \n', "d.jsonl:4:12: invalid JSON: Expecting value")):
+        (tmp_path / "d.jsonl").write_bytes(b"".join(rows[:3]) + bad + b"".join(rows[3:]))
+        done = CliRunner().invoke(app, ["check", str(program)])
+        assert done.exit_code == 1 and "error[E030]" in done.output and said in done.output, done.output
+        assert "p.rlhf:20:25" in done.output and not isinstance(done.exception, Exception), done.output
+    (tmp_path / "d.jsonl").unlink()
+    (tmp_path / "d.jsonl").mkdir()
+    assert "d.jsonl:1: the dataset file is a directory" in CliRunner().invoke(app, ["check", str(program)]).output
+    (tmp_path / "d.jsonl").rmdir()
+    os.mkfifo(tmp_path / "d.jsonl")
+    done = rlhfc("check", "p.rlhf", cwd=tmp_path)  # a subprocess: opening the FIFO would hang
+    assert done.returncode == 1 and "d.jsonl:1: the dataset file is not a regular file" in done.stderr
+    (tmp_path / "tok.json").write_text("this is not JSON\n")
+    done = CliRunner().invoke(app, ["check", str(_with_data(tmp_path, f"{ROOT}/data/tiny/prompts.jsonl", "tok.json"))])
+    assert done.exit_code == 1 and "error[E031]" in done.output and "tok.json:1:1: the tokenizer is not JSON" in done.output
