@@ -21,16 +21,27 @@ class BadValue(typer.BadParameter):
     exit_code = 1
 
 
-def at_least_one(value: int | None) -> int | None:
-    """For counts (--devices, --steps, --keep, --save-every, --workers); None is the default."""
-    if value is not None and value < 1:
+def at_least_one(text: str | None) -> int | None:
+    """For counts (--devices, --steps, --keep, --save-every, --workers); None is the default.
+    Options take text and convert it here, so a non-number is exit 1 like a bad number."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadValue(f"expected a whole number, got {text!r}") from None
+    if value < 1:
         raise BadValue(f"must be at least 1, got {value}")
     return value
 
 
-def seconds(value: float) -> float:
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadValue(f"expected a number of seconds, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise BadValue(f"must be a finite number of seconds above 0, got {value}")
+        raise BadValue(f"must be a finite number of seconds above 0, got {text!r}")
     return value
 
 

@@ -4,6 +4,7 @@ be (FIFOs, devices, non-.rlhf imports), no file contents in messages."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,11 +56,12 @@ _PPO_FILE = str(ROOT / "programs" / "ppo.rlhf")
 _BAD_ARGUMENTS = [
     *((("plan", _PPO_FILE, "--cluster", c), "--cluster")
       for c in ("2x", "0x4:cpu", "axb:cpu", "-1x2:cpu", "1x2", "1x2:nope", "99999999999999999999x2:cpu", "1x4096:cpu")),
-    *((("plan", _PPO_FILE, "--time-limit", t), "--time-limit") for t in ("nan", "inf", "-1", "0", "-inf")),
+    *((("plan", _PPO_FILE, "--time-limit", t), "--time-limit") for t in ("nan", "inf", "-1", "0", "-inf", "abc", "")),
     (("plan", _PPO_FILE, "--workers", "0"), "--workers"),
     (("compile", _PPO_FILE, "--devices", "0"), "--devices"),
     (("compile", _PPO_FILE, "--devices", "-3"), "--devices"),
     (("run", _PPO_FILE, "--steps", "0", "--out", "{tmp}/r"), "--steps"),
+    (("run", _PPO_FILE, "--steps", "two", "--out", "{tmp}/r"), "--steps"),
     (("run", _PPO_FILE, "--devices", "0", "--out", "{tmp}/r"), "--devices"),
     (("run", _PPO_FILE, "--keep", "0", "--out", "{tmp}/r"), "--keep"),
     (("run", _PPO_FILE, "--save-every", "0", "--out", "{tmp}/r"), "--save-every"),
@@ -94,16 +96,39 @@ def test_outputs_below_a_missing_directory_are_written(tmp_path):
 _TEXT = st.text(alphabet=st.sampled_from(list('abcz_{}()=,"\n /.0123456789-e')), max_size=60)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
-@given(junk=_TEXT, command=st.sampled_from(["fmt", "graph", "plan", "compile"]))
-def test_cli_commands_on_mutated_programs_never_trace_back(tmp_path_factory, junk, command):
-    tmp = tmp_path_factory.mktemp("fuzz")
-    cut = len(PPO) // 2
-    (tmp / "p.rlhf").write_text(PPO[:cut] + junk + PPO[cut:])
-    args = [command, "p.rlhf"] + (["-o", str(tmp / "p.py")] if command == "compile" else [])
-    done = rlhfc(*args, cwd=tmp)
-    assert done.returncode in (0, 1), done.stderr
-    assert "Traceback" not in done.stderr
+def _invoke(args: list[str]):
+    """The CLI in this process: exit 0 or 1 and no exception but SystemExit (no traceback)."""
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code in (0, 1), (args, done.output)
+    assert done.exception is None or isinstance(done.exception, SystemExit), (args, done.exception)
+    return done
+
+
+_MUTATION = st.tuples(st.floats(0, 1), st.sampled_from(["insert", "delete", "replace"]), _TEXT, st.integers(1, 40))
+
+
+@settings(max_examples=24, deadline=None, suppress_health_check=list(HealthCheck))
+@given(mutations=st.lists(_MUTATION, min_size=1, max_size=3), command=st.sampled_from(["fmt", "graph", "plan", "compile"]))
+def test_cli_commands_on_mutated_programs_never_trace_back(tmp_path_factory, mutations, command):
+    tmp, text = tmp_path_factory.mktemp("fuzz"), PPO
+    for where, kind, junk, length in mutations:
+        at = int(where * len(text))
+        text = text[:at] + (junk if kind != "delete" else "") + text[at + (length if kind != "insert" else 0):]
+    (tmp / "p.rlhf").write_text(text)
+    extra = {"compile": ["-o", str(tmp / "p.py")], "plan": ["--time-limit", "2"]}.get(command, [])
+    done = _invoke([command, str(tmp / "p.rlhf"), *extra])
+    if done.exit_code == 1 and command != "fmt":
+        assert "error" in done.output
+
+
+@settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck))
+@given(option=st.sampled_from(["--cluster", "--time-limit", "--workers"]),
+       value=st.one_of(st.text(st.sampled_from(list("0123456789x:-.e+naifcpuH")), max_size=24),
+                       st.sampled_from(["1x2:cpu", "1e9", "-0", "1x0:cpu", "9" * 400 + "x2:cpu", "0.5"])))
+def test_plan_option_values_never_trace_back(option, value):
+    done = _invoke(["plan", _PPO_FILE, option, value] + (["--time-limit", "2"] if option != "--time-limit" else []))
+    if done.exit_code == 1:
+        assert option in done.output or "error" in done.output, done.output
 
 
 def test_a_1500_file_import_chain_loads_without_recursion_and_a_cycle_in_it_is_e021(tmp_path):
@@ -157,3 +182,30 @@ def test_data_and_tokenizer_errors_are_located_at_check(tmp_path):
     (tmp_path / "tok.json").write_text("this is not JSON\n")
     done = CliRunner().invoke(app, ["check", str(_with_data(tmp_path, f"{ROOT}/data/tiny/prompts.jsonl", "tok.json"))])
     assert done.exit_code == 1 and "error[E031]" in done.output and "tok.json:1:1: the tokenizer is not JSON" in done.output
+
+
+_ROWS = (ROOT / "data" / "tiny" / "prompts.jsonl").read_bytes().splitlines(keepends=True)[:8]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(line=st.integers(0, 7), junk=st.binary(max_size=40), replace=st.booleans())
+def test_random_bytes_in_a_data_file_are_located_at_check_and_again_at_run_time(tmp_path_factory, line, junk, replace):
+    """Check and the runtime's start-up scan agree: both accept the file, or both name the
+    same FILE:LINE; never an exception."""
+    from rlhfc.frontend.check import check_program
+    from rlhfc_runtime.data.sources import DataError, open_rows
+
+    tmp = tmp_path_factory.mktemp("data")
+    rows = list(_ROWS)
+    rows[line:line + replace] = [junk + b"\n"]
+    (tmp / "d.jsonl").write_bytes(b"".join(rows))
+    errors = [d for d in check_program(_with_data(tmp))[1] if d.is_error]
+    try:
+        open_rows(tmp / "d.jsonl", "jsonl", ["prompt"])
+    except DataError as e:
+        at = re.match(rf"{re.escape(str(tmp / 'd.jsonl'))}:(\d+)", str(e))
+        assert at and 1 <= int(at.group(1)) <= len(rows), str(e)
+        assert [d.code for d in errors] == ["E030"] and f"d.jsonl:{at.group(1)}" in errors[0].message, errors
+        assert errors[0].span.file.endswith("p.rlhf") and errors[0].span.line == 20
+    else:
+        assert errors == [], errors
