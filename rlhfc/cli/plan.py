@@ -19,7 +19,8 @@ from rlhfc.planner.cost.fit import FitError
 
 def plan_command(
     file: Path = typer.Argument(..., help="the .rlhf program"),
-    cluster: str = typer.Option(None, "--cluster", callback=options.cluster, help="override the cluster, e.g. 16x8:H100-80GB"),
+    cluster: str = typer.Option(None, "--cluster", callback=options.cluster,
+                                help="override the cluster, e.g. 16x8:H100-80GB"),
     json_out: Path = typer.Option(None, "--json", callback=options.output, help="write the versioned plan JSON here"),
     svg: Path = typer.Option(None, "--svg", callback=options.output, help="write a per-device Gantt chart (SVG)"),
     png: Path = typer.Option(None, "--png", callback=options.output, help="write a per-device Gantt chart (PNG)"),

@@ -18,7 +18,8 @@ from rlhfc_runtime.profile import Measurement, plan_cases, run_case
 
 def profile_command(
     devices: int = typer.Option(2, "--devices", help="largest process group to measure collectives over (≥ 2)"),
-    out: Path = typer.Option(Path("hw.json"), "--out", callback=options.output, help="where to write the hardware profile (JSON)"),
+    out: Path = typer.Option(Path("hw.json"), "--out", callback=options.output,
+                             help="where to write the hardware profile (JSON)"),
 ) -> None:
     """Measure matmul, memory, collective and decode-step speed here; write a hardware profile."""
     import torch

@@ -46,7 +46,8 @@ def _compile_or_exit(path: Path, **kwargs) -> tuple[OpProgram, str]:
 
 def compile_command(
     file: Path = typer.Argument(..., help="the .rlhf program"),
-    output: Path = typer.Option(None, "-o", "--output", callback=options.output, help="where to write the Python file (default build/NAME.py)"),
+    output: Path = typer.Option(None, "-o", "--output", callback=options.output,
+                                help="where to write the Python file (default build/NAME.py)"),
     devices: str = typer.Option(None, "--devices", callback=options.at_least_one, metavar="N",
                                 help="plan for N local CPU processes instead of the cluster block"),
     symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan, not the solver"),
