@@ -8,6 +8,8 @@ import os
 import stat
 from pathlib import Path
 
+from rlhfc_runtime.contract.atomic import write_atomic
+
 
 class FileProblem(ValueError):
     """A file that cannot be used; the message names the path and why."""
@@ -69,8 +71,6 @@ def writable_target(path: Path, what: str = "output") -> None:
 def write_output(path: Path, data: str | bytes, what: str = "output") -> None:
     """Write a whole output file atomically (missing directories are made); FileProblem
     naming the path and the bytes needed when it cannot be written (a full disk)."""
-    from rlhfc_runtime.contract.atomic import write_atomic
-
     writable_target(path, what)
     try:
         write_atomic(Path(path), data.encode("utf-8") if isinstance(data, str) else data)

@@ -22,8 +22,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """`data` into PATH.tmp beside `path`, synced, then renamed over it; on an error the
-    temp file is removed and the OSError names `path` and the bytes needed."""
+    """`data` into PATH.tmp beside `path`, synced, then renamed over it (keeping an existing
+    file's permissions); on an error the temp file is removed and the OSError names `path`
+    and the bytes needed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if path.exists() and not path.is_file():  # never rename over a device (/dev/full) or a directory
@@ -32,6 +33,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            if path.exists():
+                os.fchmod(fd, path.stat().st_mode & 0o7777)
             _write_all(fd, data)
             os.fsync(fd)
         finally:

@@ -105,6 +105,11 @@ def test_the_writers_name_the_path_and_bytes_and_leave_the_old_file(tmp_path, mo
         assert caught.value.filename == str(path) and caught.value.strerror == "no space left on device (100 bytes needed)"
     assert whole.read_bytes() == b'{"step": 1}\n' and target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl", "manifest.json"]
+    monkeypatch.undo()
+    target.chmod(0o600)
+    write_atomic(target, b"new")  # fmt --write keeps a program's permissions
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setattr(os, "write", full)
     done = CliRunner().invoke(app, ["compile", str(ROOT / "programs" / "ppo.rlhf"), "-o", str(tmp_path / "p.py")])
     assert done.exit_code == 1 and (done.exception is None or isinstance(done.exception, SystemExit))
     assert re.search(rf"cannot write output `{tmp_path}/p.py`: no space left on device \(\d+ bytes needed\)", done.output)
