@@ -8,6 +8,8 @@ import os
 import stat
 from pathlib import Path
 
+from rlhfc_runtime.contract.atomic import write_atomic
+
 
 class FileProblem(ValueError):
     """A file that cannot be used; the message names the path and why."""
@@ -50,9 +52,27 @@ def read_text(path: Path, limit: int, what: str = "file") -> str:
 
 
 def writable_target(path: Path, what: str = "output") -> None:
-    """Refuse an output path that is a directory or not a regular file (`/dev/full`)."""
+    """Refuse an output path that is a directory, not a regular file (`/dev/full`), or
+    below something that is not a writable directory (missing directories may be made)."""
     path = Path(path)
     if path.is_dir():
         raise FileProblem(f"{what} `{path}` is a directory; give a file name")
     if path.exists() and not path.is_file():
         raise FileProblem(f"{what} `{path}` is not a regular file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileProblem(f"{what} `{path}`: `{parent}` is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise FileProblem(f"{what} `{path}`: cannot write into `{parent}`")
+
+
+def write_output(path: Path, data: str | bytes, what: str = "output") -> None:
+    """Write a whole output file atomically (missing directories are made); FileProblem
+    naming the path and the bytes needed when it cannot be written (a full disk)."""
+    writable_target(path, what)
+    try:
+        write_atomic(Path(path), data.encode("utf-8") if isinstance(data, str) else data)
+    except OSError as e:
+        raise FileProblem(f"cannot write {what} `{path}`: {e.strerror}") from None

@@ -9,7 +9,9 @@ from (seed, name), so they are the same whatever the layout.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rlhfc_runtime.contract.atomic import write_atomic, write_error
 from rlhfc_runtime.dist import rank_groups
 from rlhfc_runtime.contract.layout import Layout, shard_slices
 from rlhfc_runtime.contract.hf import ARCHITECTURES
@@ -89,6 +92,27 @@ def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
     return parts
 
 
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file written beside `path`, checked complete, synced and renamed over
+    it. safetensors does not report a full disk (it leaves a short file), so the size is
+    checked against the header: on any failure the temp file is removed and an OSError
+    names `path` and the bytes needed."""
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+            os.fsync(f.fileno())
+        if os.stat(tmp).st_size != 8 + header + need:
+            raise OSError(errno.ENOSPC, "written short")
+        os.replace(tmp, path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises SafetensorError, no OSError
+        tmp.unlink(missing_ok=True)
+        raise write_error(err if isinstance(err, OSError) else OSError(errno.EIO, str(err)), path, need) from None
+
+
 def _write(path: Path, cfg: dict, head: str, tensors: dict[str, torch.Tensor], max_shard_bytes: int | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if cfg.get("tie_word_embeddings"):  # as transformers saves tied models
@@ -99,17 +123,17 @@ def _write(path: Path, cfg: dict, head: str, tensors: dict[str, torch.Tensor], m
     tensors = {n: t.contiguous() for n, t in tensors.items()}
     parts = _split(tensors, max_shard_bytes) if max_shard_bytes else [tensors]
     if len(parts) == 1:
-        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(path / "model.safetensors", tensors)
     else:
         weight_map = {}
         for i, part in enumerate(parts, 1):
             file = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
-            save_file(part, str(path / file), metadata={"format": "pt"})
+            save_tensors(path / file, part)
             weight_map.update(dict.fromkeys(part, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (path / "config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+        write_atomic(path / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
+    write_atomic(path / "config.json", (json.dumps(out, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 

@@ -18,7 +18,6 @@ Nothing is unpickled: safetensors and JSON only.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -29,13 +28,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL
-from rlhfc_runtime.checkpoint import gather_full
+from rlhfc_runtime.checkpoint import gather_full, save_tensors
+from rlhfc_runtime.contract.atomic import write_atomic
 from rlhfc_runtime.contract.rundir import step_dir_name, step_dirs
 from rlhfc_runtime.errors import RunError
+from rlhfc_runtime.export import publish
 
 FORMAT, VERSION = "rlhfc-checkpoint", 1
 MANIFEST = "manifest.json"
@@ -66,8 +66,9 @@ def trainable(program: dict) -> list[str]:
 def save(engine, keep: int = 2, export=None) -> Path:
     """Write the checkpoint of `engine.step` (collective over the world); returns its
     directory. `export(name, spec, weights)` is called on each model's writer with the
-    gathered weights (the HF export). Any rank's OSError removes the partial directory
-    on every rank and raises RunError naming the path; the previous checkpoint stays."""
+    gathered weights and stages the HF export, published once the checkpoint is complete.
+    Any rank's OSError removes the partial directory and the staged exports on every rank
+    and raises RunError naming the path; the previous checkpoint and export stay."""
     e = engine
     root = e.out / "checkpoint"
     final = root / step_dir_name(e.step)
@@ -84,6 +85,7 @@ def save(engine, keep: int = 2, export=None) -> Path:
         raise RunError(problem)
     files: dict[str, dict] = {}
     models: dict[str, dict] = {}
+    staged: list[Path] = []
     try:
         for name in trainable(e.program):
             spec = e.program["models"][name]
@@ -98,7 +100,7 @@ def save(engine, keep: int = 2, export=None) -> Path:
             models[name] = {"optimizer_step": step,  # and state a train call carries across steps
                             "adaptive_kl": m.adaptive_kl.state_dict() if m.adaptive_kl else None}
             if export is not None:
-                export(name, spec, weights)
+                staged.append(export(name, spec, weights))
         rng = {"python": _jsonable(random.getstate()), "rank": e.rank}
         files.update(_write_bytes(part / f"rank{e.rank}.json", json.dumps(rng).encode()))
         files.update(_write_tensors(part / f"rank{e.rank}.safetensors", {"torch": torch.get_rng_state()}))
@@ -122,7 +124,11 @@ def save(engine, keep: int = 2, export=None) -> Path:
             _write_bytes(part / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
             shutil.rmtree(final, ignore_errors=True)
             os.replace(part, final)
-            _write_bytes(root / "latest", str(e.step).encode())
+            try:
+                _write_bytes(root / "latest", str(e.step).encode())
+            except OSError:
+                os.replace(final, part)  # not complete until `latest` says so
+                raise
             for old in step_dirs(e.out)[max(1, keep):]:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as err:
@@ -130,6 +136,11 @@ def save(engine, keep: int = 2, export=None) -> Path:
     if e.rank == 0 and problem:
         shutil.rmtree(part, ignore_errors=True)
     problem = _agree(problem if e.rank == 0 else None)
+    for directory in staged:
+        if problem:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            publish(directory)
     if problem:
         raise RunError(f"{problem}; the checkpoint of step {e.step} was not written, the previous one is intact")
     return final
@@ -162,31 +173,12 @@ def _gather_model(m):
 
 
 def _write_tensors(path: Path, tensors: dict) -> dict:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        need = sum(t.numel() * t.element_size() for t in tensors.values())
-        raise OSError(err.errno, f"{err.strerror or err} ({need} bytes needed)", str(path)) from None
-    except Exception as err:  # safetensors reports a full disk as its own error
-        tmp.unlink(missing_ok=True)
-        raise OSError(errno.EIO, str(err), str(path)) from None
-    os.replace(tmp, path)
+    save_tensors(path, tensors)
     return {path.name: _digest(path)}
 
 
 def _write_bytes(path: Path, data: bytes) -> dict:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, f"{err.strerror} ({len(data)} bytes needed)", str(path)) from None
-    os.replace(tmp, path)
+    write_atomic(path, data)
     return {path.name: _digest(path)}
 
 
@@ -199,8 +191,7 @@ def _digest(path: Path) -> dict:
 
 
 def _os_message(err: OSError, path) -> str:
-    what = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-    return f"{path}: {what}"
+    return f"{path}: {err.strerror or err}"
 
 
 def _jsonable(state):

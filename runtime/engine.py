@@ -24,7 +24,7 @@ import torch.distributed as dist
 from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime import calls, ckpt_store
 from rlhfc_runtime import dist as rdist
-from rlhfc_runtime.export import export as hf_export
+from rlhfc_runtime.export import stage as hf_stage
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.memory import CallMemory, resident_bytes
 from rlhfc_runtime.offload import offload as offload_shards
@@ -298,7 +298,7 @@ class Engine:
         tokenizer = next((d.get("tokenizer") for d in self.program["datasets"].values() if d.get("tokenizer")), None)
 
         def export(name, spec, weights):
-            hf_export(self.out, name, spec, weights, tokenizer, self.specials)
+            return hf_stage(self.out, name, spec, weights, tokenizer, self.specials)
 
         ckpt_store.save(self, keep=self.keep, export=export)
 

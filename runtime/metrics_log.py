@@ -13,7 +13,9 @@ import os
 import sys
 from pathlib import Path
 
+from rlhfc_runtime.contract.atomic import append_atomic, write_atomic
 from rlhfc_runtime.contract.rundir import read_metrics_lines
+from rlhfc_runtime.errors import RunError
 
 
 def _truncate(path: Path, start_step: int) -> None:
@@ -23,9 +25,7 @@ def _truncate(path: Path, start_step: int) -> None:
     if bad:
         print(f"rlhfc: {path}: dropped {len(bad)} damaged line(s) (line {', '.join(map(str, bad[:5]))})",
               file=sys.stderr, flush=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= start_step))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= start_step).encode())
 
 
 class MetricsLog:
@@ -52,11 +52,12 @@ class MetricsLog:
                                         id=os.environ.get("WANDB_RUN_ID"), mode=os.environ.get("WANDB_MODE"))
 
     def write(self, record: dict, samples: list[dict] = ()) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if samples:
-            with self.samples_path.open("a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in samples)
+        try:
+            if samples:
+                append_atomic(self.samples_path, "".join(json.dumps(row) + "\n" for row in samples).encode())
+            append_atomic(self.path, (json.dumps(record) + "\n").encode())  # last: the step is recorded
+        except OSError as err:  # a full disk: the files keep whole lines only
+            raise RunError(f"{err.filename}: {err.strerror}; step {record['step']} was not recorded") from None
         if self.board is not None:
             for k, v in record.items():
                 self.board.add_scalar(k, v, record["step"])

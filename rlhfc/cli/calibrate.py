@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rlhfc.cli import options
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
 from rlhfc.planner.cost.fit import (
     FIT_FIELDS, FitError, Sample, coefficients_to_json, fit_coefficients, load_coefficients, relative_error,
@@ -40,7 +41,7 @@ def median_error(samples: list[Sample], c: Coefficients) -> float:
 
 def calibrate_command(
     metrics: list[Path] = typer.Argument(..., help="metrics.jsonl files of runs (`rlhfc run` writes them)"),
-    out: Path = typer.Option(None, "--out", help="write the fitted coefficients (JSON) here"),
+    out: Path = typer.Option(None, "--out", callback=options.output, help="write the fitted coefficients (JSON) here"),
     start: Path = typer.Option(None, "--coefficients", help="start from these coefficients, not the defaults"),
 ) -> None:
     """Fit the cost model's time coefficients to measured per-call times."""
@@ -58,5 +59,5 @@ def calibrate_command(
     changed = [f.name for f in fields(Coefficients) if f.name in FIT_FIELDS]
     console.print("fitted: " + ", ".join(f"{n} {getattr(before, n):.3g} → {getattr(after, n):.3g}" for n in changed))
     if out:
-        out.write_text(coefficients_to_json(after))
+        options.write_or_exit(out, coefficients_to_json(after))
         console.print(f"wrote {out}; use it with `rlhfc plan|compile|run --coefficients {out}`")

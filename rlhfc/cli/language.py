@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from rlhfc import ir
+from rlhfc.cli import options
 from rlhfc.frontend.check import check_program
 from rlhfc.diagnostics import CompileError, render
 from rlhfc.frontend.fmt import format_program
@@ -70,8 +71,9 @@ def check(files: list[Path] = typer.Argument(..., help=".rlhf programs or librar
 
 
 def graph(file: Path = typer.Argument(..., help="a .rlhf program with a `run`"),
-          dot: Path | None = typer.Option(None, "--dot", help="write Graphviz DOT here"),
-          svg: Path | None = typer.Option(None, "--svg", help="write an SVG here (needs Graphviz `dot`)")) -> None:
+          dot: Path | None = typer.Option(None, "--dot", callback=options.output, help="write Graphviz DOT here"),
+          svg: Path | None = typer.Option(None, "--svg", callback=options.output,
+                                          help="write an SVG here (needs Graphviz `dot`)")) -> None:
     """Show the dataflow graph: calls with batch and lengths, data and parameter edges.
 
     Parameter edges (`param`) order a trainable model's calls around its
@@ -86,15 +88,13 @@ def graph(file: Path = typer.Argument(..., help="a .rlhf program with a `run`"),
     flow = _load(file)
     typer.echo(to_text(flow), nl=False)
     dot_text = to_dot(flow)
-    if dot is not None:
-        dot.write_text(dot_text, encoding="utf-8")
-        typer.echo(f"wrote {dot}")
-    if svg is not None:
-        if not dot_available():
-            typer.echo("cannot write SVG: Graphviz `dot` is not on PATH (install graphviz, or use --dot)", err=True)
-            raise typer.Exit(1)
-        svg.write_bytes(render_svg(dot_text))
-        typer.echo(f"wrote {svg}")
+    if svg is not None and not dot_available():
+        typer.echo("cannot write SVG: Graphviz `dot` is not on PATH (install graphviz, or use --dot)", err=True)
+        raise typer.Exit(1)
+    for path, data in ((dot, dot_text), (svg, svg and render_svg(dot_text))):
+        if path is not None:
+            options.write_or_exit(path, data)
+            typer.echo(f"wrote {path}")
 
 
 def fmt(files: list[Path] = typer.Argument(..., help=".rlhf files to format"),
@@ -127,7 +127,7 @@ def fmt(files: list[Path] = typer.Argument(..., help=".rlhf files to format"),
                 typer.echo(f"{path}: would reformat")
         elif write:
             if formatted != text:
-                path.write_text(formatted, encoding="utf-8")
+                options.write_or_exit(path, formatted)
                 typer.echo(f"{path}: reformatted")
         else:
             typer.echo(formatted, nl=False)

@@ -6,37 +6,28 @@ exit with status 1; never a traceback.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from rlhfc import ir
 from rlhfc.driver import pricing, with_hardware
-from rlhfc.hardware import DEVICE_NAMES, ProfileError
+from rlhfc.cli import options
+from rlhfc.hardware import ProfileError
 from rlhfc.planner.cost.fit import FitError
-
-_CLUSTER = re.compile(r"^(\d+)x(\d+):(.+)$")
-
-
-def parse_cluster(text: str) -> ir.Cluster:
-    """`16x8:H100-80GB` → 16 nodes of 8 H100-80GB."""
-    m = _CLUSTER.match(text)
-    if not m or m.group(3) not in DEVICE_NAMES or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise typer.BadParameter(f"expected NODESxDEVICES:DEVICE with DEVICE one of {', '.join(DEVICE_NAMES)}, got {text!r}")
-    return ir.Cluster(int(m.group(1)), int(m.group(2)), m.group(3))
-
 
 def plan_command(
     file: Path = typer.Argument(..., help="the .rlhf program"),
-    cluster: str = typer.Option(None, "--cluster", help="override the cluster, e.g. 16x8:H100-80GB"),
-    json_out: Path = typer.Option(None, "--json", help="write the versioned plan JSON here"),
-    svg: Path = typer.Option(None, "--svg", help="write a per-device Gantt chart (SVG)"),
-    png: Path = typer.Option(None, "--png", help="write a per-device Gantt chart (PNG)"),
-    time_limit: float = typer.Option(10.0, "--time-limit", help="CP-SAT time limit, seconds"),
-    workers: int = typer.Option(8, "--workers", help="CP-SAT workers"),
+    cluster: str = typer.Option(None, "--cluster", callback=options.cluster,
+                                help="override the cluster, e.g. 16x8:H100-80GB"),
+    json_out: Path = typer.Option(None, "--json", callback=options.output, help="write the versioned plan JSON here"),
+    svg: Path = typer.Option(None, "--svg", callback=options.output, help="write a per-device Gantt chart (SVG)"),
+    png: Path = typer.Option(None, "--png", callback=options.output, help="write a per-device Gantt chart (PNG)"),
+    time_limit: str = typer.Option("10", "--time-limit", callback=options.seconds, metavar="SECONDS",
+                                   help="CP-SAT time limit, seconds"),
+    workers: str = typer.Option("8", "--workers", callback=options.at_least_one, metavar="N",
+                                help="CP-SAT workers"),
     hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
     coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
     explain: bool = typer.Option(False, "--explain", help="show the terms of every call's estimate"),
@@ -46,15 +37,14 @@ def plan_command(
     from rlhfc.diagnostics import CompileError, render
     from rlhfc.planner.cost.coefficients import estimate_meaning
     from rlhfc.planner.explain import explain_plan, print_explanation, roofline_seconds
-    from rlhfc.planner.report import print_plan, save_gantt
+    from rlhfc.planner.report import gantt_bytes, print_plan
     from rlhfc.planner.solve import plan_dataflow
 
     # piped or redirected output gets whole tables, not 80-column abridged ones
     out, err = Console(width=None if sys.stdout.isatty() else 120), Console(stderr=True)
     try:
         coeffs = pricing(hardware, coefficients)
-        override = parse_cluster(cluster) if cluster else None
-        dataflow = with_hardware(load_program(str(file), cluster_override=override), hardware)
+        dataflow = with_hardware(load_program(str(file), cluster_override=cluster), hardware)
         plan = plan_dataflow(dataflow, time_limit=time_limit, workers=workers, coeffs=coeffs)
     except (ProfileError, FitError) as e:
         err.print(f"error: {e}", markup=False, highlight=False)
@@ -69,7 +59,7 @@ def plan_command(
         out.print(f"iteration {plan.iteration_time:.3f} s estimated ({estimate_meaning(dataflow.cluster.device, coeffs)}); "
                   f"physical roofline of the same plan {floor:.3f} s", markup=False, highlight=False)
     if json_out:
-        json_out.write_text(plan.to_json())
-    for path in (svg, png):
+        options.write_or_exit(json_out, plan.to_json())
+    for path, kind in ((svg, "svg"), (png, "png")):
         if path:
-            save_gantt(plan, str(path))
+            options.write_or_exit(path, gantt_bytes(plan, kind))

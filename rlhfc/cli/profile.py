@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from rlhfc.cli import options
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
 from rlhfc.planner.profile import derive, physical_cores
 from rlhfc_runtime.profile import Measurement, plan_cases, run_case
@@ -17,7 +18,8 @@ from rlhfc_runtime.profile import Measurement, plan_cases, run_case
 
 def profile_command(
     devices: int = typer.Option(2, "--devices", help="largest process group to measure collectives over (≥ 2)"),
-    out: Path = typer.Option(Path("hw.json"), "--out", help="where to write the hardware profile (JSON)"),
+    out: Path = typer.Option(Path("hw.json"), "--out", callback=options.output,
+                             help="where to write the hardware profile (JSON)"),
 ) -> None:
     """Measure matmul, memory, collective and decode-step speed here; write a hardware profile."""
     import torch
@@ -38,7 +40,7 @@ def profile_command(
             measured += run_case(what, case)
             bar.advance(task)
     doc = derive(measured, cores=physical_cores())
-    out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    options.write_or_exit(out, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     d, c = doc["device"], doc["coefficients"]
     err.print(f"matmul {d['flops'] / 1e9:.1f} GFLOP/s peak ({d['achievable']:.0%} on average), "
               f"memory {d['mem_bandwidth'] * DEFAULT_COEFFICIENTS.mem_bandwidth_efficiency / 1e9:.1f} GB/s, "

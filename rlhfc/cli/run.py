@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column
 
 from rlhfc.backend.lower import OpProgram
+from rlhfc.cli import options
 from rlhfc.driver import compile_program
 
 _err = Console(stderr=True, soft_wrap=True)
@@ -45,43 +46,37 @@ def _compile_or_exit(path: Path, **kwargs) -> tuple[OpProgram, str]:
 
 def compile_command(
     file: Path = typer.Argument(..., help="the .rlhf program"),
-    output: Path = typer.Option(None, "-o", "--output", help="where to write the Python file (default build/NAME.py)"),
-    devices: int = typer.Option(None, "--devices", min=1, help="plan for N local CPU processes instead of the cluster block"),
+    output: Path = typer.Option(None, "-o", "--output", callback=options.output,
+                                help="where to write the Python file (default build/NAME.py)"),
+    devices: str = typer.Option(None, "--devices", callback=options.at_least_one, metavar="N",
+                                help="plan for N local CPU processes instead of the cluster block"),
     symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan, not the solver"),
     hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
     coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
 ) -> None:
     """Compile a program into one runnable Python file (plan embedded as a comment)."""
-    from rlhfc.files import FileProblem, writable_target
-
-    output = output or Path("build") / f"{file.stem}.py"
-    try:
-        writable_target(output)
-    except FileProblem as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+    output = options.output(output or Path("build") / f"{file.stem}.py")
     _, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=output, hardware=hardware,
                                coefficients=coefficients)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
-    except OSError as e:
-        typer.echo(f"error: cannot write `{output}`: {e.strerror or e}", err=True)
-        raise typer.Exit(1) from None
+    options.write_or_exit(output, text)
     _err.print(f"wrote {output}")
 
 
 def run_command(
     file: Path = typer.Argument(..., help="the .rlhf program"),
-    devices: int = typer.Option(None, "--devices", min=1, help="N local CPU processes (default: the cluster block)"),
-    steps: int = typer.Option(None, "--steps", min=1, help="stop after this many steps (default: the run block)"),
+    devices: str = typer.Option(None, "--devices", callback=options.at_least_one, metavar="N",
+                                help="N local CPU processes (default: the cluster block)"),
+    steps: str = typer.Option(None, "--steps", callback=options.at_least_one, metavar="N",
+                              help="stop after this many steps (default: the run block)"),
     out: Path = typer.Option(None, "--out", help="run directory (default runs/NAME)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run directory's newest intact checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over in a run directory that has a checkpoint"),
-    keep: int = typer.Option(None, "--keep", min=1, help="keep the last K checkpoints (default: the run block, 2)"),
+    keep: str = typer.Option(None, "--keep", callback=options.at_least_one, metavar="N",
+                             help="keep the last K checkpoints (default: the run block, 2)"),
     plot: bool = typer.Option(False, "--plot", help="write reward and KL curves to OUT/curves.png"),
     symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan"),
-    save_every: int = typer.Option(None, "--save-every", min=1, help="checkpoint every K steps"),
+    save_every: str = typer.Option(None, "--save-every", callback=options.at_least_one, metavar="N",
+                                   help="checkpoint every K steps"),
     hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
     coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
     wandb: str = typer.Option(None, "--wandb", help="also log metrics and samples to this W&B project"),
@@ -114,8 +109,8 @@ def _run_locked(file: Path, out: Path, *, devices, steps, resume, plot, symmetri
     prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=out / "program.py",
                                   hardware=hardware, coefficients=coefficients)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "program.py").write_text(text)
-    (out / COST_INPUTS_FILE).write_text(cost_inputs_json(prog))
+    options.write_or_exit(out / "program.py", text)
+    options.write_or_exit(out / COST_INPUTS_FILE, cost_inputs_json(prog))
     total = steps or (prog.dataflow.run.steps if prog.dataflow.run else 1)
     cmd = [sys.executable, str(out / "program.py"), "--out", str(out), "--steps", str(total)]
     cmd += ["--resume"] if resume else []

@@ -7,6 +7,7 @@ comment inside a reflowed statement moves above that statement, never disappears
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from rlhfc.frontend import ast
@@ -111,21 +112,53 @@ def _pos(span) -> tuple[int, int]:
     return span.line, span.col
 
 
+def _end(span) -> tuple[int, int]:
+    return span.end_line, span.end_col
+
+
+@dataclass(frozen=True)
+class _InOrder:
+    """Items in source order (they never overlap) with their start and end positions, so the
+    item around or next to a comment is a binary search: formatting is linear in comments."""
+
+    items: tuple
+    starts: tuple[tuple[int, int], ...]
+    ends: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, items) -> _InOrder:
+        return cls(tuple(items), tuple(_pos(i.span) for i in items), tuple(_end(i.span) for i in items))
+
+    def around(self, where: tuple[int, int]):
+        """The item that starts at or before `where` and ends after it, or None."""
+        i = bisect_right(self.starts, where) - 1
+        return self.items[i] if i >= 0 and where < self.ends[i] else None
+
+    def ending_before(self, where: tuple[int, int]):
+        i = bisect_right(self.ends, where) - 1
+        return self.items[i] if i >= 0 else None
+
+    def starting_after(self, where: tuple[int, int]):
+        i = bisect_right(self.starts, where)
+        return self.items[i] if i < len(self.items) else None
+
+
 def _attach(program: ast.Program):
     """Assigns every comment to a statement, a call, a dataflow's closing brace, or the file's end."""
     notes: dict[int, _Notes] = {}
     closing: dict[int, list[tuple[ast.Comment, bool]]] = {}
     tail: list[tuple[ast.Comment, bool]] = []
-    stmts = program.statements
-    starts = sorted([c.span.line for c in program.comments] + [s.span.line for s in stmts]
-                    + [c.span.line for s in stmts if isinstance(s, ast.DataflowDecl) for c in s.calls])
+    stmts = _InOrder.of(program.statements)
+    calls = {id(s): _InOrder.of(s.calls) for s in stmts.items if isinstance(s, ast.DataflowDecl)}
+    starts = sorted([c.span.line for c in program.comments] + [s.span.line for s in stmts.items]
+                    + [c.span.line for flow in calls.values() for c in flow.items])
     for comment in program.comments:
-        later = [line for line in starts if line > comment.span.end_line]
-        blank = bool(later) and later[0] - comment.span.end_line > 1
+        k = bisect_right(starts, comment.span.end_line)  # the next line anything starts on
+        blank = k < len(starts) and starts[k] - comment.span.end_line > 1
         where = _pos(comment.span)
-        owner = next((s for s in stmts if _pos(s.span) <= where < (s.span.end_line, s.span.end_col)), None)
+        owner = stmts.around(where)
         if isinstance(owner, ast.DataflowDecl) and owner.calls and where > _pos(owner.calls[0].span):
-            _place(comment, blank, owner.calls, notes, closing.setdefault(id(owner), []))
+            _place(comment, blank, calls[id(owner)], notes, closing.setdefault(id(owner), []))
         elif isinstance(owner, ast.DataflowDecl) and owner.calls:
             notes.setdefault(id(owner.calls[0]), _Notes()).leading.append((comment, False))
         elif owner is not None:
@@ -135,17 +168,16 @@ def _attach(program: ast.Program):
     return notes, closing, tail
 
 
-def _place(comment: ast.Comment, blank: bool, items, notes: dict[int, _Notes], rest: list) -> None:
+def _place(comment: ast.Comment, blank: bool, items: _InOrder, notes: dict[int, _Notes], rest: list) -> None:
     """Trailing comment of the item ending on its line, else leading comment of the next item."""
     where = _pos(comment.span)
-    before = [i for i in items if (i.span.end_line, i.span.end_col) <= where]
-    after = [i for i in items if _pos(i.span) > where]
-    if before and before[-1].span.end_line == comment.span.line:
-        notes.setdefault(id(before[-1]), _Notes()).trailing.append(comment)
+    before, after = items.ending_before(where), items.starting_after(where)
+    if before is not None and before.span.end_line == comment.span.line:
+        notes.setdefault(id(before), _Notes()).trailing.append(comment)
         return
     entry = (comment, blank)
-    if after:
-        notes.setdefault(id(after[0]), _Notes()).leading.append(entry)
+    if after is not None:
+        notes.setdefault(id(after), _Notes()).leading.append(entry)
     else:
         rest.append(entry)
 

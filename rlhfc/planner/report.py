@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from rich import box
@@ -68,9 +69,10 @@ def device_bands(plan: Plan) -> list[tuple[int, int]]:
     return bands
 
 
-def save_gantt(plan: Plan, path: str) -> None:
-    """Devices with the same schedule share a row; one bar per call, hatched bars for
-    the reallocations that end where their call starts (SVG or PNG by the extension)."""
+def gantt_bytes(plan: Plan, kind: str) -> bytes:
+    """A per-device Gantt chart as `kind` ("svg" or "png") bytes. Devices with the same
+    schedule share a row; one bar per call, hatched bars for the reallocations that end
+    where their call starts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,5 +104,7 @@ def save_gantt(plan: Plan, path: str) -> None:
     ax.set_title(f"{Path(plan.source).name} on {plan.cluster.nodes}x{dpn} {plan.cluster.device}: "
                  f"{plan.iteration_time:.3f} s per iteration")
     fig.tight_layout()
-    fig.savefig(path, metadata={"Date": None} if path.endswith(".svg") else None)
+    image = io.BytesIO()
+    fig.savefig(image, format=kind, metadata={"Date": None} if kind == "svg" else None)
     plt.close(fig)
+    return image.getvalue()

@@ -11,27 +11,19 @@ Errors name FILE:LINE (JSONL) or FILE:row N, so a bad row stops the run before i
 
 from __future__ import annotations
 
-import json
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
-
-class DataError(ValueError):
-    """A located problem with a dataset file (the message starts with FILE:LINE)."""
+from rlhfc_runtime.contract.rows import DataError, check_row, parse_row, regular, scan_jsonl
 
 
 class JsonlRows:
     def __init__(self, path: Path, required: Sequence[str]):
         self.path, self.offsets, self.lines = path, array("q"), array("q")
-        with open(path, "rb") as f:
-            offset = 0
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    _check_row(_parse(line, path, line_no), required, f"{path}:{line_no}")
-                    self.offsets.append(offset)
-                    self.lines.append(line_no)
-                offset += len(line)
+        for offset, line_no, _ in scan_jsonl(path, required):
+            self.offsets.append(offset)
+            self.lines.append(line_no)
         self._file = None
 
     def __len__(self) -> int:
@@ -41,7 +33,7 @@ class JsonlRows:
         if self._file is None:
             self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the run
         self._file.seek(self.offsets[i])
-        return _parse(self._file.readline(), self.path, self.lines[i])
+        return parse_row(self._file.readline(), self.path, self.lines[i])
 
     def where(self, i: int) -> str:
         return f"{self.path}:{self.lines[i]}"
@@ -71,7 +63,7 @@ class ParquetRows:
         if self._cached[0] != g:
             self._cached = (g, self.file.read_row_group(g))
         row = self._cached[1].slice(i - self.starts[g], 1).to_pylist()[0]
-        _check_row(row, self.required, self.where(i))
+        check_row(row, self.required, self.where(i))
         return row
 
     def where(self, i: int) -> str:
@@ -97,7 +89,7 @@ class HFRows:
 
     def __getitem__(self, i: int) -> dict:
         row = self.data[int(i)]
-        _check_row(row, self.required, self.where(i))
+        check_row(row, self.required, self.where(i))
         return row
 
     def where(self, i: int) -> str:
@@ -110,29 +102,11 @@ SOURCES = {"jsonl": JsonlRows, "parquet": ParquetRows, "datasets": HFRows}
 def open_rows(path: str | Path, fmt: str, required: Sequence[str]):
     """The rows of a dataset file in format `fmt`, each checked to hold string `required` fields."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}:1: dataset file not found")
+    regular(path, "dataset file", directory_ok=fmt == "datasets")
     rows = SOURCES[fmt](path, required)
     if not len(rows):
         raise DataError(f"{path}:1: no rows")
     return rows
-
-
-def _parse(line: bytes, path: Path, line_no: int) -> dict:
-    try:
-        row = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}:{line_no}:{getattr(e, 'colno', 1)}: invalid JSON: {getattr(e, 'msg', e)}") from None
-    if not isinstance(row, dict):
-        raise DataError(f"{path}:{line_no}:1: a row must be a JSON object, not {type(row).__name__}")
-    return row
-
-
-def _check_row(row: dict, required: Sequence[str], where: str) -> None:
-    missing = [k for k in required if not isinstance(row.get(k), str)]
-    if missing:
-        raise DataError(f"{where}: missing string field(s) {', '.join(missing)} "
-                        f"(the row has: {', '.join(row)}; hint: set the dataset's field names to these keys)")
 
 
 def _need(module: str, package: str):

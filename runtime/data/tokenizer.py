@@ -10,6 +10,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from rlhfc_runtime.contract.rows import DataError, regular, tokenizer_json
+
 SPECIAL_NAMES = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
 
 
@@ -46,14 +48,19 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     directory (`AutoTokenizer`, local files only: never the network). For a bare file, `<pad>`/`<bos>`/`<eos>` become the special tokens when
     the vocabulary has them; a missing pad token falls back to eos."""
     path = Path(path)
-    if path.is_dir():
-        tokenizer = _generic(path) or AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    elif path.is_file():
-        vocab = Tokenizer.from_file(str(path)).get_vocab()
-        specials = {k: v for k, v in SPECIAL_NAMES.items() if v in vocab}
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), **specials)
-    else:
-        raise FileNotFoundError(f"no tokenizer at {path}: give a tokenizer.json or a directory holding one")
+    regular(path, "tokenizer", directory_ok=True)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if file.exists():
+        tokenizer_json(file)  # FILE:LINE:COL when it is not JSON
+    try:
+        if path.is_dir():
+            tokenizer = _generic(path) or AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        else:
+            vocab = Tokenizer.from_file(str(path)).get_vocab()
+            specials = {k: v for k, v in SPECIAL_NAMES.items() if v in vocab}
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), **specials)
+    except Exception as e:  # noqa: BLE001 - tokenizers and transformers raise plain Exceptions
+        raise DataError(f"{file}:1: cannot load the tokenizer: {e}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

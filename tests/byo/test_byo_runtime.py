@@ -4,6 +4,8 @@ lazy row sources, chat-templated prompts, value heads in checkpoints, samples an
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import types
@@ -93,6 +95,24 @@ def test_jsonl_rows_are_read_by_offset_and_bad_rows_are_located(tmp_path):
         open_rows(path, "jsonl", ["q"])
     with pytest.raises(DataError, match="not found"):
         open_rows(tmp_path / "none.jsonl", "jsonl", ["q"])
+
+
+def test_bad_tokenizers_and_data_paths_are_located_without_hanging(tmp_path):
+    (tmp_path / "text.json").write_text("{\n  not json\n")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "other.json").write_text('{"version": "1.0"}')
+    os.mkfifo(tmp_path / "pipe.json")
+    for name, said in (("text.json", "text.json:2:3: the tokenizer is not JSON"),
+                       ("list.json", "list.json:1:1: the tokenizer must be a JSON object, not list"),
+                       ("other.json", "other.json:1: cannot load the tokenizer"),
+                       ("pipe.json", "pipe.json:1: the tokenizer is not a regular file")):
+        with pytest.raises(DataError, match=re.escape(said)):
+            load_tokenizer(tmp_path / name)
+    for fmt in ("jsonl", "parquet"):
+        with pytest.raises(DataError, match=re.escape("pipe.json:1: the dataset file is not a regular file")):
+            open_rows(tmp_path / "pipe.json", fmt, ["prompt"])
+        with pytest.raises(DataError, match="the dataset file is a directory"):
+            open_rows(tmp_path, fmt, ["prompt"])
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "datasets"])

@@ -46,6 +46,16 @@ def _compiled(source: Path, output: Path, devices: int) -> Path:
     return output
 
 
+def _assert_same_metrics(whole: Path, resumed: Path, **tolerance) -> None:
+    """Steps 1-4 of both runs, every untimed metric but the estimates equal within `tolerance`."""
+    a, b = untimed(metrics(whole)), untimed(metrics(resumed))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        for k in x:
+            if not k.startswith("estimate/"):
+                assert y[k] == pytest.approx(x[k], **tolerance), (x["step"], k)
+
+
 def _cut_at_step_2(whole: Path, cut: Path) -> None:
     shutil.copytree(whole, cut)
     shutil.rmtree(cut / "checkpoint" / "step-000004")
@@ -64,12 +74,7 @@ def test_resume_under_another_process_count_gives_the_same_metrics(tmp_path, ppo
     resumed = run(one, tmp_path / "cut", "--steps", "4", "--save-every", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "written by 2 processes, this run has 1" in resumed.stderr
-    a, b = untimed(metrics(whole)), untimed(metrics(tmp_path / "cut"))
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b, strict=True):
-        for k in x:
-            if not k.startswith("estimate/"):
-                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
+    _assert_same_metrics(whole, tmp_path / "cut", rel=1e-4, abs=1e-6)
 
 
 def test_a_crafted_pickle_in_the_run_directory_never_executes(tmp_path, ppo_run):
@@ -269,23 +274,6 @@ def test_a_partial_metrics_line_is_dropped_on_resume(tmp_path, ppo_run, capsys):
     assert "dropped 1 damaged line(s) (line 5)" in capsys.readouterr().err
 
 
-def test_a_full_disk_names_the_path_and_bytes_and_leaves_no_temp_file(tmp_path, monkeypatch):
-    import errno
-
-    def full(tensors, path, metadata=None):
-        Path(path).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(ckpt_store, "save_file", full)
-    target = tmp_path / "actor.safetensors"
-    with pytest.raises(OSError) as caught:
-        ckpt_store._write_tensors(target, {"w": torch.zeros(4, 4)})
-    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
-    assert "64 bytes needed" in str(caught.value)
-    assert ckpt_store._os_message(caught.value, target).endswith("no space left on device")
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_resume_keeps_the_adaptive_kl_coefficient(tmp_path):
     """The adaptive KL coefficient is state carried across steps: a resumed run goes on
     from the saved coefficient, so its metrics equal the uninterrupted run's."""
@@ -302,3 +290,35 @@ def test_resume_keeps_the_adaptive_kl_coefficient(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     for x, y in zip(whole, untimed(metrics(tmp_path / "cut")), strict=True):
         assert y["a_tr/kl_coef"] == pytest.approx(x["a_tr/kl_coef"], rel=1e-9), x["step"]
+
+
+def test_data_damaged_after_compile_stops_the_run_before_step_1_with_its_line(tmp_path):
+    """`rlhfc check` scans the rows; a file changed (or larger than the check scans) is
+    checked again before the first step: FILE:LINE:COL, exit 1, no traceback, nothing run."""
+    data = tmp_path / "prompts.jsonl"
+    rows = (ROOT / "data" / "tiny" / "prompts.jsonl").read_text().splitlines(keepends=True)
+    data.write_text("".join(rows[:20]))
+    source = tmp_path / "ppo.rlhf"
+    text = (ROOT / "programs" / "ppo.rlhf").read_text().replace('"../data/tiny/prompts.jsonl"', f'"{data}"')
+    source.write_text(text.replace('"../data/', f'"{ROOT}/data/'))
+    script = _compiled(source, tmp_path / "ppo1.py", devices=1)
+    data.write_text("".join(rows[:6]) + '["not", "an", "object"]\n' + "".join(rows[6:20]))
+    done = run(script, tmp_path / "r", "--steps", "1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"rlhfc: error: {data}:7:1: a row must be a JSON object, not list" in done.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists() or not metrics(tmp_path / "r")
+
+
+def test_under_torchrun_a_checkpoint_resumes_to_the_uninterrupted_metrics(tmp_path, ppo_run):
+    """The generated program launched by torchrun (2 processes, gloo): steps 1-2 with a
+    checkpoint, then `--resume` to step 4, equal to the spawned uninterrupted run."""
+    source, whole = ppo_run
+    script = _compiled(source, tmp_path / "ppo2.py", devices=2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                "--out", str(tmp_path / "r"), "--save-every", "2"]
+    for extra in (["--steps", "2"], ["--steps", "4", "--resume"]):
+        done = subprocess.run(torchrun + extra, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "r" / "checkpoint" / "latest").read_text() == "4"
+    assert json.loads((tmp_path / "r" / "checkpoint" / "step-000002" / "manifest.json").read_text())["world_size"] == 2
+    _assert_same_metrics(whole, tmp_path / "r", rel=1e-6, abs=1e-8)

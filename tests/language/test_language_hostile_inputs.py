@@ -4,12 +4,16 @@ be (FIFOs, devices, non-.rlhf imports), no file contents in messages."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from rlhfc.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 PPO = (ROOT / "programs" / "ppo.rlhf").read_text().replace('"../data/', f'"{ROOT}/data/')
@@ -48,26 +52,160 @@ def test_non_finite_numbers_and_bad_optimizer_settings_are_located(tmp_path):
     assert "learning rate must be positive" in _check(tmp_path, PPO.replace("lr = 2e-3", "lr = -1", 1)).stderr
 
 
-def test_cli_arguments_and_outputs_are_validated(tmp_path):
-    for args, said in ((("compile", "programs/ppo.rlhf", "-o", "/dev/full"), "is not a regular file"),
-                       (("compile", "programs/ppo.rlhf", "-o", str(tmp_path)), "is a directory"),
-                       (("compile", "programs/ppo.rlhf", "--devices", "0"), "--devices"),
-                       (("run", "programs/ppo.rlhf", "--steps", "0", "--out", str(tmp_path / "r")), "--steps")):
-        done = rlhfc(*args)
-        assert done.returncode in (1, 2) and said in done.stderr and "Traceback" not in done.stderr, args
-    assert not (tmp_path / "r").exists()
+_PPO_FILE = str(ROOT / "programs" / "ppo.rlhf")
+_BAD_ARGUMENTS = [
+    *((("plan", _PPO_FILE, "--cluster", c), "--cluster")
+      for c in ("2x", "0x4:cpu", "axb:cpu", "-1x2:cpu", "1x2", "1x2:nope", "99999999999999999999x2:cpu", "1x4096:cpu")),
+    *((("plan", _PPO_FILE, "--time-limit", t), "--time-limit") for t in ("nan", "inf", "-1", "0", "-inf", "abc", "")),
+    (("plan", _PPO_FILE, "--workers", "0"), "--workers"),
+    (("compile", _PPO_FILE, "--devices", "0"), "--devices"),
+    (("compile", _PPO_FILE, "--devices", "-3"), "--devices"),
+    (("run", _PPO_FILE, "--steps", "0", "--out", "{tmp}/r"), "--steps"),
+    (("run", _PPO_FILE, "--steps", "two", "--out", "{tmp}/r"), "--steps"),
+    (("run", _PPO_FILE, "--devices", "0", "--out", "{tmp}/r"), "--devices"),
+    (("run", _PPO_FILE, "--keep", "0", "--out", "{tmp}/r"), "--keep"),
+    (("run", _PPO_FILE, "--save-every", "0", "--out", "{tmp}/r"), "--save-every"),
+    *(((cmd, _PPO_FILE, flag, target), flag)
+      for cmd, flag in (("compile", "-o"), ("plan", "--json"), ("plan", "--svg"), ("plan", "--png"), ("graph", "--dot"),
+                        ("graph", "--svg"))
+      for target in ("/dev/full", "{tmp}", "{tmp}/file.txt/below.out")),
+]
+
+
+def test_cli_arguments_and_outputs_are_validated_before_any_work(tmp_path):
+    """Malformed values and unwritable outputs: exit 1, the option named, no traceback, nothing written."""
+    (tmp_path / "file.txt").write_text("a file, so nothing can be below it")
+    for args, said in _BAD_ARGUMENTS:
+        args = [a.format(tmp=tmp_path) for a in args]
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 1 and said in done.output, (args, done.output)
+        assert done.exception is None or isinstance(done.exception, SystemExit), (args, done.exception)
+        assert "solve" not in done.output and "wrote" not in done.output, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_outputs_below_a_missing_directory_are_written(tmp_path):
+    for args in (("compile", _PPO_FILE, "-o", f"{tmp_path}/a/b/p.py"),
+                 ("graph", _PPO_FILE, "--dot", f"{tmp_path}/c/g.dot"),
+                 ("plan", _PPO_FILE, "--time-limit", "2", "--json", f"{tmp_path}/d/plan.json")):
+        done = CliRunner().invoke(app, list(args))
+        assert done.exit_code == 0, done.output
+        assert Path(args[-1]).stat().st_size > 100 and not list(Path(args[-1]).parent.glob("*.tmp"))
 
 
 _TEXT = st.text(alphabet=st.sampled_from(list('abcz_{}()=,"\n /.0123456789-e')), max_size=60)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
-@given(junk=_TEXT, command=st.sampled_from(["fmt", "graph", "plan", "compile"]))
-def test_cli_commands_on_mutated_programs_never_trace_back(tmp_path_factory, junk, command):
-    tmp = tmp_path_factory.mktemp("fuzz")
-    cut = len(PPO) // 2
-    (tmp / "p.rlhf").write_text(PPO[:cut] + junk + PPO[cut:])
-    args = [command, "p.rlhf"] + (["-o", str(tmp / "p.py")] if command == "compile" else [])
-    done = rlhfc(*args, cwd=tmp)
-    assert done.returncode in (0, 1), done.stderr
-    assert "Traceback" not in done.stderr
+def _invoke(args: list[str]):
+    """The CLI in this process: exit 0 or 1 and no exception but SystemExit (no traceback)."""
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code in (0, 1), (args, done.output)
+    assert done.exception is None or isinstance(done.exception, SystemExit), (args, done.exception)
+    return done
+
+
+_MUTATION = st.tuples(st.floats(0, 1), st.sampled_from(["insert", "delete", "replace"]), _TEXT, st.integers(1, 40))
+
+
+@settings(max_examples=24, deadline=None, suppress_health_check=list(HealthCheck))
+@given(mutations=st.lists(_MUTATION, min_size=1, max_size=3), command=st.sampled_from(["fmt", "graph", "plan", "compile"]))
+def test_cli_commands_on_mutated_programs_never_trace_back(tmp_path_factory, mutations, command):
+    tmp, text = tmp_path_factory.mktemp("fuzz"), PPO
+    for where, kind, junk, length in mutations:
+        at = int(where * len(text))
+        text = text[:at] + (junk if kind != "delete" else "") + text[at + (length if kind != "insert" else 0):]
+    (tmp / "p.rlhf").write_text(text)
+    extra = {"compile": ["-o", str(tmp / "p.py")], "plan": ["--time-limit", "2"]}.get(command, [])
+    done = _invoke([command, str(tmp / "p.rlhf"), *extra])
+    if done.exit_code == 1 and command != "fmt":
+        assert "error" in done.output
+
+
+@settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck))
+@given(option=st.sampled_from(["--cluster", "--time-limit", "--workers"]),
+       value=st.one_of(st.text(st.sampled_from(list("0123456789x:-.e+naifcpuH")), max_size=24),
+                       st.sampled_from(["1x2:cpu", "1e9", "-0", "1x0:cpu", "9" * 400 + "x2:cpu", "0.5"])))
+def test_plan_option_values_never_trace_back(option, value):
+    done = _invoke(["plan", _PPO_FILE, option, value] + (["--time-limit", "2"] if option != "--time-limit" else []))
+    if done.exit_code == 1:
+        assert option in done.output or "error" in done.output, done.output
+
+
+def test_a_1500_file_import_chain_loads_without_recursion_and_a_cycle_in_it_is_e021(tmp_path):
+    n = 1500
+    for i in range(1, n):
+        head = f'import d{i + 1} from "f{i + 1}.rlhf"\n' if i + 1 < n else ""
+        (tmp_path / f"f{i}.rlhf").write_text(head + f"dataflow d{i}(actor, data) {{\n"
+                                             "    a_tr = actor.train(data)  using sft\n}\n")
+    (tmp_path / "f0.rlhf").write_text('import d1 from "f1.rlhf"\n'
+                                      'model actor = llama(preset = "tiny") { trainable  optimizer = adam(lr = 1e-3) }\n'
+                                      'dataset d = jsonl("d.jsonl", prompt = "p", response = "r", max_len = 8)\n'
+                                      "run d1(actor, d) { batch = 2 }\n")
+    done = rlhfc("check", "f0.rlhf", cwd=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = tmp_path / f"f{n - 1}.rlhf"
+    last.write_text('import d0 from "f0.rlhf"\n' + last.read_text())
+    deep = tmp_path / f"f{n - 2}.rlhf"
+    deep.write_text(deep.read_text().replace(f"import d{n - 1} ", f"import nope, d{n - 1} "))
+    done = rlhfc("check", "f0.rlhf", cwd=tmp_path)
+    assert done.returncode == 1 and "error[E021]: import cycle: f0.rlhf -> f1.rlhf ->" in done.stderr, done.stderr[-2000:]
+    assert f"f{n - 1}.rlhf:1:16" in done.stderr and "Traceback" not in done.stderr
+    assert f"error[E002]: `f{n - 1}.rlhf` defines no dataflow `nope`" in done.stderr  # names bind at any depth
+
+
+def _with_data(tmp_path: Path, data: str = "d.jsonl", tokenizer: str = f"{ROOT}/data/tiny/tokenizer.json") -> Path:
+    text = PPO.replace(f'"{ROOT}/data/tiny/prompts.jsonl"', f'"{data}"')
+    (tmp_path / "p.rlhf").write_text(text.replace(f'"{ROOT}/data/tiny/tokenizer.json"', f'"{tokenizer}"'))
+    return tmp_path / "p.rlhf"
+
+
+def test_data_and_tokenizer_errors_are_located_at_check(tmp_path):
+    """Every row is checked (not only the first): FILE:LINE:COL of the bad row, at the
+    dataset's path in the program; a directory, a FIFO or a tokenizer that is not JSON too."""
+    rows = (ROOT / "data" / "tiny" / "prompts.jsonl").read_bytes().splitlines(keepends=True)[:6]
+    program = _with_data(tmp_path)
+    for bad, said in ((b'{"prompt": "ab\xff"}\n', "d.jsonl:4:15: not UTF-8 text (byte 0xff)"),
+                      (b'["prompt"]\n', "d.jsonl:4:1: a row must be a JSON object, not list"),
+                      (b'{"other": "x"}\n', "d.jsonl:4: missing string field(s) prompt (the row has: other"),
+                      (b'{"prompt": \n', "d.jsonl:4:12: invalid JSON: Expecting value")):
+        (tmp_path / "d.jsonl").write_bytes(b"".join(rows[:3]) + bad + b"".join(rows[3:]))
+        done = CliRunner().invoke(app, ["check", str(program)])
+        assert done.exit_code == 1 and "error[E030]" in done.output and said in done.output, done.output
+        assert "p.rlhf:20:25" in done.output and not isinstance(done.exception, Exception), done.output
+    (tmp_path / "d.jsonl").unlink()
+    (tmp_path / "d.jsonl").mkdir()
+    assert "d.jsonl:1: the dataset file is a directory" in CliRunner().invoke(app, ["check", str(program)]).output
+    (tmp_path / "d.jsonl").rmdir()
+    os.mkfifo(tmp_path / "d.jsonl")
+    done = rlhfc("check", "p.rlhf", cwd=tmp_path)  # a subprocess: opening the FIFO would hang
+    assert done.returncode == 1 and "d.jsonl:1: the dataset file is not a regular file" in done.stderr
+    (tmp_path / "tok.json").write_text("this is not JSON\n")
+    done = CliRunner().invoke(app, ["check", str(_with_data(tmp_path, f"{ROOT}/data/tiny/prompts.jsonl", "tok.json"))])
+    assert done.exit_code == 1 and "error[E031]" in done.output and "tok.json:1:1: the tokenizer is not JSON" in done.output
+
+
+_ROWS = (ROOT / "data" / "tiny" / "prompts.jsonl").read_bytes().splitlines(keepends=True)[:8]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(line=st.integers(0, 7), junk=st.binary(max_size=40), replace=st.booleans())
+def test_random_bytes_in_a_data_file_are_located_at_check_and_again_at_run_time(tmp_path_factory, line, junk, replace):
+    """Check and the runtime's start-up scan agree: both accept the file, or both name the
+    same FILE:LINE; never an exception."""
+    from rlhfc.frontend.check import check_program
+    from rlhfc_runtime.data.sources import DataError, open_rows
+
+    tmp = tmp_path_factory.mktemp("data")
+    rows = list(_ROWS)
+    rows[line:line + replace] = [junk + b"\n"]
+    (tmp / "d.jsonl").write_bytes(b"".join(rows))
+    errors = [d for d in check_program(_with_data(tmp))[1] if d.is_error]
+    try:
+        open_rows(tmp / "d.jsonl", "jsonl", ["prompt"])
+    except DataError as e:
+        at = re.match(rf"{re.escape(str(tmp / 'd.jsonl'))}:(\d+)", str(e))
+        assert at and 1 <= int(at.group(1)) <= len(rows), str(e)
+        assert [d.code for d in errors] == ["E030"] and f"d.jsonl:{at.group(1)}" in errors[0].message, errors
+        assert errors[0].span.file.endswith("p.rlhf") and errors[0].span.line == 20
+    else:
+        assert errors == [], errors

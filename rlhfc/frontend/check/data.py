@@ -24,6 +24,7 @@ from rlhfc.frontend.check.common import (
     DATASET_FIELDS, Reporter, Unit, Values, display, path_exists, resolved_path,
 )
 from rlhfc.frontend.check.declarations import split_args
+from rlhfc_runtime.contract.rows import CHECK_SCAN_BYTES, DataError, regular, scan_jsonl, tokenizer_json
 
 FORMATS = ("jsonl", "parquet", "datasets")
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "datasets"}
@@ -87,6 +88,8 @@ def check_dataset(decl: ast.DatasetDecl, unit: Unit, rep: Reporter, val: Values)
                               keywords[role].value.span, f"the rows have: {', '.join(have) or 'no fields'}")
             used = {key for _, key in fields}
             columns = tuple(k for k in have if k not in used)
+            if fmt == "jsonl" and all(key in have for _, key in fields):
+                _scan_rows(data_path, [key for _, key in fields], positional[0].span, rep)
     tok = str(resolved["tokenizer"]) if "tokenizer" in resolved else None
     return ir.Dataset(decl.name.text, fmt or decl.format.text, str(data_path or ""), tuple(fields), max_len,
                       decl.name.span, tok, chat, system, columns)
@@ -125,9 +128,13 @@ def _format(decl: ast.DatasetDecl, fmt: str | None, path_text: str | None, keywo
     return None
 
 
+_ROWS_HINT = "JSONL: one JSON object per line; parquet or a `datasets` directory otherwise"
+
+
 def _file_fields(path: Path, fmt: str, span: ir.Span, rep: Reporter) -> list[str] | None:
     """The fields of the file's rows, from its first row or schema, without reading it all."""
     try:
+        regular(path, "dataset file", directory_ok=fmt == "datasets")
         if path.is_dir():
             info = path / "dataset_info.json"
             return list(json.loads(info.read_text(encoding="utf-8"))["features"])
@@ -138,18 +145,27 @@ def _file_fields(path: Path, fmt: str, span: ir.Span, rep: Reporter) -> list[str
                 rep.error("E030", f"reading `{display(path)}` needs pyarrow", span, "pip install 'rlhfc[data]'")
                 return None
             return list(pq.read_schema(path).names)
-        with path.open("rb") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line[:FIRST_ROW_BYTES])
-                    if not isinstance(row, dict):
-                        raise ValueError(f"line {line_no} is not a JSON object")
-                    return list(row)
+        first = next(scan_jsonl(path, ()), None)
+        if first is not None:
+            return list(first[2])
         rep.error("E030", f"`{display(path)}` has no rows", span, "one JSON object per line")
+    except DataError as e:
+        rep.error("E030", str(e), span, _ROWS_HINT)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        rep.error("E030", f"`{display(path)}`: cannot read its first row ({e})", span,
-                  "JSONL: one JSON object per line; parquet or a `datasets` directory otherwise")
+        rep.error("E030", f"`{display(path)}`: cannot read its first row ({e})", span, _ROWS_HINT)
     return None
+
+
+def _scan_rows(path: Path, required: list[str], span: ir.Span, rep: Reporter) -> None:
+    """Every row of a JSONL file (its first CHECK_SCAN_BYTES; the runtime checks the rest
+    before the first step): UTF-8, a JSON object, the fields present as strings."""
+    try:
+        for _ in scan_jsonl(path, required, limit=CHECK_SCAN_BYTES):
+            pass
+    except DataError as e:
+        rep.error("E030", str(e), span, _ROWS_HINT)
+    except OSError as e:
+        rep.error("E030", f"`{display(path)}`: cannot read it ({e.strerror or e})", span, _ROWS_HINT)
 
 
 def finish_datasets(datasets: dict[str, ir.Dataset], models: dict[str, ir.Model], rep: Reporter) -> dict:
@@ -165,7 +181,12 @@ def finish_datasets(datasets: dict[str, ir.Dataset], models: dict[str, ir.Model]
         if ds.tokenizer is None and default is not None:
             ds = dataclasses.replace(ds, tokenizer=default)
         if ds.tokenizer and path_exists(Path(ds.tokenizer)):
-            size = tokenizer_size(Path(ds.tokenizer))
+            try:
+                size = tokenizer_size(Path(ds.tokenizer))
+            except DataError as e:
+                rep.error("E031", f"the tokenizer of `{name}`: {e}", ds.span,
+                          "a Hugging Face tokenizer.json, or a directory holding one")
+                continue
             for m in models.values():
                 if size and m.shape is not None and size > m.shape.vocab:
                     rep.error("E031", f"the tokenizer of `{name}` has {size} tokens, more than the "
@@ -183,16 +204,20 @@ def finish_datasets(datasets: dict[str, ir.Dataset], models: dict[str, ir.Model]
 
 
 def tokenizer_size(path: Path) -> int | None:
-    """Token ids a tokenizer can produce (from tokenizer.json: vocabulary and added tokens)."""
+    """Token ids a tokenizer can produce (from tokenizer.json: vocabulary and added tokens);
+    None for a directory without tokenizer.json. DataError (FILE:LINE:COL) for a file
+    that is no tokenizer.json: not a regular file, not UTF-8, not JSON, no vocabulary."""
     file = path / "tokenizer.json" if path.is_dir() else path
+    if path.is_dir() and not path_exists(file):
+        return None
+    data = tokenizer_json(file)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
         vocab = data["model"]["vocab"]
         ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
         ids += [t["id"] for t in data.get("added_tokens") or []]
         return max(ids) + 1 if ids else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{file}:1: not a tokenizer.json (no `model.vocab` of token ids)") from None
 
 
 def has_chat_template(path: Path) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from importlib import resources
 from pathlib import Path
 
@@ -39,14 +40,37 @@ class Loader:
         self.in_progress: list[Path] = []
 
     def load(self, path: Path, display: str, origin: ir.Span | None) -> Unit | None:
+        """The unit of `path` with its imports loaded, depth first but without recursion (a
+        chain of thousands of files is fine): each file's `_collect` yields the imports it
+        needs and is resumed with their units."""
+        root, fresh = self._open(path, display, origin)
+        if not fresh:
+            return root
+        stack, reply = [self._collect(root)], None
+        while stack:
+            try:
+                path, display, origin = stack[-1].send(reply)
+            except StopIteration as done:  # that file is complete: its unit goes to its importer
+                stack.pop()
+                self.in_progress.pop()
+                reply = done.value
+                continue
+            reply, fresh = self._open(path, display, origin)
+            if fresh:
+                stack.append(self._collect(reply))
+                reply = None
+        return root
+
+    def _open(self, path: Path, display: str, origin: ir.Span | None) -> tuple[Unit | None, bool]:
+        """(the unit, whether it was just parsed and must be collected); (None, False) after an error."""
         key = resolved_path(path) if path_exists(path) else path
         if key in self.in_progress:
             chain = " -> ".join(self.units[p].display for p in self.in_progress[self.in_progress.index(key):])
             self.rep.error("E021", f"import cycle: {chain} -> {display}", origin,
                            "move the shared dataflows into a third file that both import")
-            return None
+            return None, False
         if key in self.units:
-            return self.units[key]
+            return self.units[key], False
         try:
             text, program = parse_file(path, display)
         except CompileError as error:
@@ -55,14 +79,12 @@ class Loader:
                                "paths are relative to the importing file; `stdlib/NAME.rlhf` is the shipped library")
             else:
                 self.rep.diagnostics.extend(error.diagnostics)
-            return None
+            return None, False
         self.rep.texts[display] = text.split("\n")  # lines as the lexer counts them
         unit = Unit(path, display, program)
         self.units[key] = unit
         self.in_progress.append(key)
-        self._collect(unit)
-        self.in_progress.pop()
-        return unit
+        return unit, True
 
     def _define(self, unit: Unit, table: dict, name: ast.Name, value) -> None:
         seen = {**unit.dataflows, **unit.models, **unit.datasets}
@@ -72,7 +94,8 @@ class Loader:
         else:
             table[name.text] = value
 
-    def _collect(self, unit: Unit) -> None:
+    def _collect(self, unit: Unit) -> Generator[tuple[Path, str, ir.Span], Unit | None, Unit]:
+        """Define the file's names; yields (path, display, span) of each import and is sent its unit."""
         for stmt in unit.program.statements:
             if isinstance(stmt, ast.Import):
                 path, display = resolve_import(unit, stmt.path.value)
@@ -80,7 +103,7 @@ class Loader:
                     self.rep.error("E020", f"`{display}` is not a .rlhf file", stmt.path.span,
                                    "imports name .rlhf programs; `stdlib/NAME.rlhf` is the shipped library")
                     continue
-                target = self.load(path, display, stmt.path.span)
+                target = yield path, display, stmt.path.span
                 for name in stmt.names:
                     if target is None:
                         continue
@@ -99,3 +122,4 @@ class Loader:
             for extra in unit.statements(kind)[1:]:
                 self.rep.error("E003", f"more than one `{word}` statement", extra.span,
                                f"a program has at most one `{word}`")
+        return unit

@@ -1,0 +1,94 @@
+"""Dataset rows as the checker and the runtime both validate them: every error starts
+with FILE:LINE (JSONL) or FILE:row N, names no file contents, and needs no traceback.
+
+`rlhfc check` scans JSONL files up to `CHECK_SCAN_BYTES` whole (larger ones: the first
+row), the runtime scans every file before the first step. Pure Python, no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+CHECK_SCAN_BYTES = 64 << 20
+
+
+class DataError(ValueError):
+    """A located problem with a dataset or tokenizer file (the message starts with FILE:LINE)."""
+
+    located = True  # a worker reports the message alone, its traceback would add nothing
+
+
+def regular(path: Path, what: str, directory_ok: bool = False) -> None:
+    """Refuse, without opening it, a path that is missing, a FIFO, a device, or a directory
+    (unless `directory_ok`): opening a FIFO would block."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path}:1: {what} not found") from None
+    except OSError as e:
+        raise DataError(f"{path}:1: cannot read the {what}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode) and not directory_ok:
+        raise DataError(f"{path}:1: the {what} is a directory; give a file")
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise DataError(f"{path}:1: the {what} is not a regular file (a FIFO, socket or device)")
+
+
+def parse_row(line: bytes, path: Path, line_no: int) -> dict:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{line_no}:{e.start + 1}: not UTF-8 text (byte 0x{line[e.start]:02x})") from None
+    try:
+        row = json.loads(text.rstrip("\r\n"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line_no}:{e.colno}: invalid JSON: {e.msg}") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{line_no}:1: a row must be a JSON object, not {type(row).__name__}"
+                        f" (hint: one object per line, such as {{\"prompt\": \"…\"}})")
+    return row
+
+
+def check_row(row: dict, required: Sequence[str], where: str) -> None:
+    missing = [k for k in required if not isinstance(row.get(k), str)]
+    if missing:
+        raise DataError(f"{where}: missing string field(s) {', '.join(missing)} "
+                        f"(the row has: {', '.join(row) or 'no fields'}; hint: set the dataset's field names to these keys)")
+
+
+def scan_jsonl(path: Path, required: Sequence[str], limit: int | None = None) -> Iterator[tuple[int, int, dict]]:
+    """(byte offset, line number, row) of every non-blank line, each checked; stops after
+    `limit` bytes when given. DataError at the first bad line."""
+    regular(path, "dataset file")
+    with open(path, "rb") as f:
+        offset = 0
+        for line_no, line in enumerate(f, 1):
+            if limit is not None and offset >= limit:
+                return
+            if line.strip():
+                row = parse_row(line, path, line_no)
+                check_row(row, required, f"{path}:{line_no}")
+                yield offset, line_no, row
+            offset += len(line)
+
+
+TOKENIZER_BYTES = 512 << 20
+
+
+def tokenizer_json(file: Path) -> dict:
+    """A tokenizer.json file as a dict; DataError at FILE:LINE:COL when it is not one."""
+    regular(file, "tokenizer")
+    if os.stat(file).st_size > TOKENIZER_BYTES:
+        raise DataError(f"{file}:1: the tokenizer is larger than {TOKENIZER_BYTES >> 20} MiB")
+    data = Path(file).read_bytes()
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}:1:{e.start + 1}: the tokenizer is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{file}:{e.lineno}:{e.colno}: the tokenizer is not JSON: {e.msg}") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{file}:1:1: the tokenizer must be a JSON object, not {type(doc).__name__}")
+    return doc
