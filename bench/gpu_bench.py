@@ -128,7 +128,7 @@ def section_env(device, groups, size) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         out.update(device_name=props.name, memory_GB=props.total_memory / 1e9, gpus=torch.cuda.device_count(),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())))
+                   nccl=str(torch.cuda.nccl.version()))
     return out
 
 
