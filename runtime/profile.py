@@ -1,6 +1,14 @@
-"""Device measurements for `rlhfc profile`: matmul, memory copy, decode step and
-all-reduce timings on this worker's device. The compiler turns them into a hardware
-profile (`rlhfc.planner.profile.derive`); only this module touches the device.
+"""Device measurements for `rlhfc profile` (and `bench/gpu_bench.py`): matmul by shape
+and precision, memory bandwidth, pinned host<->device copies, a decode step, and
+all-reduce and point-to-point time by message size, on this worker's device
+(`device_for_rank()`: its GPU under CUDA, else the CPU). The compiler turns them into a
+hardware profile (`rlhfc.planner.profile.derive`); only this module touches the device.
+
+Timing: on CUDA every repeat is bracketed by two CUDA events on the current stream and
+read once the end event has completed, so asynchronous kernels are timed where they run
+(a host clock would see only the launch); on the CPU, `time.perf_counter`. Every tensor
+is made on the measured device, so under the "cpu:gloo,cuda:nccl" world a collective of
+CUDA tensors goes over NCCL and a CPU run's over gloo; no CPU tensor meets NCCL.
 """
 
 from __future__ import annotations
@@ -9,60 +17,126 @@ import statistics
 import time
 from dataclasses import dataclass
 
-MATMUL_SHAPES: tuple[tuple[int, int, int], ...] = (
-    (64, 64, 64), (256, 64, 128), (512, 128, 128), (512, 256, 256), (1024, 512, 512),
-)
-MESSAGE_BYTES: tuple[int, ...] = (4, 64 << 10, 1 << 20, 4 << 20)
-DECODE_CASES: tuple[tuple[int, int], ...] = ((1, 32), (8, 32), (8, 256), (32, 256))  # (batch, context)
-DECODE_HIDDEN = 256
-COPY_BYTES = 64 << 20
+# element sizes and torch dtype names of the precisions measured
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one kind of device is measured with: large enough that a GPU is not timed
+    on launch overhead, small enough that a CPU finishes in seconds."""
+
+    matmul: tuple[tuple[int, int, int], ...]
+    precisions: tuple[str, ...]  # matmul precisions; the first is what the device computes in
+    copy_bytes: int
+    decode: tuple[tuple[int, int], ...]  # (batch, context)
+    decode_hidden: int
+    messages: tuple[int, ...]  # collective and p2p bytes
+
+
+SIZES = {
+    "cpu": Sizes(matmul=((64, 64, 64), (256, 64, 128), (512, 128, 128), (512, 256, 256), (1024, 512, 512)),
+                 precisions=("fp32",), copy_bytes=64 << 20, decode=((1, 32), (8, 32), (8, 256), (32, 256)),
+                 decode_hidden=256, messages=(4, 64 << 10, 1 << 20, 4 << 20)),
+    "cuda": Sizes(matmul=((1024, 1024, 1024), (4096, 4096, 4096), (8192, 8192, 8192), (4096, 8192, 28672)),
+                  precisions=("bf16", "fp32"), copy_bytes=1 << 30,
+                  decode=((1, 512), (16, 512), (64, 2048), (128, 4096)), decode_hidden=4096,
+                  messages=(4, 1 << 20, 16 << 20, 256 << 20)),
+}
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One measured case: what was run and its median seconds."""
+    """One measured case: what was run, at which precision, and its median seconds."""
 
     what: str
     case: tuple[int, ...]
     seconds: float
+    precision: str = "fp32"
 
 
-def _median_time(fn, repeats: int) -> float:
+def sizes_for(device) -> Sizes:
+    return SIZES["cuda" if device.type == "cuda" else "cpu"]
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn, device) -> float:
+    """Seconds one `fn()` takes on `device`: CUDA events around it on CUDA, else the host clock."""
+    import torch
+
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # milliseconds
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median_time(fn, device, repeats: int) -> float:
     """Median seconds of `fn()` after one warm-up call (the machine is shared and noisy)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    synchronize(device)
+    return statistics.median(time_once(fn, device) for _ in range(repeats))
 
 
-def measure_matmul(shape: tuple[int, int, int], repeats: int = 10) -> Measurement:
+def _dtype(precision: str):
+    import torch
+
+    return getattr(torch, _DTYPES[precision])
+
+
+def measure_matmul(shape: tuple[int, int, int], precision: str, device, repeats: int = 10) -> Measurement:
     import torch
 
     m, k, n = shape
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    return Measurement("matmul", shape, _median_time(lambda: a @ b, repeats))
+    a = torch.randn(m, k, device=device, dtype=_dtype(precision))
+    b = torch.randn(k, n, device=device, dtype=_dtype(precision))
+    return Measurement("matmul", shape, median_time(lambda: a @ b, device, repeats), precision)
 
 
-def measure_copy(nbytes: int = COPY_BYTES, repeats: int = 5) -> Measurement:
+def measure_copy(nbytes: int, device, repeats: int = 5) -> Measurement:
+    """A copy within device memory: `nbytes` read and `nbytes` written."""
     import torch
 
-    src = torch.empty(nbytes // 4)
+    src = torch.empty(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return Measurement("copy", (nbytes,), _median_time(lambda: dst.copy_(src), repeats))
+    return Measurement("copy", (nbytes,), median_time(lambda: dst.copy_(src), device, repeats))
 
 
-def measure_decode(batch: int, context: int, hidden: int = DECODE_HIDDEN, repeats: int = 10) -> Measurement:
+def measure_host_copy(nbytes: int, device, repeats: int = 5) -> list[Measurement]:
+    """Host to device ("h2d") and back ("d2h") through pinned host memory (pinned only
+    where there is a device to pin for: on the CPU both ends are host memory)."""
+    import torch
+
+    host = torch.empty(nbytes // 4, pin_memory=device.type == "cuda")
+    dev = torch.empty(nbytes // 4, device=device)
+    return [Measurement("h2d", (nbytes,), median_time(lambda: dev.copy_(host, non_blocking=True), device, repeats)),
+            Measurement("d2h", (nbytes,), median_time(lambda: host.copy_(dev, non_blocking=True), device, repeats))]
+
+
+def measure_decode(batch: int, context: int, hidden: int, precision: str, device, repeats: int = 10) -> Measurement:
     """One decoder-layer step of `batch` sequences over a `context`-token KV cache."""
     import torch
 
-    heads = 4
-    x = torch.randn(batch, 1, hidden)
-    wqkv, wo = torch.randn(hidden, 3 * hidden), torch.randn(hidden, hidden)
-    w_up, w_down = torch.randn(hidden, 4 * hidden), torch.randn(4 * hidden, hidden)
-    kv = torch.randn(2, batch, heads, context, hidden // heads)
+    heads, dtype = max(4, hidden // 128), _dtype(precision)
+    x = torch.randn(batch, 1, hidden, device=device, dtype=dtype)
+    wqkv, wo = (torch.randn(hidden, 3 * hidden, device=device, dtype=dtype),
+                torch.randn(hidden, hidden, device=device, dtype=dtype))
+    w_up, w_down = (torch.randn(hidden, 4 * hidden, device=device, dtype=dtype),
+                    torch.randn(4 * hidden, hidden, device=device, dtype=dtype))
+    kv = torch.randn(2, batch, heads, context, hidden // heads, device=device, dtype=dtype)
 
     def step():
         q, _, _ = (x @ wqkv).split(hidden, dim=-1)
@@ -71,33 +145,62 @@ def measure_decode(batch: int, context: int, hidden: int = DECODE_HIDDEN, repeat
         h = x + att.transpose(1, 2).reshape(batch, 1, hidden) @ wo
         return h + torch.relu(h @ w_up) @ w_down
 
-    return Measurement("decode", (batch, context), _median_time(step, repeats))
+    return Measurement("decode", (batch, context, hidden), median_time(step, device, repeats), precision)
 
 
-def decode_bytes(batch: int, context: int, hidden: int = DECODE_HIDDEN) -> int:
-    """fp32 bytes one `measure_decode` step reads: its weights and the KV cache."""
-    return 4 * (3 * hidden * hidden + hidden * hidden + 8 * hidden * hidden + 2 * batch * context * hidden)
+def decode_bytes(batch: int, context: int, hidden: int = SIZES["cpu"].decode_hidden, element: int = 4) -> int:
+    """Bytes one `measure_decode` step reads: its weights and the KV cache."""
+    return element * (3 * hidden * hidden + hidden * hidden + 8 * hidden * hidden + 2 * batch * context * hidden)
 
 
 def _allreduce_worker(sizes: tuple[int, ...], repeats: int) -> list[float]:
     import torch
     import torch.distributed as dist
 
+    from rlhfc_runtime.dist import device_for_rank
+
+    device = device_for_rank()
     out = []
     for nbytes in sizes:
-        t = torch.zeros(max(1, nbytes // 4))
-        dist.all_reduce(t)  # warm-up
+        t = torch.zeros(max(1, nbytes // 4), device=device)
+        dist.all_reduce(t)  # warm-up (and NCCL's communicator)
         times = []
         for _ in range(repeats):
             dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(t)
-            times.append(time.perf_counter() - t0)
+            times.append(time_once(lambda: dist.all_reduce(t), device))
         out.append(statistics.median(times))
     return out
 
 
-def measure_allreduce(n: int, sizes: tuple[int, ...] = MESSAGE_BYTES, repeats: int = 10) -> list[Measurement]:
+def _p2p_worker(sizes: tuple[int, ...], repeats: int) -> list[float]:
+    """Rank 0 sends each message to rank 1 (one batched isend / irecv, as the runtime's
+    data moves and reallocations do); both ranks time it, the slower counts."""
+    import torch
+    import torch.distributed as dist
+
+    from rlhfc_runtime.dist import device_for_rank, exchange
+
+    device, rank = device_for_rank(), dist.get_rank()
+    out = []
+    for nbytes in sizes:
+        t = torch.zeros(max(1, nbytes // 4), device=device)
+
+        def move():
+            if rank == 0:
+                exchange(sends=[(t, 1)])
+            else:
+                exchange(recvs=[(t, 0)])
+
+        move()  # warm-up
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            times.append(time_once(move, device))
+        out.append(statistics.median(times))
+    return out
+
+
+def measure_allreduce(n: int, sizes: tuple[int, ...], repeats: int = 10) -> list[Measurement]:
     """All-reduce medians over `n` spawned processes (the slowest rank's median per size)."""
     from rlhfc_runtime.dist import spawn
 
@@ -105,18 +208,36 @@ def measure_allreduce(n: int, sizes: tuple[int, ...] = MESSAGE_BYTES, repeats: i
     return [Measurement("allreduce", (n, b), max(r[i] for r in per_rank)) for i, b in enumerate(sizes)]
 
 
-def plan_cases(devices: int) -> list[tuple[str, tuple]]:
-    """What to measure, in order: every case is one step of the progress bar."""
+def measure_p2p(sizes: tuple[int, ...], repeats: int = 10) -> list[Measurement]:
+    """One-way point-to-point medians between two spawned processes."""
+    from rlhfc_runtime.dist import spawn
+
+    per_rank = spawn(_p2p_worker, 2, sizes, repeats)
+    return [Measurement("p2p", (b,), max(r[i] for r in per_rank)) for i, b in enumerate(sizes)]
+
+
+def plan_cases(devices: int, device) -> list[tuple[str, tuple, str]]:
+    """What to measure on `device`, in order, as (what, case, precision): every case is
+    one step of the progress bar. Collectives need `devices` ≥ 2 processes."""
+    s = sizes_for(device)
     groups = [n for n in (2, 4, 8, 16) if n <= devices]
-    return ([("matmul", s) for s in MATMUL_SHAPES] + [("copy", (COPY_BYTES,))]
-            + [("decode", d) for d in DECODE_CASES] + [("allreduce", (n,)) for n in groups])
+    compute = s.precisions[0]
+    return ([("matmul", shape, p) for p in s.precisions for shape in s.matmul] + [("copy", (s.copy_bytes,), "fp32")]
+            + ([("host", (s.copy_bytes,), "fp32")] if device.type == "cuda" else [])
+            + [("decode", (b, c, s.decode_hidden), compute) for b, c in s.decode]
+            + [("allreduce", (n, *s.messages), "fp32") for n in groups]
+            + ([("p2p", s.messages, "fp32")] if devices >= 2 else []))
 
 
-def run_case(what: str, case: tuple) -> list[Measurement]:
+def run_case(what: str, case: tuple, precision: str, device) -> list[Measurement]:
     if what == "matmul":
-        return [measure_matmul(case)]
+        return [measure_matmul(case, precision, device)]
     if what == "copy":
-        return [measure_copy(*case)]
+        return [measure_copy(case[0], device)]
+    if what == "host":
+        return measure_host_copy(case[0], device)
     if what == "decode":
-        return [measure_decode(*case)]
-    return measure_allreduce(case[0])
+        return [measure_decode(*case, precision, device)]
+    if what == "allreduce":
+        return measure_allreduce(case[0], case[1:])
+    return measure_p2p(case)

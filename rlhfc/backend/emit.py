@@ -17,7 +17,7 @@ from rlhfc import ir
 from rlhfc.backend.lower import Call, Drop, Load, Move, Offload, Op, OpProgram, Realloc, Reload
 from rlhfc_runtime.contract.interfaces import INTERFACES, REWARD_INPUT
 
-_ENV = jinja2.Environment(
+TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("rlhfc.backend", "templates"),
     autoescape=False,
     keep_trailing_newline=True,
@@ -132,7 +132,7 @@ def emit(prog: OpProgram, path: str = "build/program.py") -> str:
     plan = prog.plan
     summary = (f"{plan.status}, estimated {plan.iteration_time:.3f} s/iteration, "
                f"lower bound {plan.lower_bound:.3f} s, gap {plan.gap:.1%}")
-    text = _ENV.get_template("program.py.j2").render(
+    text = TEMPLATES.get_template("program.py.j2").render(
         source=_docstring_safe(repr(relative_path(prog.dataflow.source, base))),
         filename=_docstring_safe(path),
         world_size=prog.world_size,

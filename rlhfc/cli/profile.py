@@ -11,41 +11,66 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rlhfc.cli import options
+from rlhfc.hardware import CATALOG, DEVICE_NAMES
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
-from rlhfc.planner.profile import derive, physical_cores
+from rlhfc.planner.profile import catalog_entry, derive, physical_cores
 from rlhfc_runtime.profile import Measurement, plan_cases, run_case
 
 
+def _fail(err: Console, message: str):
+    err.print(f"error: {message}", markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
 def profile_command(
-    devices: int = typer.Option(2, "--devices", help="largest process group to measure collectives over (≥ 2)"),
+    devices: int = typer.Option(None, "--devices", min=1, help="processes to measure collectives over (default: "
+                                "every GPU here, else 2 CPU processes; 1 measures none)"),
+    base: str = typer.Option(None, "--base", help="the catalog device the profile refines (default: named after "
+                             "the GPU, else cpu)"),
     out: Path = typer.Option(Path("hw.json"), "--out", callback=options.output,
                              help="where to write the hardware profile (JSON)"),
 ) -> None:
-    """Measure matmul, memory, collective and decode-step speed here; write a hardware profile."""
+    """Measure matmul, memory, collective and decode-step speed on this machine's device
+    (its GPU under CUDA, else the CPU); write a hardware profile."""
     import torch
 
+    from rlhfc_runtime.dist import device_for_rank
+
     err = Console(stderr=True)
-    if devices < 2:
-        err.print("error: --devices must be at least 2 (collectives need two processes)")
-        raise typer.Exit(1)
-    torch.set_num_threads(1)  # as one `rlhfc run` worker
-    cases = plan_cases(devices)
+    device = device_for_rank()
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        devices = devices or gpus
+        if devices > gpus:
+            _fail(err, f"--devices {devices} but {gpus} GPU(s) here: rlhfc runs one process per GPU")
+        name = torch.cuda.get_device_name(device)
+        base = base or catalog_entry(name, torch.cuda.get_device_properties(device).total_memory)
+        if base is None:
+            _fail(err, f"no catalog device for GPU `{name}`: name one with --base ({', '.join(DEVICE_NAMES)})")
+    else:
+        devices, base = devices or 2, base or "cpu"
+        torch.set_num_threads(1)  # as one `rlhfc run` worker
+    if base not in CATALOG:
+        _fail(err, f"unknown --base `{base}`; one of {', '.join(DEVICE_NAMES)}")
+    cases = plan_cases(devices, device)
     measured: list[Measurement] = []
-    columns = [TextColumn("[bold]profile"), BarColumn(bar_width=24), TextColumn("{task.description}"),
+    columns = [TextColumn(f"[bold]profile {device}"), BarColumn(bar_width=24), TextColumn("{task.description}"),
                TimeElapsedColumn()]
     with Progress(*columns, console=err) as bar:
         task = bar.add_task("", total=len(cases))
-        for what, case in cases:
-            bar.update(task, description=f"{what} {'x'.join(map(str, case))}")
-            measured += run_case(what, case)
+        for what, case, precision in cases:
+            bar.update(task, description=f"{what} {'x'.join(map(str, case))} {precision}")
+            measured += run_case(what, case, precision, device)
             bar.advance(task)
-    doc = derive(measured, cores=physical_cores())
+    doc = derive(measured, base=base, cores=physical_cores())
     options.write_or_exit(out, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     d, c = doc["device"], doc["coefficients"]
-    err.print(f"matmul {d['flops'] / 1e9:.1f} GFLOP/s peak ({d['achievable']:.0%} on average), "
-              f"memory {d['mem_bandwidth'] * DEFAULT_COEFFICIENTS.mem_bandwidth_efficiency / 1e9:.1f} GB/s, "
-              f"all-reduce {c['collective_latency'] * 1e6:.0f} µs + "
-              f"{d['intra_bandwidth'] * DEFAULT_COEFFICIENTS.link_efficiency / 1e9:.2f} GB/s, "
-              f"decode step overhead {c['decode_step_overhead'] * 1e6:.0f} µs, "
+    links = (f"all-reduce {c['collective_latency'] * 1e6:.0f} µs + "
+             f"{d['intra_bandwidth'] * DEFAULT_COEFFICIENTS.link_efficiency / 1e9:.2f} GB/s"
+             if devices > 1 else "no collectives (one device: catalog link figures kept)")
+    host = f", host copy {d['host_bandwidth'] / 1e9:.1f} GB/s" if "host_bandwidth" in d else ""
+    err.print(f"{base}: matmul {d['flops'] / 1e9:.1f} GFLOP/s peak ({d['achievable']:.0%} on average), "
+              f"memory {d['mem_bandwidth'] * DEFAULT_COEFFICIENTS.mem_bandwidth_efficiency / 1e9:.1f} GB/s{host}, "
+              f"{links}, decode step overhead {c['decode_step_overhead'] * 1e6:.0f} µs, "
               f"{d.get('cores', '?')} cores")
     err.print(f"wrote {out}; use it with `rlhfc plan --hardware {out}` or `cluster {{ hardware = \"{out}\" }}`")

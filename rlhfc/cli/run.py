@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -27,6 +28,14 @@ from rlhfc.cli import options
 from rlhfc.driver import compile_program
 
 _err = Console(stderr=True, soft_wrap=True)
+
+
+class Launcher(str, Enum):
+    """What `rlhfc compile` writes besides the program: nothing (run it with python or
+    torchrun), or an sbatch script (`rlhfc.backend.sbatch`)."""
+
+    LOCAL = "local"
+    SLURM = "slurm"
 
 
 def _compile_or_exit(path: Path, **kwargs) -> tuple[OpProgram, str]:
@@ -53,13 +62,28 @@ def compile_command(
     symmetric: bool = typer.Option(False, "--symmetric", help="use the symmetric baseline plan, not the solver"),
     hardware: Path = typer.Option(None, "--hardware", help="price with a measured profile from `rlhfc profile`"),
     coefficients: Path = typer.Option(None, "--coefficients", help="cost-model coefficients from `rlhfc calibrate`"),
+    launcher: Launcher = typer.Option(Launcher.LOCAL, "--launcher",
+                                      help="slurm: also write NAME.sbatch beside the program (srun torchrun, c10d)"),
+    run_dir: Path = typer.Option(None, "--run-dir", help="with --launcher slurm: the run directory the job "
+                                 "writes (default runs/NAME)"),
 ) -> None:
-    """Compile a program into one runnable Python file (plan embedded as a comment)."""
+    """Compile a program into one runnable Python file (plan embedded as a comment);
+    with `--launcher slurm`, also the sbatch script that runs it on the cluster's nodes."""
+    from rlhfc.backend.sbatch import sbatch_path, sbatch_script
+
+    if run_dir is not None and launcher is not Launcher.SLURM:
+        typer.echo("error: --run-dir is the sbatch script's run directory; it needs --launcher slurm", err=True)
+        raise typer.Exit(1)
     output = options.output(output or Path("build") / f"{file.stem}.py")
-    _, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=output, hardware=hardware,
-                               coefficients=coefficients)
-    options.write_or_exit(output, text)
-    _err.print(f"wrote {output}")
+    files = [output] + ([options.output(sbatch_path(output))] if launcher is Launcher.SLURM else [])
+    prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=output, hardware=hardware,
+                                  coefficients=coefficients)
+    texts = [text] + ([sbatch_script(prog, output, run_dir or Path("runs") / file.stem)] if len(files) > 1 else [])
+    for path, body in zip(files, texts):
+        options.write_or_exit(path, body)
+        _err.print(f"wrote {path}", markup=False, highlight=False)
+    if len(files) > 1:
+        _err.print(f"submit with: sbatch {files[1]}", markup=False, highlight=False)
 
 
 def run_command(

@@ -1,13 +1,18 @@
 """`rlhfc profile`: measure this machine's figures the cost model prices with, and write
 them as a versioned hardware profile for `rlhfc plan --hardware` and `cluster { hardware = … }`.
 
-What it measures, per worker process (one thread each, as `rlhfc run` workers are):
-- matmul throughput by (m, k, n) shape: `flops` is the best, `achievable` the geometric
-  mean over the shapes divided by it;
-- memory bandwidth: a large tensor copy (bytes read + written);
-- collectives: all-reduce time by group size and message size over gloo (CUDA: NCCL) in
-  processes from `rlhfc_runtime.dist.spawn`; a least-squares line t = latency +
-  2(n−1)/n·bytes/bandwidth gives `collective_latency` and the link bandwidth;
+What it measures (`rlhfc_runtime.profile`), on the device a worker computes on (the GPU
+under CUDA, timed with CUDA events; else one CPU thread, as `rlhfc run` workers are):
+- matmul throughput by (m, k, n) shape and precision: `flops` is the best rate in the
+  precision the device computes in (bf16 on a GPU, as the catalog's peaks; fp32 on the
+  CPU), `achievable` the geometric mean over its shapes divided by it;
+- memory bandwidth: a large copy within device memory (bytes read + written);
+- on a GPU, pinned host↔device copies: `host_bandwidth`, the slower direction;
+- collectives: all-reduce time by group size and message size, and one-way
+  point-to-point time by message size, over NCCL (CPU: gloo) in processes from
+  `rlhfc_runtime.dist.spawn`; a least-squares line t = latency + bytes/bandwidth (for an
+  all-reduce, bytes = 2(n−1)/n·size) gives the link bandwidth, and the all-reduces' own
+  line `collective_latency`; with one device nothing is measured and both keep defaults;
 - decode steps by batch and context: one attention-plus-MLP step over a KV cache; the
   intercept of time against bytes read gives `decode_step_overhead`;
 - `cores`: the cores it ran on (`os.sched_getaffinity`), so that the cost model knows
@@ -28,7 +33,7 @@ from dataclasses import asdict, replace
 from rlhfc.hardware import CATALOG, PROFILE_SCHEMA_VERSION
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
 from rlhfc.planner.cost.fit import COEFFICIENTS_SCHEMA_VERSION
-from rlhfc_runtime.profile import Measurement, decode_bytes
+from rlhfc_runtime.profile import ELEMENT_BYTES, Measurement, decode_bytes
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -47,24 +52,48 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
+def catalog_entry(gpu_name: str, memory_bytes: int) -> str | None:
+    """The catalog device a GPU's name (`torch.cuda.get_device_name`) stands for, or None."""
+    for key, entry in (("H200", "H200"), ("H100", "H100-80GB")):
+        if key in gpu_name:
+            return entry
+    if "A100" in gpu_name:
+        return "A100-80GB" if memory_bytes > 60 * 2**30 else "A100-40GB"
+    return None
+
+
+def _link(ms: list[Measurement]) -> tuple[float, float]:
+    """(all-reduce latency, link bytes/s) from the collective measurements; 0 where none were made."""
+    ar = [(2 * (m.case[0] - 1) / m.case[0] * m.case[1], m.seconds) for m in ms if m.what == "allreduce"]
+    moved = ar + [(m.case[0], m.seconds) for m in ms if m.what == "p2p"]
+    latency = fit_line([x for x, _ in ar], [t for _, t in ar])[0] if ar else 0.0
+    per_byte = fit_line([x for x, _ in moved], [t for _, t in moved])[1] if moved else 0.0
+    return latency, (1 / per_byte if per_byte else 0.0)
+
+
 def derive(ms: list[Measurement], base: str = "cpu", cores: int | None = None) -> dict:
     """The profile document (schema `PROFILE_SCHEMA_VERSION`) from the measurements;
     `cores`: the cores they were measured on (a `cpu` device figure; None: left out)."""
     c = DEFAULT_COEFFICIENTS
-    rates = [2 * math.prod(m.case) / m.seconds for m in ms if m.what == "matmul"]
+    matmuls = [m for m in ms if m.what == "matmul"]
+    compute = "fp32" if base == "cpu" else "bf16"
+    rates = [2 * math.prod(m.case) / m.seconds for m in matmuls if m.precision == compute]
+    rates = rates or [2 * math.prod(m.case) / m.seconds for m in matmuls]
     peak = max(rates)
     copy = next(m for m in ms if m.what == "copy")
-    mem_bw = 2 * copy.case[0] / copy.seconds
-    ar = [m for m in ms if m.what == "allreduce"]
-    latency, per_byte = fit_line([2 * (m.case[0] - 1) / m.case[0] * m.case[1] for m in ar], [m.seconds for m in ar])
-    link = 1 / per_byte if per_byte else CATALOG[base].intra_bandwidth * c.link_efficiency
+    latency, link = _link(ms)
+    link = link or CATALOG[base].intra_bandwidth * c.link_efficiency
     dec = [m for m in ms if m.what == "decode"]
-    overhead, _ = fit_line([decode_bytes(*m.case) for m in dec], [m.seconds for m in dec])
+    overhead, _ = fit_line([decode_bytes(*m.case, element=ELEMENT_BYTES[m.precision]) for m in dec],
+                           [m.seconds for m in dec])
     device = {
         "flops": peak, "achievable": math.exp(statistics.fmean(math.log(r / peak) for r in rates)),
-        "mem_bandwidth": mem_bw / c.mem_bandwidth_efficiency,
+        "mem_bandwidth": 2 * copy.case[0] / copy.seconds / c.mem_bandwidth_efficiency,
         "intra_bandwidth": link / c.link_efficiency, "inter_bandwidth": link / c.link_efficiency,
     }
+    host = [m.case[0] / m.seconds for m in ms if m.what in ("h2d", "d2h")]
+    if host:
+        device["host_bandwidth"] = min(host)
     if cores and base == "cpu":
         device["cores"] = cores  # processes beyond it share cores (`rlhfc.hardware.core_share`)
     coefficients = asdict(replace(c, collective_latency=latency or c.collective_latency,
@@ -73,5 +102,6 @@ def derive(ms: list[Measurement], base: str = "cpu", cores: int | None = None) -
         "schema_version": PROFILE_SCHEMA_VERSION, "base": base, "device": device,
         "coefficients_schema_version": COEFFICIENTS_SCHEMA_VERSION, "coefficients": coefficients,
         "host": {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()},
-        "measurements": [{"what": m.what, "case": list(m.case), "seconds": m.seconds} for m in ms],
+        "measurements": [{"what": m.what, "case": list(m.case), "seconds": m.seconds, "precision": m.precision}
+                         for m in ms],
     }
