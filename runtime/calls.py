@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rollout_kl, rule_scores
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL, lr_factor
-from rlhfc_runtime.checkpoint import init_random, load_checkpoint, tiny_config
+from rlhfc_runtime.checkpoint import checkpoint_config, init_random, load_checkpoint, tiny_config
 from rlhfc_runtime.data.loaders import JsonlLoader
 from rlhfc_runtime.data.tokenizer import load_tokenizer
 from rlhfc_runtime.dist import device_for_rank, rank_groups
@@ -51,6 +51,12 @@ def hf_config(spec: dict) -> dict:
     )
 
 
+def model_config(spec: dict) -> dict:
+    """The config.json a model's copies are built from: its checkpoint's (model type and
+    its attention biases, RoPE base, norms), or the one its inline shape implies."""
+    return checkpoint_config(spec["checkpoint"], spec["head"]) if spec.get("checkpoint") else hf_config(spec)
+
+
 def build_model(spec: dict, layout: Layout) -> RuntimeModel:
     """The model's home shard: loaded from its checkpoint, or initialised from its shape
     and `init_seed` (0 by default), so same-shaped models start from the same weights."""
@@ -77,7 +83,7 @@ def model_from_shards(spec: dict, shards: dict, layout: Layout, rank: int) -> Ru
     built directly on `shards` (device and dtype theirs; no second copy)."""
     device = device_for_rank()
     shards = {n: t.to(device) for n, t in shards.items()}  # no-op for reallocated shards
-    module = ShardedLlama.from_shards(ModelConfig.from_hf(hf_config(spec)), rank_groups(layout, rank), spec["head"],
+    module = ShardedLlama.from_shards(ModelConfig.from_hf(model_config(spec)), rank_groups(layout, rank), spec["head"],
                                       shards)
     return RuntimeModel(module, None)
 
@@ -106,7 +112,7 @@ def load_shards(model: RuntimeModel, shards: dict) -> None:
 
 def param_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) parameter shapes: reallocation plans from them on every rank."""
-    return model_param_shapes(ModelConfig.from_hf(hf_config(spec)), spec["head"])
+    return model_param_shapes(ModelConfig.from_hf(model_config(spec)), spec["head"])
 
 
 def take_rows(batch: dict, lo: int, hi: int) -> dict:
