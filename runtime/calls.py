@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rlhfc_runtime.contract.kinds import ModelKind
+from rlhfc_runtime.algorithms.ops import sequence_score
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rollout_kl, rule_scores
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL, lr_factor
 from rlhfc_runtime.checkpoint import checkpoint_config, init_random, load_checkpoint, tiny_config
@@ -192,13 +193,15 @@ def special_ids(loader: JsonlLoader) -> dict:
     return {"eos_id": loader.tokenizer.eos_token_id, "pad_id": loader.tokenizer.pad_token_id}
 
 
-def reward_call(spec: dict, seq: dict, outputs, settings: dict, groups, loader, drawn: list[int]
+def reward_call(spec: dict, seq: dict, scores: dict, outputs, settings: dict, groups, loader, drawn: list[int]
                 ) -> tuple[dict, dict, list]:
     """A reward call on this rank's rows of `seq`: (produced key, metrics, sample rows).
-    Row r of the call's `rows` global rows came from prompt r // group_size of the last
-    batch `drawn` from `loader` (rows keep their global order through every move), which
-    gives its dataset row and columns. The first rank of each model-parallel group scores
-    (the user's function runs once per row) and sends the result to the others."""
+    `scores` are the call's score keys (this rank's rows of each, a reward model's
+    per-token values or one number per row). Row r of the call's `rows` global rows came
+    from prompt r // group_size of the last batch `drawn` from `loader` (rows keep their
+    global order through every move), which gives its dataset row and columns. The first
+    rank of each model-parallel group scores (the user's function runs once per row) and
+    sends the result to the others."""
     total = int(settings["rows"])
     if not drawn or total % len(drawn):
         raise RuntimeError(f"a reward call of {total} rows does not match the {len(drawn)} prompts drawn")
@@ -208,9 +211,10 @@ def reward_call(spec: dict, seq: dict, outputs, settings: dict, groups, loader, 
     result: object = None
     if groups.rank == leader:
         try:
+            keyed = {k: sequence_score(_unwrap(k, v)).float().tolist() for k, v in scores.items()}
             result = score_rows(spec, seq, loader, [drawn[r // group] for r in range(lo, hi)],
                                 lambda: rule_scores(spec["rule"], seq, int(settings["max_new_tokens"]),
-                                                    int(settings["eos_id"])))
+                                                    int(settings["eos_id"])), keyed)
         except RewardError as e:  # every rank of the group stops with the same message
             result = e
     if len(groups.mp_ranks) > 1:
