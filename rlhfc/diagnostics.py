@@ -47,7 +47,7 @@ CODES: dict[str, str] = {
     "E026": "sequence longer than the model's max_positions",
     "E027": "no plan fits the cluster",
     "E028": "two train calls on one model",
-    "E029": "reward function not found (or its file does not parse)",
+    "E029": "reward function or score key not found (or its file does not parse)",
     "E030": "dataset field missing, or its file unreadable",
     "E031": "tokenizer does not fit the model, or has no chat template",
     "W001": "dataset file not found at check time",

@@ -41,7 +41,8 @@ class Model:
 
     `kind` is "llama" for a neural decoder or "rule" for a reward function without
     parameters (inference only): a registered rule (`rule` names it) or the user's
-    Python functions (`functions`, weighted; `rule` is None).
+    Python functions (`functions`, weighted, plus weighted `score_keys` its calls take;
+    `rule` is None).
     """
 
     name: str
@@ -55,6 +56,8 @@ class Model:
     span: Span
     # python("rewards.py:f") rewards: (resolved file, function, weight) per component
     functions: tuple[tuple[str, str, float], ...] = ()
+    # python(...) rewards: (data key, weight) per score the call takes after `seq` (a reward model's)
+    score_keys: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rlhfc_runtime.contract.kinds import ModelKind
+from rlhfc_runtime.algorithms.ops import sequence_score
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rollout_kl, rule_scores
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL, lr_factor
-from rlhfc_runtime.checkpoint import init_random, load_checkpoint, tiny_config
+from rlhfc_runtime.checkpoint import checkpoint_config, init_random, load_checkpoint, tiny_config
 from rlhfc_runtime.data.loaders import JsonlLoader
 from rlhfc_runtime.data.tokenizer import load_tokenizer
 from rlhfc_runtime.dist import device_for_rank, rank_groups
@@ -51,6 +52,12 @@ def hf_config(spec: dict) -> dict:
     )
 
 
+def model_config(spec: dict) -> dict:
+    """The config.json a model's copies are built from: its checkpoint's (model type and
+    its attention biases, RoPE base, norms), or the one its inline shape implies."""
+    return checkpoint_config(spec["checkpoint"], spec["head"]) if spec.get("checkpoint") else hf_config(spec)
+
+
 def build_model(spec: dict, layout: Layout) -> RuntimeModel:
     """The model's home shard: loaded from its checkpoint, or initialised from its shape
     and `init_seed` (0 by default), so same-shaped models start from the same weights."""
@@ -77,7 +84,7 @@ def model_from_shards(spec: dict, shards: dict, layout: Layout, rank: int) -> Ru
     built directly on `shards` (device and dtype theirs; no second copy)."""
     device = device_for_rank()
     shards = {n: t.to(device) for n, t in shards.items()}  # no-op for reallocated shards
-    module = ShardedLlama.from_shards(ModelConfig.from_hf(hf_config(spec)), rank_groups(layout, rank), spec["head"],
+    module = ShardedLlama.from_shards(ModelConfig.from_hf(model_config(spec)), rank_groups(layout, rank), spec["head"],
                                       shards)
     return RuntimeModel(module, None)
 
@@ -106,7 +113,7 @@ def load_shards(model: RuntimeModel, shards: dict) -> None:
 
 def param_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) parameter shapes: reallocation plans from them on every rank."""
-    return model_param_shapes(ModelConfig.from_hf(hf_config(spec)), spec["head"])
+    return model_param_shapes(ModelConfig.from_hf(model_config(spec)), spec["head"])
 
 
 def take_rows(batch: dict, lo: int, hi: int) -> dict:
@@ -186,13 +193,15 @@ def special_ids(loader: JsonlLoader) -> dict:
     return {"eos_id": loader.tokenizer.eos_token_id, "pad_id": loader.tokenizer.pad_token_id}
 
 
-def reward_call(spec: dict, seq: dict, outputs, settings: dict, groups, loader, drawn: list[int]
+def reward_call(spec: dict, seq: dict, scores: dict, outputs, settings: dict, groups, loader, drawn: list[int]
                 ) -> tuple[dict, dict, list]:
     """A reward call on this rank's rows of `seq`: (produced key, metrics, sample rows).
-    Row r of the call's `rows` global rows came from prompt r // group_size of the last
-    batch `drawn` from `loader` (rows keep their global order through every move), which
-    gives its dataset row and columns. The first rank of each model-parallel group scores
-    (the user's function runs once per row) and sends the result to the others."""
+    `scores` are the call's score keys (this rank's rows of each, a reward model's
+    per-token values or one number per row). Row r of the call's `rows` global rows came
+    from prompt r // group_size of the last batch `drawn` from `loader` (rows keep their
+    global order through every move), which gives its dataset row and columns. The first
+    rank of each model-parallel group scores (the user's function runs once per row) and
+    sends the result to the others."""
     total = int(settings["rows"])
     if not drawn or total % len(drawn):
         raise RuntimeError(f"a reward call of {total} rows does not match the {len(drawn)} prompts drawn")
@@ -202,9 +211,10 @@ def reward_call(spec: dict, seq: dict, outputs, settings: dict, groups, loader, 
     result: object = None
     if groups.rank == leader:
         try:
+            keyed = {k: sequence_score(_unwrap(k, v)).float().tolist() for k, v in scores.items()}
             result = score_rows(spec, seq, loader, [drawn[r // group] for r in range(lo, hi)],
                                 lambda: rule_scores(spec["rule"], seq, int(settings["max_new_tokens"]),
-                                                    int(settings["eos_id"])))
+                                                    int(settings["eos_id"])), keyed)
         except RewardError as e:  # every rank of the group stops with the same message
             result = e
     if len(groups.mp_ranks) > 1:

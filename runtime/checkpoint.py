@@ -181,6 +181,17 @@ def weight_index(path: str | Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
+def checkpoint_config(path: str | Path, head: str) -> dict:
+    """config.json of a checkpoint as a `head` model is built from it (architecture,
+    attention biases, RoPE base: every copy of the model in any layout must agree): a
+    value head's bias is the checkpoint's own."""
+    cfg = read_config(path)
+    index = weight_index(path)
+    if head == VALUE and any(n.startswith("score.") for n in index):
+        cfg["token_classification_bias"] = "score.bias" in index
+    return cfg
+
+
 def load_checkpoint(
     path: str | Path, layout: Layout, head: str | None = None, device=None,
     dtype=torch.float32, seed: int = 0,
@@ -190,16 +201,14 @@ def load_checkpoint(
     tensor used (CheckpointError names them), except: a value head asked for on a causal
     LM (a critic started from the actor) is initialised from `seed`, and a value-head
     model drops an LM head beside its value head (TRL); both are logged."""
-    cfg = read_config(path)
-    head = head or head_of(cfg)
+    head = head or head_of(read_config(path))
+    cfg = checkpoint_config(path, head)
     index = weight_index(path)
     has_head = any(n.startswith("score.") for n in index)
     if head == LM and has_head:
         key = next(k for n, (_, k) in index.items() if n.startswith("score."))
         raise CheckpointError(f"{path}: the checkpoint has a value head (`{key}`) but the model is loaded as a "
                               f"language model; declare it with `head = value`")
-    if head == VALUE and has_head:  # the checkpoint says whether its value head has a bias
-        cfg = dict(cfg, token_classification_bias="score.bias" in index)
     model = ShardedLlama(ModelConfig.from_hf(cfg), rank_groups(layout), head, device, dtype)
     full = param_shapes(model.cfg, head)
     _check_names(path, index, full, head, has_head)

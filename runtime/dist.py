@@ -104,25 +104,57 @@ class WorkerFailed(RuntimeError):
         self.summary = summary or message.strip().splitlines()[-1]
 
 
+def _local_env(index: int, nprocs: int, port: int) -> dict[str, str]:
+    return {"RANK": str(index), "LOCAL_RANK": str(index), "WORLD_SIZE": str(nprocs),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _failure(error: BaseException) -> str:
+    """What a failed worker reports: errors that already say where they come from (the
+    user's reward code, a checkpoint that does not fit) as they are, others with their
+    traceback."""
+    return str(error) if getattr(error, "located", False) else traceback.format_exc()
+
+
 def _worker(index: int, fn: Callable, nprocs: int, port: int, results, args: tuple) -> None:
-    os.environ.update(
-        RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(nprocs),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
+    os.environ.update(_local_env(index, nprocs, port))
     torch.set_num_threads(1)
     init_from_env()
     try:
         # plain pickle copies tensor data (torch's queue would pass fds that die with us)
         results.put((index, True, time.time(), pickle.dumps(fn(*args))))
     except BaseException as e:
-        # errors that already say where they come from (the user's reward code) need no traceback
-        located = getattr(e, "located", False)
-        results.put((index, False, time.time(), str(e) if located else traceback.format_exc()))
-        if located:
+        results.put((index, False, time.time(), _failure(e)))
+        if getattr(e, "located", False):
             raise SystemExit(1) from None
         raise
     finally:
         dist.destroy_process_group()
+
+
+def run_here(fn: Callable, *args: Any) -> Any:
+    """Run `fn(*args)` as the one rank of a one-process world in THIS process (no worker
+    process to start: `spawn` with one process costs a fresh interpreter and torch
+    import); the same world setup, one compute thread, and a failure raised as the same
+    WorkerFailed. The world's environment variables are restored afterwards."""
+    env = _local_env(0, 1, free_port())
+    saved = {k: os.environ.get(k) for k in env}
+    threads = torch.get_num_threads()
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    init_from_env()
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported like a spawned worker's failure
+        raise WorkerFailed(f"worker rank 0 of 1 failed:\n{_failure(e)}") from None
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def spawn(fn: Callable, nprocs: int, *args: Any, on_start: Callable[[list[int]], None] | None = None) -> list[Any]:

@@ -140,10 +140,11 @@ class Engine:
             source = self._prompt_source() if spec["kind"] == ModelKind.RULE else None
             with CallMemory(self.device, resident, active=measure) as memory:
                 if source is not None:
-                    produced, stats, samples = calls.reward_call(spec, batch[inputs[0]], outputs, context, groups,
-                                                                 *source)
+                    scores = {k: batch[k] for k in inputs[1:]}  # the score keys a python reward combines
+                    produced, stats, samples = calls.reward_call(spec, batch[inputs[0]], scores, outputs, context,
+                                                                 groups, *source)
                     self.samples += [{"step": self.step + 1, "call": name, **row} for row in samples]
-                elif spec.get("functions"):
+                elif spec.get("functions") or spec.get("score_keys"):
                     raise RuntimeError(f"call {name!r}: a python reward needs the prompts of exactly one prompt dataset")
                 else:
                     produced, stats = calls.run_call(kind, using, runtime_model, spec, batch, outputs, context, groups)

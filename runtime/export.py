@@ -15,18 +15,13 @@ import json
 import shutil
 from pathlib import Path
 
-from rlhfc_runtime.checkpoint import _write, read_config
+from rlhfc_runtime.checkpoint import _write
 from rlhfc_runtime.contract.atomic import write_atomic
-from rlhfc_runtime.calls import hf_config
+from rlhfc_runtime.calls import model_config
 
 MAX_SHARD_BYTES = 5 * 10**9  # as transformers' save_pretrained
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-
-
-def model_config(spec: dict) -> dict:
-    """The config.json of a model: its checkpoint's, or the one its inline shape implies."""
-    return read_config(spec["checkpoint"]) if spec.get("checkpoint") else hf_config(spec)
 
 
 def stage(out: Path, name: str, spec: dict, weights: dict, tokenizer: str | None, specials: dict,

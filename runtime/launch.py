@@ -69,7 +69,8 @@ def _summary(failure: rdist.WorkerFailed) -> str:
 
 
 def main(program: dict, layouts, groups, iteration, here: str, argv=None) -> None:
-    """Parse options, then run as one torchrun worker or spawn the local world."""
+    """Parse options, then run as one torchrun worker, or the local world (one process:
+    in this one; more: spawned)."""
     program = resolve_paths(program, Path(here).resolve().parent)
     options = parse(program, argv)
     out = Path(options["out"])
@@ -89,8 +90,7 @@ def main(program: dict, layouts, groups, iteration, here: str, argv=None) -> Non
             options["resume"] = directory is not None
         forward = signals.Forwarder().install()
         try:
-            results = rdist.spawn(_worker, program["world_size"], program, layouts, groups, iteration, options,
-                                  on_start=forward.pids.extend)
+            results = _local_world(program, layouts, groups, iteration, options, forward)
         except rdist.WorkerFailed as e:
             print(str(e), file=sys.stderr, flush=True)  # the traceback, for the log
             if forward.signum:
@@ -106,6 +106,15 @@ def main(program: dict, layouts, groups, iteration, here: str, argv=None) -> Non
     finally:
         lock.release()
     _finish(results[0], resume)
+
+
+def _local_world(program, layouts, groups, iteration, options, forward: signals.Forwarder) -> list[dict]:
+    """Each rank's result: one process runs in this one (its StopFlag takes the signals
+    directly), more are spawned, with the launcher forwarding signals to them."""
+    args = (program, layouts, groups, iteration, options)
+    if program["world_size"] == 1:
+        return [rdist.run_here(_worker, *args)]
+    return rdist.spawn(_worker, program["world_size"], *args, on_start=forward.pids.extend)
 
 
 def _torchrun_worker(program, layouts, groups, iteration, options, out, resume) -> None:

@@ -4,7 +4,8 @@ A Python reward has TRL's signature, `f(prompts, completions, **columns) -> list
 `prompts` are the dataset's prompt texts (before any chat template), `completions` the
 decoded responses, and every other field of the prompt rows is a keyword argument, one
 list per field aligned with the completions (a prompt's group samples repeat its row).
-Several functions are summed with their weights; each is logged as a component.
+Several functions are summed with their weights, and so are score keys: data keys the
+call takes after `seq`, such as a reward model's score; each is logged as a component.
 
 The user's file is imported here, in the worker, at the first reward call, never by the
 compiler. One rank of each model-parallel group (tp x pp) scores its dp rank's rows and
@@ -82,11 +83,15 @@ def call_function(path: str, name: str, prompts: list[str], completions: list[st
     return scores
 
 
-def python_scores(functions, prompts: list[str], completions: list[str], columns: dict
-                  ) -> tuple[list[float], dict[str, list[float]]]:
-    """(weighted total per row, each function's scores) of `functions` = [(path, name, weight)]."""
+def python_scores(functions, prompts: list[str], completions: list[str], columns: dict,
+                  score_keys=(), keyed: dict | None = None) -> tuple[list[float], dict[str, list[float]]]:
+    """(weighted total per row, each component's scores) of `functions` = [(path, name,
+    weight)], called, and `score_keys` = [(key, weight)], whose scores `keyed` holds
+    (a reward model's, one per row)."""
     components = {name: call_function(path, name, prompts, completions, columns) for path, name, _ in functions}
-    total = [sum(w * components[name][i] for _, name, w in functions) for i in range(len(completions))]
+    components.update({key: list(keyed[key]) for key, _ in score_keys})
+    weights = [(name, w) for _, name, w in functions] + [(key, w) for key, w in score_keys]
+    total = [sum(w * components[name][i] for name, w in weights) for i in range(len(completions))]
     return total, components
 
 
@@ -102,9 +107,11 @@ def decode_rows(tokenizer, seq: dict) -> tuple[list[str], list[str]]:
     return prompts, completions
 
 
-def score_rows(spec: dict, seq: dict, loader, dataset_rows: list[int], rule_scores) -> tuple[list[float], dict, list]:
+def score_rows(spec: dict, seq: dict, loader, dataset_rows: list[int], rule_scores, keyed: dict
+               ) -> tuple[list[float], dict, list]:
     """(scores, component means, sample rows) of this rank's rows of `seq`; `dataset_rows`
-    is the dataset row of each; `rule_scores()` scores a registered rule's rows."""
+    is the dataset row of each; `rule_scores()` scores a registered rule's rows; `keyed`
+    holds the rows' score keys (key -> one number per row)."""
     shown, completions = decode_rows(loader.tokenizer, seq)
     texts, columns = [], {c: [] for c in loader.columns}
     for index in dataset_rows:
@@ -112,8 +119,9 @@ def score_rows(spec: dict, seq: dict, loader, dataset_rows: list[int], rule_scor
         texts.append(text)
         for c in loader.columns:
             columns[c].append(cols[c])
-    if spec.get("functions"):
-        scores, components = python_scores(spec["functions"], texts, completions, columns)
+    if spec.get("functions") or spec.get("score_keys"):
+        scores, components = python_scores(spec["functions"], texts, completions, columns,
+                                           spec.get("score_keys", ()), keyed)
     else:
         scores, components = [float(v) for v in rule_scores()], {}
     samples = []

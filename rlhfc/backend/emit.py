@@ -103,6 +103,7 @@ def _model_spec(m: ir.Model, home: str | None, offloaded: bool, base: str) -> di
         "optimizer": None if m.optimizer is None else {"name": m.optimizer.name, **dict(m.optimizer.params)},
         "rule": m.rule,
         "functions": [[relative_path(path, base), fn, weight] for path, fn, weight in m.functions],
+        "score_keys": [[key, weight] for key, weight in m.score_keys],
         "home": home,
         "offloaded": offloaded,
     }

@@ -125,3 +125,13 @@ def test_short_ppo_run_raises_tiny_task_reward():
     rewards = module.run(steps=60, batch_size=32, max_new_tokens=12, seed=0, lr=3e-3, log=lambda _: None)
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert first < 0.05 and last > 4 * first and last > 0.1, (first, last)
+
+
+def test_sampler_draws_each_row_once_per_epoch_as_plain_ints():
+    from rlhfc_runtime.data.loaders import Sampler
+
+    sampler = Sampler(10, seed=3)
+    epoch = sampler.take(7) + sampler.take(3)
+    assert sorted(epoch) == list(range(10)) and all(type(i) is int for i in epoch)
+    assert sorted(sampler.take(10)) == list(range(10)) and sampler.epoch == 2
+    assert Sampler(5, shuffle=False).take(7) == [0, 1, 2, 3, 4, 0, 1]

@@ -135,3 +135,57 @@ def test_value_head_checkpoint_loaded_as_lm_is_an_error(task, tmp_path):
     (rm / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForSequenceClassification"]}))
     (code, message, hint), = errors(program(task, reward='llama("rm")'))
     assert code == "E011" and "ForSequenceClassification" in message and "head = value" in hint
+
+
+def mixed(task: Path, reward: str, score_call: str = "score = reward.inference(seq, rm_score) -> score") -> Path:
+    """A GRPO dataflow whose reward combines a reward model's score (key `rm_score`)."""
+    path = task / "mixed.rlhf"
+    path.write_text(f"""model actor  = {MODEL.format(vocab=96)} {{ trainable }}
+model rm     = {MODEL.format(vocab=96).replace(")", ", head = value)")}
+model reward = {reward}
+dataset prompts = jsonl("train.jsonl", field = "question", max_len = 24, tokenizer = "ckpt")
+dataflow f(actor, rm, reward, prompts) {{
+    gen   = actor.generate(prompts)  -> seq, logp
+    judge = rm.inference(seq)        -> rm_score
+    {score_call}
+    a_tr  = actor.train(seq, logp, logp, score)  using grpo_actor
+}}
+run f(actor, rm, reward, prompts) {{ batch = 4  group_size = 2  max_new_tokens = 4 }}
+""")
+    return path
+
+
+def test_a_reward_model_score_is_a_weighted_key(task):
+    flow, diags = check_program(mixed(task, 'python("rewards.py", exact_match = 1.0, rm_score = 0.5)'))
+    assert flow is not None, diags
+    reward = flow.model("reward")
+    assert [f for _, f, _ in reward.functions] == ["exact_match"] and reward.score_keys == (("rm_score", 0.5),)
+    assert flow.call("score").inputs == ("seq", "rm_score")
+
+
+def test_a_weighted_name_neither_defined_nor_passed(task):
+    (code, message, hint), unweighted = errors(mixed(task, 'python("rewards.py", exact_match = 1.0, rm_scor = 0.5)'))
+    assert code == "E029" and "no function `rm_scor`" in message and "call `score` does not pass" in message
+    assert "rm_score" in hint and unweighted[0] == "E022"  # the key the call passes has no weight
+    (code, message, hint), = errors(mixed(task, 'python("rewards.py", exact_match = 1.0, other = 0.5, rm_score = 1.0)'))
+    assert code == "E029" and "`other`" in message and "inference(seq, other)" in hint
+    (code, message, hint), = errors(mixed(task, 'python("rewards.py", exact_mach = 1.0, rm_score = 0.5)'))
+    assert code == "E029" and "exact_mach" in message and "exact_match" in hint
+
+
+def test_a_passed_key_needs_a_weight(task):
+    (code, message, hint), = errors(mixed(task, 'python("rewards.py:exact_match")'))
+    assert code == "E022" and "no weight to key `rm_score`" in message and "rm_score = 1.0" in hint
+    found = errors(mixed(task, 'python("rewards.py", exact_match = 1.0)',
+                         "score = reward.inference(seq, exact_match) -> score"))
+    assert [c for c, m, _ in found if "name of a function" in m] == ["E022"]  # and E004: nothing produces it
+
+
+def test_only_python_rewards_take_scores(task):
+    (code, message, _), = errors(mixed(task, 'rule("pattern_reward")'))
+    assert code == "E010" and "rule `pattern_reward` takes 1" in message
+    found = errors(mixed(task, 'python("rewards.py", rm_score = 1.0)', "score = rm.inference(seq, rm_score) -> score"))
+    assert [c for c, m, _ in found if "values takes 1" in m] == ["E010"], found
+    (code, message, _), = errors(mixed(task, 'python("rewards.py", prompts = 1.0)',
+                                       "score = reward.inference(seq, prompts) -> score"))
+    assert code == "E023" and "`prompts` is a parameter" in message

@@ -150,10 +150,14 @@ def test_decoded_samples_carry_reward_components_and_columns(math_task, tmp_path
            "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(response)], 1),
            "response_mask": torch.cat([torch.zeros_like(batch["input_ids"]), torch.ones_like(response)], 1)}
     spec = {"functions": [(str(ROOT / "programs" / "rewards.py"), "exact_match", 1.0)]}
-    scores, means, samples = rewards.score_rows(spec, seq, loader, loader.last, rule_scores=None)
+    scores, means, samples = rewards.score_rows(spec, seq, loader, loader.last, rule_scores=None, keyed={})
     assert scores == [1.0, 1.0] and means == {"reward/exact_match": 1.0}
     assert samples[0]["completion"] == answers[0] and samples[0]["prompt"].startswith("<|im_start|>user\n")
     assert samples[0]["answer"] == answers[0] and samples[0]["reward/exact_match"] == 1.0
+    mixed = {**spec, "score_keys": [("rm_score", 0.5)]}  # a reward model's scores for the two rows
+    scores, means, samples = rewards.score_rows(mixed, seq, loader, loader.last, None, {"rm_score": [0.25, -0.5]})
+    assert scores == [1.125, 0.75] and means == {"reward/exact_match": 1.0, "reward/rm_score": -0.125}
+    assert samples[1]["reward/rm_score"] == -0.5 and samples[1]["reward"] == 0.75
 
 
 def _value_checkpoint(tmp_path: Path, rename: dict[str, str] | None, bias: bool = True) -> Path:

@@ -3,6 +3,7 @@ stop clearly when a worker dies (resume exactness: test_e2e_run), plot the curve
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,32 @@ def test_compile_reports_errors_without_traceback(tmp_path):
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and "bad.rlhf:2" in done.stderr
     assert not (tmp_path / "x.py").exists()
+
+
+WHO_RUNS = '''import json, multiprocessing, os
+
+def n(prompts, completions, **columns):
+    with open(__file__ + ".pids", "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "ppid": os.getppid(),
+                            "spawned": multiprocessing.parent_process() is not None}) + "\\n")
+    return [float(len(c)) for c in completions]
+'''
+
+
+def test_one_device_runs_in_the_program_process_without_a_worker(tmp_path):
+    """`--devices 1`: the reward function (run by rank 0) sees the process `rlhfc run`
+    started, not a worker spawned below it."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_math_task.py"), "--out", str(tmp_path), "--rows", "8"],
+                   check=True, capture_output=True)
+    (tmp_path / "rewards.py").write_text(WHO_RUNS)
+    program = tmp_path / "one.rlhf"
+    program.write_text((ROOT / "programs" / "grpo_math.rlhf").read_text().replace("../data/math/", "")
+                       .replace('python("rewards.py", exact_match = 1.0, format_ok = 0.2)', 'python("rewards.py:n")')
+                       .replace("devices_per_node = 1", "devices_per_node = 2"))
+    cli = subprocess.Popen([str(Path(sys.executable).parent / "rlhfc"), "run", str(program), "--devices", "1",
+                            "--steps", "2", "--out", str(tmp_path / "out")], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    _, err = cli.communicate(timeout=240)
+    assert cli.returncode == 0, err
+    seen = [json.loads(ln) for ln in (tmp_path / "rewards.py.pids").read_text().splitlines()]
+    assert len(seen) == 2 and {s["ppid"] for s in seen} == {cli.pid}  # the program, the CLI's own child
+    assert not any(s["spawned"] for s in seen) and len({s["pid"] for s in seen}) == 1

@@ -232,16 +232,17 @@ def _group_left(pgid: int, limit: float = 5.0) -> list[str]:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("how", ["rlhfc run, SIGINT", "generated program, SIGTERM"])
+@pytest.mark.parametrize("how", ["rlhfc run, SIGINT", "generated program, SIGTERM", "one process, SIGTERM"])
 def test_a_signal_stops_every_process_with_a_checkpoint_and_resumes(tmp_path, how):
     out = tmp_path / "out"
     if how.startswith("rlhfc"):
         cmd = [str(Path(sys.executable).parent / "rlhfc"), "run", "programs/grpo.rlhf", "--steps", "400",
                "--out", str(out), "--save-every", "1000"]
         sig, code = signal.SIGINT, 130
-    else:
+    else:  # the generated program: spawned workers, or the one rank in its own process
         script = tmp_path / "grpo.py"
-        _, text = compile_program(ROOT / "programs" / "grpo.rlhf", output=script)
+        _, text = compile_program(ROOT / "programs" / "grpo.rlhf", output=script,
+                                  devices=1 if how.startswith("one") else None)
         script.write_text(text)
         cmd = [sys.executable, str(script), "--out", str(out), "--steps", "400", "--save-every", "1000"]
         sig, code = signal.SIGTERM, 143

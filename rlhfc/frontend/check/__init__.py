@@ -19,6 +19,7 @@ from rlhfc.frontend.check.declarations import check_cluster, check_model
 from rlhfc.frontend.check.instantiate import instantiate, run_config
 from rlhfc.frontend.check.loader import Loader
 from rlhfc.frontend.check.pins import check_pins
+from rlhfc.frontend.check.rewards import check_score_keys
 
 
 def check_program(path: str | Path, cluster_override: ir.Cluster | None = None
@@ -49,6 +50,8 @@ def check_program(path: str | Path, cluster_override: ir.Cluster | None = None
                                           cluster.device if cluster is not None else None)
 
         pins = check_pins(unit, calls, names, models, cluster, rep, val)
+    if not runs or calls:  # a run whose calls did not bind says nothing about score keys
+        check_score_keys(unit, models, calls, rep)
     elif unit.statements(ast.PlaceStmt):
         rep.error("E002", "`place` without a `run`: there are no calls to pin", unit.statements(ast.PlaceStmt)[0].span)
     if runs and not rep.has_errors:  # unused declarations matter once the program is otherwise right

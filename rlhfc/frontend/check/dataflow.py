@@ -105,7 +105,9 @@ def _check_interface_arity(call: ast.CallStmt, rep: Reporter) -> None:
         return
     want_in, want_out = (iface.inputs, iface.outputs) if iface else (("seq",), ("logp",))
     for got, want, word in ((call.inputs, want_in, "inputs"), (call.outputs, want_out, "outputs")):
-        if len(got) != len(want):
+        # more inputs than `seq` may be scores a python reward combines: checked once bound
+        combines = iface is None and word == "inputs" and len(got) > len(want)
+        if len(got) != len(want) and not combines:
             iname = name or "the default inference interface"
             rep.error("E010", f"`{call.name.text}` has {len(got)} {word} but {iname} takes {len(want)}",
                       call.span, f"{word}: {', '.join(want) or '(none)'}")

@@ -17,6 +17,7 @@ from rlhfc.frontend.check.common import (
     plain_value,
     suggest,
 )
+from rlhfc.frontend.check.rewards import check_reward_inputs
 from rlhfc.frontend.check.settings import check_run_keys, generation_group, resolve
 
 
@@ -143,12 +144,19 @@ def _bind_call(call: ast.CallStmt, model: ir.Model, binding: dict[str, str], con
             rep.error("E012", f"{where}: a rule model only supports `inference` with its own rule", arg_span,
                       f"`{model.name}` is rule(\"{model.rule}\"); bind a llama model here instead")
             return None
+        check_reward_inputs(call, model, binding, rep)
         interface = "rule"
     else:
         interface = call.interface.text if call.interface else default_interface(kind, model.head, False)
         iface = INTERFACES.get(interface or "")
         if iface is None:
             return None  # reported by the structural check
+        if call.interface is None and kind is ir.CallKind.INFERENCE and len(call.inputs) != len(iface.inputs):
+            # the head's default interface takes `seq` only (the structural check let scores through)
+            rep.error("E010", f"`{call.name.text}` has {len(call.inputs)} inputs but {interface} takes "
+                              f"{len(iface.inputs)}", call.inputs[len(iface.inputs)].span,
+                      f"inputs: {', '.join(iface.inputs)}; only a python(...) reward combines other scores")
+            return None
         if iface.head is not None and iface.head is not model.head:
             rep.error("E011", f"{where}: interface `{interface}` needs a `head = {iface.head.value}` model, "
                               f"`{model.name}` has `head = {model.head.value}`", arg_span,
