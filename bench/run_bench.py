@@ -33,7 +33,7 @@ def median_iteration(run_dir: Path) -> float:
 
 def run_generated(program: Path, out: Path, steps: int, **compile_args) -> tuple[float, float]:
     """(measured median s/iteration, planner's estimate) of one compiled run."""
-    from rlhfc.cli.run import compile_program
+    from rlhfc.driver import compile_program
 
     prog, text = compile_program(program, output=out / "program.py", **compile_args)
     out.mkdir(parents=True, exist_ok=True)
