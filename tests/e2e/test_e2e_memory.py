@@ -1,4 +1,4 @@
-"""The plan describes what runs: every example, under the solver's plan and under pinned
+"""The plan describes what runs: every example that runs on CPU, under the solver's plan and under pinned
 tp / pp / dp layouts with more micro-batches than stages, run for one step on 2 gloo
 processes; every model call's measured peak (`peak_bytes/CALL`, the runtime's own
 accounting of live tensors) is within 30% of the plan's estimate
@@ -41,6 +41,10 @@ CASES = {
     "dpo": ("dpo", ""),
     "sft": ("sft", ""),
     "reward_model": ("reward_model", ""),
+    "ppo_epochs": ("ppo_epochs", ""),
+    "ppo_pinned": ("ppo_pinned", ""),
+    "grpo_seqmean": ("grpo_seqmean", ""),
+    "grpo_math": ("grpo_math", ""),  # an HF checkpoint, a chat template, Python rewards, 1 process
 }
 
 
@@ -50,6 +54,7 @@ def _program(tmp_path: Path, name: str, pins: str | None) -> Path:
         text = text.replace("max_new_tokens = 12", "max_new_tokens = 12  group_size = 4", 1)
     path = tmp_path / f"{name}.rlhf"
     path.write_text(text + (pins or ""))
+    (tmp_path / "rewards.py").write_text((ROOT / "programs" / "rewards.py").read_text())
     return path
 
 
