@@ -5,8 +5,9 @@ Runs the runtime's own train step, forward pass and generation (`ShardedLlama`,
 counts, precisions and recompute, in one 2-process gloo world; measures each call's
 peak with `rlhfc_runtime.memory.LiveBytes` (the figure `peak_bytes/CALL` logs on CPU);
 fits by least squares the per-term bytes of `rlhfc.planner.cost.memory` (the feature
-functions below mirror its formulas) and prints the coefficients to paste into
-`MEMORY_COEFFICIENTS`, with the fit's worst relative errors.
+functions below mirror its formulas, named by its `MemoryCoefficients` fields) and
+writes them with the fit's errors; `MEMORY_COEFFICIENTS` holds these values (a test
+compares them with bench/results/memory_fit.json).
 
     .venv/bin/python bench/memory_fit.py     # ~1 min on 2 cores
 """
@@ -148,14 +149,15 @@ def generate_features(r: dict) -> list[float]:
             ROWS * (PROMPT + NEW)]
 
 
+# fit -> (the `MemoryCoefficients` field of each feature, features, target bytes)
 FITS = {
-    "train": (["params", "tokens·layers·hidden", "tokens·layers·inter/tp", "last: tokens·hidden",
-               "last: tokens·vocab/tp"], lambda r: train_features(r, False), lambda r: r["train"]),
-    "train_recompute": (["params", "tokens·layers·hidden", "tokens·inter/tp", "last: tokens·hidden",
-                         "last: tokens·vocab/tp"], lambda r: train_features(r, True), lambda r: r["train_recompute"]),
-    "inference": (["tokens·hidden", "tokens·inter/tp", "last: tokens·vocab/tp", "replica tokens"],
+    "train": (["params", "layer_hidden", "layer_inter", "head_hidden", "head_vocab"],
+              lambda r: train_features(r, False), lambda r: r["train"]),
+    "train_recompute": (["recompute_params", "recompute_boundary", "recompute_layer", "recompute_head_hidden",
+                         "recompute_head_vocab"], lambda r: train_features(r, True), lambda r: r["train_recompute"]),
+    "inference": (["forward_hidden", "forward_inter", "forward_vocab", "forward_tokens"],
                   forward_features, lambda r: r["inference"]),
-    "generate": (["prefill·hidden", "prefill·inter/tp", "last: rows·vocab/tp", "replica tokens"],
+    "generate": (["prefill_hidden", "prefill_inter", "decode_vocab", "generate_tokens"],
                  generate_features, lambda r: r["generate"] - kv_cache_bytes(r)),
 }
 

@@ -225,3 +225,16 @@ def test_driver_overhead_fit_and_iteration_estimate(tmp_path):
     n = driver_ops(prog)
     assert 0 < n < len(prog.ops)  # the loads, moves and rule reward, not the neural calls
     assert json.loads(cost_inputs_json(prog))["driver_ops"] == n
+
+
+def test_memory_coefficients_are_the_benchmarks_fit():
+    """`MEMORY_COEFFICIENTS` holds exactly what bench/memory_fit.py fitted to the runtime's
+    measured peaks (bench/results/memory_fit.json): one fact, one place to change it."""
+    import json
+
+    from rlhfc.planner.cost.memory import MEMORY_COEFFICIENTS, MemoryCoefficients
+
+    fits = json.loads((ROOT / "bench" / "results" / "memory_fit.json").read_text())["fits"]
+    for precision, shipped in MEMORY_COEFFICIENTS.items():
+        fitted = {k: v for key, f in fits.items() if key.endswith("/" + precision) for k, v in f["coefficients"].items()}
+        assert shipped == MemoryCoefficients(**fitted), precision

@@ -86,3 +86,11 @@ def _work():
 def test_1f1b_recompute_buckets_and_bf16_match_the_reference():
     results = spawn(_work, 2)
     assert all(len(r) == 7 for r in results), results
+
+
+def test_precision_widths_are_the_dtypes():
+    """The contract's widths (what the cost model prices) are the runtime's dtypes' sizes."""
+    from rlhfc_runtime.contract.interfaces import PRECISION_BYTES
+    from rlhfc_runtime.model import DTYPES
+
+    assert {p: DTYPES[p].itemsize for p in DTYPES} == PRECISION_BYTES
