@@ -67,14 +67,14 @@ def estimate_meaning(device: str, given: Coefficients | None) -> str:
 # with them is what a well-built runtime measures, not the physical floor.
 H100_COEFFICIENTS = replace(
     DEFAULT_COEFFICIENTS,
-    collective_latency=6.911449441663001e-05,
+    collective_latency=0.0004019338234467851,
     compute_efficiency=0.33,
-    decode_layer_overhead=0.0011523701075384983,
-    decode_step_overhead=0.0013157469353453752,
-    inference_efficiency=0.5,
-    mem_bandwidth_efficiency=0.3,
-    micro_batch_overhead=0.004160925870022605,
-    realloc_bucket_latency=0.014868575364222762,
+    decode_layer_overhead=0.0003535890512140754,
+    decode_step_overhead=0.0014235656327281105,
+    inference_efficiency=0.514807072710308,
+    mem_bandwidth_efficiency=0.42841865984230526,
+    micro_batch_overhead=0.01029924953766177,
+    realloc_bucket_latency=0.04570465667739896,
 )
 
 # The other GPUs reuse the H100 fit: its efficiencies are fractions of each device's own
