@@ -3,15 +3,15 @@
 Run it with `python build/ppo_70b.py` (128 local processes) or
 `torchrun --nproc-per-node 128 build/ppo_70b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 127.649 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 120.200 s/iteration, lower bound 0.000 s, gap 100.0%
 
     call   model   layout  mesh         dp  tp  pp  mbs  start s  end s    peak MiB
-    gen    actor   L0      nodes[0:16]  2   4   16  32   0.000    85.456   32695
-    score  reward  L0      nodes[0:16]  2   4   16  32   85.456   91.463   30737
-    refl   ref     L0      nodes[0:16]  2   4   16  32   91.463   97.492   30898
-    vals   critic  L0      nodes[0:16]  2   4   16  32   97.492   103.500  32902
-    a_tr   actor   L0      nodes[0:16]  2   4   16  32   103.500  115.596  66427
-    c_tr   critic  L0      nodes[0:16]  2   4   16  32   115.596  127.649  66427
+    gen    actor   L0      nodes[0:16]  2   4   16  32   0.000    75.663   32695
+    score  reward  L0      nodes[0:16]  2   4   16  32   75.663   81.954   30737
+    refl   ref     L0      nodes[0:16]  2   4   16  32   81.954   88.266   30898
+    vals   critic  L0      nodes[0:16]  2   4   16  32   88.266   94.556   32902
+    a_tr   actor   L0      nodes[0:16]  2   4   16  32   94.556   107.400  66427
+    c_tr   critic  L0      nodes[0:16]  2   4   16  32   107.400  120.200  66427
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -103,12 +103,12 @@ PROGRAM = {'source': '../programs/ppo_70b.rlhf',
                           'columns': []}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'seed': 0, 'save_every': 10, 'keep': 2},
  'reward_key': 'score',
- 'estimates': {'gen': 85.455623,
-               'score': 6.007662,
-               'refl': 6.029138,
-               'vals': 6.007662,
-               'a_tr': 12.09602,
-               'c_tr': 12.053069},
+ 'estimates': {'gen': 75.663364,
+               'score': 6.290673,
+               'refl': 6.311531,
+               'vals': 6.290673,
+               'a_tr': 12.843295,
+               'c_tr': 12.800344},
  'estimated_peak_bytes': {'gen': 2498461338,
                           'score': 2716011070,
                           'refl': 2885110334,

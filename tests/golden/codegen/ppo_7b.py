@@ -3,15 +3,15 @@
 Run it with `python build/ppo_7b.py` (8 local processes) or
 `torchrun --nproc-per-node 8 build/ppo_7b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 100.016 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 84.057 s/iteration, lower bound 0.000 s, gap 100.0%
 
-    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s    peak MiB
-    gen    actor   L0      node0[0:8]  1   1   8   16   0.000    39.637   28684
-    score  reward  L0      node0[0:8]  1   1   8   16   39.637   48.209   26620
-    refl   ref     L0      node0[0:8]  1   1   8   16   48.209   56.950   29200
-    vals   critic  L0      node0[0:8]  1   1   8   16   56.950   65.522   28414
-    a_tr   actor   L0      node0[0:8]  1   1   8   16   65.522   82.937   56549
-    c_tr   critic  L0      node0[0:8]  1   1   8   16   82.937   100.016  56549
+    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s   peak MiB
+    gen    actor   L0      node0[0:8]  1   1   8   16   0.000    23.726  28684
+    score  reward  L0      node0[0:8]  1   1   8   16   23.726   32.196  26620
+    refl   ref     L0      node0[0:8]  1   1   8   16   32.196   40.829  29200
+    vals   critic  L0      node0[0:8]  1   1   8   16   40.829   49.299  28414
+    a_tr   actor   L0      node0[0:8]  1   1   8   16   49.299   66.846  56549
+    c_tr   critic  L0      node0[0:8]  1   1   8   16   66.846   84.057  56549
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -103,12 +103,12 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                           'columns': []}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'seed': 0, 'save_every': 10, 'keep': 2},
  'reward_key': 'score',
- 'estimates': {'gen': 39.637074,
-               'score': 8.572312,
-               'refl': 8.74046,
-               'vals': 8.572312,
-               'a_tr': 17.415167,
-               'c_tr': 17.078871},
+ 'estimates': {'gen': 23.726284,
+               'score': 8.469686,
+               'refl': 8.632997,
+               'vals': 8.469686,
+               'a_tr': 17.547371,
+               'c_tr': 17.211075},
  'estimated_peak_bytes': {'gen': 3740406744,
                           'score': 3457375273,
                           'refl': 6162709545,
