@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rlhfc_runtime import ckpt_store, signals
 from rlhfc_runtime import dist as rdist
-from rlhfc_runtime.contract.rundir import RunDirError, RunLock, check_fresh, step_dir_name
+from rlhfc_runtime.contract.rundir import RunDirError, RunLock, check_fresh, has_checkpoint, step_dir_name
 from rlhfc_runtime.engine import Engine, resolve_paths
 from rlhfc_runtime.errors import RunError
 
@@ -97,8 +97,9 @@ def main(program: dict, layouts, groups, iteration, here: str, argv=None) -> Non
                 print(f"rlhfc: stopped by {signals.name(forward.signum)} before a step boundary; the steps after "
                       f"the last checkpoint are lost; resume with: {resume}", file=sys.stderr)
                 raise SystemExit(128 + forward.signum) from None
-            print(f"rlhfc: error: {_summary(e)}\nrlhfc: the run stopped; rerun with --resume to continue from the "
-                  f"last checkpoint: {resume}", file=sys.stderr)
+            after = (f"rerun with --resume to continue from the last checkpoint: {resume}" if has_checkpoint(out)
+                     else "no checkpoint was written yet: fix the cause and run it again")
+            print(f"rlhfc: error: {_summary(e)}\nrlhfc: the run stopped; {after}", file=sys.stderr)
             raise SystemExit(1) from None
     except (RunDirError, RunError) as e:
         print(f"rlhfc: error: {e}", file=sys.stderr)

@@ -108,7 +108,7 @@ def run_command(
     """Compile and train: metrics in OUT/metrics.jsonl (measured and estimated time per
     call), the calls' cost inputs for `rlhfc calibrate` in OUT/cost_inputs.json,
     checkpoints in OUT/checkpoint."""
-    from rlhfc_runtime.contract.rundir import RunDirError, RunLock, check_fresh
+    from rlhfc_runtime.contract.rundir import RunDirError, RunLock, check_fresh, has_checkpoint
 
     out = out or Path("runs") / file.stem
     lock = RunLock(out)
@@ -153,8 +153,10 @@ def _run_locked(file: Path, out: Path, *, devices, steps, resume, plot, symmetri
         said = [ln for ln in said if not ln.startswith("the run stopped")]
         for line in said[-5:] or _log_lines(out / "worker.log")[-3:]:
             _err.print(line, markup=False, highlight=False)
-        _err.print(f"[red]error[/]: the run stopped (exit code {code}); the log is {out / 'worker.log'}.\n"
-                   f"Continue from the last checkpoint with: {again}", highlight=False)
+        after = (f"Continue from the last checkpoint with: {again}" if has_checkpoint(out) else
+                 "No checkpoint was written yet: fix the cause and run the same command again.")
+        _err.print(f"[red]error[/]: the run stopped (exit code {code}); the log is {out / 'worker.log'}.\n{after}",
+                   highlight=False)
         raise typer.Exit(1)
     _err.print(summarize(read_metrics(out / "metrics.jsonl")) + f"; metrics in {out / 'metrics.jsonl'}")
     if plot:

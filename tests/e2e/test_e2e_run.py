@@ -107,6 +107,9 @@ def test_ppo_with_reallocation_resumes_exactly_after_a_worker_dies(tmp_path, ppo
     assert died.returncode != 0
     assert "the run stopped" in died.stderr and "rerun with --resume" in died.stderr
     assert [r["step"] for r in metrics(tmp_path / "cut")] == [1, 2, 3]  # step 3 was never checkpointed
+    early = run(script, tmp_path / "early", "--steps", "4", "--save-every", "2", env={"RLHFC_FAIL_AT_STEP": "1"})
+    assert early.returncode != 0 and "rerun with --resume" not in early.stderr  # nothing to resume from
+    assert "no checkpoint was written yet" in early.stderr
     resumed = run(script, tmp_path / "cut", "--steps", "4", "--save-every", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, b = untimed(metrics(whole)), untimed(metrics(tmp_path / "cut"))
