@@ -178,6 +178,14 @@ def samples_from_run(metrics: str | Path, skip: int = 1) -> list[Sample]:
     return out
 
 
+def calibrate_runs(metrics: list[str | Path], start: Coefficients = DEFAULT_COEFFICIENTS
+                   ) -> tuple[list[Sample], Coefficients]:
+    """What `rlhfc calibrate` fits: every run's per-call samples (`samples_from_run`) and
+    the coefficients fitted to them from `start` (`fit_coefficients`)."""
+    samples = [s for path in metrics for s in samples_from_run(path)]
+    return samples, fit_coefficients(samples, start)
+
+
 # ---- the fit -------------------------------------------------------------------------
 
 
