@@ -180,7 +180,7 @@ def calibrate(run_dirs: list[Path], coefficients_out: Path) -> dict:
         "runs": [_shown(d) for d in run_dirs], "coefficients_file": _shown(coefficients_out),
         "samples": len(samples), "median_call_error_before": error(DEFAULT_COEFFICIENTS),
         "median_call_error_after": error(fitted),
-        "fitted": {n: getattr(fitted, n) for n in FIT_FIELDS},
+        "fitted": {n: getattr(fitted, n) for n in (*FIT_FIELDS, "move_latency")},
         "calls_ms": {s.name: {"measured": s.measured * 1e3, "fitted": s.priced.seconds(fitted) * 1e3}
                      for s in samples},
     }

@@ -54,7 +54,7 @@ def calibrate_command(
     console.print(error_table(samples, before, after))
     console.print(f"median abs error over {len(samples)} calls: {median_error(samples, before):.1%} before → "
                   f"{median_error(samples, after):.1%} after")
-    changed = [f.name for f in fields(Coefficients) if f.name in FIT_FIELDS]
+    changed = [f.name for f in fields(Coefficients) if f.name in FIT_FIELDS + ("move_latency",)]
     console.print("fitted: " + ", ".join(f"{n} {getattr(before, n):.3g} → {getattr(after, n):.3g}" for n in changed))
     if out:
         options.write_or_exit(out, coefficients_to_json(after))

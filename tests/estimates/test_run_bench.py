@@ -30,7 +30,7 @@ def test_calibrated_section_end_to_end(tmp_path, monkeypatch):
     assert doc["sections"] == ["calibrated"] and len(doc["rounds"]) == 1
     cal = doc["calibration"]
     assert cal["steps"] is None and cal["samples"] == 5  # the five neural calls of PPO
-    assert set(cal["fitted"]) == set(FIT_FIELDS)
+    assert set(cal["fitted"]) == {*FIT_FIELDS, "move_latency"}
     load_coefficients(out / "coefficients.json")  # a file `--coefficients` accepts
     assert set(doc["calibrated_plans"]) == {"calibrated_solver", "calibrated_symmetric", "calibrated_one_process"}
     assert all(len(lines) == 6 for lines in doc["calibrated_plans"].values())  # one line per call
