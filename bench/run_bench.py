@@ -9,8 +9,8 @@
    model is fitted to their call times exactly as `rlhfc calibrate` does
    (`rlhfc.planner.cost.fit.calibrate_runs`); then the solver plan priced with those
    coefficients runs beside the symmetric plan and, where the calibrated model predicts
-   it faster than the 2-process plan, the 1-process plan. A plan identical to one run
-   earlier in the round is not run twice.
+   it faster than the 2-process plan (or the round ran it already), the 1-process plan.
+   A plan identical to one run earlier in the round is not run twice.
 
 Every round runs its plans side by side (interleaved), so a slow spell of the machine
 hits them alike; each figure is the median over rounds of the per-round median, and
@@ -208,7 +208,7 @@ def prefers_one_process(plans: dict[str, object]) -> bool:
 def measure(program: Path, steps: int, sections: tuple[str, ...], coefficients: Path | None) -> dict[str, float]:
     """One round: every section's runs side by side, identical plans run once; ratios
     within the round."""
-    row: dict[str, float] = {}
+    row: dict[str, float] = {"load_average": os.getloadavg()[0]}  # 1-minute, at the round's start
     seen: dict[tuple, float] = {}  # plan_key -> measured s/iteration in this round
     with tempfile.TemporaryDirectory() as runs:  # run dirs hold checkpoints: not kept
         work = Path(runs)
@@ -234,13 +234,15 @@ def measure(program: Path, steps: int, sections: tuple[str, ...], coefficients: 
                 row["hand_written_s_per_iter"] = fresh.apply(hand_written, (program, steps))
             row["generated_code_overhead"] = row["one_device_generated_s_per_iter"] / row["hand_written_s_per_iter"] - 1
         if "calibrated" in sections:
-            row.update(calibrated_round(program, coefficients, work, run, row["symmetric_plan_s_per_iter"]))
+            row.update(calibrated_round(program, coefficients, work, run, row["symmetric_plan_s_per_iter"], seen))
     return row
 
 
-def calibrated_round(program: Path, coefficients: Path, work: Path, run, symmetric_measured: float) -> dict[str, float]:
-    """The calibrated solver plan vs the symmetric plan (and the 1-process plan where the
-    calibrated model prefers it): measured, predicted, and the per-round ratios."""
+def calibrated_round(program: Path, coefficients: Path, work: Path, run, symmetric_measured: float,
+                     seen: dict) -> dict[str, float]:
+    """The calibrated solver plan vs the symmetric plan, and vs the 1-process plan where
+    the calibrated model prefers it or the round ran that plan already (`seen`):
+    measured, predicted, and the per-round ratios."""
     plans = calibrated_plans(program, coefficients, work)
     solver = run("calibrated_solver", plans["calibrated_solver"])
     est = {k: p.plan.iteration_time for k, p in plans.items()}
@@ -250,8 +252,9 @@ def calibrated_round(program: Path, coefficients: Path, work: Path, run, symmetr
         "calibrated_one_process_estimate_s": est["calibrated_one_process"],
         "speedup_calibrated_solver_vs_symmetric": symmetric_measured / solver,
         "predicted_speedup_calibrated_solver_vs_symmetric": est["calibrated_symmetric"] / est["calibrated_solver"],
+        "predicted_speedup_one_process_vs_calibrated_solver": est["calibrated_solver"] / est["calibrated_one_process"],
     }
-    if prefers_one_process(plans):
+    if prefers_one_process(plans) or plan_key(plans["calibrated_one_process"]) in seen:
         one = run("calibrated_one_process", plans["calibrated_one_process"])
         row["calibrated_one_process_s_per_iter"] = one
         row["speedup_one_process_vs_calibrated_solver"] = solver / one
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "overhead" in sections and program.stem != "ppo":
         parser.error("the overhead section's hand-written loop is PPO's; leave it out with --sections")
     result: dict = {"program": _shown(program), "steps": args.steps, "warmup": WARMUP, "repeats": args.repeats,
-                    "sections": list(sections)}
+                    "sections": list(sections), "cores": os.cpu_count(), "load_average_start": os.getloadavg()[0]}
     coefficients = out / "coefficients.json"
     if "calibrated" in sections:
         dirs = args.calibration_runs or calibration_runs(program, args.calibration_steps, out / "calibration")
@@ -303,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["model_prefers_one_process"] = prefers_one_process(plans)
     rounds = [measure(program, args.steps, sections, coefficients) for _ in range(args.repeats)]
     result.update(summarize(rounds))
+    result["load_average_end"] = os.getloadavg()[0]  # 1-minute: other work sharing the cores
     result["rounds"] = rounds
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
