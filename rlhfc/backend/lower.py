@@ -200,12 +200,32 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
     last_use = {}
     for i, c in enumerate(order):
         last_use[(c.model, call_layout[c.name])] = i
-    for i, c in enumerate(order):
-        lay = call_layout[c.name]
-        for key in c.inputs:
+    producers = {k: c.name for c in dataflow.calls for k in c.outputs}
+    moved: set[str] = set()  # calls whose inputs are already in their layout
+
+    def move_inputs(d: ir.Call) -> None:
+        lay = call_layout[d.name]
+        for key in d.inputs:
             if lay not in where[key]:
                 ops.append(Move(key, _nearest(where[key], lay, names), lay))
                 where[key].add(lay)
+        moved.add(d.name)
+
+    for i, c in enumerate(order):
+        # Data moves as early as the plan's timeline allows: a later call's inputs move before
+        # this call once their producers have run and were planned to end by this call's start.
+        # Otherwise a consumer's moves would wait behind the calls before it in the one op order
+        # every rank follows, and calls the plan overlaps (on disjoint devices) would run one
+        # after the other.
+        emitted = {d.name for d in order[:i]}
+        for d in order[i:]:
+            feeds = {producers[k] for k in d.inputs if k in producers}
+            if d.name not in moved and feeds <= emitted and all(
+                    plan.placement(f).end <= plan.placement(c.name).start for f in feeds):
+                move_inputs(d)
+        if c.name not in moved:
+            move_inputs(c)
+        lay = call_layout[c.name]
         model = dataflow.model(c.model)
         if model.kind != ir.ModelKind.RULE and lay not in copies[c.model]:
             ops.append(Realloc(c.model, homes[c.model], lay))

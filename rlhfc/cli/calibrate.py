@@ -18,8 +18,7 @@ from rich.table import Table
 from rlhfc.cli import options
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
 from rlhfc.planner.cost.fit import (
-    FIT_FIELDS, FitError, Sample, coefficients_to_json, fit_coefficients, load_coefficients, relative_error,
-    samples_from_run,
+    FIT_FIELDS, FitError, Sample, calibrate_runs, coefficients_to_json, load_coefficients, relative_error,
 )
 
 
@@ -48,15 +47,14 @@ def calibrate_command(
     console, err = Console(), Console(stderr=True)
     try:
         before = load_coefficients(start) if start else DEFAULT_COEFFICIENTS
-        samples = [s for path in metrics for s in samples_from_run(path)]
-        after = fit_coefficients(samples, before)
+        samples, after = calibrate_runs(metrics, before)
     except FitError as e:
         err.print(f"error: {e}", markup=False, highlight=False)
         raise typer.Exit(1)
     console.print(error_table(samples, before, after))
     console.print(f"median abs error over {len(samples)} calls: {median_error(samples, before):.1%} before → "
                   f"{median_error(samples, after):.1%} after")
-    changed = [f.name for f in fields(Coefficients) if f.name in FIT_FIELDS]
+    changed = [f.name for f in fields(Coefficients) if f.name in FIT_FIELDS + ("move_latency",)]
     console.print("fitted: " + ", ".join(f"{n} {getattr(before, n):.3g} → {getattr(after, n):.3g}" for n in changed))
     if out:
         options.write_or_exit(out, coefficients_to_json(after))

@@ -65,7 +65,7 @@ def roofline_coefficients(df: Dataflow, coeffs: Coefficients) -> Coefficients:
     return replace(coeffs, compute_efficiency=1 / achievable, inference_efficiency=1.0, link_efficiency=1.0,
                    mem_bandwidth_efficiency=1.0, collective_latency=0.0, micro_batch_overhead=0.0,
                    decode_step_overhead=0.0, decode_layer_overhead=0.0, realloc_bucket_latency=0.0,
-                   driver_op_overhead=0.0)
+                   driver_op_overhead=0.0, move_latency=0.0)
 
 
 def roofline_seconds(df: Dataflow, plan: Plan, coeffs: Coefficients | None) -> tuple[float, dict[str, float]]:
@@ -83,7 +83,8 @@ def explain_plan(df: Dataflow, plan: Plan, coeffs: Coefficients | None) -> tuple
     for p in plan.calls:
         home = problem.home_call(p.call)
         realloc = problem.realloc(p.call, choice[home], choice[p.call]) if home else 0
-        transfer = max((lag for _, dst, lag in problem.edges if dst == p.call), default=0)
+        lags = problem.lags(choice)
+        transfer = max((lags[src, dst] for src, dst, _ in problem.edges if dst == p.call), default=0)
         out.append(CallExplanation(
             p.call, p.model, p.strategy, choice[p.call].cost.terms, problem.seconds(realloc),
             problem.seconds(transfer), round(p.end - p.start, 9), floor[p.call],

@@ -15,7 +15,7 @@ from rlhfc.cli import app
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
 from rlhfc.planner.cost.fit import (
     FIT_FIELDS, PricedCall, Sample, coefficients_to_json, cost_inputs_json, fit_coefficients, load_coefficients,
-    priced_calls,
+    move_times, priced_calls,
 )
 from rlhfc.planner.explain import explain_plan
 from rlhfc.hardware import device_for, load_profile, with_profile
@@ -100,6 +100,17 @@ def test_calibrate_recovers_known_coefficients():
     fitted = fit_coefficients(_synthetic_samples(truth), prior=1e-9)
     for name in FIT_FIELDS:
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=0.02), name
+
+
+def test_move_latency_is_the_median_measured_move(tmp_path):
+    """`rlhfc calibrate` prices a data move as the runs' median move (the first step is warm-up)."""
+    rows = [{"step": 1, "time/move seq L0->L1": 9.0}, {"step": 2, "time/move seq L0->L1": 1e-3, "time/gen": 1.0},
+            {"step": 3, "time/move seq L0->L1": 3e-3, "time/move logp L0->L1": 2e-3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sorted(move_times(tmp_path / "metrics.jsonl")) == [1e-3, 2e-3, 3e-3]
+    df = load_program(str(PPO), cluster_override=Cluster(1, 2, "cpu"))
+    slow = plan_dataflow(df, time_limit=5, workers=1, coeffs=replace(DEFAULT_COEFFICIENTS, move_latency=1.0))
+    assert len({p.strategy for p in slow.calls}) == 1  # at 1 s a move, no call leaves the others' layout
 
 
 def test_coefficients_and_cost_inputs_round_trip(tmp_path):

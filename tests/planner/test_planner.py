@@ -137,6 +137,21 @@ def test_cpsat_equals_brute_force(devices, memory, offload):
     assert chained[1].makespan >= exact[1].makespan
 
 
+@pytest.mark.parametrize("move_latency", [1e-3, 1.0])
+def test_cpsat_equals_brute_force_with_move_cost(move_latency):
+    """A data edge whose calls run in different layouts waits `move_latency` per key; CP-SAT
+    prices it exactly as the schedule does, and at 1 s a move no optimal plan moves data."""
+    df = small_dataflow(TINY, Cluster(1, 2, "cpu"), batch=8, prompt_len=32, gen_len=32)
+    problem = build_problem(df, replace(DEFAULT_COEFFICIENTS, move_latency=move_latency), space=SMALL_SPACE)
+    assert problem.moves and build_problem(df, space=SMALL_SPACE).moves == ()
+    exact = brute_force(problem)
+    result = solve_cpsat(problem, time_limit=30, workers=2)
+    assert result.status == "OPTIMAL" and exact is not None and result.makespan == exact[1].makespan
+    if move_latency == 1.0:
+        choice = dict(result.choice)
+        assert all(choice[a].layout == choice[b].layout for a, b, _ in problem.moves)
+
+
 def test_pins_are_respected():
     pinned = Strategy(Mesh(0, 1, 2, 2), 1, 2, 1, 1)
     base = small_dataflow(TINY, CPU4, batch=8, prompt_len=32, gen_len=32)

@@ -33,6 +33,10 @@ class Coefficients:
     # device, each paying `realloc_bucket_latency` seconds (launch, sync, copy-in/out).
     realloc_bucket_bytes: int = 1 << 28
     realloc_bucket_latency: float = 0.0
+    # Fixed cost of one data move: a key going from its producer's layout to a consumer's
+    # other layout (the runtime broadcasts the key's shapes, then sends the rows), seconds;
+    # 0 leaves it out. `rlhfc calibrate` sets it to the runs' median measured move.
+    move_latency: float = 0.0
     # Driver work per iteration op that the schedule does not price (a data load, a move
     # between meshes, a rule reward, a dropped copy), seconds; 0 leaves it out. Fitted by
     # `rlhfc.planner.cost.fit.fit_driver_overhead` from iteration times; not used by the solver.

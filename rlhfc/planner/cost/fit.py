@@ -32,7 +32,7 @@ FIT_FIELDS: tuple[str, ...] = (
     "micro_batch_overhead", "decode_step_overhead",
 )
 # Coefficients whose zero means "left out" rather than an impossible value.
-MAY_BE_ZERO: tuple[str, ...] = ("driver_op_overhead", "decode_layer_overhead", "realloc_bucket_latency")
+MAY_BE_ZERO: tuple[str, ...] = ("driver_op_overhead", "decode_layer_overhead", "realloc_bucket_latency", "move_latency")
 _SPAN = Span("<run>", 0, 0, 0, 0)
 
 
@@ -176,6 +176,29 @@ def samples_from_run(metrics: str | Path, skip: int = 1) -> list[Sample]:
         if times:
             out.append(Sample(metrics.parent.name, p, statistics.median(times)))
     return out
+
+
+def calibrate_runs(metrics: list[str | Path], start: Coefficients = DEFAULT_COEFFICIENTS
+                   ) -> tuple[list[Sample], Coefficients]:
+    """What `rlhfc calibrate` fits: every run's per-call samples (`samples_from_run`), the
+    coefficients fitted to them from `start` (`fit_coefficients`), and `move_latency` the
+    median of the runs' measured data moves (`move_times`; `start`'s when none moved)."""
+    samples = [s for path in metrics for s in samples_from_run(path)]
+    fitted = fit_coefficients(samples, start)
+    moves = [t for path in metrics for t in move_times(path)]
+    return samples, replace(fitted, move_latency=statistics.median(moves)) if moves else fitted
+
+
+def move_times(metrics: str | Path, skip: int = 1) -> list[float]:
+    """Seconds of every data move a run measured (`time/move KEY SRC->DST`), on every
+    step after the first `skip`; a move is a fixed cost at these sizes (its bytes take
+    microseconds), so the planner prices each as `move_latency`."""
+    try:
+        records = [json.loads(ln) for ln in Path(metrics).read_text().splitlines() if ln.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise FitError(f"cannot read metrics {metrics}: {e}") from None
+    records = records[skip:] if len(records) > skip else records
+    return [v for r in records for k, v in r.items() if k.startswith("time/move ")]
 
 
 # ---- the fit -------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def solve_cpsat(
                 default=0,
             )
     horizon = sum(max(o.duration for o in opts[c]) + max_realloc.get(c, 0) for c in problem.calls)
-    horizon += sum(t for _, _, t in problem.edges) + 1
+    horizon += sum(t for _, _, t in problem.edges) + sum(t for _, _, t in problem.moves) + 1
     x = {(c, i): m.NewBoolVar(f"x[{c},{i}]") for c in problem.calls for i in range(len(opts[c]))}
     start = {c: m.NewIntVar(0, horizon, f"start[{c}]") for c in problem.calls}
     end = {c: m.NewIntVar(0, horizon, f"end[{c}]") for c in problem.calls}
@@ -89,6 +89,7 @@ def solve_cpsat(
         m.Add(end[c] == start[c] + size[c])
     for src, dst, lag in problem.edges:
         m.Add(start[dst] >= end[src] + lag)
+    _add_moves(m, problem, x, start, end)
     _add_realloc(m, problem, x, realloc)
     for n, (_, keys) in enumerate(_atoms(problem)):
         intervals = []
@@ -180,6 +181,19 @@ def _add_hint(m, problem: Problem, hint, x, start, end, realloc, makespan) -> No
             m.AddHint(realloc[c], reallocs[c])
     m.AddHint(makespan, sched.makespan)
     m.Add(makespan <= sched.makespan)
+
+
+def _add_moves(m, problem: Problem, x, start, end) -> None:
+    """A data edge waits its moves' fixed cost too when its calls' layouts differ:
+    differ ≥ y_src[L] − y_dst[L] for every layout L of the producer (exactly one y_src is
+    1, so differ is forced to 1 unless the consumer uses the same layout)."""
+    opts, lags = problem.by_call, {(a, b): t for a, b, t in problem.edges}
+    for src, dst, units in problem.moves:
+        y_src, y_dst = _layout_vars(m, x, src, opts[src]), _layout_vars(m, x, dst, opts[dst])
+        differ = m.NewBoolVar(f"moves[{src},{dst}]")
+        for layout, y in y_src.items():
+            m.Add(differ >= y - y_dst.get(layout, 0))
+        m.Add(start[dst] >= end[src] + lags[src, dst] + units * differ)
 
 
 def _add_realloc(m, problem: Problem, x, realloc) -> None:

@@ -87,6 +87,11 @@ class Problem:
     capacity: int
     dropped: tuple[tuple[str, int], ...] = field(default=())  # call -> options over memory
     space: SearchSpace = SearchSpace()
+    # (src, dst, units): a data edge's extra wait when dst runs in another layout than src,
+    # `move_latency` per key the edge carries (the lowering then moves each key); only
+    # edges with units > 0. An upper bound where two consumers of a key share a layout
+    # (the key moves there once).
+    moves: tuple[tuple[str, str, int], ...] = field(default=())
 
     @cached_property
     def by_call(self) -> dict[str, tuple[Option, ...]]:
@@ -153,6 +158,15 @@ class Problem:
 
     def to_units(self, seconds: float) -> int:
         return to_units(seconds, self.coeffs)
+
+    def lags(self, choice: dict[str, Option]) -> dict[tuple[str, str], int]:
+        """Every edge's wait under `choice`: its transfer time, plus its moves' fixed cost
+        where the consumer's layout differs from the producer's."""
+        out = {(a, b): t for a, b, t in self.edges}
+        for a, b, units in self.moves:
+            if choice[a].layout != choice[b].layout:
+                out[a, b] += units
+        return out
 
     def seconds(self, units: int) -> float:
         return round(units * self.coeffs.time_unit, 9)
@@ -343,15 +357,19 @@ def build_problem(
         per_call.append((call.name, tuple(prune_dominated(fitting, layout_matters))))
     calls = {c.name for c in df.calls}
     edges: dict[tuple[str, str], int] = {}
+    keys: dict[tuple[str, str], int] = {}
     for e in df.edges:
         if e.next_iteration or e.src not in calls or e.dst not in calls:
             continue
         t = 0
         if e.kind is EdgeKind.DATA:
             t = to_units(transfer_seconds(df.call(e.dst), df.cluster, device, coeffs), coeffs)
+            keys[e.src, e.dst] = keys.get((e.src, e.dst), 0) + 1
         edges[e.src, e.dst] = max(t, edges.get((e.src, e.dst), 0))
+    moves = tuple((a, b, to_units(n * coeffs.move_latency, coeffs)) for (a, b), n in keys.items())
     problem = Problem(df, device, coeffs, tuple(per_call), tuple(sorted(homes.items())),
-        tuple((a, b, t) for (a, b), t in edges.items()), device.plan_memory, tuple(dropped), space)
+        tuple((a, b, t) for (a, b), t in edges.items()), device.plan_memory, tuple(dropped), space,
+        tuple(m for m in moves if m[2] > 0))
     return prune_with_realloc(problem, deadline)
 
 

@@ -78,8 +78,9 @@ def serial_schedule(problem: Problem, choice: dict[str, Option], order: list[str
     """Place calls in `order`, each at its earliest gap-respecting start."""
     busy: dict[int, list[tuple[int, int]]] = {}
     start, end = {}, {}
+    lags = problem.lags(choice)
     for c in order:
-        t = max((end[s] + lag for s, d, lag in problem.edges if d == c), default=0)
+        t = max((end[s] + lags[s, d] for s, d, _ in problem.edges if d == c), default=0)
         length = dur[c][1]
         devices = choice[c].devices
         moved = True
