@@ -108,7 +108,7 @@ def run_command(
     """Compile and train: metrics in OUT/metrics.jsonl (measured and estimated time per
     call), the calls' cost inputs for `rlhfc calibrate` in OUT/cost_inputs.json,
     checkpoints in OUT/checkpoint."""
-    from rlhfc_runtime.contract.rundir import RunDirError, RunLock, check_fresh, has_checkpoint
+    from rlhfc_runtime.contract.rundir import RunDirError, RunLock, check_fresh
 
     out = out or Path("runs") / file.stem
     lock = RunLock(out)
@@ -129,6 +129,7 @@ def run_command(
 def _run_locked(file: Path, out: Path, *, devices, steps, resume, plot, symmetric, save_every, keep, wandb,
                 hardware, coefficients) -> None:
     from rlhfc.planner.cost.fit import COST_INPUTS_FILE, cost_inputs_json
+    from rlhfc_runtime.contract.rundir import has_checkpoint
 
     prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=out / "program.py",
                                   hardware=hardware, coefficients=coefficients)
