@@ -202,3 +202,17 @@ def test_a_call_option_is_checked_like_the_same_run_key(tmp_path):
     assert (settings["top_k"], settings["precision"]) == (0, "bf16")
     found = [d for d in check_program(dataflow("top_p = 1.5"))[1] if d.is_error]
     assert [d.code for d in found] == ["E022"] and "top_p" in found[0].message and "[1e-06, 1]" in found[0].message
+
+
+def test_a_setting_of_the_wrong_kind_is_located_not_a_crash(tmp_path):
+    """Found by the mutation fuzzer: `kl_coef = x001` (a name) crashed while settings
+    were resolved, before the E022 about it could be shown."""
+    from rlhfc.frontend.check import check_program
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "programs" / "ppo.rlhf").read_text().replace("kl_coef = 0.01", "kl_coef = x001")
+    prog = tmp_path / "p.rlhf"
+    prog.write_text(text.replace("\"../data/", f"\"{root}/data/"))
+    _, diagnostics = check_program(prog)
+    assert [d.code for d in diagnostics if d.severity.value == "error"] == ["E022"]
+    assert "`kl_coef` must be a number" in diagnostics[0].message

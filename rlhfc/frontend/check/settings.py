@@ -40,7 +40,10 @@ def resolve(call: ir.Call, config: ir.RunConfig, rollout_group: int,
         else:
             default = out[setting.fallback] if setting.fallback else setting.default
             value = call.option(setting.name, config.param(setting.name, default))
-        out[setting.name] = setting.type(value)
+        try:
+            out[setting.name] = setting.type(value)
+        except (TypeError, ValueError):  # a value of the wrong kind: `check_run_keys` reports it (E022)
+            out[setting.name] = setting.default
     out = {"rows": rows, **{s.name: out[s.name] for s in settings}}
     if call.kind is ir.CallKind.GENERATE or call.interface == "rule" or "loss_agg" in out:
         out["max_new_tokens"] = call.gen_len  # seq-mean-token-sum-norm divides by it
