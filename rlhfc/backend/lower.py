@@ -187,12 +187,12 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
         if dataflow.model(c.model).kind != ir.ModelKind.RULE:
             homes.setdefault(c.model, call_layout[c.name])
 
-    produced = {k for c in dataflow.calls for k in c.outputs}
+    producers = {k: c.name for c in dataflow.calls for k in c.outputs}  # data key -> its call
     ops: list[Op] = []
     where: dict[str, set[str]] = {}  # data key -> layouts holding it
     for c in order:
         for key in c.inputs:
-            if key not in produced and key not in where:
+            if key not in producers and key not in where:
                 ops.append(Load(key, _dataset_of(key, dataflow)))
                 where[key] = set(call_layout.values()) | set(homes.values())
 
@@ -200,7 +200,6 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
     last_use = {}
     for i, c in enumerate(order):
         last_use[(c.model, call_layout[c.name])] = i
-    producers = {k: c.name for c in dataflow.calls for k in c.outputs}
     moved: set[str] = set()  # calls whose inputs are already in their layout
 
     def move_inputs(d: ir.Call) -> None:

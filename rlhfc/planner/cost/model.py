@@ -9,7 +9,7 @@ Sources:
 - Tensor parallel: 2 all-reduces per layer forward, 2 more backward, of the activations
   (Shoeybi et al. 2019, Megatron-LM §3); ring all-reduce moves 2(n−1)/n of the buffer
   per device (Patarasuk & Yuan 2009).
-- Data parallel: one ring all-reduce of the bf16 gradients per step.
+- Data parallel: one ring all-reduce of the fp32 gradients per optimizer step.
 - Memory: what the runtime allocates in the call's precision (`rlhfc.planner.cost.memory`,
   fitted to the runtime's measured peaks); 1F1B keeps min(pp − s, m) micro-batches in
   flight on stage s.
