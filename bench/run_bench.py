@@ -63,8 +63,10 @@ def compile_plan(program: Path, out: Path, **compile_args):
 
 def execute(out: Path, steps: int) -> float:
     """Run the program compiled into `out` for `steps` steps: its median s/iteration."""
-    subprocess.run([sys.executable, str(out / "program.py"), "--out", str(out), "--steps", str(steps),
-                    "--save-every", str(10 * steps)], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, str(out / "program.py"), "--out", str(out), "--steps", str(steps),
+                           "--save-every", str(10 * steps)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{out / 'program.py'} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return median_iteration(out)
 
 

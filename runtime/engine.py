@@ -31,7 +31,7 @@ from rlhfc_runtime.offload import offload as offload_shards
 from rlhfc_runtime.offload import reload as reload_shards
 from rlhfc_runtime.metrics_log import MetricsLog
 from rlhfc_runtime.realloc import reallocate
-from rlhfc_runtime.transfer import batch_spec, redistribute_batch, rows_of
+from rlhfc_runtime.transfer import receive_batch, rows_of, send_batch
 
 __all__ = ["Engine", "Layout", "main"]
 
@@ -48,7 +48,6 @@ class Engine:
         if self.world != program["world_size"]:
             raise SystemExit(f"this program was planned for {program['world_size']} processes, got {self.world}")
         rdist.ensure_groups(layouts.values(), groups)  # every group once, in one order on every rank
-        self.groups = {tuple(ranks): rdist.group(ranks) for ranks in groups}  # the data moves' groups
         self.device = rdist.device_for_rank()
         self.precision: dict[tuple[str, str], str] = {}  # (model, layout) -> its calls' precision
         self.out = Path(options["out"])
@@ -69,6 +68,7 @@ class Engine:
         self.samples: list[dict] = []  # decoded rows of this step's reward calls (this rank's share)
         self.drawn: dict[str, list[int]] = {}  # dataset -> its rows in this step's batch
         self.spans: dict[str, tuple[float, float]] = {}  # op -> (start, end), wall clock (time.time)
+        self.sending: list = []  # this iteration's posted data sends (torch Work), not yet waited for
         for name, spec in program["models"].items():
             home = spec["home"]
             if spec["kind"] != ModelKind.RULE and self.rank in layouts[home].ranks:
@@ -216,18 +216,23 @@ class Engine:
         self.models.pop((model, layout), None)
 
     def move(self, key: str, *, src: str, dst: str) -> None:
-        """Give every rank of `dst` its rows of `key` from the ranks of `src` that hold them."""
+        """Give every rank of `dst` its rows of `key` from the ranks of `src` that hold them:
+        senders post their rows and go on (`finish_sends` waits at the iteration's end),
+        receivers wait for theirs."""
         s, d = self.layouts[src], self.layouts[dst]
-        ranks = tuple(sorted(set(s.ranks) | set(d.ranks)))
-        if self.rank not in ranks:
+        if self.rank not in s.ranks and self.rank not in d.ranks:
             return
         with self._timed(f"move {key} {src}->{dst}"):
             local = self.data.get((key, src))
-            box = [batch_spec(local, self.rows[key]) if self.rank == s.ranks[0] else None]
-            dist.broadcast_object_list(box, src=s.ranks[0], group=self.groups[ranks], device=self.device)
-            out = redistribute_batch(local, box[0], s, d, self.rank, device=self.device)
+            self.sending += send_batch(local, self.rows[key], s, d, self.rank, device=self.device)
             if self.rank in d.ranks:
-                self.data[(key, dst)] = out
+                self.data[(key, dst)] = receive_batch(local, self.rows[key], s, d, self.rank, device=self.device)
+
+    def finish_sends(self) -> None:
+        """Wait until every row this rank sent in the iteration has arrived."""
+        for work in self.sending:
+            work.wait()
+        self.sending = []
 
     # ---- the loop ----------------------------------------------------------------
     def run(self, iteration, stop=None) -> dict:
@@ -256,6 +261,7 @@ class Engine:
             t0 = time.perf_counter()
             self.stats, self.spans, self.data, self.rows, self.samples, self.drawn = {}, {}, {}, {}, [], {}
             iteration(self)
+            self.finish_sends()
             self.step += 1
             record, samples = self._gather(time.perf_counter() - t0)
             if log is not None:

@@ -6,11 +6,14 @@ that dp group (all its tp and pp ranks) holds the same chunk. Moving a batch fro
 producer call's layout to a consumer's sends only rows a destination rank does not
 already hold, point-to-point, chosen like parameter pieces (`realloc.cover_intervals`).
 
-Planning is pure; `redistribute_batch` imports torch lazily.
+A move is asynchronous for its senders (`send_batch` posts and returns) and blocking for
+its receivers (`receive_batch`): the planner charges a move to the consumer's devices.
+Planning is pure; the two imports torch lazily.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from rlhfc_runtime.contract.layout import Layout
@@ -40,15 +43,6 @@ class RowTransfer:
     hi: int
 
 
-@dataclass(frozen=True)
-class BatchSpec:
-    """What a receiver must know to allocate: the global row count and, per key, the
-    trailing shape and dtype name (e.g. 'float32'). Build it with `batch_spec`."""
-
-    batch_size: int
-    keys: tuple[tuple[str, tuple[int, ...], str], ...]
-
-
 def plan_batch(
     batch_size: int, src: Layout, dst: Layout, row_bytes: int = 1, devices_per_node: int = DEFAULT_DEVICES_PER_NODE
 ) -> tuple[RowTransfer, ...]:
@@ -68,67 +62,100 @@ def plan_batch(
     return tuple(out)
 
 
-def batch_spec(batch: dict, batch_size: int) -> BatchSpec:
-    """The spec of a local chunk `batch` of a global batch of `batch_size` rows."""
-    return BatchSpec(
-        batch_size,
-        tuple((k, tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in sorted(batch.items())),
-    )
+def _row_transfers(batch_size: int, src: Layout, dst: Layout, devices_per_node: int) -> list[RowTransfer]:
+    """`plan_batch` in the one order both ends of every pair post their messages in."""
+    return sorted(plan_batch(batch_size, src, dst, 1, devices_per_node), key=lambda t: (t.src, t.dst, t.lo))
 
 
-def redistribute_batch(
-    local: dict | None,
-    spec: BatchSpec,
-    src: Layout,
-    dst: Layout,
-    rank: int,
-    *,
-    device=None,
-    devices_per_node: int = DEFAULT_DEVICES_PER_NODE,
-) -> dict:
-    """This rank's chunk of the batch under `dst` (dict key -> tensor), from its chunk
-    under `src` (`local`, rows `rows_of(spec.batch_size, src, rank)`) and messages.
+# A chunk's spec (key -> trailing shape and dtype) travels as JSON in a fixed-size byte
+# tensor ahead of the rows, so that a receiver can allocate without a pickled collective.
+SPEC_BYTES = 4096
 
-    Calling convention as `realloc.reallocate`: every rank in src ∪ dst calls it with
-    the same `spec`, layouts and devices_per_node; one isend/irecv per (sender,
-    receiver, key) in a fixed order, posted as one `batch_isend_irecv`. Returns {} on
-    ranks outside `dst`."""
+
+def _spec_tensor(local: dict, device):
     import torch
 
-    from rlhfc_runtime.dist import exchange
+    text = json.dumps([[k, list(v.shape[1:]), str(v.dtype).removeprefix("torch.")] for k, v in sorted(local.items())])
+    data = text.encode("ascii")
+    if len(data) > SPEC_BYTES:
+        raise ValueError(f"a data key with {len(local)} fields needs a {len(data)}-byte spec; moves carry {SPEC_BYTES}")
+    out = torch.zeros(SPEC_BYTES, dtype=torch.uint8)
+    out[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return out.to(device)
 
-    if rank not in src.ranks and rank not in dst.ranks:
+
+def _spec_of(header) -> list[tuple[str, tuple[int, ...], str]]:
+    data = header.cpu().numpy().tobytes().rstrip(b"\0")
+    return [(k, tuple(shape), dtype) for k, shape, dtype in json.loads(data.decode("ascii"))]
+
+
+def _spec_pairs(transfers: list[RowTransfer], src: Layout, dst: Layout) -> list[tuple[int, int]]:
+    """(sender, receiver) pairs a spec goes over: every pair that moves rows, and for a rank
+    of `dst` that gets no rows and holds none under `src` (an empty chunk), src's first rank."""
+    pairs = {(t.src, t.dst) for t in transfers if t.src != t.dst}
+    fed = {t.dst for t in transfers}
+    pairs |= {(min(src.ranks), r) for r in dst.ranks if r not in fed and r not in src.ranks}
+    return sorted(pairs)
+
+
+def send_batch(local: dict | None, batch_size: int, src: Layout, dst: Layout, rank: int, *, device=None,
+               devices_per_node: int = DEFAULT_DEVICES_PER_NODE) -> list:
+    """Post, without waiting, this rank's part of moving a batch of `batch_size` rows
+    from `src`'s dp shards (`local`: this rank's chunk) to `dst`'s: to every other rank
+    it serves, the chunk's spec and then its rows of every key. Returns the pending sends
+    (torch Work objects): wait for them before the iteration ends. The sender goes on at
+    once; only receivers wait (`receive_batch`), which is how the planner prices a move."""
+    import torch.distributed as dist
+
+    transfers = _row_transfers(batch_size, src, dst, devices_per_node)
+    receivers = [r for s, r in _spec_pairs(transfers, src, dst) if s == rank]
+    if not receivers:
+        return []
+    held = rows_of(batch_size, src, rank)
+    device = default_device(next(iter(local.values()), None)) if device is None else device
+    pending = []
+    for r in receivers:  # per pair: the spec, then the rows in `_row_transfers` order
+        pending.append(dist.isend(_spec_tensor(local, device), r))
+        for t in transfers:
+            if t.src == rank and t.dst == r:
+                pending += [dist.isend(local[k][t.lo - held[0] : t.hi - held[0]].to(device).contiguous(), r)
+                            for k in sorted(local)]
+    return pending
+
+
+def receive_batch(local: dict | None, batch_size: int, src: Layout, dst: Layout, rank: int, *, device=None,
+                  devices_per_node: int = DEFAULT_DEVICES_PER_NODE) -> dict:
+    """This rank's chunk of the batch under `dst` (key -> tensor): the rows it holds under
+    `src` (`local`) copied, the others received from the ranks `send_batch` posted them
+    on. Every rank of src ∪ dst computes the same transfers; {} outside `dst`."""
+    import torch
+    import torch.distributed as dist
+
+    need = rows_of(batch_size, dst, rank)
+    if need is None:
         return {}
-    local = local or {}
+    transfers = _row_transfers(batch_size, src, dst, devices_per_node)
+    plan = [t for t in transfers if t.dst == rank]
+    senders = [s for s, r in _spec_pairs(transfers, src, dst) if r == rank]
     if device is None:
-        device = default_device(next(iter(local.values()), None))
-    row_bytes = sum(
-        torch.empty((), dtype=getattr(torch, dt)).element_size() * _numel(shape) for _, shape, dt in spec.keys
-    )
-    plan = [t for t in plan_batch(spec.batch_size, src, dst, row_bytes, devices_per_node) if rank in (t.src, t.dst)]
-    held = rows_of(spec.batch_size, src, rank)
-    need = rows_of(spec.batch_size, dst, rank)
-    out = {}
-    if need is not None:
-        out = {
-            k: torch.empty((need[1] - need[0], *shape), dtype=getattr(torch, dt), device=device)
-            for k, shape, dt in spec.keys
-        }
-    sends, recvs = [], []
-    for t in sorted(plan, key=lambda t: (t.src, t.dst, t.lo)):
-        for k, _, _ in spec.keys:
-            if t.src == t.dst:
+        device = default_device(next(iter((local or {}).values()), None))
+    headers = [torch.empty(SPEC_BYTES, dtype=torch.uint8, device=device) for _ in senders]
+    for work in [dist.irecv(h, s) for h, s in zip(headers, senders)]:
+        work.wait()
+    if headers:
+        spec = _spec_of(headers[0])
+    else:
+        spec = [(k, tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in sorted(local.items())]
+    out = {k: torch.empty((need[1] - need[0], *shape), dtype=getattr(torch, dt), device=device)
+           for k, shape, dt in spec}
+    held = rows_of(batch_size, src, rank)
+    works = []
+    for t in plan:
+        for k, _, _ in spec:
+            if t.src == rank:
                 out[k][t.lo - need[0] : t.hi - need[0]] = local[k][t.lo - held[0] : t.hi - held[0]]
-            elif t.src == rank:
-                sends.append((local[k][t.lo - held[0] : t.hi - held[0]].to(device).contiguous(), t.dst))
             else:
-                recvs.append((out[k][t.lo - need[0] : t.hi - need[0]], t.src))
-    exchange(sends, recvs)
+                works.append(dist.irecv(out[k][t.lo - need[0] : t.hi - need[0]], t.src))
+    for work in works:
+        work.wait()
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

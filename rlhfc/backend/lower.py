@@ -251,7 +251,7 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
         plan=plan,
         layouts=tuple(layouts.items()),
         homes=tuple(sorted(homes.items())),
-        groups=_groups(ops, layouts),
+        groups=_groups(layouts),
         ops=tuple(ops),
     )
 
@@ -271,13 +271,7 @@ def _nearest(holders: set[str], dst: str, names: "_Layouts") -> str:
     return min(holders, key=names.index)
 
 
-def _groups(ops: list[Op], layouts: dict[str, Layout]) -> tuple[tuple[int, ...], ...]:
-    """Every process group the ops use, in first-use order: each layout's ranks, and the
-    union of source and destination ranks of every realloc and move."""
-    seen: dict[tuple[int, ...], None] = {}
-    for lay in layouts.values():  # in naming order
-        seen.setdefault(tuple(sorted(lay.ranks)), None)
-    for op in ops:
-        if isinstance(op, (Realloc, Move)):
-            seen.setdefault(participants(op, layouts), None)
-    return tuple(seen)
+def _groups(layouts: dict[str, Layout]) -> tuple[tuple[int, ...], ...]:
+    """Every layout's rank set, in naming order (moves and reallocations are
+    point-to-point over the world: they need no group of their own)."""
+    return tuple(dict.fromkeys(tuple(sorted(lay.ranks)) for lay in layouts.values()))

@@ -5,7 +5,7 @@ pinned to its planned strategy), so the terms of a call add up to its estimate: 
 decode (memory- or compute-bound), the optimizer step, tensor- and data-parallel
 all-reduces, the pipeline bubble, fixed per-step overheads, the reload of an offloaded
 model's weights, plus the reallocation of its
-model before it and the largest data transfer into it.
+model before it and the data moves its devices receive before it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class CallExplanation:
     strategy: Strategy
     terms: tuple[tuple[str, float], ...]
     realloc: float  # reallocating the model from its home layout, before the call
-    transfer: float  # the largest data-key transfer into the call
+    transfer: float  # the data moves into the call from other layouts, received before it
     estimate: float  # the call's duration in the plan (end − start)
     roofline: float = 0.0  # the same call at peak FLOP/s and bandwidth, no latencies or overheads
 
@@ -83,8 +83,7 @@ def explain_plan(df: Dataflow, plan: Plan, coeffs: Coefficients | None) -> tuple
     for p in plan.calls:
         home = problem.home_call(p.call)
         realloc = problem.realloc(p.call, choice[home], choice[p.call]) if home else 0
-        lags = problem.lags(choice)
-        transfer = max((lags[src, dst] for src, dst, _ in problem.edges if dst == p.call), default=0)
+        transfer = problem.moves_in(choice)[p.call]
         out.append(CallExplanation(
             p.call, p.model, p.strategy, choice[p.call].cost.terms, problem.seconds(realloc),
             problem.seconds(transfer), round(p.end - p.start, 9), floor[p.call],

@@ -67,7 +67,7 @@ def _params_worker(rank: int) -> list[str]:
 def _batch_worker(rank: int) -> list[str]:
     import torch
 
-    from rlhfc_runtime.transfer import BatchSpec, redistribute_batch, rows_of
+    from rlhfc_runtime.transfer import receive_batch, rows_of, send_batch
 
     failures = []
     for batch_size in (8, 6):
@@ -77,12 +77,14 @@ def _batch_worker(rank: int) -> list[str]:
             "logp": torch.randn(batch_size, 5, generator=g),
             "score": torch.randn(batch_size, generator=g).to(torch.bfloat16),
         }
-        spec = BatchSpec(batch_size, (("logp", (5,), "float32"), ("score", (), "bfloat16"), ("seq", (5,), "int64")))
         for src in all_layouts():
             for dst in all_layouts():
                 held = rows_of(batch_size, src, rank)
                 local = None if held is None else {k: v[held[0] : held[1]].clone() for k, v in batch.items()}
-                got = redistribute_batch(local, spec, src, dst, rank)
+                sent = send_batch(local, batch_size, src, dst, rank) if rank in src.ranks else []
+                got = receive_batch(local, batch_size, src, dst, rank)
+                for work in sent:
+                    work.wait()
                 need = rows_of(batch_size, dst, rank)
                 want = {} if need is None else {k: v[need[0] : need[1]] for k, v in batch.items()}
                 if set(got) != set(want) or any(

@@ -232,9 +232,9 @@ def _split(terms: dict[str, float], resident: int, transient: int, is_home: bool
 
 
 def transfer_seconds(call: Call, cluster: Cluster, device: Device, c: Coefficients) -> float:
-    """Moving one data key of `call` (a value per token of every sequence) between calls,
-    over the slowest link of the cluster. Charged on every data edge: consumers regroup
-    data by their own dp layout even on the same mesh, and the volume is a few MB."""
+    """Moving one data key of `call` (a value per token of every sequence) into it from a
+    call in another layout, over the slowest link of the cluster (the volume is a few MB);
+    with `move_latency`, what the receiving devices spend on it before the call."""
     if cluster.n_devices <= 1:
         return 0.0
     link = device.inter_bandwidth if cluster.nodes > 1 else device.intra_bandwidth

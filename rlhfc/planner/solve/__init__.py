@@ -27,12 +27,12 @@ def plan_from_choice(
 ) -> Plan:
     """Turn an evaluated assignment into a `Plan` (times in seconds, calls by start)."""
     df = problem.dataflow
-    start, end, realloc = dict(sched.starts), dict(sched.ends), dict(sched.reallocs)
+    start, end, realloc, moves = dict(sched.starts), dict(sched.ends), dict(sched.reallocs), dict(sched.moves)
     placements = []
     for call in sorted(problem.calls, key=lambda c: (start[c], problem.calls.index(c))):
         o = choice[call]
         placements.append(CallPlacement(
-            call, df.call(call).model, o.strategy, problem.seconds(start[call] + realloc[call]),
+            call, df.call(call).model, o.strategy, problem.seconds(start[call] + realloc[call] + moves[call]),
             problem.seconds(end[call]), o.cost.peak_bytes + _resident_elsewhere(problem, choice, call),
             o.cost.peak_bytes,
         ))

@@ -27,9 +27,9 @@ def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[d
     """The best plan that runs every call on the whole cluster with one shared strategy.
     Every call holds every device, so the calls run one after another: a candidate's
     makespan is at least its durations' sum, so candidates are tried by that sum and the
-    search stops when it reaches the best makespan (exact); the order matters only
-    through transfer lags, so candidates are compared on a few orders and the best one
-    scheduled over all orders (those tried before `deadline`)."""
+    search stops when it reaches the best makespan (exact); with every call on every
+    device the order hardly matters, so candidates are compared on a few orders and the
+    best one scheduled over all orders (those tried before `deadline`)."""
     df = problem.dataflow
     whole = Mesh(0, df.cluster.nodes, 0, df.cluster.devices_per_node)
     neural = [c for c in df.calls if df.model(c.model).kind != ModelKind.RULE]

@@ -1,13 +1,14 @@
 """The CP-SAT model of the planning problem.
 
 - x[c,o]: call c runs with option o; exactly one per call.
-- start/end/size per call, size = Σ duration(o)·x[c,o] + realloc(c).
+- start/end/size per call, size = Σ duration(o)·x[c,o] + realloc(c) + moves(c), where
+  moves(c) = Σ over data edges (p, c) of units(p, c)·differ(p, c): the call's devices
+  receive its inputs from calls in other layouts first (senders do not wait).
 - Resources are device *atoms*: maximal device sets that every option covers wholly or
   not at all (a whole node when no option slices it); one NoOverlap per atom over
   optional intervals (start, size, end) of the calls, present iff the call's chosen
   option covers the atom.
-- Precedence: end(src) + transfer ≤ start(dst) for data edges and same-iteration
-  parameter edges.
+- Precedence: end(src) ≤ start(dst) for data edges and same-iteration parameter edges.
 - Reallocation (exact, no pair literals): with y[m,L] = Σ x over the home call's
   options of layout L, for each layout L' of a non-home call c of model m,
   realloc(c) ≥ Σ_L R(L, L')·y[m,L], enforced only if c uses layout L'. Minimising the
@@ -77,20 +78,21 @@ def solve_cpsat(
                 default=0,
             )
     horizon = sum(max(o.duration for o in opts[c]) + max_realloc.get(c, 0) for c in problem.calls)
-    horizon += sum(t for _, _, t in problem.edges) + sum(t for _, _, t in problem.moves) + 1
+    horizon += sum(t for _, _, t in problem.moves) + 1
     x = {(c, i): m.NewBoolVar(f"x[{c},{i}]") for c in problem.calls for i in range(len(opts[c]))}
     start = {c: m.NewIntVar(0, horizon, f"start[{c}]") for c in problem.calls}
     end = {c: m.NewIntVar(0, horizon, f"end[{c}]") for c in problem.calls}
     realloc = {c: m.NewIntVar(0, r, f"realloc[{c}]") for c, r in max_realloc.items()}
     size = {c: m.NewIntVar(0, horizon, f"size[{c}]") for c in problem.calls}
+    layouts = {c: _layout_vars(m, x, c, opts[c]) for c in problem.calls}  # y[c][L]: c runs in layout L
+    moves = _move_terms(m, problem, layouts)
     for c in problem.calls:
         m.AddExactlyOne(x[c, i] for i in range(len(opts[c])))
-        m.Add(size[c] == realloc.get(c, 0) + sum(o.duration * x[c, i] for i, o in enumerate(opts[c])))
+        m.Add(size[c] == realloc.get(c, 0) + sum(moves[c]) + sum(o.duration * x[c, i] for i, o in enumerate(opts[c])))
         m.Add(end[c] == start[c] + size[c])
-    for src, dst, lag in problem.edges:
-        m.Add(start[dst] >= end[src] + lag)
-    _add_moves(m, problem, x, start, end)
-    _add_realloc(m, problem, x, realloc)
+    for src, dst in problem.edges:
+        m.Add(start[dst] >= end[src])
+    _add_realloc(m, problem, layouts, realloc)
     for n, (_, keys) in enumerate(_atoms(problem)):
         intervals = []
         for call in sorted({c for c, _ in keys}):
@@ -136,7 +138,7 @@ def static_lower_bound(problem: Problem) -> int:
     fastest = {c: min((o.duration for o in opts[c]), default=0) for c in problem.calls}
     finish = dict(fastest)
     for _ in problem.calls:  # relax along the (acyclic) edges until every chain is counted
-        finish = {c: fastest[c] + max((finish[src] + lag for src, dst, lag in problem.edges if dst == c), default=0)
+        finish = {c: fastest[c] + max((finish[src] for src, dst in problem.edges if dst == c), default=0)
                   for c in problem.calls}
     energy = sum(min((o.duration * max(1, len(o.devices)) for o in opts[c]), default=0) for c in problem.calls)
     return max(max(finish.values(), default=0), -(-energy // problem.dataflow.cluster.n_devices))
@@ -183,25 +185,25 @@ def _add_hint(m, problem: Problem, hint, x, start, end, realloc, makespan) -> No
     m.Add(makespan <= sched.makespan)
 
 
-def _add_moves(m, problem: Problem, x, start, end) -> None:
-    """A data edge waits its moves' fixed cost too when its calls' layouts differ:
-    differ ≥ y_src[L] − y_dst[L] for every layout L of the producer (exactly one y_src is
-    1, so differ is forced to 1 unless the consumer uses the same layout)."""
-    opts, lags = problem.by_call, {(a, b): t for a, b, t in problem.edges}
+def _move_terms(m, problem: Problem, layouts: dict[str, dict]) -> dict[str, list]:
+    """Per call, the units·differ terms of its incoming moves: differ ≥ y_src[L] − y_dst[L]
+    for every layout L of the producer (exactly one y_src is 1, so differ is forced to 1
+    unless the consumer uses the same layout; minimising never sets it needlessly)."""
+    out: dict[str, list] = {c: [] for c in problem.calls}
     for src, dst, units in problem.moves:
-        y_src, y_dst = _layout_vars(m, x, src, opts[src]), _layout_vars(m, x, dst, opts[dst])
+        y_src, y_dst = layouts[src], layouts[dst]
         differ = m.NewBoolVar(f"moves[{src},{dst}]")
         for layout, y in y_src.items():
             m.Add(differ >= y - y_dst.get(layout, 0))
-        m.Add(start[dst] >= end[src] + lags[src, dst] + units * differ)
+        out[dst].append(units * differ)
+    return out
 
 
-def _add_realloc(m, problem: Problem, x, realloc) -> None:
+def _add_realloc(m, problem: Problem, layouts: dict[str, dict], realloc) -> None:
     opts = problem.by_call
     for c in realloc:
         home = problem.home_call(c)
-        y_home = _layout_vars(m, x, home, opts[home])
-        y_dst = _layout_vars(m, x, c, opts[c])
+        y_home, y_dst = layouts[home], layouts[c]
         homes = by_layout(opts[home])
         for layout, rep in by_layout(opts[c]).items():
             terms = [problem.realloc(c, h, rep) * y_home[hl] for hl, h in homes.items()]

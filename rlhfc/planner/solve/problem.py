@@ -83,14 +83,14 @@ class Problem:
     coeffs: Coefficients
     options: tuple[tuple[str, tuple[Option, ...]], ...]  # per call, in program order
     home_of: tuple[tuple[str, str], ...]  # model -> its home call
-    edges: tuple[tuple[str, str, int], ...]  # (src, dst, transfer time units), same iteration
+    edges: tuple[tuple[str, str], ...]  # (src, dst): dst starts after src ends, same iteration
     capacity: int
     dropped: tuple[tuple[str, int], ...] = field(default=())  # call -> options over memory
     space: SearchSpace = SearchSpace()
-    # (src, dst, units): a data edge's extra wait when dst runs in another layout than src,
-    # `move_latency` per key the edge carries (the lowering then moves each key); only
-    # edges with units > 0. An upper bound where two consumers of a key share a layout
-    # (the key moves there once).
+    # (src, dst, units) of every data edge: when dst runs in another layout than src, its
+    # devices receive the edge's keys before it computes (the runtime's senders post and go
+    # on, receivers wait): the keys' transfer time plus `move_latency` each. Only edges with
+    # units > 0; an upper bound where two consumers of a key share a layout (it moves once).
     moves: tuple[tuple[str, str, int], ...] = field(default=())
 
     @cached_property
@@ -159,13 +159,13 @@ class Problem:
     def to_units(self, seconds: float) -> int:
         return to_units(seconds, self.coeffs)
 
-    def lags(self, choice: dict[str, Option]) -> dict[tuple[str, str], int]:
-        """Every edge's wait under `choice`: its transfer time, plus its moves' fixed cost
-        where the consumer's layout differs from the producer's."""
-        out = {(a, b): t for a, b, t in self.edges}
+    def moves_in(self, choice: dict[str, Option]) -> dict[str, int]:
+        """Call -> time units its devices spend receiving data before it computes under
+        `choice`: the moves of its incoming edges from calls in another layout."""
+        out = dict.fromkeys(self.calls, 0)
         for a, b, units in self.moves:
             if choice[a].layout != choice[b].layout:
-                out[a, b] += units
+                out[b] += units
         return out
 
     def seconds(self, units: int) -> float:
@@ -356,20 +356,18 @@ def build_problem(
         layout_matters = model_calls[call.model] > 1
         per_call.append((call.name, tuple(prune_dominated(fitting, layout_matters))))
     calls = {c.name for c in df.calls}
-    edges: dict[tuple[str, str], int] = {}
-    keys: dict[tuple[str, str], int] = {}
+    edges: dict[tuple[str, str], None] = {}
+    moves: dict[tuple[str, str], float] = {}  # (src, dst) -> seconds of its keys' moves
     for e in df.edges:
         if e.next_iteration or e.src not in calls or e.dst not in calls:
             continue
-        t = 0
+        edges[e.src, e.dst] = None
         if e.kind is EdgeKind.DATA:
-            t = to_units(transfer_seconds(df.call(e.dst), df.cluster, device, coeffs), coeffs)
-            keys[e.src, e.dst] = keys.get((e.src, e.dst), 0) + 1
-        edges[e.src, e.dst] = max(t, edges.get((e.src, e.dst), 0))
-    moves = tuple((a, b, to_units(n * coeffs.move_latency, coeffs)) for (a, b), n in keys.items())
-    problem = Problem(df, device, coeffs, tuple(per_call), tuple(sorted(homes.items())),
-        tuple((a, b, t) for (a, b), t in edges.items()), device.plan_memory, tuple(dropped), space,
-        tuple(m for m in moves if m[2] > 0))
+            seconds = transfer_seconds(df.call(e.dst), df.cluster, device, coeffs) + coeffs.move_latency
+            moves[e.src, e.dst] = moves.get((e.src, e.dst), 0.0) + seconds
+    units = tuple((a, b, to_units(t, coeffs)) for (a, b), t in moves.items())
+    problem = Problem(df, device, coeffs, tuple(per_call), tuple(sorted(homes.items())), tuple(edges),
+                      device.plan_memory, tuple(dropped), space, tuple(m for m in units if m[2] > 0))
     return prune_with_realloc(problem, deadline)
 
 

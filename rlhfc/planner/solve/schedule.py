@@ -20,21 +20,24 @@ MAX_ORDERS = 5000
 
 @dataclass(frozen=True)
 class Schedule:
-    """Start and end (time units) of every call, the reallocation time at its start, makespan."""
+    """Start and end (time units) of every call; the reallocation and the data moves its
+    devices receive at its start, before it computes; the makespan."""
 
     starts: tuple[tuple[str, int], ...]
     ends: tuple[tuple[str, int], ...]
     reallocs: tuple[tuple[str, int], ...]
+    moves: tuple[tuple[str, int], ...]
     makespan: int
 
 
-def durations(problem: Problem, choice: dict[str, Option]) -> dict[str, tuple[int, int]]:
-    """Call -> (reallocation units, total units) under `choice`."""
+def durations(problem: Problem, choice: dict[str, Option]) -> dict[str, tuple[int, int, int]]:
+    """Call -> (reallocation units, incoming data-move units, total units) under `choice`."""
     out = {}
+    moves = problem.moves_in(choice)
     for call, opt in choice.items():
         home = problem.home_call(call)
         r = problem.realloc(call, choice[home], opt) if home else 0
-        out[call] = (r, r + opt.duration)
+        out[call] = (r, moves[call], r + moves[call] + opt.duration)
     return out
 
 
@@ -74,14 +77,14 @@ def _topological_orders(calls: list[str], preds: dict[str, set[str]], limit: int
     yield from rec([], set())
 
 
-def serial_schedule(problem: Problem, choice: dict[str, Option], order: list[str], dur: dict[str, tuple[int, int]]):
+def serial_schedule(problem: Problem, choice: dict[str, Option], order: list[str],
+                    dur: dict[str, tuple[int, int, int]]):
     """Place calls in `order`, each at its earliest gap-respecting start."""
     busy: dict[int, list[tuple[int, int]]] = {}
     start, end = {}, {}
-    lags = problem.lags(choice)
     for c in order:
-        t = max((end[s] + lags[s, d] for s, d, _ in problem.edges if d == c), default=0)
-        length = dur[c][1]
+        t = max((end[s] for s, d in problem.edges if d == c), default=0)
+        length = dur[c][2]
         devices = choice[c].devices
         moved = True
         while moved and length > 0:
@@ -106,7 +109,7 @@ def evaluate(
         return None
     dur = durations(problem, choice)
     calls = list(problem.calls)
-    preds = {c: {s for s, d, _ in problem.edges if d == c} for c in calls}
+    preds = {c: {s for s, d in problem.edges if d == c} for c in calls}
     best = None
     for order in _topological_orders(calls, preds, max_orders):
         start, end = serial_schedule(problem, choice, order, dur)
@@ -118,5 +121,5 @@ def evaluate(
     start, end, span = best
     return Schedule(
         tuple((c, start[c]) for c in calls), tuple((c, end[c]) for c in calls),
-        tuple((c, dur[c][0]) for c in calls), span,
+        tuple((c, dur[c][0]) for c in calls), tuple((c, dur[c][1]) for c in calls), span,
     )

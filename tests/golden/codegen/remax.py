@@ -9,8 +9,8 @@ Plan: HEURISTIC, estimated 0.011 s/iteration, lower bound 0.000 s, gap 100.0%
     gen     actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  2
     greedy  actor   L0      node0[0:2]  2   1   1   1    0.003    0.006  2
     score   reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl    ref     L0      node0[0:2]  2   1   1   1    0.006    0.008  2
     base    reward  L0      node0[0:2]  2   1   1   1    0.006    0.006  0
+    refl    ref     L0      node0[0:2]  2   1   1   1    0.006    0.008  2
     a_tr    actor   L0      node0[0:2]  2   1   1   1    0.008    0.011  6
     
     homes: actor -> L0, ref -> L0
@@ -81,8 +81,8 @@ PROGRAM = {'source': '../programs/remax.rlhf',
  'estimates': {'gen': 0.002937,
                'greedy': 0.002937,
                'score': 0.0,
-               'refl': 0.002246,
                'base': 0.0,
+               'refl': 0.002246,
                'a_tr': 0.002982},
  'estimated_peak_bytes': {'gen': 1207863, 'greedy': 1207863, 'refl': 1505731, 'a_tr': 5996450}}
 
@@ -100,8 +100,8 @@ def iteration(e: Engine) -> None:
     e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 32, 'precision': 'fp32', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
     e.call('greedy', model='actor', kind='generate', using='generate_greedy', layout='L0', inputs=('prompts',), outputs=('base_seq',), settings={'rows': 32, 'precision': 'fp32', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
     e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 32, 'max_new_tokens': 12})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 32, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
     e.call('base', model='reward', kind='inference', using='rule', layout='L0', inputs=('base_seq',), outputs=('base_score',), settings={'rows': 32, 'max_new_tokens': 12})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 32, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
     e.call('a_tr', model='actor', kind='train', using='remax_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'base_score'), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'kl_coef': 0.001, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False})
 
 
