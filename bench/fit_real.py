@@ -1,5 +1,7 @@
 """Fit the H100 cost-model coefficients to ReaL's measured PPO iterations (run by hand):
-`python bench/fit_real.py` writes bench/results/real_fit.{json,md}.
+`python bench/fit_real.py` writes bench/results/real_fit.{json,md};
+`python bench/fit_real.py --evaluate` plans again with the coefficients stored there and
+rewrites only the errors (after a planner change that should not need a refit).
 
 Targets, per setting of `bench/data/real_measured.json`: rlhfc's estimate of its own
 plan against ReaL's measured seconds per iteration, and its symmetric plan's estimate
@@ -106,6 +108,9 @@ def summary(rows: list[dict]) -> dict:
     return {k: round(statistics.median(r[k] for r in rows), 4) for k in ("time_error", "symmetric_error", "speedup_error")}
 
 
+RESULTS = Path(__file__).parent / "results"
+
+
 def main(rounds: int = 2) -> None:
     rows = settings()
     t0 = time.perf_counter()
@@ -123,16 +128,34 @@ def main(rounds: int = 2) -> None:
         loo_coeffs[s.name] = {n: getattr(loo, n) for n in NAMES}
         held_out.append(errors(s, *plans(s, loo)))
         print(json.dumps(held_out[-1]), flush=True)
+    write_report(c, in_sample, held_out, loo_coeffs, {"fit_seconds": round(time.perf_counter() - t0, 1)})
+
+
+def evaluate_stored() -> None:
+    """`--evaluate`: plan every setting again with the coefficients real_fit.json holds (the
+    fit, and each setting's leave-one-out fit) and rewrite the errors, without refitting:
+    the current planner judged by the stored fit, in a fraction of the fit's time."""
+    doc = json.loads((RESULTS / "real_fit.json").read_text())
+    t0 = time.perf_counter()
+    c = replace(DEFAULT_COEFFICIENTS, **doc["coefficients"])
+    rows = settings()
+    in_sample = [errors(s, *plans(s, c)) for s in rows]
+    loo = doc["leave_one_out"]["coefficients"]
+    held_out = [errors(s, *plans(s, replace(DEFAULT_COEFFICIENTS, **loo[s.name]))) for s in rows]
+    write_report(c, in_sample, held_out, loo, {"fit_seconds": doc["fit_seconds"],
+                                               "evaluate_seconds": round(time.perf_counter() - t0, 1)})
+
+
+def write_report(c: Coefficients, in_sample: list[dict], held_out: list[dict], loo_coeffs: dict, timing: dict) -> None:
     doc = {
         "source": json.loads((Path(__file__).parent / "data" / "real_measured.json").read_text())["source"],
         "coefficients": {n: getattr(c, n) for n in NAMES}, "bounds": BOUNDS,
         "in_sample": {"median": summary(in_sample), "rows": in_sample},
         "leave_one_out": {"median": summary(held_out), "rows": held_out, "coefficients": loo_coeffs},
-        "fit_seconds": round(time.perf_counter() - t0, 1),
+        **timing,
     }
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "real_fit.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "real_fit.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     cols = ["setting", "estimate_s", "real_s", "symmetric_s", "real_heuristic_s", "speedup_predicted",
             "speedup_measured", "time_error", "speedup_error"]
     lines = []
@@ -140,10 +163,10 @@ def main(rounds: int = 2) -> None:
         lines += [f"### {title}: median {summary(table)}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(str(r[k]) for k in cols) + " |" for r in table] + [""]
     lines += ["coefficients: " + json.dumps(doc["coefficients"])]
-    (out / "real_fit.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "real_fit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps(asdict(c)))
 
 
 if __name__ == "__main__":
-    main()
+    evaluate_stored() if "--evaluate" in sys.argv[1:] else main()

@@ -29,7 +29,7 @@ def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[d
     makespan is at least its durations' sum, so candidates are tried by that sum and the
     search stops when it reaches the best makespan (exact); with every call on every
     device the order hardly matters, so candidates are compared on a few orders and the
-    best one scheduled over all orders (those tried before `deadline`)."""
+    best one scheduled over all orders (those tried, and candidates built, before `deadline`)."""
     df = problem.dataflow
     whole = Mesh(0, df.cluster.nodes, 0, df.cluster.devices_per_node)
     neural = [c for c in df.calls if df.model(c.model).kind != ModelKind.RULE]
@@ -45,11 +45,20 @@ def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[d
             per_call.setdefault(c.name, {}).setdefault(_degrees(s), []).append(s)
     shared = sorted(set.intersection(*(set(v) for v in per_call.values()))) if per_call else []
     candidates = []
+    priced: dict[tuple[str, Strategy], Option] = {}  # variants share most calls' strategies
+
+    def option(c, st: Strategy) -> Option:
+        if (c.name, st) not in priced:
+            priced[c.name, st] = make_option(df, c, st, problem.device, problem.coeffs, problem.is_home(c.name))
+        return priced[c.name, st]
+
     for degrees in shared:
+        if candidates and deadline is not None and time.perf_counter() > deadline:
+            break  # past the deadline: compare the candidates built so far
         for variant in itertools.product(*(per_call[c.name][degrees] for c in neural)):
             choice = dict(rules)
             for c, st in zip(neural, variant):
-                choice[c.name] = make_option(df, c, st, problem.device, problem.coeffs, problem.is_home(c.name))
+                choice[c.name] = option(c, st)
             # every call holds every device, so the makespan is at least the sum of durations
             candidates.append((sum(o.duration for o in choice.values()), len(candidates), choice))
     best = None

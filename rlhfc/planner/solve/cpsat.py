@@ -93,6 +93,7 @@ def solve_cpsat(
     for src, dst in problem.edges:
         m.Add(start[dst] >= end[src])
     _add_realloc(m, problem, layouts, realloc)
+    memory = _memory_terms(problem, x)
     for n, (_, keys) in enumerate(_atoms(problem)):
         intervals = []
         for call in sorted({c for c, _ in keys}):
@@ -102,7 +103,7 @@ def solve_cpsat(
                 m.Add(present == sum(covering))
             intervals.append(m.NewOptionalIntervalVar(start[call], size[call], end[call], present, f"iv[{call},{n}]"))
         m.AddNoOverlap(intervals)
-        _add_memory(m, problem, x, keys)
+        _add_memory(m, problem, memory, keys)
     makespan = m.NewIntVar(0, horizon, "makespan")
     m.AddMaxEquality(makespan, list(end.values()))
     # Redundant energy cut (tightens the bound): busy device-time fits in the cluster.
@@ -226,11 +227,22 @@ def _layout_vars(m, x, call: str, options: tuple[Option, ...]) -> dict[tuple, cp
     return out
 
 
-def _add_memory(m, problem: Problem, x, keys: list[tuple[str, int]]) -> None:
-    """Resident state of homes on this atom + transient of each call ≤ capacity."""
-    opts = problem.by_call
-    resident = [kib(opts[c][i].cost.static_bytes) * x[c, i] for c, i in keys if opts[c][i].cost.static_bytes]
-    calls = sorted({c for c, _ in keys})
-    for call in calls:
-        transient = [kib(opts[c][i].cost.transient_bytes) * x[c, i] for c, i in keys if c == call]
-        m.Add(sum(resident) + sum(transient) <= problem.capacity_kib)
+def _memory_terms(problem: Problem, x) -> dict[tuple[str, int], tuple]:
+    """(x, resident KiB, transient KiB) of every option, computed once for all atoms."""
+    return {(c, i): (x[c, i], kib(o.cost.static_bytes), kib(o.cost.transient_bytes))
+            for c, opts in problem.options for i, o in enumerate(opts)}
+
+
+def _add_memory(m, problem: Problem, terms: dict, keys: list[tuple[str, int]]) -> None:
+    """Resident state of homes on this atom (one variable, so each call's constraint holds
+    only its own options) + transient of each call ≤ capacity."""
+    held = [terms[k] for k in keys if terms[k][1]]
+    resident = m.NewIntVar(0, problem.capacity_kib, f"resident[{keys[0]}]")
+    m.Add(resident == cp_model.LinearExpr.WeightedSum([t[0] for t in held], [t[1] for t in held]))
+    by_call: dict[str, list] = {}
+    for k in keys:
+        by_call.setdefault(k[0], []).append(terms[k])
+    for call in sorted(by_call):
+        own = by_call[call]
+        m.Add(resident + cp_model.LinearExpr.WeightedSum([t[0] for t in own], [t[2] for t in own])
+              <= problem.capacity_kib)

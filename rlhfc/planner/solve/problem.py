@@ -89,8 +89,8 @@ class Problem:
     space: SearchSpace = SearchSpace()
     # (src, dst, units) of every data edge: when dst runs in another layout than src, its
     # devices receive the edge's keys before it computes (the runtime's senders post and go
-    # on, receivers wait): the keys' transfer time plus `move_latency` each. Only edges with
-    # units > 0; an upper bound where two consumers of a key share a layout (it moves once).
+    # on, receivers wait): the keys' transfer time plus `move_latency` each. Only edges above
+    # `MOVE_RESOLUTION`; an upper bound where two consumers of a key share a layout (it moves once).
     moves: tuple[tuple[str, str, int], ...] = field(default=())
 
     @cached_property
@@ -365,11 +365,19 @@ def build_problem(
         if e.kind is EdgeKind.DATA:
             seconds = transfer_seconds(df.call(e.dst), df.cluster, device, coeffs) + coeffs.move_latency
             moves[e.src, e.dst] = moves.get((e.src, e.dst), 0.0) + seconds
-    units = tuple((a, b, to_units(t, coeffs)) for (a, b), t in moves.items())
+    fastest = {c: min((o.duration for o in opts), default=0) for c, opts in per_call}
+    priced = tuple((a, b, u) for (a, b), t in moves.items()
+                   if (u := to_units(t, coeffs)) > MOVE_RESOLUTION * fastest[b])
     problem = Problem(df, device, coeffs, tuple(per_call), tuple(sorted(homes.items())), tuple(edges),
-                      device.plan_memory, tuple(dropped), space, tuple(m for m in units if m[2] > 0))
+                      device.plan_memory, tuple(dropped), space, priced)
     return prune_with_realloc(problem, deadline)
 
+
+# A data edge's moves are priced only where they cost more than this share of the
+# consumer's fastest option: below it (GPU clusters move a few MB in microseconds beside
+# calls of seconds) no estimate changes by more than that share of its calls' durations,
+# and the CP-SAT model keeps its layout terms off edges that cannot matter.
+MOVE_RESOLUTION = 1e-3
 
 TRAIN_STEP_KEYS = ("mini_batches", "ppo_epochs")
 
