@@ -8,8 +8,10 @@
    1-process plans (or `--calibration-runs` names run directories to reuse); the cost
    model is fitted to their call times exactly as `rlhfc calibrate` does
    (`rlhfc.planner.cost.fit.calibrate_runs`); then the solver plan priced with those
-   coefficients runs beside the symmetric plan and, where the calibrated model predicts
-   it faster than the 2-process plan (or the round ran it already), the 1-process plan.
+   coefficients runs beside the symmetric plan, the calibrated model's own best symmetric
+   plan and, where the calibrated model predicts it faster than the 2-process plan (or
+   the round ran it already), the 1-process plan. Predicted ratios price every plan with
+   the calibrated coefficients, the default symmetric plan included.
    A plan identical to one run earlier in the round is not run twice.
 
 Every round runs its plans side by side (interleaved), so a slow spell of the machine
@@ -242,26 +244,46 @@ def measure(program: Path, steps: int, sections: tuple[str, ...], coefficients: 
                 row["hand_written_s_per_iter"] = fresh.apply(hand_written, (program, steps))
             row["generated_code_overhead"] = row["one_device_generated_s_per_iter"] / row["hand_written_s_per_iter"] - 1
         if "calibrated" in sections:
-            row.update(calibrated_round(program, coefficients, work, run, row["symmetric_plan_s_per_iter"], seen))
+            row.update(calibrated_round(program, coefficients, work, run, sym, row["symmetric_plan_s_per_iter"], seen))
     return row
 
 
-def calibrated_round(program: Path, coefficients: Path, work: Path, run, symmetric_measured: float,
+def priced_under(prog, coefficients: Path) -> float:
+    """The estimate of an already compiled plan under other coefficients (its strategies
+    pinned, priced and scheduled again)."""
+    from rlhfc.planner.cost.fit import load_coefficients
+    from rlhfc.planner.explain import replay
+    from rlhfc.planner.solve.schedule import evaluate
+
+    problem, choice = replay(prog.dataflow, prog.plan, load_coefficients(coefficients))
+    return problem.seconds(evaluate(problem, choice).makespan)
+
+
+def calibrated_round(program: Path, coefficients: Path, work: Path, run, symmetric, symmetric_measured: float,
                      seen: dict) -> dict[str, float]:
-    """The calibrated solver plan vs the symmetric plan, and vs the 1-process plan where
-    the calibrated model prefers it or the round ran that plan already (`seen`):
-    measured, predicted, and the per-round ratios."""
+    """The calibrated solver plan vs the symmetric plan measured in the round (`symmetric`,
+    default coefficients) and vs the calibrated model's own best symmetric plan, and vs
+    the 1-process plan where the calibrated model prefers it or the round ran that plan
+    already (`seen`): measured, predicted (every plan priced with the calibrated
+    coefficients), and the per-round ratios."""
     plans = calibrated_plans(program, coefficients, work)
     solver = run("calibrated_solver", plans["calibrated_solver"])
+    own_symmetric = run("calibrated_symmetric", plans["calibrated_symmetric"])
     est = {k: p.plan.iteration_time for k, p in plans.items()}
     row = {
         "calibrated_solver_s_per_iter": solver, "calibrated_solver_estimate_s": est["calibrated_solver"],
+        "calibrated_symmetric_s_per_iter": own_symmetric,
         "calibrated_symmetric_estimate_s": est["calibrated_symmetric"],
         "calibrated_one_process_estimate_s": est["calibrated_one_process"],
+        "symmetric_plan_calibrated_estimate_s": priced_under(symmetric, coefficients),
         "speedup_calibrated_solver_vs_symmetric": symmetric_measured / solver,
-        "predicted_speedup_calibrated_solver_vs_symmetric": est["calibrated_symmetric"] / est["calibrated_solver"],
+        "speedup_calibrated_solver_vs_calibrated_symmetric": own_symmetric / solver,
+        "predicted_speedup_calibrated_solver_vs_calibrated_symmetric":
+            est["calibrated_symmetric"] / est["calibrated_solver"],
         "predicted_speedup_one_process_vs_calibrated_solver": est["calibrated_solver"] / est["calibrated_one_process"],
     }
+    row["predicted_speedup_calibrated_solver_vs_symmetric"] = (row["symmetric_plan_calibrated_estimate_s"]
+                                                               / est["calibrated_solver"])
     if prefers_one_process(plans) or plan_key(plans["calibrated_one_process"]) in seen:
         one = run("calibrated_one_process", plans["calibrated_one_process"])
         row["calibrated_one_process_s_per_iter"] = one

@@ -21,7 +21,7 @@ from rlhfc_runtime.algorithms.schedules import AdaptiveKL, lr_factor
 from rlhfc_runtime.checkpoint import checkpoint_config, init_random, load_checkpoint, tiny_config
 from rlhfc_runtime.data.loaders import JsonlLoader
 from rlhfc_runtime.data.tokenizer import load_tokenizer
-from rlhfc_runtime.dist import device_for_rank, rank_groups
+from rlhfc_runtime.dist import all_gather_rows, device_for_rank, rank_groups
 from rlhfc_runtime.generate import SamplingParams, generate
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedLlama, next_token_logprobs
@@ -334,10 +334,7 @@ def _fp32(outputs: dict) -> dict:
 
 
 def _gather_rows(batch: dict, groups) -> dict:
-    """The whole batch of a layout, from the rows of every dp rank (tiny data: objects)."""
+    """The whole batch of a layout, from the rows of every dp rank."""
     if groups.layout.dp == 1:
         return batch
-    parts = [None] * groups.layout.dp
-    dist.all_gather_object(parts, {k: v.cpu() for k, v in batch.items()}, group=groups.dp)
-    device = next(iter(batch.values())).device
-    return {k: torch.cat([p[k] for p in parts]).to(device) for k in batch}
+    return all_gather_rows(batch, groups.dp, groups.layout.dp)

@@ -6,6 +6,7 @@ torchrun and Slurm launch generated programs unchanged, plus a local launcher fo
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import queue as queue_mod
@@ -86,6 +87,43 @@ def exchange(sends=(), recvs=()) -> None:
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
+
+
+def all_gather_rows(batch: dict, group, size: int) -> dict:
+    """The rows of `batch` (key -> tensor, rows first) of every rank of `group` (`size`
+    ranks), concatenated in rank order: tensor collectives on the batch's device (padded
+    to the longest chunk, since dp chunks may differ by a row), no pickling."""
+    first = next(iter(batch.values()))
+    counts = [torch.zeros(1, dtype=torch.int64, device=first.device) for _ in range(size)]
+    dist.all_gather(counts, torch.tensor([first.shape[0]], dtype=torch.int64, device=first.device), group=group)
+    rows = [int(c.item()) for c in counts]
+    out = {}
+    for k in sorted(batch):
+        local = batch[k].contiguous()
+        padded = local.new_zeros((max(rows), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(parts, padded, group=group)
+        out[k] = torch.cat([part[:n] for part, n in zip(parts, rows)])
+    return {k: out[k] for k in batch}
+
+
+def gather_json(value, size: int) -> list | None:
+    """`value` (anything JSON holds) of every rank on rank 0, in rank order; None on the
+    others. Two small gloo collectives of host tensors and JSON, where
+    `all_gather_object` would pickle every rank's value to every rank."""
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+    dist.all_gather(lengths, torch.tensor([data.numel()], dtype=torch.int64))
+    longest = max(int(n.item()) for n in lengths)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: data.numel()] = data
+    root = dist.get_rank() == 0
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)] if root else None
+    dist.gather(padded, parts, dst=0)
+    if not root:
+        return None
+    return [json.loads(part[: int(n.item())].numpy().tobytes()) for part, n in zip(parts, lengths)]
 
 
 def free_port() -> int:

@@ -273,13 +273,14 @@ class Engine:
             if die_at and int(die_at) == self.step and self.rank == self.world - 1:
                 os._exit(17)
 
-    def _gather(self, seconds: float) -> dict:
+    def _gather(self, seconds: float) -> tuple[dict, list]:
         """One metrics record: stats averaged over the ranks that report them, per-op times
         from the last rank's start to the last rank's end (a rank that arrives early waits
         in the op's first collective; that wait is the schedule's, not the op's), next to
-        the planner's estimates."""
-        parts = [None] * self.world
-        dist.all_gather_object(parts, (self.stats, self.spans, self.samples))
+        the planner's estimates. Rank 0 builds it (the one that logs); the others get ({}, [])."""
+        parts = rdist.gather_json((self.stats, self.spans, self.samples), self.world)
+        if parts is None:
+            return {}, []
         stats: dict[str, list[float]] = {}
         spans: dict[str, tuple[float, float]] = {}
         samples = [row for _, _, rows in parts for row in rows]

@@ -36,8 +36,13 @@ def test_calibrated_section_end_to_end(tmp_path, monkeypatch):
     assert all(len(lines) == 6 for lines in doc["calibrated_plans"].values())  # one line per call
     for key in ("symmetric_plan_s_per_iter", "calibrated_solver_s_per_iter", "calibrated_solver_estimate_s",
                 "calibrated_symmetric_estimate_s", "calibrated_one_process_estimate_s",
-                "speedup_calibrated_solver_vs_symmetric", "predicted_speedup_calibrated_solver_vs_symmetric"):
+                "speedup_calibrated_solver_vs_symmetric", "predicted_speedup_calibrated_solver_vs_symmetric",
+                "calibrated_symmetric_s_per_iter", "symmetric_plan_calibrated_estimate_s",
+                "speedup_calibrated_solver_vs_calibrated_symmetric",
+                "predicted_speedup_calibrated_solver_vs_calibrated_symmetric"):
         assert doc[key] > 0 and doc["rounds"][0][key] == doc[key]
+    assert doc["predicted_speedup_calibrated_solver_vs_symmetric"] == (
+        doc["symmetric_plan_calibrated_estimate_s"] / doc["calibrated_solver_estimate_s"])
     low, high = doc["speedup_calibrated_solver_vs_symmetric_range"]
     assert low == high == doc["speedup_calibrated_solver_vs_symmetric"]
     preferred = doc["calibrated_one_process_estimate_s"] < doc["calibrated_solver_estimate_s"]
