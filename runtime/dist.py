@@ -271,7 +271,7 @@ def tied_embedding_ranks(layout: Layout, dp_rank: int, tp_rank: int) -> tuple[in
 
 def ensure_groups(layouts: Iterable[Layout], extra: Iterable[tuple[int, ...]] = ()) -> None:
     """Create the process groups of all `layouts` (and the `extra` rank sets, e.g. the
-    op program's data-move groups) that do not exist yet: eagerly, once per rank set.
+    op program's GROUPS) that do not exist yet: eagerly, once per rank set.
 
     `dist.new_group` is collective over the whole world, so every rank must call this
     with the same arguments; the groups are created in sorted order of their rank
