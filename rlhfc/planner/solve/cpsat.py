@@ -14,7 +14,7 @@
   realloc(c) ≥ Σ_L R(L, L')·y[m,L], enforced only if c uses layout L'. Minimising the
   makespan never wants realloc(c) above its lower bound on the critical path.
 - Memory (whole KiB) per atom and per call c: Σ resident bytes of the home options covering the atom
-  + Σ transient bytes of c's options covering it ≤ capacity (calls on one device never
+  (one variable per atom) + Σ transient bytes of c's options covering it ≤ capacity (calls on one device never
   overlap, so the peak is the largest single call on top of the resident state).
 - Redundant energy cut: Σ duration·|mesh|·x ≤ devices·makespan.
 - Objective: makespan ≥ end(c), integer time units (µs, durations rounded up).
@@ -84,7 +84,8 @@ def solve_cpsat(
     end = {c: m.NewIntVar(0, horizon, f"end[{c}]") for c in problem.calls}
     realloc = {c: m.NewIntVar(0, r, f"realloc[{c}]") for c, r in max_realloc.items()}
     size = {c: m.NewIntVar(0, horizon, f"size[{c}]") for c in problem.calls}
-    layouts = {c: _layout_vars(m, x, c, opts[c]) for c in problem.calls}  # y[c][L]: c runs in layout L
+    used = {c for a, b, _ in problem.moves for c in (a, b)} | set(realloc) | {problem.home_call(c) for c in realloc}
+    layouts = {c: _layout_vars(m, x, c, opts[c]) for c in problem.calls if c in used}  # y[c][L]: c runs in layout L
     moves = _move_terms(m, problem, layouts)
     for c in problem.calls:
         m.AddExactlyOne(x[c, i] for i in range(len(opts[c])))
