@@ -6,6 +6,7 @@ torchrun and Slurm launch generated programs unchanged, plus a local launcher fo
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
@@ -167,7 +168,19 @@ def _worker(index: int, fn: Callable, nprocs: int, port: int, results, args: tup
             raise SystemExit(1) from None
         raise
     finally:
+        leave_world()
+
+
+def leave_world() -> None:
+    """Tear the world down while the interpreter is whole: collect cycles that still hold
+    tensors or work objects, destroy every process group, and drop this module's cached
+    groups, so that no ProcessGroupGloo (and its threads) is destroyed during interpreter
+    finalization, where gloo teardown can abort the process ("terminate called without
+    an active exception") after a run that finished."""
+    gc.collect()
+    if dist.is_initialized():
         dist.destroy_process_group()
+    _GROUPS.clear()
 
 
 def run_here(fn: Callable, *args: Any) -> Any:
@@ -186,7 +199,7 @@ def run_here(fn: Callable, *args: Any) -> Any:
     except Exception as e:  # noqa: BLE001 - reported like a spawned worker's failure
         raise WorkerFailed(f"worker rank 0 of 1 failed:\n{_failure(e)}") from None
     finally:
-        dist.destroy_process_group()
+        leave_world()
         torch.set_num_threads(threads)
         for k, v in saved.items():
             if v is None:

@@ -129,6 +129,7 @@ def _torchrun_worker(program, layouts, groups, iteration, options, out, resume) 
         print(f"rlhfc: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
+        rdist.leave_world()
         lock.release()
     if os.environ["RANK"] == "0" or result["stopped"]:
         _finish(result, resume, quiet=os.environ["RANK"] != "0")
