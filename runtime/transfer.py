@@ -72,11 +72,15 @@ def _row_transfers(batch_size: int, src: Layout, dst: Layout, devices_per_node: 
 SPEC_BYTES = 4096
 
 
+def _spec(local: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """Key -> trailing shape and dtype name of a chunk, in key order."""
+    return [(k, tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in sorted(local.items())]
+
+
 def _spec_tensor(local: dict, device):
     import torch
 
-    text = json.dumps([[k, list(v.shape[1:]), str(v.dtype).removeprefix("torch.")] for k, v in sorted(local.items())])
-    data = text.encode("ascii")
+    data = json.dumps(_spec(local)).encode("ascii")
     if len(data) > SPEC_BYTES:
         raise ValueError(f"a data key with {len(local)} fields needs a {len(data)}-byte spec; moves carry {SPEC_BYTES}")
     out = torch.zeros(SPEC_BYTES, dtype=torch.uint8)
@@ -142,10 +146,7 @@ def receive_batch(local: dict | None, batch_size: int, src: Layout, dst: Layout,
     headers = [torch.empty(SPEC_BYTES, dtype=torch.uint8, device=device) for _ in senders]
     for work in [dist.irecv(h, s) for h, s in zip(headers, senders)]:
         work.wait()
-    if headers:
-        spec = _spec_of(headers[0])
-    else:
-        spec = [(k, tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in sorted(local.items())]
+    spec = _spec_of(headers[0]) if headers else _spec(local)
     out = {k: torch.empty((need[1] - need[0], *shape), dtype=getattr(torch, dt), device=device)
            for k, shape, dt in spec}
     held = rows_of(batch_size, src, rank)
