@@ -109,11 +109,27 @@ def all_gather_rows(batch: dict, group, size: int) -> dict:
     return {k: out[k] for k in batch}
 
 
+def json_tensor(value, length: int | None = None) -> torch.Tensor:
+    """`value` as JSON bytes in a host uint8 tensor, zero-padded to `length` bytes (None:
+    exactly its size): what goes over the wire instead of a pickle."""
+    data = json.dumps(value).encode("ascii")
+    if length is not None and len(data) > length:
+        raise ValueError(f"{len(data)} bytes of JSON do not fit in a {length}-byte message")
+    out = torch.zeros(len(data) if length is None else length, dtype=torch.uint8)
+    out[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return out
+
+
+def json_of(message: torch.Tensor):
+    """The value `json_tensor` wrote (trailing zero padding ignored)."""
+    return json.loads(message.cpu().numpy().tobytes().rstrip(b"\0"))
+
+
 def gather_json(value, size: int) -> list | None:
     """`value` (anything JSON holds) of every rank on rank 0, in rank order; None on the
     others. Two small gloo collectives of host tensors and JSON, where
     `all_gather_object` would pickle every rank's value to every rank."""
-    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    data = json_tensor(value)
     lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
     dist.all_gather(lengths, torch.tensor([data.numel()], dtype=torch.int64))
     longest = max(int(n.item()) for n in lengths)
@@ -122,9 +138,7 @@ def gather_json(value, size: int) -> list | None:
     root = dist.get_rank() == 0
     parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)] if root else None
     dist.gather(padded, parts, dst=0)
-    if not root:
-        return None
-    return [json.loads(part[: int(n.item())].numpy().tobytes()) for part, n in zip(parts, lengths)]
+    return [json_of(part) for part in parts] if root else None
 
 
 def free_port() -> int:

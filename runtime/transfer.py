@@ -13,7 +13,6 @@ Planning is pure; the two imports torch lazily.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from rlhfc_runtime.contract.layout import Layout
@@ -78,19 +77,15 @@ def _spec(local: dict) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def _spec_tensor(local: dict, device):
-    import torch
+    from rlhfc_runtime.dist import json_tensor
 
-    data = json.dumps(_spec(local)).encode("ascii")
-    if len(data) > SPEC_BYTES:
-        raise ValueError(f"a data key with {len(local)} fields needs a {len(data)}-byte spec; moves carry {SPEC_BYTES}")
-    out = torch.zeros(SPEC_BYTES, dtype=torch.uint8)
-    out[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return out.to(device)
+    return json_tensor(_spec(local), SPEC_BYTES).to(device)
 
 
 def _spec_of(header) -> list[tuple[str, tuple[int, ...], str]]:
-    data = header.cpu().numpy().tobytes().rstrip(b"\0")
-    return [(k, tuple(shape), dtype) for k, shape, dtype in json.loads(data.decode("ascii"))]
+    from rlhfc_runtime.dist import json_of
+
+    return [(k, tuple(shape), dtype) for k, shape, dtype in json_of(header)]
 
 
 def _spec_pairs(transfers: list[RowTransfer], src: Layout, dst: Layout) -> list[tuple[int, int]]:

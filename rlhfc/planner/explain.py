@@ -79,11 +79,12 @@ def explain_plan(df: Dataflow, plan: Plan, coeffs: Coefficients | None) -> tuple
     """Every call of `plan` (in plan order) with its estimate's terms and its roofline."""
     problem, choice = replay(df, plan, coeffs)
     _, floor = roofline_seconds(df, plan, coeffs)
+    moves = problem.moves_in(choice)
     out = []
     for p in plan.calls:
         home = problem.home_call(p.call)
         realloc = problem.realloc(p.call, choice[home], choice[p.call]) if home else 0
-        transfer = problem.moves_in(choice)[p.call]
+        transfer = moves[p.call]
         out.append(CallExplanation(
             p.call, p.model, p.strategy, choice[p.call].cost.terms, problem.seconds(realloc),
             problem.seconds(transfer), round(p.end - p.start, 9), floor[p.call],
