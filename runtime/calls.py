@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rlhfc_runtime.contract.kinds import ModelKind
+from rlhfc_runtime.contract.kinds import Head, ModelKind
 from rlhfc_runtime.algorithms.ops import sequence_score
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rollout_kl, rule_scores
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL, lr_factor
@@ -25,7 +25,7 @@ from rlhfc_runtime.dist import all_gather_rows, device_for_rank, rank_groups
 from rlhfc_runtime.generate import SamplingParams, generate
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedLlama, next_token_logprobs
-from rlhfc_runtime.model import param_shapes as model_param_shapes
+from rlhfc_runtime.contract.shapes import Param, param_table
 from rlhfc_runtime.rewards import RewardError, as_tensor, score_rows
 from rlhfc_runtime.transfer import rows_of
 
@@ -111,9 +111,10 @@ def load_shards(model: RuntimeModel, shards: dict) -> None:
     model.module.load_shards(shards)
 
 
-def param_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
-    """Full (unsharded) parameter shapes: reallocation plans from them on every rank."""
-    return model_param_shapes(ModelConfig.from_hf(model_config(spec)), spec["head"])
+def param_shapes(spec: dict) -> dict[str, Param]:
+    """Full (unsharded) parameters, shape and tp split (the contract's table):
+    reallocation plans from them on every rank."""
+    return param_table(ModelConfig.from_hf(model_config(spec)).shape, Head(spec["head"]))
 
 
 def take_rows(batch: dict, lo: int, hi: int) -> dict:

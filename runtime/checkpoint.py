@@ -24,10 +24,9 @@ from safetensors.torch import save_file
 from rlhfc_runtime.contract.atomic import write_atomic, write_error
 from rlhfc_runtime.dist import rank_groups
 from rlhfc_runtime.contract.layout import Layout, shard_slices
-from rlhfc_runtime.contract.hf import ARCHITECTURES
+from rlhfc_runtime.contract.shapes import param_table
+from rlhfc_runtime.contract.family import fused, hf_class, shape_from_hf
 from rlhfc_runtime.model import LM, VALUE, ModelConfig, ShardedLlama, param_shapes
-
-_HEAD_CLASS = {LM: "ForCausalLM", VALUE: "ForTokenClassification"}
 
 
 def tiny_config(**overrides) -> dict:
@@ -74,7 +73,7 @@ def write_random_checkpoint(path: str | Path, cfg: dict, seed: int = 0, head: st
 
 def _tied_source(cfg: ModelConfig, name: str) -> str:
     """The parameter whose values `name` has: a tied lm_head is the embedding."""
-    return "model.embed_tokens.weight" if cfg.tie_word_embeddings and name == "lm_head.weight" else name
+    return "model.embed_tokens.weight" if cfg.shape.tied_embeddings and name == "lm_head.weight" else name
 
 
 def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -113,11 +112,28 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         raise write_error(err if isinstance(err, OSError) else OSError(errno.EIO, str(err)), path, need) from None
 
 
+def fuse(shape, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's own tensors from the table's: a family's fused tensors (Phi-3's
+    qkv_proj, gate_up_proj) are the concatenation of their parts, in place of them."""
+    rules = fused(shape)
+    if not rules:
+        return tensors
+    out = dict(tensors)
+    for n in range(shape.n_layers):
+        for rule in rules:
+            names = [f"model.layers.{n}.{part}" for part in rule.parts]
+            if all(name in out for name in names):
+                out[f"model.layers.{n}.{rule.name}"] = torch.cat([out.pop(name) for name in names], dim=rule.dim)
+    return out
+
+
 def _write(path: Path, cfg: dict, head: str, tensors: dict[str, torch.Tensor], max_shard_bytes: int | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    if cfg.get("tie_word_embeddings"):  # as transformers saves tied models
+    shape = shape_from_hf(cfg)
+    if shape.tied_embeddings:  # as transformers saves tied models
         tensors = {n: t for n, t in tensors.items() if n != "lm_head.weight"}
-    out = dict(cfg, architectures=[ARCHITECTURES[cfg.get("model_type", "llama")] + _HEAD_CLASS[head]])
+    tensors = fuse(shape, tensors)
+    out = dict(cfg, architectures=[hf_class(shape, head == VALUE)])
     if head == VALUE:
         out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     tensors = {n: t.contiguous() for n, t in tensors.items()}
@@ -159,10 +175,11 @@ def hf_name(key: str) -> str:
     return key if key.startswith(("model.", "lm_head.")) else "model." + key
 
 
-def weight_index(path: str | Path) -> dict[str, tuple[Path, str]]:
-    """HF parameter name -> (safetensors file, key in that file), from a single file or
-    a sharded index. Bare backbone keys (`layers.0…`, as LlamaModel saves them) map to
-    `model.layers.0…`; a tied model's missing lm_head maps to the embedding."""
+def weight_index(path: str | Path) -> dict[str, tuple[Path, str, int]]:
+    """HF parameter name -> (safetensors file, key in that file, first row of it), from
+    a single file or a sharded index. Bare backbone keys (`layers.0…`, as LlamaModel
+    saves them) map to `model.layers.0…`; a tied model's missing lm_head maps to the
+    embedding; a family's fused tensors map each part to its rows (`unfuse`)."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -175,10 +192,26 @@ def weight_index(path: str | Path) -> dict[str, tuple[Path, str]]:
     out = {}
     for key, file in raw.items():
         if not key.endswith(IGNORED_SUFFIXES):
-            out[hf_name(key)] = (file, key)
+            out[hf_name(key)] = (file, key, 0)
     if "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    return out
+    return _unfuse(out, shape_from_hf(read_config(path)))
+
+
+def _unfuse(index: dict, shape) -> dict:
+    """Each part of a fused checkpoint tensor as the rows of it that it is."""
+    table = param_table(shape)
+    for n in range(shape.n_layers):
+        for rule in fused(shape):
+            whole = index.pop(f"model.layers.{n}.{rule.name}", None)
+            if whole is None:
+                continue
+            row = 0
+            for part in rule.parts:
+                name = f"model.layers.{n}.{part}"
+                index[name] = (whole[0], whole[1], row)
+                row += table[name].shape[rule.dim]
+    return index
 
 
 def checkpoint_config(path: str | Path, head: str) -> dict:
@@ -218,9 +251,12 @@ def load_checkpoint(
     shards = {}
     for name in model.shards():
         if name in index:
-            file, key = index[name]
+            file, key, row = index[name]
+            sl = model.slices(name)
+            if row:  # a part of a fused tensor: its rows start at `row`
+                sl = (slice(sl[0].start + row, sl[0].stop + row), *sl[1:])
             with safe_open(str(file), "pt") as f:
-                shards[name] = f.get_slice(key)[model.slices(name)]
+                shards[name] = f.get_slice(key)[sl]
         else:  # a value head on purpose (checked above)
             shards[name] = random_tensor(name, full[name], seed, cfg.get("initializer_range", 0.02))[model.slices(name)]
     model.load_shards({n: t.to(dtype) for n, t in shards.items()})
@@ -291,5 +327,5 @@ def gather_full(model: ShardedLlama, local: dict[str, torch.Tensor]) -> dict[str
 
 
 def _slices_at(model: ShardedLlama, name: str, rank: int):
-    full = param_shapes(model.cfg, model.head)[name]
-    return shard_slices(name, full, model.cfg.num_layers, model.groups.layout, rank)
+    p = model.table[name]
+    return shard_slices(name, p.shape, model.cfg.shape.n_layers, model.groups.layout, rank, p.split)

@@ -1,6 +1,9 @@
-"""The layers of a tensor-parallel LLaMA decoder: Megatron-style tp regions, RMSNorm,
-RoPE, GQA attention (SDPA on the KV-cache view, flash-attn varlen on CUDA when
-installed), SwiGLU MLP, and the KV cache of incremental decoding.
+"""The layers of a tensor-parallel decoder, for every family of `contract.family`:
+Megatron-style tp regions, RMSNorm (LLaMA's, Gemma's `1 + w`, OLMo 2's over all heads),
+GQA attention (q/k norms, RoPE variants, sliding windows, soft-capping; SDPA on the
+KV-cache view, flash-attn varlen on CUDA when installed), the gated MLP (SwiGLU,
+GeGLU), and the KV cache of incremental decoding. Which of these a layer runs is read
+from the model's `ModelShape` switches.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhfc_runtime.dist import RankGroups
+from rlhfc_runtime.rope import apply_rope
 
 if TYPE_CHECKING:
-    from rlhfc_runtime.model import ModelConfig
+    from rlhfc_runtime.contract.shapes import ModelShape
 
 # ---------------------------------------------------------------- tensor-parallel ops
 
@@ -83,6 +87,24 @@ def reduce_from_tp(x, groups: RankGroups):
     return _ReduceFromTP.apply(x, groups) if _active(groups.tp_ranks) else x
 
 
+class _SumOverTP(torch.autograd.Function):
+    """Sums over the tp group where every rank goes on with the sum in its own
+    computation (the variance of a norm over all heads): the gradient is summed too."""
+
+    @staticmethod
+    def forward(ctx, x, groups):
+        ctx.groups = groups
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=groups.tp)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.groups.tp)
+        return grad, None
+
+
 def gather_from_tp(x, groups: RankGroups):
     """Concatenate the tp ranks' slices of the last dimension (vocab-parallel logits)."""
     return _GatherLastDim.apply(x, groups) if _active(groups.tp_ranks) else x
@@ -96,18 +118,33 @@ def _param(shape, device, dtype) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    """HF LlamaRMSNorm: normalise in fp32, scale in the input dtype."""
+    """RMSNorm as the families define it, normalising in fp32: LLaMA scales by `w` in the
+    input dtype; Gemma by `1 + w` (`offset`) and OLMo 2 by `w`, both in fp32
+    (`scale_fp32`). With `groups`, the weight is this rank's tp slice of a norm over all
+    heads (OLMo 2's q/k norms): the mean square is taken over the full width."""
 
-    def __init__(self, size, eps, device, dtype):
+    def __init__(self, size, eps, device, dtype, offset=False, scale_fp32=False, groups=None):
         super().__init__()
         self.weight = _param((size,), device, dtype)
-        self.eps = eps
+        self.eps, self.offset, self.scale_fp32, self.groups = eps, offset, scale_fp32 or offset, groups
 
     def forward(self, x):
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.groups is not None and _active(self.groups.tp_ranks):
+            square = _SumOverTP.apply(x.pow(2).sum(-1, keepdim=True), self.groups)
+            x = x * torch.rsqrt(square / (x.shape[-1] * len(self.groups.tp_ranks)) + self.eps)
+        else:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_fp32:
+            w = self.weight.float()
+            return (x * (1.0 + w) if self.offset else w * x).to(dtype)
         return self.weight * x.to(dtype)
+
+
+def norm_for(shape: ModelShape, size: int, device, dtype, groups=None) -> RMSNorm:
+    """The family's RMSNorm of width `size` (offset for Gemma, fp32 scaling off LLaMA's pre-norm)."""
+    return RMSNorm(size, shape.norm_eps, device, dtype, shape.norm_offset, shape.norm != "pre", groups)
 
 
 class _Weight(nn.Module):
@@ -120,31 +157,17 @@ class _Weight(nn.Module):
         self.bias = _param(shape[:1], device, dtype) if bias else None
 
 
-def rope_cos_sin(position_ids, head_dim, theta, dtype):
-    """HF default RoPE tables for `position_ids` [B, T] -> cos, sin [B, T, head_dim]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _apply_rope(x, cos, sin):
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
-
-
-def attention_mask_4d(key_valid, q_start: int, q_len: int):
+def attention_mask_4d(key_valid, q_start: int, q_len: int, window: int = 0):
     """Boolean [B, 1, q_len, K] mask: query i (absolute position q_start+i in the
-    cache) sees valid keys at or before it. A query always sees itself, so padded
-    rows never become all-masked (their outputs are ignored)."""
+    cache) sees valid keys at or before it, and with a sliding `window` only the last
+    `window` of them. A query always sees itself, so padded rows never become
+    all-masked (their outputs are ignored)."""
     k_len = key_valid.shape[1]
     q_abs = torch.arange(q_start, q_start + q_len, device=key_valid.device)[:, None]
     k_idx = torch.arange(k_len, device=key_valid.device)[None, :]
     causal = k_idx <= q_abs
+    if window:
+        causal = causal & (q_abs - k_idx < window)
     mask = causal[None] & key_valid[:, None, :].bool()
     mask = mask | (k_idx == q_abs)[None]
     return mask[:, None]
@@ -162,76 +185,134 @@ class KVCache:
 FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
-def attention(q, k, v, mask):
+def attention(q, k, v, mask, scale: float | None = None, softcap: float = 0.0):
     """Softmax attention of q [B, H, T, D] over k, v [B, Hkv, K, D] (Hkv divides H:
-    grouped-query heads are shared, never copied). mask: None (causal, no padding) or
-    a boolean [B, 1, T, K]. On CUDA with flash-attn installed, unpadded fp16/bf16
-    prefill runs its kernel; everything else runs torch's SDPA."""
+    grouped-query heads are shared, never copied, except by the soft-capped path).
+    mask: None (causal, no padding) or a boolean [B, 1, T, K]. Soft-capping (Gemma 2)
+    runs the scores explicitly, as transformers' eager attention; on CUDA with
+    flash-attn installed, unpadded fp16/bf16 prefill runs its kernel; everything else
+    runs torch's SDPA."""
+    if softcap:
+        return _softcapped(q, k, v, mask, scale, softcap)
     gqa = q.shape[1] != k.shape[1]
     if mask is None and q.is_cuda and FLASH_ATTN and q.dtype in (torch.float16, torch.bfloat16):
-        return _flash(q, k, v)
+        return _flash(q, k, v, scale)
     if mask is None:  # no padding, no cache: let SDPA pick its fused causal kernel
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
 
 
-def _flash(q, k, v):  # pragma: no cover - needs CUDA and flash-attn
+def _softcapped(q, k, v, mask, scale, cap):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        t, kl = q.shape[2], k.shape[2]
+        mask = torch.ones(t, kl, dtype=torch.bool, device=q.device).tril(kl - t)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _flash(q, k, v, scale):  # pragma: no cover - needs CUDA and flash-attn
     from flash_attn import flash_attn_varlen_func
 
     b, h, t, d = q.shape
     lens = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=q.device)
     flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # noqa: E731
-    out = flash_attn_varlen_func(flat(q), flat(k), flat(v), lens, lens, t, t, causal=True)
+    out = flash_attn_varlen_func(flat(q), flat(k), flat(v), lens, lens, t, t, causal=True, softmax_scale=scale)
     return out.view(b, t, h, d).transpose(1, 2)
 
 
-class DecoderLayer(nn.Module):
-    """One LLaMA block; attention heads and MLP columns split over the tp group."""
+def _linear(x, w: _Weight):
+    return F.linear(x, w.weight, w.bias)
 
-    def __init__(self, cfg: ModelConfig, groups: RankGroups, index: int, device, dtype):
+
+def _add_bias(x, w: _Weight):
+    """Row-parallel output plus its (replicated) bias, added once after the tp reduce."""
+    return x if w.bias is None else x + w.bias
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class DecoderLayer(nn.Module):
+    """One decoder block of any supported family; attention heads and MLP columns split
+    over the tp group. Norm placement: "pre" (LLaMA), "sandwich" (Gemma: around both
+    sub-blocks), "post" (OLMo 2: after each sub-block)."""
+
+    def __init__(self, shape: ModelShape, groups: RankGroups, index: int, device, dtype):
         super().__init__()
         tp = groups.layout.tp
-        if cfg.num_kv_heads % tp or cfg.num_heads % tp:
-            raise ValueError(f"tp={tp} must divide heads={cfg.num_heads} and kv heads={cfg.num_kv_heads}")
-        self.cfg, self.groups, self.index = cfg, groups, index
-        self.heads, self.kv_heads = cfg.num_heads // tp, cfg.num_kv_heads // tp
-        h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size // tp
-        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, device, dtype)
-        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, device, dtype)
-        self.self_attn = nn.Module()
-        self.self_attn.q_proj = _Weight((self.heads * hd, h), device, dtype, cfg.qkv_bias)
-        self.self_attn.k_proj = _Weight((self.kv_heads * hd, h), device, dtype, cfg.qkv_bias)
-        self.self_attn.v_proj = _Weight((self.kv_heads * hd, h), device, dtype, cfg.qkv_bias)
-        self.self_attn.o_proj = _Weight((h, self.heads * hd), device, dtype)
-        self.mlp = nn.Module()
-        self.mlp.gate_proj = _Weight((inter, h), device, dtype)
-        self.mlp.up_proj = _Weight((inter, h), device, dtype)
-        self.mlp.down_proj = _Weight((h, inter), device, dtype)
+        if shape.n_kv_heads % tp or shape.n_heads % tp:
+            raise ValueError(f"tp={tp} must divide heads={shape.n_heads} and kv heads={shape.n_kv_heads}")
+        self.shape, self.groups, self.index = shape, groups, index
+        self.heads, self.kv_heads = shape.n_heads // tp, shape.n_kv_heads // tp
+        self.window = shape.windows[index] if shape.windows else 0
+        self.rope = index not in shape.nope_layers
+        self.scale = shape.query_scale ** -0.5 if shape.query_scale else None
+        h, hd, inter = shape.hidden, shape.head_dim, shape.intermediate // tp
+        if shape.has("input_norm"):
+            self.input_layernorm = norm_for(shape, h, device, dtype)
+        self.post_attention_layernorm = norm_for(shape, h, device, dtype)
+        if shape.has("sandwich_norm"):
+            self.pre_feedforward_layernorm = norm_for(shape, h, device, dtype)
+        if shape.has("post_mlp_norm"):
+            self.post_feedforward_layernorm = norm_for(shape, h, device, dtype)
+        a = self.self_attn = nn.Module()
+        a.q_proj = _Weight((self.heads * hd, h), device, dtype, shape.qkv_bias)
+        a.k_proj = _Weight((self.kv_heads * hd, h), device, dtype, shape.qkv_bias)
+        a.v_proj = _Weight((self.kv_heads * hd, h), device, dtype, shape.qkv_bias)
+        a.o_proj = _Weight((h, self.heads * hd), device, dtype, shape.o_bias)
+        if shape.qk_norm == "head":
+            a.q_norm, a.k_norm = (RMSNorm(hd, shape.norm_eps, device, dtype, shape.norm_offset) for _ in "qk")
+        elif shape.qk_norm == "full":
+            a.q_norm = norm_for(shape, self.heads * hd, device, dtype, groups)
+            a.k_norm = norm_for(shape, self.kv_heads * hd, device, dtype, groups)
+        m = self.mlp = nn.Module()
+        m.gate_proj = _Weight((inter, h), device, dtype, shape.mlp_bias)
+        m.up_proj = _Weight((inter, h), device, dtype, shape.mlp_bias)
+        m.down_proj = _Weight((h, inter), device, dtype, shape.mlp_bias)
+        self.act = ACTIVATIONS[shape.activation]
 
-    def _attention(self, x, cos, sin, mask, cache: KVCache | None, start: int):
+    def _attention(self, x, rope, masks, cache: KVCache | None, start: int):
         b, t, _ = x.shape
-        hd, a = self.cfg.head_dim, self.self_attn
+        hd, a = self.shape.head_dim, self.self_attn
         x = copy_to_tp(x, self.groups)
-        q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(b, t, self.heads, hd).transpose(1, 2)
-        k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(b, t, self.kv_heads, hd).transpose(1, 2)
-        v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(b, t, self.kv_heads, hd).transpose(1, 2)
-        q, k = _apply_rope(q, cos, sin).to(v.dtype), _apply_rope(k, cos, sin).to(v.dtype)
+        q, k, v = _linear(x, a.q_proj), _linear(x, a.k_proj), _linear(x, a.v_proj)
+        if self.shape.qk_norm == "full":
+            q, k = a.q_norm(q), a.k_norm(k)
+        q = q.view(b, t, self.heads, hd).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, hd).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, hd).transpose(1, 2)
+        if self.shape.qk_norm == "head":
+            q, k = a.q_norm(q), a.k_norm(k)
+        if self.rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if cache is not None:
             cache.k[self.index][:, :, start:start + t] = k
             cache.v[self.index][:, :, start:start + t] = v
             # a view of the cache: no copy, and no repeat of the kv heads (SDPA's GQA)
             k, v = cache.k[self.index][:, :, :start + t], cache.v[self.index][:, :, :start + t]
             q = q.to(k.dtype)
-        out = attention(q, k, v, mask)
+        out = attention(q, k, v, masks(self.window), self.scale, self.shape.attn_softcap)
         out = out.transpose(1, 2).reshape(b, t, self.heads * hd)
-        return reduce_from_tp(F.linear(out, a.o_proj.weight), self.groups)
+        return _add_bias(reduce_from_tp(F.linear(out, a.o_proj.weight), self.groups), a.o_proj)
 
     def _mlp(self, x):
         m = self.mlp
         x = copy_to_tp(x, self.groups)
-        y = F.silu(F.linear(x, m.gate_proj.weight)) * F.linear(x, m.up_proj.weight)
-        return reduce_from_tp(F.linear(y, m.down_proj.weight), self.groups)
+        y = self.act(_linear(x, m.gate_proj)) * _linear(x, m.up_proj)
+        return _add_bias(reduce_from_tp(F.linear(y, m.down_proj.weight), self.groups), m.down_proj)
 
-    def forward(self, x, cos, sin, mask, cache=None, start=0):
-        x = x + self._attention(self.input_layernorm(x), cos, sin, mask, cache, start)
-        return x + self._mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, masks, cache=None, start=0):
+        """`rope`: this layer type's (cos, sin); `masks(window)`: the attention mask."""
+        norm = self.shape.norm
+        if norm == "pre":
+            x = x + self._attention(self.input_layernorm(x), rope, masks, cache, start)
+            return x + self._mlp(self.post_attention_layernorm(x))
+        inner = self.input_layernorm(x) if norm == "sandwich" else x
+        x = x + self.post_attention_layernorm(self._attention(inner, rope, masks, cache, start))
+        inner = self.pre_feedforward_layernorm(x) if norm == "sandwich" else x
+        return x + self.post_feedforward_layernorm(self._mlp(inner))

@@ -1,9 +1,9 @@
-"""A LLaMA decoder sharded by tensor, pipeline and data parallelism.
+"""A decoder of any supported family sharded by tensor, pipeline and data parallelism.
 
-Parameters keep Hugging Face `LlamaForCausalLM` names and are exactly the slices that
-`layout.shard_slices` defines (plain contiguous tensors), so loading, saving and
-reallocation can address them by name. Numerics follow `transformers` (RMSNorm, RoPE
-with rope_theta, GQA attention, SwiGLU); tensor parallelism is Megatron-style (column-
+Parameters keep Hugging Face names (the contract's parameter table) and are exactly the
+slices that `layout.shard_slices` defines (plain contiguous tensors), so loading, saving
+and reallocation can address them by name. Numerics follow `transformers` for each
+family (`layers`, `rope`); tensor parallelism is Megatron-style (column-
 parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel embedding and LM head);
 pipeline stages own layer ranges and exchange activations with send/recv in a GPipe
 schedule; data-parallel replicas average gradients.
@@ -27,14 +27,17 @@ from torch import nn
 
 from torch.utils.checkpoint import checkpoint
 
-from rlhfc_runtime.contract.hf import rope_parameters, shape_from_hf
-from rlhfc_runtime.contract.layout import shard_slices, stage_layers, tp_split_dim
+from rlhfc_runtime.contract.family import shape_from_hf
+from rlhfc_runtime.contract.kinds import Head
+from rlhfc_runtime.contract.layout import shard_slices, stage_layers
+from rlhfc_runtime.contract.shapes import ModelShape, param_table
 from rlhfc_runtime.dist import RankGroups
 from rlhfc_runtime.layers import (  # noqa: F401  (re-exported: the model's public pieces)
     DecoderLayer, KVCache, RMSNorm, _active, _Weight, attention, attention_mask_4d, copy_to_tp, gather_from_tp,
-    reduce_from_tp, rope_cos_sin,
+    norm_for, reduce_from_tp,
 )
 from rlhfc_runtime.pipeline import PipelineStage
+from rlhfc_runtime.rope import RopeTables, layer_type
 
 LM = "lm"
 VALUE = "value"
@@ -45,78 +48,30 @@ GRAD_BUCKET_BYTES = 25 * 2**20  # gradient all-reduce bucket (as DDP's default)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a LLaMA-family model, read from a Hugging Face config.json."""
+    """A model as the runtime builds it: the contract's shape (sizes and forward
+    switches, `family.shape_from_hf`) and the config.json it was read from (RoPE
+    scaling blocks, special token ids, what an export writes back)."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
-    score_bias: bool
-    qkv_bias: bool
+    shape: ModelShape
     hf: dict = field(compare=False, hash=False, repr=False)
+    rope: RopeTables = field(compare=False, hash=False, repr=False, default=None)
 
     @staticmethod
     def from_hf(cfg: dict) -> "ModelConfig":
-        """Parse a config.json dict (LLaMA, or Qwen2: LLaMA with q/k/v biases); refuses
-        features this runtime does not implement (so a checkpoint never loads with
-        silently wrong numerics)."""
-        shape = shape_from_hf(cfg)  # the checker's reader: what it accepts, this runs
-        return ModelConfig(
-            vocab_size=shape.vocab,
-            hidden_size=shape.hidden,
-            intermediate_size=shape.intermediate,
-            num_layers=shape.n_layers,
-            num_heads=shape.n_heads,
-            num_kv_heads=shape.n_kv_heads,
-            head_dim=shape.head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_parameters(cfg).get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            tie_word_embeddings=shape.tied_embeddings,
-            score_bias=bool(cfg.get("token_classification_bias", True)),
-            qkv_bias=shape.qkv_bias,
-            hf=dict(cfg),
-        )
+        """Parse a config.json dict; refuses (ValueError naming the feature) what this
+        runtime does not implement, so a checkpoint never loads with silently wrong
+        numerics. The checker uses the same reader."""
+        shape = shape_from_hf(cfg)
+        return ModelConfig(shape, dict(cfg), RopeTables(shape, dict(cfg)))
 
 
 def param_shapes(cfg: ModelConfig, head: str) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the full (unsharded) model, HF name -> shape, in HF order.
-
-    head="lm" is LlamaForCausalLM; head="value" is LlamaForTokenClassification with one
-    label (critic / reward models)."""
-    h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    for n in range(cfg.num_layers):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            **({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.bias": (kv,)} if cfg.qkv_bias else {}),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-        })
-    shapes["model.norm.weight"] = (h,)
-    if head == LM:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    elif head == VALUE:
-        shapes["score.weight"] = (1, h)
-        if cfg.score_bias:
-            shapes["score.bias"] = (1,)
-    else:
+    """Every parameter of the full (unsharded) model, HF name -> shape, in HF order
+    (the contract's parameter table). head="lm": …ForCausalLM; head="value":
+    …ForTokenClassification with one label (critic / reward models)."""
+    if head not in (LM, VALUE):
         raise ValueError(f"unknown head {head!r}: expected 'lm' or 'value'")
-    return shapes
+    return {n: p.shape for n, p in param_table(cfg.shape, Head(head)).items()}
 
 
 # ---------------------------------------------------------------- heads
@@ -132,7 +87,9 @@ class HeadOutput:
     def local_logits(self):
         """This tp rank's vocabulary slice of the logits, [B, T, V/tp]."""
         g = self.model.groups
-        return F.linear(copy_to_tp(self.hidden, g), self.model.lm_head.weight)
+        logits = F.linear(copy_to_tp(self.hidden, g), self.model.lm_head.weight)
+        cap = self.model.cfg.shape.final_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def logits(self):
         """Full logits [B, T, V] (gathered over tp)."""
@@ -176,7 +133,7 @@ class HeadOutput:
 
 
 class ShardedLlama(PipelineStage, nn.Module):
-    """The part of a LLaMA model that one rank holds under a layout.
+    """The part of a decoder model that one rank holds under a layout.
 
     Parameter names are HF names; `shards()` / `load_shards()` are the contract with
     reallocation. Forward passes go through `run_pipeline`, which every rank of a
@@ -191,27 +148,28 @@ class ShardedLlama(PipelineStage, nn.Module):
         layout = groups.layout
         self.first = groups.pp_rank == 0
         self.last = groups.pp_rank == layout.pp - 1
-        self.layer_ids = list(stage_layers(cfg.num_layers, layout.pp, groups.pp_rank))
+        shape = cfg.shape
+        self.table = param_table(shape, Head(head))
+        self.layer_ids = list(stage_layers(shape.n_layers, layout.pp, groups.pp_rank))
         self.model = nn.Module()
-        vocab = cfg.vocab_size // layout.tp
-        if cfg.vocab_size % layout.tp:
-            raise ValueError(f"tp={layout.tp} must divide vocab_size={cfg.vocab_size}")
+        vocab = shape.vocab // layout.tp
+        if shape.vocab % layout.tp:
+            raise ValueError(f"tp={layout.tp} must divide vocab_size={shape.vocab}")
         if self.first:
-            self.model.embed_tokens = _Weight((vocab, cfg.hidden_size), self.device, dtype)
+            self.model.embed_tokens = _Weight((vocab, shape.hidden), self.device, dtype)
         self.model.layers = nn.ModuleDict(
-            {str(n): DecoderLayer(cfg, groups, n, self.device, dtype) for n in self.layer_ids}
+            {str(n): DecoderLayer(shape, groups, n, self.device, dtype) for n in self.layer_ids}
         )
         if self.last:
-            self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.device, dtype)
+            self.model.norm = norm_for(shape, shape.hidden, self.device, dtype)
             if head == LM:
-                self.lm_head = _Weight((vocab, cfg.hidden_size), self.device, dtype)
+                self.lm_head = _Weight((vocab, shape.hidden), self.device, dtype)
             else:
-                self.score = _Weight((1, cfg.hidden_size), self.device, dtype, cfg.score_bias)
+                self.score = _Weight((1, shape.hidden), self.device, dtype, shape.score_bias)
         self._check_shapes()
 
     def _check_shapes(self):
-        full = param_shapes(self.cfg, self.head)
-        names = [n for n in full if self.slices(n) is not None]
+        names = [n for n in self.table if self.slices(n) is not None]
         mine = dict(self.named_parameters())
         if sorted(names) != sorted(mine):
             raise AssertionError(f"parameters {sorted(mine)} differ from the layout's {sorted(names)}")
@@ -245,8 +203,8 @@ class ShardedLlama(PipelineStage, nn.Module):
 
     def slices(self, name: str):
         """This rank's slice of full parameter `name` (layout.shard_slices)."""
-        full = param_shapes(self.cfg, self.head)[name]
-        return shard_slices(name, full, self.cfg.num_layers, self.groups.layout, self.groups.rank)
+        p = self.table[name]
+        return shard_slices(name, p.shape, self.cfg.shape.n_layers, self.groups.layout, self.groups.rank, p.split)
 
     def shards(self) -> dict[str, torch.Tensor]:
         """HF name -> this rank's shard (shares storage with the parameter)."""
@@ -271,19 +229,17 @@ class ShardedLlama(PipelineStage, nn.Module):
         among all keys (cache included); None means no padding and no cache."""
         if self.first:
             x = self._embed(x)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        mask = None
-        if key_valid is not None or cache is not None:
-            if key_valid is None:
-                key_valid = torch.ones(x.shape[0], start + x.shape[1], dtype=torch.bool, device=x.device)
-            mask = attention_mask_4d(key_valid, start, x.shape[1])
+        shape = self.cfg.shape
+        ropes = self.cfg.rope.tables(position_ids, x.dtype)
+        masks = _Masks(key_valid, cache is not None, start, x)
         recompute = self._recompute and torch.is_grad_enabled() and cache is None
         for n in self.layer_ids:
             layer = self.model.layers[str(n)]
+            rope = ropes[layer_type(shape, n)]
             if recompute:  # keep only the layer's input; rerun its forward in backward
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, rope, masks, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, start)
+                x = layer(x, rope, masks, cache, start)
         return self.model.norm(x) if self.last else x
 
     def _embed(self, ids):
@@ -295,13 +251,16 @@ class ShardedLlama(PipelineStage, nn.Module):
         # like HF's nn.Embedding(padding_idx=pad_token_id): the pad row gets no gradient
         pad = pad - start if pad is not None and 0 <= pad - start < w.shape[0] else None
         out = F.embedding(local.masked_fill(outside, 0), w, padding_idx=pad) * outside.logical_not()[..., None].to(w.dtype)
-        return reduce_from_tp(out, self.groups)
+        out = reduce_from_tp(out, self.groups)
+        if self.cfg.shape.embed_scale:  # Gemma: times sqrt(hidden), rounded to the weights' dtype
+            out = out * torch.tensor(self.cfg.shape.hidden ** 0.5, dtype=w.dtype)
+        return out
 
     def new_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty KV cache for this stage's layers (in the compute dtype `dtype`,
         the parameters' by default)."""
-        return KVCache(self.layer_ids, batch, max_len, self.cfg.num_kv_heads // self.groups.layout.tp,
-                       self.cfg.head_dim, self.device, dtype or self.dtype)
+        return KVCache(self.layer_ids, batch, max_len, self.cfg.shape.n_kv_heads // self.groups.layout.tp,
+                       self.cfg.shape.head_dim, self.device, dtype or self.dtype)
 
     # ------------------------------------------------------------ conveniences
 
@@ -323,7 +282,7 @@ class ShardedLlama(PipelineStage, nn.Module):
     def _sum_tied_gradients(self) -> None:
         """Tied input/output embeddings are two shards of one parameter (on the first and
         last stage): both get the sum of their gradients, so they stay equal."""
-        if not (self.cfg.tie_word_embeddings and self.head == LM and (self.first or self.last)):
+        if not (self.cfg.shape.tied_embeddings and self.head == LM and (self.first or self.last)):
             return
         holders = (getattr(self.model, "embed_tokens", None), getattr(self, "lm_head", None))
         mine = [m.weight for m in holders if m is not None]
@@ -334,11 +293,16 @@ class ShardedLlama(PipelineStage, nn.Module):
             p.grad = total.clone()
 
     def reduce_gradients(self, bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
-        """Sum tied-embedding gradients, then average gradients over the data-parallel
+        """Sum tied-embedding gradients and those of replicated parameters each tp rank
+        applies to its own heads only (`Param.tp_partial`), then average gradients over the data-parallel
         group in fp32, bucket by bucket (one bucket of extra memory, never a copy of
         all gradients; a gradient at least a bucket large is reduced in place)."""
         self._sum_tied_gradients()
         g = self.groups
+        if _active(g.tp_ranks):
+            for name, p in self.named_parameters():
+                if self.table[name].tp_partial and p.grad is not None:
+                    dist.all_reduce(p.grad, group=g.tp)
         if g.layout.dp == 1:
             return
         grads = []
@@ -364,12 +328,12 @@ class ShardedLlama(PipelineStage, nn.Module):
         tp-split shards add up over the tp group, replicated parameters count once
         (tp rank 0), a tied lm_head counts as the embedding it is."""
         g = self.groups
-        tied = self.cfg.tie_word_embeddings and self.head == LM
+        tied = self.cfg.shape.tied_embeddings and self.head == LM
         sq = torch.zeros((), device=self.device, dtype=torch.float64)
         for name, p in self.named_parameters():
             if p.grad is None or (tied and name == "lm_head.weight"):
                 continue
-            if tp_split_dim(name) is not None or g.tp_rank == 0:
+            if self.table[name].split is not None or g.tp_rank == 0:
                 sq += p.grad.double().pow(2).sum()
         if len(g.mp_ranks) > 1:
             dist.all_reduce(sq, group=g.mp)
@@ -402,6 +366,27 @@ class ShardedLlama(PipelineStage, nn.Module):
             self.clip_grad_norm_(max_grad_norm)
         optimizer.step()
         return float(loss)
+
+
+class _Masks:
+    """The attention masks of one stage pass, per sliding-window length, built once:
+    None (SDPA's causal kernel) for full attention without padding or cache."""
+
+    def __init__(self, key_valid, cached: bool, start: int, x):
+        self.key_valid, self.cached, self.start, self.q_len = key_valid, cached, start, x.shape[1]
+        self.batch, self.device = x.shape[0], x.device
+        self.built: dict[int, torch.Tensor | None] = {}
+
+    def __call__(self, window: int):
+        if window not in self.built:
+            if self.key_valid is None and not self.cached and not window:
+                self.built[window] = None
+            else:
+                valid = self.key_valid
+                if valid is None:
+                    valid = torch.ones(self.batch, self.start + self.q_len, dtype=torch.bool, device=self.device)
+                self.built[window] = attention_mask_4d(valid, self.start, self.q_len, window)
+        return self.built[window]
 
 
 def _buckets(tensors: list[torch.Tensor], limit: int):

@@ -42,7 +42,7 @@ class PipelineStage:
         return buf
 
     def _activation(self, ids):
-        return torch.empty((ids.shape[0], ids.shape[1], self.cfg.hidden_size), device=self.device, dtype=self.dtype)
+        return torch.empty((ids.shape[0], ids.shape[1], self.cfg.shape.hidden), device=self.device, dtype=self.dtype)
 
     def pipeline_forward(self, ids, position_ids, key_valid, cache=None, start=0):
         """Pass one micro-batch through the whole pipeline; returns (stage input,
@@ -50,7 +50,7 @@ class PipelineStage:
         if self.first:
             inp = ids
         else:
-            inp = self.recv_prev((ids.shape[0], ids.shape[1], self.cfg.hidden_size))
+            inp = self.recv_prev((ids.shape[0], ids.shape[1], self.cfg.shape.hidden))
             inp.requires_grad_(torch.is_grad_enabled())
         out = self.stage_forward(inp, position_ids, key_valid, cache, start)
         if not self.last:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Mapping
 
-from rlhfc_runtime.contract.layout import Layout, param_stages, shard_slices, tp_split_dim
+from rlhfc_runtime.contract.layout import UNSET, Layout, param_stages, shard_slices, tp_split_dim
+from rlhfc_runtime.contract.shapes import Param
 
 DEFAULT_BUCKET_BYTES = 64 * 2**20
 # Pieces at least this large that are contiguous on one side at least travel as their own
@@ -132,10 +133,18 @@ def cover_intervals(
     return out
 
 
-def _split_dim(name: str, shape: tuple[int, ...]) -> int:
+def _shape_split(name: str, spec) -> tuple[tuple[int, ...], object]:
+    """(full shape, tp split) of a parameter given as the table's `Param` or as a bare
+    shape (then its split comes from its name)."""
+    if isinstance(spec, Param):
+        return spec.shape, spec.split
+    return tuple(spec), UNSET
+
+
+def _split_dim(name: str, shape: tuple[int, ...], split) -> int:
     if not shape:
         raise ValueError(f"{name}: scalar parameters cannot be sharded")
-    dim = tp_split_dim(name)
+    dim = tp_split_dim(name) if split is UNSET else split
     return 0 if dim is None else dim
 
 
@@ -171,20 +180,20 @@ def plan_reallocation(
     dst_shapes: dict[int, list[tuple[str, tuple[int, ...]]]] = {r: [] for r in dst.ranks}
     load: dict[int, int] = {}
     for name in sorted(param_shapes):
-        shape = tuple(param_shapes[name])
-        dim = _split_dim(name, shape)
+        shape, split = _shape_split(name, param_shapes[name])
+        dim = _split_dim(name, shape, split)
         unit = itemsize
         for d, n in enumerate(shape):
             if d != dim:
                 unit *= n
-        src_slices = {r: shard_slices(name, shape, n_layers, src, r) for r in src.ranks}
+        src_slices = {r: shard_slices(name, shape, n_layers, src, r, split) for r in src.ranks}
         grouped: dict[tuple[int, int], list[int]] = {}
         for r, sl in src_slices.items():
             if sl is not None:
                 grouped.setdefault(_interval(sl, dim), []).append(r)
         pieces = sorted((lo, hi, tuple(rs)) for (lo, hi), rs in grouped.items())
         for r in dst.ranks:
-            need_sl = shard_slices(name, shape, n_layers, dst, r)
+            need_sl = shard_slices(name, shape, n_layers, dst, r, split)
             if need_sl is None:
                 continue
             need = _interval(need_sl, dim)
@@ -249,21 +258,22 @@ def minimum_bytes(
     and multiplied, so a 70B shape costs a few hundred evaluations. The cost model
     calls this; tests compare it with `bytes_moved` of the plan."""
     kinds: dict[tuple, tuple[str, int]] = {}
-    for name, shape in param_shapes.items():
+    for name, spec in param_shapes.items():
+        shape, split = _shape_split(name, spec)
         key = (
-            tuple(shape),
-            tp_split_dim(name),
+            shape,
+            tp_split_dim(name) if split is UNSET else split,
             param_stages(name, n_layers, src.pp),
             param_stages(name, n_layers, dst.pp),
         )
         rep, count = kinds.get(key, (name, 0))
         kinds[key] = (rep, count + 1)
     total = 0
-    for (shape, _, _, _), (name, count) in kinds.items():
+    for (shape, split, _, _), (name, count) in kinds.items():
         per_param = 0
         for r in dst.ranks:
-            need = shard_slices(name, shape, n_layers, dst, r)
-            held = shard_slices(name, shape, n_layers, src, r)
+            need = shard_slices(name, shape, n_layers, dst, r, split)
+            held = shard_slices(name, shape, n_layers, src, r, split)
             per_param += _volume(need) - _box_intersection(need, held)
         total += per_param * count
     return total * itemsize
@@ -366,7 +376,7 @@ def reallocate(
         dtype = sample.dtype if sample is not None else None
     itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else 2
     if plan is None:
-        key = tuple(sorted((n, tuple(v)) for n, v in param_shapes.items()))
+        key = tuple(sorted((n, v if isinstance(v, Param) else tuple(v)) for n, v in param_shapes.items()))
         plan = _cached_plan(key, n_layers, src, dst, itemsize, devices_per_node)
     mine = plan.for_rank(rank)
     shapes = plan.shapes_for(rank)

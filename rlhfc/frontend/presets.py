@@ -18,7 +18,7 @@ PRESETS: dict[str, ModelShape] = {
     "tiny-32": ModelShape(2, 32, 4, 4, 64, 64, 128),
 }
 
-# `llama(...)` inline keys → ModelShape fields (config.json's: `rlhfc_runtime.contract.hf.CONFIG_KEYS`).
+# `llama(...)` inline keys → ModelShape fields (config.json's: `rlhfc_runtime.contract.family.CONFIG_KEYS`).
 SHAPE_KEYS: dict[str, str] = {
     "layers": "n_layers", "hidden": "hidden", "heads": "n_heads", "kv_heads": "n_kv_heads",
     "intermediate": "intermediate", "vocab": "vocab", "max_positions": "max_positions",

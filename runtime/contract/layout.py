@@ -5,7 +5,8 @@ Pure Python, no torch: the compiler imports it too.
 
 Rank order inside a mesh: index = (pp_rank * dp + dp_rank) * tp + tp_rank, so tensor
 parallel groups are consecutive devices (inside one node) and pipeline stages are the
-slowest-varying coordinate. Parameters are named as in Hugging Face LLaMA checkpoints.
+slowest-varying coordinate. Parameters are named as in Hugging Face checkpoints, and
+which dimension tensor parallelism splits comes from the parameter table (`shapes.TABLE`).
 """
 
 from __future__ import annotations
@@ -13,25 +14,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from rlhfc_runtime.contract.shapes import TABLE
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
-# Which dimension tensor parallelism splits, by the parameter's name (suffix match).
-# Column-parallel (output features split): q/k/v, gate/up; row-parallel (input
-# features split): o, down; vocab-parallel: embedding and LM head.
-_TP_DIM = {
-    "self_attn.q_proj.weight": 0,
-    "self_attn.k_proj.weight": 0,
-    "self_attn.v_proj.weight": 0,
-    "self_attn.o_proj.weight": 1,
-    "self_attn.q_proj.bias": 0,  # Qwen2-style attention biases follow their weights
-    "self_attn.k_proj.bias": 0,
-    "self_attn.v_proj.bias": 0,
-    "mlp.gate_proj.weight": 0,
-    "mlp.up_proj.weight": 0,
-    "mlp.down_proj.weight": 1,
-    "model.embed_tokens.weight": 0,
-    "lm_head.weight": 0,
-}
+# name suffix -> the tp split dimensions the table gives it (one, except for q/k norms,
+# which are per head (replicated) in Qwen3 and Gemma 3 and over all heads (split) in OLMo 2)
+_SPLITS: dict[str, set] = {}
+for _row in TABLE:
+    _SPLITS.setdefault(_row.name, set()).add(_row.split)
+UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -85,15 +77,18 @@ def param_stages(name: str, n_layers: int, pp: int) -> tuple[int, ...]:
 
 
 def tp_split_dim(name: str) -> int | None:
-    """The dimension tensor parallelism splits for `name`, or None if replicated."""
-    for suffix, dim in _TP_DIM.items():
-        if name.endswith(suffix):
-            return dim
-    return None
+    """The dimension tensor parallelism splits for `name` (None: replicated), from the
+    table. ValueError for a name whose split depends on the family (q/k norms): callers
+    that hold the model's `param_table` pass its `split` instead."""
+    m = _LAYER.match(name)
+    splits = _SPLITS.get(name[m.end():] if m else name, {None})
+    if len(splits) > 1:
+        raise ValueError(f"{name}: its tp split depends on the model family; pass the param_table's split")
+    return next(iter(splits))
 
 
 def shard_slices(
-    name: str, full_shape: tuple[int, ...], n_layers: int, layout: Layout, rank: int
+    name: str, full_shape: tuple[int, ...], n_layers: int, layout: Layout, rank: int, split=UNSET,
 ) -> tuple[slice, ...] | None:
     """The slice of the full tensor `name` that `rank` holds under `layout`, or None.
 
@@ -106,7 +101,7 @@ def shard_slices(
     pp_rank, _, tp_rank = c
     if pp_rank not in param_stages(name, n_layers, layout.pp):
         return None
-    dim = tp_split_dim(name)
+    dim = tp_split_dim(name) if split is UNSET else split
     out = [slice(0, n) for n in full_shape]
     if dim is not None and layout.tp > 1:
         size = full_shape[dim]

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from rlhfc_runtime import checkpoint as ck
-from rlhfc_runtime.contract.hf import shape_from_hf
+from rlhfc_runtime.contract.family import shape_from_hf
 from rlhfc_runtime.contract.kinds import Head
 from rlhfc_runtime.contract.layout import Layout, shard_slices
 from rlhfc_runtime.model import ModelConfig, param_shapes

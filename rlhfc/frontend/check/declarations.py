@@ -28,7 +28,7 @@ from rlhfc.frontend.check.common import (
 )
 from rlhfc.frontend.check.rewards import check_python_model
 from rlhfc.frontend.presets import PRESETS, SHAPE_KEYS
-from rlhfc_runtime.contract.hf import shape_from_hf
+from rlhfc_runtime.contract.family import shape_from_hf
 
 VALUE_HEAD_ARCHS = ("ForSequenceClassification", "ForTokenClassification")
 
@@ -124,7 +124,7 @@ def _shape(decl: ast.ModelDecl, unit: Unit, positional, keywords, rep: Reporter,
         except FileProblem as error:
             problem = str(error)
         except ValueError as error:  # the runtime's own reader refuses it (json errors are ValueErrors)
-            problem = f"`{path_text}/config.json` is not a usable LLaMA config ({error})"
+            problem = f"`{path_text}/config.json` is not a model this runtime runs exactly: {error}"
         rep.error("E017", problem, positional[0].span,
                   "paths are relative to the program file; or use preset = \"…\" / inline shape keys")
         return None, str(ckpt)

@@ -46,6 +46,7 @@ from rlhfc.planner.cost.coefficients import Coefficients
 from rlhfc.planner.cost.memory import call_transient, precision_of, resident_bytes
 from rlhfc_runtime.contract.interfaces import PRECISION_BYTES, default_precision
 from rlhfc_runtime.contract.layout import stage_layers
+from rlhfc_runtime.contract.shapes import inventory
 
 
 @dataclass(frozen=True)
@@ -70,27 +71,16 @@ class CallCost:
 FREE = CallCost(0.0, 0, 0)
 
 
-def layer_params(shape: ModelShape) -> tuple[int, int]:
-    """(tensor-parallel-split, replicated) parameters of one decoder layer (q/k/v biases
-    are split with their weights)."""
-    h, kv = shape.hidden, shape.n_kv_heads * shape.head_dim
-    biases = h + 2 * kv if shape.qkv_bias else 0
-    return 2 * h * h + 2 * h * kv + 3 * h * shape.intermediate + biases, 2 * h
-
-
 def stage_params(shape: ModelShape, head: Head, tp: int, pp: int, stage: int) -> int:
     """Parameters one device of pipeline stage `stage` holds, exactly as `layout.shard_slices`
-    splits them (q/k/v/o/MLP and embedding/LM head split by tp, norms and value head not)."""
-    split, replicated = layer_params(shape)
-    n = len(stage_layers(shape.n_layers, pp, stage)) * (split // tp + replicated)
+    splits them (the parameter table's tp-split classes divided by tp, replicated ones
+    whole; the last stage has its own copy of a tied LM head, whose gradients are summed)."""
+    inv = inventory(shape, head)
+    n = len(stage_layers(shape.n_layers, pp, stage)) * (inv.layer_split // tp + inv.layer_replicated)
     if stage == 0:
-        n += shape.vocab * shape.hidden // tp
+        n += inv.embed // tp
     if stage == pp - 1:
-        n += shape.hidden  # final norm
-        if head is Head.VALUE:
-            n += shape.hidden
-        else:  # its own copy of the LM head even when tied (the tied gradients are summed)
-            n += shape.vocab * shape.hidden // tp
+        n += inv.final + (inv.head // tp if inv.head_split else inv.head)
     return n
 
 

@@ -3,8 +3,8 @@
 A destination device needs the shard `layout.shard_slices` assigns it; it already holds
 the part that overlaps its own shard in the source layout (same device). The bytes that
 must move are exactly what destinations need and do not hold (HybridFlow's 3D-
-HybridEngine analysis, Sheng et al. 2025 §5). Each parameter class of a LLaMA decoder
-(per-layer split matrices, replicated norms, vocab-split embedding and LM head) has a
+HybridEngine analysis, Sheng et al. 2025 §5). Each parameter class of the parameter table
+(`shapes.inventory`: per-layer split and replicated, vocab-split embedding and LM head) has a
 closed-form overlap: layers shared by the two pipeline stages times the overlap of the
 two tensor-parallel intervals [t/tp, (t+1)/tp). Devices outside the source mesh hold
 nothing, so disjoint meshes cost dp_dst full copies with no per-device work.
@@ -23,10 +23,11 @@ from collections import Counter
 from functools import lru_cache
 
 from rlhfc.planner.cost.coefficients import Coefficients
-from rlhfc.planner.cost.model import layer_params, stage_params
+from rlhfc.planner.cost.model import stage_params
 from rlhfc.hardware import Device
 from rlhfc.ir import Head, ModelShape, Strategy
 from rlhfc_runtime.contract.layout import stage_layers
+from rlhfc_runtime.contract.shapes import Inventory, inventory
 
 
 @dataclass(frozen=True)
@@ -47,21 +48,24 @@ def held_params(shape: ModelShape, head: Head, a: tuple[int, int, int, int], b: 
     destination already holds, given its coordinates a in the source layout."""
     p_a, pp_a, t_a, tp_a = a
     p_b, pp_b, t_b, tp_b = b
-    split, replicated = layer_params(shape)
     unit = math.lcm(tp_a, tp_b)  # tensor-parallel intervals in units of 1/unit
     tp_num = _overlap(t_a * unit // tp_a, (t_a + 1) * unit // tp_a, t_b * unit // tp_b, (t_b + 1) * unit // tp_b)
     la, lb = stage_layers(shape.n_layers, pp_a, p_a), stage_layers(shape.n_layers, pp_b, p_b)
     shared_layers = _overlap(la.start, la.stop, lb.start, lb.stop)
-    held = shared_layers * (split * tp_num // unit + replicated)
-    vocab_part = shape.vocab * shape.hidden * tp_num // unit
-    if p_a == 0 and p_b == 0:
-        held += vocab_part
-    if p_a == pp_a - 1 and p_b == pp_b - 1:
-        held += shape.hidden  # final norm
-        if head is Head.VALUE:
-            held += shape.hidden
-        else:  # the LM head, a copy of its own even when tied
-            held += vocab_part
+    return _held(inventory(shape, head), shared_layers, tp_num, unit, p_a == 0 and p_b == 0,
+                 p_a == pp_a - 1 and p_b == pp_b - 1)
+
+
+def _held(inv: Inventory, shared_layers: int, tp_num: int, unit: int, first: bool, last: bool) -> int:
+    """Parameters a device keeps across a reallocation: its layers' overlap times the
+    overlap (tp_num/unit) of its tp intervals for split classes, whole for replicated
+    ones; the embedding if first in both layouts, final norm and head if last in both
+    (the LM head is a copy of its own even when tied)."""
+    held = shared_layers * (inv.layer_split * tp_num // unit + inv.layer_replicated)
+    if first:
+        held += inv.embed * tp_num // unit
+    if last:
+        held += inv.final + (inv.head * tp_num // unit if inv.head_split else inv.head)
     return held
 
 
@@ -142,8 +146,7 @@ def _missing_overlapping(
     period = max(tp_s, tp_d)
     unit = math.lcm(tp_s, tp_d)  # tensor-parallel intervals in units of 1/unit
     pattern, per_period = _tp_pattern(tp_s, tp_d, offset % period)
-    split, replicated = layer_params(shape)
-    n_layers, vocab, hidden = shape.n_layers, shape.vocab, shape.hidden
+    inv, n_layers = inventory(shape, head), shape.n_layers
     lo, hi = max(0, -offset), min(size_d, size_s - offset)  # destination indices the source covers
     held_total, missing_max = 0, 0
     i = lo
@@ -161,16 +164,7 @@ def _missing_overlapping(
         first = p_s == 0 and p_d == 0
         last = p_s == pp_s - 1 and p_d == pp_d - 1
         for ov, n in counts.items():
-            held = shared_layers * (split * ov // unit + replicated)
-            vocab_part = vocab * hidden * ov // unit
-            if first:
-                held += vocab_part
-            if last:
-                held += hidden  # final norm
-                if head is Head.VALUE:
-                    held += hidden
-                else:
-                    held += vocab_part
+            held = _held(inv, shared_layers, ov, unit, first, last)
             held_total += held * n
             if need[p_d] - held > missing_max:
                 missing_max = need[p_d] - held

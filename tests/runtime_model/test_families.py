@@ -1,0 +1,149 @@
+"""Every model family against `transformers` on checkpoints `transformers` itself wrote
+(`family_cases`): logits, log-probs, entropy, values, loss, gradients and one Adam step,
+at fp32, under dp, tp and pp — all in ONE spawned 4-process gloo world. Phi-3's fused
+`qkv_proj` / `gate_up_proj` are compared part by part (the rows each part is)."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from family_cases import FAMILIES, has_value_class, write_family
+from rlhfc_runtime import checkpoint as ck
+from rlhfc_runtime.contract.family import fused, shape_from_hf
+from rlhfc_runtime.contract.layout import Layout
+from rlhfc_runtime.contract.shapes import param_table
+from rlhfc_runtime.dist import ensure_groups, spawn
+from rlhfc_runtime.model import lm_loss
+
+LAYOUTS = [(1, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 1), (1, 2, 2)]
+BATCH, SEQ = 4, 11  # longer than every test window
+ADAM = dict(lr=1e-3, eps=1e-6)
+
+
+def _batch(vocab):
+    ids = torch.randint(3, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # one right-padded row
+    return ids, mask
+
+
+def _table_names(tensors: dict, cfg: dict) -> dict:
+    """HF tensors renamed to the parameter table's: fused tensors split into their parts,
+    a tied lm_head as the embedding it is."""
+    shape = shape_from_hf(cfg)
+    table = param_table(shape)
+    out = dict(tensors)
+    for n in range(shape.n_layers):
+        for rule in fused(shape):
+            whole, row = out.pop(f"model.layers.{n}.{rule.name}"), 0
+            for part in rule.parts:
+                name = f"model.layers.{n}.{part}"
+                out[name] = whole[row:row + table[name].shape[0]]
+                row += table[name].shape[0]
+    out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])
+    return out
+
+
+def _reference(lm_dir, value_dir):
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    hf = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
+    ids, mask = _batch(hf.config.vocab_size)
+    with torch.no_grad():
+        logits = hf(ids, attention_mask=mask).logits
+    logprobs = logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = torch.distributions.Categorical(logits=logits).entropy()
+    values = None
+    if value_dir is not None:
+        vm = AutoModelForTokenClassification.from_pretrained(value_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            values = vm(ids, attention_mask=mask).logits[..., 0]
+    opt = torch.optim.Adam(hf.parameters(), **ADAM)
+    loss = hf(ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in hf.named_parameters()}
+    opt.step()
+    weights = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    cfg = ck.read_config(lm_dir)
+    return dict(ids=ids, mask=mask, logits=logits, logprobs=logprobs, entropy=entropy, values=values,
+                loss=loss.item(), grads=_table_names(grads, cfg), weights=_table_names(weights, cfg))
+
+
+def _layout(dp, tp, pp):
+    return Layout(tuple(range(dp * tp * pp)), dp, tp, pp)
+
+
+def _check_all(cases):
+    import torch.distributed as dist
+
+    ensure_groups(_layout(*key) for key in LAYOUTS)
+    rank, checked = dist.get_rank(), []
+    for name, (lm_dir, value_dir, ref) in cases.items():
+        for key in LAYOUTS:
+            if rank < key[0] * key[1] * key[2]:
+                _check(_layout(*key), lm_dir, value_dir, ref, f"{name} {key} rank {rank}")
+                checked.append((name, key))
+    return checked
+
+
+def _check(lay, lm_dir, value_dir, ref, where):
+    import torch.distributed as dist
+
+    _, dp_rank, _ = lay.coord(dist.get_rank())
+    rows = slice(dp_rank * BATCH // lay.dp, (dp_rank + 1) * BATCH // lay.dp)
+    ids, mask = ref["ids"][rows], ref["mask"][rows]
+    valid = mask.bool()
+    model = ck.load_checkpoint(lm_dir, lay)
+    close = dict(atol=1e-4, rtol=0)
+    assert_close(model(ids, mask)[valid], ref["logits"][rows][valid], **close, msg=lambda m: f"{where}: logits {m}")
+    lp = model.token_logprobs(ids, mask)
+    assert_close(lp[valid[:, 1:]], ref["logprobs"][rows][valid[:, 1:]], **close, msg=lambda m: f"{where}: logprobs {m}")
+    entropy = model.run_pipeline(ids, mask, lambda h, mb: h.entropy(), 1)
+    assert_close(entropy[valid], ref["entropy"][rows][valid], **close, msg=lambda m: f"{where}: entropy {m}")
+    if value_dir is not None:
+        values = ck.load_checkpoint(value_dir, lay).values(ids, mask)
+        assert_close(values[valid], ref["values"][rows][valid], **close, msg=lambda m: f"{where}: values {m}")
+    opt = torch.optim.Adam(model.parameters(), **ADAM)
+    loss = torch.tensor([model.train_step(ref["ids"][rows], None, lm_loss, opt)])
+    dist.all_reduce(loss, group=model.groups.dp)
+    assert abs(loss.item() / lay.dp - ref["loss"]) < 1e-5, where
+    for name, p in model.named_parameters():
+        sl = model.slices(name)
+        assert_close(p.grad, ref["grads"][name][sl], atol=1e-5, rtol=1e-4, msg=lambda m: f"{where}: grad {name} {m}")
+        # one Adam step moves a weight by about lr = 1e-3; where a gradient is near zero,
+        # Adam turns last-bit gradient noise into up to ~1e-4 of it
+        assert_close(p.detach(), ref["weights"][name][sl], atol=1e-4, rtol=0, msg=lambda m: f"{where}: {name} {m}")
+
+
+def test_every_family_matches_transformers_under_dp_tp_pp(tmp_path):
+    cases = {}
+    for i, name in enumerate(FAMILIES):
+        lm_dir = write_family(name, tmp_path / name, seed=i)
+        value_dir = write_family(name, tmp_path / f"{name}_value", seed=100 + i, value=True) \
+            if has_value_class(name) else None
+        cases[name] = (str(lm_dir), value_dir and str(value_dir), _reference(lm_dir, value_dir))
+    checked = spawn(_check_all, 4, cases)
+    for rank, done in enumerate(checked):
+        assert sorted(done) == sorted((n, k) for n in cases for k in LAYOUTS if rank < k[0] * k[1] * k[2])
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_export_is_the_checkpoints_own_class_and_tensors(tmp_path, name):
+    """Loading a family checkpoint and saving it back gives a checkpoint `transformers`
+    loads as the same class, with the same tensors (fused ones fused again)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    src = write_family(name, tmp_path / "src")
+    out = spawn(_save_copy, 1, str(src), str(tmp_path / "out"))[0]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(model).__name__ == ck.read_config(src)["architectures"][0]
+    want, got = load_file(str(src / "model.safetensors")), load_file(f"{out}/model.safetensors")
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def _save_copy(src, dst):
+    model = ck.load_checkpoint(src, Layout((0,), 1, 1, 1))
+    return str(ck.save_checkpoint(model, dst))
