@@ -239,7 +239,7 @@ def load_checkpoint(
     index = weight_index(path)
     has_head = any(n.startswith("score.") for n in index)
     if head == LM and has_head:
-        key = next(k for n, (_, k) in index.items() if n.startswith("score."))
+        key = next(k for n, (_, k, _) in index.items() if n.startswith("score."))
         raise CheckpointError(f"{path}: the checkpoint has a value head (`{key}`) but the model is loaded as a "
                               f"language model; declare it with `head = value`")
     model = ShardedLlama(ModelConfig.from_hf(cfg), rank_groups(layout), head, device, dtype)

@@ -113,7 +113,9 @@ class ModelShape:
     fused_checkpoint: bool = False  # Phi-3: qkv_proj / gate_up_proj in the checkpoint
     score_bias: bool = True  # the value head's bias (HF token classification has one)
 
-    def __post_init__(self):
+    def __post_init__(self):  # from JSON too (cost inputs, the program): lists become tuples
+        object.__setattr__(self, "windows", tuple(self.windows))
+        object.__setattr__(self, "nope_layers", tuple(self.nope_layers))
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.hidden // self.n_heads)
 

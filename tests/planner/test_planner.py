@@ -23,24 +23,10 @@ from rlhfc.planner.solve import PlanError, SearchSpace, build_problem, plan_data
 from rlhfc.planner.solve.baselines import brute_force, mcmc
 from rlhfc.planner.solve.cpsat import solve_cpsat
 from rlhfc_runtime.contract.layout import Layout, shard_slices
+from rlhfc_runtime.contract.shapes import param_table
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU4 = Cluster(1, 4, "cpu")
-
-
-def _tiny_params(shape, head):
-    """(name, full shape) of every parameter of a LLaMA checkpoint of `shape`."""
-    h, kv, i = shape.hidden, shape.n_kv_heads * shape.head_dim, shape.intermediate
-    out = [("model.embed_tokens.weight", (shape.vocab, h)), ("model.norm.weight", (h,))]
-    for layer in range(shape.n_layers):
-        p = f"model.layers.{layer}."
-        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i)), (p + "input_layernorm.weight", (h,)),
-                (p + "post_attention_layernorm.weight", (h,))]
-    out.append(("lm_head.weight", (shape.vocab, h)) if head is Head.LM else ("score.weight", (1, h)))
-    return out
 
 
 def _volume(sl):
@@ -55,12 +41,12 @@ def _exhaustive_missing(shape, head, src: Strategy, dst: Strategy, dpn: int) -> 
     la = Layout(src.mesh.ranks(dpn), src.dp, src.tp, src.pp)
     lb = Layout(dst.mesh.ranks(dpn), dst.dp, dst.tp, dst.pp)
     missing = 0
-    for name, full in _tiny_params(shape, head):
+    for name, p in param_table(shape, head).items():  # slice by slice, against the closed form
         for r in lb.ranks:
-            need = shard_slices(name, full, shape.n_layers, lb, r)
+            need = shard_slices(name, p.shape, shape.n_layers, lb, r, p.split)
             if need is None:
                 continue
-            have = shard_slices(name, full, shape.n_layers, la, r)
+            have = shard_slices(name, p.shape, shape.n_layers, la, r, p.split)
             overlap = 0 if have is None else _volume(
                 tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(need, have)))
             missing += _volume(need) - overlap

@@ -1,7 +1,8 @@
 """Parameter counts are one fact: the contract's `ModelShape.param_count`, the cost
 model's per-stage counts and the runtime's shards (`param_shapes` + `shard_slices`) agree
-for every layout, head, tied embeddings and Qwen2 biases; and the checker's config
-reader is the runtime's, so what the runtime refuses is E017 at check time."""
+for every layout, head and model family (biases, q/k norms, sandwich and post norms,
+head_dim != hidden / heads, tied embeddings); and the checker's config reader is the
+runtime's, so what the runtime refuses is E017 at check time, naming the feature."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from rlhfc_runtime import checkpoint as ck
 from rlhfc_runtime.contract.family import shape_from_hf
 from rlhfc_runtime.contract.kinds import Head
 from rlhfc_runtime.contract.layout import Layout, shard_slices
+from rlhfc_runtime.contract.shapes import param_table
 from rlhfc_runtime.model import ModelConfig, param_shapes
 
 from rlhfc.planner.cost.model import stage_params
+from family_cases import FAMILIES, hf_config
 
 CONFIGS = {
-    "llama": ck.tiny_config(num_hidden_layers=4),
     "tied": ck.tiny_config(num_hidden_layers=3, tie_word_embeddings=True),
-    "qwen2": ck.tiny_config(num_hidden_layers=4, model_type="qwen2"),
+    **{name: hf_config(name).to_dict() for name in FAMILIES},
 }
 LAYOUTS = [(tp, pp) for tp in (1, 2) for pp in (1, 2, 3)]
 
@@ -30,22 +32,26 @@ LAYOUTS = [(tp, pp) for tp in (1, 2) for pp in (1, 2, 3)]
 def test_cost_model_counts_the_runtimes_shards(name, head):
     cfg = CONFIGS[name]
     shape = shape_from_hf(cfg)
-    full = param_shapes(ModelConfig.from_hf(dict(cfg, token_classification_bias=False)), head.value)
+    full = param_shapes(ModelConfig.from_hf(cfg), head.value)
     tied_copy = math.prod(full["lm_head.weight"]) if shape.tied_embeddings and head is Head.LM else 0
     assert shape.param_count(head) == sum(math.prod(s) for s in full.values()) - tied_copy  # distinct parameters
     for tp, pp in LAYOUTS:
         layout = Layout(tuple(range(tp * pp)), 1, tp, pp)
         for rank in layout.ranks:
             held = sum(math.prod(sl.stop - sl.start for sl in slices) for n, s in full.items()
-                       if (slices := shard_slices(n, s, shape.n_layers, layout, rank)) is not None)
+                       if (slices := model_slices(n, s, shape, head, layout, rank)) is not None)
             assert held == stage_params(shape, head, tp, pp, layout.coord(rank)[0]), (name, head, tp, pp, rank)
 
 
+def model_slices(name, full, shape, head, layout, rank):
+    return shard_slices(name, full, shape.n_layers, layout, rank, param_table(shape, head)[name].split)
+
+
 @pytest.mark.parametrize("change, reason", [
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"model_type": "mistral"}, "model_type 'mistral'"),
-    ({"mlp_bias": True}, "mlp_bias"),
+    ({"rope_scaling": {"rope_type": "su", "factor": 4.0}}, "rope type 'su'"),
+    ({"hidden_act": "gelu"}, "activation 'gelu'"),
+    ({"model_type": "mixtral"}, "model_type 'mixtral'"),
+    ({"layer_types": ["full_attention"]}, "layer_types"),
     ({"num_hidden_layers": "4"}, "positive integers"),
 ])
 def test_checker_refuses_what_the_runtime_refuses(tmp_path, change, reason):

@@ -167,15 +167,15 @@ def test_compiler_cost_model_bytes_agree_with_minimum():
     from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
     from rlhfc.planner.cost.realloc import realloc_cost
     from rlhfc.hardware import CATALOG
-    from rlhfc.ir import Head, Mesh, ModelShape, Strategy
+    from rlhfc.ir import Head, Mesh, Strategy
     from rlhfc_runtime.model import LM, VALUE, ModelConfig, param_shapes
 
     device = next(iter(CATALOG.values()))
-    shape = ModelShape(n_layers=8, hidden=64, n_heads=8, n_kv_heads=2, intermediate=128, vocab=256)
     cfg = ModelConfig.from_hf(dict(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, token_classification_bias=False,
+        num_key_value_heads=2,
     ))
+    shape = cfg.shape
     strategies = [
         Strategy(Mesh(0, 1, first, n), dp, tp, n // (dp * tp))
         for n in (1, 2, 4, 8) for first in range(0, 8, n) for dp in (1, 2, 4, 8) for tp in (1, 2, 4, 8)
