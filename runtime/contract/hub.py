@@ -184,8 +184,9 @@ def _hint(offline: bool, cache: Path) -> str:
         return (f"HF_HUB_OFFLINE is set, so only the cache {cache} was read: point HF_HOME (or HF_HUB_CACHE) at "
                 "the cache that holds it, or unset HF_HUB_OFFLINE to download it; a local path is relative to "
                 "the program file")
-    return (f"looked in the cache {cache} (HF_HOME / HF_HUB_CACHE) and on the hub; private and gated "
-            "repositories need HF_TOKEN; a local path is relative to the program file")
+    return (f"looked in the cache {cache} (HF_HOME / HF_HUB_CACHE) and on the hub: check the id and the network, "
+            "set HF_TOKEN for a private or gated repository, or HF_HUB_OFFLINE=1 to read only the cache; a local "
+            "path is relative to the program file")
 
 
 @functools.lru_cache(maxsize=64)
