@@ -88,10 +88,11 @@ def parse(text: str) -> HubId | None:
 
 def hub_id(text: str, base: Path) -> HubId | None:
     """The hub id a program's checkpoint or tokenizer string names, or None for a path:
-    an `hf://` string is always an id; another string is a path when it exists
-    relative to `base` (the program's directory), else an id when it looks like one."""
+    an `hf://` string is always an id (HubError if it spells none); another string is a
+    path when it exists relative to `base` (the program's directory), else an id when it
+    looks like one."""
     if text.startswith(PREFIX):
-        return parse(text)
+        return _as_id(text)
     try:
         if (base / text).exists():
             return None

@@ -75,3 +75,10 @@ def test_an_unresolvable_id_is_a_located_e017_naming_the_cache_switches(offline,
     assert "error[E017]: hub id `tiny-org/missing-tok@v2` is not in the Hugging Face cache" in out
     assert "HF_HUB_OFFLINE is set" in out and "HF_HOME" in out and str(offline / "hub") in out
     assert "Traceback" not in out
+
+
+def test_an_hf_url_that_spells_no_id_is_e017(offline, tmp_path):
+    _, diagnostics = check_program(sft_program(tmp_path, 'hf("hf://no-owner")', ', tokenizer = "hf://a/b/c"'))
+    errors = [(d.code, d.message, d.span.line) for d in diagnostics if d.is_error]
+    assert errors == [("E017", "`hf://no-owner` is not a Hugging Face hub id", 2),
+                      ("E017", "`hf://a/b/c` is not a Hugging Face hub id", 3)]

@@ -102,14 +102,14 @@ def check_dataset(decl: ast.DatasetDecl, unit: Unit, rep: Reporter, val: Values)
 def _hub_tokenizer(text: str | None, unit: Unit, keywords, rep: Reporter) -> str | None:
     """`tokenizer = "owner/name"`: the hub id, its tokenizer files resolved (E017 where they
     cannot be); None for a path."""
-    ref = hub.hub_id(text, unit.path.parent) if text is not None else None
-    if ref is None:
-        return None
     try:
-        hub.resolve_tokenizer(ref)
+        ref = hub.hub_id(text, unit.path.parent) if text is not None else None
+        if ref is not None:
+            hub.resolve_tokenizer(ref)
     except hub.HubError as error:
         rep.error("E017", error.args[0], keywords["tokenizer"].value.span, error.hint)
-    return str(ref)
+        return text if text.startswith(hub.PREFIX) else f"{hub.PREFIX}{text}"  # an id, not a path to look for
+    return None if ref is None else str(ref)
 
 
 def local_tokenizer(value: str) -> Path | None:

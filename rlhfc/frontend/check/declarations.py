@@ -147,13 +147,13 @@ def _checkpoint(unit: Unit, arg: ast.Arg, rep: Reporter,
     text = val.string(arg)
     if text is None:
         return None, None, None
-    ref = hub.hub_id(text, unit.path.parent)
+    try:
+        ref = hub.hub_id(text, unit.path.parent)
+        ckpt = None if ref is None else hub.resolve(ref)
+    except hub.HubError as error:
+        rep.error("E017", error.args[0], arg.span, error.hint)
+        return None, None, None
     if ref is not None:
-        try:
-            ckpt = hub.resolve(ref)
-        except hub.HubError as error:
-            rep.error("E017", error.args[0], arg.span, error.hint)
-            return None, str(ref), None
         checkpoint = str(ref)
     else:
         ckpt = resolved_path(unit.path.parent / text)
