@@ -1,4 +1,4 @@
-"""Named model shapes for `llama(preset = "…")`: public LLaMA configs and tiny test models.
+"""Named model shapes for `hf(preset = "…")` (or `llama(…)`): public LLaMA configs and tiny test models.
 
 The big shapes are the Hugging Face config.json values (docs: /work/shared/REFERENCE.md),
 so plans for 7B–70B models can be made without downloading any weights.
@@ -18,7 +18,7 @@ PRESETS: dict[str, ModelShape] = {
     "tiny-32": ModelShape(2, 32, 4, 4, 64, 64, 128),
 }
 
-# `llama(...)` inline keys → ModelShape fields (config.json's: `rlhfc_runtime.contract.hf.CONFIG_KEYS`).
+# `hf(...)` inline keys → ModelShape fields (config.json's: `rlhfc_runtime.contract.hf.CONFIG_KEYS`).
 SHAPE_KEYS: dict[str, str] = {
     "layers": "n_layers", "hidden": "hidden", "heads": "n_heads", "kv_heads": "n_kv_heads",
     "intermediate": "intermediate", "vocab": "vocab", "max_positions": "max_positions",
