@@ -35,7 +35,7 @@ CODES: dict[str, str] = {
     "E014": "tensor parallel degree does not divide the head count",
     "E015": "mesh outside the cluster",
     "E016": "dp * tp * pp differs from the mesh size",
-    "E017": "missing or unreadable checkpoint config",
+    "E017": "missing or unreadable checkpoint config, or a hub id that cannot be resolved",
     "E018": "bad cluster value",
     "E019": "unknown device",
     "E020": "cannot read file or import",

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rlhfc_runtime.contract import hub
 from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime import calls, ckpt_store
 from rlhfc_runtime import dist as rdist
@@ -332,9 +333,23 @@ def _seed_everything(seed: int) -> None:
 
 
 def resolve_paths(program: dict, base: Path) -> dict:
-    """The program with its file paths (relative to the generated file) made absolute."""
+    """The program with its file paths (relative to the generated file) made absolute,
+    and its hub ids (`hf://owner/name[@rev]`, kept as the user wrote them in the
+    generated file) replaced by their local snapshot directories, the weights downloaded
+    here when online (`contract.hub`; HubError when they cannot be resolved).
+
+    Hub ids are resolved once, here at run start, rather than where each file is read:
+    the launcher resolves them before it spawns the workers, so a download happens once
+    with its progress bar on the launcher's terminal, and every later reader (checkpoint
+    loading, tokenizer, export, resume) sees the plain directory it always has. The
+    snapshot directory names the commit, so a resume refuses a checkpoint whose hub
+    weights moved to another commit, as it refuses a moved checkpoint directory."""
+    local = {ref: str(path) for ref, path in hub.fetch(program).items()}
+
     def fix(path):
-        return None if path is None else str((base / path).resolve())
+        if path is None:
+            return None
+        return local[path] if path in local else str((base / path).resolve())
 
     return {
         **program,

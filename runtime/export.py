@@ -18,10 +18,9 @@ from pathlib import Path
 from rlhfc_runtime.checkpoint import _write
 from rlhfc_runtime.contract.atomic import write_atomic
 from rlhfc_runtime.calls import model_config
+from rlhfc_runtime.contract.hub import TOKENIZER_FILES
 
 MAX_SHARD_BYTES = 5 * 10**9  # as transformers' save_pretrained
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 def stage(out: Path, name: str, spec: dict, weights: dict, tokenizer: str | None, specials: dict,

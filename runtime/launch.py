@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rlhfc_runtime import ckpt_store, signals
 from rlhfc_runtime import dist as rdist
+from rlhfc_runtime.contract.hub import HubError
 from rlhfc_runtime.contract.rundir import RunDirError, RunLock, check_fresh, has_checkpoint, step_dir_name
 from rlhfc_runtime.engine import Engine, resolve_paths
 from rlhfc_runtime.errors import RunError
@@ -71,8 +72,12 @@ def _summary(failure: rdist.WorkerFailed) -> str:
 def main(program: dict, layouts, groups, iteration, here: str, argv=None) -> None:
     """Parse options, then run as one torchrun worker, or the local world (one process:
     in this one; more: spawned)."""
-    program = resolve_paths(program, Path(here).resolve().parent)
     options = parse(program, argv)
+    try:
+        program = resolve_paths(program, Path(here).resolve().parent)
+    except HubError as e:
+        print(f"rlhfc: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     out = Path(options["out"])
     resume = f"python {shlex.quote(here)} --out {shlex.quote(str(out))} --resume"
     if "RANK" in os.environ:

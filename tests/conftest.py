@@ -1,8 +1,16 @@
-"""Shared pytest options: `--update-golden` rewrites golden files instead of comparing."""
+"""Shared pytest options: `--update-golden` rewrites golden files instead of comparing.
+
+Nothing a test does may download: every test process, and each process it starts, reads
+the Hugging Face cache only (a hub id a test does not put into a cache is an error, and
+a generated program that names one fails fast instead of reaching the network)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def pytest_addoption(parser):

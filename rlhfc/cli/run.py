@@ -20,6 +20,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column
 
@@ -144,6 +145,7 @@ def _run_locked(file: Path, out: Path, *, devices, steps, resume, plot, symmetri
     cmd += ["--wandb", wandb] if wandb else []
     _err.print(f"[bold]{file}[/]: {prog.world_size} process(es), plan {prog.plan.status}, "
                f"{len(prog.ops)} ops per step → {out}")
+    _fetch_hub(prog)
     again = f"rlhfc run {file} --out {out} --resume" + (f" --devices {devices}" if devices else "")
     code, signum = _follow(cmd, out, total)
     if signum:
@@ -162,6 +164,21 @@ def _run_locked(file: Path, out: Path, *, devices, steps, resume, plot, symmetri
     _err.print(summarize(read_metrics(out / "metrics.jsonl")) + f"; metrics in {out / 'metrics.jsonl'}")
     if plot:
         _err.print(f"wrote {plot_metrics(out / 'metrics.jsonl', out / 'curves.png')}")
+
+
+def _fetch_hub(prog: OpProgram) -> None:
+    """Resolve the program's hub ids here, weights included, before the program starts:
+    a download's progress bars then show on this terminal (the program writes to
+    worker.log), and the program finds everything in the cache."""
+    from rlhfc.backend.emit import program_spec
+    from rlhfc_runtime.contract import hub
+
+    try:
+        for ref, path in hub.fetch(program_spec(prog)).items():
+            _err.print(f"{ref} → {path}", markup=False, highlight=False)
+    except hub.HubError as e:
+        _err.print(f"[red]error[/]: {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _log_lines(path: Path) -> list[str]:

@@ -25,7 +25,9 @@ IMPORT_KEYWORDS = ("import", "from")
 DECLARATION_KEYWORDS = ("model", "dataset", "dataflow", "cluster")
 OTHER_KEYWORDS = ("run", "place", "on", "using", "trainable")
 CALL_KINDS = ("generate", "inference", "train")
-BUILTIN_FUNCTIONS = ("llama", "rule", "jsonl", "adam", "adamw")
+# Constructors (models: hf, llama its older spelling, rule, python; datasets: jsonl,
+# parquet, datasets, data) and optimizers.
+BUILTIN_FUNCTIONS = ("hf", "llama", "rule", "python", "jsonl", "parquet", "datasets", "data", "adam", "adamw")
 SIZE_UNITS = ("KiB", "MiB", "GiB", "TiB", "KB", "MB", "GB", "TB")
 
 _ID = r"[A-Za-z_][A-Za-z0-9_]*"

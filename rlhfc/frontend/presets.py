@@ -1,4 +1,4 @@
-"""Named model shapes for `preset = "…"`: public configs of the families people train, and
+"""Named model shapes for `hf(preset = "…")` (or `llama(…)`): public configs of the families people train, and
 tiny test models.
 
 The big shapes are the Hugging Face config.json values (docs: /work/shared/REFERENCE.md),
@@ -43,7 +43,7 @@ PRESETS: dict[str, ModelShape] = {
     "tiny-32": ModelShape(2, 32, 4, 4, 64, 64, 128),
 }
 
-# `llama(...)` inline keys → ModelShape fields (config.json's: `rlhfc_runtime.contract.family.CONFIG_KEYS`).
+# `hf(...)` inline keys → ModelShape fields (config.json's: `rlhfc_runtime.contract.family.CONFIG_KEYS`).
 SHAPE_KEYS: dict[str, str] = {
     "layers": "n_layers", "hidden": "hidden", "heads": "n_heads", "kv_heads": "n_kv_heads",
     "intermediate": "intermediate", "vocab": "vocab", "max_positions": "max_positions",

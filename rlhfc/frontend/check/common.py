@@ -33,6 +33,8 @@ CALL_KEYS = ("n_mbs", "max_new_tokens")
 CLUSTER_COUNTS = ("nodes", "devices_per_node")
 CLUSTER_OVERRIDES = OVERRIDE_KEYS  # device figures a `cluster` block may set: the catalog's own list
 DATASET_FIELDS = ("field", "prompt", "chosen", "rejected", "response")
+# The constructors of a neural model: `hf(...)`, and `llama(...)`, its older spelling.
+DECODERS = ("hf", "llama")
 OPTIMIZERS = ("adam", "adamw")
 DEFAULT_OPTIMIZER = ir.Optimizer("adam", (("lr", 1e-5),))
 STDLIB_PREFIX = "stdlib/"

@@ -8,8 +8,9 @@
 `data(...)` picks it from the suffix or a `format = "…"` key. Every field of a row that is
 not a role becomes a column (passed to reward functions and written to samples). When the
 file exists, its first row (or schema) is read here so a field it lacks is a located error
-listing the fields it has. The tokenizer defaults to the actor checkpoint's; a tokenizer
-larger than a model's vocabulary, or `chat = true` without a template, is an error.
+listing the fields it has. The tokenizer (a path, or a hub id: `contract.hub`) defaults to the
+actor checkpoint's; a tokenizer larger than a model's vocabulary, or `chat = true` without a
+template, is an error.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from rlhfc.frontend.check.common import (
     DATASET_FIELDS, Reporter, Unit, Values, display, path_exists, resolved_path,
 )
 from rlhfc.frontend.check.declarations import split_args
+from rlhfc_runtime.contract import hub
+from rlhfc_runtime.contract.hub import TOKENIZER_MAIN
 from rlhfc_runtime.contract.rows import CHECK_SCAN_BYTES, DataError, regular, scan_jsonl, tokenizer_json
 
 FORMATS = ("jsonl", "parquet", "datasets")
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "datasets"}
 KEYS = DATASET_FIELDS + ("max_len", "tokenizer", "chat", "system", "format")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 FIRST_ROW_BYTES = 1 << 20
 
 
@@ -69,8 +71,10 @@ def check_dataset(decl: ast.DatasetDecl, unit: Unit, rep: Reporter, val: Values)
         rep.error("E022", "`system` needs `chat = true`", keywords["system"].key.span,
                   "the system message is part of the chat template")
     resolved = {}
+    hub_tokenizer = _hub_tokenizer(tokenizer, unit, keywords, rep)
     for label, text, span in (("dataset file", path_text, positional[0].span if positional else None),
-                              ("tokenizer", tokenizer, keywords["tokenizer"].value.span if tokenizer else None)):
+                              ("tokenizer", None if hub_tokenizer else tokenizer,
+                               keywords["tokenizer"].value.span if tokenizer else None)):
         if text is None:
             continue
         resolved[label] = resolved_path(unit.path.parent / text)
@@ -90,9 +94,32 @@ def check_dataset(decl: ast.DatasetDecl, unit: Unit, rep: Reporter, val: Values)
             columns = tuple(k for k in have if k not in used)
             if fmt == "jsonl" and all(key in have for _, key in fields):
                 _scan_rows(data_path, [key for _, key in fields], positional[0].span, rep)
-    tok = str(resolved["tokenizer"]) if "tokenizer" in resolved else None
+    tok = hub_tokenizer or (str(resolved["tokenizer"]) if "tokenizer" in resolved else None)
     return ir.Dataset(decl.name.text, fmt or decl.format.text, str(data_path or ""), tuple(fields), max_len,
                       decl.name.span, tok, chat, system, columns)
+
+
+def _hub_tokenizer(text: str | None, unit: Unit, keywords, rep: Reporter) -> str | None:
+    """`tokenizer = "owner/name"`: the hub id, its tokenizer files resolved (E017 where they
+    cannot be); None for a path."""
+    try:
+        ref = hub.hub_id(text, unit.path.parent) if text is not None else None
+        if ref is not None:
+            hub.resolve_tokenizer(ref)
+    except hub.HubError as error:
+        rep.error("E017", error.args[0], keywords["tokenizer"].value.span, error.hint)
+        return text if text.startswith(hub.PREFIX) else f"{hub.PREFIX}{text}"  # an id, not a path to look for
+    return None if ref is None else str(ref)
+
+
+def local_tokenizer(value: str) -> Path | None:
+    """Where a tokenizer (a path, or a hub id's snapshot) is on this machine; None when absent."""
+    if hub.is_hub(value):
+        try:
+            return hub.resolve_tokenizer(value)
+        except hub.HubError:
+            return None
+    return Path(value) if path_exists(Path(value)) else None
 
 
 def _bool(opt: ast.Option, rep: Reporter) -> bool:
@@ -174,15 +201,16 @@ def finish_datasets(datasets: dict[str, ir.Dataset], models: dict[str, ir.Model]
     the chat template when `chat = true`."""
     ckpts = sorted((m for m in models.values() if m.checkpoint and m.kind == "llama"),
                    key=lambda m: (not m.trainable, m.head is not ir.Head.LM))
-    default = next((m.checkpoint for m in ckpts if any(path_exists(Path(m.checkpoint) / f) for f in TOKENIZER_FILES)),
-                   None)
+    default = next((m.checkpoint for m in ckpts if (where := local_tokenizer(m.checkpoint)) is not None
+                    and any(path_exists(where / f) for f in TOKENIZER_MAIN)), None)
     out = {}
     for name, ds in datasets.items():
         if ds.tokenizer is None and default is not None:
             ds = dataclasses.replace(ds, tokenizer=default)
-        if ds.tokenizer and path_exists(Path(ds.tokenizer)):
+        where = local_tokenizer(ds.tokenizer) if ds.tokenizer else None
+        if where is not None:
             try:
-                size = tokenizer_size(Path(ds.tokenizer))
+                size = tokenizer_size(where)
             except DataError as e:
                 rep.error("E031", f"the tokenizer of `{name}`: {e}", ds.span,
                           "a Hugging Face tokenizer.json, or a directory holding one")
@@ -193,7 +221,7 @@ def finish_datasets(datasets: dict[str, ir.Dataset], models: dict[str, ir.Model]
                                       f"{m.shape.vocab} of `{m.name}`'s vocabulary", ds.span,
                               "use the model's own tokenizer, or a model with a larger vocabulary")
                     break
-            if ds.chat and not has_chat_template(Path(ds.tokenizer)):
+            if ds.chat and not has_chat_template(where):
                 rep.error("E031", f"`{name}` has `chat = true` but its tokenizer has no chat template", ds.span,
                           "use a tokenizer directory whose tokenizer_config.json has `chat_template`")
         elif ds.chat and ds.tokenizer is None:

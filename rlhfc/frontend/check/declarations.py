@@ -1,9 +1,9 @@
-"""Declarations: `cluster`, `model` (shape from checkpoint, preset or inline keys) and `dataset`."""
+"""Declarations: `cluster`, `model` (shape from a checkpoint directory or hub id, a preset or
+inline keys; `hf(...)`, or `llama(...)`, its older spelling) and `dataset`."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from rlhfc.files import FileProblem, read_text
 
@@ -15,6 +15,7 @@ from rlhfc.frontend import ast
 from rlhfc.frontend.check.common import (
     CLUSTER_COUNTS,
     CLUSTER_OVERRIDES,
+    DECODERS,
     DEFAULT_OPTIMIZER,
     OPTIMIZERS,
     Reporter,
@@ -28,6 +29,7 @@ from rlhfc.frontend.check.common import (
 )
 from rlhfc.frontend.check.rewards import check_python_model
 from rlhfc.frontend.presets import PRESETS, SHAPE_KEYS
+from rlhfc_runtime.contract import hub
 from rlhfc_runtime.contract.family import shape_from_hf
 
 VALUE_HEAD_ARCHS = ("ForSequenceClassification", "ForTokenClassification")
@@ -94,63 +96,83 @@ def split_args(args, rep: Reporter, where: str):
 
 
 def _shape(decl: ast.ModelDecl, unit: Unit, positional, keywords, rep: Reporter,
-           val: Values) -> tuple[ir.ModelShape | None, str | None]:
-    """The model's shape and resolved checkpoint from exactly one of: checkpoint, preset, inline keys."""
+           val: Values) -> tuple[ir.ModelShape | None, str | None, dict | None]:
+    """The model's shape, checkpoint (a resolved directory, or a hub id `hf://…`) and its
+    config.json, from exactly one of: checkpoint, preset, inline keys."""
     inline = {k: o for k, o in keywords.items() if k in SHAPE_KEYS}
     sources = [s for s, present in (("a checkpoint", bool(positional)), ("`preset`", "preset" in keywords),
                                      ("inline shape keys", bool(inline))) if present]
+    family = decl.family.text
     if len(sources) != 1:
         message = (f"model `{decl.name.text}` has no shape" if not sources
                    else f"model `{decl.name.text}` has {' and '.join(sources)}; give exactly one")
         rep.error("E024" if not sources else "E022", message, decl.family.span,
-                  'llama("ckpt/dir"), llama(preset = "llama-2-7b") or llama(layers = 2, hidden = 64, ...)')
-        return None, None
+                  f'{family}("ckpt/dir" or "owner/name"), {family}(preset = "llama-2-7b") '
+                  f'or {family}(layers = 2, hidden = 64, ...)')
+        return None, None, None
     if positional:
         if len(positional) > 1:
-            rep.error("E022", "`llama` takes one positional argument, the checkpoint directory",
+            rep.error("E022", f"`{family}` takes one positional argument, the checkpoint directory or hub id",
                       positional[1].span)
-        path_text = val.string(positional[0])
-        if path_text is None:
-            return None, None
-        ckpt = resolved_path(unit.path.parent / path_text)
-        config = ckpt / "config.json"
-        try:
-            if not config.exists():
-                raise OSError
-            text = read_text(config, 1 << 20, "config")
-            return shape_from_hf(json.loads(text)), str(ckpt)
-        except OSError:
-            problem = f"no `config.json` in checkpoint directory `{path_text}`"
-        except FileProblem as error:
-            problem = str(error)
-        except ValueError as error:  # the runtime's own reader refuses it (json errors are ValueErrors)
-            problem = f"`{path_text}/config.json` is not a model this runtime runs exactly: {error}"
-        rep.error("E017", problem, positional[0].span,
-                  "paths are relative to the program file; or use preset = \"…\" / inline shape keys")
-        return None, str(ckpt)
+        return _checkpoint(unit, positional[0], rep, val)
     if "preset" in keywords:
         name = val.string(keywords["preset"])
         if name is not None and name not in PRESETS:
             rep.error("E025", f"unknown preset `{name}`", keywords["preset"].value.span,
                       suggest(name, PRESETS) or f"presets: {', '.join(PRESETS)}")
-            return None, None
-        return (PRESETS[name] if name else None), None
+            return None, None, None
+        return (PRESETS[name] if name else None), None, None
     values = {SHAPE_KEYS[k]: val.positive_int(o) for k, o in inline.items()}
     missing = [k for k in ("layers", "hidden", "heads", "intermediate", "vocab") if k not in inline]
     if missing:
         rep.error("E024", f"inline shape of `{decl.name.text}` lacks {', '.join(missing)}", decl.family.span,
                   "inline shapes need layers, hidden, heads, intermediate, vocab (kv_heads, max_positions optional)")
-        return None, None
+        return None, None, None
     if None in values.values():
-        return None, None
+        return None, None, None
     values.setdefault("n_kv_heads", values["n_heads"])
     shape = ir.ModelShape(**values)
     if shape.hidden % shape.n_heads or shape.n_heads % shape.n_kv_heads:
         rep.error("E022", f"inconsistent shape: hidden {shape.hidden}, heads {shape.n_heads}, "
                           f"kv_heads {shape.n_kv_heads}", decl.family.span,
                   "hidden must be a multiple of heads, heads a multiple of kv_heads")
-        return None, None
-    return shape, None
+        return None, None, None
+    return shape, None, None
+
+
+def _checkpoint(unit: Unit, arg: ast.Arg, rep: Reporter,
+                val: Values) -> tuple[ir.ModelShape | None, str | None, dict | None]:
+    """Shape, checkpoint and config.json of a positional checkpoint: a directory relative
+    to the program, or a hub id whose config.json is resolved (`contract.hub`)."""
+    text = val.string(arg)
+    if text is None:
+        return None, None, None
+    try:
+        ref = hub.hub_id(text, unit.path.parent)
+        ckpt = None if ref is None else hub.resolve(ref)
+    except hub.HubError as error:
+        rep.error("E017", error.args[0], arg.span, error.hint)
+        return None, None, None
+    if ref is not None:
+        checkpoint = str(ref)
+    else:
+        ckpt = resolved_path(unit.path.parent / text)
+        checkpoint = str(ckpt)
+    config = ckpt / "config.json"
+    try:
+        if not config.exists():
+            raise OSError
+        cfg = json.loads(read_text(config, 1 << 20, "config"))
+        return shape_from_hf(cfg), checkpoint, cfg
+    except OSError:
+        problem = f"no `config.json` in checkpoint directory `{text}`"
+    except FileProblem as error:
+        problem = str(error)
+    except ValueError as error:  # the runtime's own reader refuses it (json errors are ValueErrors)
+        problem = f"`{text}/config.json` is not a model this runtime runs exactly: {error}"
+    rep.error("E017", problem, arg.span,
+              "paths are relative to the program file; or use preset = \"…\" / inline shape keys")
+    return None, checkpoint, None
 
 
 def check_model(decl: ast.ModelDecl, unit: Unit, rep: Reporter, val: Values) -> ir.Model:
@@ -172,9 +194,10 @@ def check_model(decl: ast.ModelDecl, unit: Unit, rep: Reporter, val: Values) -> 
         return ir.Model(decl.name.text, ir.ModelKind.RULE.value, None, ir.Head.VALUE, False, None, None, name, decl.name.span)
     if family == "python":  # user reward functions: a rule-kind model
         return check_python_model(decl, unit, positional, keywords, rep, val)
-    if family != ir.ModelKind.LLAMA:
+    if family not in DECODERS:
         rep.error("E022", f"unknown model family `{family}`", decl.family.span,
-                  "families: llama(...) for a decoder, rule(\"NAME\") or python(\"FILE:FN\") for a reward")
+                  "families: hf(...) for a decoder (llama(...) is its older spelling), rule(\"NAME\") or "
+                  "python(\"FILE:FN\") for a reward")
         return ir.Model(decl.name.text, family, None, ir.Head.LM, trainable, None, None, None, decl.name.span)
     head = ir.Head.LM
     for key, opt in keywords.items():
@@ -184,10 +207,10 @@ def check_model(decl: ast.ModelDecl, unit: Unit, rep: Reporter, val: Values) -> 
             else:
                 rep.error("E022", f"`head` is `lm` or `value`, not `{value_text(opt.value)}`", opt.value.span)
         elif key != "preset" and key not in SHAPE_KEYS:
-            val.unknown(opt.key, ("head", "preset") + tuple(SHAPE_KEYS), "`llama(...)`")
-    shape, checkpoint = _shape(decl, unit, positional, keywords, rep, val)
-    if checkpoint and shape is not None and "head" not in keywords:
-        _value_head_checkpoint(decl, checkpoint, positional[0].span, rep)
+            val.unknown(opt.key, ("head", "preset") + tuple(SHAPE_KEYS), f"`{family}(...)`")
+    shape, checkpoint, config = _shape(decl, unit, positional, keywords, rep, val)
+    if config is not None and shape is not None and "head" not in keywords:
+        _value_head_checkpoint(decl, config, positional[0].span, rep)
     optimizer = DEFAULT_OPTIMIZER if trainable else None
     for key, opt in body.items():
         if key != "optimizer":
@@ -224,11 +247,10 @@ OPTIMIZER_BOUNDS = {  # what torch's Adam / AdamW accept as numbers
 }
 
 
-def _value_head_checkpoint(decl: ast.ModelDecl, checkpoint: str, span, rep: Reporter) -> None:
+def _value_head_checkpoint(decl: ast.ModelDecl, config: dict, span, rep: Reporter) -> None:
     """A checkpoint of a scoring architecture loaded as an LM: its value head would be dropped."""
-    try:
-        archs = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
+    archs = (config.get("architectures") if isinstance(config, dict) else None) or []
+    if not isinstance(archs, list):
         return
     scoring = [a for a in archs if isinstance(a, str) and a.endswith(VALUE_HEAD_ARCHS)]
     if scoring:
