@@ -209,3 +209,23 @@ def test_random_bytes_in_a_data_file_are_located_at_check_and_again_at_run_time(
         assert errors[0].span.file.endswith("p.rlhf") and errors[0].span.line == 20
     else:
         assert errors == [], errors
+
+
+
+def test_a_dataflow_without_calls_and_a_program_without_run_are_e032(tmp_path):
+    """`plan` and `compile` crashed in the planner's hint (`min()` of no calls): a dataflow
+    without calls is a located checker error, and a program without `run` (here 20,000
+    model declarations) has nothing to plan."""
+    empty = tmp_path / "empty.rlhf"
+    empty.write_text('model actor = llama(preset = "tiny")\ndataflow nothing(actor) {\n}\nrun nothing(actor) { batch = 2 }\n')
+    for command in (["check"], ["plan"], ["compile", "-o", str(tmp_path / "p.py")]):
+        done = _invoke([command[0], str(empty), *command[1:]])
+        assert done.exit_code == 1 and "error[E032]: dataflow `nothing` has no calls" in done.output, done.output
+        assert f"{empty}:2:10" in done.output and "hint:" in done.output
+    many = tmp_path / "many.rlhf"
+    many.write_text("".join(f'model m{i} = llama(preset = "tiny")\n' for i in range(20_000)))
+    for command in (["plan"], ["compile", "-o", str(tmp_path / "p.py")]):
+        done = _invoke([command[0], str(many), *command[1:]])
+        assert done.exit_code == 1 and f"error[E032]: `{many}` has no `run`: there is nothing to plan" in done.output
+        assert f"{many}:1:1" in done.output and "hint:" in done.output
+    assert not (tmp_path / "p.py").exists()

@@ -71,7 +71,7 @@ def _fix_hint(problem: Problem, call_name: str | None = None) -> str | None:
         nodes *= 2
         if plans(replace(df, cluster=replace(cl, nodes=nodes), pins=())):
             return f"needs {nodes} nodes of {cl.devices_per_node} x {cl.device} (--cluster {nodes}x{cl.devices_per_node}:{cl.device})"
-    batch = min(c.batch for c in df.calls)
+    batch = min((c.batch for c in df.calls), default=1)
     while batch > 1:
         batch //= 2
         if plans(replace(df, calls=tuple(replace(c, batch=min(c.batch, batch)) for c in df.calls))):
