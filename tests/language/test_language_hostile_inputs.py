@@ -229,3 +229,15 @@ def test_a_dataflow_without_calls_and_a_program_without_run_are_e032(tmp_path):
         assert done.exit_code == 1 and f"error[E032]: `{many}` has no `run`: there is nothing to plan" in done.output
         assert f"{many}:1:1" in done.output and "hint:" in done.output
     assert not (tmp_path / "p.py").exists()
+
+
+
+def test_a_pinned_n_mbs_above_the_rows_of_a_replica_is_located(tmp_path):
+    program = tmp_path / "p.rlhf"
+    program.write_text(PPO + "place a_tr on node0[0:2] dp = 2 tp = 1 pp = 1 n_mbs = 99999999999999\n")
+    done = _invoke(["check", str(program)])
+    assert done.exit_code == 1 and f"{program}:26:55" in done.output, done.output
+    assert ("error[E022]: `n_mbs = 99999999999999` micro-batches cannot split the 32 row(s) that each of the "
+            "dp = 2 replica(s) of `a_tr` gets (64 rows)") in done.output and "hint: n_mbs = 1 .. 32 here" in done.output
+    program.write_text(PPO + "place a_tr on node0[0:2] dp = 2 tp = 1 pp = 1 n_mbs = 32\n")
+    assert _invoke(["check", str(program)]).exit_code == 0
