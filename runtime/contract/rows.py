@@ -77,6 +77,26 @@ def scan_jsonl(path: Path, required: Sequence[str], limit: int | None = None) ->
 TOKENIZER_BYTES = 512 << 20
 
 
+def tokenizer_file(path: Path) -> Path:
+    """The tokenizer.json of a tokenizer path (the file, or the one in a directory); DataError
+    naming the directory and what it lacks when it holds none (the runtime loads fast
+    tokenizers from tokenizer.json only: without one, transformers would try sentencepiece)."""
+    regular(path, "tokenizer", directory_ok=True)
+    if not os.path.isdir(path):
+        return Path(path)
+    file = Path(path) / "tokenizer.json"
+    if not os.path.exists(file):
+        lacks = ("no tokenizer.json" if os.path.exists(Path(path) / "tokenizer_config.json")
+                 else "neither tokenizer.json nor tokenizer_config.json")
+        try:
+            held = sorted(os.listdir(path))
+            has = f"it holds {', '.join(held[:6])}{', …' if len(held) > 6 else ''}" if held else "it is empty"
+        except OSError as e:
+            has = f"it cannot be listed: {e.strerror or e}"
+        raise DataError(f"{path}:1: the tokenizer directory has {lacks} ({has})")
+    return file
+
+
 def tokenizer_json(file: Path) -> dict:
     """A tokenizer.json file as a dict; DataError at FILE:LINE:COL when it is not one."""
     regular(file, "tokenizer")

@@ -241,3 +241,27 @@ def test_a_pinned_n_mbs_above_the_rows_of_a_replica_is_located(tmp_path):
             "dp = 2 replica(s) of `a_tr` gets (64 rows)") in done.output and "hint: n_mbs = 1 .. 32 here" in done.output
     program.write_text(PPO + "place a_tr on node0[0:2] dp = 2 tp = 1 pp = 1 n_mbs = 32\n")
     assert _invoke(["check", str(program)]).exit_code == 0
+
+
+
+def test_a_tokenizer_directory_without_tokenizer_files_is_e031_at_check(tmp_path):
+    """The runtime said "You need to have sentencepiece or tiktoken installed" at step 0."""
+    (tmp_path / "tok").mkdir()
+    program = _with_data(tmp_path, f"{ROOT}/data/tiny/prompts.jsonl", "tok")
+    done = _invoke(["check", str(program)])
+    assert done.exit_code == 1 and "error[E031]" in done.output and f"{program}:20:9" in done.output
+    assert f"{tmp_path / 'tok'}:1: the tokenizer directory has neither tokenizer.json nor tokenizer_config.json " \
+           "(it is empty)" in done.output, done.output
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
+    assert "has no tokenizer.json (it holds tokenizer_config.json)" in _invoke(["check", str(program)]).output
+
+
+
+def test_a_character_the_wordlevel_tokenizer_cannot_map_is_e030_at_its_line(tmp_path):
+    """The tiny task's WordLevel tokenizer has no `[UNK]`: the runtime failed at step 0."""
+    rows = (ROOT / "data" / "tiny" / "prompts.jsonl").read_bytes().splitlines(keepends=True)[:6]
+    (tmp_path / "d.jsonl").write_bytes(b"".join(rows[:3]) + '{"prompt": "ab3é"}\n'.encode() + b"".join(rows[3:]))
+    done = _invoke(["check", str(_with_data(tmp_path))])
+    assert done.exit_code == 1 and "error[E030]" in done.output and "p.rlhf:20:9" in done.output, done.output
+    assert "d.jsonl:4`: the tokenizer of `prompts` cannot map 'é' in field `prompt`: its WordLevel vocabulary " \
+           "has no unknown token" in done.output
