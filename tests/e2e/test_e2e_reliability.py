@@ -139,6 +139,19 @@ def test_resume_refuses_a_changed_shape_and_applies_a_changed_lr(tmp_path, ppo_r
                      f"save_every {program['run']['save_every']} -> {program['run']['save_every'] + 5}"]
 
 
+def test_a_jsonl_file_starting_with_a_byte_order_mark_runs(tmp_path):
+    """A UTF-8 BOM was "invalid JSON" on line 1: it is skipped at check and at run time."""
+    data = tmp_path / "prompts.jsonl"
+    rows = (ROOT / "data" / "tiny" / "prompts.jsonl").read_text().splitlines(keepends=True)
+    data.write_bytes(b"\xef\xbb\xbf" + "".join(rows[:20]).encode())
+    source = tmp_path / "ppo.rlhf"
+    text = (ROOT / "programs" / "ppo.rlhf").read_text().replace('"../data/tiny/prompts.jsonl"', f'"{data}"')
+    source.write_text(text.replace('"../data/', f'"{ROOT}/data/'))
+    done = run(_compiled(source, tmp_path / "ppo1.py", devices=1), tmp_path / "r", "--steps", "1")
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in metrics(tmp_path / "r")] == [1]
+
+
 def test_hf_export_loads_in_transformers_and_generates_what_the_trained_model_does(ppo_run):
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 

@@ -3,6 +3,7 @@ be (FIFOs, devices, non-.rlhf imports), no file contents in messages."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -265,3 +266,24 @@ def test_a_character_the_wordlevel_tokenizer_cannot_map_is_e030_at_its_line(tmp_
     assert done.exit_code == 1 and "error[E030]" in done.output and "p.rlhf:20:9" in done.output, done.output
     assert "d.jsonl:4`: the tokenizer of `prompts` cannot map 'é' in field `prompt`: its WordLevel vocabulary " \
            "has no unknown token" in done.output
+
+
+
+def test_a_row_nested_100000_deep_is_located_and_a_bom_is_skipped(tmp_path):
+    """A RecursionError traceback at check and at run time; a UTF-8 byte order mark refused
+    the whole file. Both read the same at check and in the runtime's scan."""
+    from rlhfc_runtime.data.sources import DataError, open_rows
+
+    rows = (ROOT / "data" / "tiny" / "prompts.jsonl").read_bytes().splitlines(keepends=True)[:6]
+    deep = b'{"prompt": "ab3", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    (tmp_path / "d.jsonl").write_bytes(b"".join(rows[:3]) + deep + b"".join(rows[3:]))
+    said = f"{tmp_path / 'd.jsonl'}:4:123: the row nests arrays or objects more than 100 levels deep"
+    done = _invoke(["check", str(_with_data(tmp_path))])
+    assert done.exit_code == 1 and "error[E030]" in done.output and said in done.output, done.output
+    try:
+        open_rows(tmp_path / "d.jsonl", "jsonl", ["prompt"])
+    except DataError as e:
+        assert str(e) == said
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(rows))
+    assert _invoke(["check", str(_with_data(tmp_path))]).exit_code == 0
+    assert open_rows(tmp_path / "d.jsonl", "jsonl", ["prompt"])[0] == json.loads(rows[0])
