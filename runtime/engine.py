@@ -331,22 +331,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_paths(program: dict, base: Path) -> dict:
-    """The program with its file paths (relative to the generated file) made absolute."""
-    def fix(path):
-        return None if path is None else str((base / path).resolve())
-
-    return {
-        **program,
-        "source": fix(program["source"]),
-        "models": {n: {**m, "checkpoint": fix(m["checkpoint"]),
-                       "functions": [[fix(p), fn, w] for p, fn, w in m.get("functions", ())]}
-                   for n, m in program["models"].items()},
-        "datasets": {n: {**d, "path": fix(d["path"]), "tokenizer": fix(d["tokenizer"])}
-                     for n, d in program["datasets"].items()},
-    }
-
-
 def main(program: dict, layouts: dict[str, Layout], groups, iteration, here: str, argv=None) -> None:
     """Entry point of a generated program (`here` is its __file__): see launch.main."""
     from rlhfc_runtime.launch import main as launch_main
