@@ -212,7 +212,6 @@ def test_random_bytes_in_a_data_file_are_located_at_check_and_again_at_run_time(
         assert errors == [], errors
 
 
-
 def test_a_dataflow_without_calls_and_a_program_without_run_are_e032(tmp_path):
     """`plan` and `compile` crashed in the planner's hint (`min()` of no calls): a dataflow
     without calls is a located checker error, and a program without `run` (here 20,000
@@ -232,7 +231,6 @@ def test_a_dataflow_without_calls_and_a_program_without_run_are_e032(tmp_path):
     assert not (tmp_path / "p.py").exists()
 
 
-
 def test_a_pinned_n_mbs_above_the_rows_of_a_replica_is_located(tmp_path):
     program = tmp_path / "p.rlhf"
     program.write_text(PPO + "place a_tr on node0[0:2] dp = 2 tp = 1 pp = 1 n_mbs = 99999999999999\n")
@@ -242,7 +240,6 @@ def test_a_pinned_n_mbs_above_the_rows_of_a_replica_is_located(tmp_path):
             "dp = 2 replica(s) of `a_tr` gets (64 rows)") in done.output and "hint: n_mbs = 1 .. 32 here" in done.output
     program.write_text(PPO + "place a_tr on node0[0:2] dp = 2 tp = 1 pp = 1 n_mbs = 32\n")
     assert _invoke(["check", str(program)]).exit_code == 0
-
 
 
 def test_a_tokenizer_directory_without_tokenizer_files_is_e031_at_check(tmp_path):
@@ -257,7 +254,6 @@ def test_a_tokenizer_directory_without_tokenizer_files_is_e031_at_check(tmp_path
     assert "has no tokenizer.json (it holds tokenizer_config.json)" in _invoke(["check", str(program)]).output
 
 
-
 def test_a_character_the_wordlevel_tokenizer_cannot_map_is_e030_at_its_line(tmp_path):
     """The tiny task's WordLevel tokenizer has no `[UNK]`: the runtime failed at step 0."""
     rows = (ROOT / "data" / "tiny" / "prompts.jsonl").read_bytes().splitlines(keepends=True)[:6]
@@ -266,7 +262,6 @@ def test_a_character_the_wordlevel_tokenizer_cannot_map_is_e030_at_its_line(tmp_
     assert done.exit_code == 1 and "error[E030]" in done.output and "p.rlhf:20:9" in done.output, done.output
     assert "d.jsonl:4`: the tokenizer of `prompts` cannot map 'é' in field `prompt`: its WordLevel vocabulary " \
            "has no unknown token" in done.output
-
 
 
 def test_a_row_nested_100000_deep_is_located_and_a_bom_is_skipped(tmp_path):
