@@ -105,7 +105,7 @@ def hand_written(program: Path, steps: int) -> float:
     from rlhfc.planner.solve import symmetric_plan
     from rlhfc_runtime import calls
     from rlhfc_runtime import dist as rdist
-    from rlhfc_runtime.engine import resolve_paths
+    from rlhfc_runtime.contract.resume import resolve_paths
 
     torch.set_num_threads(1)
     rdist.init_from_env()

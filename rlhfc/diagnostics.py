@@ -50,6 +50,7 @@ CODES: dict[str, str] = {
     "E029": "reward function or score key not found (or its file does not parse)",
     "E030": "dataset field missing, or its file unreadable",
     "E031": "tokenizer does not fit the model, or has no chat template",
+    "E032": "nothing to plan: a dataflow without calls, or a program without `run`",
     "W001": "dataset file not found at check time",
     "W002": "model or dataset declared but not used by the `run`",
 }

@@ -41,7 +41,7 @@ def compile_program(path: Path, devices: int | None = None, symmetric: bool = Fa
     bad program, PlanError when nothing fits, ProfileError / FitError on a bad file."""
     coeffs = pricing(hardware, coefficients)
     override = None if devices is None else ir.Cluster(nodes=1, devices_per_node=devices, device="cpu")
-    dataflow = with_hardware(load_program(str(path), cluster_override=override), hardware)
+    dataflow = with_hardware(load_program(str(path), cluster_override=override, need_run=True), hardware)
     plan = symmetric_plan(dataflow, coeffs) if symmetric else plan_dataflow(dataflow, time_limit=time_limit, coeffs=coeffs)
     prog = lower(dataflow, plan)
     return prog, emit(prog, str(output))

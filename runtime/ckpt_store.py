@@ -33,26 +33,10 @@ from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL
 from rlhfc_runtime.checkpoint import gather_full, save_tensors
 from rlhfc_runtime.contract.atomic import write_atomic
-from rlhfc_runtime.contract.rundir import step_dir_name, step_dirs
+from rlhfc_runtime.contract.resume import FORMAT, MANIFEST, VERSION, compare, fingerprint, read_manifest, refusal
+from rlhfc_runtime.contract.rundir import RunDirError, step_dir_name, step_dirs
 from rlhfc_runtime.errors import RunError
 from rlhfc_runtime.export import publish
-
-FORMAT, VERSION = "rlhfc-checkpoint", 1
-MANIFEST = "manifest.json"
-_MODEL_KEYS = ("kind", "shape", "head", "trainable", "checkpoint", "rule", "init_seed")
-FIXED_RUN_KEYS = ("dataflow", "seed")  # a resume cannot change these; other run keys it applies
-
-
-def fingerprint(program: dict) -> dict:
-    """What a checkpoint must agree on with the program that resumes it."""
-    return {
-        "models": {n: {k: m.get(k) for k in _MODEL_KEYS} | {"optimizer": (m.get("optimizer") or {}).get("name")}
-                   for n, m in sorted(program["models"].items())},
-        "datasets": program["datasets"],
-        "calls": sorted(program.get("estimates", {})),
-        "run": {k: program["run"].get(k) for k in FIXED_RUN_KEYS},
-    }
-
 
 def program_hash(program: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint(program), sort_keys=True).encode()).hexdigest()[:16]
@@ -203,7 +187,7 @@ def problem_of(directory: Path) -> str | None:
     """Why a step directory cannot be resumed from (None: it can)."""
     try:
         manifest = read_manifest(directory)
-    except RunError as err:
+    except RunDirError as err:
         return str(err)
     for name, want in manifest["files"].items():
         path = directory / name
@@ -212,19 +196,6 @@ def problem_of(directory: Path) -> str | None:
         if _digest(path) != want:
             return f"{path} does not match its checksum"
     return None
-
-
-def read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
-    try:
-        if not path.is_file() or path.stat().st_size > 64 << 20:
-            raise RunError(f"{path} is missing or not a regular file")
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RunError(f"{path}: unreadable manifest ({type(err).__name__})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise RunError(f"{path}: not an rlhfc checkpoint manifest of version {VERSION}")
-    return manifest
 
 
 def choose(out: Path) -> tuple[Path | None, list[str]]:
@@ -243,50 +214,6 @@ def choose(out: Path) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
-def compare(manifest: dict, program: dict) -> tuple[list[str], list[str]]:
-    """(what changed that a resume cannot continue with, what changed that it applies)."""
-    refuse, apply = [], []
-    old, new = manifest["fingerprint"], fingerprint(program)
-    for name in sorted(set(old["models"]) | set(new["models"])):
-        a, b = old["models"].get(name), new["models"].get(name)
-        if a is None or b is None:
-            refuse.append(f"model {name} was {'added' if a is None else 'removed'}")
-            continue
-        refuse += [f"model {name}: {k} {_short(x)} -> {_short(y)}" for k, x, y in _differences(a, b)]
-    for name in sorted(set(old["datasets"]) | set(new["datasets"])):
-        if old["datasets"].get(name) != new["datasets"].get(name):
-            refuse.append(f"dataset {name} changed")
-    if old["calls"] != new["calls"]:
-        refuse.append(f"the dataflow's calls {', '.join(old['calls'])} -> {', '.join(new['calls'])}")
-    refuse += [f"run {k} {_short(old['run'].get(k))} -> {_short(v)}" for k, v in new["run"].items()
-               if old["run"].get(k) != v]
-    was = manifest.get("program", {})
-    for name, spec in program["models"].items():
-        before = (was.get("models", {}).get(name) or {}).get("optimizer") or {}
-        for k, v in (spec.get("optimizer") or {}).items():
-            if before.get(k) != v and k != "name":
-                apply.append(f"{name} {k} {_short(before.get(k))} -> {_short(v)}")
-    before = was.get("run", {})
-    apply += [f"{k} {_short(before.get(k))} -> {_short(v)}" for k, v in program["run"].items()
-              if k not in FIXED_RUN_KEYS and before.get(k) != v]
-    return refuse, apply
-
-
-def _differences(a: dict, b: dict, prefix: str = ""):
-    """(dotted key, old, new) for every leaf that differs."""
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            yield from _differences(x, y, f"{prefix}{k}.")
-        elif x != y:
-            yield f"{prefix}{k}", x, y
-
-
-def _short(value) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def prepare(out: Path, program: dict) -> tuple[Path | None, list[str]]:
     """What a resume continues from, and what to tell the user; RunError if it cannot."""
     directory, notes = choose(out)
@@ -295,9 +222,7 @@ def prepare(out: Path, program: dict) -> tuple[Path | None, list[str]]:
     manifest = read_manifest(directory)
     refuse, apply = compare(manifest, program)
     if refuse:
-        listed = "\n".join(f"  - {r}" for r in refuse[:12])
-        raise RunError(f"cannot resume {directory}: the program changed in ways the checkpoint cannot follow:\n"
-                       f"{listed}\nrevert these changes, or start over with --overwrite")
+        raise RunError(refusal(directory, refuse))
     if notes:
         notes.append(f"resuming from the newest intact checkpoint, {directory.name}")
     if apply:

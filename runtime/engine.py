@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rlhfc_runtime.contract import hub
 from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime import calls, ckpt_store
 from rlhfc_runtime import dist as rdist
@@ -330,36 +329,6 @@ class Engine:
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_paths(program: dict, base: Path) -> dict:
-    """The program with its file paths (relative to the generated file) made absolute,
-    and its hub ids (`hf://owner/name[@rev]`, kept as the user wrote them in the
-    generated file) replaced by their local snapshot directories, the weights downloaded
-    here when online (`contract.hub`; HubError when they cannot be resolved).
-
-    Hub ids are resolved once, here at run start, rather than where each file is read:
-    the launcher resolves them before it spawns the workers, so a download happens once
-    with its progress bar on the launcher's terminal, and every later reader (checkpoint
-    loading, tokenizer, export, resume) sees the plain directory it always has. The
-    snapshot directory names the commit, so a resume refuses a checkpoint whose hub
-    weights moved to another commit, as it refuses a moved checkpoint directory."""
-    local = {ref: str(path) for ref, path in hub.fetch(program).items()}
-
-    def fix(path):
-        if path is None:
-            return None
-        return local[path] if path in local else str((base / path).resolve())
-
-    return {
-        **program,
-        "source": fix(program["source"]),
-        "models": {n: {**m, "checkpoint": fix(m["checkpoint"]),
-                       "functions": [[fix(p), fn, w] for p, fn, w in m.get("functions", ())]}
-                   for n, m in program["models"].items()},
-        "datasets": {n: {**d, "path": fix(d["path"]), "tokenizer": fix(d["tokenizer"])}
-                     for n, d in program["datasets"].items()},
-    }
 
 
 def main(program: dict, layouts: dict[str, Layout], groups, iteration, here: str, argv=None) -> None:

@@ -19,7 +19,8 @@ from rlhfc_runtime import ckpt_store, signals
 from rlhfc_runtime import dist as rdist
 from rlhfc_runtime.contract.hub import HubError
 from rlhfc_runtime.contract.rundir import RunDirError, RunLock, check_fresh, has_checkpoint, step_dir_name
-from rlhfc_runtime.engine import Engine, resolve_paths
+from rlhfc_runtime.contract.resume import resolve_paths
+from rlhfc_runtime.engine import Engine
 from rlhfc_runtime.errors import RunError
 
 

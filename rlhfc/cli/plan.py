@@ -44,13 +44,13 @@ def plan_command(
     out, err = Console(width=None if sys.stdout.isatty() else 120), Console(stderr=True)
     try:
         coeffs = pricing(hardware, coefficients)
-        dataflow = with_hardware(load_program(str(file), cluster_override=cluster), hardware)
+        dataflow = with_hardware(load_program(str(file), cluster_override=cluster, need_run=True), hardware)
         plan = plan_dataflow(dataflow, time_limit=time_limit, workers=workers, coeffs=coeffs)
     except (ProfileError, FitError) as e:
         err.print(f"error: {e}", markup=False, highlight=False)
         raise typer.Exit(1)
     except CompileError as e:
-        err.print(render(e.diagnostics), markup=False, highlight=False)
+        err.print(render(e.diagnostics), markup=False, highlight=False, soft_wrap=True)  # paths unbroken
         raise typer.Exit(1)
     print_plan(plan, out)
     if explain:

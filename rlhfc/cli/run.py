@@ -134,6 +134,8 @@ def _run_locked(file: Path, out: Path, *, devices, steps, resume, plot, symmetri
 
     prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=out / "program.py",
                                   hardware=hardware, coefficients=coefficients)
+    if resume:
+        _refuse_a_changed_program(prog, out)
     out.mkdir(parents=True, exist_ok=True)
     options.write_or_exit(out / "program.py", text)
     options.write_or_exit(out / COST_INPUTS_FILE, cost_inputs_json(prog))
@@ -178,6 +180,24 @@ def _fetch_hub(prog: OpProgram) -> None:
             _err.print(f"{ref} → {path}", markup=False, highlight=False)
     except hub.HubError as e:
         _err.print(f"[red]error[/]: {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _refuse_a_changed_program(prog: OpProgram, out: Path) -> None:
+    """`--resume` with a program its checkpoint cannot follow (a shape, a head, a dataset,
+    the calls, the seed): every change on screen and exit 1, before OUT/program.py is
+    replaced or any worker starts. The comparison is the runtime's own (`contract.resume`)."""
+    from rlhfc.backend.emit import program_spec
+    from rich.markup import escape
+
+    from rlhfc_runtime.contract.resume import check_resumable, resolve_paths
+    from rlhfc_runtime.contract.rundir import RunDirError
+
+    program = resolve_paths(program_spec(prog, str(out)), (out / "program.py").resolve().parent)
+    try:
+        check_resumable(out, program)
+    except RunDirError as e:
+        _err.print(f"[red]error[/]: {escape(str(e))}", markup=True, highlight=False)
         raise typer.Exit(1) from None
 
 

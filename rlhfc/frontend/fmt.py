@@ -240,7 +240,8 @@ def _pads(stmts) -> dict[int, tuple[int, int]]:
             j += 1
         run = stmts[i:j]
         if isinstance(stmts[i], (ast.ModelDecl, ast.DatasetDecl)):
-            pads.update({id(s): (max(len(s.name.text) for s in run), 0) for s in run})
+            widths = (max(len(s.name.text) for s in run), 0)
+            pads.update({id(s): widths for s in run})
         elif isinstance(stmts[i], ast.PlaceStmt):
             widths = (max(len(s.call.text) for s in run), max(len(_mesh(s.mesh)) for s in run))
             pads.update({id(s): widths for s in run})

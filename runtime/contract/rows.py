@@ -6,6 +6,7 @@ row), the runtime scans every file before the first step. Pure Python, no torch.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import stat
@@ -36,11 +37,19 @@ def regular(path: Path, what: str, directory_ok: bool = False) -> None:
         raise DataError(f"{path}:1: the {what} is not a regular file (a FIFO, socket or device)")
 
 
+MAX_DEPTH = 100  # arrays and objects a row may nest: deeper ones are refused, never parsed recursively
+
+
 def parse_row(line: bytes, path: Path, line_no: int) -> dict:
+    """One JSONL row (line 1 may start with a UTF-8 byte order mark, which is skipped)."""
+    if line_no == 1 and line.startswith(codecs.BOM_UTF8):
+        line = line[len(codecs.BOM_UTF8):]
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}:{line_no}:{e.start + 1}: not UTF-8 text (byte 0x{line[e.start]:02x})") from None
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and (col := _too_deep(text)):
+        raise DataError(f"{path}:{line_no}:{col}: the row nests arrays or objects more than {MAX_DEPTH} levels deep")
     try:
         row = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
@@ -49,6 +58,24 @@ def parse_row(line: bytes, path: Path, line_no: int) -> dict:
         raise DataError(f"{path}:{line_no}:1: a row must be a JSON object, not {type(row).__name__}"
                         f" (hint: one object per line, such as {{\"prompt\": \"…\"}})")
     return row
+
+
+def _too_deep(text: str) -> int | None:
+    """The column of the bracket that opens nesting level MAX_DEPTH + 1 of `text` (JSON), or
+    None; a loop, so no depth of nesting can exhaust the stack."""
+    depth, in_string, escaped = 0, False, False
+    for col, ch in enumerate(text, 1):
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return col
+        elif ch in "]}":
+            depth -= 1
+    return None
 
 
 def check_row(row: dict, required: Sequence[str], where: str) -> None:
@@ -77,6 +104,26 @@ def scan_jsonl(path: Path, required: Sequence[str], limit: int | None = None) ->
 TOKENIZER_BYTES = 512 << 20
 
 
+def tokenizer_file(path: Path) -> Path:
+    """The tokenizer.json of a tokenizer path (the file, or the one in a directory); DataError
+    naming the directory and what it lacks when it holds none (the runtime loads fast
+    tokenizers from tokenizer.json only: without one, transformers would try sentencepiece)."""
+    regular(path, "tokenizer", directory_ok=True)
+    if not os.path.isdir(path):
+        return Path(path)
+    file = Path(path) / "tokenizer.json"
+    if not os.path.exists(file):
+        lacks = ("no tokenizer.json" if os.path.exists(Path(path) / "tokenizer_config.json")
+                 else "neither tokenizer.json nor tokenizer_config.json")
+        try:
+            held = sorted(os.listdir(path))
+            has = f"it holds {', '.join(held[:6])}{', …' if len(held) > 6 else ''}" if held else "it is empty"
+        except OSError as e:
+            has = f"it cannot be listed: {e.strerror or e}"
+        raise DataError(f"{path}:1: the tokenizer directory has {lacks} ({has})")
+    return file
+
+
 def tokenizer_json(file: Path) -> dict:
     """A tokenizer.json file as a dict; DataError at FILE:LINE:COL when it is not one."""
     regular(file, "tokenizer")
@@ -89,6 +136,8 @@ def tokenizer_json(file: Path) -> dict:
         raise DataError(f"{file}:1:{e.start + 1}: the tokenizer is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{file}:{e.lineno}:{e.colno}: the tokenizer is not JSON: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{file}:1:1: the tokenizer nests arrays or objects too deeply to read") from None
     if not isinstance(doc, dict):
         raise DataError(f"{file}:1:1: the tokenizer must be a JSON object, not {type(doc).__name__}")
     return doc

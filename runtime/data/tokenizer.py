@@ -10,7 +10,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from rlhfc_runtime.contract.rows import DataError, regular, tokenizer_json
+from rlhfc_runtime.contract.rows import DataError, tokenizer_file, tokenizer_json
 
 SPECIAL_NAMES = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
 
@@ -48,10 +48,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     directory (`AutoTokenizer`, local files only: never the network). For a bare file, `<pad>`/`<bos>`/`<eos>` become the special tokens when
     the vocabulary has them; a missing pad token falls back to eos."""
     path = Path(path)
-    regular(path, "tokenizer", directory_ok=True)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if file.exists():
-        tokenizer_json(file)  # FILE:LINE:COL when it is not JSON
+    file = tokenizer_file(path)  # a directory without tokenizer.json: named, with what it lacks
+    tokenizer_json(file)  # FILE:LINE:COL when it is not JSON
     try:
         if path.is_dir():
             tokenizer = _generic(path) or AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -124,8 +124,8 @@ def test_tokenizer_larger_than_the_vocabulary(task):
 def test_chat_needs_a_template(task):
     bare = f'jsonl("train.jsonl", field = "question", max_len = 24, tokenizer = "{ROOT}/data/tiny/tokenizer.json", ' \
            f'chat = true)'
-    (code, message, _), = errors(program(task, dataset=bare))
-    assert code == "E031" and "chat template" in message
+    found = errors(program(task, dataset=bare))  # and the tiny tokenizer cannot map the task's text (E030)
+    assert [code for code, _, _ in found] == ["E031", "E030"] and "chat template" in found[0][1]
 
 
 def test_value_head_checkpoint_loaded_as_lm_is_an_error(task, tmp_path):

@@ -102,7 +102,11 @@ def test_bad_tokenizers_and_data_paths_are_located_without_hanging(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "other.json").write_text('{"version": "1.0"}')
     os.mkfifo(tmp_path / "pipe.json")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "config.json").write_text("{}")  # sentencepiece or tiktoken, transformers said
     for name, said in (("text.json", "text.json:2:3: the tokenizer is not JSON"),
+                       ("dir", "dir:1: the tokenizer directory has neither tokenizer.json nor tokenizer_config.json "
+                               "(it holds config.json)"),
                        ("list.json", "list.json:1:1: the tokenizer must be a JSON object, not list"),
                        ("other.json", "other.json:1: cannot load the tokenizer"),
                        ("pipe.json", "pipe.json:1: the tokenizer is not a regular file")):

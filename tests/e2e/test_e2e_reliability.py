@@ -111,7 +111,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, ppo_
 
 def _program_of(out: Path) -> dict:
     """The PROGRAM dict of the run's generated file, paths resolved (as the launcher does)."""
-    from rlhfc_runtime.engine import resolve_paths
+    from rlhfc_runtime.contract.resume import resolve_paths
 
     text = (out.parent / "ppo2.py").read_text()
     start = text.index("PROGRAM = ") + len("PROGRAM = ")
@@ -137,6 +137,37 @@ def test_resume_refuses_a_changed_shape_and_applies_a_changed_lr(tmp_path, ppo_r
     _, notes = ckpt_store.prepare(whole, slower)
     assert notes == ["resuming with changed settings: actor lr 0.002 -> 0.0001; "
                      f"save_every {program['run']['save_every']} -> {program['run']['save_every'] + 5}"]
+
+
+def test_rlhfc_run_refuses_a_changed_program_before_any_worker_starts(tmp_path, ppo_run):
+    """The list of changes was only in worker.log, under a message that suggested the same
+    `--resume` again: now `rlhfc run` compares before it writes program.py or starts a worker."""
+    source, whole = ppo_run
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    (out / "worker.log").unlink(missing_ok=True)
+    changed = tmp_path / "ppo.rlhf"
+    changed.write_text(source.read_text().replace("intermediate = 128", "intermediate = 256", 1))
+    done = _rlhfc("run", str(changed), "--out", str(out), "--resume", "--devices", "2")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert (f"error: cannot resume {out / 'checkpoint' / 'step-000004'}: the program changed in ways the checkpoint "
+            "cannot follow:\n  - model actor: shape.intermediate 128 -> 256\n"
+            "revert these changes, or start over with --overwrite") in done.stderr, done.stderr
+    assert "rlhfc run" not in done.stderr and "Continue from" not in done.stderr
+    assert not (out / "worker.log").exists() and not (out / "program.py").exists()
+
+
+def test_a_jsonl_file_starting_with_a_byte_order_mark_runs(tmp_path):
+    """A UTF-8 BOM was "invalid JSON" on line 1: it is skipped at check and at run time."""
+    data = tmp_path / "prompts.jsonl"
+    rows = (ROOT / "data" / "tiny" / "prompts.jsonl").read_text().splitlines(keepends=True)
+    data.write_bytes(b"\xef\xbb\xbf" + "".join(rows[:20]).encode())
+    source = tmp_path / "ppo.rlhf"
+    text = (ROOT / "programs" / "ppo.rlhf").read_text().replace('"../data/tiny/prompts.jsonl"', f'"{data}"')
+    source.write_text(text.replace('"../data/', f'"{ROOT}/data/'))
+    done = run(_compiled(source, tmp_path / "ppo1.py", devices=1), tmp_path / "r", "--steps", "1")
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in metrics(tmp_path / "r")] == [1]
 
 
 def test_hf_export_loads_in_transformers_and_generates_what_the_trained_model_does(ppo_run):

@@ -114,8 +114,8 @@ def test_cluster_override_replaces_the_programs_cluster_and_pins_follow_it(tmp_p
     ("nodes[0:2]", ir.Mesh(0, 2, 0, 8)), ("nodes", ir.Mesh(0, 2, 0, 8))])
 def test_mesh_syntax(tmp_path, mesh, expected):
     prog = _write(tmp_path, 'import sft from "stdlib/sft.rlhf"\ncluster { nodes = 2  devices_per_node = 8  device = "H200" }\n'
-                  + TINY + 'dataset d = jsonl("d.jsonl", field = "t", max_len = 8)\nrun sft(actor, d) { batch = 2 }\n'
-                  f'place a_tr on {mesh} dp = {expected.size} tp = 1 pp = 1 n_mbs = 2\n')
+                  + TINY + 'dataset d = jsonl("d.jsonl", field = "t", max_len = 8)\nrun sft(actor, d) { batch = 32 }\n'
+                  f'place a_tr on {mesh} dp = {expected.size} tp = 1 pp = 1 n_mbs = 2\n')  # 2 micro-batches of each dp part
     pin = load_program(prog).pins[0]
     assert pin.strategy.mesh == expected and pin.strategy.n_mbs == 2 and pin.call == "a_tr"
 

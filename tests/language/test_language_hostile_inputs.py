@@ -3,6 +3,7 @@ be (FIFOs, devices, non-.rlhf imports), no file contents in messages."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -209,3 +210,75 @@ def test_random_bytes_in_a_data_file_are_located_at_check_and_again_at_run_time(
         assert errors[0].span.file.endswith("p.rlhf") and errors[0].span.line == 20
     else:
         assert errors == [], errors
+
+
+def test_a_dataflow_without_calls_and_a_program_without_run_are_e032(tmp_path):
+    """`plan` and `compile` crashed in the planner's hint (`min()` of no calls): a dataflow
+    without calls is a located checker error, and a program without `run` (here 20,000
+    model declarations) has nothing to plan."""
+    empty = tmp_path / "empty.rlhf"
+    empty.write_text('model actor = llama(preset = "tiny")\ndataflow nothing(actor) {\n}\nrun nothing(actor) { batch = 2 }\n')
+    for command in (["check"], ["plan"], ["compile", "-o", str(tmp_path / "p.py")]):
+        done = _invoke([command[0], str(empty), *command[1:]])
+        assert done.exit_code == 1 and "error[E032]: dataflow `nothing` has no calls" in done.output, done.output
+        assert f"{empty}:2:10" in done.output and "hint:" in done.output
+    many = tmp_path / "many.rlhf"
+    many.write_text("".join(f'model m{i} = llama(preset = "tiny")\n' for i in range(20_000)))
+    for command in (["plan"], ["compile", "-o", str(tmp_path / "p.py")]):
+        done = _invoke([command[0], str(many), *command[1:]])
+        assert done.exit_code == 1 and f"error[E032]: `{many}` has no `run`: there is nothing to plan" in done.output
+        assert f"{many}:1:1" in done.output and "hint:" in done.output
+    assert not (tmp_path / "p.py").exists()
+
+
+def test_a_pinned_n_mbs_above_the_rows_of_a_replica_is_located(tmp_path):
+    program = tmp_path / "p.rlhf"
+    program.write_text(PPO + "place a_tr on node0[0:2] dp = 2 tp = 1 pp = 1 n_mbs = 99999999999999\n")
+    done = _invoke(["check", str(program)])
+    assert done.exit_code == 1 and f"{program}:26:55" in done.output, done.output
+    assert ("error[E022]: `n_mbs = 99999999999999` micro-batches cannot split the 32 row(s) that each of the "
+            "dp = 2 replica(s) of `a_tr` gets (64 rows)") in done.output and "hint: n_mbs = 1 .. 32 here" in done.output
+    program.write_text(PPO + "place a_tr on node0[0:2] dp = 2 tp = 1 pp = 1 n_mbs = 32\n")
+    assert _invoke(["check", str(program)]).exit_code == 0
+
+
+def test_a_tokenizer_directory_without_tokenizer_files_is_e031_at_check(tmp_path):
+    """The runtime said "You need to have sentencepiece or tiktoken installed" at step 0."""
+    (tmp_path / "tok").mkdir()
+    program = _with_data(tmp_path, f"{ROOT}/data/tiny/prompts.jsonl", "tok")
+    done = _invoke(["check", str(program)])
+    assert done.exit_code == 1 and "error[E031]" in done.output and f"{program}:20:9" in done.output
+    assert f"{tmp_path / 'tok'}:1: the tokenizer directory has neither tokenizer.json nor tokenizer_config.json " \
+           "(it is empty)" in done.output, done.output
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
+    assert "has no tokenizer.json (it holds tokenizer_config.json)" in _invoke(["check", str(program)]).output
+
+
+def test_a_character_the_wordlevel_tokenizer_cannot_map_is_e030_at_its_line(tmp_path):
+    """The tiny task's WordLevel tokenizer has no `[UNK]`: the runtime failed at step 0."""
+    rows = (ROOT / "data" / "tiny" / "prompts.jsonl").read_bytes().splitlines(keepends=True)[:6]
+    (tmp_path / "d.jsonl").write_bytes(b"".join(rows[:3]) + '{"prompt": "ab3é"}\n'.encode() + b"".join(rows[3:]))
+    done = _invoke(["check", str(_with_data(tmp_path))])
+    assert done.exit_code == 1 and "error[E030]" in done.output and "p.rlhf:20:9" in done.output, done.output
+    assert "d.jsonl:4`: the tokenizer of `prompts` cannot map 'é' in field `prompt`: its WordLevel vocabulary " \
+           "has no unknown token" in done.output
+
+
+def test_a_row_nested_100000_deep_is_located_and_a_bom_is_skipped(tmp_path):
+    """A RecursionError traceback at check and at run time; a UTF-8 byte order mark refused
+    the whole file. Both read the same at check and in the runtime's scan."""
+    from rlhfc_runtime.data.sources import DataError, open_rows
+
+    rows = (ROOT / "data" / "tiny" / "prompts.jsonl").read_bytes().splitlines(keepends=True)[:6]
+    deep = b'{"prompt": "ab3", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    (tmp_path / "d.jsonl").write_bytes(b"".join(rows[:3]) + deep + b"".join(rows[3:]))
+    said = f"{tmp_path / 'd.jsonl'}:4:123: the row nests arrays or objects more than 100 levels deep"
+    done = _invoke(["check", str(_with_data(tmp_path))])
+    assert done.exit_code == 1 and "error[E030]" in done.output and said in done.output, done.output
+    try:
+        open_rows(tmp_path / "d.jsonl", "jsonl", ["prompt"])
+    except DataError as e:
+        assert str(e) == said
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(rows))
+    assert _invoke(["check", str(_with_data(tmp_path))]).exit_code == 0
+    assert open_rows(tmp_path / "d.jsonl", "jsonl", ["prompt"])[0] == json.loads(rows[0])

@@ -145,3 +145,16 @@ def test_fmt_is_linear_in_comments():
 
     small, large = _fmt_lines_executed(commented(40)), _fmt_lines_executed(commented(160))
     assert large < 4.5 * small, (small, large)
+
+
+def test_fmt_is_linear_in_declarations():
+    """Runs of aligned model, dataset and `place` lines: 4x the declarations must cost about
+    4x the work (the alignment width was found again for every line: 20,000 models took
+    more than 30 s)."""
+    def declared(n: int) -> str:
+        return ("".join(f'model m{i} = llama(preset = "tiny")\n' for i in range(n))
+                + "".join(f'dataset d{i} = jsonl("d.jsonl", field = "p", max_len = 8)\n' for i in range(n))
+                + "".join(f"place c{i} on node0[0:2] dp = 2 tp = 1 pp = 1\n" for i in range(n)))
+
+    small, large = _fmt_lines_executed(declared(50)), _fmt_lines_executed(declared(200))
+    assert large < 4.5 * small, (small, large)

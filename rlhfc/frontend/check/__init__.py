@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhfc import ir
-from rlhfc.diagnostics import CompileError, Diagnostic
+from rlhfc.diagnostics import CompileError, Diagnostic, Severity, located
 from rlhfc.frontend import ast
 from rlhfc.frontend.check.common import Reporter, Values, resolved_path
 from rlhfc.frontend.check.dataflow import check_dataflow_structure
@@ -68,9 +68,16 @@ def check_program(path: str | Path, cluster_override: ir.Cluster | None = None
     return flow, rep.diagnostics
 
 
-def load_program(path: str | Path, cluster_override: ir.Cluster | None = None) -> ir.Dataflow:
-    """The checked Dataflow of a program, or `CompileError` carrying every diagnostic."""
+def load_program(path: str | Path, cluster_override: ir.Cluster | None = None, need_run: bool = False
+                 ) -> ir.Dataflow:
+    """The checked Dataflow of a program, or `CompileError` carrying every diagnostic;
+    `need_run` (plan, compile, run): a library without a `run` is E032, nothing to plan."""
     flow, diagnostics = check_program(path, cluster_override)
+    if flow is not None and need_run and flow.run is None:
+        diagnostics = [*diagnostics, located(Severity.ERROR, "E032", f"`{path}` has no `run`: there is nothing to plan",
+                                             ir.Span(str(path), 1, 1, 1, 1),
+                                             "add `run DATAFLOW(ARGS) { batch = N }`; `rlhfc check` checks a library")]
+        flow = None
     if flow is None:
         raise CompileError(diagnostics)
     return flow

@@ -27,7 +27,8 @@ from rlhfc.frontend.check.common import (
 from rlhfc.frontend.check.declarations import split_args
 from rlhfc_runtime.contract import hub
 from rlhfc_runtime.contract.hub import TOKENIZER_MAIN
-from rlhfc_runtime.contract.rows import CHECK_SCAN_BYTES, DataError, regular, scan_jsonl, tokenizer_json
+from rlhfc.frontend.check.tokens import check_tokenizer
+from rlhfc_runtime.contract.rows import CHECK_SCAN_BYTES, DataError, regular, scan_jsonl
 
 FORMATS = ("jsonl", "parquet", "datasets")
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "datasets"}
@@ -197,8 +198,7 @@ def _scan_rows(path: Path, required: list[str], span: ir.Span, rep: Reporter) ->
 
 def finish_datasets(datasets: dict[str, ir.Dataset], models: dict[str, ir.Model], rep: Reporter) -> dict:
     """Defaults and checks that need the models: the tokenizer (default: the first trainable,
-    else first, checkpoint holding one), its size against every model's vocabulary, and
-    the chat template when `chat = true`."""
+    else first, checkpoint holding one), checked by `tokens.check_tokenizer`."""
     ckpts = sorted((m for m in models.values() if m.checkpoint and m.kind == "llama"),
                    key=lambda m: (not m.trainable, m.head is not ir.Head.LM))
     default = next((m.checkpoint for m in ckpts if (where := local_tokenizer(m.checkpoint)) is not None
@@ -209,51 +209,9 @@ def finish_datasets(datasets: dict[str, ir.Dataset], models: dict[str, ir.Model]
             ds = dataclasses.replace(ds, tokenizer=default)
         where = local_tokenizer(ds.tokenizer) if ds.tokenizer else None
         if where is not None:
-            try:
-                size = tokenizer_size(where)
-            except DataError as e:
-                rep.error("E031", f"the tokenizer of `{name}`: {e}", ds.span,
-                          "a Hugging Face tokenizer.json, or a directory holding one")
-                continue
-            for m in models.values():
-                if size and m.shape is not None and size > m.shape.vocab:
-                    rep.error("E031", f"the tokenizer of `{name}` has {size} tokens, more than the "
-                                      f"{m.shape.vocab} of `{m.name}`'s vocabulary", ds.span,
-                              "use the model's own tokenizer, or a model with a larger vocabulary")
-                    break
-            if ds.chat and not has_chat_template(where):
-                rep.error("E031", f"`{name}` has `chat = true` but its tokenizer has no chat template", ds.span,
-                          "use a tokenizer directory whose tokenizer_config.json has `chat_template`")
+            check_tokenizer(ds, where, models, rep)
         elif ds.chat and ds.tokenizer is None:
             rep.error("E024", f"`{name}` has `chat = true` but no tokenizer", ds.span,
                       'tokenizer = "DIR" (a Hugging Face tokenizer directory with a chat template)')
         out[name] = ds
     return out
-
-
-def tokenizer_size(path: Path) -> int | None:
-    """Token ids a tokenizer can produce (from tokenizer.json: vocabulary and added tokens);
-    None for a directory without tokenizer.json. DataError (FILE:LINE:COL) for a file
-    that is no tokenizer.json: not a regular file, not UTF-8, not JSON, no vocabulary."""
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if path.is_dir() and not path_exists(file):
-        return None
-    data = tokenizer_json(file)
-    try:
-        vocab = data["model"]["vocab"]
-        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
-        ids += [t["id"] for t in data.get("added_tokens") or []]
-        return max(ids) + 1 if ids else None
-    except (KeyError, TypeError, ValueError):
-        raise DataError(f"{file}:1: not a tokenizer.json (no `model.vocab` of token ids)") from None
-
-
-def has_chat_template(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    if (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists():
-        return True
-    try:
-        return bool(json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
-    except (OSError, ValueError, AttributeError):
-        return False

@@ -32,6 +32,9 @@ def check_dataflow_structure(decl: ast.DataflowDecl, rep: Reporter) -> None:
         if p.text in params:
             rep.error("E003", f"parameter `{p.text}` appears twice", p.span)
         params[p.text] = p
+    if not decl.calls:
+        rep.error("E032", f"dataflow `{decl.name.text}` has no calls: there is nothing to plan or run", decl.name.span,
+                  "add a call such as `out = actor.generate(prompts)`, or delete the dataflow")
     model_params = {c.model.text for c in decl.calls}
     producers: dict[str, ast.CallStmt] = {}
     calls: dict[str, ast.CallStmt] = {}

@@ -87,8 +87,7 @@ class Loader:
         return unit, True
 
     def _define(self, unit: Unit, table: dict, name: ast.Name, value) -> None:
-        seen = {**unit.dataflows, **unit.models, **unit.datasets}
-        if name.text in seen:
+        if any(name.text in names for names in (unit.dataflows, unit.models, unit.datasets)):
             self.rep.error("E003", f"`{name.text}` is defined more than once", name.span,
                            "models, datasets and dataflows share one namespace per file")
         else:

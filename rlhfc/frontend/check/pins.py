@@ -80,6 +80,11 @@ def check_pins(unit: Unit, calls: tuple[ir.Call, ...], names: set[str], models: 
             rep.error("E014", f"tp = {tp} does not divide the heads of `{call.model}` "
                               f"({shape.n_heads} heads, {shape.n_kv_heads} kv heads)", opts["tp"].value.span,
                       "choose tp dividing both head counts")
+        if call is not None and (degrees.get("n_mbs") or 1) > max(1, call.rows // dp):
+            each = call.rows // dp
+            rep.error("E022", f"`n_mbs = {degrees['n_mbs']}` micro-batches cannot split the {each} row(s) that each of "
+                              f"the dp = {dp} replica(s) of `{call.name}` gets ({call.rows} rows)",
+                      opts["n_mbs"].value.span, f"n_mbs = 1 .. {max(1, each)} here")
         pins[place.call.text] = ir.Pin(place.call.text, ir.Strategy(mesh, dp, tp, pp, degrees.get("n_mbs") or 1,
                                                                          recompute),
                                        place.span)

@@ -14,7 +14,7 @@ from rlhfc.ir import Dataflow
 from rlhfc.plan import CallPlacement, Plan, Reallocation
 from rlhfc.planner.solve.baselines import symmetric_choice
 from rlhfc.planner.solve.cpsat import solve_cpsat
-from rlhfc.planner.solve.diagnose import PlanError, check_cluster, diagnose_infeasible
+from rlhfc.planner.solve.diagnose import PlanError, check_cluster, diagnose_infeasible, run_span
 from rlhfc.planner.solve.problem import Option, Problem, SearchSpace, build_problem, offloadable, with_options
 from rlhfc.planner.solve.schedule import Schedule, evaluate
 
@@ -78,7 +78,7 @@ def plan_dataflow(
     (`default_coefficients`). Raises `PlanError` (with a hint) when no placement fits."""
     t0 = time.perf_counter()
     deadline = t0 + time_limit
-    check_cluster(df.cluster)
+    check_cluster(df)
     coeffs = coeffs or default_coefficients(df.cluster.device)
     problem = build_problem(df, coeffs, space, deadline=t0 + BUILD_SHARE * time_limit)
     diagnose_infeasible(problem)  # per-call reasons, before the solver (offloading cannot help)
@@ -110,8 +110,8 @@ MARGIN = 0.3
 
 def _with_hint(problem: Problem, error: PlanError):
     """Raise `error` again, with a fix that was checked to plan when the solver gave up."""
-    if error.message.startswith("no plan fits ("):
-        diagnose_infeasible(problem, solver_status=error.message[len("no plan fits ("):].split(")")[0])
+    if error.solver_status is not None:
+        diagnose_infeasible(problem, solver_status=error.solver_status)
     raise error
 
 
@@ -129,7 +129,8 @@ def _solve(problem: Problem, deadline: float, workers: int, seed: int):
     result = solve_cpsat(problem, left, workers, seed, hint=hint)
     if result.choice is None and not (hint and result.status == "UNKNOWN"):
         if result.status == "UNKNOWN":
-            raise PlanError("no plan found within the time limit", "raise --time-limit")
+            raise PlanError("no plan found within the time limit", "raise --time-limit",
+                                run_span(problem.dataflow))
         diagnose_infeasible(problem, solver_status=result.status, hint=False)
     if result.choice is None:  # time limit before CP-SAT accepted the hint: keep the hint
         choice, sched = hint
@@ -143,7 +144,7 @@ def _solve(problem: Problem, deadline: float, workers: int, seed: int):
 def symmetric_plan(df: Dataflow, coeffs: Coefficients | None = None) -> Plan:
     """The best one-strategy-for-all-calls plan on the whole cluster (Megatron-style)."""
     t0 = time.perf_counter()
-    check_cluster(df.cluster)
+    check_cluster(df)
     problem = build_problem(df, coeffs or default_coefficients(df.cluster.device))
     best = symmetric_choice(problem)
     if best is None:

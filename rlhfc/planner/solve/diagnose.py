@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from rlhfc.diagnostics import CompileError, Severity, located
 from rlhfc.hardware import LIMITS, cluster_problems
-from rlhfc.ir import Cluster, Dataflow, Span
+from rlhfc.ir import Dataflow, Span
 from rlhfc.planner.solve.problem import Problem, call_options, enumerate_meshes, make_option
 
 GIB = 1 << 30
@@ -16,9 +16,11 @@ class PlanError(CompileError):
     """No placement fits: one E027 diagnostic pointing at the call (or pin) at fault,
     rendered like every other compile error."""
 
-    def __init__(self, message: str, hint: str | None = None, span: Span | None = None):
+    def __init__(self, message: str, hint: str | None = None, span: Span | None = None,
+                 solver_status: str | None = None):
         super().__init__([located(Severity.ERROR, "E027", f"no plan fits: {message}", span, hint)])
         self.message, self.hint, self.span = message, hint, span
+        self.solver_status = solver_status  # set when every call fits alone but the solver combined none
 
 
 def _smallest_peak(problem: Problem, df: Dataflow, call_name: str) -> int | None:
@@ -71,7 +73,7 @@ def _fix_hint(problem: Problem, call_name: str | None = None) -> str | None:
         nodes *= 2
         if plans(replace(df, cluster=replace(cl, nodes=nodes), pins=())):
             return f"needs {nodes} nodes of {cl.devices_per_node} x {cl.device} (--cluster {nodes}x{cl.devices_per_node}:{cl.device})"
-    batch = min(c.batch for c in df.calls)
+    batch = min((c.batch for c in df.calls), default=1)
     while batch > 1:
         batch //= 2
         if plans(replace(df, calls=tuple(replace(c, batch=min(c.batch, batch)) for c in df.calls))):
@@ -79,13 +81,18 @@ def _fix_hint(problem: Problem, call_name: str | None = None) -> str | None:
     return None
 
 
-def check_cluster(cluster: Cluster) -> None:
+def run_span(df: Dataflow) -> Span | None:
+    """Where a plan-wide E027 points: the program's `run` statement."""
+    return df.run.span if df.run is not None else None
+
+
+def check_cluster(df: Dataflow) -> None:
     """`PlanError` for a cluster no plan can be made for (a million nodes, 1e-300 FLOP/s):
     the frontend reports these at their source; this catches dataflows built otherwise."""
-    problems = cluster_problems(cluster)
+    problems = cluster_problems(df.cluster)
     if problems:
         raise PlanError(f"implausible cluster: {'; '.join(problems)}",
-                        f"limits: {', '.join(f'{k} {lo:g}..{hi:g}' for k, (lo, hi) in LIMITS.items())}")
+                        f"limits: {', '.join(f'{k} {lo:g}..{hi:g}' for k, (lo, hi) in LIMITS.items())}", run_span(df))
 
 
 def diagnose_infeasible(problem: Problem, solver_status: str | None = None, hint: bool = True) -> None:
@@ -118,9 +125,9 @@ def diagnose_infeasible(problem: Problem, solver_status: str | None = None, hint
         cl = df.cluster
         fix = _fix_hint(problem) if hint and not df.pins else None
         raise PlanError(
-            f"no plan fits ({solver_status}): every call fits alone, but the resident parameters and "
-            f"optimizer state of {homes} do not fit together with the calls on {cl.n_devices} x {cl.device}",
-            fix or "pins that spread the models, or a larger cluster",
+            f"every call fits alone, but the resident parameters and optimizer state of {homes} do not fit "
+            f"together with the calls on {cl.n_devices} x {cl.device} ({solver_status})",
+            fix or "pins that spread the models, or a larger cluster", run_span(df), solver_status,
         )
 
 
