@@ -277,7 +277,7 @@ def main() -> None:
                         help="cores the processes share (default: this process's CPU affinity)")
     parser.add_argument("--out", type=Path, default=RESULTS / "estimate_bench")
     args = parser.parse_args()
-    from rlhfc.planner.profile import physical_cores
+    from rlhfc_runtime.contract.cores import physical_cores
 
     cores = args.cores or physical_cores()
     t0 = time.perf_counter()

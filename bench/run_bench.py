@@ -96,8 +96,6 @@ def describe(prog) -> list[str]:
 def hand_written(program: Path, steps: int) -> float:
     """The same PPO iteration as plain code in one process: no engine, no op list."""
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
-    import torch
-
     from rlhfc.frontend.check import load_program
     from rlhfc.backend.emit import program_spec
     from rlhfc.backend.lower import Call as CallOp
@@ -107,7 +105,7 @@ def hand_written(program: Path, steps: int) -> float:
     from rlhfc_runtime import dist as rdist
     from rlhfc_runtime.contract.resume import resolve_paths
 
-    torch.set_num_threads(1)
+    rdist.use_threads(1)  # as the 1-process generated program's worker
     rdist.init_from_env()
     from rlhfc import ir
 

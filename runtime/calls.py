@@ -26,7 +26,7 @@ from rlhfc_runtime.generate import SamplingParams, generate
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedLlama, next_token_logprobs
 from rlhfc_runtime.contract.shapes import Param, param_table
-from rlhfc_runtime.rewards import RewardError, as_tensor, score_rows
+from rlhfc_runtime.rewards import RewardError, as_tensor, sample_rows, score_rows, shown_logprobs
 from rlhfc_runtime.transfer import rows_of
 
 
@@ -150,6 +150,15 @@ def step_seed(settings: dict) -> int:
     return int(settings["seed"]) * 1_000_003 + int(settings["step"])
 
 
+def first_generated_row(settings: dict, groups) -> int:
+    """The global index of this rank's first row of a generate call: dp ranks hold whole
+    prompts, and each prompt's `group_size` samples are consecutive rows of the
+    `settings["rows"]` (prompts x group) in all."""
+    group = int(settings["group_size"])
+    first, _ = rows_of(int(settings["rows"]) // group, groups.layout, groups.rank)
+    return first * group
+
+
 def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, greedy: bool) -> dict:
     """`group_size` samples per prompt (groups are consecutive rows), padded to exactly
     `max_new_tokens` so every dp rank's rows have one shape; `logp` in the aligned
@@ -161,12 +170,10 @@ def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, 
     ids = prompts["input_ids"].repeat_interleave(group, 0) if group > 1 else prompts["input_ids"]
     mask = prompts["attention_mask"].repeat_interleave(group, 0) if group > 1 else prompts["attention_mask"]
     seed = step_seed(settings) * 4099
-    total = int(settings["rows"])  # rows this call makes in all: prompts x group
-    first, _ = rows_of(total // group, groups.layout, groups.rank)  # dp ranks hold whole prompts
     params = SamplingParams(
         max_new_tokens=new, greedy=greedy, temperature=float(settings["temperature"]),
         top_k=int(settings["top_k"]), top_p=float(settings["top_p"]), seed=seed,
-        first_row=first * group, total_rows=total,
+        first_row=first_generated_row(settings, groups), total_rows=int(settings["rows"]),
         eos_token_id=int(settings["eos_id"]), pad_token_id=int(settings["pad_id"]),
     )
     out = generate(module, ids, mask, params, str(settings["precision"]), int(settings["n_mbs"]))
@@ -215,7 +222,8 @@ def reward_call(spec: dict, seq: dict, scores: dict, outputs, settings: dict, gr
             keyed = {k: sequence_score(_unwrap(k, v)).float().tolist() for k, v in scores.items()}
             result = score_rows(spec, seq, loader, [drawn[r // group] for r in range(lo, hi)],
                                 lambda: rule_scores(spec["rule"], seq, int(settings["max_new_tokens"]),
-                                                    int(settings["eos_id"])), keyed)
+                                                    int(settings["eos_id"])), keyed,
+                                shown={r - lo: r for r in sample_rows(total) if lo <= r < hi})
         except RewardError as e:  # every rank of the group stops with the same message
             result = e
     if len(groups.mp_ranks) > 1:
@@ -225,13 +233,15 @@ def reward_call(spec: dict, seq: dict, scores: dict, outputs, settings: dict, gr
     if isinstance(result, RewardError):
         raise result
     scores, means, samples = result
-    mine = samples if groups.rank == leader and groups.dp_rank == 0 else []
+    mine = samples if groups.rank == leader else []  # each replica's leader: the shown rows it holds
     return {outputs[0]: {outputs[0]: as_tensor(scores, seq["input_ids"])}}, means, mine
 
 
 def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batch: dict, outputs, settings: dict,
-             groups) -> tuple[dict, dict]:
-    """Run one call on this rank's rows: (produced keys, metrics to log)."""
+             groups, generated: list | None = None) -> tuple[dict, dict]:
+    """Run one call on this rank's rows: (produced keys, metrics to log). A generate call
+    appends to `generated` the log-probs of the rows samples.jsonl shows, from one rank
+    of each replica ({"key": its sequences' key, "row", "logprobs"}: `rewards.with_logprobs`)."""
     args = [_unwrap(k, v) for k, v in batch.items()]
     if spec["kind"] == ModelKind.RULE:
         seq = args[0]
@@ -241,6 +251,9 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
     set_precision(model, str(settings["precision"]))
     if kind == "generate":
         produced = generate_batch(model.module, args[0], settings, groups, greedy=REGISTRY[using].greedy)
+        if generated is not None and groups.rank == groups.mp_ranks[0]:  # the replica's ranks hold the same rows
+            generated += [{"key": outputs[0], **row} for row in shown_logprobs(
+                produced["seq"], produced["logp"], first_generated_row(settings, groups), int(settings["rows"]))]
         names = REGISTRY[using].outputs  # positional: `-> base_seq` may rename "seq"
         return {k: produced[n] if n == "seq" else {k: produced[n]} for k, n in zip(outputs, names)}, {}
     iface = REGISTRY[using]

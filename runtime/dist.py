@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rlhfc_runtime.contract.cores import THREADS_ENV, physical_cores, threads_per_process
 from rlhfc_runtime.contract.layout import Layout
+from rlhfc_runtime.errors import RunError
 
 
 # How long a collective may wait for a peer before the run stops with an error (a dead
@@ -36,6 +38,25 @@ def device_for_rank() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def process_threads(local_processes: int) -> int:
+    """The compute threads of one of this node's `local_processes` processes: the cores
+    it owns (`threads_per_process` of this process's affinity), or RLHFC_THREADS."""
+    try:
+        return threads_per_process(local_processes, physical_cores(), os.environ.get(THREADS_ENV))
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
+def use_threads(local_processes: int) -> int:
+    """Compute with `process_threads(local_processes)` threads: torch's intra-op pool
+    (which sets OpenMP's and MKL's), and OMP_NUM_THREADS / MKL_NUM_THREADS for what this
+    process starts. Returns the count."""
+    threads = process_threads(local_processes)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    return threads
 
 
 def check_ranks_per_gpu(local_ranks: int, gpus: int) -> None:
@@ -171,7 +192,7 @@ def _failure(error: BaseException) -> str:
 
 def _worker(index: int, fn: Callable, nprocs: int, port: int, results, args: tuple) -> None:
     os.environ.update(_local_env(index, nprocs, port))
-    torch.set_num_threads(1)
+    use_threads(nprocs)
     init_from_env()
     try:
         # plain pickle copies tensor data (torch's queue would pass fds that die with us)
@@ -200,13 +221,14 @@ def leave_world() -> None:
 def run_here(fn: Callable, *args: Any) -> Any:
     """Run `fn(*args)` as the one rank of a one-process world in THIS process (no worker
     process to start: `spawn` with one process costs a fresh interpreter and torch
-    import); the same world setup, one compute thread, and a failure raised as the same
-    WorkerFailed. The world's environment variables are restored afterwards."""
+    import); the same world setup and threads (`use_threads`: this process owns every
+    core), and a failure raised as the same WorkerFailed. The world's environment
+    variables and the thread count are restored afterwards."""
     env = _local_env(0, 1, free_port())
-    saved = {k: os.environ.get(k) for k in env}
+    saved = {k: os.environ.get(k) for k in (*env, "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     threads = torch.get_num_threads()
+    use_threads(1)
     os.environ.update(env)
-    torch.set_num_threads(1)
     init_from_env()
     try:
         return fn(*args)
@@ -232,6 +254,7 @@ def spawn(fn: Callable, nprocs: int, *args: Any, on_start: Callable[[list[int]],
     `on_start(pids)` learns the workers' process ids (to forward signals to them)."""
     if torch.cuda.is_available():
         check_ranks_per_gpu(nprocs, torch.cuda.device_count())
+    process_threads(nprocs)  # a bad RLHFC_THREADS stops here, not in every worker
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = mp.start_processes(

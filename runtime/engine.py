@@ -31,6 +31,7 @@ from rlhfc_runtime.offload import offload as offload_shards
 from rlhfc_runtime.offload import reload as reload_shards
 from rlhfc_runtime.metrics_log import MetricsLog
 from rlhfc_runtime.realloc import reallocate
+from rlhfc_runtime.rewards import with_logprobs
 from rlhfc_runtime.transfer import receive_batch, rows_of, send_batch
 
 __all__ = ["Engine", "Layout", "main"]
@@ -66,6 +67,7 @@ class Engine:
         self.save_every = int(options.get("save_every") or run["save_every"])
         self.keep = int(options.get("keep") or run["keep"])
         self.samples: list[dict] = []  # decoded rows of this step's reward calls (this rank's share)
+        self.generated: list[dict] = []  # log-probs of those rows, from the generate calls that made them
         self.drawn: dict[str, list[int]] = {}  # dataset -> its rows in this step's batch
         self.spans: dict[str, tuple[float, float]] = {}  # op -> (start, end), wall clock (time.time)
         self.sending: list = []  # this iteration's posted data sends (torch Work), not yet waited for
@@ -143,11 +145,13 @@ class Engine:
                     scores = {k: batch[k] for k in inputs[1:]}  # the score keys a python reward combines
                     produced, stats, samples = calls.reward_call(spec, batch[inputs[0]], scores, outputs, context,
                                                                  groups, *source)
-                    self.samples += [{"step": self.step + 1, "call": name, **row} for row in samples]
+                    self.samples += [{"step": self.step + 1, "call": name, "seq_key": inputs[0], **row}
+                                     for row in samples]
                 elif spec.get("functions") or spec.get("score_keys"):
                     raise RuntimeError(f"call {name!r}: a python reward needs the prompts of exactly one prompt dataset")
                 else:
-                    produced, stats = calls.run_call(kind, using, runtime_model, spec, batch, outputs, context, groups)
+                    produced, stats = calls.run_call(kind, using, runtime_model, spec, batch, outputs, context, groups,
+                                                     self.generated)
             if measure:
                 self.stats[f"peak_bytes/{name}"] = float(memory.peak_bytes)
             for key in outputs:
@@ -259,7 +263,8 @@ class Engine:
             # step and on every checkpoint step, which metrics.jsonl then carries.
             self.measuring = self.step == first or (self.step + 1) % save_every == 0
             t0 = time.perf_counter()
-            self.stats, self.spans, self.data, self.rows, self.samples, self.drawn = {}, {}, {}, {}, [], {}
+            self.stats, self.spans, self.data, self.rows, self.drawn = {}, {}, {}, {}, {}
+            self.samples, self.generated = [], []
             iteration(self)
             self.finish_sends()
             self.step += 1
@@ -278,13 +283,13 @@ class Engine:
         from the last rank's start to the last rank's end (a rank that arrives early waits
         in the op's first collective; that wait is the schedule's, not the op's), next to
         the planner's estimates. Rank 0 builds it (the one that logs); the others get ({}, [])."""
-        parts = rdist.gather_json((self.stats, self.spans, self.samples), self.world)
+        parts = rdist.gather_json((self.stats, self.spans, self.samples, self.generated), self.world)
         if parts is None:
             return {}, []
         stats: dict[str, list[float]] = {}
         spans: dict[str, tuple[float, float]] = {}
-        samples = [row for _, _, rows in parts for row in rows]
-        for s, t, _ in parts:
+        samples = with_logprobs([row for part in parts for row in part[2]], [row for part in parts for row in part[3]])
+        for s, t, _, _ in parts:
             for k, v in s.items():
                 stats.setdefault(k, []).append(v)
             for k, (start, end) in t.items():

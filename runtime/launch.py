@@ -130,6 +130,7 @@ def _torchrun_worker(program, layouts, groups, iteration, options, out, resume) 
         if os.environ["RANK"] == "0":
             lock.acquire()
             check_fresh(out, options["resume"], options["overwrite"])
+        rdist.use_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
         result = _worker(program, layouts, groups, iteration, options)
     except (RunDirError, RunError) as e:
         print(f"rlhfc: error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """What rank 0 records of a run: OUT/metrics.jsonl (one record per step), OUT/samples.jsonl
-(a few decoded prompt / completion / reward rows per step), TensorBoard scalars
+(a few prompt / completion / reward rows per step, decoded and as token ids with the
+generating policy's log-probs: `rewards.score_rows`, `rewards.with_logprobs`), TensorBoard scalars
 (OUT/tensorboard, when tensorboard is installed) and, with `--wandb PROJECT`, Weights &
 Biases (when `wandb` is installed; `WANDB_MODE=offline` works without a network).
 

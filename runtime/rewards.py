@@ -1,4 +1,5 @@
-"""Reward calls: registered rules and the user's Python functions, with decoded samples.
+"""Reward calls: registered rules and the user's Python functions, and the rows that
+samples.jsonl shows (decoded, as token ids, with the generating policy's log-probs).
 
 A Python reward has TRL's signature, `f(prompts, completions, **columns) -> list[float]`:
 `prompts` are the dataset's prompt texts (before any chat template), `completions` the
@@ -95,24 +96,58 @@ def python_scores(functions, prompts: list[str], completions: list[str], columns
     return total, components
 
 
-def decode_rows(tokenizer, seq: dict) -> tuple[list[str], list[str]]:
-    """(templated prompt text, completion text) of each row of a `seq` batch."""
+def sample_rows(total: int) -> list[int]:
+    """The rows of a call of `total` rows that samples.jsonl shows: SAMPLES_PER_CALL of
+    them spread evenly over the call (so over its groups), by global row index: the same
+    rows under every plan, whichever rank holds them."""
+    shown = min(SAMPLES_PER_CALL, total)
+    return [i * total // shown for i in range(shown)]
+
+
+def row_tokens(seq: dict) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of each row of a `seq` batch, without padding: the
+    prompt the model saw, and the generated tokens up to and including an EOS."""
     ids, mask, resp = seq["input_ids"].cpu(), seq["attention_mask"].cpu(), seq["response_mask"].cpu()
-    prompts, completions = [], []
-    for row in range(ids.shape[0]):
-        prompt = ids[row][(mask[row] == 1) & (resp[row] == 0)].tolist()
-        answer = ids[row][resp[row] == 1].tolist()
-        prompts.append(tokenizer.decode(prompt, skip_special_tokens=False))
-        completions.append(tokenizer.decode(answer, skip_special_tokens=True))
-    return prompts, completions
+    return [(ids[row][(mask[row] == 1) & (resp[row] == 0)].tolist(), ids[row][resp[row] == 1].tolist())
+            for row in range(ids.shape[0])]
 
 
-def score_rows(spec: dict, seq: dict, loader, dataset_rows: list[int], rule_scores, keyed: dict
-               ) -> tuple[list[float], dict, list]:
+def decode_rows(tokenizer, tokens: list[tuple[list[int], list[int]]]) -> tuple[list[str], list[str]]:
+    """(templated prompt text, completion text) of each row's `row_tokens`."""
+    return ([tokenizer.decode(prompt, skip_special_tokens=False) for prompt, _ in tokens],
+            [tokenizer.decode(answer, skip_special_tokens=True) for _, answer in tokens])
+
+
+def shown_logprobs(seq: dict, logp: torch.Tensor, first: int, total: int) -> list[dict]:
+    """{"row", "logprobs"} of the rows of a generated batch that samples.jsonl shows:
+    `seq` and its aligned `logp` [B, T] (the generate call's) hold global rows `first`…
+    of `total`; `logprobs` are the generating policy's, one per completion token."""
+    resp, logp = seq["response_mask"].cpu() == 1, logp.cpu()
+    return [{"row": r, "logprobs": logp[r - first][resp[r - first]].tolist()}
+            for r in sample_rows(total) if first <= r < first + resp.shape[0]]
+
+
+def with_logprobs(samples: list[dict], generated: list[dict]) -> list[dict]:
+    """Every rank's sample rows in call and row order, each with the `logprobs` that the
+    generate call which made its sequences (`seq_key`) recorded for its row (`generated`:
+    {"key", "row", "logprobs"}), or None where no generate call made them."""
+    found = {(g["key"], g["row"]): g["logprobs"] for g in generated}
+    order = list(dict.fromkeys(s["call"] for s in samples))
+    rows = []
+    for sample in sorted(samples, key=lambda s: (order.index(s["call"]), s["row"])):
+        row = {k: v for k, v in sample.items() if k != "seq_key"}
+        rows.append({**row, "logprobs": found.get((sample["seq_key"], sample["row"]))})
+    return rows
+
+
+def score_rows(spec: dict, seq: dict, loader, dataset_rows: list[int], rule_scores, keyed: dict,
+               shown: dict[int, int] | None = None) -> tuple[list[float], dict, list]:
     """(scores, component means, sample rows) of this rank's rows of `seq`; `dataset_rows`
     is the dataset row of each; `rule_scores()` scores a registered rule's rows; `keyed`
-    holds the rows' score keys (key -> one number per row)."""
-    shown, completions = decode_rows(loader.tokenizer, seq)
+    holds the rows' score keys (key -> one number per row). `shown` maps the local rows
+    that samples.jsonl shows to their global rows (None: `sample_rows` of these rows)."""
+    tokens = row_tokens(seq)
+    prompts, completions = decode_rows(loader.tokenizer, tokens)
     texts, columns = [], {c: [] for c in loader.columns}
     for index in dataset_rows:
         text, cols = loader.row_fields(index)
@@ -125,10 +160,11 @@ def score_rows(spec: dict, seq: dict, loader, dataset_rows: list[int], rule_scor
     else:
         scores, components = [float(v) for v in rule_scores()], {}
     samples = []
-    for i in range(0, len(scores), max(1, len(scores) // SAMPLES_PER_CALL)):  # spread over the groups
-        samples.append({"prompt": shown[i], "completion": completions[i], "reward": scores[i],
+    for i, row in (shown if shown is not None else {r: r for r in sample_rows(len(scores))}).items():
+        samples.append({"row": row, "prompt": prompts[i], "completion": completions[i], "reward": scores[i],
                         **{f"reward/{k}": v[i] for k, v in components.items()},
-                        **{k: _plain(v[i]) for k, v in columns.items()}})
+                        **{k: _plain(v[i]) for k, v in columns.items()},
+                        "prompt_ids": tokens[i][0], "completion_ids": tokens[i][1]})
     means = {f"reward/{k}": sum(v) / len(v) for k, v in components.items() if v}
     return scores, means, samples
 

@@ -13,7 +13,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rlhfc.cli import options
 from rlhfc.hardware import CATALOG, DEVICE_NAMES
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
-from rlhfc.planner.profile import catalog_entry, derive, physical_cores
+from rlhfc.planner.profile import catalog_entry, derive
+from rlhfc_runtime.contract.cores import physical_cores
 from rlhfc_runtime.profile import Measurement, plan_cases, run_case
 
 
@@ -34,7 +35,7 @@ def profile_command(
     (its GPU under CUDA, else the CPU); write a hardware profile."""
     import torch
 
-    from rlhfc_runtime.dist import device_for_rank
+    from rlhfc_runtime.dist import device_for_rank, use_threads
 
     err = Console(stderr=True)
     device = device_for_rank()
@@ -49,7 +50,7 @@ def profile_command(
             _fail(err, f"no catalog device for GPU `{name}`: name one with --base ({', '.join(DEVICE_NAMES)})")
     else:
         devices, base = devices or 2, base or "cpu"
-        torch.set_num_threads(1)  # as one `rlhfc run` worker
+        use_threads(devices)  # as one worker of a `devices`-process `rlhfc run`
     if base not in CATALOG:
         _fail(err, f"unknown --base `{base}`; one of {', '.join(DEVICE_NAMES)}")
     cases = plan_cases(devices, device)

@@ -310,13 +310,25 @@ SAMPLE_EVERY_S = 20.0
 def recent_sample(path: Path) -> str | None:
     """The last decoded sample of a run as one line: step, reward, prompt → completion."""
     try:
-        with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - 8192))
-            last = json.loads(f.read().splitlines()[-1])
-    except (OSError, ValueError, IndexError):
+        last = json.loads(_last_line(path))
+    except (OSError, ValueError):
         return None
     prompt = " ".join(str(last.get("prompt", "")).split())[-60:]
     return f"  sample step {last['step']} reward {last['reward']:.2f}: {prompt} → {last.get('completion', '')!r}"
+
+
+def _last_line(path: Path, chunk: int = 8192) -> bytes:
+    """The last non-empty line of a file, read from its end in growing chunks (a sample
+    row with its token ids and log-probs can be longer than any fixed tail)."""
+    with path.open("rb") as f:
+        end = f.seek(0, 2)
+        data = b""
+        while end > 0 and b"\n" not in data.rstrip(b"\n"):
+            start = max(0, end - chunk)
+            f.seek(start)
+            data = f.read(end - start) + data
+            end, chunk = start, chunk * 2
+    return data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
 
 
 def _update(bar: Progress, task, records: list[dict]) -> None:

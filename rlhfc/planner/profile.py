@@ -2,7 +2,8 @@
 them as a versioned hardware profile for `rlhfc plan --hardware` and `cluster { hardware = … }`.
 
 What it measures (`rlhfc_runtime.profile`), on the device a worker computes on (the GPU
-under CUDA, timed with CUDA events; else one CPU thread, as `rlhfc run` workers are):
+under CUDA, timed with CUDA events; else the CPU threads one worker of a `--devices`-process
+`rlhfc run` computes with, `rlhfc_runtime.contract.cores`):
 - matmul throughput by (m, k, n) shape and precision: `flops` is the best rate in the
   precision the device computes in (bf16 on a GPU, as the catalog's peaks; fp32 on the
   CPU), `achievable` the geometric mean over its shapes divided by it;
@@ -15,7 +16,7 @@ under CUDA, timed with CUDA events; else one CPU thread, as `rlhfc run` workers 
   line `collective_latency`; with one device nothing is measured and both keep defaults;
 - decode steps by batch and context: one attention-plus-MLP step over a KV cache; the
   intercept of time against bytes read gives `decode_step_overhead`;
-- `cores`: the cores it ran on (`os.sched_getaffinity`), so that the cost model knows
+- `cores`: the cores it ran on (`rlhfc_runtime.contract.cores.physical_cores`), so that the cost model knows
   when `cpu` processes outnumber them and share cores.
 
 Bandwidths are stored as the achieved figure divided by the model's default efficiency,
@@ -25,7 +26,6 @@ so that the default coefficients reproduce the measurement; `rlhfc calibrate` re
 from __future__ import annotations
 
 import math
-import os
 import platform
 import statistics
 from dataclasses import asdict, replace
@@ -42,14 +42,6 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx) if sxx else 0.0
     return max(0.0, my - slope * mx), slope
-
-
-def physical_cores() -> int:
-    """The cores this process may run on (its CPU affinity; the machine's count elsewhere)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def catalog_entry(gpu_name: str, memory_bytes: int) -> str | None:

@@ -158,10 +158,30 @@ def test_decoded_samples_carry_reward_components_and_columns(math_task, tmp_path
     assert scores == [1.0, 1.0] and means == {"reward/exact_match": 1.0}
     assert samples[0]["completion"] == answers[0] and samples[0]["prompt"].startswith("<|im_start|>user\n")
     assert samples[0]["answer"] == answers[0] and samples[0]["reward/exact_match"] == 1.0
+    assert [s["row"] for s in samples] == [0, 1]
+    assert samples[1]["completion_ids"] == response[1].tolist()  # the answer's tokens and the EOS
+    assert samples[1]["prompt_ids"] == batch["input_ids"][1][batch["attention_mask"][1] == 1].tolist()
     mixed = {**spec, "score_keys": [("rm_score", 0.5)]}  # a reward model's scores for the two rows
     scores, means, samples = rewards.score_rows(mixed, seq, loader, loader.last, None, {"rm_score": [0.25, -0.5]})
     assert scores == [1.125, 0.75] and means == {"reward/exact_match": 1.0, "reward/rm_score": -0.125}
     assert samples[1]["reward/rm_score"] == -0.5 and samples[1]["reward"] == 0.75
+
+
+def test_sample_rows_are_chosen_by_global_row_and_get_their_generated_logprobs():
+    assert rewards.sample_rows(32) == [0, 8, 16, 24] and rewards.sample_rows(3) == [0, 1, 2]
+    # a replica holding global rows 4..7 of 8; prompt of 2 tokens (one left pad), 3 generated, EOS at the 2nd
+    seq = {"input_ids": torch.tensor([[0, 5, 6, 7, 2, 0]] * 4),
+           "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 0]] * 4),
+           "response_mask": torch.tensor([[0, 0, 0, 1, 1, 0]] * 4)}
+    logp = torch.tensor([[0.0, 0.0, 0.0, -0.5, -0.25, 0.0]] * 4)
+    made = rewards.shown_logprobs(seq, logp, first=4, total=8)
+    assert made == [{"row": 4, "logprobs": [-0.5, -0.25]}, {"row": 6, "logprobs": [-0.5, -0.25]}]
+    samples = [{"call": "score", "seq_key": "seq", "row": 6}, {"call": "score", "seq_key": "seq", "row": 0},
+               {"call": "base", "seq_key": "base_seq", "row": 4}]
+    merged = rewards.with_logprobs(samples, [{"key": "seq", **m} for m in made])
+    assert merged == [{"call": "score", "row": 0, "logprobs": None},  # rows 0..3: another replica's
+                      {"call": "score", "row": 6, "logprobs": [-0.5, -0.25]},
+                      {"call": "base", "row": 4, "logprobs": None}]  # no generate call recorded base_seq
 
 
 def _value_checkpoint(tmp_path: Path, rename: dict[str, str] | None, bias: bool = True) -> Path:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlhfc.cli.run import plot_metrics, read_metrics, summarize
+from rlhfc.cli.run import plot_metrics, read_metrics, recent_sample, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +45,17 @@ def test_summary_compares_first_and_last_steps():
     no_reward = summarize([{"step": 1, "time/iteration": 1.0, "a_tr/loss": 4.0}])
     assert no_reward.endswith("loss 4.000 (first 1) → 4.000 (last 1)")
     assert summarize([]) == "no steps recorded"
+
+
+def test_the_recent_sample_is_the_last_row_however_long(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    assert recent_sample(path) is None  # no file yet
+    row = {"step": 3, "reward": 0.5, "prompt": "What is\n2+2?", "completion": "4", "completion_ids": [7] * 9000,
+           "logprobs": [-0.123456789] * 9000}  # far beyond one 8 KiB chunk
+    path.write_text(json.dumps({**row, "step": 2}) + "\n" + json.dumps(row) + "\n")
+    assert recent_sample(path) == "  sample step 3 reward 0.50: What is 2+2? → '4'"
+    path.write_text(json.dumps(row))  # one row, no newline
+    assert recent_sample(path).startswith("  sample step 3 ")
 
 
 def test_compile_reports_errors_without_traceback(tmp_path):

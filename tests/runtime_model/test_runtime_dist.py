@@ -1,5 +1,6 @@
 """Process setup: torchrun starts our init unchanged, group creation does not depend on
-the order callers list layouts in, and a failing spawned worker is reported clearly."""
+the order callers list layouts in, a failing spawned worker is reported clearly, and each
+process computes with the cores it owns."""
 
 import subprocess
 import sys
@@ -7,7 +8,9 @@ import textwrap
 
 import pytest
 
-from rlhfc_runtime.dist import WorkerFailed, spawn
+from rlhfc_runtime.contract.cores import physical_cores, threads_per_process
+from rlhfc_runtime.dist import WorkerFailed, run_here, spawn, use_threads
+from rlhfc_runtime.errors import RunError
 from rlhfc_runtime.contract.layout import Layout
 
 SCRIPT = textwrap.dedent("""
@@ -62,3 +65,50 @@ def test_layout_coordinates_follow_the_rank_order():
     lay = Layout((4, 5, 6, 7, 8, 9, 10, 11), dp=2, tp=2, pp=2)
     assert lay.coord(9) == (1, 0, 1)  # index 5 = (1*2 + 0)*2 + 1
     assert lay.tp_group(1, 0) == (8, 9) and lay.dp_group(0, 1) == (5, 7) and lay.pp_group(1, 1) == (7, 11)
+
+
+@pytest.mark.parametrize("processes, cores, override, threads", [
+    (1, 2, None, 2),   # one process owns both cores (it used to compute on one)
+    (2, 2, None, 1),
+    (3, 2, None, 1),   # more processes than cores: at least one thread each
+    (2, 16, None, 8),
+    (3, 16, None, 5),  # whole cores only: 16 // 3
+    (0, 4, None, 4),   # no count: the process owns them all
+    (2, 16, "3", 3),   # RLHFC_THREADS wins, above or below the share
+    (1, 2, "8", 8),
+    (2, 16, "", 8),    # set but empty: as if unset
+])
+def test_threads_per_process_is_the_cores_each_process_owns(processes, cores, override, threads):
+    assert threads_per_process(processes, cores, override) == threads
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two", "1.5"])
+def test_a_bad_thread_override_is_one_message(bad, monkeypatch):
+    with pytest.raises(ValueError, match="RLHFC_THREADS"):
+        threads_per_process(1, 2, bad)
+    monkeypatch.setenv("RLHFC_THREADS", bad)
+    with pytest.raises(RunError, match=f"RLHFC_THREADS={bad!r}: expected a whole number"):
+        spawn(_fail_on_rank_one, 2, "never started")
+
+
+def _threads_seen():
+    import os
+
+    import torch
+
+    return torch.get_num_threads(), os.environ["OMP_NUM_THREADS"], os.environ["MKL_NUM_THREADS"]
+
+
+def test_workers_set_torch_openmp_and_mkl_alike(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("RLHFC_THREADS", "3")
+    assert run_here(_threads_seen) == (3, "3", "3")
+    assert torch.get_num_threads() == before  # restored after the in-process world
+    for name in ("RLHFC_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
+    try:
+        assert use_threads(1) == threads_per_process(1, physical_cores()) == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
