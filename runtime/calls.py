@@ -9,6 +9,7 @@ as {"logp": tensor}), so `transfer.redistribute_batch` can move any key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -18,14 +19,15 @@ from rlhfc_runtime.contract.kinds import Head, ModelKind
 from rlhfc_runtime.algorithms.ops import sequence_score
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rollout_kl, rule_scores
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL, lr_factor
-from rlhfc_runtime.checkpoint import checkpoint_config, init_random, load_checkpoint, tiny_config
+from rlhfc_runtime.checkpoint import checkpoint_config, init_random, load_checkpoint
+from rlhfc_runtime.contract.family import config_json
 from rlhfc_runtime.data.loaders import JsonlLoader
 from rlhfc_runtime.data.tokenizer import load_tokenizer
 from rlhfc_runtime.dist import all_gather_rows, device_for_rank, rank_groups
 from rlhfc_runtime.generate import SamplingParams, generate
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedLlama, next_token_logprobs
-from rlhfc_runtime.contract.shapes import Param, param_table
+from rlhfc_runtime.contract.shapes import ModelShape, Param, param_table
 from rlhfc_runtime.rewards import RewardError, as_tensor, sample_rows, score_rows, shown_logprobs
 from rlhfc_runtime.transfer import rows_of
 
@@ -41,21 +43,18 @@ class RuntimeModel:
     adaptive_kl: AdaptiveKL | None = None
 
 
-def hf_config(spec: dict) -> dict:
-    """The config.json dict of an inline-shaped model."""
-    s = spec["shape"]
-    return tiny_config(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"],
-        num_key_value_heads=s["n_kv_heads"], max_position_embeddings=s["max_positions"],
-        tie_word_embeddings=s["tied_embeddings"],
-    )
-
-
 def model_config(spec: dict) -> dict:
     """The config.json a model's copies are built from: its checkpoint's (model type and
-    its attention biases, RoPE base, norms), or the one its inline shape implies."""
-    return checkpoint_config(spec["checkpoint"], spec["head"]) if spec.get("checkpoint") else hf_config(spec)
+    its attention biases, RoPE scaling, norms; read once per run, not per reallocation),
+    or the one its shape implies (`family.config_json` of the program's full shape)."""
+    if spec.get("checkpoint"):
+        return dict(_checkpoint_config(spec["checkpoint"], spec["head"]))
+    return config_json(ModelShape(**spec["shape"]))
+
+
+@lru_cache(maxsize=None)
+def _checkpoint_config(path: str, head: str) -> dict:
+    return checkpoint_config(path, head)
 
 
 def build_model(spec: dict, layout: Layout) -> RuntimeModel:
@@ -65,7 +64,7 @@ def build_model(spec: dict, layout: Layout) -> RuntimeModel:
     if spec["checkpoint"]:
         module = load_checkpoint(spec["checkpoint"], layout, spec["head"], device)
     else:
-        module = init_random(hf_config(spec), layout, spec["head"], int(spec.get("init_seed", 0)), device)
+        module = init_random(model_config(spec), layout, spec["head"], int(spec.get("init_seed", 0)), device)
     return RuntimeModel(module, _optimizer(module, spec))
 
 

@@ -188,6 +188,7 @@ class Engine:
                 calls.shards_of(source) if source is not None else {},
                 calls.param_shapes(spec), spec["shape"]["n_layers"], s, d, self.rank,
                 dtype=self._copy_dtype(model, dst), device=self.device,
+                devices_per_node=self.program["devices_per_node"],
             )
             if self.rank in d.ranks:
                 target = self.models.get((model, dst))

@@ -8,6 +8,7 @@ reach the generated code unescaped. Output is a pure function of the op program.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import pprint
 
@@ -62,6 +63,7 @@ def program_spec(prog: OpProgram, base: str = ".") -> dict:
         "source": relative_path(df.source, base),
         "world_size": prog.world_size,
         "device": df.cluster.device,
+        "devices_per_node": df.cluster.devices_per_node,
         "models": {m.name: _model_spec(m, homes.get(m.name), m.name in prog.plan.offloaded, base) for m in df.models},
         "datasets": {
             d.name: {"format": d.format, "path": relative_path(d.path, base), "fields": dict(d.fields),
@@ -91,12 +93,7 @@ def reward_key(df: ir.Dataflow) -> str | None:
 def _model_spec(m: ir.Model, home: str | None, offloaded: bool, base: str) -> dict:
     return {
         "kind": m.kind,
-        "shape": None if m.shape is None else {
-            "n_layers": m.shape.n_layers, "hidden": m.shape.hidden, "n_heads": m.shape.n_heads,
-            "n_kv_heads": m.shape.n_kv_heads, "intermediate": m.shape.intermediate,
-            "vocab": m.shape.vocab, "max_positions": m.shape.max_positions,
-            "tied_embeddings": m.shape.tied_embeddings,
-        },
+        "shape": None if m.shape is None else dataclasses.asdict(m.shape),  # the whole contract shape
         "head": m.head.value,
         "trainable": m.trainable,
         "checkpoint": relative_path(m.checkpoint, base),

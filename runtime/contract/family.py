@@ -24,7 +24,7 @@ CONFIG_KEYS: dict[str, str] = {
 }
 REQUIRED = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+ACTIVATIONS = {"swish": "silu", "silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # the last spelling of each is written
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,35 @@ def shape_from_hf(cfg: dict) -> ModelShape:
         rotary_fraction=_rotary_fraction(cfg),
         score_bias=bool(cfg.get("token_classification_bias", True)),
     )
+
+
+def config_json(shape: ModelShape) -> dict:
+    """The config.json of a model given by its shape alone (a preset or inline keys):
+    what its export writes and what its RoPE tables read (the default RoPE, base 10000:
+    a shape carries no RoPE scaling). `shape_from_hf` of it is `shape` again, for every
+    family (the presets are held to that)."""
+    n, windows = shape.n_layers, shape.windows
+    cfg = {
+        "model_type": shape.family, "architectures": [hf_class(shape, False)],
+        **{key: getattr(shape, field) for key, field in CONFIG_KEYS.items()},
+        "tie_word_embeddings": shape.tied_embeddings, "rms_norm_eps": shape.norm_eps,
+        "hidden_act": {v: k for k, v in ACTIVATIONS.items()}[shape.activation], "rope_theta": 10000.0,
+        "attention_bias": shape.o_bias, "mlp_bias": shape.mlp_bias, "initializer_range": 0.02,
+        "token_classification_bias": shape.score_bias,
+    }
+    if shape.activation != "silu":
+        cfg["hidden_activation"] = cfg["hidden_act"]
+    for key, value in (("attn_logit_softcapping", shape.attn_softcap), ("final_logit_softcapping", shape.final_softcap),
+                       ("query_pre_attn_scalar", shape.query_scale)):
+        cfg[key] = value or None
+    if windows:
+        cfg.update(sliding_window=max(windows), use_sliding_window=True,
+                   layer_types=["sliding_attention" if w else "full_attention" for w in windows])
+    if shape.nope_layers:
+        cfg["no_rope_layers"] = [int(i not in shape.nope_layers) for i in range(n)]
+    if shape.rotary_fraction != 1.0:
+        cfg["partial_rotary_factor"] = shape.rotary_fraction
+    return cfg
 
 
 def fused(shape: ModelShape) -> tuple[Fused, ...]:

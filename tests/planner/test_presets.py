@@ -27,3 +27,16 @@ def test_family_switches_come_from_the_family_reader():
     gemma = PRESETS["gemma-3-27b"]
     assert gemma.norm == "sandwich" and gemma.tied_embeddings and gemma.activation == "gelu_tanh"
     assert gemma.windows.count(0) == 62 // 6 and set(gemma.windows) == {0, 1024}
+
+
+def test_a_shape_alone_writes_a_config_json_that_reads_back_as_itself():
+    """Presets and inline shapes run from `family.config_json`: the family reader must
+    read it back to the same shape, for every family."""
+    from family_cases import FAMILIES, hf_config
+    from rlhfc_runtime.contract.family import config_json, shape_from_hf
+
+    shapes = [*PRESETS.values(), *(shape_from_hf(hf_config(n).to_dict()) for n in FAMILIES)]
+    assert {s.family for s in shapes} >= {"llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3",
+                                          "olmo2", "smollm3"}
+    for shape in shapes:
+        assert shape_from_hf(config_json(shape)) == shape

@@ -70,3 +70,19 @@ def test_checker_refuses_what_the_runtime_refuses(tmp_path, change, reason):
     _, diagnostics = check_program(program)
     errors = [d for d in diagnostics if d.code == "E017"]
     assert errors and reason.split("'")[0] in errors[0].message, [d.message for d in diagnostics]
+
+
+def test_a_value_head_on_a_family_without_one_is_refused_at_its_head(tmp_path):
+    from family_cases import write_family
+
+    from rlhfc.frontend.check import check_program
+
+    write_family("olmo2", tmp_path / "ckpt")
+    program = tmp_path / "p.rlhf"
+    program.write_text('import sft from "stdlib/sft.rlhf"\ncluster { nodes = 1  devices_per_node = 1  device = "cpu" }\n'
+                       'model actor = hf("ckpt", head = value) { trainable }\n'
+                       'dataset d = jsonl("d.jsonl", prompt = "p", response = "r", max_len = 8)\n'
+                       'run sft(actor, d) { batch = 2 }\n')
+    _, diagnostics = check_program(program)
+    [error] = [d for d in diagnostics if d.code == "E017"]
+    assert "Olmo2ForTokenClassification" in error.message and error.span.line == 3

@@ -30,7 +30,7 @@ from rlhfc.frontend.check.common import (
 from rlhfc.frontend.check.rewards import check_python_model
 from rlhfc.frontend.presets import PRESETS, SHAPE_KEYS
 from rlhfc_runtime.contract import hub
-from rlhfc_runtime.contract.family import shape_from_hf
+from rlhfc_runtime.contract.family import FAMILIES, shape_from_hf
 
 VALUE_HEAD_ARCHS = ("ForSequenceClassification", "ForTokenClassification")
 
@@ -211,6 +211,11 @@ def check_model(decl: ast.ModelDecl, unit: Unit, rep: Reporter, val: Values) -> 
     shape, checkpoint, config = _shape(decl, unit, positional, keywords, rep, val)
     if config is not None and shape is not None and "head" not in keywords:
         _value_head_checkpoint(decl, config, positional[0].span, rep)
+    if head is ir.Head.VALUE and shape is not None and not FAMILIES[shape.family].value_head:
+        rep.error("E017", f"`{decl.name.text}`: a {shape.family} model has no value head here: transformers has no "
+                          f"{FAMILIES[shape.family].arch}ForTokenClassification to export it as",
+                  keywords["head"].value.span, "use a family with one (Llama, Qwen2/3, Mistral, Gemma 2, Phi-3, SmolLM3) "
+                                               "for critics and reward models")
     optimizer = DEFAULT_OPTIMIZER if trainable else None
     for key, opt in body.items():
         if key != "optimizer":
