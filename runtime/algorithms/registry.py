@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfc_runtime.contract.kinds import CallKind, Head
+from rlhfc_runtime.contract.interfaces import INTERFACES, Interface
 from rlhfc_runtime.algorithms.advantages import (
     gae, group_normalised, kl_penalised_rewards, leave_one_out, returns_to_go,
 )
@@ -61,28 +61,30 @@ def _row_weight(n_rows: int, like: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class GenerateInterface:
-    """Sampling (or greedy decoding) from an LM; the generation engine implements it."""
+class _Implementation:
+    """The runtime's implementation of a contract interface: its name, kind, inputs,
+    outputs and head are the contract's (`contract.interfaces.INTERFACES`), declared once."""
 
-    name: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    greedy: bool
+    spec: Interface
 
-    kind = CallKind.GENERATE
-    head = Head.LM
+    name = property(lambda self: self.spec.name)
+    kind = property(lambda self: self.spec.kind)
+    inputs = property(lambda self: self.spec.inputs)
+    outputs = property(lambda self: self.spec.outputs)
+    head = property(lambda self: self.spec.head)
+    pairs = property(lambda self: "pairs" in self.spec.inputs)  # rows flattened to [2B, T]
 
 
 @dataclass(frozen=True)
-class _ModelInterface:
-    """Shared part of inference and train interfaces: which head, and which rows the
-    model must run on (pairs are flattened to [2B, T])."""
+class GenerateInterface(_Implementation):
+    """Sampling (or greedy decoding) from an LM; the generation engine implements it."""
 
-    name: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    head: Head
-    pairs: bool
+    greedy: bool
+
+
+@dataclass(frozen=True)
+class _ModelInterface(_Implementation):
+    """Shared part of inference and train interfaces: which rows the model must run on."""
 
     def model_inputs(self, batch: Batch) -> Batch:
         """`input_ids` and `attention_mask` [N, T] to run the model on."""
@@ -95,8 +97,6 @@ class InferenceInterface(_ModelInterface):
     """A forward-only call whose results become data keys."""
 
     compute_fn: Callable[[Batch, Batch], tuple[torch.Tensor, ...]]
-
-    kind = CallKind.INFERENCE
 
     def compute(self, model_outputs: Batch, batch: Batch) -> tuple[torch.Tensor, ...]:
         """The call's outputs, in the order of `outputs`."""
@@ -112,8 +112,6 @@ class TrainInterface(_ModelInterface):
     weight_fn: Callable[[Batch, Hyper], Batch]
     loss_fn: Callable[[Batch, Batch, Hyper], tuple[torch.Tensor, Metrics]]
     entropy: bool = False  # the loss reads the model's per-token entropy too
-
-    kind = CallKind.TRAIN
 
     def prepare(self, batch: Batch, hyper: Hyper) -> Batch:
         """The batch with the targets the loss needs (advantages, returns), on all rows.
@@ -313,31 +311,24 @@ def _sft_loss(model_outputs: Batch, batch: Batch, hyper: Hyper) -> tuple[torch.T
     return loss, {"sft_loss": loss}
 
 
-_ACTOR_INPUTS = ("seq", "logp", "ref_logp", "score")
-_LM, _VALUE = Head.LM, Head.VALUE
+_I = INTERFACES
 
 REGISTRY: dict[str, GenerateInterface | InferenceInterface | TrainInterface] = {
     i.name: i
     for i in (
-        GenerateInterface("generate", ("prompts",), ("seq", "logp"), greedy=False),
-        GenerateInterface("generate_greedy", ("prompts",), ("seq",), greedy=True),
-        InferenceInterface("logprobs", ("seq",), ("logp",), _LM, False, _response_logprobs),
-        InferenceInterface("values", ("seq",), ("values",), _VALUE, False, _filled_values),
-        InferenceInterface("pair_logprobs", ("pairs",), ("logp",), _LM, True, _pair_logprobs),
-        TrainInterface("ppo_actor", _ACTOR_INPUTS + ("values",), (), _LM, False,
-                       _ppo_actor_prepare, _policy_weights, _policy_loss(_ppo_kl_loss_coef), True),
-        TrainInterface("ppo_critic", _ACTOR_INPUTS + ("values",), (), _VALUE, False,
-                       _ppo_critic_prepare, _token_mean_weights, _ppo_critic_loss),
-        TrainInterface("grpo_actor", _ACTOR_INPUTS, (), _LM, False,
-                       _grpo_prepare, _policy_weights, _policy_loss(_grpo_kl_loss_coef), True),
-        TrainInterface("rloo_actor", _ACTOR_INPUTS, (), _LM, False,
-                       _rloo_prepare, _policy_weights, _policy_loss(_no_kl_loss), True),
-        TrainInterface("remax_actor", _ACTOR_INPUTS + ("base_score",), (), _LM, False,
-                       _remax_prepare, _policy_weights, _policy_loss(_no_kl_loss), True),
-        TrainInterface("dpo", ("pairs", "ref_logp"), (), _LM, True, _nothing, _pair_weights, _dpo_loss),
-        TrainInterface("sft", ("data",), (), _LM, False, _nothing, _token_mean_weights, _sft_loss),
-        TrainInterface("pairwise_reward", ("pairs",), (), _VALUE, True,
-                       _nothing, _pair_weights, _pairwise_reward_loss),
+        GenerateInterface(_I["generate"], greedy=False),
+        GenerateInterface(_I["generate_greedy"], greedy=True),
+        InferenceInterface(_I["logprobs"], _response_logprobs),
+        InferenceInterface(_I["values"], _filled_values),
+        InferenceInterface(_I["pair_logprobs"], _pair_logprobs),
+        TrainInterface(_I["ppo_actor"], _ppo_actor_prepare, _policy_weights, _policy_loss(_ppo_kl_loss_coef), True),
+        TrainInterface(_I["ppo_critic"], _ppo_critic_prepare, _token_mean_weights, _ppo_critic_loss),
+        TrainInterface(_I["grpo_actor"], _grpo_prepare, _policy_weights, _policy_loss(_grpo_kl_loss_coef), True),
+        TrainInterface(_I["rloo_actor"], _rloo_prepare, _policy_weights, _policy_loss(_no_kl_loss), True),
+        TrainInterface(_I["remax_actor"], _remax_prepare, _policy_weights, _policy_loss(_no_kl_loss), True),
+        TrainInterface(_I["dpo"], _nothing, _pair_weights, _dpo_loss),
+        TrainInterface(_I["sft"], _nothing, _token_mean_weights, _sft_loss),
+        TrainInterface(_I["pairwise_reward"], _nothing, _pair_weights, _pairwise_reward_loss),
     )
 }
 
