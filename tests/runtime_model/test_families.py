@@ -8,10 +8,9 @@ import torch
 from torch.testing import assert_close
 
 from family_cases import FAMILIES, has_value_class, write_family
+from hf_reference import hf_reference
 from rlhfc_runtime import checkpoint as ck
-from rlhfc_runtime.contract.family import fused, shape_from_hf
 from rlhfc_runtime.contract.layout import Layout
-from rlhfc_runtime.contract.shapes import param_table
 from rlhfc_runtime.dist import ensure_groups, spawn
 from rlhfc_runtime.model import lm_loss
 
@@ -27,46 +26,10 @@ def _batch(vocab):
     return ids, mask
 
 
-def _table_names(tensors: dict, cfg: dict) -> dict:
-    """HF tensors renamed to the parameter table's: fused tensors split into their parts,
-    a tied lm_head as the embedding it is."""
-    shape = shape_from_hf(cfg)
-    table = param_table(shape)
-    out = dict(tensors)
-    for n in range(shape.n_layers):
-        for rule in fused(shape):
-            whole, row = out.pop(f"model.layers.{n}.{rule.name}"), 0
-            for part in rule.parts:
-                name = f"model.layers.{n}.{part}"
-                out[name] = whole[row:row + table[name].shape[0]]
-                row += table[name].shape[0]
-    out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])
-    return out
-
-
 def _reference(lm_dir, value_dir):
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
-    hf = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
-    ids, mask = _batch(hf.config.vocab_size)
-    with torch.no_grad():
-        logits = hf(ids, attention_mask=mask).logits
-    logprobs = logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-    entropy = torch.distributions.Categorical(logits=logits).entropy()
-    values = None
-    if value_dir is not None:
-        vm = AutoModelForTokenClassification.from_pretrained(value_dir, dtype=torch.float32).eval()
-        with torch.no_grad():
-            values = vm(ids, attention_mask=mask).logits[..., 0]
-    opt = torch.optim.Adam(hf.parameters(), **ADAM)
-    loss = hf(ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in hf.named_parameters()}
-    opt.step()
-    weights = {n: p.detach().clone() for n, p in hf.named_parameters()}
-    cfg = ck.read_config(lm_dir)
-    return dict(ids=ids, mask=mask, logits=logits, logprobs=logprobs, entropy=entropy, values=values,
-                loss=loss.item(), grads=_table_names(grads, cfg), weights=_table_names(weights, cfg))
+    vocab = ck.read_config(lm_dir)["vocab_size"]
+    ref = hf_reference(lm_dir, value_dir, *_batch(vocab), ADAM)
+    return {**ref, "loss": ref["loss"].item()}
 
 
 def _layout(dp, tp, pp):

@@ -6,6 +6,7 @@ a few layouts — all in ONE spawned 4-process gloo world."""
 import torch
 from torch.testing import assert_close
 
+from hf_reference import hf_reference
 from rlhfc_runtime import checkpoint as ck
 from rlhfc_runtime.dist import ensure_groups, spawn
 from rlhfc_runtime.contract.layout import Layout
@@ -35,33 +36,7 @@ def _batch():
 
 
 def _hf_reference(lm_dir, value_dir=None):
-    """Logits, log-probs, values; loss, grads and post-Adam weights on the full batch
-    (a tied lm_head's entries are the embedding's, as HF shares the tensor)."""
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
-    ids, mask = _batch()
-    hf = AutoModelForCausalLM.from_pretrained(lm_dir, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = hf(ids, attention_mask=mask).logits
-    logprobs = logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-    entropy = torch.distributions.Categorical(logits=logits).entropy()
-    values = None
-    if value_dir is not None:
-        vm = AutoModelForTokenClassification.from_pretrained(value_dir, torch_dtype=torch.float32).eval()
-        with torch.no_grad():
-            values = vm(ids, attention_mask=mask).logits[..., 0]
-    # training reference: full (unpadded) batch, mean next-token CE, one Adam step
-    opt = torch.optim.Adam(hf.parameters(), **ADAM)
-    loss = hf(ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in hf.named_parameters()}
-    opt.step()
-    weights = {n: p.detach().clone() for n, p in hf.named_parameters()}
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in hf.parameters()]).item()
-    for table in (grads, weights):
-        table.setdefault("lm_head.weight", table["model.embed_tokens.weight"])
-    return dict(ids=ids, mask=mask, logits=logits, logprobs=logprobs, entropy=entropy, values=values,
-                loss=loss.detach(), grads=grads, weights=weights, grad_norm=grad_norm)
+    return hf_reference(lm_dir, value_dir, *_batch(), ADAM)
 
 
 def _layout(dp, tp, pp):

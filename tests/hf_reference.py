@@ -1,0 +1,54 @@
+"""What `transformers` computes on a checkpoint, the reference the sharded model is held
+to: logits, log-probs, entropy and values on a (padded) batch; the loss, gradients and
+weights after one Adam step on the full unpadded batch. Gradients and weights are named
+as the parameter table names them: fused tensors (Phi-3) split into their parts, a
+tied lm_head as the embedding it is."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfc_runtime import checkpoint as ck
+from rlhfc_runtime.contract.family import fused, shape_from_hf
+from rlhfc_runtime.contract.shapes import param_table
+
+
+def table_names(tensors: dict, cfg: dict) -> dict:
+    shape = shape_from_hf(cfg)
+    table = param_table(shape)
+    out = dict(tensors)
+    for n in range(shape.n_layers):
+        for rule in fused(shape):
+            whole, row = out.pop(f"model.layers.{n}.{rule.name}"), 0
+            for part in rule.parts:
+                name = f"model.layers.{n}.{part}"
+                out[name] = whole[row:row + table[name].shape[0]]
+                row += table[name].shape[0]
+    out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])
+    return out
+
+
+def hf_reference(lm_dir, value_dir, ids, mask, adam: dict) -> dict:
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    hf = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(ids, attention_mask=mask).logits
+    logprobs = logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = torch.distributions.Categorical(logits=logits).entropy()
+    values = None
+    if value_dir is not None:
+        vm = AutoModelForTokenClassification.from_pretrained(value_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            values = vm(ids, attention_mask=mask).logits[..., 0]
+    opt = torch.optim.Adam(hf.parameters(), **adam)
+    loss = hf(ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in hf.named_parameters()}
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in hf.parameters()]).item()
+    opt.step()
+    weights = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    cfg = ck.read_config(lm_dir)
+    return dict(ids=ids, mask=mask, logits=logits, logprobs=logprobs, entropy=entropy, values=values,
+                loss=loss.detach(), grads=table_names(grads, cfg), weights=table_names(weights, cfg),
+                grad_norm=grad_norm)
