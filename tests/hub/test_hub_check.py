@@ -14,7 +14,7 @@ from rlhfc.backend.emit import program_spec
 from rlhfc.driver import compile_program
 from rlhfc.frontend.check import check_program, load_program
 from rlhfc.frontend.graph import dump
-from rlhfc_runtime.engine import resolve_paths
+from rlhfc_runtime.contract.resume import resolve_paths
 
 
 def test_a_cached_hub_id_gives_the_shape_and_the_tokenizer(offline, tmp_path):
