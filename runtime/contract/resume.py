@@ -52,14 +52,15 @@ def resolve_paths(program: dict, base: Path) -> dict:
 
 
 def fingerprint(program: dict) -> dict:
-    """What a checkpoint must agree on with the program that resumes it."""
-    return {
+    """What a checkpoint must agree on with the program that resumes it, as its manifest
+    stores it (JSON: a shape's tuples are lists there too)."""
+    return json.loads(json.dumps({
         "models": {n: {k: m.get(k) for k in _MODEL_KEYS} | {"optimizer": (m.get("optimizer") or {}).get("name")}
                    for n, m in sorted(program["models"].items())},
         "datasets": program["datasets"],
         "calls": sorted(program.get("estimates", {})),
         "run": {k: program["run"].get(k) for k in FIXED_RUN_KEYS},
-    }
+    }))
 
 
 def read_manifest(directory: Path) -> dict:
