@@ -111,9 +111,11 @@ def one_round(pythonpath: str | None) -> dict:
             "above_others": max(extras) - min(extras), "seconds": max(r["seconds"] for r in last)}
 
 
-def main() -> None:
+def alternate(one_round, rounds: int) -> dict[str, list[dict]]:
+    """`one_round(pythonpath)` for this code and, with --base-dir, the older runtime in
+    that directory, alternating, --rounds times each."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--base-dir", help="a directory holding the old rlhfc_runtime package, to compare against")
     args = ap.parse_args()
     runs: dict[str, list[dict]] = {"sharded": [], "base": []}
@@ -121,6 +123,11 @@ def main() -> None:
         runs["sharded"].append(one_round(None))
         if args.base_dir:
             runs["base"].append(one_round(args.base_dir))
+    return runs
+
+
+def main() -> None:
+    runs = alternate(one_round, 3)
     summary = {}
     for name, rs in runs.items():
         if not rs:

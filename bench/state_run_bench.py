@@ -11,7 +11,6 @@ rlhfc_runtime put first on PYTHONPATH) the rounds alternate with that code.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_bench import measure  # noqa: E402
-from state_bench import state_bytes  # noqa: E402
+from state_bench import alternate, state_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(vocab=49152, hidden=576, intermediate=1728, n_layers=22, n_heads=8, n_kv_heads=4, max_positions=128,
@@ -53,15 +52,7 @@ def one_round(pythonpath: str | None) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--base-dir")
-    args = ap.parse_args()
-    runs: dict[str, list[dict]] = {"sharded": [], "base": []}
-    for _ in range(args.rounds):
-        runs["sharded"].append(one_round(None))
-        if args.base_dir:
-            runs["base"].append(one_round(args.base_dir))
+    runs = alternate(one_round, 2)
     state = state_bytes(SHAPE)
     out = {"params": state // 12, "state_bytes": state}
     for name, rs in runs.items():
