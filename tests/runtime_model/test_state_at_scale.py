@@ -19,7 +19,7 @@ from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.contract.shapes import param_table
 from rlhfc_runtime.dist import rank_groups
 from rlhfc_runtime.model import ModelConfig, ShardedLlama
-from rlhfc_runtime.shard_plan import export_plan, read_plan, volume, write_plan
+from rlhfc_runtime.shard_plan import MissingInterval, export_plan, read_plan, volume, write_plan
 
 CONFIG_70B = dict(model_type="llama", num_hidden_layers=80, hidden_size=8192, num_attention_heads=64,
                   num_key_value_heads=8, intermediate_size=28672, vocab_size=128256, head_dim=128,
@@ -150,3 +150,28 @@ def test_the_save_and_restore_code_on_meta_tensors_allocates_a_share_plus_one_pi
         assert sum(pieces) == mine * FP32  # exactly its share read, piece by piece
         assert max(pieces) * 1.0 < 0.6 * GIB
         assert sum(t.numel() for t in out.values()) == mine
+
+
+def test_every_small_layout_pair_writes_each_element_once_and_reads_each_once():
+    """Tiny Llama (and a value head) over every 1-8 rank layout the tp split allows:
+    what one layout writes, every other reads back exactly (pure plans, element counts)."""
+    from rlhfc_runtime.contract.kinds import Head
+
+    shape = PRESETS["tiny"]
+    layouts = [Layout(tuple(range(dp * tp * pp)), dp, tp, pp)
+               for dp in (1, 2) for tp in (1, 2) for pp in (1, 2) if dp * tp * pp <= 8]
+    for head in (Head.LM, Head.VALUE):
+        table = param_table(shape, head)
+        total = sum(volume(tuple((0, n) for n in p.shape)) for p in table.values())
+        for src in layouts:
+            plan = write_plan(table, shape.n_layers, src)
+            assert sum(volume(p.box) for ps in plan.values() for p in ps) == total
+            on_disk = [{"file": f"r{r}", "key": f"weight/{p.name}", "name": p.name, "box": p.box}
+                       for r, ps in plan.items() for p in ps]
+            for dst in layouts:
+                share = _shares(table, shape.n_layers, dst)
+                for r in dst.ranks:
+                    reads = read_plan(on_disk, table, shape.n_layers, dst, r, prefix="weight/")
+                    assert sum(volume(x.dst) for x in reads) == share[r], (src, dst, r)
+    with pytest.raises(MissingInterval, match="needs"):  # a shard file's intervals gone: refused, not zeros
+        read_plan(on_disk[1:], table, shape.n_layers, layouts[0], 0, prefix="weight/")
