@@ -1,9 +1,9 @@
 """Hugging Face checkpoints in and out of sharded models.
 
 Loading reads only this rank's slices (`safe_open(...).get_slice`), from a single
-model.safetensors or a sharded model.safetensors.index.json; saving gathers the shards
-of one data-parallel replica to one writer rank and writes model.safetensors +
-config.json that `transformers` loads. Tiny random models are generated per parameter
+model.safetensors or a sharded model.safetensors.index.json; saving streams each full
+tensor to one writer of the mesh (`hf_stream`: no rank gathers the model) and writes
+safetensors files, their index and config.json that `transformers` loads. Tiny random models are generated per parameter
 from (seed, name), so they are the same whatever the layout.
 """
 
@@ -17,13 +17,13 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rlhfc_runtime import hf_stream
 from rlhfc_runtime.contract.atomic import write_atomic, write_error
 from rlhfc_runtime.dist import rank_groups
-from rlhfc_runtime.contract.layout import Layout, shard_slices
+from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.contract.shapes import param_table
 from rlhfc_runtime.contract.family import fused, hf_class, shape_from_hf
 from rlhfc_runtime.model import LM, VALUE, ModelConfig, ShardedLlama, param_shapes
@@ -133,9 +133,6 @@ def _write(path: Path, cfg: dict, head: str, tensors: dict[str, torch.Tensor], m
     if shape.tied_embeddings:  # as transformers saves tied models
         tensors = {n: t for n, t in tensors.items() if n != "lm_head.weight"}
     tensors = fuse(shape, tensors)
-    out = dict(cfg, architectures=[hf_class(shape, head == VALUE)])
-    if head == VALUE:
-        out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     tensors = {n: t.contiguous() for n, t in tensors.items()}
     parts = _split(tensors, max_shard_bytes) if max_shard_bytes else [tensors]
     if len(parts) == 1:
@@ -149,8 +146,16 @@ def _write(path: Path, cfg: dict, head: str, tensors: dict[str, torch.Tensor], m
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         write_atomic(path / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
-    write_atomic(path / "config.json", (json.dumps(out, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(path / "config.json", hf_config(cfg, head))
     return path
+
+
+def hf_config(cfg: dict, head: str) -> bytes:
+    """config.json of an exported checkpoint: its own class, a value head's labels."""
+    out = dict(cfg, architectures=[hf_class(shape_from_hf(cfg), head == VALUE)])
+    if head == VALUE:
+        out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    return (json.dumps(out, indent=2, sort_keys=True) + "\n").encode()
 
 
 # Value heads as the trainers that write them name them: transformers' *ForSequenceClassification
@@ -287,45 +292,18 @@ def init_random(cfg: dict, layout: Layout, head: str = LM, seed: int = 0, device
 
 
 def save_checkpoint(model: ShardedLlama, path: str | Path, max_shard_bytes: int | None = None) -> Path | None:
-    """Write the full model as an HF checkpoint; collective over the model's mesh.
-    Returns the path on the writer (the mesh's first rank), None elsewhere; files of at
-    most max_shard_bytes come with a model.safetensors.index.json."""
-    out = gather_full(model, model.shards())
-    if out is None:
+    """Write the full model as an HF checkpoint, streamed by the writers `hf_stream`
+    plans (no rank gathers the model); collective over the model's mesh. Returns the path
+    on the mesh's first rank (which writes the index and config.json last), None
+    elsewhere; files of at most max_shard_bytes come with a model.safetensors.index.json."""
+    path = Path(path)
+    plan = hf_stream.plan_of(model, max_shard_bytes or hf_stream.MAX_SHARD_BYTES)
+    hf_stream.prepare_dir(model, path, fresh=False)
+    problem = hf_stream.agree(model, hf_stream.stream(model, path, plan))
+    if problem is not None:
+        raise problem
+    if model.groups.rank != model.groups.layout.ranks[0]:
         return None
-    return _write(Path(path), model.cfg.hf, model.head, out, max_shard_bytes)
-
-
-def gather_full(model: ShardedLlama, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """Full tensors from this rank's shards of them (`local`: HF parameter name -> a
-    tensor shaped like that parameter's shard: the weights, or an optimizer moment);
-    collective over the model's mesh. Data-parallel replica 0 holds every slice; each of
-    its ranks sends its shards, name by name in HF order, to the mesh's first rank, which
-    returns the full tensors on CPU (None elsewhere) and holds them all in memory."""
-    g = model.groups
-    layout, writer = g.layout, g.layout.ranks[0]
-    full_shapes = param_shapes(model.cfg, model.head)
-    out: dict[str, torch.Tensor] = {}
-    for name, shape in full_shapes.items():
-        if g.rank == writer:
-            out[name] = torch.empty(shape, dtype=model.dtype)
-        for p in range(layout.pp):
-            for t in range(layout.tp):
-                holder = layout.rank_at(p, 0, t)
-                if _slices_at(model, name, holder) is None:
-                    continue
-                if holder == g.rank == writer:
-                    out[name][model.slices(name)] = local[name].cpu()
-                elif holder == g.rank:
-                    dist.send(local[name].detach().contiguous(), writer)
-                elif g.rank == writer:
-                    sl = _slices_at(model, name, holder)
-                    buf = torch.empty(tuple(s.stop - s.start for s in sl), dtype=model.dtype, device=model.device)
-                    dist.recv(buf, holder)
-                    out[name][sl] = buf.cpu()
-    return out if g.rank == writer else None
-
-
-def _slices_at(model: ShardedLlama, name: str, rank: int):
-    p = model.table[name]
-    return shard_slices(name, p.shape, model.cfg.shape.n_layers, model.groups.layout, rank, p.split)
+    hf_stream.write_index(path, plan, torch.empty((), dtype=model.dtype).element_size())
+    write_atomic(path / "config.json", hf_config(model.cfg.hf, model.head))
+    return path

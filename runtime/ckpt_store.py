@@ -2,18 +2,23 @@
 
     OUT/checkpoint/step-000010/
         manifest.json             step, program fingerprint and hash, layouts, world size,
-                                  loader positions, per-file sha256 and size
-        MODEL.safetensors         each trainable model's full weights, HF names
-        MODEL.optim.safetensors   its Adam moments, full, `exp_avg/NAME`, `exp_avg_sq/NAME`
+                                  loader positions, per-file sha256 and size, and for each
+                                  trainable model the interval of the full tensor that
+                                  every key of every shard file holds (`shards`)
+        MODEL.rank{R}.safetensors the shards rank R writes (`shard_io`): `weight/NAME`,
+                                  `exp_avg/NAME`, `exp_avg_sq/NAME`
         rank{R}.json / rank{R}.safetensors   that rank's Python / torch RNG states
     OUT/checkpoint/latest         the step of the newest complete directory
 
-A save writes into `step-N.partial`, gathers every file's checksum to rank 0, which
-writes the manifest, renames the directory and only then flips `latest`; the last `keep`
-directories stay. Weights and moments are full tensors gathered through `shard_slices`,
-so a resume reads its own slices under any plan and any number of processes. Frozen
-models are not saved: they are rebuilt from their checkpoint or seed, as at the start.
-Nothing is unpickled: safetensors and JSON only.
+A save writes into `step-N.partial`: every rank streams its own shards (each distinct
+interval once, spread over the holders: `shard_plan.write_plan`), no tensor crosses
+processes and no rank holds more than its shards plus the tensor it is writing. Rank 0
+gathers every file's checksum and interval, writes the manifest once all files are
+complete, renames the directory and only then flips `latest`; the last `keep`
+directories stay. A resume under any plan and any number of processes reads, for each
+of its shards, the intersections with the intervals on disk (`shard_plan.read_plan`).
+Frozen models are not saved: they are rebuilt from their checkpoint or seed, as at the
+start. Nothing is unpickled: safetensors and JSON only.
 """
 
 from __future__ import annotations
@@ -31,12 +36,12 @@ from safetensors import safe_open
 
 from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL
-from rlhfc_runtime.checkpoint import gather_full, save_tensors
+from rlhfc_runtime import export as hf_export, shard_io
+from rlhfc_runtime.checkpoint import save_tensors
 from rlhfc_runtime.contract.atomic import write_atomic
 from rlhfc_runtime.contract.resume import FORMAT, MANIFEST, VERSION, compare, fingerprint, read_manifest, refusal
 from rlhfc_runtime.contract.rundir import RunDirError, step_dir_name, step_dirs
 from rlhfc_runtime.errors import RunError
-from rlhfc_runtime.export import publish
 
 def program_hash(program: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint(program), sort_keys=True).encode()).hexdigest()[:16]
@@ -47,12 +52,14 @@ def trainable(program: dict) -> list[str]:
 
 
 # ---- save ----------------------------------------------------------------------------
-def save(engine, keep: int = 2, export=None) -> Path:
+def save(engine, keep: int = 2, export: bool = True) -> Path:
     """Write the checkpoint of `engine.step` (collective over the world); returns its
-    directory. `export(name, spec, weights)` is called on each model's writer with the
-    gathered weights and stages the HF export, published once the checkpoint is complete.
-    Any rank's OSError removes the partial directory and the staged exports on every rank
-    and raises RunError naming the path; the previous checkpoint and export stay."""
+    directory. Each rank streams its own shards (`shard_io`) and, with `export`, its
+    files of each trainable model's HF export (`export.stage_tensors`); once every file
+    is complete, the exports' index and config are written, then rank 0 writes the
+    manifest, and the exports are published. Any rank's OSError removes the partial
+    directory and the staged exports on every rank and raises RunError naming the path;
+    the previous checkpoint and export stay."""
     e = engine
     root = e.out / "checkpoint"
     final = root / step_dir_name(e.step)
@@ -69,32 +76,51 @@ def save(engine, keep: int = 2, export=None) -> Path:
         raise RunError(problem)
     files: dict[str, dict] = {}
     models: dict[str, dict] = {}
-    staged: list[Path] = []
+    shards: dict[str, list] = {}
+    staged: list[tuple] = []
+    for name in trainable(e.program):
+        spec = e.program["models"][name]
+        if e.rank not in e.layouts[spec["home"]].ranks:
+            continue
+        m = e.models[(name, spec["home"])]
+        if problem is None:
+            try:
+                file, entries = shard_io.write_shards(part, name, m.module, m.optimizer)
+                if file:
+                    files[file] = _digest(part / file)
+                shards[name] = entries
+            except OSError as err:
+                problem = _os_message(err, getattr(err, "filename", None) or part)
+        models[name] = {"optimizer_step": _optimizer_step(m),  # and state a train call carries across steps
+                        "adaptive_kl": m.adaptive_kl.state_dict() if m.adaptive_kl else None}
+        if export:
+            tmp, plan, err = hf_export.stage_tensors(e.out, name, m.module, write=problem is None)
+            problem = problem or (err and _os_message(err, err.filename))
+            if hf_export.is_finisher(m.module):
+                staged.append((tmp, plan, m.module, spec))
     try:
-        for name in trainable(e.program):
-            spec = e.program["models"][name]
-            if e.rank not in e.layouts[spec["home"]].ranks:
-                continue
-            m = e.models[(name, spec["home"])]
-            weights, moments, step = _gather_model(m)
-            if weights is None:
-                continue
-            files.update(_write_tensors(part / f"{name}.safetensors", weights))
-            files.update(_write_tensors(part / f"{name}.optim.safetensors", moments))
-            models[name] = {"optimizer_step": step,  # and state a train call carries across steps
-                            "adaptive_kl": m.adaptive_kl.state_dict() if m.adaptive_kl else None}
-            if export is not None:
-                staged.append(export(name, spec, weights))
         rng = {"python": _jsonable(random.getstate()), "rank": e.rank}
-        files.update(_write_bytes(part / f"rank{e.rank}.json", json.dumps(rng).encode()))
-        files.update(_write_tensors(part / f"rank{e.rank}.safetensors", {"torch": torch.get_rng_state()}))
+        if problem is None:
+            files.update(_write_bytes(part / f"rank{e.rank}.json", json.dumps(rng).encode()))
+            files.update(_write_tensors(part / f"rank{e.rank}.safetensors", {"torch": torch.get_rng_state()}))
     except OSError as err:
         problem = _os_message(err, getattr(err, "filename", None) or part)
     parts = [None] * e.world
-    dist.all_gather_object(parts, (files, models, problem))
-    problem = next((p[2] for p in parts if p[2]), None)
+    dist.all_gather_object(parts, (files, models, shards, problem))
+    problem = next((p[3] for p in parts if p[3]), None)
+    if problem is None:  # every file of every rank is complete: the exports' index and config
+        try:
+            for tmp, plan, module, spec in staged:
+                hf_export.finish(tmp, plan, module, spec, _tokenizer(e.program), e.specials)
+        except OSError as err:
+            problem = _os_message(err, getattr(err, "filename", None) or tmp)
+        problem = _first(problem, e.world)
     if e.rank == 0 and problem is None:
         try:
+            merged: dict[str, list] = {}
+            for p in parts:
+                for k, v in p[2].items():
+                    merged.setdefault(k, []).extend(v)
             manifest = {
                 "format": FORMAT, "version": VERSION, "step": e.step, "world_size": e.world,
                 "program_hash": program_hash(e.program), "fingerprint": fingerprint(e.program),
@@ -103,6 +129,7 @@ def save(engine, keep: int = 2, export=None) -> Path:
                 "layouts": {k: [list(v.ranks), v.dp, v.tp, v.pp] for k, v in e.layouts.items()},
                 "loaders": {n: ld.state_dict() for n, ld in e.loaders.items()},
                 "models": {k: v for p in parts for k, v in p[1].items()},
+                "shards": {k: sorted(v, key=lambda x: (x["file"], x["key"])) for k, v in sorted(merged.items())},
                 "files": {k: v for p in parts for k, v in sorted(p[0].items())},
             }
             _write_bytes(part / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
@@ -120,14 +147,18 @@ def save(engine, keep: int = 2, export=None) -> Path:
     if e.rank == 0 and problem:
         shutil.rmtree(part, ignore_errors=True)
     problem = _agree(problem if e.rank == 0 else None)
-    for directory in staged:
+    for tmp, *_ in staged:
         if problem:
-            shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         else:
-            publish(directory)
+            hf_export.publish(tmp)
     if problem:
         raise RunError(f"{problem}; the checkpoint of step {e.step} was not written, the previous one is intact")
     return final
+
+
+def _tokenizer(program: dict) -> str | None:
+    return next((d.get("tokenizer") for d in program["datasets"].values() if d.get("tokenizer")), None)
 
 
 def _agree(problem: str | None) -> str | None:
@@ -137,23 +168,18 @@ def _agree(problem: str | None) -> str | None:
     return box[0]
 
 
-def _gather_model(m):
-    """(weights, moments, optimizer step) of a trainable home model on its writer; (None, …) elsewhere."""
-    module, opt = m.module, m.optimizer
-    named = dict(module.named_parameters())
-    moments, step = {}, 0.0
-    for kind in ("exp_avg", "exp_avg_sq"):
-        local = {n: opt.state[p][kind] if kind in opt.state.get(p, {}) else torch.zeros_like(p.detach())
-                 for n, p in named.items()}
-        full = gather_full(module, local)
-        if full is not None:
-            moments.update({f"{kind}/{n}": t for n, t in full.items()})
-    for p in named.values():
-        if "step" in opt.state.get(p, {}):
-            step = float(opt.state[p]["step"])
-            break
-    weights = gather_full(module, module.shards())
-    return weights, moments, step
+def _first(problem: str | None, world: int) -> str | None:
+    """The first rank's problem (or None) on every rank."""
+    box = [None] * world
+    dist.all_gather_object(box, problem)
+    return next((p for p in box if p), None)
+
+
+def _optimizer_step(m) -> float:
+    for p in m.module.parameters():
+        if "step" in m.optimizer.state.get(p, {}):
+            return float(m.optimizer.state[p]["step"])
+    return 0.0
 
 
 def _write_tensors(path: Path, tensors: dict) -> dict:
@@ -242,10 +268,9 @@ def restore(engine, directory: Path) -> str | None:
         if key not in e.models:
             continue
         m = e.models[key]
-        module = m.module
-        with safe_open(str(directory / f"{name}.safetensors"), "pt") as f:
-            module.load_shards({n: f.get_slice(n)[module.slices(n)] for n in module.shards()})
-        _load_optimizer(m, directory / f"{name}.optim.safetensors", manifest["models"][name]["optimizer_step"])
+        entries = manifest["shards"][name]
+        shard_io.read_shards(directory, entries, m.module, "weight")
+        _load_optimizer(m, directory, entries, manifest["models"][name]["optimizer_step"])
         if manifest["models"][name].get("adaptive_kl"):
             m.adaptive_kl = AdaptiveKL(0.0, 0.0, 1.0)
             m.adaptive_kl.load_state_dict(manifest["models"][name]["adaptive_kl"])
@@ -264,20 +289,23 @@ def restore(engine, directory: Path) -> str | None:
             f"optimizer and data positions carry over, random states are reseeded")
 
 
-def _load_optimizer(m, path: Path, step: float) -> None:
+def _load_optimizer(m, directory: Path, entries: list[dict], step: float) -> None:
+    if step <= 0:
+        return
     opt, module = m.optimizer, m.module
     names = {id(p): n for n, p in module.named_parameters()}
-    sd = opt.state_dict()
-    state = {}
-    with safe_open(str(path), "pt") as f:
-        index = 0
-        for group in opt.param_groups:
-            for p in group["params"]:
-                n = names[id(p)]
-                sl = module.slices(n)
-                state[index] = {"step": torch.tensor(step, dtype=torch.float32),
-                                "exp_avg": f.get_slice(f"exp_avg/{n}")[sl],
-                                "exp_avg_sq": f.get_slice(f"exp_avg_sq/{n}")[sl]}
-                index += 1
-    if step > 0:
-        opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    moments = {kind: shard_io.read_shards(directory, entries, module, kind) for kind in ("exp_avg", "exp_avg_sq")}
+    state, index = {}, 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            n = names[id(p)]
+            state[index] = {"step": torch.tensor(step, dtype=torch.float32),
+                            "exp_avg": moments["exp_avg"][n], "exp_avg_sq": moments["exp_avg_sq"][n]}
+            index += 1
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def read_weights(directory: Path, model: str) -> dict[str, torch.Tensor]:
+    """A trainable model's full weights in a checkpoint step directory, assembled from its
+    shards (for tests and tools: it holds the whole model)."""
+    return shard_io.read_full(directory, read_manifest(directory)["shards"][model])

@@ -24,7 +24,6 @@ import torch.distributed as dist
 from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime import calls, ckpt_store
 from rlhfc_runtime import dist as rdist
-from rlhfc_runtime.export import stage as hf_stage
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.memory import CallMemory, resident_bytes
 from rlhfc_runtime.offload import offload as offload_shards
@@ -309,12 +308,7 @@ class Engine:
     def save(self) -> None:
         """Checkpoint at an iteration boundary (models are home): ckpt_store's versioned,
         layout-free step directory, and each trainable model's HF export in OUT/hf."""
-        tokenizer = next((d.get("tokenizer") for d in self.program["datasets"].values() if d.get("tokenizer")), None)
-
-        def export(name, spec, weights):
-            return hf_stage(self.out, name, spec, weights, tokenizer, self.specials)
-
-        ckpt_store.save(self, keep=self.keep, export=export)
+        ckpt_store.save(self, keep=self.keep, export=True)
 
     def restore(self) -> None:
         """Continue from the checkpoint the launcher chose (`options["checkpoint"]`), or

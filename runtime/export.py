@@ -1,9 +1,10 @@
 """Hugging Face export of trained models: OUT/hf/MODEL/ after every checkpoint and at
-the end, from the full weights the checkpoint gathers (whatever the layout).
+the end, streamed from the shards tensor by tensor (`hf_stream`: whatever the layout,
+no process holds more than its shards plus one full tensor).
 
 config.json (architectures `*ForCausalLM`, or `*ForTokenClassification` for a value
-head, saved as `score.weight`), model.safetensors (files of at most `max_shard_bytes`
-with an index when larger), generation_config.json, and the tokenizer: the files of the
+head, saved as `score.weight`), model.safetensors (or one file per writer, each of at
+most `max_shard_bytes`, with model.safetensors.index.json), generation_config.json, and the tokenizer: the files of the
 model's own checkpoint directory when it has them, else the dataset's tokenizer.json.
 The directory is staged beside the old one and swapped in only when its checkpoint is
 complete, so a reader sees one complete export, of the newest checkpoint.
@@ -15,26 +16,42 @@ import json
 import shutil
 from pathlib import Path
 
-from rlhfc_runtime.checkpoint import _write
+import torch
+
+from rlhfc_runtime import hf_stream
+from rlhfc_runtime.checkpoint import hf_config
+from rlhfc_runtime.hf_stream import MAX_SHARD_BYTES
 from rlhfc_runtime.contract.atomic import write_atomic
 from rlhfc_runtime.calls import model_config
 from rlhfc_runtime.contract.hub import TOKENIZER_FILES
 
-MAX_SHARD_BYTES = 5 * 10**9  # as transformers' save_pretrained
 
-
-def stage(out: Path, name: str, spec: dict, weights: dict, tokenizer: str | None, specials: dict,
-          max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write OUT/hf/NAME.tmp from full `weights` (HF names); `publish` swaps it in once the
-    checkpoint it belongs to is complete. A failed write removes it."""
+def stage_tensors(out: Path, name: str, module, write: bool = True,
+                  max_shard_bytes: int = MAX_SHARD_BYTES) -> tuple[Path, list, OSError | None]:
+    """Stream the model's tensors into OUT/hf/NAME.tmp (collective over its mesh: each
+    writer its own files, `hf_stream`); returns (that directory, the plan, this rank's
+    OSError or None). `finish` completes it on the mesh's first rank once every rank's
+    files are complete; `publish` swaps it in once its checkpoint is."""
     tmp = Path(out) / "hf" / (name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    plan = hf_stream.plan_of(module, max_shard_bytes)
+    hf_stream.prepare_dir(module, tmp, fresh=True)
+    return tmp, plan, hf_stream.stream(module, tmp, plan, write=write)
+
+
+def is_finisher(module) -> bool:
+    return module.groups.rank == module.groups.layout.ranks[0]
+
+
+def finish(tmp: Path, plan: list, module, spec: dict, tokenizer: str | None, specials: dict) -> Path:
+    """The index, config.json, generation_config.json and tokenizer of a staged export,
+    written last; a failed write removes the directory."""
     cfg = model_config(spec)
     for key, special in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):
         if specials.get(special) is not None:
             cfg[key] = int(specials[special])
     try:
-        _write(tmp, cfg, spec["head"], dict(weights), max_shard_bytes)
+        hf_stream.write_index(tmp, plan, torch.empty((), dtype=module.dtype).element_size())
+        write_atomic(tmp / "config.json", hf_config(cfg, spec["head"]))
         generation = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
         write_atomic(tmp / "generation_config.json", (json.dumps(generation, indent=2) + "\n").encode())
         _copy_tokenizer(spec, tokenizer, tmp)

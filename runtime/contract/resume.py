@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rlhfc_runtime.contract.rundir import RunDirError, step_dirs
 
-FORMAT, VERSION = "rlhfc-checkpoint", 1
+FORMAT, VERSION = "rlhfc-checkpoint", 2  # 2: sharded weights and moments
 MANIFEST = "manifest.json"
 _MODEL_KEYS = ("kind", "shape", "head", "trainable", "checkpoint", "rule", "init_seed")
 FIXED_RUN_KEYS = ("dataflow", "seed")  # a resume cannot change these; other run keys it applies

@@ -14,10 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from rlhfc_runtime import ckpt_store
-from test_e2e_reliability import _compiled
+from test_e2e_reliability import _compiled, hf_tensors
 from test_e2e_run import metrics, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,15 +42,17 @@ def _assert_whole_at_step_1(out: Path, logged: list[int]) -> None:
     assert ckpt_store.problem_of(ckpt / "step-000001") is None
     assert [r["step"] for r in metrics(out)] == logged  # whole lines only
     assert all(json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines())
-    exported, saved = load_file(out / "hf" / "actor" / "model.safetensors"), load_file(ckpt / "step-000001" / "actor.safetensors")
+    exported, saved = hf_tensors(out / "hf" / "actor"), ckpt_store.read_weights(ckpt / "step-000001", "actor")
     assert exported.keys() == saved.keys() and all(exported[k].equal(saved[k]) for k in saved)
 
 
 @pytest.mark.parametrize("target, allowed, logged", [
-    ("checkpoint/step-000002.partial/actor.safetensors", 0, [1, 2]),  # safetensors leaves a short file
+    ("checkpoint/step-000002.partial/actor.rank0.safetensors", 0, [1, 2]),  # the shard's header
     ("checkpoint/latest", 1, [1, 2]),  # after the step directory was renamed: renamed back
     ("samples.jsonl", 1, [1]),  # appended: cut back to whole lines
-    ("hf/actor.tmp/model.safetensors", 1, [1, 2]),  # the export of step 1 stays
+    # streamed: one write for the header and one per tensor (21 of the actor), so the 23rd
+    # write is step 2's header and its first tensor fails: the export of step 1 stays
+    ("hf/actor.tmp/model.safetensors", 23, [1, 2]),
 ])
 def test_a_full_disk_on_any_file_names_it_and_keeps_the_previous_checkpoint(tmp_path, ppo1, target, allowed, logged):
     out = tmp_path / "r"

@@ -67,7 +67,8 @@ def test_resume_under_another_process_count_gives_the_same_metrics(tmp_path, ppo
     ckpt = whole / "checkpoint"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-000002", "step-000004"]
     manifest = json.loads((ckpt / "step-000004" / "manifest.json").read_text())
-    assert manifest["step"] == 4 and manifest["world_size"] == 2 and "actor.safetensors" in manifest["files"]
+    assert manifest["step"] == 4 and manifest["world_size"] == 2
+    assert {e["file"] for e in manifest["shards"]["actor"]} <= set(manifest["files"])
     assert not list(ckpt.rglob("*.pt")) and not list(ckpt.rglob("*.partial"))
     _cut_at_step_2(whole, tmp_path / "cut")
     one = _compiled(source, tmp_path / "ppo1.py", devices=1)
@@ -100,7 +101,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, ppo_
     _, whole = ppo_run
     out = tmp_path / "out"
     shutil.copytree(whole, out)
-    weights = out / "checkpoint" / "step-000004" / "critic.optim.safetensors"
+    weights = sorted((out / "checkpoint" / "step-000004").glob("critic.rank*.safetensors"))[0]
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # a torn write
     program = json.loads(json.dumps(_program_of(whole)))
     chosen, notes = ckpt_store.prepare(out, program)
@@ -182,8 +183,8 @@ def test_hf_export_loads_in_transformers_and_generates_what_the_trained_model_do
     assert not info["missing_keys"] and not info["unexpected_keys"]
     tok = AutoTokenizer.from_pretrained(hf / "actor")
     assert tok("ab3")["input_ids"]
-    exported = load_file(str(hf / "actor" / "model.safetensors"))
-    trained = load_file(str(whole / "checkpoint" / "step-000004" / "actor.safetensors"))
+    exported = hf_tensors(hf / "actor")
+    trained = ckpt_store.read_weights(whole / "checkpoint" / "step-000004", "actor")
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
     ids = torch.tensor([tok("ab3")["input_ids"], tok("cd7")["input_ids"]])
     ours, initial = spawn(_greedy_in_runtime, 1, str(whole / "checkpoint" / "step-000004"), ids)[0]
@@ -193,9 +194,14 @@ def test_hf_export_loads_in_transformers_and_generates_what_the_trained_model_do
     assert any(not torch.equal(initial[k], exported[k]) for k in exported)  # weights moved
 
 
-def _greedy_in_runtime(step_dir: str, ids):
-    from safetensors import safe_open
+def hf_tensors(path: Path) -> dict:
+    """Every tensor of an exported HF directory (model.safetensors, or the files of its index)."""
+    index = path / "model.safetensors.index.json"
+    files = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
+    return {k: v for f in sorted(files) for k, v in load_file(str(path / f)).items()}
 
+
+def _greedy_in_runtime(step_dir: str, ids):
     from rlhfc_runtime import checkpoint as ck
     from rlhfc_runtime.contract.layout import Layout
     from rlhfc_runtime.dist import ensure_groups
@@ -206,8 +212,8 @@ def _greedy_in_runtime(step_dir: str, ids):
     cfg = json.loads((Path(step_dir).parents[1] / "hf" / "actor" / "config.json").read_text())
     model = ck.init_random(cfg, lay)
     initial = {k: v.clone() for k, v in model.shards().items()}
-    with safe_open(str(Path(step_dir) / "actor.safetensors"), "pt") as f:
-        model.load_shards({n: f.get_tensor(n) for n in model.shards()})
+    weights = ckpt_store.read_weights(Path(step_dir), "actor")
+    model.load_shards({n: weights[n] for n in model.shards()})
     out = generate(model, ids, torch.ones_like(ids), SamplingParams(max_new_tokens=6, eos_token_id=None,
                                                                     pad_token_id=0))
     return out.sequences, initial

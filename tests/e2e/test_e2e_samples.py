@@ -56,12 +56,13 @@ def policy(run_dir: Path, step: int):
     """The actor that generated step `step`'s rows, in `transformers` at fp32: the
     initial checkpoint, updated by the checkpoint of step `step` - 1."""
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
+    from rlhfc_runtime.ckpt_store import read_weights
 
     model = AutoModelForCausalLM.from_pretrained(str(run_dir / "ckpt"), dtype=torch.float32).eval()
     if step > 1:
-        weights = load_file(str(run_dir / "out" / "checkpoint" / f"step-{step - 1:06d}" / "actor.safetensors"))
+        weights = read_weights(run_dir / "out" / "checkpoint" / f"step-{step - 1:06d}", "actor")
         missing, unexpected = model.load_state_dict(weights, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}
         assert model.config.tie_word_embeddings == bool(missing)  # only a tied head is not saved

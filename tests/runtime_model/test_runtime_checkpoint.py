@@ -3,6 +3,7 @@ the same tensors file-for-file (transformers loads them), sharded index files lo
 random init is layout-independent — one spawned 4-process gloo world."""
 
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -16,7 +17,14 @@ LAYOUTS = [(1, 1, 1), (1, 2, 2), (2, 2, 1), (1, 1, 4), (4, 1, 1), (2, 1, 2)]
 
 
 def _full(path):
-    return load_file(str(path / "model.safetensors"))
+    """Every tensor of an HF checkpoint directory, from model.safetensors or its index."""
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(str(path / "model.safetensors"))
+    out = {}
+    for file in set(json.loads(index.read_text())["weight_map"].values()):
+        out.update(load_file(str(path / file)))
+    return out
 
 
 def _roundtrip(dirs, out_root):
@@ -81,16 +89,14 @@ def test_checkpoint_roundtrip_through_every_layout(tmp_path):
     parts = tmp_path / "lm_in_parts"
     index = json.loads((parts / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(index.values())) > 2 and set(index) == set(original["lm"])
-    in_parts = {}
-    for file in set(index.values()):
-        in_parts.update(load_file(str(parts / file)))
+    in_parts = _full(parts)
     assert all(torch.equal(in_parts[n], original["lm"][n]) for n in original["lm"])
     with torch.no_grad():
         assert torch.equal(LlamaForCausalLM.from_pretrained(parts).eval()(ids).logits, want_logits)
     config = json.loads((dirs["lm"] / "config.json").read_text())
     for key, lm_out, value_out in written[0]:
         for kind, out in (("lm", lm_out), ("value", value_out)):
-            saved = load_file(f"{out}/model.safetensors")
+            saved = _full(Path(out))
             assert saved.keys() == original[kind].keys(), (key, kind)
             for name in saved:
                 assert torch.equal(saved[name], original[kind][name]), (key, kind, name)
