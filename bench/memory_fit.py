@@ -49,6 +49,9 @@ SHAPES = [
     ("gemma2-256k-hd256-softcap", "gemma2", 64, 128, 256000, 256),
 ]
 VALUE_SHAPES = ("llama-32k-hd64", "smollm-49k-hd64")
+# The examples' tiny models (vocab 40 and 400), where per-token bytes dominate, measured
+# by the previous version of this bench (sizes in each row) and fitted with the rest.
+TINY = OUT / "memory_fit_tiny.json"
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (tp, pp) on 1 or 2 ranks
 CASES = [dict(tp=tp, pp=pp, n_mbs=m, precision=p, shape=name, family=fam, hidden=h, inter=i, vocab=v, head_dim=hd,
               head=head)
@@ -98,7 +101,10 @@ def _measure() -> list[dict]:
     layouts = {(tp, pp): Layout(tuple(range(tp * pp)), 1, tp, pp) for tp, pp in LAYOUTS}
     ensure_groups(list(layouts.values()))
     out = []
+    only = set(sys.argv[sys.argv.index("--shapes") + 1:]) if "--shapes" in sys.argv else None
     for c in CASES:
+        if only and c["shape"] not in only:
+            continue
         lay = layouts[(c["tp"], c["pp"])]
         if rank not in lay.ranks:
             continue
@@ -109,7 +115,8 @@ def _measure() -> list[dict]:
             torch.nn.init.normal_(p, std=0.02)
         opt = torch.optim.Adam(model.parameters())
         ids, mask, response = _batch(c["vocab"], PROMPT + NEW)
-        row = dict(c, rank=rank, stage=lay.coord(rank)[0], params=sum(p.numel() for p in model.parameters()))
+        row = dict(c, rank=rank, stage=lay.coord(rank)[0], params=sum(p.numel() for p in model.parameters()),
+                   layers=LAYERS, rows=ROWS, prompt=PROMPT, new=NEW, response=NEW)
 
         def step(recompute: bool):
             model.train_step(ids, mask, _loss(model), opt, c["n_mbs"], {"response_mask": response},
@@ -142,14 +149,14 @@ def _measure() -> list[dict]:
 
 def _common(r: dict) -> dict:
     """Per-rank sizes every feature uses (the names of `rlhfc.planner.cost.memory`)."""
-    layers = len(stage_layers(LAYERS, r["pp"], r["stage"]))
+    layers = len(stage_layers(r["layers"], r["pp"], r["stage"]))
     last = float(r["stage"] == r["pp"] - 1)
-    shape = ModelShape(n_layers=LAYERS, hidden=r["hidden"], n_heads=HEADS, n_kv_heads=KV_HEADS,
+    shape = ModelShape(n_layers=r["layers"], hidden=r["hidden"], n_heads=HEADS, n_kv_heads=KV_HEADS,
                        intermediate=r["inter"], vocab=r["vocab"], head_dim=r["head_dim"])
-    tokens = ROWS * (PROMPT + NEW) / r["n_mbs"]
-    kept, tile = head_units(shape, Head(r["head"]), r["tp"], int(tokens), int(ROWS * NEW / r["n_mbs"]))
+    tokens = r["rows"] * (r["prompt"] + r["new"]) / r["n_mbs"]
+    kept, tile = head_units(shape, Head(r["head"]), r["tp"], int(tokens), int(r["rows"] * r["response"] / r["n_mbs"]))
     return dict(layers=layers, last=last, kept=kept, tile=tile, inter=r["inter"] / r["tp"], hidden=r["hidden"],
-                tokens=tokens, attn=attention_width(shape, r["tp"]))
+                tokens=tokens, attn=attention_width(shape, r["tp"]), replica=r["rows"] * (r["prompt"] + r["new"]))
 
 
 def train_features(r: dict, recompute: bool) -> list[float]:
@@ -157,7 +164,7 @@ def train_features(r: dict, recompute: bool) -> list[float]:
     tokens = s["tokens"]
     in_flight = min(r["pp"] - r["stage"], r["n_mbs"])
     per_layer = in_flight * tokens * s["layers"]
-    layer = [per_layer * s["hidden"], per_layer * s["inter"], per_layer * s["attn"]]
+    layer = [per_layer * s["hidden"], per_layer * s["inter"], per_layer * s["attn"], per_layer]
     if recompute:  # each layer keeps its input; one layer's full set while it is recomputed
         layer = [per_layer * s["hidden"], tokens * (s["inter"] + s["attn"])]
     return [r["params"]] + layer + [s["last"] * s["kept"] * s["hidden"], s["last"] * s["tile"]]
@@ -166,21 +173,20 @@ def train_features(r: dict, recompute: bool) -> list[float]:
 def forward_features(r: dict) -> list[float]:
     s = _common(r)
     tokens = s["tokens"]
-    return [tokens * s["hidden"], tokens * s["inter"], tokens * s["attn"], s["last"] * s["tile"],
-            ROWS * (PROMPT + NEW)]
+    return [tokens * s["hidden"], tokens * s["inter"], tokens * s["attn"], s["last"] * s["tile"], s["replica"]]
 
 
 def kv_cache_bytes(r: dict) -> float:
     s = _common(r)
-    return 2 * s["layers"] * (KV_HEADS // r["tp"]) * r["head_dim"] * ROWS / r["n_mbs"] * (PROMPT + NEW) * (
+    return 2 * s["layers"] * (KV_HEADS // r["tp"]) * r["head_dim"] * s["replica"] / r["n_mbs"] * (
         4 if r["precision"] == "fp32" else 2)
 
 
 def generate_features(r: dict) -> list[float]:
     s = _common(r)
-    prefill = ROWS / r["n_mbs"] * PROMPT
+    prefill = r["rows"] / r["n_mbs"] * r["prompt"]
     return [prefill * s["hidden"], prefill * s["inter"], prefill * s["attn"],
-            s["last"] * ROWS / r["n_mbs"] * r["vocab"] / r["tp"], ROWS * (PROMPT + NEW)]
+            s["last"] * r["rows"] / r["n_mbs"] * r["vocab"] / r["tp"], s["replica"]]
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -207,7 +213,7 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # fit -> (the `MemoryCoefficients` field of each feature, features, target bytes)
 FITS = {
-    "train": (["params", "layer_hidden", "layer_inter", "layer_attn", "head_hidden", "head_vocab"],
+    "train": (["params", "layer_hidden", "layer_inter", "layer_attn", "layer_tokens", "head_hidden", "head_vocab"],
               lambda r: train_features(r, False), lambda r: r["train"]),
     "train_recompute": (["recompute_params", "recompute_boundary", "recompute_layer", "recompute_head_hidden",
                          "recompute_head_vocab"], lambda r: train_features(r, True), lambda r: r["train_recompute"]),
@@ -277,17 +283,23 @@ def fit(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    """Measure and fit; `--fit-only` fits the measurements memory_fit.json already holds."""
+    """Measure and fit; `--fit-only` fits the measurements memory_fit.json already holds,
+    `--shapes NAME…` measures those shapes again and keeps the others' measurements."""
     OUT.mkdir(parents=True, exist_ok=True)
     if "--fit-only" in sys.argv:
         rows = json.loads((OUT / "memory_fit.json").read_text())["measurements"]
+    elif "--shapes" in sys.argv:
+        only = set(sys.argv[sys.argv.index("--shapes") + 1:])
+        kept = [r for r in json.loads((OUT / "memory_fit.json").read_text())["measurements"] if r["shape"] not in only]
+        rows = kept + [r for part in spawn(_measure, 2) for r in part]
+        (OUT / "memory_fit.json").write_text(json.dumps({"fits": {}, "measurements": rows}, indent=1) + "\n")
     else:
         rows = [r for part in spawn(_measure, 2) for r in part]
         (OUT / "memory_fit.json").write_text(json.dumps({"fits": {}, "measurements": rows}, indent=1) + "\n")
-    result = fit(rows)
+    result = fit(rows + json.loads(TINY.read_text())["measurements"])
     (OUT / "memory_fit.json").write_text(json.dumps({"fits": result, "measurements": rows}, indent=1) + "\n")
     lines = ["# Memory coefficients fitted to the runtime's measured peaks", "",
-             f"{len(rows)} measured (rank, case) pairs: shapes {SHAPES} (name, family, hidden, intermediate, "
+             f"{len(rows)} measured (rank, case) pairs, and the examples' tiny models from `{TINY.name}`: shapes {SHAPES} (name, family, hidden, intermediate, "
              f"vocab, head_dim), {LAYERS} layers, layouts (tp, pp) {LAYOUTS}, n_mbs 1 and 4, lm heads (value heads on "
              f"{', '.join(VALUE_SHAPES)}), {ROWS} rows of {PROMPT}+{NEW} tokens (the LM head at the {NEW} "
              f"response positions); `LiveBytes` peaks on CPU (`bench/memory_fit.py`).", "",

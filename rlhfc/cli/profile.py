@@ -15,7 +15,7 @@ from rlhfc.hardware import CATALOG, DEVICE_NAMES
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
 from rlhfc.planner.profile import catalog_entry, derive
 from rlhfc_runtime.contract.cores import physical_cores
-from rlhfc_runtime.profile import Measurement, plan_cases, run_case
+from rlhfc_runtime.profile import SIZES, Measurement, plan_cases, run_case
 
 
 def _fail(err: Console, message: str):
@@ -40,7 +40,8 @@ def measure(devices: int, device, base: str, err: Console) -> dict:
 
 def machine_key(processes: int) -> str:
     """What identifies this machine's CPU profile for a run of `processes` local processes:
-    host, CPU model, cores, torch and the profile schema (a change in any re-measures)."""
+    host, CPU model, cores, torch, the profile schema and what is measured (a change in
+    any re-measures)."""
     import hashlib
     import platform
 
@@ -53,7 +54,7 @@ def machine_key(processes: int) -> str:
     except OSError:
         cpu = ""
     parts = (platform.node(), platform.machine(), platform.processor(), cpu, physical_cores(), processes,
-             torch.__version__, PROFILE_SCHEMA_VERSION)
+             torch.__version__, PROFILE_SCHEMA_VERSION, SIZES["cpu"])
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 

@@ -103,10 +103,10 @@ def test_implausible_cluster_override_is_a_plan_error():
 
 
 def test_micro_batches_past_eight_where_memory_needs_them():
-    """7B PPO with 4096-token prompts on one node of 8 x A100-40GB: the train calls need
+    """7B PPO with 2048-token prompts on one node of 8 x A100-40GB: the train calls need
     more than 8 micro-batches to fit (the old space, n_mbs ≤ 8 without recompute, has no
     plan at all)."""
-    df = ppo_dataflow(LLAMA_7B, Cluster(1, 8, "A100-40GB"), batch=64, prompt_len=4096, gen_len=64)
+    df = ppo_dataflow(LLAMA_7B, Cluster(1, 8, "A100-40GB"), batch=64, prompt_len=2048, gen_len=64)
     with pytest.raises(PlanError):
         plan_dataflow(df, time_limit=10, space=SearchSpace(n_mbs=(1, 2, 4, 8), recompute=False))
     plan = plan_dataflow(df, time_limit=10)
@@ -131,7 +131,7 @@ def test_recompute_costs_a_forward_and_saves_activations():
     terms, more = dict(plain.terms), dict(again.terms)
     assert more["recompute"] == pytest.approx(terms["compute"] / 3 + terms["tp"] / 2)
     assert again.seconds > plain.seconds and again.static_bytes == plain.static_bytes
-    assert again.transient_bytes < plain.transient_bytes  # layer inputs instead of every activation
+    assert again.transient_bytes < plain.transient_bytes / 2  # layer inputs instead of every activation
     gen = replace(s, recompute=True)
     assert "recompute" not in dict(call_cost(df.call("gen"), df.model("actor"), s, df.cluster, device, c, False).terms)
     assert gen.recompute and not s.recompute

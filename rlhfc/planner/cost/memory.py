@@ -14,7 +14,8 @@ What a call adds while it runs (`transient_bytes`), per device of pipeline stage
   parameters): gradients and Adam's temporaries) and the backward pass:
   `params`·(stage parameters) for gradients and bf16 weight casts; activations of the micro-batches 1F1B keeps in flight, min(pp − s, n_mbs),
   each `layer_hidden`·tokens·hidden + `layer_inter`·tokens·intermediate/tp +
-  `layer_attn`·tokens·(attention width: (heads + 2·kv heads)·head_dim/tp) per layer (no sequence parallelism: the residual stream is whole
+  `layer_attn`·tokens·(attention width: (heads + 2·kv heads)·head_dim/tp) +
+  `layer_tokens`·tokens (masks, positions, RoPE tables) per layer (no sequence parallelism: the residual stream is whole
   on every tp rank); the last stage's head: `head_hidden`·(head tokens)·hidden +
   `head_vocab`·(tile tokens)·vocab/tp (`head_units`: an LM head runs only at the response
   positions, in tiles of `logit_tile_tokens` tokens, so its vocabulary-wide bytes are one
@@ -57,6 +58,7 @@ class MemoryCoefficients:
     layer_hidden: float
     layer_inter: float
     layer_attn: float
+    layer_tokens: float
     head_hidden: float
     head_vocab: float
     optimizer_params: float
@@ -80,18 +82,18 @@ class MemoryCoefficients:
 # Fitted by `bench/memory_fit.py` (bench/results/memory_fit.md).
 MEMORY_COEFFICIENTS: dict[str, MemoryCoefficients] = {
     "fp32": MemoryCoefficients(
-        params=6.39, layer_hidden=0.0, layer_inter=0.0, layer_attn=11.7, head_hidden=49.65, head_vocab=11.15,
-        optimizer_params=10.56, recompute_params=6.42, recompute_boundary=4.0, recompute_layer=12.37,
-        recompute_head_hidden=10.0, recompute_head_vocab=10.09, forward_hidden=16.53, forward_inter=7.77,
-        forward_attn=8.06, forward_vocab=11.83, forward_tokens=0.0, prefill_hidden=30.18, prefill_inter=0.0,
-        prefill_attn=8.18, decode_vocab=16.63, generate_tokens=191.26,
+        params=5.88, layer_hidden=20.42, layer_inter=17.14, layer_attn=7.86, layer_tokens=464.4, head_hidden=1.36,
+        head_vocab=11.55, optimizer_params=10.56, recompute_params=6.38, recompute_boundary=4.0,
+        recompute_layer=19.08, recompute_head_hidden=5.12, recompute_head_vocab=8.97, forward_hidden=3.44,
+        forward_inter=11.16, forward_attn=7.15, forward_vocab=10.84, forward_tokens=97.2, prefill_hidden=7.71,
+        prefill_inter=8.69, prefill_attn=8.24, decode_vocab=16.88, generate_tokens=56.8,
     ),
     "bf16": MemoryCoefficients(
-        params=7.2, layer_hidden=0.0, layer_inter=0.0, layer_attn=8.6, head_hidden=31.11, head_vocab=11.09,
-        optimizer_params=11.38, recompute_params=7.08, recompute_boundary=4.0, recompute_layer=8.24,
-        recompute_head_hidden=2.85, recompute_head_vocab=10.57, forward_hidden=8.21, forward_inter=3.98,
-        forward_attn=4.14, forward_vocab=12.16, forward_tokens=0.0, prefill_hidden=17.89, prefill_inter=0.0,
-        prefill_attn=4.36, decode_vocab=17.73, generate_tokens=35.58,
+        params=6.84, layer_hidden=23.31, layer_inter=7.89, layer_attn=5.21, layer_tokens=412.05, head_hidden=6.12,
+        head_vocab=11.37, optimizer_params=11.38, recompute_params=7.88, recompute_boundary=4.0,
+        recompute_layer=11.38, recompute_head_hidden=8.53, recompute_head_vocab=8.52, forward_hidden=3.46,
+        forward_inter=5.15, forward_attn=3.79, forward_vocab=11.14, forward_tokens=28.84, prefill_hidden=2.73,
+        prefill_inter=4.89, prefill_attn=4.28, decode_vocab=17.95, generate_tokens=27.93,
     ),
 }
 
@@ -144,7 +146,8 @@ def train_transient(shape: ModelShape, head: Head, s: Strategy, tokens_mb: int, 
         head_bytes = m.recompute_head_hidden * kept * shape.hidden + m.recompute_head_vocab * tile
         backward = m.recompute_params * stage_params + acts + (head_bytes if last else 0.0)
         return max(backward, m.optimizer_params * stage_params)
-    acts = in_flight * tokens_mb * layers * (m.layer_hidden * shape.hidden + m.layer_inter * inter + m.layer_attn * attn)
+    acts = in_flight * tokens_mb * layers * (m.layer_hidden * shape.hidden + m.layer_inter * inter + m.layer_attn * attn
+                                                 + m.layer_tokens)
     head_bytes = m.head_hidden * kept * shape.hidden + m.head_vocab * tile
     backward = m.params * stage_params + acts + (head_bytes if last else 0.0)
     return max(backward, m.optimizer_params * stage_params)

@@ -10,8 +10,8 @@ Plan: HEURISTIC, estimated 0.015 s/iteration, lower bound 0.000 s, gap 100.0%; p
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
     refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  5
     vals   critic  L0      node0[0:2]  2   1   1   1    0.006    0.008  5
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.012  6
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.012    0.015  8
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.012  11
+    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.012    0.015  11
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """
@@ -102,11 +102,11 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                'vals': 0.002458,
                'a_tr': 0.003655,
                'c_tr': 0.003604},
- 'estimated_peak_bytes': {'gen': 2493103,
-                          'refl': 3261789,
-                          'vals': 3080700,
-                          'a_tr': 5531062,
-                          'c_tr': 6950836}}
+ 'estimated_peak_bytes': {'gen': 2210089,
+                          'refl': 2867467,
+                          'vals': 2700697,
+                          'a_tr': 10534889,
+                          'c_tr': 10367784}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

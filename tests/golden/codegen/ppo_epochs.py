@@ -10,8 +10,8 @@ Plan: HEURISTIC, estimated 0.049 s/iteration, lower bound 0.000 s, gap 100.0%; p
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
     refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  5
     vals   critic  L0      node0[0:2]  2   1   1   1    0.006    0.008  5
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.029  4
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.029    0.049  4
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.029  5
+    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.029    0.049  5
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """
@@ -102,11 +102,11 @@ PROGRAM = {'source': '../programs/ppo_epochs.rlhf',
                'vals': 0.002458,
                'a_tr': 0.020727,
                'c_tr': 0.020581},
- 'estimated_peak_bytes': {'gen': 2493103,
-                          'refl': 3261789,
-                          'vals': 3080700,
-                          'a_tr': 2474690,
-                          'c_tr': 2795222}}
+ 'estimated_peak_bytes': {'gen': 2210089,
+                          'refl': 2867467,
+                          'vals': 2700697,
+                          'a_tr': 3695366,
+                          'c_tr': 3620131}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

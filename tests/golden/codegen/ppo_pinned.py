@@ -6,12 +6,12 @@ Run it with `python build/ppo_pinned.py` (2 local processes) or
 Plan: HEURISTIC, estimated 0.013 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  4
+    gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  3
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  4
+    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  3
     vals   critic  L0      node0[0:2]  2   1   1   1    0.005    0.007  4
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.007    0.010  5
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.010    0.013  5
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.007    0.010  7
+    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.010    0.013  7
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """
@@ -102,11 +102,11 @@ PROGRAM = {'source': '../programs/ppo_pinned.rlhf',
                'vals': 0.002234,
                'a_tr': 0.002982,
                'c_tr': 0.002935},
- 'estimated_peak_bytes': {'gen': 1423561,
-                          'refl': 1856031,
-                          'vals': 1699840,
-                          'a_tr': 3601354,
-                          'c_tr': 4208674}}
+ 'estimated_peak_bytes': {'gen': 1282151,
+                          'refl': 1654308,
+                          'vals': 1509839,
+                          'a_tr': 6083357,
+                          'c_tr': 5896813}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),
