@@ -10,7 +10,7 @@ seconds per step after the first (warm-up) step. Writes bench/results/trl_compar
 
     flock /tmp/rlhfc-bench.lock python bench/trl_compare.py [--rounds 3] [--steps 4]
 
-TRL is a bench-only dependency (`pip install trl`); `--tool trl` / `--tool rlhfc` run
+TRL is a bench-only dependency (`pip install -e ".[bench]"`); `--tool trl` / `--tool rlhfc` run
 one tool once (what each round spawns)."""
 
 from __future__ import annotations
