@@ -182,7 +182,7 @@ def section_train_mfu(device, groups, size) -> dict:
     import torch
 
     from rlhfc_runtime.model import lm_loss
-    from rlhfc_runtime.profile import median_time
+    from rlhfc_runtime.profile import repeat_time
 
     cfg = _config(size)
     model = _model(cfg, groups, device, torch.float32)  # fp32 master weights
@@ -191,7 +191,7 @@ def section_train_mfu(device, groups, size) -> dict:
     mask = torch.ones_like(ids)
     losses = []
     step = lambda: losses.append(model.train_step(ids, mask, lm_loss, opt, precision="bf16", recompute=False))  # noqa: E731
-    seconds = median_time(step, device, repeats=3)
+    seconds = repeat_time(step, device, repeats=3)
     n, tokens = _params(cfg), ids.numel()
     peak, source = _peak_flops(device)
     flops = 6 * n * tokens / seconds
@@ -205,7 +205,7 @@ def section_decode(device, groups, size) -> dict:
     import torch
 
     from rlhfc_runtime.generate import SamplingParams, generate
-    from rlhfc_runtime.profile import median_time
+    from rlhfc_runtime.profile import repeat_time
 
     cfg = _config(size)
     ours = _model(cfg, groups, device, torch.bfloat16)  # a generation copy holds bf16 weights
@@ -224,7 +224,7 @@ def section_decode(device, groups, size) -> dict:
             got["hf"] = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                                     pad_token_id=0)
 
-    t_ours, t_hf = median_time(ours_run, device, repeats=2), median_time(hf_run, device, repeats=2)
+    t_ours, t_hf = repeat_time(ours_run, device, repeats=2), repeat_time(hf_run, device, repeats=2)
     rows = size["batch"] * new
     return {"params": _params(cfg), "batch": size["batch"], "prompt": size["seq"], "new_tokens": new,
             "ours_tokens_per_s": rows / t_ours, "hf_tokens_per_s": rows / t_hf, "speedup_vs_hf": t_hf / t_ours,

@@ -62,6 +62,9 @@ class Plan:
     # Frozen models whose weights wait in host memory between iterations, reloaded before
     # their call (chosen only when the plan does not fit in device memory otherwise).
     offloaded: tuple[str, ...] = ()
+    # What priced it: fitted coefficients, a measured profile (given, or this machine's,
+    # measured once and cached), or the catalog's defaults (`driver.compile_program`).
+    priced_by: str = ""
 
     @property
     def gap(self) -> float:
@@ -123,6 +126,8 @@ def plan_to_json(plan: Plan, include_timing: bool = False) -> str:
         "baseline_time": plan.baseline_time,
         "offloaded": list(plan.offloaded),
     }
+    if plan.priced_by:
+        doc["priced_by"] = plan.priced_by
     if include_timing:
         doc["solve_seconds"] = plan.solve_seconds
     return json.dumps(doc, sort_keys=True, indent=2) + "\n"
@@ -146,7 +151,7 @@ def plan_from_json(text: str) -> Plan:
         tuple(Reallocation(r["model"], r["before_call"], _strategy_from(r["src"]), _strategy_from(r["dst"]), r["bytes"],
                            r["seconds"]) for r in d["reallocations"]),
         d["iteration_time"], d["lower_bound"], d["status"], d.get("solve_seconds", 0.0), d["baseline_time"],
-        d["schema_version"], tuple(d.get("offloaded", ())),
+        d["schema_version"], tuple(d.get("offloaded", ())), d.get("priced_by", ""),
     )
 
 

@@ -26,7 +26,7 @@ from rlhfc_runtime.data.tokenizer import load_tokenizer
 from rlhfc_runtime.dist import all_gather_rows, device_for_rank, rank_groups
 from rlhfc_runtime.generate import SamplingParams, generate
 from rlhfc_runtime.contract.layout import Layout
-from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedLlama, next_token_logprobs
+from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedLlama, next_token_stats
 from rlhfc_runtime.contract.shapes import ModelShape, Param, param_table
 from rlhfc_runtime.rewards import RewardError, as_tensor, sample_rows, score_rows, shown_logprobs
 from rlhfc_runtime.transfer import rows_of
@@ -134,13 +134,24 @@ def _unwrap(key: str, value: dict):
 def head_outputs(module: ShardedLlama, h, mb, entropy: bool = False) -> dict:
     """What an interface reads from the model, aligned as `algorithms.ops` says:
     {"logp"} with a zero column 0 for LM heads (and {"entropy"} of the distribution
-    each token was drawn from, where asked), {"values"} per token for value heads."""
+    each token was drawn from, where asked), {"values"} per token for value heads. The
+    LM head runs only where the micro-batch's `response_mask` is 1 (what every LM
+    interface reads; 0 elsewhere), over every position when it has none."""
     if module.head == "lm":
-        out = {"logp": F.pad(next_token_logprobs(h, mb["input_ids"]), (1, 0))}
-        if entropy:
-            out["entropy"] = F.pad(h.entropy()[:, :-1], (1, 0))
-        return out
+        ids = mb["input_ids"]
+        targets = mb["response_mask"].reshape(ids.shape) if "response_mask" in mb else None
+        logp, ent = next_token_stats(h, ids, targets, entropy)
+        return {"logp": logp, "entropy": ent} if entropy else {"logp": logp}
     return {"values": h.values()}
+
+
+def response_positions(flat: dict) -> dict:
+    """The `extra` an inference call's micro-batches carry: its rows' response mask
+    ([N, T], pairs flattened), so `head_outputs` runs the LM head there only."""
+    if "response_mask" not in flat:
+        return {}
+    mask = flat["response_mask"]
+    return {"response_mask": mask.reshape(-1, mask.shape[-1])}
 
 
 def step_seed(settings: dict) -> int:
@@ -262,7 +273,8 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
         key = "logp" if model.module.head == "lm" else "values"
         with model.module.compute(str(settings["precision"])):
             out = model.module.run_pipeline(inputs["input_ids"], inputs["attention_mask"],
-                                            lambda h, mb: head_outputs(model.module, h, mb)[key].float(), n_mbs)
+                                            lambda h, mb: head_outputs(model.module, h, mb)[key].float(), n_mbs,
+                                            extra=response_positions(flat))
         values = iface.compute({key: out}, flat)
         return {k: {k: v} for k, v in zip(outputs, values)}, {}
     return {}, _train(iface, model, flat, settings, groups, n_mbs)

@@ -36,6 +36,7 @@ from rlhfc_runtime.layers import (  # noqa: F401  (re-exported: the model's publ
     DecoderLayer, KVCache, RMSNorm, _active, _Weight, attention, attention_mask_4d, copy_to_tp, gather_from_tp,
     norm_for, reduce_from_tp,
 )
+from rlhfc_runtime.logits import token_stats
 from rlhfc_runtime.pipeline import PipelineStage
 from rlhfc_runtime.rope import RopeTables, layer_type
 
@@ -92,36 +93,41 @@ class HeadOutput:
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def logits(self):
-        """Full logits [B, T, V] (gathered over tp)."""
+        """Full logits [B, T, V] (gathered over tp): generation's last position only."""
         return gather_from_tp(self.local_logits(), self.model.groups)
 
-    def _local_logits_and_lse(self):
-        """This rank's fp32 logit slice and the full-vocabulary log-sum-exp [B, T]."""
-        g = self.model.groups
-        local = self.local_logits().float()
-        peak = local.detach().max(dim=-1).values
-        if _active(g.tp_ranks):
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=g.tp)
-        sumexp = reduce_from_tp(torch.exp(local - peak[..., None]).sum(-1), g)
-        return local, torch.log(sumexp) + peak
+    def token_stats(self, tokens, where=None, entropy: bool = False):
+        """(log p(tokens[b, t] | position t), entropy there or None) [B, T], computed
+        only where `where` [B, T] is true (0 elsewhere; everywhere when None), by the
+        tiled vocab-parallel head (`rlhfc_runtime.logits`): no full-vocabulary logits of
+        all positions ever exist, in the forward or the backward pass."""
+        g, shape = self.model.groups, self.model.cfg.shape
+        hidden = copy_to_tp(self.hidden, g)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        picked = None if where is None else where.reshape(-1).nonzero().squeeze(-1)
+        h = flat if picked is None else flat.index_select(0, picked)
+        ids = tokens.reshape(-1) if picked is None else tokens.reshape(-1).index_select(0, picked)
+        width = self.model.lm_head.weight.shape[0]
+        group = g.tp if _active(g.tp_ranks) else None
+        logp, ent = token_stats(h, self.model.lm_head.weight, ids, shape.final_softcap, group, g.tp_rank * width)
+        return self._placed(logp, picked, tokens.shape), (self._placed(ent, picked, tokens.shape) if entropy else None)
+
+    @staticmethod
+    def _placed(values, picked, shape):
+        """Per-position values [N] back at their [B, T] places (0 elsewhere)."""
+        if picked is None:
+            return values.reshape(shape)
+        return values.new_zeros(shape.numel()).index_put((picked,), values).reshape(shape)
 
     def token_logprobs(self, tokens):
-        """log p(tokens[b, t] | position t) [B, T] without gathering the vocabulary:
-        the log-sum-exp and the picked logit are reduced over the tp group."""
-        g = self.model.groups
-        local, lse = self._local_logits_and_lse()
-        width = local.shape[-1]
-        idx = tokens - g.tp_rank * width
-        inside = (idx >= 0) & (idx < width)
-        picked = local.gather(-1, idx.clamp(0, width - 1)[..., None]).squeeze(-1) * inside
-        return reduce_from_tp(picked, g) - lse
+        """log p(tokens[b, t] | position t) [B, T] at every position (`token_stats`)."""
+        return self.token_stats(tokens)[0]
 
     def entropy(self):
         """Entropy of the next-token distribution at every position [B, T], vocab-
-        parallel (for entropy bonuses and monitoring): lse - sum_v p_v * logit_v."""
-        local, lse = self._local_logits_and_lse()
-        expected = reduce_from_tp((torch.exp(local - lse[..., None]) * local).sum(-1), self.model.groups)
-        return lse - expected
+        parallel (for entropy bonuses and monitoring)."""
+        return self.token_stats(torch.zeros(self.hidden.shape[:-1], dtype=torch.long,
+                                            device=self.hidden.device), entropy=True)[1]
 
     def values(self):
         """Value-head output [B, T] (HF token classification with one label)."""
@@ -402,10 +408,21 @@ def _buckets(tensors: list[torch.Tensor], limit: int):
         yield bucket
 
 
+def next_token_stats(head: HeadOutput, ids, targets=None, entropy: bool = False):
+    """(logp, entropy or None) [B, T] in the alignment of `algorithms.ops`: column t is
+    log p(ids[:, t] | ids[:, :t]) (and the entropy of the distribution it was drawn
+    from), 0 in column 0 and wherever `targets` [B, T] is 0: the head runs only at the
+    positions whose next token is a target (the response), or everywhere when None."""
+    tokens = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+    where = None if targets is None else F.pad(targets[:, 1:] > 0, (0, 1), value=False)
+    lp, ent = head.token_stats(tokens, where, entropy)
+    aligned = lambda t: F.pad(t[:, :-1], (1, 0))  # noqa: E731
+    return aligned(lp), (aligned(ent) if entropy else None)
+
+
 def next_token_logprobs(head: HeadOutput, ids):
     """log p(ids[:, t+1] | ids[:, :t+1]) [B, T-1]: position t predicts token t+1."""
-    lp = head.token_logprobs(torch.cat([ids[:, 1:], ids[:, -1:]], dim=1))
-    return lp[:, :-1]
+    return next_token_stats(head, ids)[0][:, 1:]
 
 
 def lm_loss(head: HeadOutput, mb: dict):

@@ -129,7 +129,8 @@ def emit(prog: OpProgram, path: str = "build/program.py") -> str:
     base = os.path.dirname(path) or "."
     plan = prog.plan
     summary = (f"{plan.status}, estimated {plan.iteration_time:.3f} s/iteration, "
-               f"lower bound {plan.lower_bound:.3f} s, gap {plan.gap:.1%}")
+               f"lower bound {plan.lower_bound:.3f} s, gap {plan.gap:.1%}"
+               + (f"; priced by {_docstring_safe(plan.priced_by)}" if plan.priced_by else ""))
     text = TEMPLATES.get_template("program.py.j2").render(
         source=_docstring_safe(repr(relative_path(prog.dataflow.source, base))),
         filename=_docstring_safe(path),

@@ -132,8 +132,11 @@ def _run_locked(file: Path, out: Path, *, devices, steps, resume, plot, symmetri
     from rlhfc.planner.cost.fit import COST_INPUTS_FILE, cost_inputs_json
     from rlhfc_runtime.contract.rundir import has_checkpoint
 
+    from rlhfc.cli.profile import machine_profile
+
     prog, text = _compile_or_exit(file, devices=devices, symmetric=symmetric, output=out / "program.py",
-                                  hardware=hardware, coefficients=coefficients)
+                                  hardware=hardware, coefficients=coefficients,
+                                  measure=lambda cluster: machine_profile(cluster.devices_per_node, _err))
     if resume:
         _refuse_a_changed_program(prog, out)
     out.mkdir(parents=True, exist_ok=True)

@@ -208,3 +208,14 @@ def inventory(shape: ModelShape, head: Head = Head.LM) -> Inventory:
         head=sum(count(r) for r in heads),
         head_split=head is Head.LM,
     )
+
+
+# The LM head's log-probs run in tiles of tokens whose fp32 logits (this rank's
+# vocabulary slice) take about this many bytes (`rlhfc_runtime.logits`); the cost model
+# prices one tile's working set from the same figure.
+LOGIT_TILE_BYTES = 32 * 2**20
+
+
+def logit_tile_tokens(local_vocab: int) -> int:
+    """Tokens per tile of the LM head over a `local_vocab`-wide vocabulary slice."""
+    return max(1, LOGIT_TILE_BYTES // (4 * max(local_vocab, 1)))

@@ -249,3 +249,18 @@ def test_memory_coefficients_are_the_benchmarks_fit():
     for precision, shipped in MEMORY_COEFFICIENTS.items():
         fitted = {k: v for key, f in fits.items() if key.endswith("/" + precision) for k, v in f["coefficients"].items()}
         assert shipped == MemoryCoefficients(**fitted), precision
+
+
+def test_lm_head_is_priced_at_the_response_in_one_tile():
+    """The LM head runs at the response positions in tiles (`rlhfc_runtime.logits`): its
+    vocabulary-wide bytes are one tile's, whatever the batch; a value head's grow with it."""
+    from rlhfc.ir import Head, ModelShape
+    from rlhfc.planner.cost.memory import head_units
+    from rlhfc_runtime.contract.shapes import logit_tile_tokens
+
+    shape = ModelShape(n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, intermediate=128, vocab=151936)
+    tile = logit_tile_tokens(shape.vocab // 2)
+    assert head_units(shape, Head.LM, 2, 4096, 1024) == (1024.0, tile * shape.vocab / 2)
+    assert head_units(shape, Head.LM, 2, 4096, 10 * tile)[1] == head_units(shape, Head.LM, 2, 4096, 1024)[1]
+    assert head_units(shape, Head.LM, 1, 40, 8) == (8.0, 8 * shape.vocab)  # fewer tokens than a tile
+    assert head_units(shape, Head.VALUE, 2, 4096, 1024) == (4096.0, 4096.0)

@@ -3,12 +3,12 @@
 Run it with `python build/grpo.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/grpo.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.008 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.008 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  2
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  2
+    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  3
     a_tr   actor   L0      node0[0:2]  2   1   1   1    0.005    0.008  6
     
     homes: actor -> L0, ref -> L0
@@ -116,7 +116,7 @@ PROGRAM = {'source': '../programs/grpo.rlhf',
  'run': {'dataflow': 'grpo', 'batch': 8, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
  'reward_key': 'score',
  'estimates': {'gen': 0.002937, 'score': 0.0, 'refl': 0.002246, 'a_tr': 0.002982},
- 'estimated_peak_bytes': {'gen': 1207863, 'refl': 1505731, 'a_tr': 5996450}}
+ 'estimated_peak_bytes': {'gen': 1282151, 'refl': 1654308, 'a_tr': 6083357}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

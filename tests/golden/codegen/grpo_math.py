@@ -3,13 +3,13 @@
 Run it with `python build/grpo_math.py` (1 local process) or
 `torchrun --nproc-per-node 1 build/grpo_math.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.016 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.016 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:1]  1   1   1   1    0.000    0.004  11
     score  reward  L0      node0[0:1]  1   1   1   1    0.004    0.004  0
     refl   ref     L0      node0[0:1]  1   1   1   1    0.004    0.008  10
-    a_tr   actor   L0      node0[0:1]  1   1   1   1    0.008    0.016  35
+    a_tr   actor   L0      node0[0:1]  1   1   1   1    0.008    0.016  34
     
     homes: actor -> L0, ref -> L0
 """
@@ -117,7 +117,7 @@ PROGRAM = {'source': '../programs/grpo_math.rlhf',
  'run': {'dataflow': 'grpo', 'batch': 16, 'steps': 300, 'seed': 1, 'save_every': 10, 'keep': 2},
  'reward_key': 'score',
  'estimates': {'gen': 0.004117, 'score': 0.0, 'refl': 0.003922, 'a_tr': 0.007962},
- 'estimated_peak_bytes': {'gen': 9747894, 'refl': 9216953, 'a_tr': 36576889}}
+ 'estimated_peak_bytes': {'gen': 10619751, 'refl': 9468713, 'a_tr': 34943240}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0,), dp=1, tp=1, pp=1),

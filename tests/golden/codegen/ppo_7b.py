@@ -3,15 +3,15 @@
 Run it with `python build/ppo_7b.py` (8 local processes) or
 `torchrun --nproc-per-node 8 build/ppo_7b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 84.057 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 83.296 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `H100-80GB` defaults
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s   peak MiB
-    gen    actor   L0      node0[0:8]  1   1   8   16   0.000    23.726  28684
-    score  reward  L0      node0[0:8]  1   1   8   16   23.726   32.196  26620
-    refl   ref     L0      node0[0:8]  1   1   8   16   32.196   40.829  29200
-    vals   critic  L0      node0[0:8]  1   1   8   16   40.829   49.299  28414
-    a_tr   actor   L0      node0[0:8]  1   1   8   16   49.299   66.846  56549
-    c_tr   critic  L0      node0[0:8]  1   1   8   16   66.846   84.057  56549
+    gen    actor   L0      node0[0:8]  2   1   4   16   0.000    33.369  51568
+    score  reward  L0      node0[0:8]  2   1   4   16   33.369   40.366  47655
+    refl   ref     L0      node0[0:8]  2   1   4   16   40.366   47.497  47744
+    vals   critic  L0      node0[0:8]  2   1   4   16   47.497   54.494  50993
+    a_tr   actor   L0      node0[0:8]  2   1   4   16   54.494   69.034  66053
+    c_tr   critic  L0      node0[0:8]  2   1   4   16   69.034   83.296  66053
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -180,21 +180,21 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                           'columns': []}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'seed': 0, 'save_every': 10, 'keep': 2},
  'reward_key': 'score',
- 'estimates': {'gen': 23.726284,
-               'score': 8.469686,
-               'refl': 8.632997,
-               'vals': 8.469686,
-               'a_tr': 17.547371,
-               'c_tr': 17.211075},
- 'estimated_peak_bytes': {'gen': 3740406744,
-                          'score': 3457375273,
-                          'refl': 6162709545,
-                          'vals': 3457375273,
-                          'a_tr': 44246550447,
-                          'c_tr': 44246550447}}
+ 'estimates': {'gen': 33.368934,
+               'score': 6.996697,
+               'refl': 7.131607,
+               'vals': 6.996697,
+               'a_tr': 14.539978,
+               'c_tr': 14.262168},
+ 'estimated_peak_bytes': {'gen': 5068584346,
+                          'score': 4466084414,
+                          'refl': 4559490366,
+                          'vals': 4466084414,
+                          'a_tr': 41259496899,
+                          'c_tr': 41259496899}}
 
 LAYOUTS = {
-    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=1, pp=8),
+    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=2, tp=1, pp=4),
 }
 
 GROUPS = ((0, 1, 2, 3, 4, 5, 6, 7),)

@@ -3,12 +3,12 @@
 Run it with `python build/ppo_epochs.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/ppo_epochs.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.049 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.049 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  4
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  4
+    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  5
     vals   critic  L0      node0[0:2]  2   1   1   1    0.006    0.008  5
     a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.029  5
     c_tr   critic  L0      node0[0:2]  2   1   1   1    0.029    0.049  5
@@ -160,11 +160,11 @@ PROGRAM = {'source': '../programs/ppo_epochs.rlhf',
                'vals': 0.002458,
                'a_tr': 0.020727,
                'c_tr': 0.020581},
- 'estimated_peak_bytes': {'gen': 2066336,
-                          'refl': 2644194,
-                          'vals': 2591932,
-                          'a_tr': 3600090,
-                          'c_tr': 3469192}}
+ 'estimated_peak_bytes': {'gen': 2210089,
+                          'refl': 2867467,
+                          'vals': 2700697,
+                          'a_tr': 3695366,
+                          'c_tr': 3620131}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -3,7 +3,7 @@
 Run it with `python build/ppo_pinned.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/ppo_pinned.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.013 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.013 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  3
@@ -160,11 +160,11 @@ PROGRAM = {'source': '../programs/ppo_pinned.rlhf',
                'vals': 0.002234,
                'a_tr': 0.002982,
                'c_tr': 0.002935},
- 'estimated_peak_bytes': {'gen': 1207863,
-                          'refl': 1505731,
-                          'vals': 1455456,
-                          'a_tr': 5996450,
-                          'c_tr': 5643022}}
+ 'estimated_peak_bytes': {'gen': 1282151,
+                          'refl': 1654308,
+                          'vals': 1509839,
+                          'a_tr': 6083357,
+                          'c_tr': 5896813}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

@@ -3,13 +3,13 @@
 Run it with `python build/rloo.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/rloo.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.009 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.009 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  3
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  3
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.006    0.009  10
+    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  4
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.006    0.009  11
     
     homes: actor -> L0, ref -> L0
 """
@@ -116,7 +116,7 @@ PROGRAM = {'source': '../programs/rloo.rlhf',
  'run': {'dataflow': 'rloo', 'batch': 16, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
  'reward_key': 'score',
  'estimates': {'gen': 0.003232, 'score': 0.0, 'refl': 0.002492, 'a_tr': 0.003719},
- 'estimated_peak_bytes': {'gen': 2086765, 'refl': 2682502, 'a_tr': 10575081}}
+ 'estimated_peak_bytes': {'gen': 2235341, 'refl': 2979656, 'a_tr': 10696262}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),

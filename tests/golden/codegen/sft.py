@@ -3,10 +3,10 @@
 Run it with `python build/sft.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/sft.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.003 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.003 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
     call  model  layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    a_tr  actor  L0      node0[0:2]  2   1   1   1    0.000    0.003  6
+    a_tr  actor  L0      node0[0:2]  2   1   1   1    0.000    0.003  7
     
     homes: actor -> L0
 """
@@ -65,7 +65,7 @@ PROGRAM = {'source': '../programs/sft.rlhf',
  'run': {'dataflow': 'sft', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10, 'keep': 2},
  'reward_key': None,
  'estimates': {'a_tr': 0.003101},
- 'estimated_peak_bytes': {'a_tr': 6732301}}
+ 'estimated_peak_bytes': {'a_tr': 6858710}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),
