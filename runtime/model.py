@@ -36,6 +36,7 @@ from rlhfc_runtime.layers import (  # noqa: F401  (re-exported: the model's publ
     DecoderLayer, KVCache, RMSNorm, _active, _Weight, attention, attention_mask_4d, copy_to_tp, gather_from_tp,
     norm_for, reduce_from_tp,
 )
+from rlhfc_runtime.packing import Packing, attention_for
 from rlhfc_runtime.pipeline import PipelineStage
 from rlhfc_runtime.rope import RopeTables, layer_type
 
@@ -223,15 +224,17 @@ class ShardedLlama(PipelineStage, nn.Module):
 
     # ------------------------------------------------------------ one stage
 
-    def stage_forward(self, x, position_ids, key_valid, cache: KVCache | None = None, start: int = 0):
+    def stage_forward(self, x, position_ids, key_valid, cache: KVCache | None = None, start: int = 0,
+                      packing: Packing | None = None):
         """Run this rank's stage: token ids (first stage) or hidden states in, hidden
         states out (normalised on the last stage). key_valid [B, K] marks real tokens
-        among all keys (cache included); None means no padding and no cache."""
+        among all keys (cache included); None means no padding and no cache. `packing`:
+        x holds packed sequences (`packing.Packing`), attention stays inside each one."""
         if self.first:
             x = self._embed(x)
         shape = self.cfg.shape
         ropes = self.cfg.rope.tables(position_ids, x.dtype)
-        masks = _Masks(key_valid, cache is not None, start, x)
+        masks = _Masks(key_valid, cache is not None, start, x, packing)
         recompute = self._recompute and torch.is_grad_enabled() and cache is None
         for n in self.layer_ids:
             layer = self.model.layers[str(n)]
@@ -370,16 +373,19 @@ class ShardedLlama(PipelineStage, nn.Module):
 
 class _Masks:
     """The attention masks of one stage pass, per sliding-window length, built once:
-    None (SDPA's causal kernel) for full attention without padding or cache."""
+    None (SDPA's causal kernel) for full attention without padding or cache; for packed
+    sequences their block-diagonal mask (`packing.attention_for`)."""
 
-    def __init__(self, key_valid, cached: bool, start: int, x):
+    def __init__(self, key_valid, cached: bool, start: int, x, packing: Packing | None = None):
         self.key_valid, self.cached, self.start, self.q_len = key_valid, cached, start, x.shape[1]
-        self.batch, self.device = x.shape[0], x.device
+        self.batch, self.device, self.packing = x.shape[0], x.device, packing
         self.built: dict[int, torch.Tensor | None] = {}
 
     def __call__(self, window: int):
         if window not in self.built:
-            if self.key_valid is None and not self.cached and not window:
+            if self.packing is not None:
+                self.built[window] = attention_for(self.packing, window)
+            elif self.key_valid is None and not self.cached and not window:
                 self.built[window] = None
             else:
                 valid = self.key_valid
