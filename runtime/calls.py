@@ -249,6 +249,7 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
         return {outputs[0]: {outputs[0]: scores}}, {}
     n_mbs = int(settings["n_mbs"])
     set_precision(model, str(settings["precision"]))
+    model.module.pack = settings["packing"] == "packed"
     if kind == "generate":
         produced = generate_batch(model.module, args[0], settings, groups, greedy=REGISTRY[using].greedy)
         if generated is not None and groups.rank == groups.mp_ranks[0]:  # the replica's ranks hold the same rows
@@ -263,7 +264,8 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
         key = "logp" if model.module.head == "lm" else "values"
         with model.module.compute(str(settings["precision"])):
             out = model.module.run_pipeline(inputs["input_ids"], inputs["attention_mask"],
-                                            lambda h, mb: head_outputs(model.module, h, mb)[key].float(), n_mbs)
+                                            lambda h, mb: head_outputs(model.module, h, mb)[key].float(), n_mbs,
+                                            token_budget=int(settings["token_budget"]))
         values = iface.compute({key: out}, flat)
         return {k: {k: v} for k, v in zip(outputs, values)}, {}
     return {}, _train(iface, model, flat, settings, groups, n_mbs)
@@ -338,7 +340,8 @@ def _step(iface, model: RuntimeModel, mini: dict, hyper: dict, groups, n_mbs: in
     clip = float(hyper["max_grad_norm"]) or None
     loss = model.module.train_step(inputs["input_ids"], inputs["attention_mask"], loss_fn, model.optimizer,
                                    n_mbs, extra, max_grad_norm=clip, precision=str(hyper["precision"]),
-                                   schedule="1f1b", recompute=bool(hyper["recompute"]))
+                                   schedule="1f1b", recompute=bool(hyper["recompute"]),
+                                   token_budget=int(hyper["token_budget"]))
     return {**{k: v * dp for k, v in metrics.items()}, "loss": float(loss), "lr": model.optimizer.param_groups[0]["lr"]}
 
 

@@ -355,15 +355,15 @@ class ShardedLlama(PipelineStage, nn.Module):
 
     def train_step(self, input_ids, attention_mask, loss_fn, optimizer, n_micro: int = 1, extra=None,
                    max_grad_norm: float | None = None, *, precision: str = "fp32", schedule: str = "1f1b",
-                   recompute: bool = False) -> float:
+                   recompute: bool = False, token_budget: int = 0) -> float:
         """zero grads, forward+backward of the batch-mean loss (`schedule`, `recompute`,
-        compute in `precision` over these weights), dp average, optional global-norm
+        micro-batches of `token_budget` tokens where given, compute in `precision` over these weights), dp average, optional global-norm
         clipping, optimizer step; returns the loss (same value on every rank of the
         replica)."""
         optimizer.zero_grad(set_to_none=True)
         with self.compute(precision):
             loss = self.run_pipeline(input_ids, attention_mask, loss_fn, n_micro, extra, backward=True,
-                                     schedule=schedule, recompute=recompute)
+                                     schedule=schedule, recompute=recompute, token_budget=token_budget)
         self.reduce_gradients()
         if max_grad_norm is not None:
             self.clip_grad_norm_(max_grad_norm)

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from rlhfc_runtime.contract.budget import fill
 from rlhfc_runtime.dist import exchange
 from rlhfc_runtime.packing import Packing, plan_packing
 
@@ -73,6 +74,7 @@ class PipelineStage:
         backward: bool = False,
         schedule: str = "1f1b",
         recompute: bool = False,
+        token_budget: int = 0,
     ):
         """Micro-batches of one data-parallel replica's batch through the pipeline.
 
@@ -83,7 +85,9 @@ class PipelineStage:
         returns the micro-batch's mean loss; gradients of the batch-mean loss
         accumulate into .grad (not yet averaged over dp, see `reduce_gradients`) under
         `schedule` ("1f1b" or "gpipe"), with each layer's activations recomputed in
-        the backward pass when `recompute`; the loss comes back."""
+        the backward pass when `recompute`; the loss comes back. A `token_budget`
+        (the plan's) fills each micro-batch with whole sequences up to that many tokens
+        (real ones when packed), in place of `n_micro` equal parts."""
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r} (expected one of {SCHEDULES})")
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -91,7 +95,10 @@ class PipelineStage:
         padded = attention_mask is not None and not bool(attention_mask.all())
         batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, **(extra or {})}
         rows = input_ids.shape[0]
-        micro = [dict(zip(batch, parts)) for parts in zip(*(t.tensor_split(n_micro) for t in batch.values()))]
+        if token_budget:
+            micro = _by_budget(batch, mask if padded and self.pack else torch.ones_like(mask), token_budget)
+        else:
+            micro = [dict(zip(batch, parts)) for parts in zip(*(t.tensor_split(n_micro) for t in batch.values()))]
         micro = [m for m in micro if m["input_ids"].shape[0]]
         if padded and self.pack:
             micro = [{**m, "_packing": plan_packing(m["attention_mask"])} for m in micro]
@@ -238,3 +245,15 @@ def _widen(result, pk: Packing, width: int):
         return result
     pad = [0, 0] * (result.dim() - 2) + [pk.lo, width - pk.hi]
     return torch.nn.functional.pad(result, pad)
+
+
+def _by_budget(batch: dict, mask, budget: int) -> list[dict]:
+    """Consecutive micro-batches of whole sequences within `budget` tokens each (a pair
+    call's rows come two per pair: its per-pair tensors have half the rows, and pairs
+    stay whole)."""
+    rows = mask.shape[0]
+    unit = rows // min(t.shape[0] for t in batch.values())
+    lengths = mask.reshape(rows // unit, -1).sum(1).tolist()
+    bounds = fill(lengths, budget)
+    return [{k: v[lo * v.shape[0] // (rows // unit):hi * v.shape[0] // (rows // unit)] for k, v in batch.items()}
+            for lo, hi in zip(bounds, bounds[1:])]

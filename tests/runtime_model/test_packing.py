@@ -1,12 +1,14 @@
 """Packed batches: the layout itself (bins, positions, block-diagonal and windowed masks,
 pack / unpack), and every interface's packed call equal to its padded call (outputs,
-losses, metrics, gradients after one Adam step) under dp, tp and pp, with micro-batches,
-through `calls.run_call` as the engine runs it."""
+losses, metrics, gradients after one Adam step) under dp, tp and pp, the padded call in
+two equal micro-batches and the packed one in micro-batches by token budget, through
+`calls.run_call` as the engine runs it."""
 
 import torch
 from torch.testing import assert_close
 
 from rlhfc_runtime import calls
+from rlhfc_runtime.contract.budget import fill, micro_batch_tokens
 from rlhfc_runtime.contract.interfaces import INTERFACES
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.dist import ensure_groups, rank_groups, spawn
@@ -44,6 +46,12 @@ def test_plan_packs_whole_sequences_with_their_own_positions():
     assert pk.cu_seqlens().tolist() == [0, 7, 12, 14, 16, 17, 18, 19, 20, 21]
 
 
+def test_budget_fills_micro_batches_with_whole_sequences():
+    assert fill([5, 7, 3, 9, 2], 12) == [0, 2, 4, 5]
+    assert fill([15, 3], 12) == [0, 1, 2]  # a longer sequence runs alone
+    assert micro_batch_tokens(rows=16, seq_len=65, dp=2, n_mbs=2) == 260
+
+
 def _sequences(gen):
     """Left-padded prompts and right-padded responses of different lengths."""
     ids = torch.randint(3, SHAPE["vocab"], (B, P + N), generator=gen)
@@ -68,7 +76,7 @@ def _inputs(name):
 
 
 def _settings(name):
-    return {**INTERFACES[name].defaults(), "rows": B, "n_mbs": 2, "recompute": False, "precision": "fp32",
+    return {**INTERFACES[name].defaults(), "rows": B, "n_mbs": 2, "token_budget": 0, "recompute": False, "precision": "fp32",
             "group_size": 2, "step": 0, "steps": 1, "seed": 0, "eos_id": 2, "pad_id": 0, "max_new_tokens": N}
 
 
@@ -79,11 +87,12 @@ def _run(name, layout, pack):
     spec = {"kind": "llama", "checkpoint": None, "shape": SHAPE, "head": head, "trainable": trainable,
             "optimizer": {"name": "adam", "lr": 1e-3} if trainable else None}
     model = calls.build_model(spec, layout)
-    model.module.pack = pack
     groups = rank_groups(layout)
     lo, hi = rows_of(B, layout, groups.rank)
     batch = {k: {n: t[lo:hi] for n, t in v.items()} for k, v in _inputs(name).items()}
-    out, metrics = calls.run_call(iface.kind.value, name, model, spec, batch, iface.outputs, _settings(name), groups)
+    out, metrics = calls.run_call(iface.kind.value, name, model, spec, batch, iface.outputs, {**_settings(name), "packing": "packed" if pack else "padded",
+                                   "token_budget": 20 if pack else 0},
+                                  groups)
     return out, metrics, {n: p.detach().clone() for n, p in model.module.named_parameters()}
 
 
