@@ -182,6 +182,11 @@ class KVCache:
         self.k = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layers}
         self.v = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layers}
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the cache of batch rows `rows` (finished rows leave the batch)."""
+        self.k = {n: t[rows] for n, t in self.k.items()}
+        self.v = {n: t[rows] for n, t in self.v.items()}
+
 
 FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
