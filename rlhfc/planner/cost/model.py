@@ -18,8 +18,9 @@ Sources:
 - Generation: prefill is compute-bound like inference; each decode step is memory-bound,
   reading the stage's weights and KV cache once per micro-batch (roofline: max of
   compute and bytes/bandwidth; Pope et al. 2022, "Efficiently Scaling Transformer
-  Inference"); with `m` micro-batches pipelined over `pp` stages a step takes
-  max(m, pp) stage times (ReaL's pipelined generation). KV cache: 2·layers·kv_heads·
+  Inference"); the runtime decodes its `m` micro-batches one after another through
+  the `pp` stages, so a step takes m·pp stage times, as it runs (ReaL pipelines them at
+  max(m, pp); this runtime does not). KV cache: 2·layers·kv_heads·
   head_dim·2 bytes per token.
 - Rule rewards (`Model.kind == ModelKind.RULE`) cost nothing and hold no device: they run in the
   driver process between the calls they connect.
@@ -162,7 +163,7 @@ def call_cost(
     width = PRECISION_BYTES[precision]
     tokens = call.batch * call.seq_len
     mini_batches, epochs = optimizer_steps(call)
-    tokens_mb = math.ceil(tokens / (s.dp * s.n_mbs * mini_batches))
+    tokens_mb = call.token_budget(s)
     resident, transient = call_memory(call, model, s, tokens_mb, is_home, precision)
 
     if call.kind is CallKind.TRAIN:
@@ -177,8 +178,9 @@ def call_cost(
         terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, width)
         return _split(terms, resident, transient, is_home, share)
 
-    # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps; a step
-    # takes max(m, pp) stage times, of which max(0, pp − m) are the pipeline's bubble.
+    # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps. The
+    # runtime decodes its m micro-batches one after another, each through every stage
+    # (`runtime/generate.py`): a step takes m·pp stage times, m·(pp − 1) of them waiting.
     terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, call.kind, width)
     seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs))
     kv_per_token = 2 * layers * (shape.n_kv_heads // s.tp) * shape.head_dim * width
@@ -192,7 +194,7 @@ def call_cost(
     terms["decode_memory" if stage_bytes >= stage_flops else "decode_compute"] = steps * max(stage_flops, stage_bytes)
     terms["tp"] += steps * tp_comm
     terms["decode_overhead"] = steps * fixed
-    terms["bubble"] += call.gen_len * max(0, s.pp - s.n_mbs) * stage
+    terms["bubble"] += call.gen_len * s.n_mbs * (s.pp - 1) * stage
     return _split(terms, resident, transient, is_home, share)
 
 

@@ -3,15 +3,15 @@
 Run it with `python build/ppo_7b.py` (8 local processes) or
 `torchrun --nproc-per-node 8 build/ppo_7b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 84.057 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 219.097 s/iteration, lower bound 0.000 s, gap 100.0%
 
-    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s   peak MiB
-    gen    actor   L0      node0[0:8]  1   1   8   16   0.000    23.726  28684
-    score  reward  L0      node0[0:8]  1   1   8   16   23.726   32.196  26620
-    refl   ref     L0      node0[0:8]  1   1   8   16   32.196   40.829  29200
-    vals   critic  L0      node0[0:8]  1   1   8   16   40.829   49.299  28414
-    a_tr   actor   L0      node0[0:8]  1   1   8   16   49.299   66.846  56549
-    c_tr   critic  L0      node0[0:8]  1   1   8   16   66.846   84.057  56549
+    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s    peak MiB
+    gen    actor   L0      node0[0:8]  1   1   8   16   0.000    158.766  28684
+    score  reward  L0      node0[0:8]  1   1   8   16   158.766  167.235  26620
+    refl   ref     L0      node0[0:8]  1   1   8   16   167.235  175.868  29200
+    vals   critic  L0      node0[0:8]  1   1   8   16   175.868  184.338  28414
+    a_tr   actor   L0      node0[0:8]  1   1   8   16   184.338  201.885  56549
+    c_tr   critic  L0      node0[0:8]  1   1   8   16   201.885  219.097  56549
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -103,7 +103,7 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                           'columns': []}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'seed': 0, 'save_every': 10, 'keep': 2},
  'reward_key': 'score',
- 'estimates': {'gen': 23.726284,
+ 'estimates': {'gen': 158.765694,
                'score': 8.469686,
                'refl': 8.632997,
                'vals': 8.469686,
@@ -127,12 +127,12 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 256, 'n_mbs': 16, 'recompute': False})
-    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
-    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 16, 'recompute': True})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 16, 'recompute': True})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 256, 'n_mbs': 16, 'recompute': False, 'token_budget': 16384})
+    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'n_mbs': 16, 'recompute': False, 'token_budget': 16384})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'n_mbs': 16, 'recompute': False, 'token_budget': 16384})
+    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'n_mbs': 16, 'recompute': False, 'token_budget': 16384})
+    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 16, 'recompute': True, 'token_budget': 16384})
+    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 16, 'recompute': True, 'token_budget': 16384})
 
 
 if __name__ == "__main__":
