@@ -119,6 +119,16 @@ def optimizer_steps(call: Call) -> tuple[int, int]:
     return max(1, int(call.option("mini_batches", 1))), max(1, int(call.option("ppo_epochs", 1)))
 
 
+def seen_len(call: Call) -> float:
+    """Positions per sequence the call really computes: with packing, the prompt and the
+    expected response (`response_len`, default the whole `gen_len`); padded, all of them."""
+    settings = dict(call.settings)
+    expected = int(settings.get("response_len", 0))
+    if settings.get("packing", "packed") != "packed" or not expected:
+        return call.seq_len
+    return call.prompt_len + min(expected, call.gen_len)
+
+
 def _forward_backward_terms(
     shape: ModelShape, n_params: int, tokens: int, s: Strategy, device: Device, c: Coefficients,
     kind: CallKind, width: int, passes: int = 1, mini_batches: int = 1,
@@ -161,7 +171,7 @@ def call_cost(
     layers = math.ceil(shape.n_layers / s.pp)
     precision = precision_of(call, default_precision(device.name))
     width = PRECISION_BYTES[precision]
-    tokens = call.batch * call.seq_len
+    tokens = call.batch * seen_len(call)
     mini_batches, epochs = optimizer_steps(call)
     tokens_mb = call.token_budget(s)
     resident, transient = call_memory(call, model, s, tokens_mb, is_home, precision)
@@ -182,9 +192,11 @@ def call_cost(
     # runtime decodes its m micro-batches one after another, each through every stage
     # (`runtime/generate.py`): a step takes m·pp stage times, m·(pp − 1) of them waiting.
     terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, call.kind, width)
-    seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs))
+    # rows leave the batch when they end: on average response / gen_len of them are live
+    live = (seen_len(call) - call.prompt_len) / max(call.gen_len, 1)
+    seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs)) * live
     kv_per_token = 2 * layers * (shape.n_kv_heads // s.tp) * shape.head_dim * width
-    mean_context = call.prompt_len + call.gen_len / 2
+    mean_context = call.prompt_len + (seen_len(call) - call.prompt_len) / 2
     stage_flops = 2 * p_dev * seqs_mb / flop_rate(device, c, call.kind)
     stage_bytes = (width * p_dev + kv_per_token * seqs_mb * mean_context) / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
     tp_comm = layers * 2 * allreduce_seconds(seqs_mb * shape.hidden * width, s.tp, device.intra_bandwidth, c)
