@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from rlhfc_runtime.contract.budget import balanced
 from rlhfc_runtime.contract.kinds import Head, ModelKind
 from rlhfc_runtime.algorithms.ops import sequence_score
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rollout_kl, rule_scores
@@ -314,12 +315,15 @@ def _shuffled(n: int, hyper: dict, epoch: int) -> torch.Tensor:
 
 
 def _step(iface, model: RuntimeModel, mini: dict, hyper: dict, groups, n_mbs: int, lr_scale: float) -> dict:
-    """One optimizer step on this dp rank's rows of a weighed mini-batch, through the
+    """One optimizer step on this dp rank's rows of a weighed mini-batch (every rank holds
+    all of it: ranks take rows balanced by their tokens, `budget.balanced`), through the
     model's one train step (forward, backward, dp all-reduce, global-norm clipping,
     update). The loss is a contribution, so the dp-averaged gradient is rescaled to the
     sum; returns the step's metrics (contributions times dp: the engine averages ranks)."""
-    lo, hi = rows_of(batch_rows(mini), groups.layout, groups.rank)
-    mine = take_rows(mini, lo, hi)
+    n = batch_rows(mini)
+    tokens = iface.model_inputs(mini)["attention_mask"].reshape(n, -1).sum(1).tolist()
+    picked = torch.tensor(balanced(tokens, groups.layout.dp, groups.dp_rank), dtype=torch.long)
+    mine = {k: v[picked.to(v.device)] for k, v in mini.items()}
     inputs = iface.model_inputs(mine)
     rows = inputs["input_ids"].shape[0]
     dp = groups.layout.dp

@@ -28,3 +28,16 @@ def fill(lengths: Sequence[int], budget: int) -> list[int]:
             used = 0
         used += n
     return bounds + [len(lengths)] if lengths else [0]
+
+
+def balanced(lengths: Sequence[int], parts: int, part: int) -> list[int]:
+    """The rows (in order) of `part` of `parts` data-parallel ranks when rows are dealt
+    longest first to the rank with the fewest tokens so far (ties: the lower rank), so
+    every rank computes about the same tokens; each rank gets a row while rows last."""
+    load = [0] * parts
+    owner = [0] * len(lengths)
+    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        rank = min(range(parts), key=lambda k: (load[k], k))
+        owner[row] = rank
+        load[rank] += lengths[row]
+    return [row for row in range(len(lengths)) if owner[row] == part]
