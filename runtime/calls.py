@@ -257,7 +257,9 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
             generated += [{"key": outputs[0], **row} for row in shown_logprobs(
                 produced["seq"], produced["logp"], first_generated_row(settings, groups), int(settings["rows"]))]
         names = REGISTRY[using].outputs  # positional: `-> base_seq` may rename "seq"
-        return {k: produced[n] if n == "seq" else {k: produced[n]} for k, n in zip(outputs, names)}, {}
+        # the mean response length: what `rlhfc calibrate` learns the expected `response_len` from
+        lengths = {"response_len": float(produced["seq"]["response_mask"].sum(1).float().mean())}
+        return {k: produced[n] if n == "seq" else {k: produced[n]} for k, n in zip(outputs, names)}, lengths
     iface = REGISTRY[using]
     flat = bind(using, args)
     if kind == "inference":

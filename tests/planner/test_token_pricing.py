@@ -34,3 +34,22 @@ def test_expected_response_length_prices_time_not_memory():
 def test_pipelined_generation_is_priced_as_it_runs():
     one, two = (_cost("gen", Strategy(Mesh(0, 1, 0, 8), 1, 8 // pp, pp, m)) for pp, m in ((2, 1), (2, 2)))
     assert two.seconds > one.seconds  # two micro-batches decode one after the other: no overlap to win
+
+
+def test_calibrate_prices_calls_at_the_responses_a_run_generated(tmp_path):
+    import json
+
+    from rlhfc.backend.lower import lower
+    from rlhfc.frontend.check import load_program
+    from rlhfc.planner.cost.fit import cost_inputs_json, response_length, samples_from_run
+    from rlhfc.planner.solve import plan_dataflow
+
+    df = load_program("programs/ppo.rlhf", cluster_override=Cluster(1, 2, "cpu"))
+    (tmp_path / "cost_inputs.json").write_text(cost_inputs_json(lower(df, plan_dataflow(df, time_limit=5, workers=1))))
+    rows = [{"step": s, "gen/response_len": 3.0 + s, "time/gen": 1.0, "time/a_tr": 1.0} for s in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert response_length(rows[1:]) == 6  # the median of 5, 6, 7
+    samples = {s.priced.call.name: s.priced for s in samples_from_run(tmp_path / "metrics.jsonl")}
+    assert dict(samples["a_tr"].call.settings) == {"response_len": 6}
+    full = replace(samples["a_tr"], call=replace(samples["a_tr"].call, settings=()))
+    assert samples["a_tr"].seconds(DEFAULT_COEFFICIENTS) < full.seconds(DEFAULT_COEFFICIENTS)
