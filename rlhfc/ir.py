@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from rlhfc_runtime.contract.budget import micro_batch_tokens
 from rlhfc_runtime.contract.kinds import CallKind, Head, ModelKind
 from rlhfc_runtime.contract.shapes import ModelShape
 
@@ -158,6 +159,12 @@ class Call:
 
     def option(self, key: str, default=None):
         return dict(self.options).get(key, default)
+
+    def token_budget(self, s: "Strategy") -> int:
+        """The tokens of one micro-batch under `s` (a train call's mini-batches cut
+        first): what the cost model prices and the op carries (`token_budget`)."""
+        mini = max(1, int(self.option("mini_batches", 1))) if self.kind is CallKind.TRAIN else 1
+        return micro_batch_tokens(self.batch, self.seq_len, s.dp, s.n_mbs, mini)
 
     @property
     def rows(self) -> int:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from rlhfc_runtime.contract.budget import balanced
 from rlhfc_runtime.contract.kinds import Head, ModelKind
 from rlhfc_runtime.algorithms.ops import sequence_score
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rollout_kl, rule_scores
@@ -259,13 +260,16 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
         return {outputs[0]: {outputs[0]: scores}}, {}
     n_mbs = int(settings["n_mbs"])
     set_precision(model, str(settings["precision"]))
+    model.module.pack = settings["packing"] == "packed"
     if kind == "generate":
         produced = generate_batch(model.module, args[0], settings, groups, greedy=REGISTRY[using].greedy)
         if generated is not None and groups.rank == groups.mp_ranks[0]:  # the replica's ranks hold the same rows
             generated += [{"key": outputs[0], **row} for row in shown_logprobs(
                 produced["seq"], produced["logp"], first_generated_row(settings, groups), int(settings["rows"]))]
         names = REGISTRY[using].outputs  # positional: `-> base_seq` may rename "seq"
-        return {k: produced[n] if n == "seq" else {k: produced[n]} for k, n in zip(outputs, names)}, {}
+        # the mean response length: what `rlhfc calibrate` learns the expected `response_len` from
+        lengths = {"response_len": float(produced["seq"]["response_mask"].sum(1).float().mean())}
+        return {k: produced[n] if n == "seq" else {k: produced[n]} for k, n in zip(outputs, names)}, lengths
     iface = REGISTRY[using]
     flat = bind(using, args)
     if kind == "inference":
@@ -274,7 +278,8 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
         with model.module.compute(str(settings["precision"])):
             out = model.module.run_pipeline(inputs["input_ids"], inputs["attention_mask"],
                                             lambda h, mb: head_outputs(model.module, h, mb)[key].float(), n_mbs,
-                                            extra=response_positions(flat))
+                                            extra=response_positions(flat),
+                                            token_budget=int(settings["token_budget"]))
         values = iface.compute({key: out}, flat)
         return {k: {k: v} for k, v in zip(outputs, values)}, {}
     return {}, _train(iface, model, flat, settings, groups, n_mbs)
@@ -323,12 +328,15 @@ def _shuffled(n: int, hyper: dict, epoch: int) -> torch.Tensor:
 
 
 def _step(iface, model: RuntimeModel, mini: dict, hyper: dict, groups, n_mbs: int, lr_scale: float) -> dict:
-    """One optimizer step on this dp rank's rows of a weighed mini-batch, through the
+    """One optimizer step on this dp rank's rows of a weighed mini-batch (every rank holds
+    all of it: ranks take rows balanced by their tokens, `budget.balanced`), through the
     model's one train step (forward, backward, dp all-reduce, global-norm clipping,
     update). The loss is a contribution, so the dp-averaged gradient is rescaled to the
     sum; returns the step's metrics (contributions times dp: the engine averages ranks)."""
-    lo, hi = rows_of(batch_rows(mini), groups.layout, groups.rank)
-    mine = take_rows(mini, lo, hi)
+    n = batch_rows(mini)
+    tokens = iface.model_inputs(mini)["attention_mask"].reshape(n, -1).sum(1).tolist()
+    picked = torch.tensor(balanced(tokens, groups.layout.dp, groups.dp_rank), dtype=torch.long)
+    mine = {k: v[picked.to(v.device)] for k, v in mini.items()}
     inputs = iface.model_inputs(mine)
     rows = inputs["input_ids"].shape[0]
     dp = groups.layout.dp
@@ -349,7 +357,8 @@ def _step(iface, model: RuntimeModel, mini: dict, hyper: dict, groups, n_mbs: in
     clip = float(hyper["max_grad_norm"]) or None
     loss = model.module.train_step(inputs["input_ids"], inputs["attention_mask"], loss_fn, model.optimizer,
                                    n_mbs, extra, max_grad_norm=clip, precision=str(hyper["precision"]),
-                                   schedule="1f1b", recompute=bool(hyper["recompute"]))
+                                   schedule="1f1b", recompute=bool(hyper["recompute"]),
+                                   token_budget=int(hyper["token_budget"]))
     return {**{k: v * dp for k, v in metrics.items()}, "loss": float(loss), "lr": model.optimizer.param_groups[0]["lr"]}
 
 

@@ -128,52 +128,62 @@ def generate(model: ShardedLlama, prompt_ids: torch.Tensor, prompt_mask: torch.T
 
 
 def _generate(model: ShardedLlama, prompt_ids, prompt_mask, params: SamplingParams, offset: int, dtype) -> Generation:
-    """One micro-batch: rows `offset`… of this call's local batch."""
+    """One micro-batch: rows `offset`… of this call's local batch. Every
+    `EOS_CHECK_EVERY` steps the rows that ended leave the batch (their KV cache too), so
+    a finished row stops costing compute; each row keeps its own random stream (its
+    global index), so the tokens do not depend on which rows are still running."""
     g = model.groups
     device = model.device
     batch, plen = prompt_ids.shape
-    cache = model.new_cache(batch, plen + params.max_new_tokens, dtype)
-    key_valid = torch.cat([prompt_mask.bool(), torch.ones(batch, params.max_new_tokens, dtype=torch.bool, device=device)], 1)
+    new = params.max_new_tokens
+    cache = model.new_cache(batch, plen + new, dtype)
+    key_valid = torch.cat([prompt_mask.bool(), torch.ones(batch, new, dtype=torch.bool, device=device)], 1)
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     next_pos = prompt_mask.long().sum(-1)
     # draws come from a CPU generator: the same samples on every device type
     gen = torch.Generator().manual_seed(params.seed)
     first = params.first_row + offset
+    live = torch.arange(batch, device=device)  # the micro-batch rows still generating
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logps = [], []
-    step_ids, start = prompt_ids, 0
-    for step in range(params.max_new_tokens):
+    tokens = torch.full((batch, new), params.pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros(batch, new, device=device)
+    response = torch.zeros(batch, new, dtype=torch.long, device=device)
+    step_ids, start, steps = prompt_ids, 0, 0
+    for step in range(new):
         _, hidden = model.pipeline_forward(step_ids, positions, key_valid[:, :start + step_ids.shape[1]], cache, start)
-        packed = torch.zeros(batch, 2, device=device, dtype=torch.float64)
+        packed = torch.zeros(live.shape[0], 2, device=device, dtype=torch.float64)
         if model.last:
             logits = model.head_output(hidden[:, -1:]).logits()[:, 0].float()
             drawn = None
             if not params.greedy:
-                drawn = torch.rand(params.total_rows or (first + batch), generator=gen)[first:first + batch].to(device)
+                drawn = torch.rand(params.total_rows or (first + batch), generator=gen)[first:first + batch]
+                drawn = drawn.to(device)[live]
             tok = choose(logits, params, drawn)
             lp = logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
             packed = torch.stack([tok.double(), lp.double()], 1)
         if len(g.mp_ranks) > 1:
             dist.broadcast(packed, src=g.layout.rank_at(g.layout.pp - 1, g.dp_rank, 0), group=g.mp)
-        tok, lp = packed[:, 0].long(), packed[:, 1].float()
-        tok = tok.masked_fill(done, params.pad_token_id)
-        lp = lp.masked_fill(done, 0.0)
-        tokens.append(tok)
-        logps.append(lp)
+        tok = packed[:, 0].long().masked_fill(done, params.pad_token_id)
+        lp = packed[:, 1].float().masked_fill(done, 0.0)
         alive = done.logical_not()
+        tokens[live, step], logps[live, step], response[live, step] = tok, lp, alive.long()
         if params.eos_token_id is not None:
             done = done | (tok == params.eos_token_id)
         key_valid[:, plen + step] = alive
         start += step_ids.shape[1]
         step_ids, positions = tok[:, None], (next_pos + step)[:, None]
-        if (step + 1) % EOS_CHECK_EVERY == 0 and bool(done.all()):
-            break
-    response = key_valid[:, plen:plen + len(tokens)].long()
+        steps = step + 1
+        if (step + 1) % EOS_CHECK_EVERY == 0 and bool(done.any()):
+            if bool(done.all()):
+                break
+            keep = done.logical_not().nonzero().flatten()
+            live, done, key_valid, step_ids, positions, next_pos = (
+                t[keep] for t in (live, done, key_valid, step_ids, positions, next_pos))
+            cache.keep_rows(keep)
     # drop the steps after every row ended (at most EOS_CHECK_EVERY - 1)
-    n = max(int((response.any(0).long() * torch.arange(1, len(tokens) + 1, device=device)).max()), 1)
-    new = torch.stack(tokens, 1)[:, :n]
+    n = max(int((response[:, :steps].any(0).long() * torch.arange(1, steps + 1, device=device)).max()), 1)
     response = response[:, :n]
-    sequences = torch.cat([prompt_ids, new], 1)
+    sequences = torch.cat([prompt_ids, tokens[:, :n]], 1)
     attention_mask = torch.cat([prompt_mask.long(), response], 1)
     response_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.long), response], 1)
-    return Generation(sequences, torch.stack(logps, 1)[:, :n], attention_mask, response_mask, plen)
+    return Generation(sequences, logps[:, :n], attention_mask, response_mask, plen)

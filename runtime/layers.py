@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhfc_runtime.dist import RankGroups
+from rlhfc_runtime.packing import PackedAttention
 from rlhfc_runtime.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -181,6 +182,11 @@ class KVCache:
         self.k = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layers}
         self.v = {n: torch.zeros(shape, device=device, dtype=dtype) for n in layers}
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the cache of batch rows `rows` (finished rows leave the batch)."""
+        self.k = {n: t[rows] for n, t in self.k.items()}
+        self.v = {n: t[rows] for n, t in self.v.items()}
+
 
 FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
@@ -191,7 +197,12 @@ def attention(q, k, v, mask, scale: float | None = None, softcap: float = 0.0):
     mask: None (causal, no padding) or a boolean [B, 1, T, K]. Soft-capping (Gemma 2)
     runs the scores explicitly, as transformers' eager attention; on CUDA with
     flash-attn installed, unpadded fp16/bf16 prefill runs its kernel; everything else
-    runs torch's SDPA."""
+    runs torch's SDPA. mask may be a `packing.PackedAttention` (packed sequences):
+    flash-attn's varlen kernel where it runs, its dense block-diagonal mask elsewhere."""
+    if isinstance(mask, PackedAttention):
+        if q.is_cuda and FLASH_ATTN and q.dtype in (torch.float16, torch.bfloat16):
+            return _flash_packed(q, k, v, mask, scale, softcap)
+        mask = mask.dense
     if softcap:
         return _softcapped(q, k, v, mask, scale, softcap)
     gqa = q.shape[1] != k.shape[1]
@@ -222,6 +233,20 @@ def _flash(q, k, v, scale):  # pragma: no cover - needs CUDA and flash-attn
     flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # noqa: E731
     out = flash_attn_varlen_func(flat(q), flat(k), flat(v), lens, lens, t, t, causal=True, softmax_scale=scale)
     return out.view(b, t, h, d).transpose(1, 2)
+
+
+def _flash_packed(q, k, v, packed, scale, softcap):  # pragma: no cover - needs CUDA and flash-attn
+    """Packed rows [R, H, W, D] as one varlen batch: each sequence attends to itself only
+    (a sliding window of `packed.window` positions where the layer has one)."""
+    from flash_attn import flash_attn_varlen_func
+
+    r, h, w, d = q.shape
+    flat = lambda x: x.transpose(1, 2).reshape(r * w, x.shape[1], d)  # noqa: E731
+    lens = packed.cu_seqlens
+    window = (packed.window - 1, 0) if packed.window else (-1, -1)
+    out = flash_attn_varlen_func(flat(q), flat(k), flat(v), lens, lens, w, w, causal=True, softmax_scale=scale,
+                                 window_size=window, softcap=softcap)
+    return out.view(r, w, h, d).transpose(1, 2)
 
 
 def _linear(x, w: _Weight):

@@ -37,6 +37,7 @@ from rlhfc_runtime.layers import (  # noqa: F401  (re-exported: the model's publ
     norm_for, reduce_from_tp,
 )
 from rlhfc_runtime.logits import token_stats
+from rlhfc_runtime.packing import Packing, attention_for
 from rlhfc_runtime.pipeline import PipelineStage
 from rlhfc_runtime.rope import RopeTables, layer_type
 
@@ -229,15 +230,17 @@ class ShardedLlama(PipelineStage, nn.Module):
 
     # ------------------------------------------------------------ one stage
 
-    def stage_forward(self, x, position_ids, key_valid, cache: KVCache | None = None, start: int = 0):
+    def stage_forward(self, x, position_ids, key_valid, cache: KVCache | None = None, start: int = 0,
+                      packing: Packing | None = None):
         """Run this rank's stage: token ids (first stage) or hidden states in, hidden
         states out (normalised on the last stage). key_valid [B, K] marks real tokens
-        among all keys (cache included); None means no padding and no cache."""
+        among all keys (cache included); None means no padding and no cache. `packing`:
+        x holds packed sequences (`packing.Packing`), attention stays inside each one."""
         if self.first:
             x = self._embed(x)
         shape = self.cfg.shape
         ropes = self.cfg.rope.tables(position_ids, x.dtype)
-        masks = _Masks(key_valid, cache is not None, start, x)
+        masks = _Masks(key_valid, cache is not None, start, x, packing)
         recompute = self._recompute and torch.is_grad_enabled() and cache is None
         for n in self.layer_ids:
             layer = self.model.layers[str(n)]
@@ -358,15 +361,15 @@ class ShardedLlama(PipelineStage, nn.Module):
 
     def train_step(self, input_ids, attention_mask, loss_fn, optimizer, n_micro: int = 1, extra=None,
                    max_grad_norm: float | None = None, *, precision: str = "fp32", schedule: str = "1f1b",
-                   recompute: bool = False) -> float:
+                   recompute: bool = False, token_budget: int = 0) -> float:
         """zero grads, forward+backward of the batch-mean loss (`schedule`, `recompute`,
-        compute in `precision` over these weights), dp average, optional global-norm
+        micro-batches of `token_budget` tokens where given, compute in `precision` over these weights), dp average, optional global-norm
         clipping, optimizer step; returns the loss (same value on every rank of the
         replica)."""
         optimizer.zero_grad(set_to_none=True)
         with self.compute(precision):
             loss = self.run_pipeline(input_ids, attention_mask, loss_fn, n_micro, extra, backward=True,
-                                     schedule=schedule, recompute=recompute)
+                                     schedule=schedule, recompute=recompute, token_budget=token_budget)
         self.reduce_gradients()
         if max_grad_norm is not None:
             self.clip_grad_norm_(max_grad_norm)
@@ -376,16 +379,19 @@ class ShardedLlama(PipelineStage, nn.Module):
 
 class _Masks:
     """The attention masks of one stage pass, per sliding-window length, built once:
-    None (SDPA's causal kernel) for full attention without padding or cache."""
+    None (SDPA's causal kernel) for full attention without padding or cache; for packed
+    sequences their block-diagonal mask (`packing.attention_for`)."""
 
-    def __init__(self, key_valid, cached: bool, start: int, x):
+    def __init__(self, key_valid, cached: bool, start: int, x, packing: Packing | None = None):
         self.key_valid, self.cached, self.start, self.q_len = key_valid, cached, start, x.shape[1]
-        self.batch, self.device = x.shape[0], x.device
+        self.batch, self.device, self.packing = x.shape[0], x.device, packing
         self.built: dict[int, torch.Tensor | None] = {}
 
     def __call__(self, window: int):
         if window not in self.built:
-            if self.key_valid is None and not self.cached and not window:
+            if self.packing is not None:
+                self.built[window] = attention_for(self.packing, window)
+            elif self.key_valid is None and not self.cached and not window:
                 self.built[window] = None
             else:
                 valid = self.key_valid

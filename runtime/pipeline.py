@@ -18,14 +18,19 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from rlhfc_runtime.contract.budget import fill
 from rlhfc_runtime.dist import exchange
+from rlhfc_runtime.packing import Packing, plan_packing
 
 SCHEDULES = ("1f1b", "gpipe")
 
 
 class PipelineStage:
     """The pipeline half of `ShardedLlama` (a mixin): it needs `groups`, `device`,
-    `dtype`, `cfg`, `first`, `last`, `stage_forward` and `head_output`."""
+    `dtype`, `cfg`, `first`, `last`, `stage_forward` and `head_output`. Padded
+    micro-batches run packed (`packing`) unless `pack` is False (the padded reference)."""
+
+    pack = True
 
     def _neighbour(self, step: int) -> int:
         g = self.groups
@@ -41,8 +46,10 @@ class PipelineStage:
         exchange(recvs=[(buf, self._neighbour(-1))])
         return buf
 
-    def _activation(self, ids):
-        return torch.empty((ids.shape[0], ids.shape[1], self.cfg.shape.hidden), device=self.device, dtype=self.dtype)
+    def _activation(self, mb):
+        """The buffer of a micro-batch's stage input: its packed shape where it runs packed."""
+        rows, width = mb["_packing"].shape if "_packing" in mb else mb["input_ids"].shape
+        return torch.empty((rows, width, self.cfg.shape.hidden), device=self.device, dtype=self.dtype)
 
     def pipeline_forward(self, ids, position_ids, key_valid, cache=None, start=0):
         """Pass one micro-batch through the whole pipeline; returns (stage input,
@@ -67,6 +74,7 @@ class PipelineStage:
         backward: bool = False,
         schedule: str = "1f1b",
         recompute: bool = False,
+        token_budget: int = 0,
     ):
         """Micro-batches of one data-parallel replica's batch through the pipeline.
 
@@ -77,7 +85,9 @@ class PipelineStage:
         returns the micro-batch's mean loss; gradients of the batch-mean loss
         accumulate into .grad (not yet averaged over dp, see `reduce_gradients`) under
         `schedule` ("1f1b" or "gpipe"), with each layer's activations recomputed in
-        the backward pass when `recompute`; the loss comes back."""
+        the backward pass when `recompute`; the loss comes back. A `token_budget`
+        (the plan's) fills each micro-batch with whole sequences up to that many tokens
+        (real ones when packed), in place of `n_micro` equal parts."""
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r} (expected one of {SCHEDULES})")
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -85,16 +95,31 @@ class PipelineStage:
         padded = attention_mask is not None and not bool(attention_mask.all())
         batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, **(extra or {})}
         rows = input_ids.shape[0]
-        micro = [dict(zip(batch, parts)) for parts in zip(*(t.tensor_split(n_micro) for t in batch.values()))]
+        if token_budget:
+            micro = _by_budget(batch, mask if padded and self.pack else torch.ones_like(mask), token_budget)
+        else:
+            micro = [dict(zip(batch, parts)) for parts in zip(*(t.tensor_split(n_micro) for t in batch.values()))]
         micro = [m for m in micro if m["input_ids"].shape[0]]
+        if padded and self.pack:
+            micro = [{**m, "_packing": plan_packing(m["attention_mask"])} for m in micro]
+        width = input_ids.shape[1]
 
         def forward(mb, inp):
-            out = self.stage_forward(mb["input_ids"] if self.first else inp, mb["position_ids"],
-                                     mb["attention_mask"] if padded else None)
+            pk: Packing | None = mb.get("_packing")
+            if pk is None:
+                out = self.stage_forward(mb["input_ids"] if self.first else inp, mb["position_ids"],
+                                         mb["attention_mask"] if padded else None)
+                hidden, view = out, mb
+            else:
+                x = pk.pack(mb["input_ids"][:, pk.lo:pk.hi]) if self.first else inp
+                out = self.stage_forward(x, pk.positions, None, packing=pk)
+                hidden, view = (pk.unpack(out), _window(mb, pk, width)) if self.last else (out, mb)
             if not self.last:
                 return out, None
-            r = fn(self.head_output(out), mb)
-            return out, (r * (mb["input_ids"].shape[0] / rows) if backward else r)
+            r = fn(self.head_output(hidden), view)
+            if backward:
+                return out, r * (mb["input_ids"].shape[0] / rows)
+            return out, (r if pk is None else _widen(r, pk, width))
 
         self._recompute = recompute and backward
         try:
@@ -115,7 +140,7 @@ class PipelineStage:
     def _recv_input(self, mb):
         if self.first:
             return None
-        buf = self._activation(mb["input_ids"])
+        buf = self._activation(mb)
         exchange(recvs=[(buf, self._neighbour(-1))])
         return buf.requires_grad_(torch.is_grad_enabled())
 
@@ -175,7 +200,7 @@ class PipelineStage:
             inp = None
             if prev is not None:  # send that gradient back, receive the next forward's input
                 if i + 1 < n:
-                    inp = self._activation(micro[i + 1]["input_ids"])
+                    inp = self._activation(micro[i + 1])
                     exchange(sends=[(g_in, prev)], recvs=[(inp, prev)])
                     inp.requires_grad_()
                 else:
@@ -202,3 +227,33 @@ class PipelineStage:
             tensor = torch.empty(meta[0][0], dtype=meta[0][1], device=self.device)
         dist.broadcast(tensor.contiguous(), src=src, group=g.pp)
         return tensor
+
+
+def _window(mb: dict, pk: Packing, width: int) -> dict:
+    """A packed micro-batch as its head and loss see it: the per-token tensors (last
+    dimension `width`) cut to the columns that hold real tokens; nothing a loss sums
+    is lost, since the columns cut are padding in every row."""
+    return {k: (v[..., pk.lo:pk.hi] if v.dim() >= 2 and v.shape[-1] == width else v)
+            for k, v in mb.items() if k != "_packing"}
+
+
+def _widen(result, pk: Packing, width: int):
+    """A forward result over a packed micro-batch's columns ([B, w, …] per position, or
+    [B, w - 1] per next token) back at its place among the batch's `width` columns."""
+    cut = pk.hi - pk.lo
+    if result.dim() < 2 or result.shape[1] not in (cut, cut - 1):
+        return result
+    pad = [0, 0] * (result.dim() - 2) + [pk.lo, width - pk.hi]
+    return torch.nn.functional.pad(result, pad)
+
+
+def _by_budget(batch: dict, mask, budget: int) -> list[dict]:
+    """Consecutive micro-batches of whole sequences within `budget` tokens each (a pair
+    call's rows come two per pair: its per-pair tensors have half the rows, and pairs
+    stay whole)."""
+    rows = mask.shape[0]
+    unit = rows // min(t.shape[0] for t in batch.values())
+    lengths = mask.reshape(rows // unit, -1).sum(1).tolist()
+    bounds = fill(lengths, budget)
+    return [{k: v[lo * v.shape[0] // (rows // unit):hi * v.shape[0] // (rows // unit)] for k, v in batch.items()}
+            for lo, hi in zip(bounds, bounds[1:])]

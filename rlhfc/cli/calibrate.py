@@ -56,6 +56,10 @@ def calibrate_command(
                   f"{median_error(samples, after):.1%} after")
     changed = [f.name for f in fields(Coefficients) if f.name in FIT_FIELDS + ("move_latency",)]
     console.print("fitted: " + ", ".join(f"{n} {getattr(before, n):.3g} → {getattr(after, n):.3g}" for n in changed))
+    lengths = sorted({s.priced.call.settings for s in samples if s.priced.call.settings})
+    if lengths:
+        console.print(f"responses measured: {dict(lengths[0])['response_len']} tokens expected; set "
+                      f"`response_len = {dict(lengths[0])['response_len']}` in the run block to plan with it")
     if out:
         options.write_or_exit(out, coefficients_to_json(after))
         console.print(f"wrote {out}; use it with `rlhfc plan|compile|run --coefficients {out}`")

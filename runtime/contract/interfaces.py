@@ -74,6 +74,10 @@ def default_precision(device: str | None) -> str:
 MODEL_SETTINGS: tuple[Setting, ...] = (
     _s("precision", str, "bf16", "compute precision: bf16 compute with fp32 master weights for training and "
        "bf16 weights for inference / generation copies, or fp32 throughout", choices=tuple(PRECISION_BYTES)),
+    _s("packing", str, "packed", "sequences of a forward or train pass: concatenated without padding "
+       "(attention kept inside each), or padded to the batch's width (the reference)", choices=("packed", "padded")),
+    _s("response_len", int, 0, "expected tokens of a generated response: the planner prices time from the "
+       "tokens calls really see (0: max_new_tokens; memory is always priced at the full budget)", 0),
 )
 # The policy interfaces' input that carries each sequence's reward: the key bound to it
 # is the run's reward curve (`reward` in the metrics).

@@ -78,7 +78,7 @@ def _inputs(name):
 
 
 def _settings(name, **extra):
-    return {**INTERFACES[name].defaults(), "rows": B, "n_mbs": 2, "recompute": False, "precision": "fp32", "group_size": 2,
+    return {**INTERFACES[name].defaults(), "rows": B, "n_mbs": 2, "token_budget": 0, "recompute": False, "precision": "fp32", "group_size": 2,
             "step": 0, "steps": 1, "seed": 0, "eos_id": 2, "pad_id": 0, "max_new_tokens": N, **extra}
 
 

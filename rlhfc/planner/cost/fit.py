@@ -170,12 +170,22 @@ def samples_from_run(metrics: str | Path, skip: int = 1) -> list[Sample]:
     except json.JSONDecodeError as e:
         raise FitError(f"metrics {metrics} is not JSON lines: {e}") from None
     records = records[skip:] if len(records) > skip else records
+    expected = response_length(records)
     out = []
     for name, p in priced.items():
         times = [r[f"time/{name}"] for r in records if f"time/{name}" in r]
+        if expected and p.call.gen_len:  # price what the calls saw: the responses the run generated
+            p = replace(p, call=replace(p.call, settings=(("response_len", expected),)))
         if times:
             out.append(Sample(metrics.parent.name, p, statistics.median(times)))
     return out
+
+
+def response_length(records: list[dict]) -> int:
+    """The run's expected response length: the median over steps and generate calls of
+    the mean tokens a response had (`CALL/response_len`); 0 when nothing generated."""
+    lengths = [v for r in records for k, v in r.items() if k.endswith("/response_len")]
+    return max(1, round(statistics.median(lengths))) if lengths else 0
 
 
 def calibrate_runs(metrics: list[str | Path], start: Coefficients = DEFAULT_COEFFICIENTS

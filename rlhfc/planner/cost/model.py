@@ -18,8 +18,9 @@ Sources:
 - Generation: prefill is compute-bound like inference; each decode step is memory-bound,
   reading the stage's weights and KV cache once per micro-batch (roofline: max of
   compute and bytes/bandwidth; Pope et al. 2022, "Efficiently Scaling Transformer
-  Inference"); with `m` micro-batches pipelined over `pp` stages a step takes
-  max(m, pp) stage times (ReaL's pipelined generation). KV cache: 2·layers·kv_heads·
+  Inference"); the runtime decodes its `m` micro-batches one after another through
+  the `pp` stages, so a step takes m·pp stage times, as it runs (ReaL pipelines them at
+  max(m, pp); this runtime does not). KV cache: 2·layers·kv_heads·
   head_dim·2 bytes per token.
 - Rule rewards (`Model.kind == ModelKind.RULE`) cost nothing and hold no device: they run in the
   driver process between the calls they connect.
@@ -118,6 +119,16 @@ def optimizer_steps(call: Call) -> tuple[int, int]:
     return max(1, int(call.option("mini_batches", 1))), max(1, int(call.option("ppo_epochs", 1)))
 
 
+def seen_len(call: Call) -> float:
+    """Positions per sequence the call really computes: with packing, the prompt and the
+    expected response (`response_len`, default the whole `gen_len`); padded, all of them."""
+    settings = dict(call.settings)
+    expected = int(settings.get("response_len", 0))
+    if settings.get("packing", "packed") != "packed" or not expected:
+        return call.seq_len
+    return call.prompt_len + min(expected, call.gen_len)
+
+
 def _forward_backward_terms(
     shape: ModelShape, n_params: int, tokens: int, s: Strategy, device: Device, c: Coefficients,
     kind: CallKind, width: int, passes: int = 1, mini_batches: int = 1,
@@ -160,9 +171,9 @@ def call_cost(
     layers = math.ceil(shape.n_layers / s.pp)
     precision = precision_of(call, default_precision(device.name))
     width = PRECISION_BYTES[precision]
-    tokens = call.batch * call.seq_len
+    tokens = call.batch * seen_len(call)
     mini_batches, epochs = optimizer_steps(call)
-    tokens_mb = math.ceil(tokens / (s.dp * s.n_mbs * mini_batches))
+    tokens_mb = call.token_budget(s)
     resident, transient = call_memory(call, model, s, tokens_mb, is_home, precision)
 
     if call.kind is CallKind.TRAIN:
@@ -177,12 +188,15 @@ def call_cost(
         terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, width)
         return _split(terms, resident, transient, is_home, share)
 
-    # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps; a step
-    # takes max(m, pp) stage times, of which max(0, pp − m) are the pipeline's bubble.
+    # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps. The
+    # runtime decodes its m micro-batches one after another, each through every stage
+    # (`runtime/generate.py`): a step takes m·pp stage times, m·(pp − 1) of them waiting.
     terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, call.kind, width)
-    seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs))
+    # rows leave the batch when they end: on average response / gen_len of them are live
+    live = (seen_len(call) - call.prompt_len) / max(call.gen_len, 1)
+    seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs)) * live
     kv_per_token = 2 * layers * (shape.n_kv_heads // s.tp) * shape.head_dim * width
-    mean_context = call.prompt_len + call.gen_len / 2
+    mean_context = call.prompt_len + (seen_len(call) - call.prompt_len) / 2
     stage_flops = 2 * p_dev * seqs_mb / flop_rate(device, c, call.kind)
     stage_bytes = (width * p_dev + kv_per_token * seqs_mb * mean_context) / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
     tp_comm = layers * 2 * allreduce_seconds(seqs_mb * shape.hidden * width, s.tp, device.intra_bandwidth, c)
@@ -192,7 +206,7 @@ def call_cost(
     terms["decode_memory" if stage_bytes >= stage_flops else "decode_compute"] = steps * max(stage_flops, stage_bytes)
     terms["tp"] += steps * tp_comm
     terms["decode_overhead"] = steps * fixed
-    terms["bubble"] += call.gen_len * max(0, s.pp - s.n_mbs) * stage
+    terms["bubble"] += call.gen_len * s.n_mbs * (s.pp - 1) * stage
     return _split(terms, resident, transient, is_home, share)
 
 

@@ -116,8 +116,8 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('pairs', dataset='pairs')
-    e.call('refl', model='ref', kind='inference', using='pair_logprobs', layout='L0', inputs=('pairs',), outputs=('ref_logp',), settings={'rows': 16, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='dpo', layout='L0', inputs=('pairs', 'ref_logp'), outputs=(), settings={'rows': 16, 'precision': 'fp32', 'beta': 0.1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 40, 'n_mbs': 1, 'recompute': False})
+    e.call('refl', model='ref', kind='inference', using='pair_logprobs', layout='L0', inputs=('pairs',), outputs=('ref_logp',), settings={'rows': 16, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'n_mbs': 1, 'recompute': False, 'token_budget': 1040})
+    e.call('a_tr', model='actor', kind='train', using='dpo', layout='L0', inputs=('pairs', 'ref_logp'), outputs=(), settings={'rows': 16, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'beta': 0.1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 40, 'n_mbs': 1, 'recompute': False, 'token_budget': 1040})
 
 
 if __name__ == "__main__":

@@ -3,15 +3,15 @@
 Run it with `python build/ppo_7b.py` (8 local processes) or
 `torchrun --nproc-per-node 8 build/ppo_7b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 83.296 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `H100-80GB` defaults
+Plan: HEURISTIC, estimated 95.871 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `H100-80GB` defaults
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s   peak MiB
-    gen    actor   L0      node0[0:8]  2   1   4   16   0.000    33.369  51568
-    score  reward  L0      node0[0:8]  2   1   4   16   33.369   40.366  47655
-    refl   ref     L0      node0[0:8]  2   1   4   16   40.366   47.497  47744
-    vals   critic  L0      node0[0:8]  2   1   4   16   47.497   54.494  50993
-    a_tr   actor   L0      node0[0:8]  2   1   4   16   54.494   69.034  66053
-    c_tr   critic  L0      node0[0:8]  2   1   4   16   69.034   83.296  66053
+    gen    actor   L0      node0[0:8]  1   8   1   4    0.000    46.714  28763
+    score  reward  L0      node0[0:8]  1   8   1   4    46.714   53.349  23980
+    refl   ref     L0      node0[0:8]  1   8   1   4    53.349   60.097  24068
+    vals   critic  L0      node0[0:8]  1   8   1   4    60.097   66.732  25556
+    a_tr   actor   L0      node0[0:8]  1   8   1   4    66.732   81.419  64610
+    c_tr   critic  L0      node0[0:8]  1   8   1   4    81.419   95.871  65511
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -180,21 +180,21 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                           'columns': []}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'seed': 0, 'save_every': 10, 'keep': 2},
  'reward_key': 'score',
- 'estimates': {'gen': 33.368934,
-               'score': 6.996697,
-               'refl': 7.131607,
-               'vals': 6.996697,
-               'a_tr': 14.539978,
-               'c_tr': 14.262168},
- 'estimated_peak_bytes': {'gen': 5068584346,
-                          'score': 4466084414,
-                          'refl': 4559490366,
-                          'vals': 4466084414,
-                          'a_tr': 41259496899,
-                          'c_tr': 41259496899}}
+ 'estimates': {'gen': 46.713886,
+               'score': 6.634809,
+               'refl': 6.748417,
+               'vals': 6.634809,
+               'a_tr': 14.686807,
+               'c_tr': 14.452496},
+ 'estimated_peak_bytes': {'gen': 6798867129,
+                          'score': 3435315202,
+                          'refl': 3560787257,
+                          'vals': 3435315202,
+                          'a_tr': 54497444067,
+                          'c_tr': 55245781422}}
 
 LAYOUTS = {
-    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=2, tp=1, pp=4),
+    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=8, pp=1),
 }
 
 GROUPS = ((0, 1, 2, 3, 4, 5, 6, 7),)
@@ -204,12 +204,12 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 256, 'n_mbs': 16, 'recompute': False})
-    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
-    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 16, 'recompute': True})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 16, 'recompute': True})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 256, 'n_mbs': 4, 'recompute': False, 'token_budget': 65536})
+    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 65536})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 65536})
+    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 65536})
+    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 4, 'recompute': True, 'token_budget': 65536})
+    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 4, 'recompute': True, 'token_budget': 65536})
 
 
 if __name__ == "__main__":

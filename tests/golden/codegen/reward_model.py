@@ -83,7 +83,7 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('pairs', dataset='pairs')
-    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=(), settings={'rows': 16, 'precision': 'fp32', 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 40, 'n_mbs': 1, 'recompute': False})
+    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=(), settings={'rows': 16, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 40, 'n_mbs': 1, 'recompute': False, 'token_budget': 1040})
 
 
 if __name__ == "__main__":
