@@ -100,8 +100,8 @@ class _TiledHead(torch.autograd.Function):
             del p
             idx = tokens[lo:hi] - first
             inside = (idx >= 0) & (idx < width)
-            rows = torch.arange(hi - lo, device=grad.device)[inside]
-            grad.index_put_((rows, idx[inside]), grad_logp[lo:hi][inside], accumulate=True)
+            rows = torch.arange(hi - lo, device=grad.device)  # no boolean indexing: no host sync
+            grad.index_put_((rows, idx.clamp(0, width - 1)), grad_logp[lo:hi] * inside, accumulate=True)
             if t is not None:
                 grad.mul_(1 - t * t)
                 del t

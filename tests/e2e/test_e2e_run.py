@@ -140,7 +140,7 @@ def test_offloaded_reference_computes_what_a_resident_one_does_and_resumes(tmp_p
     from rlhfc.planner.solve import plan_dataflow
 
     source = ((ROOT / "programs" / "ppo.rlhf").read_text().replace('"../data/', f'"{ROOT}/data/')
-              .replace("batch = 64", "batch = 8").replace('device = "cpu" }', 'device = "cpu"  memory = 1329KiB }'))
+              .replace("batch = 64", "batch = 8").replace('device = "cpu" }', 'device = "cpu"  memory = 1550KiB }'))
     (tmp_path / "ppo.rlhf").write_text(source)
     df = load_program(tmp_path / "ppo.rlhf")
     offloaded = plan_dataflow(df, time_limit=5)

@@ -35,15 +35,22 @@ def _nested_zeros(shape):
     return 0 if not shape else [_nested_zeros(shape[1:]) for _ in range(shape[0])]
 
 
+def _every_index(self):
+    """`nonzero` of a tensor whose every element is taken to be nonzero."""
+    grids = torch.meshgrid(*[torch.arange(n, device=self.device) for n in self.shape], indexing="ij")
+    return torch.stack(grids, -1).reshape(-1, self.dim())
+
+
 @contextmanager
 def fake_cuda(monkeypatch):
-    """Fake tensors; host syncs return fixed values (True, 1, zeros); indexing by
-    view ops (`_getitem`)."""
+    """Fake tensors; host syncs return fixed values (True, 1, zeros, every index
+    nonzero); indexing by view ops (`_getitem`)."""
     monkeypatch.setattr(FakeTensor, "__bool__", lambda self: True, raising=False)
     monkeypatch.setattr(FakeTensor, "__int__", lambda self: 1, raising=False)
     monkeypatch.setattr(FakeTensor, "__float__", lambda self: 0.0, raising=False)
     monkeypatch.setattr(FakeTensor, "item", lambda self: 1, raising=False)
     monkeypatch.setattr(FakeTensor, "tolist", lambda self: _nested_zeros(tuple(self.shape)), raising=False)
+    monkeypatch.setattr(FakeTensor, "nonzero", _every_index, raising=False)  # data-dependent: all true
     monkeypatch.setattr(calls, "device_for_rank", lambda: CUDA)
     with FakeTensorMode():
         yield
