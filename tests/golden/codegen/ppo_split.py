@@ -117,7 +117,7 @@ def iteration(e: Engine) -> None:
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
     e.realloc('actor', src='L0', dst='L2')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L2', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L2', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
     e.drop('actor', layout='L2')
     e.move('seq', src='L2', dst='L1')
     e.call('score', model='reward', kind='inference', using='rule', layout='L2', inputs=('seq',), outputs=('score',), settings={'rows': 64, 'max_new_tokens': 12})
