@@ -35,6 +35,9 @@ class RolloutEngine:
                  n_micro: int) -> Generation:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the engine holds outside this process (none for the own loop)."""
+
 
 class OwnLoop(RolloutEngine):
     """rlhfc's own decoding loop: one pipeline forward per token over a static batch."""
@@ -60,3 +63,10 @@ def engine(name: str) -> RolloutEngine:
         else:
             raise ValueError(f"unknown generation engine {name!r}: a compiler bug (the checker resolves `engine`)")
     return _BUILT[name]
+
+
+def close_engines() -> None:
+    """Close every engine of this process (a worker's last act: spawned workers skip
+    `atexit`, and vLLM's engine process would outlive them)."""
+    while _BUILT:
+        _BUILT.popitem()[1].close()
