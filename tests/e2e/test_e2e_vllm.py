@@ -7,6 +7,7 @@ error. Skipped where vllm is not installed (`pip install "rlhfc[vllm]"`)."""
 from __future__ import annotations
 
 import pytest
+from codegen_fixtures import plan, strategy
 from test_e2e_run import generated, metrics, run
 
 from rlhfc_runtime.contract.engines import installed
@@ -40,3 +41,17 @@ def test_a_skipped_sync_stops_the_run(script, tmp_path):
     assert "weight sync check failed before generate call 2" in done.stderr
     assert "stale policy" in done.stderr
     assert len(metrics(tmp_path / "run")) == 1
+
+
+def pipelined_generation(df):
+    """The actor trains dp=2 and generates pp=2 on both devices: the engine's weights
+    are gathered from both stages onto rank 0 before every call."""
+    both = strategy(0, 2, dp=2)
+    return plan(df, {c.name: strategy(0, 2, 1, 1, 2) if c.name == "gen" else both for c in df.calls})
+
+
+def test_generation_on_two_pipeline_stages_feeds_one_engine(tmp_path):
+    script = generated(tmp_path, "grpo", plan=pipelined_generation, edit=vllm_grpo)
+    done = run(script, tmp_path / "run", "--steps", "2", "--save-every", "1000")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(r["gen/logprob_diff"] <= 1e-3 for r in metrics(tmp_path / "run"))
