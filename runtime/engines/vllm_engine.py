@@ -143,9 +143,9 @@ class VllmRollout(RolloutEngine):
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in full.items()}
         if os.environ.get(SKIP_SYNC_ENV) != str(version):
             self.llm.collective_rpc("rlhfc_load", args=(save(tensors), version))
-        self.stats["sync_s"] = time.time() - start
         held, sums = self.llm.collective_rpc("rlhfc_state")[0]
         mine = checksums(tensors)
+        self.stats["sync_s"] = time.time() - start  # the copy into the engine and its check
         stale = sorted(n for n in mine if n not in sums or not _close(sums[n], mine[n]))
         if held != version or stale:
             raise WeightSyncError(
@@ -166,7 +166,9 @@ class VllmRollout(RolloutEngine):
             seed=row_seed(params.seed, params.first_row + i), logprobs=0, stop_token_ids=stop, ignore_eos=True,
             detokenize=False,
         ) for i in range(len(rows))]
+        start = time.time()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], sampling, use_tqdm=False)
+        self.stats["decode_s"] = time.time() - start
         tokens = [list(o.outputs[0].token_ids) for o in outs]
         logps = [[next(iter(d.values())).logprob for d in o.outputs[0].logprobs] for o in outs]
         return _generation(prompt_ids.cpu(), prompt_mask.cpu(), tokens, logps, params.pad_token_id)
