@@ -51,6 +51,7 @@ CODES: dict[str, str] = {
     "E030": "dataset field missing, or its file unreadable",
     "E031": "tokenizer does not fit the model, or has no chat template",
     "E032": "nothing to plan: a dataflow without calls, or a program without `run`",
+    "E033": "the generate call's engine cannot run this model here (family, head_dim on CPU, package missing)",
     "W001": "dataset file not found at check time",
     "W002": "model or dataset declared but not used by the `run`",
 }

@@ -25,7 +25,9 @@ from rlhfc_runtime.contract.family import config_json
 from rlhfc_runtime.data.loaders import JsonlLoader
 from rlhfc_runtime.data.tokenizer import load_tokenizer
 from rlhfc_runtime.dist import all_gather_rows, device_for_rank, rank_groups
-from rlhfc_runtime.generate import SamplingParams, generate
+from rlhfc_runtime.contract.engines import OWN
+from rlhfc_runtime.engines import engine as rollout_engine
+from rlhfc_runtime.generate import SamplingParams
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedLlama, next_token_stats
 from rlhfc_runtime.contract.shapes import ModelShape, Param, param_table
@@ -173,9 +175,10 @@ def first_generated_row(settings: dict, groups) -> int:
 def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, greedy: bool) -> dict:
     """`group_size` samples per prompt (groups are consecutive rows), padded to exactly
     `max_new_tokens` so every dp rank's rows have one shape; `logp` in the aligned
-    [B, T] form (zero outside the response). The sampling seed depends on (seed, step)
-    only and each row draws by its global index (`settings["rows"]` rows in all), so a
-    resumed run, or one under another plan, draws the same tokens."""
+    [B, T] form (zero outside the response), decoded by the call's `engine`. The
+    sampling seed depends on (seed, step) only and each row draws by its global index
+    (`settings["rows"]` rows in all), so a resumed run, or one under another plan, draws
+    the same tokens."""
     group = int(settings["group_size"])
     new = int(settings["max_new_tokens"])
     ids = prompts["input_ids"].repeat_interleave(group, 0) if group > 1 else prompts["input_ids"]
@@ -187,7 +190,8 @@ def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, 
         first_row=first_generated_row(settings, groups), total_rows=int(settings["rows"]),
         eos_token_id=int(settings["eos_id"]), pad_token_id=int(settings["pad_id"]),
     )
-    out = generate(module, ids, mask, params, str(settings["precision"]), int(settings["n_mbs"]))
+    out = rollout_engine(str(settings["engine"])).generate(module, ids, mask, params, str(settings["precision"]),
+                                                           int(settings["n_mbs"]))
     missing = new - (out.sequences.shape[1] - out.prompt_len)
     pad = lambda t, value=0: F.pad(t, (0, missing), value=value)  # noqa: E731
     return {
@@ -195,6 +199,23 @@ def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, 
                 "response_mask": pad(out.response_mask)},
         "logp": F.pad(pad(out.logprobs), (out.prompt_len, 0)),
     }
+
+
+def trainer_logprobs(model: RuntimeModel, produced: dict, settings: dict) -> tuple[dict, dict]:
+    """An engine other than the own loop: the rollout's `logp` recomputed by the
+    trainer's forward pass over the sampled sequences (the ratio's old log-probs, as
+    verl does), and `logprob_diff`, the mean |engine - trainer| log-prob over the sampled
+    tokens: the first number to read when RL goes wrong (a sync that did not land, a
+    numerics mismatch)."""
+    seq = produced["seq"]
+    with model.module.compute(str(settings["precision"])):
+        mine = model.module.run_pipeline(seq["input_ids"], seq["attention_mask"],
+                                         lambda h, mb: head_outputs(model.module, h, mb)["logp"].float(),
+                                         int(settings["n_mbs"]))
+    tokens = seq["response_mask"].to(mine.dtype)
+    diff = float(((produced["logp"].float() - mine).abs() * tokens).sum() / tokens.sum().clamp(min=1))
+    stats = {**rollout_engine(str(settings["engine"])).stats, "logprob_diff": diff}
+    return {**produced, "logp": mine * tokens}, stats
 
 
 def build_loader(name: str, spec: dict, seed: int) -> JsonlLoader:
@@ -263,13 +284,16 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batc
     model.module.pack = settings["packing"] == "packed"
     if kind == "generate":
         produced = generate_batch(model.module, args[0], settings, groups, greedy=REGISTRY[using].greedy)
+        stats = {}
+        if settings["engine"] != OWN:
+            produced, stats = trainer_logprobs(model, produced, settings)
         if generated is not None and groups.rank == groups.mp_ranks[0]:  # the replica's ranks hold the same rows
             generated += [{"key": outputs[0], **row} for row in shown_logprobs(
                 produced["seq"], produced["logp"], first_generated_row(settings, groups), int(settings["rows"]))]
         names = REGISTRY[using].outputs  # positional: `-> base_seq` may rename "seq"
         # the mean response length: what `rlhfc calibrate` learns the expected `response_len` from
-        lengths = {"response_len": float(produced["seq"]["response_mask"].sum(1).float().mean())}
-        return {k: produced[n] if n == "seq" else {k: produced[n]} for k, n in zip(outputs, names)}, lengths
+        stats["response_len"] = float(produced["seq"]["response_mask"].sum(1).float().mean())
+        return {k: produced[n] if n == "seq" else {k: produced[n]} for k, n in zip(outputs, names)}, stats
     iface = REGISTRY[using]
     flat = bind(using, args)
     if kind == "inference":

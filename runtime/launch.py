@@ -21,6 +21,7 @@ from rlhfc_runtime.contract.hub import HubError
 from rlhfc_runtime.contract.rundir import RunDirError, RunLock, check_fresh, has_checkpoint, step_dir_name
 from rlhfc_runtime.contract.resume import resolve_paths
 from rlhfc_runtime.engine import Engine
+from rlhfc_runtime.engines import close_engines
 from rlhfc_runtime.errors import RunError
 
 
@@ -48,7 +49,10 @@ def parse(program: dict, argv) -> dict:
 
 def _worker(program, layouts, groups, iteration, options) -> dict:
     stop = signals.StopFlag().install()
-    return Engine(program, layouts, groups, options).run(iteration, stop)
+    try:
+        return Engine(program, layouts, groups, options).run(iteration, stop)
+    finally:  # an engine's own processes (vLLM's) end with the run, failed or not
+        close_engines()
 
 
 def stop_line(signum: int, step: int, saved: int, resume: str) -> str:

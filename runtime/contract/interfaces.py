@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhfc_runtime.contract.engines import ENGINES, OWN
 from rlhfc_runtime.contract.kinds import CallKind, Head
 
 
@@ -58,6 +59,8 @@ GENERATE_SETTINGS: tuple[Setting, ...] = (
     _s("temperature", float, 1.0, "sampling temperature", 1e-6),
     _s("top_p", float, 1.0, "nucleus sampling: keep the smallest set of tokens with this mass", 1e-6, 1.0),
     _s("top_k", int, 0, "keep the k most likely tokens (0: all)", 0),
+    _s("engine", str, OWN, "the decoding engine: rlhfc's own loop, or vLLM fed the actor's weights before every "
+       "call (`contract.engines`)", choices=tuple(ENGINES)),
 )
 # Compute precisions and the bytes of one value in each: the width of a frozen copy's
 # weights, its KV cache and its reallocation traffic (the cost model prices the same).

@@ -18,7 +18,7 @@ from rlhfc.frontend.check.common import (
     suggest,
 )
 from rlhfc.frontend.check.rewards import check_reward_inputs
-from rlhfc.frontend.check.settings import check_run_keys, generation_group, resolve
+from rlhfc.frontend.check.settings import check_engines, check_run_keys, generation_group, resolve
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ def instantiate(unit: Unit, run: ast.RunStmt, models: dict[str, ir.Model], datas
     _one_train_per_model(calls, rep)
     calls = _sized(tuple(calls), datasets, binding, config, device)
     check_run_keys(run, calls, rep)
+    check_engines(run, decl.calls, calls, models, device, rep)
     too_long = set()  # one error per model: its first call that does not fit
     for call in calls:
         shape = models[call.model].shape

@@ -5,6 +5,7 @@ The op carries the result; the runtime re-derives nothing.
 
 from __future__ import annotations
 
+from rlhfc_runtime.contract.engines import ENGINES, OWN, engine_problem
 from rlhfc_runtime.contract.interfaces import INTERFACES, Setting, default_precision
 
 from rlhfc import ir
@@ -83,3 +84,20 @@ def check_value(setting: Setting, opt: ast.Option, rep: Reporter) -> None:
     if problem is not None:
         rep.error("E022", f"`{setting.name}` {problem}, not {describe(opt.value)} `{value_text(opt.value)}`",
                   opt.value.span, setting.doc)
+
+
+def check_engines(run: ast.RunStmt, decl_calls, calls: tuple[ir.Call, ...], models: dict[str, ir.Model],
+                  device: str | None, rep: Reporter) -> None:
+    """E033 at the `engine` setting (the call's option, else the run block's key) of every
+    generate call whose engine cannot run its model here (`contract.engines`)."""
+    run_opt = next((o for o in run.options or () if o.key.text == "engine"), None)
+    by_name = {c.name.text: c for c in decl_calls}
+    for call in calls:
+        engine = dict(call.settings).get("engine", OWN)
+        if call.kind is not ir.CallKind.GENERATE or engine == OWN or engine not in ENGINES:
+            continue  # the own loop runs every model; an unknown engine is E022 (`check_run_keys`)
+        opt = next((o for o in by_name[call.name].options or () if o.key.text == "engine"), None) or run_opt
+        problem = engine_problem(str(engine), models[call.model].shape, device)
+        if problem is not None:
+            rep.error("E033", f"generate call `{call.name}` cannot use engine {engine!r}: {problem}",
+                      (opt.value.span if opt is not None else call.span), f'or set engine = "{OWN}" (the default)')

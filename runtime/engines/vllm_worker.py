@@ -1,0 +1,41 @@
+"""The half of the vLLM weight sync that runs inside vLLM's worker process.
+
+vLLM mixes `WeightSync` into its worker (`worker_extension_cls`), and the trainer side
+(`engines.vllm_engine`) reaches it through `LLM.collective_rpc`. The weights travel as
+one safetensors blob (tensors and their names only: nothing is unpickled) and go in
+through vLLM's own `reload_weights`, which renames and fuses them (q/k/v into
+`qkv_proj`, gate/up into `gate_up_proj`, the vocabulary padded) and repacks them for
+its kernels, as loading a checkpoint does. The worker keeps the version the trainer
+gave the weights and their checksums, computed here on what arrived, so the trainer
+can tell, before every generate call, that the engine holds exactly its weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """Per tensor (sum, sum of squares) in float64: the same numbers on both sides of a
+    sync for the same values, a different pair for any stale or missing tensor."""
+    out = {}
+    for name, t in tensors.items():
+        x = t.detach().to(torch.float64)
+        out[name] = (float(x.sum()), float((x * x).sum()))
+    return out
+
+
+class WeightSync:
+    """Methods vLLM adds to its worker: load a version of the weights, report the held one."""
+
+    def rlhfc_load(self, blob: bytes, version: int) -> int:
+        from safetensors.torch import load  # noqa: PLC0415 - the worker process imports it once
+
+        tensors = load(blob)
+        self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
+        self.rlhfc_version = version
+        self.rlhfc_sums = checksums(tensors)
+        return version
+
+    def rlhfc_state(self) -> tuple[int, dict]:
+        return getattr(self, "rlhfc_version", 0), getattr(self, "rlhfc_sums", {})
