@@ -3,12 +3,12 @@
 Run it with `python build/ppo.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/ppo.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.015 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.015 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  4
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  4
+    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  5
     vals   critic  L0      node0[0:2]  2   1   1   1    0.006    0.008  5
     a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.012  11
     c_tr   critic  L0      node0[0:2]  2   1   1   1    0.012    0.015  11
@@ -21,6 +21,7 @@ from rlhfc_runtime.engine import Engine, Layout, main
 PROGRAM = {'source': '../programs/ppo.rlhf',
  'world_size': 2,
  'device': 'cpu',
+ 'devices_per_node': 2,
  'models': {'actor': {'kind': 'llama',
                       'shape': {'n_layers': 2,
                                 'hidden': 64,
@@ -29,7 +30,26 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                                 'intermediate': 128,
                                 'vocab': 40,
                                 'max_positions': 64,
-                                'tied_embeddings': False},
+                                'tied_embeddings': False,
+                                'qkv_bias': False,
+                                'family': 'llama',
+                                'head_dim': 16,
+                                'o_bias': False,
+                                'mlp_bias': False,
+                                'qk_norm': '',
+                                'norm': 'pre',
+                                'norm_offset': False,
+                                'norm_eps': 1e-06,
+                                'activation': 'silu',
+                                'embed_scale': False,
+                                'attn_softcap': 0.0,
+                                'final_softcap': 0.0,
+                                'query_scale': 0.0,
+                                'windows': (),
+                                'nope_layers': (),
+                                'rotary_fraction': 1.0,
+                                'fused_checkpoint': False,
+                                'score_bias': True},
                       'head': 'lm',
                       'trainable': True,
                       'checkpoint': None,
@@ -47,7 +67,26 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                               'intermediate': 128,
                               'vocab': 40,
                               'max_positions': 64,
-                              'tied_embeddings': False},
+                              'tied_embeddings': False,
+                              'qkv_bias': False,
+                              'family': 'llama',
+                              'head_dim': 16,
+                              'o_bias': False,
+                              'mlp_bias': False,
+                              'qk_norm': '',
+                              'norm': 'pre',
+                              'norm_offset': False,
+                              'norm_eps': 1e-06,
+                              'activation': 'silu',
+                              'embed_scale': False,
+                              'attn_softcap': 0.0,
+                              'final_softcap': 0.0,
+                              'query_scale': 0.0,
+                              'windows': (),
+                              'nope_layers': (),
+                              'rotary_fraction': 1.0,
+                              'fused_checkpoint': False,
+                              'score_bias': True},
                     'head': 'lm',
                     'trainable': False,
                     'checkpoint': None,
@@ -65,7 +104,26 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                                  'intermediate': 128,
                                  'vocab': 40,
                                  'max_positions': 64,
-                                 'tied_embeddings': False},
+                                 'tied_embeddings': False,
+                                 'qkv_bias': False,
+                                 'family': 'llama',
+                                 'head_dim': 16,
+                                 'o_bias': False,
+                                 'mlp_bias': False,
+                                 'qk_norm': '',
+                                 'norm': 'pre',
+                                 'norm_offset': False,
+                                 'norm_eps': 1e-06,
+                                 'activation': 'silu',
+                                 'embed_scale': False,
+                                 'attn_softcap': 0.0,
+                                 'final_softcap': 0.0,
+                                 'query_scale': 0.0,
+                                 'windows': (),
+                                 'nope_layers': (),
+                                 'rotary_fraction': 1.0,
+                                 'fused_checkpoint': False,
+                                 'score_bias': True},
                        'head': 'value',
                        'trainable': True,
                        'checkpoint': None,
@@ -102,11 +160,11 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                'vals': 0.002458,
                'a_tr': 0.003655,
                'c_tr': 0.003604},
- 'estimated_peak_bytes': {'gen': 2066336,
-                          'refl': 2644194,
-                          'vals': 2591932,
-                          'a_tr': 10305790,
-                          'c_tr': 9911239}}
+ 'estimated_peak_bytes': {'gen': 2210089,
+                          'refl': 2867467,
+                          'vals': 2700697,
+                          'a_tr': 10534889,
+                          'c_tr': 10367784}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),
@@ -119,12 +177,12 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
     e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 64, 'max_new_tokens': 12})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
-    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 64, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 150, 'n_mbs': 1, 'recompute': False})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
+    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
+    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
+    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 150, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
 
 
 if __name__ == "__main__":

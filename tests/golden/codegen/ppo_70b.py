@@ -3,15 +3,15 @@
 Run it with `python build/ppo_70b.py` (128 local processes) or
 `torchrun --nproc-per-node 128 build/ppo_70b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 120.200 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 292.030 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `H100-80GB` defaults
 
     call   model   layout  mesh         dp  tp  pp  mbs  start s  end s    peak MiB
-    gen    actor   L0      nodes[0:16]  2   4   16  32   0.000    75.663   32695
-    score  reward  L0      nodes[0:16]  2   4   16  32   75.663   81.954   30737
-    refl   ref     L0      nodes[0:16]  2   4   16  32   81.954   88.266   30898
-    vals   critic  L0      nodes[0:16]  2   4   16  32   88.266   94.556   32902
-    a_tr   actor   L0      nodes[0:16]  2   4   16  32   94.556   107.400  66427
-    c_tr   critic  L0      nodes[0:16]  2   4   16  32   107.400  120.200  66427
+    gen    actor   L0      nodes[0:16]  2   4   16  4    0.000    159.837  33718
+    score  reward  L0      nodes[0:16]  2   4   16  4    159.837  178.277  32658
+    refl   ref     L0      nodes[0:16]  2   4   16  4    178.277  196.784  32747
+    vals   critic  L0      nodes[0:16]  2   4   16  4    196.784  215.224  34824
+    a_tr   actor   L0      nodes[0:16]  2   4   16  4    215.224  253.697  62782
+    c_tr   critic  L0      nodes[0:16]  2   4   16  4    253.697  292.030  62782
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -21,6 +21,7 @@ from rlhfc_runtime.engine import Engine, Layout, main
 PROGRAM = {'source': '../programs/ppo_70b.rlhf',
  'world_size': 128,
  'device': 'H100-80GB',
+ 'devices_per_node': 8,
  'models': {'actor': {'kind': 'llama',
                       'shape': {'n_layers': 80,
                                 'hidden': 8192,
@@ -29,7 +30,26 @@ PROGRAM = {'source': '../programs/ppo_70b.rlhf',
                                 'intermediate': 28672,
                                 'vocab': 32000,
                                 'max_positions': 4096,
-                                'tied_embeddings': False},
+                                'tied_embeddings': False,
+                                'qkv_bias': False,
+                                'family': 'llama',
+                                'head_dim': 128,
+                                'o_bias': False,
+                                'mlp_bias': False,
+                                'qk_norm': '',
+                                'norm': 'pre',
+                                'norm_offset': False,
+                                'norm_eps': 1e-06,
+                                'activation': 'silu',
+                                'embed_scale': False,
+                                'attn_softcap': 0.0,
+                                'final_softcap': 0.0,
+                                'query_scale': 0.0,
+                                'windows': (),
+                                'nope_layers': (),
+                                'rotary_fraction': 1.0,
+                                'fused_checkpoint': False,
+                                'score_bias': True},
                       'head': 'lm',
                       'trainable': True,
                       'checkpoint': None,
@@ -47,7 +67,26 @@ PROGRAM = {'source': '../programs/ppo_70b.rlhf',
                                  'intermediate': 28672,
                                  'vocab': 32000,
                                  'max_positions': 4096,
-                                 'tied_embeddings': False},
+                                 'tied_embeddings': False,
+                                 'qkv_bias': False,
+                                 'family': 'llama',
+                                 'head_dim': 128,
+                                 'o_bias': False,
+                                 'mlp_bias': False,
+                                 'qk_norm': '',
+                                 'norm': 'pre',
+                                 'norm_offset': False,
+                                 'norm_eps': 1e-06,
+                                 'activation': 'silu',
+                                 'embed_scale': False,
+                                 'attn_softcap': 0.0,
+                                 'final_softcap': 0.0,
+                                 'query_scale': 0.0,
+                                 'windows': (),
+                                 'nope_layers': (),
+                                 'rotary_fraction': 1.0,
+                                 'fused_checkpoint': False,
+                                 'score_bias': True},
                        'head': 'value',
                        'trainable': True,
                        'checkpoint': None,
@@ -65,7 +104,26 @@ PROGRAM = {'source': '../programs/ppo_70b.rlhf',
                               'intermediate': 28672,
                               'vocab': 32000,
                               'max_positions': 4096,
-                              'tied_embeddings': False},
+                              'tied_embeddings': False,
+                              'qkv_bias': False,
+                              'family': 'llama',
+                              'head_dim': 128,
+                              'o_bias': False,
+                              'mlp_bias': False,
+                              'qk_norm': '',
+                              'norm': 'pre',
+                              'norm_offset': False,
+                              'norm_eps': 1e-06,
+                              'activation': 'silu',
+                              'embed_scale': False,
+                              'attn_softcap': 0.0,
+                              'final_softcap': 0.0,
+                              'query_scale': 0.0,
+                              'windows': (),
+                              'nope_layers': (),
+                              'rotary_fraction': 1.0,
+                              'fused_checkpoint': False,
+                              'score_bias': True},
                     'head': 'lm',
                     'trainable': False,
                     'checkpoint': None,
@@ -83,7 +141,26 @@ PROGRAM = {'source': '../programs/ppo_70b.rlhf',
                                  'intermediate': 28672,
                                  'vocab': 32000,
                                  'max_positions': 4096,
-                                 'tied_embeddings': False},
+                                 'tied_embeddings': False,
+                                 'qkv_bias': False,
+                                 'family': 'llama',
+                                 'head_dim': 128,
+                                 'o_bias': False,
+                                 'mlp_bias': False,
+                                 'qk_norm': '',
+                                 'norm': 'pre',
+                                 'norm_offset': False,
+                                 'norm_eps': 1e-06,
+                                 'activation': 'silu',
+                                 'embed_scale': False,
+                                 'attn_softcap': 0.0,
+                                 'final_softcap': 0.0,
+                                 'query_scale': 0.0,
+                                 'windows': (),
+                                 'nope_layers': (),
+                                 'rotary_fraction': 1.0,
+                                 'fused_checkpoint': False,
+                                 'score_bias': True},
                        'head': 'value',
                        'trainable': False,
                        'checkpoint': None,
@@ -103,18 +180,18 @@ PROGRAM = {'source': '../programs/ppo_70b.rlhf',
                           'columns': []}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'seed': 0, 'save_every': 10, 'keep': 2},
  'reward_key': 'score',
- 'estimates': {'gen': 75.663364,
-               'score': 6.290673,
-               'refl': 6.311531,
-               'vals': 6.290673,
-               'a_tr': 12.843295,
-               'c_tr': 12.800344},
- 'estimated_peak_bytes': {'gen': 2498461338,
-                          'score': 2716011070,
-                          'refl': 2885110334,
-                          'vals': 2716011070,
-                          'a_tr': 51491160064,
-                          'c_tr': 51491160064}}
+ 'estimates': {'gen': 159.836902,
+               'score': 18.439932,
+               'refl': 18.507387,
+               'vals': 18.439932,
+               'a_tr': 38.4726,
+               'c_tr': 38.333695},
+ 'estimated_peak_bytes': {'gen': 3571185378,
+                          'score': 4730463192,
+                          'refl': 4823877336,
+                          'vals': 4730463192,
+                          'a_tr': 47669495071,
+                          'c_tr': 47669495071}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127), dp=2, tp=4, pp=16),
@@ -127,12 +204,12 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 256, 'n_mbs': 32, 'recompute': False})
-    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 32, 'recompute': False})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 32, 'recompute': False})
-    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 32, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 32, 'recompute': True})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 32, 'recompute': True})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 256, 'n_mbs': 4, 'recompute': False, 'token_budget': 32768})
+    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 32768})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 32768})
+    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 32768})
+    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 4, 'recompute': True, 'token_budget': 32768})
+    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 4, 'recompute': True, 'token_budget': 32768})
 
 
 if __name__ == "__main__":

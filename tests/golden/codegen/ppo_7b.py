@@ -3,15 +3,15 @@
 Run it with `python build/ppo_7b.py` (8 local processes) or
 `torchrun --nproc-per-node 8 build/ppo_7b.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 84.057 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 95.871 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `H100-80GB` defaults
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s   peak MiB
-    gen    actor   L0      node0[0:8]  1   1   8   16   0.000    23.726  28684
-    score  reward  L0      node0[0:8]  1   1   8   16   23.726   32.196  26620
-    refl   ref     L0      node0[0:8]  1   1   8   16   32.196   40.829  29200
-    vals   critic  L0      node0[0:8]  1   1   8   16   40.829   49.299  28414
-    a_tr   actor   L0      node0[0:8]  1   1   8   16   49.299   66.846  56549
-    c_tr   critic  L0      node0[0:8]  1   1   8   16   66.846   84.057  56549
+    gen    actor   L0      node0[0:8]  1   8   1   4    0.000    46.714  28763
+    score  reward  L0      node0[0:8]  1   8   1   4    46.714   53.349  23980
+    refl   ref     L0      node0[0:8]  1   8   1   4    53.349   60.097  24068
+    vals   critic  L0      node0[0:8]  1   8   1   4    60.097   66.732  25556
+    a_tr   actor   L0      node0[0:8]  1   8   1   4    66.732   81.419  64610
+    c_tr   critic  L0      node0[0:8]  1   8   1   4    81.419   95.871  65511
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
@@ -21,6 +21,7 @@ from rlhfc_runtime.engine import Engine, Layout, main
 PROGRAM = {'source': '../programs/ppo_7b.rlhf',
  'world_size': 8,
  'device': 'H100-80GB',
+ 'devices_per_node': 8,
  'models': {'actor': {'kind': 'llama',
                       'shape': {'n_layers': 32,
                                 'hidden': 4096,
@@ -29,7 +30,26 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                                 'intermediate': 11008,
                                 'vocab': 32000,
                                 'max_positions': 4096,
-                                'tied_embeddings': False},
+                                'tied_embeddings': False,
+                                'qkv_bias': False,
+                                'family': 'llama',
+                                'head_dim': 128,
+                                'o_bias': False,
+                                'mlp_bias': False,
+                                'qk_norm': '',
+                                'norm': 'pre',
+                                'norm_offset': False,
+                                'norm_eps': 1e-06,
+                                'activation': 'silu',
+                                'embed_scale': False,
+                                'attn_softcap': 0.0,
+                                'final_softcap': 0.0,
+                                'query_scale': 0.0,
+                                'windows': (),
+                                'nope_layers': (),
+                                'rotary_fraction': 1.0,
+                                'fused_checkpoint': False,
+                                'score_bias': True},
                       'head': 'lm',
                       'trainable': True,
                       'checkpoint': None,
@@ -47,7 +67,26 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                                  'intermediate': 11008,
                                  'vocab': 32000,
                                  'max_positions': 4096,
-                                 'tied_embeddings': False},
+                                 'tied_embeddings': False,
+                                 'qkv_bias': False,
+                                 'family': 'llama',
+                                 'head_dim': 128,
+                                 'o_bias': False,
+                                 'mlp_bias': False,
+                                 'qk_norm': '',
+                                 'norm': 'pre',
+                                 'norm_offset': False,
+                                 'norm_eps': 1e-06,
+                                 'activation': 'silu',
+                                 'embed_scale': False,
+                                 'attn_softcap': 0.0,
+                                 'final_softcap': 0.0,
+                                 'query_scale': 0.0,
+                                 'windows': (),
+                                 'nope_layers': (),
+                                 'rotary_fraction': 1.0,
+                                 'fused_checkpoint': False,
+                                 'score_bias': True},
                        'head': 'value',
                        'trainable': True,
                        'checkpoint': None,
@@ -65,7 +104,26 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                               'intermediate': 11008,
                               'vocab': 32000,
                               'max_positions': 4096,
-                              'tied_embeddings': False},
+                              'tied_embeddings': False,
+                              'qkv_bias': False,
+                              'family': 'llama',
+                              'head_dim': 128,
+                              'o_bias': False,
+                              'mlp_bias': False,
+                              'qk_norm': '',
+                              'norm': 'pre',
+                              'norm_offset': False,
+                              'norm_eps': 1e-06,
+                              'activation': 'silu',
+                              'embed_scale': False,
+                              'attn_softcap': 0.0,
+                              'final_softcap': 0.0,
+                              'query_scale': 0.0,
+                              'windows': (),
+                              'nope_layers': (),
+                              'rotary_fraction': 1.0,
+                              'fused_checkpoint': False,
+                              'score_bias': True},
                     'head': 'lm',
                     'trainable': False,
                     'checkpoint': None,
@@ -83,7 +141,26 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                                  'intermediate': 11008,
                                  'vocab': 32000,
                                  'max_positions': 4096,
-                                 'tied_embeddings': False},
+                                 'tied_embeddings': False,
+                                 'qkv_bias': False,
+                                 'family': 'llama',
+                                 'head_dim': 128,
+                                 'o_bias': False,
+                                 'mlp_bias': False,
+                                 'qk_norm': '',
+                                 'norm': 'pre',
+                                 'norm_offset': False,
+                                 'norm_eps': 1e-06,
+                                 'activation': 'silu',
+                                 'embed_scale': False,
+                                 'attn_softcap': 0.0,
+                                 'final_softcap': 0.0,
+                                 'query_scale': 0.0,
+                                 'windows': (),
+                                 'nope_layers': (),
+                                 'rotary_fraction': 1.0,
+                                 'fused_checkpoint': False,
+                                 'score_bias': True},
                        'head': 'value',
                        'trainable': False,
                        'checkpoint': None,
@@ -103,21 +180,21 @@ PROGRAM = {'source': '../programs/ppo_7b.rlhf',
                           'columns': []}},
  'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'seed': 0, 'save_every': 10, 'keep': 2},
  'reward_key': 'score',
- 'estimates': {'gen': 23.726284,
-               'score': 8.469686,
-               'refl': 8.632997,
-               'vals': 8.469686,
-               'a_tr': 17.547371,
-               'c_tr': 17.211075},
- 'estimated_peak_bytes': {'gen': 3740406744,
-                          'score': 3457375273,
-                          'refl': 6162709545,
-                          'vals': 3457375273,
-                          'a_tr': 44246550447,
-                          'c_tr': 44246550447}}
+ 'estimates': {'gen': 46.713886,
+               'score': 6.634809,
+               'refl': 6.748417,
+               'vals': 6.634809,
+               'a_tr': 14.686807,
+               'c_tr': 14.452496},
+ 'estimated_peak_bytes': {'gen': 6798867129,
+                          'score': 3435315202,
+                          'refl': 3560787257,
+                          'vals': 3435315202,
+                          'a_tr': 54497444067,
+                          'c_tr': 55245781422}}
 
 LAYOUTS = {
-    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=1, pp=8),
+    'L0': Layout(ranks=(0, 1, 2, 3, 4, 5, 6, 7), dp=1, tp=8, pp=1),
 }
 
 GROUPS = ((0, 1, 2, 3, 4, 5, 6, 7),)
@@ -127,12 +204,12 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 256, 'n_mbs': 16, 'recompute': False})
-    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
-    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'n_mbs': 16, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 16, 'recompute': True})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 16, 'recompute': True})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 256, 'n_mbs': 4, 'recompute': False, 'token_budget': 65536})
+    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 65536})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 65536})
+    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 65536})
+    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 4, 'recompute': True, 'token_budget': 65536})
+    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 4, 'recompute': True, 'token_budget': 65536})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from rlhfc_runtime.engine import Engine, Layout, main
 PROGRAM = {'source': '../programs/ppo.rlhf',
  'world_size': 2,
  'device': 'cpu',
+ 'devices_per_node': 2,
  'models': {'actor': {'kind': 'llama',
                       'shape': {'n_layers': 2,
                                 'hidden': 64,
@@ -29,7 +30,26 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                                 'intermediate': 128,
                                 'vocab': 40,
                                 'max_positions': 64,
-                                'tied_embeddings': False},
+                                'tied_embeddings': False,
+                                'qkv_bias': False,
+                                'family': 'llama',
+                                'head_dim': 16,
+                                'o_bias': False,
+                                'mlp_bias': False,
+                                'qk_norm': '',
+                                'norm': 'pre',
+                                'norm_offset': False,
+                                'norm_eps': 1e-06,
+                                'activation': 'silu',
+                                'embed_scale': False,
+                                'attn_softcap': 0.0,
+                                'final_softcap': 0.0,
+                                'query_scale': 0.0,
+                                'windows': (),
+                                'nope_layers': (),
+                                'rotary_fraction': 1.0,
+                                'fused_checkpoint': False,
+                                'score_bias': True},
                       'head': 'lm',
                       'trainable': True,
                       'checkpoint': None,
@@ -47,7 +67,26 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                               'intermediate': 128,
                               'vocab': 40,
                               'max_positions': 64,
-                              'tied_embeddings': False},
+                              'tied_embeddings': False,
+                              'qkv_bias': False,
+                              'family': 'llama',
+                              'head_dim': 16,
+                              'o_bias': False,
+                              'mlp_bias': False,
+                              'qk_norm': '',
+                              'norm': 'pre',
+                              'norm_offset': False,
+                              'norm_eps': 1e-06,
+                              'activation': 'silu',
+                              'embed_scale': False,
+                              'attn_softcap': 0.0,
+                              'final_softcap': 0.0,
+                              'query_scale': 0.0,
+                              'windows': (),
+                              'nope_layers': (),
+                              'rotary_fraction': 1.0,
+                              'fused_checkpoint': False,
+                              'score_bias': True},
                     'head': 'lm',
                     'trainable': False,
                     'checkpoint': None,
@@ -65,7 +104,26 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                                  'intermediate': 128,
                                  'vocab': 40,
                                  'max_positions': 64,
-                                 'tied_embeddings': False},
+                                 'tied_embeddings': False,
+                                 'qkv_bias': False,
+                                 'family': 'llama',
+                                 'head_dim': 16,
+                                 'o_bias': False,
+                                 'mlp_bias': False,
+                                 'qk_norm': '',
+                                 'norm': 'pre',
+                                 'norm_offset': False,
+                                 'norm_eps': 1e-06,
+                                 'activation': 'silu',
+                                 'embed_scale': False,
+                                 'attn_softcap': 0.0,
+                                 'final_softcap': 0.0,
+                                 'query_scale': 0.0,
+                                 'windows': (),
+                                 'nope_layers': (),
+                                 'rotary_fraction': 1.0,
+                                 'fused_checkpoint': False,
+                                 'score_bias': True},
                        'head': 'value',
                        'trainable': True,
                        'checkpoint': None,
@@ -117,21 +175,21 @@ def iteration(e: Engine) -> None:
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
     e.realloc('actor', src='L0', dst='L2')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L2', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L2', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False, 'token_budget': 1792})
     e.drop('actor', layout='L2')
     e.move('seq', src='L2', dst='L1')
     e.call('score', model='reward', kind='inference', using='rule', layout='L2', inputs=('seq',), outputs=('score',), settings={'rows': 64, 'max_new_tokens': 12})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L1', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L1', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'n_mbs': 1, 'recompute': False, 'token_budget': 1792})
     e.realloc('critic', src='L0', dst='L1')
-    e.call('vals', model='critic', kind='inference', using='values', layout='L1', inputs=('seq',), outputs=('values',), settings={'rows': 64, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
+    e.call('vals', model='critic', kind='inference', using='values', layout='L1', inputs=('seq',), outputs=('values',), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'n_mbs': 1, 'recompute': False, 'token_budget': 1792})
     e.drop('critic', layout='L1')
     e.move('seq', src='L1', dst='L0')
     e.move('logp', src='L2', dst='L0')
     e.move('ref_logp', src='L1', dst='L0')
     e.move('score', src='L2', dst='L0')
     e.move('values', src='L1', dst='L0')
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 150, 'n_mbs': 1, 'recompute': False})
+    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
+    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 150, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
 
 
 if __name__ == "__main__":

@@ -3,14 +3,14 @@
 Run it with `python build/remax.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/remax.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.011 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.011 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
     call    model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen     actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  2
     greedy  actor   L0      node0[0:2]  2   1   1   1    0.003    0.006  2
     score   reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
     base    reward  L0      node0[0:2]  2   1   1   1    0.006    0.006  0
-    refl    ref     L0      node0[0:2]  2   1   1   1    0.006    0.008  2
+    refl    ref     L0      node0[0:2]  2   1   1   1    0.006    0.008  3
     a_tr    actor   L0      node0[0:2]  2   1   1   1    0.008    0.011  6
     
     homes: actor -> L0, ref -> L0
@@ -21,6 +21,7 @@ from rlhfc_runtime.engine import Engine, Layout, main
 PROGRAM = {'source': '../programs/remax.rlhf',
  'world_size': 2,
  'device': 'cpu',
+ 'devices_per_node': 2,
  'models': {'actor': {'kind': 'llama',
                       'shape': {'n_layers': 2,
                                 'hidden': 64,
@@ -29,7 +30,26 @@ PROGRAM = {'source': '../programs/remax.rlhf',
                                 'intermediate': 128,
                                 'vocab': 64,
                                 'max_positions': 128,
-                                'tied_embeddings': False},
+                                'tied_embeddings': False,
+                                'qkv_bias': False,
+                                'family': 'llama',
+                                'head_dim': 16,
+                                'o_bias': False,
+                                'mlp_bias': False,
+                                'qk_norm': '',
+                                'norm': 'pre',
+                                'norm_offset': False,
+                                'norm_eps': 1e-06,
+                                'activation': 'silu',
+                                'embed_scale': False,
+                                'attn_softcap': 0.0,
+                                'final_softcap': 0.0,
+                                'query_scale': 0.0,
+                                'windows': (),
+                                'nope_layers': (),
+                                'rotary_fraction': 1.0,
+                                'fused_checkpoint': False,
+                                'score_bias': True},
                       'head': 'lm',
                       'trainable': True,
                       'checkpoint': None,
@@ -47,7 +67,26 @@ PROGRAM = {'source': '../programs/remax.rlhf',
                               'intermediate': 128,
                               'vocab': 64,
                               'max_positions': 128,
-                              'tied_embeddings': False},
+                              'tied_embeddings': False,
+                              'qkv_bias': False,
+                              'family': 'llama',
+                              'head_dim': 16,
+                              'o_bias': False,
+                              'mlp_bias': False,
+                              'qk_norm': '',
+                              'norm': 'pre',
+                              'norm_offset': False,
+                              'norm_eps': 1e-06,
+                              'activation': 'silu',
+                              'embed_scale': False,
+                              'attn_softcap': 0.0,
+                              'final_softcap': 0.0,
+                              'query_scale': 0.0,
+                              'windows': (),
+                              'nope_layers': (),
+                              'rotary_fraction': 1.0,
+                              'fused_checkpoint': False,
+                              'score_bias': True},
                     'head': 'lm',
                     'trainable': False,
                     'checkpoint': None,
@@ -84,7 +123,7 @@ PROGRAM = {'source': '../programs/remax.rlhf',
                'base': 0.0,
                'refl': 0.002246,
                'a_tr': 0.002982},
- 'estimated_peak_bytes': {'gen': 1207863, 'greedy': 1207863, 'refl': 1505731, 'a_tr': 5996450}}
+ 'estimated_peak_bytes': {'gen': 1282151, 'greedy': 1282151, 'refl': 1654308, 'a_tr': 6083357}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),
@@ -97,12 +136,12 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 32, 'precision': 'fp32', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
-    e.call('greedy', model='actor', kind='generate', using='generate_greedy', layout='L0', inputs=('prompts',), outputs=('base_seq',), settings={'rows': 32, 'precision': 'fp32', 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 32, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False, 'token_budget': 448})
+    e.call('greedy', model='actor', kind='generate', using='generate_greedy', layout='L0', inputs=('prompts',), outputs=('base_seq',), settings={'rows': 32, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False, 'token_budget': 448})
     e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 32, 'max_new_tokens': 12})
     e.call('base', model='reward', kind='inference', using='rule', layout='L0', inputs=('base_seq',), outputs=('base_score',), settings={'rows': 32, 'max_new_tokens': 12})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 32, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='remax_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'base_score'), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'kl_coef': 0.001, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 32, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'n_mbs': 1, 'recompute': False, 'token_budget': 448})
+    e.call('a_tr', model='actor', kind='train', using='remax_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'base_score'), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.001, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False, 'token_budget': 448})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Run it with `python build/reward_model.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/reward_model.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.004 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.004 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
     call   model  layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     rm_tr  rm     L0      node0[0:2]  2   1   1   1    0.000    0.004  11
@@ -16,6 +16,7 @@ from rlhfc_runtime.engine import Engine, Layout, main
 PROGRAM = {'source': '../programs/reward_model.rlhf',
  'world_size': 2,
  'device': 'cpu',
+ 'devices_per_node': 2,
  'models': {'rm': {'kind': 'llama',
                    'shape': {'n_layers': 2,
                              'hidden': 64,
@@ -24,7 +25,26 @@ PROGRAM = {'source': '../programs/reward_model.rlhf',
                              'intermediate': 128,
                              'vocab': 64,
                              'max_positions': 128,
-                             'tied_embeddings': False},
+                             'tied_embeddings': False,
+                             'qkv_bias': False,
+                             'family': 'llama',
+                             'head_dim': 16,
+                             'o_bias': False,
+                             'mlp_bias': False,
+                             'qk_norm': '',
+                             'norm': 'pre',
+                             'norm_offset': False,
+                             'norm_eps': 1e-06,
+                             'activation': 'silu',
+                             'embed_scale': False,
+                             'attn_softcap': 0.0,
+                             'final_softcap': 0.0,
+                             'query_scale': 0.0,
+                             'windows': (),
+                             'nope_layers': (),
+                             'rotary_fraction': 1.0,
+                             'fused_checkpoint': False,
+                             'score_bias': True},
                    'head': 'value',
                    'trainable': True,
                    'checkpoint': None,
@@ -50,7 +70,7 @@ PROGRAM = {'source': '../programs/reward_model.rlhf',
          'keep': 2},
  'reward_key': None,
  'estimates': {'rm_tr': 0.003861},
- 'estimated_peak_bytes': {'rm_tr': 11318159}}
+ 'estimated_peak_bytes': {'rm_tr': 11841173}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),
@@ -63,7 +83,7 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('pairs', dataset='pairs')
-    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=(), settings={'rows': 16, 'precision': 'fp32', 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 40, 'n_mbs': 1, 'recompute': False})
+    e.call('rm_tr', model='rm', kind='train', using='pairwise_reward', layout='L0', inputs=('pairs',), outputs=(), settings={'rows': 16, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 40, 'n_mbs': 1, 'recompute': False, 'token_budget': 1040})
 
 
 if __name__ == "__main__":

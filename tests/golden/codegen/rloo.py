@@ -3,13 +3,13 @@
 Run it with `python build/rloo.py` (2 local processes) or
 `torchrun --nproc-per-node 2 build/rloo.py`; `--help` lists the options.
 
-Plan: HEURISTIC, estimated 0.009 s/iteration, lower bound 0.000 s, gap 100.0%
+Plan: HEURISTIC, estimated 0.009 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
     call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
     gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  3
     score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  3
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.006    0.009  10
+    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  4
+    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.006    0.009  11
     
     homes: actor -> L0, ref -> L0
 """
@@ -19,6 +19,7 @@ from rlhfc_runtime.engine import Engine, Layout, main
 PROGRAM = {'source': '../programs/rloo.rlhf',
  'world_size': 2,
  'device': 'cpu',
+ 'devices_per_node': 2,
  'models': {'actor': {'kind': 'llama',
                       'shape': {'n_layers': 2,
                                 'hidden': 64,
@@ -27,7 +28,26 @@ PROGRAM = {'source': '../programs/rloo.rlhf',
                                 'intermediate': 128,
                                 'vocab': 64,
                                 'max_positions': 128,
-                                'tied_embeddings': False},
+                                'tied_embeddings': False,
+                                'qkv_bias': False,
+                                'family': 'llama',
+                                'head_dim': 16,
+                                'o_bias': False,
+                                'mlp_bias': False,
+                                'qk_norm': '',
+                                'norm': 'pre',
+                                'norm_offset': False,
+                                'norm_eps': 1e-06,
+                                'activation': 'silu',
+                                'embed_scale': False,
+                                'attn_softcap': 0.0,
+                                'final_softcap': 0.0,
+                                'query_scale': 0.0,
+                                'windows': (),
+                                'nope_layers': (),
+                                'rotary_fraction': 1.0,
+                                'fused_checkpoint': False,
+                                'score_bias': True},
                       'head': 'lm',
                       'trainable': True,
                       'checkpoint': None,
@@ -45,7 +65,26 @@ PROGRAM = {'source': '../programs/rloo.rlhf',
                               'intermediate': 128,
                               'vocab': 64,
                               'max_positions': 128,
-                              'tied_embeddings': False},
+                              'tied_embeddings': False,
+                              'qkv_bias': False,
+                              'family': 'llama',
+                              'head_dim': 16,
+                              'o_bias': False,
+                              'mlp_bias': False,
+                              'qk_norm': '',
+                              'norm': 'pre',
+                              'norm_offset': False,
+                              'norm_eps': 1e-06,
+                              'activation': 'silu',
+                              'embed_scale': False,
+                              'attn_softcap': 0.0,
+                              'final_softcap': 0.0,
+                              'query_scale': 0.0,
+                              'windows': (),
+                              'nope_layers': (),
+                              'rotary_fraction': 1.0,
+                              'fused_checkpoint': False,
+                              'score_bias': True},
                     'head': 'lm',
                     'trainable': False,
                     'checkpoint': None,
@@ -77,7 +116,7 @@ PROGRAM = {'source': '../programs/rloo.rlhf',
  'run': {'dataflow': 'rloo', 'batch': 16, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
  'reward_key': 'score',
  'estimates': {'gen': 0.003232, 'score': 0.0, 'refl': 0.002492, 'a_tr': 0.003719},
- 'estimated_peak_bytes': {'gen': 2086765, 'refl': 2682502, 'a_tr': 10575081}}
+ 'estimated_peak_bytes': {'gen': 2235341, 'refl': 2979656, 'a_tr': 10696262}}
 
 LAYOUTS = {
     'L0': Layout(ranks=(0, 1), dp=2, tp=1, pp=1),
@@ -90,10 +129,10 @@ def iteration(e: Engine) -> None:
     """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
     the layouts it names, so all ranks meet their collectives in the same order."""
     e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'group_size': 4, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False})
+    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'group_size': 4, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
     e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 64, 'max_new_tokens': 12})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'precision': 'fp32', 'n_mbs': 1, 'recompute': False})
-    e.call('a_tr', model='actor', kind='train', using='rloo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'group_size': 4, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False})
+    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
+    e.call('a_tr', model='actor', kind='train', using='rloo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'group_size': 4, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
 
 
 if __name__ == "__main__":
