@@ -21,7 +21,7 @@ from rlhfc_runtime.algorithms.ops import sequence_score
 from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rollout_kl, rule_scores
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL, lr_factor
 from rlhfc_runtime.checkpoint import checkpoint_config, init_random, load_checkpoint
-from rlhfc_runtime.contract.family import config_json
+from rlhfc_runtime.contract.family import config_json, shape_from_hf
 from rlhfc_runtime.data.loaders import JsonlLoader
 from rlhfc_runtime.data.tokenizer import load_tokenizer
 from rlhfc_runtime.dist import all_gather_rows, device_for_rank, rank_groups
@@ -116,7 +116,7 @@ def load_shards(model: RuntimeModel, shards: dict) -> None:
 def param_shapes(spec: dict) -> dict[str, Param]:
     """Full (unsharded) parameters, shape and tp split (the contract's table):
     reallocation plans from them on every rank."""
-    return param_table(ModelConfig.from_hf(model_config(spec)).shape, Head(spec["head"]))
+    return param_table(shape_from_hf(model_config(spec)), Head(spec["head"]))
 
 
 def take_rows(batch: dict, lo: int, hi: int) -> dict:

@@ -180,11 +180,12 @@ def hf_name(key: str) -> str:
     return key if key.startswith(("model.", "lm_head.")) else "model." + key
 
 
-def weight_index(path: str | Path) -> dict[str, tuple[Path, str, int]]:
+def weight_index(path: str | Path, cfg: dict | None = None) -> dict[str, tuple[Path, str, int]]:
     """HF parameter name -> (safetensors file, key in that file, first row of it), from
     a single file or a sharded index. Bare backbone keys (`layers.0…`, as LlamaModel
     saves them) map to `model.layers.0…`; a tied model's missing lm_head maps to the
-    embedding; a family's fused tensors map each part to its rows (`unfuse`)."""
+    embedding; a family's fused tensors map each part to its rows (`unfuse`). `cfg`:
+    the checkpoint's config.json when the caller has read it already."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -200,7 +201,7 @@ def weight_index(path: str | Path) -> dict[str, tuple[Path, str, int]]:
             out[hf_name(key)] = (file, key, 0)
     if "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    return _unfuse(out, shape_from_hf(read_config(path)))
+    return _unfuse(out, shape_from_hf(read_config(path) if cfg is None else cfg))
 
 
 def _unfuse(index: dict, shape) -> dict:
@@ -224,9 +225,13 @@ def checkpoint_config(path: str | Path, head: str) -> dict:
     attention biases, RoPE base: every copy of the model in any layout must agree): a
     value head's bias is the checkpoint's own."""
     cfg = read_config(path)
-    index = weight_index(path)
+    return _head_config(cfg, weight_index(path, cfg), head)
+
+
+def _head_config(cfg: dict, index: dict, head: str) -> dict:
+    """`cfg` with the value head's bias as the checkpoint `index` has it."""
     if head == VALUE and any(n.startswith("score.") for n in index):
-        cfg["token_classification_bias"] = "score.bias" in index
+        return dict(cfg, token_classification_bias="score.bias" in index)
     return cfg
 
 
@@ -239,9 +244,10 @@ def load_checkpoint(
     tensor used (CheckpointError names them), except: a value head asked for on a causal
     LM (a critic started from the actor) is initialised from `seed`, and a value-head
     model drops an LM head beside its value head (TRL); both are logged."""
-    head = head or head_of(read_config(path))
-    cfg = checkpoint_config(path, head)
-    index = weight_index(path)
+    raw = read_config(path)  # one read of config.json and one scan of the weight files
+    head = head or head_of(raw)
+    index = weight_index(path, raw)
+    cfg = _head_config(raw, index, head)
     has_head = any(n.startswith("score.") for n in index)
     if head == LM and has_head:
         key = next(k for n, (_, k, _) in index.items() if n.startswith("score."))

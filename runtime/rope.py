@@ -65,8 +65,7 @@ class RopeTables:
         if rope_type == "dynamic":
             return fn(config, None, seq_len=max(seq_len, original), layer_type=layer)
         if rope_type == "longrope":  # long factors only beyond the original context
-            inv, scale = fn(config, None, seq_len=seq_len if seq_len > original else None, layer_type=layer)
-            return inv, scale
+            return fn(config, None, seq_len=seq_len if seq_len > original else None, layer_type=layer)
         return fn(config, None, layer_type=layer)
 
     def tables(self, position_ids, dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
