@@ -229,6 +229,12 @@ class RunConfig:
         return int(self.param("keep", 2))
 
     @property
+    def max_staleness(self) -> int:
+        """K: a rollout may come from a policy up to K updates behind the one it trains
+        (0 unless the run sets it: synchronous RL)."""
+        return int(self.param("max_staleness", 0))
+
+    @property
     def save_every(self) -> int:
         """Steps between checkpoints (10 unless the run sets it)."""
         return int(self.param("save_every", 10))

@@ -25,6 +25,10 @@ class CallPlacement:
     peak_memory: int  # bytes on the fullest device of the mesh, every resident model included
     # bytes the call's own model copy and work need there: what `peak_bytes/CALL` measures
     call_memory: int
+    # Iterations ahead of the step being trained this call runs for, in the steady state of
+    # an asynchronous plan (`Plan.max_staleness` > 0): 1 for a generate call that samples
+    # step t+1's rollouts while step t trains. 0 in synchronous plans.
+    ahead: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,10 @@ class Plan:
     # What priced it: fitted coefficients, a measured profile (given, or this machine's,
     # measured once and cached), or the catalog's defaults (`driver.compile_program`).
     priced_by: str = ""
+    # K of the run (`max_staleness`). With K > 0, `iteration_time` is the steady state's
+    # seconds per step (the initiation interval) and `sync_time` the synchronous plan's.
+    max_staleness: int = 0
+    sync_time: float | None = None
 
     @property
     def gap(self) -> float:

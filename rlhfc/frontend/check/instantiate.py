@@ -39,8 +39,8 @@ def run_config(run: ast.RunStmt, rep: Reporter, val: Values) -> ir.RunConfig:
         rep.error("E024", "`run` needs `batch` (prompts per iteration)", run.span, "run NAME(...) { batch = 64 }")
     params = []
     for key, opt in opts.items():
-        if key in ("batch", "steps", "max_new_tokens", "group_size", "seed", "save_every", "keep"):
-            number = val.positive_int(opt) if key != "seed" else val.natural(opt)
+        if key in ("batch", "steps", "max_new_tokens", "group_size", "seed", "save_every", "keep", "max_staleness"):
+            number = val.positive_int(opt) if key not in ("seed", "max_staleness") else val.natural(opt)
             if key == "batch":
                 batch = number or 1
             elif key == "steps":

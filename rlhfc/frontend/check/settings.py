@@ -13,7 +13,7 @@ from rlhfc.frontend import ast
 from rlhfc.frontend.check.common import Reporter, describe, plain_value, suggest, value_text
 
 # Keys of the `run` block that are the job's, not a call's.
-RUN_KEYS = ("batch", "steps", "seed", "save_every", "keep", "max_new_tokens")
+RUN_KEYS = ("batch", "steps", "seed", "save_every", "keep", "max_new_tokens", "max_staleness")
 
 
 def call_settings(call: ir.Call) -> tuple[Setting, ...]:
