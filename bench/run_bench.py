@@ -98,7 +98,7 @@ def hand_written(program: Path, steps: int) -> float:
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
     from rlhfc.frontend.check import load_program
     from rlhfc.backend.emit import program_spec
-    from rlhfc.backend.lower import Call as CallOp
+    from rlhfc_runtime.contract.ops import Call as CallOp
     from rlhfc.backend.lower import lower
     from rlhfc.planner.solve import symmetric_plan
     from rlhfc_runtime import calls

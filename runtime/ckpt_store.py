@@ -36,7 +36,7 @@ from safetensors import safe_open
 
 from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL
-from rlhfc_runtime import export as hf_export, shard_io
+from rlhfc_runtime import export as hf_export, inflight, shard_io
 from rlhfc_runtime.checkpoint import save_tensors
 from rlhfc_runtime.contract.atomic import write_atomic
 from rlhfc_runtime.contract.resume import FORMAT, MANIFEST, VERSION, compare, fingerprint, read_manifest, refusal
@@ -99,10 +99,11 @@ def save(engine, keep: int = 2, export: bool = True) -> Path:
             if hf_export.is_finisher(m.module):
                 staged.append((tmp, plan, m.module, spec))
     try:
-        rng = {"python": _jsonable(random.getstate()), "rank": e.rank}
+        flight, tensors = inflight.pack(e)
+        rng = {"python": _jsonable(random.getstate()), "rank": e.rank, "inflight": flight}
         if problem is None:
             files.update(_write_bytes(part / f"rank{e.rank}.json", json.dumps(rng).encode()))
-            files.update(_write_tensors(part / f"rank{e.rank}.safetensors", {"torch": torch.get_rng_state()}))
+            files.update(_write_tensors(part / f"rank{e.rank}.safetensors", {"torch": torch.get_rng_state(), **tensors}))
     except OSError as err:
         problem = _os_message(err, getattr(err, "filename", None) or part)
     parts = [None] * e.world
@@ -276,17 +277,22 @@ def restore(engine, directory: Path) -> str | None:
             m.adaptive_kl.load_state_dict(manifest["models"][name]["adaptive_kl"])
     for name, ld in e.loaders.items():
         ld.load_state_dict(manifest["loaders"][name])
+    for key in e.versions:  # the home copies hold the weights of `step` updates
+        e.versions[key] = e.step
     if manifest["world_size"] == e.world:
-        rng = json.loads((directory / f"rank{e.rank}.json").read_text())["python"]
+        state = json.loads((directory / f"rank{e.rank}.json").read_text())
+        rng = state["python"]
         random.setstate((rng[0], tuple(rng[1]), rng[2]))
         with safe_open(str(directory / f"rank{e.rank}.safetensors"), "pt") as f:
             torch.set_rng_state(f.get_tensor("torch"))
+            inflight.unpack(e, state.get("inflight", {}), f.get_tensor)
         return None
     seed = e.seed * 1009 + e.rank + 7919 * e.step
     random.seed(seed)
     torch.manual_seed(seed)
     return (f"the checkpoint was written by {manifest['world_size']} processes, this run has {e.world}: weights, "
-            f"optimizer and data positions carry over, random states are reseeded")
+            f"optimizer and data positions carry over, random states are reseeded"
+            + (", rollouts in flight are dropped (the next batches are sampled anew)" if e.max_staleness else ""))
 
 
 def _load_optimizer(m, directory: Path, entries: list[dict], step: float) -> None:

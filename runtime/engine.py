@@ -1,12 +1,18 @@
 """The execution engine generated programs import: it starts the world, builds the
-models in their home layouts, executes the ops of `iteration()` once per step, logs
-metrics and checkpoints so that a run can resume exactly.
+models in their home layouts, executes the program's ops once per step (one handler per
+op type), logs metrics and checkpoints so that a run can resume exactly.
 
-Generated code calls `main(PROGRAM, LAYOUTS, GROUPS, iteration)`. Under torchrun (RANK
-in the environment) this process is one worker; otherwise it spawns `world_size` local
-workers itself. Every op names the layouts it touches; ranks outside them return at
-once, and every collective runs only over the ranks the op names, in the op order that
-all ranks share, so a run cannot deadlock on a schedule.
+Generated code calls `main(PROGRAM, LAYOUTS, GROUPS, OPS)`. Under torchrun (RANK in the
+environment) this process is one worker; otherwise it spawns `world_size` local workers
+itself. Every op names the layouts it touches; ranks outside them return at once, and
+every collective runs only over the ranks the op names, in the op order that all ranks
+share, so a run cannot deadlock on a schedule.
+
+Asynchronous programs (`max_staleness` K > 0): the body of step t runs each op for
+iteration t + op.ahead, so data is kept per iteration until its step ends, and every
+copy of a trainable model carries its version (the updates it has seen). A call that
+would read weights more than K updates old stops the run: a weight sync that did not
+happen is an error, never a silent sample from an old policy.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime import calls, ckpt_store
 from rlhfc_runtime import dist as rdist
 from rlhfc_runtime.contract.layout import Layout
+from rlhfc_runtime.contract.ops import Call, Drop, Load, Move, Offload, Op, Realloc, Reload
 from rlhfc_runtime.memory import CallMemory, resident_bytes
 from rlhfc_runtime.offload import offload as offload_shards
 from rlhfc_runtime.offload import reload as reload_shards
@@ -55,11 +62,16 @@ class Engine:
         self.seed = int(program["run"]["seed"])
         _seed_everything(self.seed * 1009 + self.rank)
         self.models = {}  # (model, layout) -> runtime model on this rank
-        self.data: dict[tuple[str, str], dict] = {}  # (key, layout) -> this rank's rows
-        self.rows: dict[str, int] = {}  # key -> global row count this iteration
+        self.it = 0  # the iteration the op being run works for (step + op.ahead)
+        self.data: dict[tuple[int, str, str], dict] = {}  # (iteration, key, layout) -> this rank's rows
+        self.rows: dict[tuple[int, str], int] = {}  # (iteration, key) -> global row count
+        self.max_staleness = int(program["run"].get("max_staleness", 0))
+        # (model, layout) -> updates the weights there have seen, on every rank; trainable models only
+        self.versions: dict[tuple[str, str], int] = {}
+        self.sampled: dict[int, int] = {}  # iteration -> policy version its rollouts came from
         self.loaders = {}
         self.host: dict[tuple[str, str], dict] = {}  # (model, layout) -> offloaded weights
-        self.stats: dict[str, float] = {}
+        self.stats: dict[int, dict[str, float]] = {}  # iteration -> what its calls report, logged at its step
         self.measuring = False  # count this step's peak memory per call (`run`)
         run = program["run"]  # the compiler's values; the command line may override them
         self.steps = int(options.get("steps") or run["steps"])
@@ -67,11 +79,13 @@ class Engine:
         self.keep = int(options.get("keep") or run["keep"])
         self.samples: list[dict] = []  # decoded rows of this step's reward calls (this rank's share)
         self.generated: list[dict] = []  # log-probs of those rows, from the generate calls that made them
-        self.drawn: dict[str, list[int]] = {}  # dataset -> its rows in this step's batch
+        self.drawn: dict[tuple[int, str], list[int]] = {}  # (iteration, dataset) -> its rows in the batch
         self.spans: dict[str, tuple[float, float]] = {}  # op -> (start, end), wall clock (time.time)
         self.sending: list = []  # this iteration's posted data sends (torch Work), not yet waited for
         for name, spec in program["models"].items():
             home = spec["home"]
+            if spec["trainable"]:
+                self.versions[(name, home)] = 0
             if spec["kind"] != ModelKind.RULE and self.rank in layouts[home].ranks:
                 self.models[(name, home)] = calls.build_model(spec, layouts[home])
                 if spec.get("offloaded"):  # waits in host memory until its call reloads it
@@ -105,36 +119,59 @@ class Engine:
         return calls.DTYPES[self.precision.get((model, layout), "fp32")]
 
     # ---- ops ---------------------------------------------------------------------
-    def load(self, key: str, dataset: str) -> None:
+    def load(self, op: Load) -> None:
         """Every rank draws the same next batch (deterministic sampler), keeps it whole."""
-        batch = self.loaders[dataset].next_batch(int(self.program["run"]["batch"]))
+        batch = self.loaders[op.dataset].next_batch(int(self.program["run"]["batch"]))
         batch = {k: v.to(self.device) for k, v in batch.items()}  # loaders make host tensors
-        self.drawn[dataset] = self.loaders[dataset].last
-        self.rows[key] = calls.batch_rows(batch)
-        self.data[(key, "*")] = batch
+        self.drawn[(self.it, op.dataset)] = self.loaders[op.dataset].last
+        self.rows[(self.it, op.key)] = calls.batch_rows(batch)
+        self.data[(self.it, op.key, "*")] = batch
 
     def _input(self, key: str, layout: str) -> dict:
-        if (key, layout) not in self.data:  # a loaded key: take this rank's rows
-            lo, hi = rows_of(self.rows[key], self.layouts[layout], self.rank)
-            self.data[(key, layout)] = calls.take_rows(self.data[(key, "*")], lo, hi)
-        return self.data[(key, layout)]
+        it = self.it
+        if (it, key, layout) not in self.data:  # a loaded key: take this rank's rows
+            lo, hi = rows_of(self.rows[(it, key)], self.layouts[layout], self.rank)
+            self.data[(it, key, layout)] = calls.take_rows(self.data[(it, key, "*")], lo, hi)
+        return self.data[(it, key, layout)]
 
-    def call(self, name, *, model, kind, using, layout, inputs, outputs, settings) -> None:
-        """Run one call on this rank's part of `layout` (no-op elsewhere). `settings` are
-        the compiler's resolved values: the engine adds only what exists at run time
+    def _policy_version(self, op: Call) -> int | None:
+        """The version of the trainable weights `op` reads, checked against K on every rank:
+        a call reads weights at most `max_staleness` updates behind its iteration (a train
+        call: none behind), or a sync the schedule needed did not happen."""
+        if (op.model, op.layout) not in self.versions and not self.program["models"][op.model]["trainable"]:
+            return None
+        version = self.versions.get((op.model, op.layout))
+        allowed = 0 if op.kind == "train" else self.max_staleness
+        if version is None or not 0 <= self.it - version <= allowed:
+            have = "no copy" if version is None else f"weights {self.it - version} update(s) old (version {version})"
+            raise RuntimeError(f"call {op.name!r} of step {self.it + 1} would read {op.model!r} in {op.layout} with "
+                               f"{have}; max_staleness = {self.max_staleness} allows {allowed}: a weight sync "
+                               f"(reallocation) the program needs did not happen")
+        return version
+
+    def call(self, op: Call) -> None:
+        """Run one call on this rank's part of its layout (no-op elsewhere). Its settings
+        are the compiler's resolved values: the engine adds only what exists at run time
         (step, seed, the tokenizer's special ids) and checks the rows it was promised."""
+        name, model, kind, using, layout = op.name, op.model, op.kind, op.interface, op.layout
+        inputs, outputs, settings = op.inputs, op.outputs, dict(op.settings)
         lay = self.layouts[layout]
         for key in outputs:  # every rank tracks row counts, so moves agree on them
-            self.rows[key] = settings["rows"]
+            self.rows[(self.it, key)] = settings["rows"]
         if "precision" in settings:  # every rank: reallocations into this layout agree on the wire dtype
             self.precision[(model, layout)] = settings["precision"]
+        version = self._policy_version(op)
+        if kind == "generate" and version is not None:
+            self.sampled[self.it] = version
+        if kind == "train" and version is not None:  # every rank: the update this call makes
+            self.versions[(model, layout)] = self.it + 1
         if self.rank not in lay.ranks:
             return
         with self._timed(name):
             spec = self.program["models"][model]
             batch = {k: self._input(k, layout) for k in inputs}
             runtime_model = None if spec["kind"] == ModelKind.RULE else self.models[(model, layout)]
-            context = {**settings, **self.specials, "step": self.step, "seed": self.seed}
+            context = {**settings, **self.specials, "step": self.it, "seed": self.seed}
             measure = self.measuring and runtime_model is not None
             resident = resident_bytes(runtime_model.module, runtime_model.optimizer) if measure else 0
             groups = rdist.rank_groups(lay, self.rank)
@@ -144,17 +181,19 @@ class Engine:
                     scores = {k: batch[k] for k in inputs[1:]}  # the score keys a python reward combines
                     produced, stats, samples = calls.reward_call(spec, batch[inputs[0]], scores, outputs, context,
                                                                  groups, *source)
-                    self.samples += [{"step": self.step + 1, "call": name, "seq_key": inputs[0], **row}
+                    self.samples += [{"step": self.it + 1, "call": name, "seq_key": inputs[0], **row}
                                      for row in samples]
                 elif spec.get("functions") or spec.get("score_keys"):
                     raise RuntimeError(f"call {name!r}: a python reward needs the prompts of exactly one prompt dataset")
                 else:
+                    made = []
                     produced, stats = calls.run_call(kind, using, runtime_model, spec, batch, outputs, context, groups,
-                                                     self.generated)
+                                                     made)
+                    self.generated += [{**row, "step": self.it + 1, "policy_version": version} for row in made]
             if measure:
-                self.stats[f"peak_bytes/{name}"] = float(memory.peak_bytes)
+                self.stats.setdefault(self.it, {})[f"peak_bytes/{name}"] = float(memory.peak_bytes)
             for key in outputs:
-                self.data[(key, layout)] = produced[key]
+                self.data[(self.it, key, layout)] = produced[key]
             local = calls.batch_rows(produced[outputs[0]]) if outputs else calls.batch_rows(batch[inputs[0]])
             if kind == "generate":  # each dp rank samples group_size rows for each of its prompts
                 expected = calls.batch_rows(batch[inputs[0]]) * int(settings["group_size"])
@@ -164,19 +203,23 @@ class Engine:
             if local != expected:
                 raise RuntimeError(f"call {name!r} made {local} rows on rank {self.rank} where the compiled "
                                    f"program says {expected} (of {settings['rows']}): a compiler bug")
-            self.stats[f"rows/{name}"] = float(local * lay.dp)  # averaged over ranks: the global count
-            self.stats.update({f"{name}/{k}": float(v) for k, v in stats.items()})
+            logged = self.stats.setdefault(self.it, {})
+            logged[f"rows/{name}"] = float(local * lay.dp)  # averaged over ranks: the global count
+            logged.update({f"{name}/{k}": float(v) for k, v in stats.items()})
             reward = self.program["reward_key"]
             if reward in outputs:  # the reward curve, whatever the algorithm
-                self.stats["reward"] = float(produced[reward][reward].float().mean())
+                logged["reward"] = float(produced[reward][reward].float().mean())
 
     def _prompt_source(self):
-        """(loader, rows drawn) of this step's one prompt dataset, which reward calls score."""
-        names = [n for n in self.drawn if set(self.loaders[n].fields) == {"prompt"}]
-        return (self.loaders[names[0]], self.drawn[names[0]]) if len(names) == 1 else None
+        """(loader, rows drawn) of this iteration's one prompt dataset, which reward calls score."""
+        names = [n for i, n in self.drawn if i == self.it and set(self.loaders[n].fields) == {"prompt"}]
+        return (self.loaders[names[0]], self.drawn[(self.it, names[0])]) if len(names) == 1 else None
 
-    def realloc(self, model: str, *, src: str, dst: str) -> None:
-        """Build `model`'s shards in `dst` from `src` (point-to-point, src ∪ dst only)."""
+    def realloc(self, op: Realloc) -> None:
+        """Build the model's shards in `dst` from `src` (point-to-point, src ∪ dst only)."""
+        model, src, dst = op.model, op.src, op.dst
+        if (model, src) in self.versions:  # every rank: the copy is as new as its source
+            self.versions[(model, dst)] = self.versions[(model, src)]
         s, d = self.layouts[src], self.layouts[dst]
         if self.rank not in s.ranks and self.rank not in d.ranks:
             return
@@ -196,9 +239,10 @@ class Engine:
                 else:
                     calls.load_shards(target, shards)
 
-    def offload(self, model: str, *, layout: str) -> None:
-        """Free `model`'s device copy in `layout`; its weights wait in host memory. A frozen
-        model's weights never change, so the host copy is made once and kept."""
+    def offload(self, op: Offload) -> None:
+        """Free the model's device copy in its layout; its weights wait in host memory. A
+        frozen model's weights never change, so the host copy is made once and kept."""
+        model, layout = op.model, op.layout
         if self.rank not in self.layouts[layout].ranks:
             return
         with self._timed(f"offload {model} {layout}"):
@@ -206,8 +250,9 @@ class Engine:
             if (model, layout) not in self.host:
                 self.host[(model, layout)] = offload_shards(calls.shards_of(copy))
 
-    def reload(self, model: str, *, layout: str) -> None:
-        """Bring `model`'s weights back from host memory to `layout` (no-op while there)."""
+    def reload(self, op: Reload) -> None:
+        """Bring the model's weights back from host memory to its layout (no-op while there)."""
+        model, layout = op.model, op.layout
         if self.rank not in self.layouts[layout].ranks or (model, layout) in self.models:
             return
         with self._timed(f"reload {model} {layout}"):
@@ -215,22 +260,24 @@ class Engine:
             spec = self.program["models"][model]
             self.models[(model, layout)] = calls.model_from_shards(spec, shards, self.layouts[layout], self.rank)
 
-    def drop(self, model: str, *, layout: str) -> None:
+    def drop(self, op: Drop) -> None:
         """Free a non-home parameter copy after its last use in the iteration."""
-        self.models.pop((model, layout), None)
+        self.models.pop((op.model, op.layout), None)
+        self.versions.pop((op.model, op.layout), None)
 
-    def move(self, key: str, *, src: str, dst: str) -> None:
-        """Give every rank of `dst` its rows of `key` from the ranks of `src` that hold them:
-        senders post their rows and go on (`finish_sends` waits at the iteration's end),
+    def move(self, op: Move) -> None:
+        """Give every rank of `dst` its rows of the key from the ranks of `src` that hold
+        them: senders post their rows and go on (`finish_sends` waits at the step's end),
         receivers wait for theirs."""
+        key, src, dst = op.key, op.src, op.dst
         s, d = self.layouts[src], self.layouts[dst]
         if self.rank not in s.ranks and self.rank not in d.ranks:
             return
         with self._timed(f"move {key} {src}->{dst}"):
-            local = self.data.get((key, src))
-            self.sending += send_batch(local, self.rows[key], s, d, self.rank, device=self.device)
+            local, rows = self.data.get((self.it, key, src)), self.rows[(self.it, key)]
+            self.sending += send_batch(local, rows, s, d, self.rank, device=self.device)
             if self.rank in d.ranks:
-                self.data[(key, dst)] = receive_batch(local, self.rows[key], s, d, self.rank, device=self.device)
+                self.data[(self.it, key, dst)] = receive_batch(local, rows, s, d, self.rank, device=self.device)
 
     def finish_sends(self) -> None:
         """Wait until every row this rank sent in the iteration has arrived."""
@@ -239,7 +286,35 @@ class Engine:
         self.sending = []
 
     # ---- the loop ----------------------------------------------------------------
-    def run(self, iteration, stop=None) -> dict:
+    def run_op(self, op: Op, iteration: int) -> None:
+        """Run one op for `iteration` (its handler by the op's type)."""
+        self.it = iteration
+        HANDLERS[type(op)](self, op)
+
+    def body(self, ops: tuple[Op, ...], prologue: bool) -> None:
+        """Step `self.step`: every op for iteration step + op.ahead (none past the run's
+        last step). The `prologue` first runs, for the next iterations, the ahead ops that
+        earlier steps would have run (a fresh start or a resume without rollouts in flight)."""
+        step = self.step
+        if prologue:
+            for i in range(step, min(step + max((op.ahead for op in ops), default=0), self.steps)):
+                for op in ops:
+                    if op.ahead > i - step:
+                        self.run_op(op, i)
+        for op in ops:
+            if step + op.ahead < self.steps:
+                self.run_op(op, step + op.ahead)
+        self.finish_sends()
+        for key in [k for k in self.data if k[0] <= step]:  # this iteration is done
+            del self.data[key]
+        self.rows = {k: v for k, v in self.rows.items() if k[0] > step}
+        self.drawn = {k: v for k, v in self.drawn.items() if k[0] > step}
+
+    def in_flight(self) -> bool:
+        """Whether rollouts of later iterations wait in this rank's data (restored or made)."""
+        return any(k[0] >= self.step for k in self.rows)
+
+    def run(self, ops: tuple[Op, ...], stop=None) -> dict:
         """Steps until `steps`, with metrics on rank 0 and checkpoints every `save_every`
         (the last `keep` kept). `stop` (signals.StopFlag) is asked at every step boundary:
         a signal on any rank ends the loop there on all ranks, with a checkpoint. Returns
@@ -250,6 +325,7 @@ class Engine:
         saved = self.step
         log = MetricsLog(self.out, self.step, self.options.get("wandb")) if self.rank == 0 else None
         first = self.step
+        prologue = not self.in_flight()
         while True:
             signum = stop.agreed() if stop is not None else 0
             if signum:
@@ -263,12 +339,11 @@ class Engine:
             # step and on every checkpoint step, which metrics.jsonl then carries.
             self.measuring = self.step == first or (self.step + 1) % save_every == 0
             t0 = time.perf_counter()
-            self.stats, self.spans, self.data, self.rows, self.drawn = {}, {}, {}, {}, {}
-            self.samples, self.generated = [], []
-            iteration(self)
-            self.finish_sends()
-            self.step += 1
+            self.spans, self.samples = {}, []
+            self.body(ops, prologue)
+            prologue = False
             record, samples = self._gather(time.perf_counter() - t0)
+            self.step += 1
             if log is not None:
                 log.write(record, samples)
             if self.step % save_every == 0 or self.step == steps:
@@ -283,7 +358,13 @@ class Engine:
         from the last rank's start to the last rank's end (a rank that arrives early waits
         in the op's first collective; that wait is the schedule's, not the op's), next to
         the planner's estimates. Rank 0 builds it (the one that logs); the others get ({}, [])."""
-        parts = rdist.gather_json((self.stats, self.spans, self.samples, self.generated), self.world)
+        stats = self.stats.pop(self.step, {})
+        if self.step in self.sampled:  # how many updates behind the policy that sampled this step's batch was
+            stats["staleness"] = float(self.step - self.sampled.pop(self.step))
+        shown = {s["step"] for s in self.samples}
+        generated = [g for g in self.generated if g["step"] in shown]
+        self.generated = [g for g in self.generated if g["step"] > self.step + 1]
+        parts = rdist.gather_json((stats, self.spans, self.samples, generated), self.world)
         if parts is None:
             return {}, []
         stats: dict[str, list[float]] = {}
@@ -296,9 +377,10 @@ class Engine:
                 last_start, last_end = spans.get(k, (start, end))
                 spans[k] = (max(last_start, start), max(last_end, end))
         times = {k: end - start for k, (start, end) in spans.items()}
-        record = {"step": self.step, **{k: max(v) if k.startswith("peak_bytes/") else sum(v) / len(v)
+        record = {"step": self.step + 1, **{k: max(v) if k.startswith("peak_bytes/") else sum(v) / len(v)
                                         for k, v in sorted(stats.items())}}  # peaks: the fullest rank
         record["time/iteration"] = seconds
+        record["estimate/iteration"] = self.program.get("estimated_iteration")
         record.update({f"time/{k}": v for k, v in sorted(times.items())})
         record.update({f"estimate/{k}": v for k, v in self.program["estimates"].items()})
         record.update({f"estimate/peak_bytes/{k}": v for k, v in self.program["estimated_peak_bytes"].items()})
@@ -326,13 +408,17 @@ class Engine:
                 print(f"rlhfc: {note}", file=sys.stderr, flush=True)
 
 
+HANDLERS = {Load: Engine.load, Call: Engine.call, Realloc: Engine.realloc, Drop: Engine.drop, Move: Engine.move,
+            Offload: Engine.offload, Reload: Engine.reload}
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def main(program: dict, layouts: dict[str, Layout], groups, iteration, here: str, argv=None) -> None:
+def main(program: dict, layouts: dict[str, Layout], groups, ops: tuple[Op, ...], here: str, argv=None) -> None:
     """Entry point of a generated program (`here` is its __file__): see launch.main."""
     from rlhfc_runtime.launch import main as launch_main
 
-    launch_main(program, layouts, groups, iteration, here, argv)
+    launch_main(program, layouts, groups, ops, here, argv)

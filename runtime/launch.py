@@ -47,10 +47,10 @@ def parse(program: dict, argv) -> dict:
     return vars(parser.parse_args(argv))
 
 
-def _worker(program, layouts, groups, iteration, options) -> dict:
+def _worker(program, layouts, groups, ops, options) -> dict:
     stop = signals.StopFlag().install()
     try:
-        return Engine(program, layouts, groups, options).run(iteration, stop)
+        return Engine(program, layouts, groups, options).run(ops, stop)
     finally:  # an engine's own processes (vLLM's) end with the run, failed or not
         close_engines()
 
@@ -74,7 +74,7 @@ def _summary(failure: rdist.WorkerFailed) -> str:
     return line
 
 
-def main(program: dict, layouts, groups, iteration, here: str, argv=None) -> None:
+def main(program: dict, layouts, groups, ops, here: str, argv=None) -> None:
     """Parse options, then run as one torchrun worker, or the local world (one process:
     in this one; more: spawned)."""
     options = parse(program, argv)
@@ -86,7 +86,7 @@ def main(program: dict, layouts, groups, iteration, here: str, argv=None) -> Non
     out = Path(options["out"])
     resume = f"python {shlex.quote(here)} --out {shlex.quote(str(out))} --resume"
     if "RANK" in os.environ:
-        _torchrun_worker(program, layouts, groups, iteration, options, out, resume)
+        _torchrun_worker(program, layouts, groups, ops, options, out, resume)
         return
     lock = RunLock(out)
     try:
@@ -100,7 +100,7 @@ def main(program: dict, layouts, groups, iteration, here: str, argv=None) -> Non
             options["resume"] = directory is not None
         forward = signals.Forwarder().install()
         try:
-            results = _local_world(program, layouts, groups, iteration, options, forward)
+            results = _local_world(program, layouts, groups, ops, options, forward)
         except rdist.WorkerFailed as e:
             print(str(e), file=sys.stderr, flush=True)  # the traceback, for the log
             if forward.signum:
@@ -119,23 +119,23 @@ def main(program: dict, layouts, groups, iteration, here: str, argv=None) -> Non
     _finish(results[0], resume)
 
 
-def _local_world(program, layouts, groups, iteration, options, forward: signals.Forwarder) -> list[dict]:
+def _local_world(program, layouts, groups, ops, options, forward: signals.Forwarder) -> list[dict]:
     """Each rank's result: one process runs in this one (its StopFlag takes the signals
     directly), more are spawned, with the launcher forwarding signals to them."""
-    args = (program, layouts, groups, iteration, options)
+    args = (program, layouts, groups, ops, options)
     if program["world_size"] == 1:
         return [rdist.run_here(_worker, *args)]
     return rdist.spawn(_worker, program["world_size"], *args, on_start=forward.pids.extend)
 
 
-def _torchrun_worker(program, layouts, groups, iteration, options, out, resume) -> None:
+def _torchrun_worker(program, layouts, groups, ops, options, out, resume) -> None:
     lock = RunLock(out)
     try:
         if os.environ["RANK"] == "0":
             lock.acquire()
             check_fresh(out, options["resume"], options["overwrite"])
         rdist.use_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
-        result = _worker(program, layouts, groups, iteration, options)
+        result = _worker(program, layouts, groups, ops, options)
     except (RunDirError, RunError) as e:
         print(f"rlhfc: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -128,15 +128,17 @@ def shown_logprobs(seq: dict, logp: torch.Tensor, first: int, total: int) -> lis
 
 
 def with_logprobs(samples: list[dict], generated: list[dict]) -> list[dict]:
-    """Every rank's sample rows in call and row order, each with the `logprobs` that the
-    generate call which made its sequences (`seq_key`) recorded for its row (`generated`:
-    {"key", "row", "logprobs"}), or None where no generate call made them."""
-    found = {(g["key"], g["row"]): g["logprobs"] for g in generated}
+    """Every rank's sample rows in call and row order, each with the `logprobs` and the
+    `policy_version` that the generate call which made its sequences (`seq_key`, same
+    step) recorded for its row (`generated`: {"step", "key", "row", "logprobs",
+    "policy_version"}), or None where no generate call made them."""
+    found = {(g["step"], g["key"], g["row"]): g for g in generated}
     order = list(dict.fromkeys(s["call"] for s in samples))
     rows = []
     for sample in sorted(samples, key=lambda s: (order.index(s["call"]), s["row"])):
         row = {k: v for k, v in sample.items() if k != "seq_key"}
-        rows.append({**row, "logprobs": found.get((sample["seq_key"], sample["row"]))})
+        made = found.get((sample["step"], sample["seq_key"], sample["row"]), {})
+        rows.append({**row, "logprobs": made.get("logprobs"), "policy_version": made.get("policy_version")})
     return rows
 
 

@@ -15,8 +15,9 @@ import pprint
 import jinja2
 
 from rlhfc import ir
-from rlhfc.backend.lower import Call, Drop, Load, Move, Offload, Op, OpProgram, Realloc, Reload
+from rlhfc.backend.lower import OpProgram
 from rlhfc_runtime.contract.interfaces import INTERFACES, REWARD_INPUT
+from rlhfc_runtime.contract.ops import Call, op_source
 
 TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("rlhfc.backend", "templates"),
@@ -24,24 +25,6 @@ TEMPLATES = jinja2.Environment(
     keep_trailing_newline=True,
     undefined=jinja2.StrictUndefined,
 )
-
-
-def op_line(op: Op) -> str:
-    """One op as one line of Python calling the engine, with every value repr()'d."""
-    if isinstance(op, Load):
-        return f"e.load({op.key!r}, dataset={op.dataset!r})"
-    if isinstance(op, Realloc):
-        return f"e.realloc({op.model!r}, src={op.src!r}, dst={op.dst!r})"
-    if isinstance(op, Drop):
-        return f"e.drop({op.model!r}, layout={op.layout!r})"
-    if isinstance(op, Move):
-        return f"e.move({op.key!r}, src={op.src!r}, dst={op.dst!r})"
-    if isinstance(op, (Offload, Reload)):
-        return f"e.{type(op).__name__.lower()}({op.model!r}, layout={op.layout!r})"
-    return (
-        f"e.call({op.name!r}, model={op.model!r}, kind={op.kind!r}, using={op.interface!r}, "
-        f"layout={op.layout!r}, inputs={op.inputs!r}, outputs={op.outputs!r}, settings={dict(op.settings)!r})"
-    )
 
 
 def relative_path(path: str | None, base: str) -> str | None:
@@ -72,9 +55,10 @@ def program_spec(prog: OpProgram, base: str = ".") -> dict:
             for d in df.datasets
         },
         "run": {"dataflow": run.dataflow, "batch": run.batch, "steps": run.steps, "seed": run.seed,
-                "save_every": run.save_every, "keep": run.keep},
+                "save_every": run.save_every, "keep": run.keep, "max_staleness": run.max_staleness},
         "reward_key": reward_key(df),
         "estimates": {p.call: round(p.end - p.start, 6) for p in prog.plan.calls},
+        "estimated_iteration": round(prog.plan.iteration_time, 6),  # the steady state's, when asynchronous
         "estimated_peak_bytes": {p.call: p.call_memory for p in prog.plan.calls
                                  if df.model(p.model).kind != ir.ModelKind.RULE},
     }
@@ -141,7 +125,8 @@ def emit(prog: OpProgram, path: str = "build/program.py") -> str:
         layout_lines=[f"{name!r}: Layout(ranks={lay.ranks!r}, dp={lay.dp}, tp={lay.tp}, pp={lay.pp}),"
                       for name, lay in prog.layouts],
         groups=repr(prog.groups),
-        op_lines=[op_line(op) for op in prog.ops],
+        op_types=sorted({type(op).__name__ for op in prog.ops}),
+        op_lines=[op_source(op) for op in prog.ops],
     )
     ast.parse(text)  # a generated file that does not parse is a compiler bug: fail here
     return text

@@ -19,79 +19,14 @@ time that layout needs it. Dataset keys are loaded on every rank (deterministic)
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rlhfc import ir
 from rlhfc.plan import Plan
 from rlhfc_runtime.contract.layout import Layout
+from rlhfc_runtime.contract.ops import Call, Drop, Load, Move, Offload, Op, Realloc, Reload, layouts_of
 
 
-@dataclass(frozen=True)
-class Load:
-    """Every rank reads the next batch of `dataset` into data key `key` (no collective)."""
-
-    key: str
-    dataset: str
-
-
-@dataclass(frozen=True)
-class Call:
-    """Run `interface` on `model` in `layout`, each dp rank on its share of the batch.
-    `settings` is every value the runtime reads for it (`call_settings`): nothing else."""
-
-    name: str
-    model: str
-    kind: str
-    interface: str
-    layout: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    settings: tuple[tuple[str, float | int | str], ...]
-
-
-@dataclass(frozen=True)
-class Realloc:
-    """Build `model`'s parameters in layout `dst` from its copy in layout `src`."""
-
-    model: str
-    src: str
-    dst: str
-
-
-@dataclass(frozen=True)
-class Drop:
-    """Free `model`'s parameter copy in `layout` (never its home copy)."""
-
-    model: str
-    layout: str
-
-
-@dataclass(frozen=True)
-class Move:
-    """Redistribute data key `key` from the dp shards of `src` to those of `dst`."""
-
-    key: str
-    src: str
-    dst: str
-
-
-@dataclass(frozen=True)
-class Offload:
-    """Free `model`'s device copy in `layout`; its weights wait in host memory."""
-
-    model: str
-    layout: str
-
-
-@dataclass(frozen=True)
-class Reload:
-    """Bring `model`'s offloaded weights back to the devices of `layout` (no-op if there)."""
-
-    model: str
-    layout: str
-
-
-Op = Load | Call | Realloc | Drop | Move | Offload | Reload
 
 
 @dataclass(frozen=True)
@@ -120,9 +55,7 @@ def strategy_layout(strategy: ir.Strategy, cluster: ir.Cluster) -> Layout:
 
 def participants(op: Op, layouts: dict[str, Layout]) -> tuple[int, ...]:
     """The ranks an op involves, sorted: the only ranks that may block on it."""
-    if isinstance(op, Load):
-        return tuple(sorted({r for lay in layouts.values() for r in lay.ranks}))
-    names = (op.layout,) if isinstance(op, (Call, Drop, Offload, Reload)) else (op.src, op.dst)
+    names = layouts_of(op) or tuple(layouts)  # a load: every rank
     return tuple(sorted({r for n in names for r in layouts[n].ranks}))
 
 
@@ -178,6 +111,7 @@ def _dataset_of(key: str, dataflow: ir.Dataflow) -> str:
 def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
     """The op program of one iteration: loads, then per call (in a dependency-respecting
     plan order) the moves and reallocations it needs, the call, and the drops after it."""
+    check_ahead(dataflow, plan)
     names = _Layouts(plan.cluster)
     order = call_order(dataflow, plan)
     neural = [m for m in dataflow.models if m.kind != ir.ModelKind.RULE]
@@ -188,13 +122,15 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
             homes.setdefault(c.model, call_layout[c.name])
 
     producers = {k: c.name for c in dataflow.calls for k in c.outputs}  # data key -> its call
-    ops: list[Op] = []
-    where: dict[str, set[str]] = {}  # data key -> layouts holding it
+    ops: list[tuple[Op, str]] = []  # (op, the call it serves)
+    ahead = {p.call: p.ahead for p in plan.calls}
+    # data key -> {layout holding it: how many iterations ahead the op that put it there runs}
+    where: dict[str, dict[str, int]] = {}
     for c in order:
         for key in c.inputs:
             if key not in producers and key not in where:
-                ops.append(Load(key, _dataset_of(key, dataflow)))
-                where[key] = set(call_layout.values()) | set(homes.values())
+                ops.append((Load(key, _dataset_of(key, dataflow)), c.name))
+                where[key] = dict.fromkeys({*call_layout.values(), *homes.values()}, max(ahead.values()))
 
     copies = {m: {h} for m, h in homes.items()}  # model -> layouts holding its parameters
     last_use = {}
@@ -205,9 +141,10 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
     def move_inputs(d: ir.Call) -> None:
         lay = call_layout[d.name]
         for key in d.inputs:
-            if lay not in where[key]:
-                ops.append(Move(key, _nearest(where[key], lay, names), lay))
-                where[key].add(lay)
+            holders = {h for h, level in where[key].items() if level >= ahead[d.name]}  # there in time for d
+            if lay not in holders:
+                ops.append((Move(key, _nearest(holders, lay, names), lay), d.name))
+                where[key][lay] = ahead[d.name]
         moved.add(d.name)
 
     for i, c in enumerate(order):
@@ -227,22 +164,22 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
         lay = call_layout[c.name]
         model = dataflow.model(c.model)
         if model.kind != ir.ModelKind.RULE and lay not in copies[c.model]:
-            ops.append(Realloc(c.model, homes[c.model], lay))
+            ops.append((Realloc(c.model, homes[c.model], lay), c.name))
             copies[c.model].add(lay)
         if c.model in plan.offloaded:
-            ops.append(Reload(c.model, lay))
-        ops.append(Call(c.name, c.model, c.kind.value, c.interface, lay, c.inputs, c.outputs,
-                        call_settings(c, plan, neural=model.kind != ir.ModelKind.RULE)))
+            ops.append((Reload(c.model, lay), c.name))
+        ops.append((Call(c.name, c.model, c.kind.value, c.interface, lay, c.inputs, c.outputs,
+                         call_settings(c, plan, neural=model.kind != ir.ModelKind.RULE)), c.name))
         if c.model in plan.offloaded:
-            ops.append(Offload(c.model, lay))
+            ops.append((Offload(c.model, lay), c.name))
         for key in c.outputs:
-            where[key] = {lay}
+            where[key] = {lay: ahead[c.name]}
         if model.kind == ir.ModelKind.RULE or lay == homes[c.model]:
             continue
         if c.kind is ir.CallKind.TRAIN:
-            ops.append(Realloc(c.model, lay, homes[c.model]))
+            ops.append((Realloc(c.model, lay, homes[c.model]), c.name))
         if last_use[(c.model, lay)] == i or c.kind is ir.CallKind.TRAIN:
-            ops.append(Drop(c.model, lay))
+            ops.append((Drop(c.model, lay), c.name))
             copies[c.model].discard(lay)
 
     layouts = {n: lay for lay, n in names.by_layout.items()}  # in naming order: L0, L1, …
@@ -252,8 +189,48 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
         layouts=tuple(layouts.items()),
         homes=tuple(sorted(homes.items())),
         groups=_groups(layouts),
-        ops=tuple(ops),
+        ops=pipelined(ops, dataflow, plan),
     )
+
+
+def pipelined(ops: list[tuple[Op, str]], dataflow: ir.Dataflow, plan: Plan) -> tuple[Op, ...]:
+    """The iteration's ops, each with the `ahead` of the call it serves (a load: its
+    furthest-ahead reader's), in the order of the steady-state body. A synchronous plan
+    keeps the iteration's order. An asynchronous one orders by the planned time within
+    the body (a call's start modulo the interval), moves of data made in an earlier body
+    first, so that a step's inputs reach their devices before the next rollouts start."""
+    ahead = {p.call: p.ahead for p in plan.calls}
+    readers: dict[str, list[int]] = {}
+    for op, owner in ops:
+        if isinstance(op, Load):
+            readers.setdefault(op.key, []).append(ahead[owner])
+    producers = {k: c.name for c in dataflow.calls for k in c.outputs}
+    for key, dataset_readers in readers.items():
+        ahead[f"load {key}"] = max(dataset_readers)
+    annotated = [replace(op, ahead=ahead[f"load {op.key}" if isinstance(op, Load) else owner]) for op, owner in ops]
+    if not any(op.ahead for op in annotated):
+        return tuple(annotated)
+    interval = plan.iteration_time
+
+    def body_time(index: int) -> float:
+        op, owner = annotated[index], ops[index][1]
+        if isinstance(op, Move) and op.key in producers and ahead[producers[op.key]] > op.ahead:
+            return -1.0  # made in an earlier body: moved first
+        return plan.placement(owner).start % interval if interval > 0 else 0.0
+
+    return tuple(annotated[i] for i in sorted(range(len(annotated)), key=lambda i: (body_time(i), i)))
+
+
+def check_ahead(dataflow: ir.Dataflow, plan: Plan) -> None:
+    """A call runs at most as far ahead as the calls whose data it reads (they must have
+    made it in an earlier or the same body); ValueError (a planner bug) otherwise."""
+    ahead = {p.call: p.ahead for p in plan.calls}
+    producers = {k: c.name for c in dataflow.calls for k in c.outputs}
+    for c in dataflow.calls:
+        for key in c.inputs:
+            if key in producers and ahead[producers[key]] < ahead[c.name]:
+                raise ValueError(f"plan runs {c.name!r} {ahead[c.name]} iteration(s) ahead but its input "
+                                 f"{key!r} {ahead[producers[key]]} ahead: a planner bug")
 
 
 def call_settings(call: ir.Call, plan: Plan, neural: bool = True) -> tuple[tuple[str, float | int | str], ...]:

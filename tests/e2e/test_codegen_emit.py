@@ -27,7 +27,7 @@ def test_hostile_dataset_path_stays_a_string(tmp_path):
     ns = {}
     exec(compile(tree, "gen.py", "exec"), ns)  # defining the module runs nothing hostile
     assert ns["PROGRAM"]["datasets"]["prompts"]["path"] == HOSTILE
-    settings = [ast.literal_eval(k.value) for n in calls for k in n.keywords if k.arg == "settings"]
+    settings = [dict(ast.literal_eval(k.value)) for n in calls for k in n.keywords if k.arg == "settings"]
     assert any(s.get("kl_mode") == HOSTILE for s in settings)
     assert not (tmp_path / "PWNED").exists()
 
@@ -38,9 +38,12 @@ def test_output_is_deterministic_and_has_one_line_per_op():
     text = emit(prog)
     assert text == emit(lower(dataflow(), split_plan(dataflow())))
     tree = ast.parse(text)
-    body = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "iteration").body
-    assert len(body) == 1 + len(prog.ops)  # docstring + one statement per op
-    assert all(n.lineno == n.end_lineno for n in body[1:])
+    ops = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "OPS").value.elts
+    assert len(ops) == len(prog.ops)  # one constructor call per op, one line each
+    assert all(n.lineno == n.end_lineno for n in ops)
+    ns = {}
+    exec(compile(tree, "gen.py", "exec"), ns)
+    assert ns["OPS"] == prog.ops  # the file builds the very ops the compiler lowered
 
 
 def test_spec_carries_models_homes_and_estimates():

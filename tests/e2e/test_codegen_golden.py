@@ -14,7 +14,8 @@ from codegen_fixtures import split_plan
 from rlhfc.frontend.check import load_program
 from rlhfc.driver import compile_program
 from rlhfc.backend.emit import emit
-from rlhfc.backend.lower import Call, lower
+from rlhfc.backend.lower import lower
+from rlhfc_runtime.contract.ops import Call
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "codegen"
@@ -54,7 +55,8 @@ def op_list(prog) -> str:
     lines = [f"{name}: ranks {list(lay.ranks)} dp={lay.dp} tp={lay.tp} pp={lay.pp}" for name, lay in prog.layouts]
     lines += [f"home {model}: {layout}" for model, layout in prog.homes]
     for op in prog.ops:
-        values = {f.name: getattr(op, f.name) for f in fields(op) if f.name != "settings"}
+        values = {f.name: getattr(op, f.name) for f in fields(op)
+                  if f.name != "settings" and (f.name != "ahead" or op.ahead)}
         if isinstance(op, Call):
             settings = dict(op.settings)
             values.update({k: settings[k] for k in ("rows", "precision", "n_mbs", "recompute") if k in settings})

@@ -7,7 +7,8 @@ import itertools
 
 from codegen_fixtures import dataflow, single_plan, split_plan, strategy, plan
 
-from rlhfc.backend.lower import Call, Drop, Load, Move, Realloc, lower, participants
+from rlhfc.backend.lower import lower, participants
+from rlhfc_runtime.contract.ops import Call, Drop, Load, Move, Realloc
 
 
 def simulate(prog) -> list[tuple[int, object]]:

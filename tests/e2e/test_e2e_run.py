@@ -14,7 +14,8 @@ from codegen_fixtures import plan, split_plan, strategy
 
 from rlhfc.frontend.check import load_program
 from rlhfc.backend.emit import emit
-from rlhfc.backend.lower import Realloc, lower
+from rlhfc.backend.lower import lower
+from rlhfc_runtime.contract.ops import Realloc
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,8 +151,8 @@ def test_offloaded_reference_computes_what_a_resident_one_does_and_resumes(tmp_p
         scripts[name] = tmp_path / f"{name}.py"
         scripts[name].write_text(emit(lower(df, p), str(scripts[name])))
     text = scripts["offloaded"].read_text()
-    assert text.index("e.reload('ref'") < text.index("e.call('refl'") < text.index("e.offload('ref'")
-    assert "e.reload(" not in scripts["resident"].read_text()
+    assert text.index("Reload(model='ref'") < text.index("Call(name='refl'") < text.index("Offload(model='ref'")
+    assert "Reload(" not in scripts["resident"].read_text()
     for name, script in scripts.items():
         done = run(script, tmp_path / name, "--steps", "4", "--save-every", "2")
         assert done.returncode == 0, done.stderr

@@ -16,7 +16,8 @@ import pytest
 from codegen_fixtures import plan, strategy
 
 from rlhfc.backend.emit import emit
-from rlhfc.backend.lower import Move, lower
+from rlhfc.backend.lower import lower
+from rlhfc_runtime.contract.ops import Move
 from rlhfc.frontend.check import load_program
 
 ROOT = Path(__file__).resolve().parents[2]

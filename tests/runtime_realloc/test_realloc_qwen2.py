@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from codegen_fixtures import plan, strategy  # noqa: E402
 
 from rlhfc.backend.emit import emit, program_spec  # noqa: E402
-from rlhfc.backend.lower import Realloc, lower  # noqa: E402
+from rlhfc.backend.lower import lower  # noqa: E402
+from rlhfc_runtime.contract.ops import Realloc  # noqa: E402
 from rlhfc.frontend.check import load_program  # noqa: E402
 from rlhfc_runtime.dist import spawn  # noqa: E402
 

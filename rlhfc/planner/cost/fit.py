@@ -128,7 +128,7 @@ def driver_ops(prog) -> int:
     loads, data moves between meshes, rule-reward calls, reallocations and drops. Each is a
     step of the driver's loop whose fixed cost (Python, dispatch, synchronisation) the
     schedule does not price (it prices only a move's bytes and a reallocation's copy)."""
-    from rlhfc.backend.lower import Call as CallOp
+    from rlhfc_runtime.contract.ops import Call as CallOp
 
     return sum(1 for op in prog.ops
                if not (isinstance(op, CallOp) and prog.dataflow.model(op.model).shape is not None))

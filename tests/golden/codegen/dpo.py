@@ -12,7 +12,8 @@ Plan: HEURISTIC, estimated 0.007 s/iteration, lower bound 0.000 s, gap 100.0%; p
     homes: actor -> L0, ref -> L0
 """
 
-from rlhfc_runtime.engine import Engine, Layout, main
+from rlhfc_runtime.contract.ops import Call, Load
+from rlhfc_runtime.engine import Layout, main
 
 PROGRAM = {'source': '../programs/dpo.rlhf',
  'world_size': 2,
@@ -100,7 +101,13 @@ PROGRAM = {'source': '../programs/dpo.rlhf',
                         'chat': False,
                         'system': None,
                         'columns': []}},
- 'run': {'dataflow': 'dpo', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10, 'keep': 2},
+ 'run': {'dataflow': 'dpo',
+         'batch': 16,
+         'steps': 40,
+         'seed': 1,
+         'save_every': 10,
+         'keep': 2,
+         'max_staleness': 0},
  'reward_key': None,
  'estimates': {'refl': 0.002571, 'a_tr': 0.003956},
  'estimated_peak_bytes': {'refl': 3462747, 'a_tr': 12246969}}
@@ -112,13 +119,14 @@ LAYOUTS = {
 GROUPS = ((0, 1),)
 
 
-def iteration(e: Engine) -> None:
-    """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
-    the layouts it names, so all ranks meet their collectives in the same order."""
-    e.load('pairs', dataset='pairs')
-    e.call('refl', model='ref', kind='inference', using='pair_logprobs', layout='L0', inputs=('pairs',), outputs=('ref_logp',), settings={'rows': 16, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'n_mbs': 1, 'recompute': False, 'token_budget': 1040})
-    e.call('a_tr', model='actor', kind='train', using='dpo', layout='L0', inputs=('pairs', 'ref_logp'), outputs=(), settings={'rows': 16, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'beta': 0.1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 40, 'n_mbs': 1, 'recompute': False, 'token_budget': 1040})
+# One RLHF iteration. Every rank runs every op, in this order; an op involves only the
+# ranks of the layouts it names, so all ranks meet their collectives in the same order.
+OPS = (
+    Load(key='pairs', dataset='pairs'),
+    Call(name='refl', model='ref', kind='inference', interface='pair_logprobs', layout='L0', inputs=('pairs',), outputs=('ref_logp',), settings=(('rows', 16), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 1040))),
+    Call(name='a_tr', model='actor', kind='train', interface='dpo', layout='L0', inputs=('pairs', 'ref_logp'), outputs=(), settings=(('rows', 16), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('beta', 0.1), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('steps', 40), ('n_mbs', 1), ('recompute', False), ('token_budget', 1040))),
+)
 
 
 if __name__ == "__main__":
-    main(PROGRAM, LAYOUTS, GROUPS, iteration, here=__file__)
+    main(PROGRAM, LAYOUTS, GROUPS, OPS, here=__file__)

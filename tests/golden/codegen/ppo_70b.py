@@ -16,7 +16,8 @@ Plan: HEURISTIC, estimated 292.030 s/iteration, lower bound 0.000 s, gap 100.0%;
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """
 
-from rlhfc_runtime.engine import Engine, Layout, main
+from rlhfc_runtime.contract.ops import Call, Load
+from rlhfc_runtime.engine import Layout, main
 
 PROGRAM = {'source': '../programs/ppo_70b.rlhf',
  'world_size': 128,
@@ -178,7 +179,13 @@ PROGRAM = {'source': '../programs/ppo_70b.rlhf',
                           'chat': False,
                           'system': None,
                           'columns': []}},
- 'run': {'dataflow': 'ppo', 'batch': 512, 'steps': 100, 'seed': 0, 'save_every': 10, 'keep': 2},
+ 'run': {'dataflow': 'ppo',
+         'batch': 512,
+         'steps': 100,
+         'seed': 0,
+         'save_every': 10,
+         'keep': 2,
+         'max_staleness': 0},
  'reward_key': 'score',
  'estimates': {'gen': 159.836902,
                'score': 18.439932,
@@ -200,17 +207,18 @@ LAYOUTS = {
 GROUPS = ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127),)
 
 
-def iteration(e: Engine) -> None:
-    """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
-    the layouts it names, so all ranks meet their collectives in the same order."""
-    e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 256, 'n_mbs': 4, 'recompute': False, 'token_budget': 32768})
-    e.call('score', model='reward', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 32768})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 32768})
-    e.call('vals', model='critic', kind='inference', using='values', layout='L0', inputs=('seq',), outputs=('values',), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'n_mbs': 4, 'recompute': False, 'token_budget': 32768})
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 256, 'steps': 100, 'n_mbs': 4, 'recompute': True, 'token_budget': 32768})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 512, 'precision': 'bf16', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.05, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 100, 'n_mbs': 4, 'recompute': True, 'token_budget': 32768})
+# One RLHF iteration. Every rank runs every op, in this order; an op involves only the
+# ranks of the layouts it names, so all ranks meet their collectives in the same order.
+OPS = (
+    Load(key='prompts', dataset='prompts'),
+    Call(name='gen', model='actor', kind='generate', interface='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('group_size', 1), ('temperature', 1.0), ('top_p', 1.0), ('top_k', 0), ('engine', 'rlhfc'), ('max_new_tokens', 256), ('n_mbs', 4), ('recompute', False), ('token_budget', 32768))),
+    Call(name='score', model='reward', kind='inference', interface='values', layout='L0', inputs=('seq',), outputs=('score',), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 4), ('recompute', False), ('token_budget', 32768))),
+    Call(name='refl', model='ref', kind='inference', interface='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 4), ('recompute', False), ('token_budget', 32768))),
+    Call(name='vals', model='critic', kind='inference', interface='values', layout='L0', inputs=('seq',), outputs=('values',), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 4), ('recompute', False), ('token_budget', 32768))),
+    Call(name='a_tr', model='actor', kind='train', interface='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.05), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('adv_norm', 1), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 256), ('steps', 100), ('n_mbs', 4), ('recompute', True), ('token_budget', 32768))),
+    Call(name='c_tr', model='critic', kind='train', interface='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.05), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('value_clip', 0.2), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('steps', 100), ('n_mbs', 4), ('recompute', True), ('token_budget', 32768))),
+)
 
 
 if __name__ == "__main__":
-    main(PROGRAM, LAYOUTS, GROUPS, iteration, here=__file__)
+    main(PROGRAM, LAYOUTS, GROUPS, OPS, here=__file__)

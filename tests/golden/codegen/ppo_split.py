@@ -16,7 +16,8 @@ Plan: FIXED, estimated 6.000 s/iteration, lower bound 6.000 s, gap 0.0%
     homes: actor -> L0, critic -> L0, ref -> L1
 """
 
-from rlhfc_runtime.engine import Engine, Layout, main
+from rlhfc_runtime.contract.ops import Call, Drop, Load, Move, Realloc
+from rlhfc_runtime.engine import Layout, main
 
 PROGRAM = {'source': '../programs/ppo.rlhf',
  'world_size': 2,
@@ -152,7 +153,13 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                           'chat': False,
                           'system': None,
                           'columns': []}},
- 'run': {'dataflow': 'ppo', 'batch': 64, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
+ 'run': {'dataflow': 'ppo',
+         'batch': 64,
+         'steps': 150,
+         'seed': 1,
+         'save_every': 10,
+         'keep': 2,
+         'max_staleness': 0},
  'reward_key': 'score',
  'estimates': {'gen': 1.0, 'score': 1.0, 'refl': 1.0, 'vals': 1.0, 'a_tr': 1.0, 'c_tr': 1.0},
  'estimated_peak_bytes': {'gen': 1048576,
@@ -170,27 +177,28 @@ LAYOUTS = {
 GROUPS = ((0, 1), (0,), (1,))
 
 
-def iteration(e: Engine) -> None:
-    """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
-    the layouts it names, so all ranks meet their collectives in the same order."""
-    e.load('prompts', dataset='prompts')
-    e.realloc('actor', src='L0', dst='L2')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L2', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False, 'token_budget': 1792})
-    e.drop('actor', layout='L2')
-    e.move('seq', src='L2', dst='L1')
-    e.call('score', model='reward', kind='inference', using='rule', layout='L2', inputs=('seq',), outputs=('score',), settings={'rows': 64, 'max_new_tokens': 12})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L1', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'n_mbs': 1, 'recompute': False, 'token_budget': 1792})
-    e.realloc('critic', src='L0', dst='L1')
-    e.call('vals', model='critic', kind='inference', using='values', layout='L1', inputs=('seq',), outputs=('values',), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'n_mbs': 1, 'recompute': False, 'token_budget': 1792})
-    e.drop('critic', layout='L1')
-    e.move('seq', src='L1', dst='L0')
-    e.move('logp', src='L2', dst='L0')
-    e.move('ref_logp', src='L1', dst='L0')
-    e.move('score', src='L2', dst='L0')
-    e.move('values', src='L1', dst='L0')
-    e.call('a_tr', model='actor', kind='train', using='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'adv_norm': 1, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
-    e.call('c_tr', model='critic', kind='train', using='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings={'rows': 64, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.01, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'kl_mode': 'reward', 'gamma': 1.0, 'lam': 0.95, 'value_clip': 0.2, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 150, 'n_mbs': 1, 'recompute': False, 'token_budget': 896})
+# One RLHF iteration. Every rank runs every op, in this order; an op involves only the
+# ranks of the layouts it names, so all ranks meet their collectives in the same order.
+OPS = (
+    Load(key='prompts', dataset='prompts'),
+    Realloc(model='actor', src='L0', dst='L2'),
+    Call(name='gen', model='actor', kind='generate', interface='generate', layout='L2', inputs=('prompts',), outputs=('seq', 'logp'), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('group_size', 1), ('temperature', 1.0), ('top_p', 1.0), ('top_k', 0), ('engine', 'rlhfc'), ('max_new_tokens', 12), ('n_mbs', 1), ('recompute', False), ('token_budget', 1792))),
+    Drop(model='actor', layout='L2'),
+    Move(key='seq', src='L2', dst='L1'),
+    Call(name='score', model='reward', kind='inference', interface='rule', layout='L2', inputs=('seq',), outputs=('score',), settings=(('rows', 64), ('max_new_tokens', 12))),
+    Call(name='refl', model='ref', kind='inference', interface='logprobs', layout='L1', inputs=('seq',), outputs=('ref_logp',), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 1792))),
+    Realloc(model='critic', src='L0', dst='L1'),
+    Call(name='vals', model='critic', kind='inference', interface='values', layout='L1', inputs=('seq',), outputs=('values',), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 1792))),
+    Drop(model='critic', layout='L1'),
+    Move(key='seq', src='L1', dst='L0'),
+    Move(key='logp', src='L2', dst='L0'),
+    Move(key='ref_logp', src='L1', dst='L0'),
+    Move(key='score', src='L2', dst='L0'),
+    Move(key='values', src='L1', dst='L0'),
+    Call(name='a_tr', model='actor', kind='train', interface='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('adv_norm', 1), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 12), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
+    Call(name='c_tr', model='critic', kind='train', interface='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('value_clip', 0.2), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
+)
 
 
 if __name__ == "__main__":
-    main(PROGRAM, LAYOUTS, GROUPS, iteration, here=__file__)
+    main(PROGRAM, LAYOUTS, GROUPS, OPS, here=__file__)

@@ -16,7 +16,8 @@ Plan: HEURISTIC, estimated 0.011 s/iteration, lower bound 0.000 s, gap 100.0%; p
     homes: actor -> L0, ref -> L0
 """
 
-from rlhfc_runtime.engine import Engine, Layout, main
+from rlhfc_runtime.contract.ops import Call, Load
+from rlhfc_runtime.engine import Layout, main
 
 PROGRAM = {'source': '../programs/remax.rlhf',
  'world_size': 2,
@@ -115,7 +116,13 @@ PROGRAM = {'source': '../programs/remax.rlhf',
                           'chat': False,
                           'system': None,
                           'columns': []}},
- 'run': {'dataflow': 'remax', 'batch': 32, 'steps': 150, 'seed': 1, 'save_every': 10, 'keep': 2},
+ 'run': {'dataflow': 'remax',
+         'batch': 32,
+         'steps': 150,
+         'seed': 1,
+         'save_every': 10,
+         'keep': 2,
+         'max_staleness': 0},
  'reward_key': 'score',
  'estimates': {'gen': 0.002937,
                'greedy': 0.002937,
@@ -132,17 +139,18 @@ LAYOUTS = {
 GROUPS = ((0, 1),)
 
 
-def iteration(e: Engine) -> None:
-    """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
-    the layouts it names, so all ranks meet their collectives in the same order."""
-    e.load('prompts', dataset='prompts')
-    e.call('gen', model='actor', kind='generate', using='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings={'rows': 32, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False, 'token_budget': 448})
-    e.call('greedy', model='actor', kind='generate', using='generate_greedy', layout='L0', inputs=('prompts',), outputs=('base_seq',), settings={'rows': 32, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'group_size': 1, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'engine': 'rlhfc', 'max_new_tokens': 12, 'n_mbs': 1, 'recompute': False, 'token_budget': 448})
-    e.call('score', model='reward', kind='inference', using='rule', layout='L0', inputs=('seq',), outputs=('score',), settings={'rows': 32, 'max_new_tokens': 12})
-    e.call('base', model='reward', kind='inference', using='rule', layout='L0', inputs=('base_seq',), outputs=('base_score',), settings={'rows': 32, 'max_new_tokens': 12})
-    e.call('refl', model='ref', kind='inference', using='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings={'rows': 32, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'n_mbs': 1, 'recompute': False, 'token_budget': 448})
-    e.call('a_tr', model='actor', kind='train', using='remax_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'base_score'), outputs=(), settings={'rows': 32, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'kl_coef': 0.001, 'kl_estimator': 'k1', 'kl_target': 0.0, 'kl_horizon': 10000.0, 'clip': 0.2, 'clip_low': 0.2, 'clip_high': 0.2, 'dual_clip': 0.0, 'entropy_coef': 0.0, 'loss_agg': 'token-mean', 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'max_new_tokens': 12, 'steps': 150, 'n_mbs': 1, 'recompute': False, 'token_budget': 448})
+# One RLHF iteration. Every rank runs every op, in this order; an op involves only the
+# ranks of the layouts it names, so all ranks meet their collectives in the same order.
+OPS = (
+    Load(key='prompts', dataset='prompts'),
+    Call(name='gen', model='actor', kind='generate', interface='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings=(('rows', 32), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('group_size', 1), ('temperature', 1.0), ('top_p', 1.0), ('top_k', 0), ('engine', 'rlhfc'), ('max_new_tokens', 12), ('n_mbs', 1), ('recompute', False), ('token_budget', 448))),
+    Call(name='greedy', model='actor', kind='generate', interface='generate_greedy', layout='L0', inputs=('prompts',), outputs=('base_seq',), settings=(('rows', 32), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('group_size', 1), ('temperature', 1.0), ('top_p', 1.0), ('top_k', 0), ('engine', 'rlhfc'), ('max_new_tokens', 12), ('n_mbs', 1), ('recompute', False), ('token_budget', 448))),
+    Call(name='score', model='reward', kind='inference', interface='rule', layout='L0', inputs=('seq',), outputs=('score',), settings=(('rows', 32), ('max_new_tokens', 12))),
+    Call(name='base', model='reward', kind='inference', interface='rule', layout='L0', inputs=('base_seq',), outputs=('base_score',), settings=(('rows', 32), ('max_new_tokens', 12))),
+    Call(name='refl', model='ref', kind='inference', interface='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings=(('rows', 32), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 448))),
+    Call(name='a_tr', model='actor', kind='train', interface='remax_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'base_score'), outputs=(), settings=(('rows', 32), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.001), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 12), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 448))),
+)
 
 
 if __name__ == "__main__":
-    main(PROGRAM, LAYOUTS, GROUPS, iteration, here=__file__)
+    main(PROGRAM, LAYOUTS, GROUPS, OPS, here=__file__)

@@ -11,7 +11,8 @@ Plan: HEURISTIC, estimated 0.003 s/iteration, lower bound 0.000 s, gap 100.0%; p
     homes: actor -> L0
 """
 
-from rlhfc_runtime.engine import Engine, Layout, main
+from rlhfc_runtime.contract.ops import Call, Load
+from rlhfc_runtime.engine import Layout, main
 
 PROGRAM = {'source': '../programs/sft.rlhf',
  'world_size': 2,
@@ -62,7 +63,13 @@ PROGRAM = {'source': '../programs/sft.rlhf',
                         'chat': False,
                         'system': None,
                         'columns': []}},
- 'run': {'dataflow': 'sft', 'batch': 16, 'steps': 40, 'seed': 1, 'save_every': 10, 'keep': 2},
+ 'run': {'dataflow': 'sft',
+         'batch': 16,
+         'steps': 40,
+         'seed': 1,
+         'save_every': 10,
+         'keep': 2,
+         'max_staleness': 0},
  'reward_key': None,
  'estimates': {'a_tr': 0.003101},
  'estimated_peak_bytes': {'a_tr': 6858710}}
@@ -74,12 +81,13 @@ LAYOUTS = {
 GROUPS = ((0, 1),)
 
 
-def iteration(e: Engine) -> None:
-    """One RLHF iteration. Every rank runs every line; an op involves only the ranks of
-    the layouts it names, so all ranks meet their collectives in the same order."""
-    e.load('demos', dataset='demos')
-    e.call('a_tr', model='actor', kind='train', using='sft', layout='L0', inputs=('demos',), outputs=(), settings={'rows': 16, 'precision': 'fp32', 'packing': 'packed', 'response_len': 0, 'ppo_epochs': 1, 'mini_batches': 1, 'max_grad_norm': 0.0, 'lr_schedule': 'constant', 'warmup_steps': 0, 'steps': 40, 'n_mbs': 1, 'recompute': False, 'token_budget': 520})
+# One RLHF iteration. Every rank runs every op, in this order; an op involves only the
+# ranks of the layouts it names, so all ranks meet their collectives in the same order.
+OPS = (
+    Load(key='demos', dataset='demos'),
+    Call(name='a_tr', model='actor', kind='train', interface='sft', layout='L0', inputs=('demos',), outputs=(), settings=(('rows', 16), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('steps', 40), ('n_mbs', 1), ('recompute', False), ('token_budget', 520))),
+)
 
 
 if __name__ == "__main__":
-    main(PROGRAM, LAYOUTS, GROUPS, iteration, here=__file__)
+    main(PROGRAM, LAYOUTS, GROUPS, OPS, here=__file__)
