@@ -99,15 +99,21 @@ def check_ratio_cap(run: ast.RunStmt, decl_calls, calls: tuple[ir.Call, ...], re
     tokens the current policy samples more often than the old one)."""
     by_name, reported = {c.name.text: c for c in decl_calls}, set()
     for call in calls:
-        settings = dict(call.settings)
-        cap = settings.get("ratio_cap", 0.0)
-        problem = (None if not cap else "must exceed 1 (0: off)" if cap <= 1 else None
-                   if recomputes_old_logp(settings) else 'needs off_policy = "decoupled" or "tis"')
+        problem = _ratio_cap_problem(dict(call.settings))
         opt = setting_option(run, by_name[call.name], "ratio_cap")
         if problem is not None and opt is not None and opt.value.span not in reported:
             reported.add(opt.value.span)
             rep.error("E022", f"`ratio_cap` of call `{call.name}` {problem}", opt.value.span,
                       next(s.doc for s in call_settings(call) if s.name == "ratio_cap"))
+
+
+def _ratio_cap_problem(settings: dict) -> str | None:
+    cap = settings.get("ratio_cap", 0.0)
+    if not cap:
+        return None
+    if not recomputes_old_logp(settings):
+        return 'needs off_policy = "decoupled" or "tis"'
+    return "must exceed 1 (0: off)" if cap <= 1 else None
 
 
 def check_engines(run: ast.RunStmt, decl_calls, calls: tuple[ir.Call, ...], models: dict[str, ir.Model],
