@@ -46,6 +46,7 @@ Metrics = dict[str, torch.Tensor]
 # corrections' old policy, beside the rollout's `logp` (the behaviour policy's).
 OLD_LOGP = "old_logp"
 
+
 def hyper_value(hyper: Hyper, key: str):
     """A resolved setting of the call (`rlhfc_runtime.contract.interfaces`): the compiler
     gives every one the interface declares, so a missing key is a compiler bug."""
@@ -236,8 +237,9 @@ def _token_mean_weights(batch: Batch, hyper: Hyper) -> Batch:
 def _policy_loss(kl_loss_coef: Callable[[Hyper], float]):
     """A clipped policy-gradient loss on prepared advantages (clip-higher, dual-clip; with
     an `off_policy` correction its ratio is to the trainer's pre-update policy, `OLD_LOGP`,
-    and each token weighted by `behaviour_weights`), minus entropy_coef times the entropy, plus a KL-to-reference term (the chosen
-    estimator) weighted by `kl_loss_coef(hyper)` (0 where the KL sits in the reward)."""
+    and each token weighted by `behaviour_weights`), minus entropy_coef times the entropy,
+    plus a KL-to-reference term (the chosen estimator) weighted by `kl_loss_coef(hyper)`
+    (0 where the KL sits in the reward)."""
 
     def loss_fn(model_outputs: Batch, batch: Batch, hyper: Hyper) -> tuple[torch.Tensor, Metrics]:
         logp, weight = model_outputs["logp"], batch["token_weight"]
