@@ -110,6 +110,7 @@ PROGRAM = {'source': '../programs/dpo.rlhf',
          'max_staleness': 0},
  'reward_key': None,
  'estimates': {'refl': 0.002571, 'a_tr': 0.003956},
+ 'estimated_iteration': 0.006527,
  'estimated_peak_bytes': {'refl': 3462747, 'a_tr': 12246969}}
 
 LAYOUTS = {

@@ -123,6 +123,7 @@ PROGRAM = {'source': '../programs/grpo.rlhf',
          'max_staleness': 0},
  'reward_key': 'score',
  'estimates': {'gen': 0.002937, 'score': 0.0, 'refl': 0.002246, 'a_tr': 0.002982},
+ 'estimated_iteration': 0.008165,
  'estimated_peak_bytes': {'gen': 1282151, 'refl': 1654308, 'a_tr': 6083357}}
 
 LAYOUTS = {
@@ -139,7 +140,7 @@ OPS = (
     Call(name='gen', model='actor', kind='generate', interface='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings=(('rows', 32), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('group_size', 4), ('temperature', 1.0), ('top_p', 1.0), ('top_k', 0), ('engine', 'rlhfc'), ('max_new_tokens', 12), ('n_mbs', 1), ('recompute', False), ('token_budget', 448))),
     Call(name='score', model='reward', kind='inference', interface='rule', layout='L0', inputs=('seq',), outputs=('score',), settings=(('rows', 32), ('max_new_tokens', 12))),
     Call(name='refl', model='ref', kind='inference', interface='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings=(('rows', 32), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 448))),
-    Call(name='a_tr', model='actor', kind='train', interface='grpo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score'), outputs=(), settings=(('rows', 32), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.04), ('kl_estimator', 'k3'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('group_size', 4), ('scale_rewards', 'group'), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 12), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 448))),
+    Call(name='a_tr', model='actor', kind='train', interface='grpo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score'), outputs=(), settings=(('rows', 32), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.04), ('kl_estimator', 'k3'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('off_policy', 'none'), ('tis_cap', 2.0), ('ratio_cap', 0.0), ('group_size', 4), ('scale_rewards', 'group'), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 12), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 448))),
 )
 
 

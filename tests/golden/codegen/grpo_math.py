@@ -124,6 +124,7 @@ PROGRAM = {'source': '../programs/grpo_math.rlhf',
          'max_staleness': 0},
  'reward_key': 'score',
  'estimates': {'gen': 0.004117, 'score': 0.0, 'refl': 0.003922, 'a_tr': 0.007962},
+ 'estimated_iteration': 0.016001,
  'estimated_peak_bytes': {'gen': 10619751, 'refl': 9468713, 'a_tr': 34943240}}
 
 LAYOUTS = {
@@ -140,7 +141,7 @@ OPS = (
     Call(name='gen', model='actor', kind='generate', interface='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings=(('rows', 128), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('group_size', 8), ('temperature', 1.0), ('top_p', 1.0), ('top_k', 0), ('engine', 'rlhfc'), ('max_new_tokens', 2), ('n_mbs', 1), ('recompute', False), ('token_budget', 3328))),
     Call(name='score', model='reward', kind='inference', interface='rule', layout='L0', inputs=('seq',), outputs=('score',), settings=(('rows', 128), ('max_new_tokens', 2))),
     Call(name='refl', model='ref', kind='inference', interface='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings=(('rows', 128), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 3328))),
-    Call(name='a_tr', model='actor', kind='train', interface='grpo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score'), outputs=(), settings=(('rows', 128), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.0), ('kl_estimator', 'k3'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('group_size', 8), ('scale_rewards', 'group'), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 2), ('steps', 300), ('n_mbs', 1), ('recompute', False), ('token_budget', 3328))),
+    Call(name='a_tr', model='actor', kind='train', interface='grpo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score'), outputs=(), settings=(('rows', 128), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.0), ('kl_estimator', 'k3'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('off_policy', 'none'), ('tis_cap', 2.0), ('ratio_cap', 0.0), ('group_size', 8), ('scale_rewards', 'group'), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 2), ('steps', 300), ('n_mbs', 1), ('recompute', False), ('token_budget', 3328))),
 )
 
 

@@ -167,6 +167,7 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
                'vals': 0.002458,
                'a_tr': 0.003655,
                'c_tr': 0.003604},
+ 'estimated_iteration': 0.015401,
  'estimated_peak_bytes': {'gen': 2210089,
                           'refl': 2867467,
                           'vals': 2700697,
@@ -188,7 +189,7 @@ OPS = (
     Call(name='score', model='reward', kind='inference', interface='rule', layout='L0', inputs=('seq',), outputs=('score',), settings=(('rows', 64), ('max_new_tokens', 12))),
     Call(name='refl', model='ref', kind='inference', interface='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
     Call(name='vals', model='critic', kind='inference', interface='values', layout='L0', inputs=('seq',), outputs=('values',), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
-    Call(name='a_tr', model='actor', kind='train', interface='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('adv_norm', 1), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 12), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
+    Call(name='a_tr', model='actor', kind='train', interface='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('off_policy', 'none'), ('tis_cap', 2.0), ('ratio_cap', 0.0), ('adv_norm', 1), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 12), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
     Call(name='c_tr', model='critic', kind='train', interface='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('value_clip', 0.2), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
 )
 

@@ -193,6 +193,7 @@ PROGRAM = {'source': '../programs/ppo_70b.rlhf',
                'vals': 18.439932,
                'a_tr': 38.4726,
                'c_tr': 38.333695},
+ 'estimated_iteration': 292.030448,
  'estimated_peak_bytes': {'gen': 3571185378,
                           'score': 4730463192,
                           'refl': 4823877336,
@@ -215,7 +216,7 @@ OPS = (
     Call(name='score', model='reward', kind='inference', interface='values', layout='L0', inputs=('seq',), outputs=('score',), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 4), ('recompute', False), ('token_budget', 32768))),
     Call(name='refl', model='ref', kind='inference', interface='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 4), ('recompute', False), ('token_budget', 32768))),
     Call(name='vals', model='critic', kind='inference', interface='values', layout='L0', inputs=('seq',), outputs=('values',), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 4), ('recompute', False), ('token_budget', 32768))),
-    Call(name='a_tr', model='actor', kind='train', interface='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.05), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('adv_norm', 1), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 256), ('steps', 100), ('n_mbs', 4), ('recompute', True), ('token_budget', 32768))),
+    Call(name='a_tr', model='actor', kind='train', interface='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.05), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('off_policy', 'none'), ('tis_cap', 2.0), ('ratio_cap', 0.0), ('adv_norm', 1), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 256), ('steps', 100), ('n_mbs', 4), ('recompute', True), ('token_budget', 32768))),
     Call(name='c_tr', model='critic', kind='train', interface='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 512), ('precision', 'bf16'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.05), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('value_clip', 0.2), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('steps', 100), ('n_mbs', 4), ('recompute', True), ('token_budget', 32768))),
 )
 

@@ -162,6 +162,7 @@ PROGRAM = {'source': '../programs/ppo.rlhf',
          'max_staleness': 0},
  'reward_key': 'score',
  'estimates': {'gen': 1.0, 'score': 1.0, 'refl': 1.0, 'vals': 1.0, 'a_tr': 1.0, 'c_tr': 1.0},
+ 'estimated_iteration': 6.0,
  'estimated_peak_bytes': {'gen': 1048576,
                           'refl': 1048576,
                           'vals': 1048576,
@@ -195,7 +196,7 @@ OPS = (
     Move(key='ref_logp', src='L1', dst='L0'),
     Move(key='score', src='L2', dst='L0'),
     Move(key='values', src='L1', dst='L0'),
-    Call(name='a_tr', model='actor', kind='train', interface='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('adv_norm', 1), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 12), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
+    Call(name='a_tr', model='actor', kind='train', interface='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('off_policy', 'none'), ('tis_cap', 2.0), ('ratio_cap', 0.0), ('adv_norm', 1), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 12), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
     Call(name='c_tr', model='critic', kind='train', interface='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('value_clip', 0.2), ('ppo_epochs', 1), ('mini_batches', 1), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
 )
 

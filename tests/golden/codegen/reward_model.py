@@ -72,6 +72,7 @@ PROGRAM = {'source': '../programs/reward_model.rlhf',
          'max_staleness': 0},
  'reward_key': None,
  'estimates': {'rm_tr': 0.003861},
+ 'estimated_iteration': 0.003861,
  'estimated_peak_bytes': {'rm_tr': 11841173}}
 
 LAYOUTS = {

@@ -72,6 +72,7 @@ PROGRAM = {'source': '../programs/sft.rlhf',
          'max_staleness': 0},
  'reward_key': None,
  'estimates': {'a_tr': 0.003101},
+ 'estimated_iteration': 0.003101,
  'estimated_peak_bytes': {'a_tr': 6858710}}
 
 LAYOUTS = {
