@@ -37,12 +37,14 @@ CASES = [
 
 
 def llama_shapes(hidden=768, inter=2048, vocab=16000, n_layers=12, heads=12):
-    """Full parameter shapes of a LLaMA-style causal LM (~110M parameters by default)."""
-    from rlhfc_runtime.model import LM, ModelConfig, param_shapes
+    """The parameter table of a LLaMA-style causal LM (~110M parameters by default)."""
+    from rlhfc_runtime.contract.kinds import Head
+    from rlhfc_runtime.contract.shapes import param_table
+    from rlhfc_runtime.model import ModelConfig
 
     cfg = ModelConfig.from_hf(dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                                    num_hidden_layers=n_layers, num_attention_heads=heads))
-    return param_shapes(cfg, LM)
+    return param_table(cfg.shape, Head.LM)
 
 
 def _timed(fn) -> float:
@@ -85,10 +87,10 @@ def _worker(shapes, n_layers, dtype_name, repeats, bucket_bytes):
     dtype = getattr(torch, dtype_name)
     itemsize = torch.empty((), dtype=dtype).element_size()
     g = torch.Generator().manual_seed(0)
-    full = {n: torch.randn(s, generator=g).to(dtype) for n, s in sorted(shapes.items())}
+    full = {n: torch.randn(p.shape, generator=g).to(dtype) for n, p in sorted(shapes.items())}
 
     def local(layout):
-        return {n: t[sl].clone() for n, t in full.items() if (sl := shard_slices(n, shapes[n], n_layers, layout, rank)) is not None}
+        return {n: t[sl].clone() for n, t in full.items() if (sl := shard_slices(n, shapes[n].shape, n_layers, layout, rank, shapes[n].split)) is not None}
 
     rows = []
     for label, src, dst in CASES:
@@ -145,7 +147,7 @@ def main() -> None:
     ap.add_argument("--bucket-mib", type=int, default=64)
     args = ap.parse_args()
     shapes = llama_shapes()
-    n_params = sum(_numel(s) for s in shapes.values())
+    n_params = sum(_numel(p.shape) for p in shapes.values())
     rows = spawn(_worker, WORLD, shapes, 12, args.dtype, args.repeats, args.bucket_mib * 2**20)[0]
     for r in rows:
         r["bandwidth_gbs"] = r["bytes"] / r["seconds"] / 1e9 if r["seconds"] else 0.0

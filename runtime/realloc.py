@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Mapping
 
-from rlhfc_runtime.contract.layout import UNSET, Layout, param_stages, shard_slices, tp_split_dim
+from rlhfc_runtime.contract.layout import Layout, param_stages, shard_slices
 from rlhfc_runtime.contract.shapes import Param
 
 DEFAULT_BUCKET_BYTES = 64 * 2**20
@@ -133,19 +133,11 @@ def cover_intervals(
     return out
 
 
-def _shape_split(name: str, spec) -> tuple[tuple[int, ...], object]:
-    """(full shape, tp split) of a parameter given as the table's `Param` or as a bare
-    shape (then its split comes from its name)."""
-    if isinstance(spec, Param):
-        return spec.shape, spec.split
-    return tuple(spec), UNSET
-
-
-def _split_dim(name: str, shape: tuple[int, ...], split) -> int:
-    if not shape:
+def _split_dim(name: str, p: Param) -> int:
+    """The dimension intervals are taken along: the tp split, or 0 for a replicated one."""
+    if not p.shape:
         raise ValueError(f"{name}: scalar parameters cannot be sharded")
-    dim = tp_split_dim(name) if split is UNSET else split
-    return 0 if dim is None else dim
+    return 0 if p.split is None else p.split
 
 
 def _interval(sl: tuple[slice, ...] | None, dim: int) -> tuple[int, int] | None:
@@ -164,7 +156,7 @@ def _is_contiguous(index: Index, shape: tuple[int, ...]) -> bool:
 
 
 def plan_reallocation(
-    param_shapes: Mapping[str, tuple[int, ...]],
+    param_shapes: Mapping[str, Param],
     n_layers: int,
     src: Layout,
     dst: Layout,
@@ -180,8 +172,8 @@ def plan_reallocation(
     dst_shapes: dict[int, list[tuple[str, tuple[int, ...]]]] = {r: [] for r in dst.ranks}
     load: dict[int, int] = {}
     for name in sorted(param_shapes):
-        shape, split = _shape_split(name, param_shapes[name])
-        dim = _split_dim(name, shape, split)
+        p = param_shapes[name]
+        shape, split, dim = p.shape, p.split, _split_dim(name, p)
         unit = itemsize
         for d, n in enumerate(shape):
             if d != dim:
@@ -244,7 +236,7 @@ def _box_intersection(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) 
 
 
 def minimum_bytes(
-    param_shapes: Mapping[str, tuple[int, ...]],
+    param_shapes: Mapping[str, Param],
     n_layers: int,
     src: Layout,
     dst: Layout,
@@ -258,11 +250,10 @@ def minimum_bytes(
     and multiplied, so a 70B shape costs a few hundred evaluations. The cost model
     calls this; tests compare it with `bytes_moved` of the plan."""
     kinds: dict[tuple, tuple[str, int]] = {}
-    for name, spec in param_shapes.items():
-        shape, split = _shape_split(name, spec)
+    for name, p in param_shapes.items():
         key = (
-            shape,
-            tp_split_dim(name) if split is UNSET else split,
+            p.shape,
+            p.split,
             param_stages(name, n_layers, src.pp),
             param_stages(name, n_layers, dst.pp),
         )
@@ -336,7 +327,7 @@ def messages(
 
 def reallocate(
     shards: dict,
-    param_shapes: Mapping[str, tuple[int, ...]],
+    param_shapes: Mapping[str, Param],
     n_layers: int,
     src: Layout,
     dst: Layout,
@@ -376,7 +367,7 @@ def reallocate(
         dtype = sample.dtype if sample is not None else None
     itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else 2
     if plan is None:
-        key = tuple(sorted((n, v if isinstance(v, Param) else tuple(v)) for n, v in param_shapes.items()))
+        key = tuple(sorted(param_shapes.items()))
         plan = _cached_plan(key, n_layers, src, dst, itemsize, devices_per_node)
     mine = plan.for_rank(rank)
     shapes = plan.shapes_for(rank)

@@ -6,7 +6,8 @@ Pure Python, no torch: the compiler imports it too.
 Rank order inside a mesh: index = (pp_rank * dp + dp_rank) * tp + tp_rank, so tensor
 parallel groups are consecutive devices (inside one node) and pipeline stages are the
 slowest-varying coordinate. Parameters are named as in Hugging Face checkpoints, and
-which dimension tensor parallelism splits comes from the parameter table (`shapes.TABLE`).
+which dimension tensor parallelism splits comes from the model's parameter table
+(`shapes.param_table`): callers pass it, nothing here guesses it from a name.
 """
 
 from __future__ import annotations
@@ -14,17 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rlhfc_runtime.contract.shapes import TABLE
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-
-# name suffix -> the tp split dimensions the table gives it (one, except for q/k norms,
-# which are per head (replicated) in Qwen3 and Gemma 3 and over all heads (split) in OLMo 2)
-_SPLITS: dict[str, set] = {}
-for _row in TABLE:
-    _SPLITS.setdefault(_row.name, set()).add(_row.split)
-UNSET = object()
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -76,21 +68,12 @@ def param_stages(name: str, n_layers: int, pp: int) -> tuple[int, ...]:
     return (pp - 1,)  # final norm, lm_head, value head (score.*)
 
 
-def tp_split_dim(name: str) -> int | None:
-    """The dimension tensor parallelism splits for `name` (None: replicated), from the
-    table. ValueError for a name whose split depends on the family (q/k norms): callers
-    that hold the model's `param_table` pass its `split` instead."""
-    m = _LAYER.match(name)
-    splits = _SPLITS.get(name[m.end():] if m else name, {None})
-    if len(splits) > 1:
-        raise ValueError(f"{name}: its tp split depends on the model family; pass the param_table's split")
-    return next(iter(splits))
-
-
 def shard_slices(
-    name: str, full_shape: tuple[int, ...], n_layers: int, layout: Layout, rank: int, split=UNSET,
+    name: str, full_shape: tuple[int, ...], n_layers: int, layout: Layout, rank: int, split: int | None,
 ) -> tuple[slice, ...] | None:
-    """The slice of the full tensor `name` that `rank` holds under `layout`, or None.
+    """The slice of the full tensor `name` that `rank` holds under `layout`, or None;
+    `split` is the dimension tensor parallelism splits (None: replicated), from the
+    model's parameter table (`shapes.param_table`), the one place that says it.
 
     This is the definition of a shard: loading, saving and reallocation all go through
     it, so a test that compares against `full[shard_slices(...)]` checks all of them.
@@ -101,12 +84,11 @@ def shard_slices(
     pp_rank, _, tp_rank = c
     if pp_rank not in param_stages(name, n_layers, layout.pp):
         return None
-    dim = tp_split_dim(name) if split is UNSET else split
     out = [slice(0, n) for n in full_shape]
-    if dim is not None and layout.tp > 1:
-        size = full_shape[dim]
+    if split is not None and layout.tp > 1:
+        size = full_shape[split]
         if size % layout.tp:
-            raise ValueError(f"{name}: dim {dim} of size {size} is not divisible by tp={layout.tp}")
+            raise ValueError(f"{name}: dim {split} of size {size} is not divisible by tp={layout.tp}")
         part = size // layout.tp
-        out[dim] = slice(tp_rank * part, (tp_rank + 1) * part)
+        out[split] = slice(tp_rank * part, (tp_rank + 1) * part)
     return tuple(out)

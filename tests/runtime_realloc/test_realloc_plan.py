@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from realloc_cases import N_LAYERS, all_layouts, llama_shapes
+from realloc_cases import N_LAYERS, all_layouts, llama_shapes, slices_of
 
-from rlhfc_runtime.contract.layout import Layout, shard_slices
+from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.offload import offload, reload
 from rlhfc_runtime.realloc import bytes_moved, messages, minimum_bytes, plan_reallocation, reallocate
 from rlhfc_runtime.transfer import plan_batch, rows_of
@@ -21,14 +21,15 @@ PAIRS = [(a, b) for a in LAYOUTS for b in LAYOUTS]
 def brute_force_minimum(src: Layout, dst: Layout, itemsize: int) -> int:
     """Element masks per rank: needed under dst and not held under src."""
     total = 0
-    for name, shape in SHAPES.items():
+    for name, p in SHAPES.items():
+        shape = p.shape
         for r in dst.ranks:
             need = np.zeros(shape, bool)
             held = np.zeros(shape, bool)
-            sl = shard_slices(name, shape, N_LAYERS, dst, r)
+            sl = slices_of(SHAPES, name, dst, r)
             if sl is not None:
                 need[sl] = True
-            sl = shard_slices(name, shape, N_LAYERS, src, r)
+            sl = slices_of(SHAPES, name, src, r)
             if sl is not None:
                 held[sl] = True
             total += int((need & ~held).sum())
@@ -41,11 +42,11 @@ def test_layout_enumeration_covers_all_factorisations():
 
 def test_every_pair_simulated_bitwise_with_minimum_bytes():
     rng = np.random.default_rng(0)
-    full = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+    full = {n: rng.standard_normal(p.shape).astype(np.float32) for n, p in SHAPES.items()}
     for src, dst in PAIRS:
         plan = plan_reallocation(SHAPES, N_LAYERS, src, dst, itemsize=4, devices_per_node=2)
         old = {
-            r: {n: full[n][sl] for n in SHAPES if (sl := shard_slices(n, SHAPES[n], N_LAYERS, src, r)) is not None}
+            r: {n: full[n][sl] for n in SHAPES if (sl := slices_of(SHAPES, n, src, r)) is not None}
             for r in src.ranks
         }
         new = {r: {n: np.full(s, np.nan, np.float32) for n, s in plan.shapes_for(r).items()} for r in dst.ranks}
@@ -54,10 +55,10 @@ def test_every_pair_simulated_bitwise_with_minimum_bytes():
             new[t.dst][t.name][t.dst_slices()] = old[t.src][t.name][t.src_slices()]
             written[t.dst][t.name][t.dst_slices()] += 1
         for r in dst.ranks:
-            expected = {n for n in SHAPES if shard_slices(n, SHAPES[n], N_LAYERS, dst, r) is not None}
+            expected = {n for n in SHAPES if slices_of(SHAPES, n, dst, r) is not None}
             assert set(new[r]) == expected, (src, dst, r)
             for n in expected:
-                want = full[n][shard_slices(n, SHAPES[n], N_LAYERS, dst, r)]
+                want = full[n][slices_of(SHAPES, n, dst, r)]
                 assert np.array_equal(new[r][n], want), (src, dst, r, n)
                 assert (written[r][n] == 1).all(), (src, dst, r, n)  # each element exactly once
         assert bytes_moved(plan) == minimum_bytes(SHAPES, N_LAYERS, src, dst, 4) == brute_force_minimum(src, dst, 4)
@@ -105,7 +106,7 @@ def test_contiguity_flags_match_torch():
     for src, dst in PAIRS:
         plan = plan_reallocation(SHAPES, N_LAYERS, src, dst, itemsize=4)
         for t in plan.transfers:
-            sl = shard_slices(t.name, SHAPES[t.name], N_LAYERS, src, t.src)
+            sl = slices_of(SHAPES, t.name, src, t.src)
             src_view = torch.empty([s.stop - s.start for s in sl])[t.src_slices()]
             dst_view = torch.empty(plan.shapes_for(t.dst)[t.name])[t.dst_slices()]
             assert (t.src_contiguous, t.dst_contiguous) == (src_view.is_contiguous(), dst_view.is_contiguous()), t
@@ -168,7 +169,8 @@ def test_compiler_cost_model_bytes_agree_with_minimum():
     from rlhfc.planner.cost.realloc import realloc_cost
     from rlhfc.hardware import CATALOG
     from rlhfc.ir import Head, Mesh, Strategy
-    from rlhfc_runtime.model import LM, VALUE, ModelConfig, param_shapes
+    from rlhfc_runtime.contract.shapes import param_table
+    from rlhfc_runtime.model import ModelConfig
 
     device = next(iter(CATALOG.values()))
     cfg = ModelConfig.from_hf(dict(
@@ -182,8 +184,8 @@ def test_compiler_cost_model_bytes_agree_with_minimum():
         if n % (dp * tp) == 0
     ]
     per_param = 2  # bf16 on the wire
-    for head, head_name in ((Head.LM, LM), (Head.VALUE, VALUE)):
-        shapes = param_shapes(cfg, head_name)
+    for head in (Head.LM, Head.VALUE):
+        shapes = param_table(cfg.shape, head)
         for a in strategies[::3]:
             for b in strategies:
                 la, lb = (Layout(s.mesh.ranks(8), s.dp, s.tp, s.pp) for s in (a, b))

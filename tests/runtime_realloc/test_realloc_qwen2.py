@@ -77,7 +77,7 @@ def _realloc_worker(spec: dict, train, gen) -> list[str]:
     if set(shards) != set(full) or set(copy.module.shards()) != set(full):
         failures.append(f"rank {rank}: names differ from the checkpoint's: {sorted(set(full) ^ set(shards))}")
     for name, tensor in full.items():
-        want = tensor[shard_slices(name, tensor.shape, spec["shape"]["n_layers"], gen, rank)]
+        want = tensor[shard_slices(name, tensor.shape, spec["shape"]["n_layers"], gen, rank, shapes[name].split)]
         if name in shards and not torch.equal(shards[name], want):
             failures.append(f"rank {rank}: {name} differs from the checkpoint's slice")
     direct = load_checkpoint(spec["checkpoint"], gen, "lm", torch.device("cpu"))

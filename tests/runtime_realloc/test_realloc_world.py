@@ -4,7 +4,7 @@ full tensors generated identically on every rank."""
 
 from __future__ import annotations
 
-from realloc_cases import N_LAYERS, all_layouts, llama_shapes
+from realloc_cases import N_LAYERS, all_layouts, llama_shapes, slices_of
 
 from rlhfc_runtime.dist import spawn
 
@@ -15,15 +15,14 @@ def _full_params(seed: int):
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=g) for n, s in sorted(SHAPES.items())}
+    return {n: torch.randn(p.shape, generator=g) for n, p in sorted(SHAPES.items())}
 
 
 def _local(full, layout, rank):
-    from rlhfc_runtime.contract.layout import shard_slices
 
     out = {}
     for n, t in full.items():
-        sl = shard_slices(n, SHAPES[n], N_LAYERS, layout, rank)
+        sl = slices_of(SHAPES, n, layout, rank)
         if sl is not None:
             out[n] = t[sl].clone()
     return out
