@@ -5,10 +5,10 @@ Per round and program: the two runs one after the other (which first alternates 
 round), the median of `time/iteration` over each run's steps after the first two, and
 the plan's `estimate/iteration`. Reports medians over rounds, the per-round measured
 speedup (sync / K=1) beside the predicted one, and the reward of each run's first and
-last 10 steps (the learning curves, with --steps 150). Writes
+last 10 steps (the learning curves). Writes
 bench/results/async_cpu.{json,md}.
 
-    flock /tmp/rlhfc-bench.lock python bench/async_cpu.py [--rounds 3] [--steps 40]
+    flock /tmp/rlhfc-bench.lock python bench/async_cpu.py [--rounds 3] [--steps 150]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--programs", nargs="*", default=["ppo", "grpo"])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
