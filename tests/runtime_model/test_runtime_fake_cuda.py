@@ -22,7 +22,7 @@ from rlhfc_runtime.checkpoint import tiny_config
 from rlhfc_runtime.contract.interfaces import INTERFACES
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.dist import rank_groups
-from rlhfc_runtime.model import ModelConfig, ShardedLlama, lm_loss
+from rlhfc_runtime.model import ModelConfig, ShardedDecoder, lm_loss
 
 CFG = tiny_config(num_hidden_layers=2, vocab_size=48)
 B, P, N = 4, 5, 3  # rows, prompt length, new tokens
@@ -57,7 +57,7 @@ def fake_cuda(monkeypatch):
 
 
 def _model(head="lm", dtype=torch.float32):
-    return ShardedLlama(ModelConfig.from_hf(CFG), rank_groups(ONE, 0), head, device=CUDA, dtype=dtype)
+    return ShardedDecoder(ModelConfig.from_hf(CFG), rank_groups(ONE, 0), head, device=CUDA, dtype=dtype)
 
 
 def _seq():
