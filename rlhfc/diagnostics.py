@@ -52,6 +52,7 @@ CODES: dict[str, str] = {
     "E031": "tokenizer does not fit the model, or has no chat template",
     "E032": "nothing to plan: a dataflow without calls, or a program without `run`",
     "E033": "the generate call's engine cannot run this model here (family, head_dim on CPU, package missing)",
+    "E034": "max_staleness needs a generate call whose model a train call updates",
     "W001": "dataset file not found at check time",
     "W002": "model or dataset declared but not used by the `run`",
 }

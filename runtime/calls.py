@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from rlhfc_runtime.contract.budget import balanced
 from rlhfc_runtime.contract.kinds import Head
 from rlhfc_runtime.algorithms.ops import sequence_score
-from rlhfc_runtime.algorithms.registry import REGISTRY, bind, rollout_kl, rule_scores
+from rlhfc_runtime.algorithms.registry import OLD_LOGP, REGISTRY, bind, rollout_kl, rule_scores
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL, lr_factor
 from rlhfc_runtime.checkpoint import checkpoint_config, init_random, load_checkpoint
 from rlhfc_runtime.contract.family import config_json, shape_from_hf
@@ -26,6 +26,7 @@ from rlhfc_runtime.data.loaders import JsonlLoader
 from rlhfc_runtime.data.tokenizer import load_tokenizer
 from rlhfc_runtime.dist import all_gather_rows, device_for_rank, rank_groups
 from rlhfc_runtime.contract.engines import OWN
+from rlhfc_runtime.contract.interfaces import recomputes_old_logp
 from rlhfc_runtime.engines import engine as rollout_engine
 from rlhfc_runtime.generate import SamplingParams
 from rlhfc_runtime.contract.layout import Layout
@@ -306,6 +307,9 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: ModelSpec,
                                             token_budget=int(settings["token_budget"]))
         values = iface.compute({key: out}, flat)
         return {k: {k: v} for k, v in zip(outputs, values)}, {}
+    if recomputes_old_logp(settings):  # off_policy: the policy before this call's updates, one forward
+        old, _ = run_call("inference", "logprobs", model, spec, {"seq": flat}, (OLD_LOGP,), settings, groups)
+        flat[OLD_LOGP] = old[OLD_LOGP][OLD_LOGP]
     return {}, _train(iface, model, flat, settings, groups, n_mbs)
 
 

@@ -89,7 +89,7 @@ class Engine:
             if spec.neural and self.rank in layouts[home].ranks:
                 self.models[(name, home)] = calls.build_model(spec, layouts[home])
                 if spec.offloaded:  # waits in host memory until its call reloads it
-                    self.offload(name, layout=home)
+                    self.offload(Offload(name, home))
         for name, spec in program.datasets.items():
             self.loaders[name] = calls.build_loader(name, spec, self.seed)
         self.specials = calls.special_ids(next(iter(self.loaders.values()))) if self.loaders else {}

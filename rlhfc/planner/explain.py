@@ -27,6 +27,7 @@ TERMS: tuple[tuple[str, str], ...] = (
     ("compute", "compute"), ("decode_memory", "dec.mem"), ("decode_compute", "dec.flop"),
     ("optimizer", "optim"), ("tp", "tp"), ("dp", "dp"), ("bubble", "bubble"),
     ("overhead", "ovh"), ("decode_overhead", "dec.ovh"), ("recompute", "rc"), ("reload", "reload"),
+    ("old_logp", "old.lp"),
 )
 _SPAN = Span("<plan>", 0, 0, 0, 0)
 
@@ -107,7 +108,8 @@ def print_explanation(rows: tuple[CallExplanation, ...], console: Console) -> No
     console.print("realloc and xfer come before the call; the other terms "
                   "add up to its estimate (=total, up to 1 µs rounding). dec.mem: memory-bound decode; "
                   "ovh: per-micro-batch overhead; dec.ovh: per-decode-step and per-layer overhead; "
-                  "rc: recompute's extra forward; roofline: the call at peak FLOP/s and bandwidth "
+                  "rc: recompute's extra forward; old.lp: an off_policy correction's no-grad forward; "
+                  "roofline: the call at peak FLOP/s and bandwidth "
                   "without latencies or overheads (the physical floor beside the fitted estimate)"
                   + ("; reload: an offloaded model's weights back from host memory." if any(
                       dict(r.terms).get("reload") for r in rows) else "."))

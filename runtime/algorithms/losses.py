@@ -34,6 +34,27 @@ def clipped_policy_loss(
     return loss, active.to(logp.dtype)
 
 
+def behaviour_weights(
+    old_logp: torch.Tensor, behav_logp: torch.Tensor, truncate: float | None, ratio_cap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token detached importance weights of the rollout's behaviour policy against
+    the trainer's old (proximal) one, w = pi_old / pi_behav: (weight, w, where a cap bound
+    (1.0/0.0)). The clipped loss with ratio pi / pi_old times the weight is AReaL's
+    decoupled PPO (Fu et al. 2025, after Hilton et al. 2022) with `truncate` None, and
+    verl's truncated IS (Yao et al. 2025: min(w, C)) with `truncate` = C. `ratio_cap` > 1
+    drops the tokens with w above it from the loss (AReaL's `behav_imp_weight_cap`;
+    0: off)."""
+    if ratio_cap and ratio_cap <= 1:
+        raise ValueError(f"ratio_cap must exceed 1 (got {ratio_cap})")
+    w = torch.exp((old_logp - behav_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).detach()
+    weight = w if truncate is None else w.clamp(max=truncate)
+    capped = w > truncate if truncate is not None else torch.zeros_like(w, dtype=torch.bool)
+    if ratio_cap:
+        dropped = w > ratio_cap
+        weight, capped = torch.where(dropped, torch.zeros_like(w), weight), capped | dropped
+    return weight, w, capped.to(w.dtype)
+
+
 def clipped_value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:

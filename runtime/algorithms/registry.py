@@ -25,13 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfc_runtime.contract.interfaces import INTERFACES, Interface
+from rlhfc_runtime.contract.interfaces import INTERFACES, NO_CORRECTION, TIS, Interface
 from rlhfc_runtime.algorithms.advantages import (
     gae, group_normalised, kl_penalised_rewards, leave_one_out, returns_to_go,
 )
 from rlhfc_runtime.algorithms.batch import flatten_pairs
 from rlhfc_runtime.algorithms.losses import (
-    bradley_terry_loss, clipped_policy_loss, clipped_value_loss, dpo_loss,
+    behaviour_weights, bradley_terry_loss, clipped_policy_loss, clipped_value_loss, dpo_loss,
 )
 from rlhfc_runtime.algorithms.ops import (
     aggregation_weights, kl_estimate, kl_k1, last_index, masked_sum, masked_whiten, sequence_score, state_values,
@@ -41,6 +41,11 @@ from rlhfc_runtime.algorithms.rules import RULE_FUNCTIONS
 Batch = dict[str, torch.Tensor]
 Hyper = Mapping[str, float | int | str]
 Metrics = dict[str, torch.Tensor]
+# The batch key of the trainer's own log-probs before a train call's first update (one
+# no-grad forward, where `contract.interfaces.recomputes_old_logp`): the off-policy
+# corrections' old policy, beside the rollout's `logp` (the behaviour policy's).
+OLD_LOGP = "old_logp"
+
 
 def hyper_value(hyper: Hyper, key: str):
     """A resolved setting of the call (`rlhfc_runtime.contract.interfaces`): the compiler
@@ -230,20 +235,31 @@ def _token_mean_weights(batch: Batch, hyper: Hyper) -> Batch:
 
 
 def _policy_loss(kl_loss_coef: Callable[[Hyper], float]):
-    """A clipped policy-gradient loss on prepared advantages (clip-higher, dual-clip),
-    minus entropy_coef times the entropy, plus a KL-to-reference term (the chosen
-    estimator) weighted by `kl_loss_coef(hyper)` (0 where the KL sits in the reward)."""
+    """A clipped policy-gradient loss on prepared advantages (clip-higher, dual-clip; with
+    an `off_policy` correction its ratio is to the trainer's pre-update policy, `OLD_LOGP`,
+    and each token weighted by `behaviour_weights`), minus entropy_coef times the entropy,
+    plus a KL-to-reference term (the chosen estimator) weighted by `kl_loss_coef(hyper)`
+    (0 where the KL sits in the reward)."""
 
     def loss_fn(model_outputs: Batch, batch: Batch, hyper: Hyper) -> tuple[torch.Tensor, Metrics]:
         logp, weight = model_outputs["logp"], batch["token_weight"]
+        correction = str(hyper_value(hyper, "off_policy"))
+        old = batch["logp"] if correction == NO_CORRECTION else batch[OLD_LOGP]
         per_token, clipped = clipped_policy_loss(
-            logp, batch["logp"], batch["advantages"], float(hyper_value(hyper, "clip_low")),
+            logp, old, batch["advantages"], float(hyper_value(hyper, "clip_low")),
             float(hyper_value(hyper, "clip_high")), float(hyper_value(hyper, "dual_clip")))
+        metrics: Metrics = {}
+        if correction != NO_CORRECTION:
+            truncate = float(hyper_value(hyper, "tis_cap")) if correction == TIS else None
+            is_weight, w, capped = behaviour_weights(old, batch["logp"], truncate,
+                                                     float(hyper_value(hyper, "ratio_cap")))
+            per_token = per_token * is_weight
+            metrics = {"is_weight": (w * weight).sum(), "is_capped_frac": (capped * weight).sum()}
         policy_loss = (per_token * weight).sum()
         kl = (kl_estimate(str(hyper_value(hyper, "kl_estimator")), logp, batch["ref_logp"]) * weight).sum()
         entropy = (model_outputs["entropy"] * weight).sum()
-        metrics = {"policy_loss": policy_loss, "clip_frac": (clipped * weight).sum(),
-                   "approx_kl": ((batch["logp"] - logp) * weight).sum(), "ref_kl": kl, "entropy": entropy}
+        metrics |= {"policy_loss": policy_loss, "clip_frac": (clipped * weight).sum(),
+                    "approx_kl": ((old - logp) * weight).sum(), "ref_kl": kl, "entropy": entropy}
         loss = policy_loss + kl_loss_coef(hyper) * kl - float(hyper_value(hyper, "entropy_coef")) * entropy
         return loss, metrics
 

@@ -112,6 +112,27 @@ def _kl(default_estimator: str) -> tuple[Setting, ...]:
     )
 
 
+# Off-policy corrections of a clipped ratio (`off_policy`), for rollouts a policy behind
+# (`max_staleness` >= 1) or sampled by another engine's numerics; see the README.
+NO_CORRECTION, DECOUPLED, TIS = "none", "decoupled", "tis"
+_OFF_POLICY = (
+    _s("off_policy", str, NO_CORRECTION, "off-policy correction: none (the ratio's old log-probs are the "
+       "rollout's), decoupled (AReaL: ratio to the trainer's pre-update policy, times its weight over the "
+       "rollout's), tis (verl: the same weight truncated at tis_cap); the last two cost one forward",
+       choices=(NO_CORRECTION, DECOUPLED, TIS)),
+    _s("tis_cap", float, 2.0, "tis: the importance weight pi_old / pi_behav is truncated at this C "
+       "(verl's tis_imp_ratio_cap)", 1.0),
+    _s("ratio_cap", float, 0.0, "decoupled / tis: tokens whose weight pi_old / pi_behav exceeds this leave "
+       "the loss (AReaL's behav_imp_weight_cap; 0: off, else > 1)", 0.0),
+)
+
+
+def recomputes_old_logp(settings) -> bool:
+    """Whether a train call with these resolved settings first runs one no-grad forward
+    over its batch for the old log-probs (the planner prices it, the runtime runs it)."""
+    return settings.get("off_policy", NO_CORRECTION) != NO_CORRECTION
+
+
 _POLICY = (
     _s("clip", float, 0.2, "policy ratio clip epsilon (sets clip_low and clip_high)", 0.0),
     _s("clip_low", float, 0.2, "ratio clipped below at 1 - clip_low (default: clip)", 0.0, 1.0, fallback="clip"),
@@ -122,6 +143,7 @@ _POLICY = (
     _s("entropy_coef", float, 0.0, "entropy bonus weight (the entropy is always logged)", 0.0),
     _s("loss_agg", str, "token-mean", "loss aggregation: over all tokens, per-sequence token means, "
        "per-sequence token sums, or sums / max_new_tokens (Dr.GRPO)", choices=LOSS_AGG),
+    *_OFF_POLICY,
 )
 _PPO_ADV = (
     _s("kl_mode", str, "reward", "PPO: the KL as a per-token reward penalty, or as a loss term",

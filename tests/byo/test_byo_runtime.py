@@ -176,12 +176,17 @@ def test_sample_rows_are_chosen_by_global_row_and_get_their_generated_logprobs()
     logp = torch.tensor([[0.0, 0.0, 0.0, -0.5, -0.25, 0.0]] * 4)
     made = rewards.shown_logprobs(seq, logp, first=4, total=8)
     assert made == [{"row": 4, "logprobs": [-0.5, -0.25]}, {"row": 6, "logprobs": [-0.5, -0.25]}]
-    samples = [{"call": "score", "seq_key": "seq", "row": 6}, {"call": "score", "seq_key": "seq", "row": 0},
-               {"call": "base", "seq_key": "base_seq", "row": 4}]
-    merged = rewards.with_logprobs(samples, [{"key": "seq", **m} for m in made])
-    assert merged == [{"call": "score", "row": 0, "logprobs": None},  # rows 0..3: another replica's
-                      {"call": "score", "row": 6, "logprobs": [-0.5, -0.25]},
-                      {"call": "base", "row": 4, "logprobs": None}]  # no generate call recorded base_seq
+    samples = [{"step": 3, "call": "score", "seq_key": "seq", "row": 6},
+               {"step": 3, "call": "score", "seq_key": "seq", "row": 0},
+               {"step": 3, "call": "base", "seq_key": "base_seq", "row": 4},
+               {"step": 4, "call": "score", "seq_key": "seq", "row": 4}]  # the next step's rollout, made ahead
+    generated = [{"step": 3, "key": "seq", "policy_version": 2, **m} for m in made]
+    merged = rewards.with_logprobs(samples, generated)
+    assert merged == [
+        {"step": 3, "call": "score", "row": 0, "logprobs": None, "policy_version": None},  # another replica's row
+        {"step": 4, "call": "score", "row": 4, "logprobs": None, "policy_version": None},  # not this step's rollout
+        {"step": 3, "call": "score", "row": 6, "logprobs": [-0.5, -0.25], "policy_version": 2},
+        {"step": 3, "call": "base", "row": 4, "logprobs": None, "policy_version": None}]  # no generate call made base_seq
 
 
 def _value_checkpoint(tmp_path: Path, rename: dict[str, str] | None, bias: bool = True) -> Path:

@@ -18,7 +18,8 @@ from rlhfc.frontend.check.common import (
     suggest,
 )
 from rlhfc.frontend.check.rewards import check_reward_inputs
-from rlhfc.frontend.check.settings import check_engines, check_run_keys, generation_group, resolve
+from rlhfc.frontend.check.settings import check_engines, check_ratio_cap, check_run_keys, generation_group, resolve
+from rlhfc.frontend.check.staleness import check_staleness
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ def instantiate(unit: Unit, run: ast.RunStmt, models: dict[str, ir.Model], datas
     calls = _sized(tuple(calls), datasets, binding, config, device)
     check_run_keys(run, calls, rep)
     check_engines(run, decl.calls, calls, models, device, rep)
+    check_ratio_cap(run, decl.calls, calls, rep)
+    check_staleness(run, config, calls, rep)
     too_long = set()  # one error per model: its first call that does not fit
     for call in calls:
         shape = models[call.model].shape

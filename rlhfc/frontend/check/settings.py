@@ -6,7 +6,7 @@ The op carries the result; the runtime re-derives nothing.
 from __future__ import annotations
 
 from rlhfc_runtime.contract.engines import ENGINES, OWN, engine_problem
-from rlhfc_runtime.contract.interfaces import INTERFACES, Setting, default_precision
+from rlhfc_runtime.contract.interfaces import INTERFACES, Setting, default_precision, recomputes_old_logp
 
 from rlhfc import ir
 from rlhfc.frontend import ast
@@ -86,17 +86,46 @@ def check_value(setting: Setting, opt: ast.Option, rep: Reporter) -> None:
                   opt.value.span, setting.doc)
 
 
+def setting_option(run: ast.RunStmt, decl_call: ast.CallStmt, key: str) -> ast.Option | None:
+    """Where a call's setting `key` is written: the call's option, else the run block's
+    (None: it takes the contract's default)."""
+    return (next((o for o in decl_call.options or () if o.key.text == key), None)
+            or next((o for o in run.options or () if o.key.text == key), None))
+
+
+def check_ratio_cap(run: ast.RunStmt, decl_calls, calls: tuple[ir.Call, ...], rep: Reporter) -> None:
+    """E022 at `ratio_cap` where it caps no weight (off_policy = "none": the rollout's
+    log-probs are the old policy, every weight is 1) or is not above 1 (it would drop
+    tokens the current policy samples more often than the old one)."""
+    by_name, reported = {c.name.text: c for c in decl_calls}, set()
+    for call in calls:
+        problem = _ratio_cap_problem(dict(call.settings))
+        opt = setting_option(run, by_name[call.name], "ratio_cap")
+        if problem is not None and opt is not None and opt.value.span not in reported:
+            reported.add(opt.value.span)
+            rep.error("E022", f"`ratio_cap` of call `{call.name}` {problem}", opt.value.span,
+                      next(s.doc for s in call_settings(call) if s.name == "ratio_cap"))
+
+
+def _ratio_cap_problem(settings: dict) -> str | None:
+    cap = settings.get("ratio_cap", 0.0)
+    if not cap:
+        return None
+    if not recomputes_old_logp(settings):
+        return 'needs off_policy = "decoupled" or "tis"'
+    return "must exceed 1 (0: off)" if cap <= 1 else None
+
+
 def check_engines(run: ast.RunStmt, decl_calls, calls: tuple[ir.Call, ...], models: dict[str, ir.Model],
                   device: str | None, rep: Reporter) -> None:
     """E033 at the `engine` setting (the call's option, else the run block's key) of every
     generate call whose engine cannot run its model here (`contract.engines`)."""
-    run_opt = next((o for o in run.options or () if o.key.text == "engine"), None)
     by_name = {c.name.text: c for c in decl_calls}
     for call in calls:
         engine = dict(call.settings).get("engine", OWN)
         if call.kind is not ir.CallKind.GENERATE or engine == OWN or engine not in ENGINES:
             continue  # the own loop runs every model; an unknown engine is E022 (`check_run_keys`)
-        opt = next((o for o in by_name[call.name].options or () if o.key.text == "engine"), None) or run_opt
+        opt = setting_option(run, by_name[call.name], "engine")
         problem = engine_problem(str(engine), models[call.model].shape, device)
         if problem is not None:
             rep.error("E033", f"generate call `{call.name}` cannot use engine {engine!r}: {problem}",

@@ -46,7 +46,7 @@ from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelKind, ModelShape
 from rlhfc.planner.cost.coefficients import Coefficients
 from rlhfc.planner.cost.memory import call_transient, precision_of, resident_bytes
 from rlhfc_runtime.contract.engines import OWN
-from rlhfc_runtime.contract.interfaces import PRECISION_BYTES, default_precision
+from rlhfc_runtime.contract.interfaces import PRECISION_BYTES, default_precision, recomputes_old_logp
 from rlhfc_runtime.contract.layout import stage_layers
 from rlhfc_runtime.contract.shapes import inventory
 
@@ -183,6 +183,9 @@ def call_cost(
         terms["dp"] = updates * allreduce_seconds(4 * p_dev, s.dp, dp_bandwidth(s, device), c)  # fp32 grads
         # Adam reads and writes weights, grads and both moments (fp32): 2 × 16 bytes per parameter
         terms["optimizer"] = updates * 32 * p_dev / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
+        if recomputes_old_logp(dict(call.settings)):  # off_policy: one forward over the batch first
+            terms["old_logp"] = sum(_forward_backward_terms(shape, n_params, tokens, s, device, c,
+                                                            CallKind.INFERENCE, width).values())
         return _split(terms, resident, transient, is_home, share)
 
     if call.kind is CallKind.INFERENCE:
