@@ -6,7 +6,6 @@ process with a checkpoint; one run per directory."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import os
 import pickle
 import shutil
@@ -14,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
