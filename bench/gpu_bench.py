@@ -88,9 +88,9 @@ def _model(cfg: dict, groups, device, dtype, seed: int = 0):
     tensors on the host first is too slow at a billion parameters."""
     import torch
 
-    from rlhfc_runtime.model import ModelConfig, ShardedLlama
+    from rlhfc_runtime.model import ModelConfig, ShardedDecoder
 
-    model = ShardedLlama(ModelConfig.from_hf(cfg), groups, "lm", device, dtype)
+    model = ShardedDecoder(ModelConfig.from_hf(cfg), groups, "lm", device, dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

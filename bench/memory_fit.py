@@ -1,6 +1,6 @@
 """Fit the cost model's memory coefficients to what the runtime allocates.
 
-Runs the runtime's own train step, forward pass and generation (`ShardedLlama`,
+Runs the runtime's own train step, forward pass and generation (`ShardedDecoder`,
 `generate`, the calls' response-only head `calls.head_outputs`) on few-layer models at
 real vocabularies (32k-256k) and head dims (64-256), with the families whose activations
 differ (Qwen3's q/k norms, Gemma 2's soft-capping and head_dim), under layouts (tp, pp),
@@ -32,7 +32,7 @@ from rlhfc_runtime.contract.shapes import ModelShape
 from rlhfc_runtime.dist import ensure_groups, rank_groups, spawn
 from rlhfc_runtime.generate import SamplingParams, generate
 from rlhfc_runtime.memory import LiveBytes
-from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedLlama
+from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -110,7 +110,7 @@ def _measure() -> list[dict]:
             continue
         torch.manual_seed(0)
         cfg = ModelConfig.from_hf(hf_config(c))
-        model = ShardedLlama(cfg, rank_groups(lay, rank), c["head"])
+        model = ShardedDecoder(cfg, rank_groups(lay, rank), c["head"])
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.02)
         opt = torch.optim.Adam(model.parameters())

@@ -115,9 +115,9 @@ def hand_written(program: Path, steps: int) -> float:
     layout = prog.layout("L0")
     rdist.ensure_groups([layout])
     groups = rdist.rank_groups(layout, 0)
-    models = {n: calls.build_model(m, layout) for n, m in spec["models"].items() if m["kind"] != "rule"}
-    seed = int(spec["run"]["seed"])
-    loader = calls.build_loader("prompts", spec["datasets"]["prompts"], seed)
+    models = {n: calls.build_model(m, layout) for n, m in spec.models.items() if m.neural}
+    seed = spec.run.seed
+    loader = calls.build_loader("prompts", spec.datasets["prompts"], seed)
     specials = calls.special_ids(loader)
     compiled = {op.name: dict(op.settings) for op in prog.ops if isinstance(op, CallOp)}  # what the engine gets
     times = []
@@ -127,18 +127,18 @@ def hand_written(program: Path, steps: int) -> float:
         def s(name):  # as the engine builds a call's settings
             return {**compiled[name], **specials, "step": step, "seed": seed}
 
-        prompts = loader.next_batch(int(spec["run"]["batch"]))
-        d, _ = calls.run_call("generate", "generate", models["actor"], spec["models"]["actor"],
+        prompts = loader.next_batch(spec.run.batch)
+        d, _ = calls.run_call("generate", "generate", models["actor"], spec.models["actor"],
                               {"prompts": prompts}, ("seq", "logp"), s("gen"), groups)
-        d.update(calls.run_call("inference", "rule", None, spec["models"]["reward"], {"seq": d["seq"]},
+        d.update(calls.run_call("inference", "rule", None, spec.models["reward"], {"seq": d["seq"]},
                                 ("score",), s("score"), groups)[0])
-        d.update(calls.run_call("inference", "logprobs", models["ref"], spec["models"]["ref"], {"seq": d["seq"]},
+        d.update(calls.run_call("inference", "logprobs", models["ref"], spec.models["ref"], {"seq": d["seq"]},
                                 ("ref_logp",), s("refl"), groups)[0])
-        d.update(calls.run_call("inference", "values", models["critic"], spec["models"]["critic"],
+        d.update(calls.run_call("inference", "values", models["critic"], spec.models["critic"],
                                 {"seq": d["seq"]}, ("values",), s("vals"), groups)[0])
         inputs = {k: d[k] for k in ("seq", "logp", "ref_logp", "score", "values")}
-        calls.run_call("train", "ppo_actor", models["actor"], spec["models"]["actor"], inputs, (), s("a_tr"), groups)
-        calls.run_call("train", "ppo_critic", models["critic"], spec["models"]["critic"], inputs, (), s("c_tr"), groups)
+        calls.run_call("train", "ppo_actor", models["actor"], spec.models["actor"], inputs, (), s("a_tr"), groups)
+        calls.run_call("train", "ppo_critic", models["critic"], spec.models["critic"], inputs, (), s("c_tr"), groups)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[WARMUP:])
 

@@ -62,8 +62,11 @@ def _worker(out: str):
 
     layout = Layout((0, 1, 2, 3), 1, 4, 1)
     ensure_groups([layout])
-    spec = {"kind": "llama", "checkpoint": None, "shape": SHAPE, "head": "lm", "trainable": True,
-            "optimizer": {"name": "adam", "lr": 1e-4}, "init_seed": 0, "home": "L"}
+    from rlhfc_runtime.contract.program import ModelSpec
+    from rlhfc_runtime.contract.shapes import ModelShape
+
+    spec = ModelSpec("llama", shape=ModelShape(**SHAPE), trainable=True, optimizer={"name": "adam", "lr": 1e-4},
+                     home="L")
     m = build_model(spec, layout)
     for p in m.module.parameters():
         p.grad = torch.full_like(p, 1e-3)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rlhfc_runtime.contract.budget import balanced
-from rlhfc_runtime.contract.kinds import Head, ModelKind
+from rlhfc_runtime.contract.kinds import Head
 from rlhfc_runtime.algorithms.ops import sequence_score
 from rlhfc_runtime.algorithms.registry import OLD_LOGP, REGISTRY, bind, rollout_kl, rule_scores
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL, lr_factor
@@ -30,8 +30,9 @@ from rlhfc_runtime.contract.interfaces import recomputes_old_logp
 from rlhfc_runtime.engines import engine as rollout_engine
 from rlhfc_runtime.generate import SamplingParams
 from rlhfc_runtime.contract.layout import Layout
-from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedLlama, next_token_stats
-from rlhfc_runtime.contract.shapes import ModelShape, Param, param_table
+from rlhfc_runtime.model import DTYPES, ModelConfig, ShardedDecoder, next_token_stats
+from rlhfc_runtime.contract.program import DatasetSpec, ModelSpec
+from rlhfc_runtime.contract.shapes import Param, param_table
 from rlhfc_runtime.rewards import RewardError, as_tensor, sample_rows, score_rows, shown_logprobs
 from rlhfc_runtime.transfer import rows_of
 
@@ -40,20 +41,20 @@ from rlhfc_runtime.transfer import rows_of
 class RuntimeModel:
     """A model's shard on this rank in one layout, with its optimizer if it trains here."""
 
-    module: ShardedLlama
+    module: ShardedDecoder
     optimizer: torch.optim.Optimizer | None
     # State a train call carries across steps (the adaptive KL coefficient): plain
     # numbers, saved in the checkpoint with the model (`ckpt_store`).
     adaptive_kl: AdaptiveKL | None = None
 
 
-def model_config(spec: dict) -> dict:
+def model_config(spec: ModelSpec) -> dict:
     """The config.json a model's copies are built from: its checkpoint's (model type and
     its attention biases, RoPE scaling, norms; read once per run, not per reallocation),
     or the one its shape implies (`family.config_json` of the program's full shape)."""
-    if spec.get("checkpoint"):
-        return dict(_checkpoint_config(spec["checkpoint"], spec["head"]))
-    return config_json(ModelShape(**spec["shape"]))
+    if spec.checkpoint:
+        return dict(_checkpoint_config(spec.checkpoint, spec.head))
+    return config_json(spec.shape)
 
 
 @lru_cache(maxsize=None)
@@ -61,33 +62,33 @@ def _checkpoint_config(path: str, head: str) -> dict:
     return checkpoint_config(path, head)
 
 
-def build_model(spec: dict, layout: Layout) -> RuntimeModel:
+def build_model(spec: ModelSpec, layout: Layout) -> RuntimeModel:
     """The model's home shard: loaded from its checkpoint, or initialised from its shape
     and `init_seed` (0 by default), so same-shaped models start from the same weights."""
     device = device_for_rank()
-    if spec["checkpoint"]:
-        module = load_checkpoint(spec["checkpoint"], layout, spec["head"], device)
+    if spec.checkpoint:
+        module = load_checkpoint(spec.checkpoint, layout, spec.head, device)
     else:
-        module = init_random(model_config(spec), layout, spec["head"], int(spec.get("init_seed", 0)), device)
+        module = init_random(model_config(spec), layout, spec.head, spec.init_seed, device)
     return RuntimeModel(module, _optimizer(module, spec))
 
 
-def _optimizer(module: ShardedLlama, spec: dict) -> torch.optim.Optimizer | None:
-    if not spec["trainable"]:
+def _optimizer(module: ShardedDecoder, spec: ModelSpec) -> torch.optim.Optimizer | None:
+    if not spec.trainable:
         return None
-    opt = dict(spec["optimizer"] or {"name": "adam"})
+    opt = dict(spec.optimizer or {"name": "adam"})
     name = opt.pop("name")
     if name not in ("adam", "adamw"):
         raise ValueError(f"optimizer {name!r} is not supported (adam, adamw)")
     return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(module.parameters(), **opt)
 
 
-def model_from_shards(spec: dict, shards: dict, layout: Layout, rank: int) -> RuntimeModel:
+def model_from_shards(spec: ModelSpec, shards: dict, layout: Layout, rank: int) -> RuntimeModel:
     """A model copy in a non-home layout (inference / generation only: no optimizer),
     built directly on `shards` (device and dtype theirs; no second copy)."""
     device = device_for_rank()
     shards = {n: t.to(device) for n, t in shards.items()}  # no-op for reallocated shards
-    module = ShardedLlama.from_shards(ModelConfig.from_hf(model_config(spec)), rank_groups(layout, rank), spec["head"],
+    module = ShardedDecoder.from_shards(ModelConfig.from_hf(model_config(spec)), rank_groups(layout, rank), spec.head,
                                       shards)
     return RuntimeModel(module, None)
 
@@ -95,7 +96,7 @@ def model_from_shards(spec: dict, shards: dict, layout: Layout, rank: int) -> Ru
 def set_precision(model: RuntimeModel, precision: str) -> None:
     """Frozen copies (no optimizer) hold their weights in the call's precision (bf16
     inference and generation copies); trainable ones keep fp32 master weights and
-    compute under autocast (`ShardedLlama.compute`)."""
+    compute under autocast (`ShardedDecoder.compute`)."""
     dtype = DTYPES[precision]
     if model.optimizer is None and model.module.dtype != dtype:
         with torch.no_grad():
@@ -114,10 +115,10 @@ def load_shards(model: RuntimeModel, shards: dict) -> None:
     model.module.load_shards(shards)
 
 
-def param_shapes(spec: dict) -> dict[str, Param]:
+def param_shapes(spec: ModelSpec) -> dict[str, Param]:
     """Full (unsharded) parameters, shape and tp split (the contract's table):
     reallocation plans from them on every rank."""
-    return param_table(shape_from_hf(model_config(spec)), Head(spec["head"]))
+    return param_table(shape_from_hf(model_config(spec)), Head(spec.head))
 
 
 def take_rows(batch: dict, lo: int, hi: int) -> dict:
@@ -135,7 +136,7 @@ def _unwrap(key: str, value: dict):
     return value[key] if set(value) == {key} else value
 
 
-def head_outputs(module: ShardedLlama, h, mb, entropy: bool = False) -> dict:
+def head_outputs(module: ShardedDecoder, h, mb, entropy: bool = False) -> dict:
     """What an interface reads from the model, aligned as `algorithms.ops` says:
     {"logp"} with a zero column 0 for LM heads (and {"entropy"} of the distribution
     each token was drawn from, where asked), {"values"} per token for value heads. The
@@ -173,7 +174,7 @@ def first_generated_row(settings: dict, groups) -> int:
     return first * group
 
 
-def generate_batch(module: ShardedLlama, prompts: dict, settings: dict, groups, greedy: bool) -> dict:
+def generate_batch(module: ShardedDecoder, prompts: dict, settings: dict, groups, greedy: bool) -> dict:
     """`group_size` samples per prompt (groups are consecutive rows), padded to exactly
     `max_new_tokens` so every dp rank's rows have one shape; `logp` in the aligned
     [B, T] form (zero outside the response), decoded by the call's `engine`. The
@@ -219,14 +220,13 @@ def trainer_logprobs(model: RuntimeModel, produced: dict, settings: dict) -> tup
     return {**produced, "logp": mine * tokens}, stats
 
 
-def build_loader(name: str, spec: dict, seed: int) -> JsonlLoader:
+def build_loader(name: str, spec: DatasetSpec, seed: int) -> JsonlLoader:
     """A dataset's loader; `field = "x"` names the prompt field, other keys are roles."""
-    if not spec["tokenizer"]:
+    if not spec.tokenizer:
         raise ValueError(f"dataset {name!r} names no tokenizer (tokenizer = \"…/tokenizer.json\")")
-    roles = {("prompt" if role == "field" else role): key for role, key in spec["fields"].items()}
-    return JsonlLoader(spec["path"], load_tokenizer(spec["tokenizer"]), roles, int(spec["max_len"]), seed,
-                       fmt=spec["format"], chat=bool(spec.get("chat")), system=spec.get("system"),
-                       columns=spec.get("columns") or None)
+    roles = {("prompt" if role == "field" else role): key for role, key in spec.fields.items()}
+    return JsonlLoader(spec.path, load_tokenizer(spec.tokenizer), roles, spec.max_len, seed,
+                       fmt=spec.format, chat=spec.chat, system=spec.system, columns=list(spec.columns) or None)
 
 
 def special_ids(loader: JsonlLoader) -> dict:
@@ -234,7 +234,7 @@ def special_ids(loader: JsonlLoader) -> dict:
     return {"eos_id": loader.tokenizer.eos_token_id, "pad_id": loader.tokenizer.pad_token_id}
 
 
-def reward_call(spec: dict, seq: dict, scores: dict, outputs, settings: dict, groups, loader, drawn: list[int]
+def reward_call(spec: ModelSpec, seq: dict, scores: dict, outputs, settings: dict, groups, loader, drawn: list[int]
                 ) -> tuple[dict, dict, list]:
     """A reward call on this rank's rows of `seq`: (produced key, metrics, sample rows).
     `scores` are the call's score keys (this rank's rows of each, a reward model's
@@ -254,7 +254,7 @@ def reward_call(spec: dict, seq: dict, scores: dict, outputs, settings: dict, gr
         try:
             keyed = {k: sequence_score(_unwrap(k, v)).float().tolist() for k, v in scores.items()}
             result = score_rows(spec, seq, loader, [drawn[r // group] for r in range(lo, hi)],
-                                lambda: rule_scores(spec["rule"], seq, int(settings["max_new_tokens"]),
+                                lambda: rule_scores(spec.rule, seq, int(settings["max_new_tokens"]),
                                                     int(settings["eos_id"])), keyed,
                                 shown={r - lo: r for r in sample_rows(total) if lo <= r < hi})
         except RewardError as e:  # every rank of the group stops with the same message
@@ -270,15 +270,15 @@ def reward_call(spec: dict, seq: dict, scores: dict, outputs, settings: dict, gr
     return {outputs[0]: {outputs[0]: as_tensor(scores, seq["input_ids"])}}, means, mine
 
 
-def run_call(kind: str, using: str, model: RuntimeModel | None, spec: dict, batch: dict, outputs, settings: dict,
+def run_call(kind: str, using: str, model: RuntimeModel | None, spec: ModelSpec, batch: dict, outputs, settings: dict,
              groups, generated: list | None = None) -> tuple[dict, dict]:
     """Run one call on this rank's rows: (produced keys, metrics to log). A generate call
     appends to `generated` the log-probs of the rows samples.jsonl shows, from one rank
     of each replica ({"key": its sequences' key, "row", "logprobs"}: `rewards.with_logprobs`)."""
     args = [_unwrap(k, v) for k, v in batch.items()]
-    if spec["kind"] == ModelKind.RULE:
+    if not spec.neural:
         seq = args[0]
-        scores = rule_scores(spec["rule"], seq, int(settings["max_new_tokens"]), int(settings["eos_id"]))
+        scores = rule_scores(spec.rule, seq, int(settings["max_new_tokens"]), int(settings["eos_id"]))
         return {outputs[0]: {outputs[0]: scores}}, {}
     n_mbs = int(settings["n_mbs"])
     set_precision(model, str(settings["precision"]))

@@ -26,7 +26,7 @@ from rlhfc_runtime.dist import rank_groups
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.contract.shapes import param_table
 from rlhfc_runtime.contract.family import fused, hf_class, shape_from_hf
-from rlhfc_runtime.model import LM, VALUE, ModelConfig, ShardedLlama, param_shapes
+from rlhfc_runtime.model import LM, VALUE, ModelConfig, ShardedDecoder, param_shapes
 
 
 def tiny_config(**overrides) -> dict:
@@ -238,7 +238,7 @@ def _head_config(cfg: dict, index: dict, head: str) -> dict:
 def load_checkpoint(
     path: str | Path, layout: Layout, head: str | None = None, device=None,
     dtype=torch.float32, seed: int = 0,
-) -> ShardedLlama:
+) -> ShardedDecoder:
     """Build this rank's shard of the model in checkpoint `path` under `layout`, reading
     only its slices. Every model tensor must be in the checkpoint and every checkpoint
     tensor used (CheckpointError names them), except: a value head asked for on a causal
@@ -253,7 +253,7 @@ def load_checkpoint(
         key = next(k for n, (_, k, _) in index.items() if n.startswith("score."))
         raise CheckpointError(f"{path}: the checkpoint has a value head (`{key}`) but the model is loaded as a "
                               f"language model; declare it with `head = value`")
-    model = ShardedLlama(ModelConfig.from_hf(cfg), rank_groups(layout), head, device, dtype)
+    model = ShardedDecoder(ModelConfig.from_hf(cfg), rank_groups(layout), head, device, dtype)
     full = param_shapes(model.cfg, head)
     _check_names(path, index, full, head, has_head)
     if head == VALUE and not has_head:
@@ -285,9 +285,9 @@ def _check_names(path, index: dict, full: dict, head: str, has_head: bool) -> No
         raise CheckpointError(f"{path}: {'; '.join(parts)} (is this checkpoint of this model's shape and head?)")
 
 
-def init_random(cfg: dict, layout: Layout, head: str = LM, seed: int = 0, device=None, dtype=torch.float32) -> ShardedLlama:
+def init_random(cfg: dict, layout: Layout, head: str = LM, seed: int = 0, device=None, dtype=torch.float32) -> ShardedDecoder:
     """This rank's shard of the random model `write_random_checkpoint` would write."""
-    model = ShardedLlama(ModelConfig.from_hf(cfg), rank_groups(layout), head, device, dtype)
+    model = ShardedDecoder(ModelConfig.from_hf(cfg), rank_groups(layout), head, device, dtype)
     full = param_shapes(model.cfg, head)
     std = cfg.get("initializer_range", 0.02)
     model.load_shards({
@@ -297,7 +297,7 @@ def init_random(cfg: dict, layout: Layout, head: str = LM, seed: int = 0, device
     return model
 
 
-def save_checkpoint(model: ShardedLlama, path: str | Path, max_shard_bytes: int | None = None) -> Path | None:
+def save_checkpoint(model: ShardedDecoder, path: str | Path, max_shard_bytes: int | None = None) -> Path | None:
     """Write the full model as an HF checkpoint, streamed by the writers `hf_stream`
     plans (no rank gathers the model); collective over the model's mesh. Returns the path
     on the mesh's first rank (which writes the index and config.json last), None

@@ -34,21 +34,17 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL
 from rlhfc_runtime import export as hf_export, inflight, shard_io
 from rlhfc_runtime.checkpoint import save_tensors
 from rlhfc_runtime.contract.atomic import write_atomic
+from rlhfc_runtime.contract.program import Program
 from rlhfc_runtime.contract.resume import FORMAT, MANIFEST, VERSION, compare, fingerprint, read_manifest, refusal
 from rlhfc_runtime.contract.rundir import RunDirError, step_dir_name, step_dirs
 from rlhfc_runtime.errors import RunError
 
-def program_hash(program: dict) -> str:
+def program_hash(program: Program) -> str:
     return hashlib.sha256(json.dumps(fingerprint(program), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def trainable(program: dict) -> list[str]:
-    return sorted(n for n, m in program["models"].items() if m.get("trainable") and m["kind"] != ModelKind.RULE)
 
 
 # ---- save ----------------------------------------------------------------------------
@@ -78,11 +74,11 @@ def save(engine, keep: int = 2, export: bool = True) -> Path:
     models: dict[str, dict] = {}
     shards: dict[str, list] = {}
     staged: list[tuple] = []
-    for name in trainable(e.program):
-        spec = e.program["models"][name]
-        if e.rank not in e.layouts[spec["home"]].ranks:
+    for name in e.program.trainable():
+        spec = e.program.models[name]
+        if e.rank not in e.layouts[spec.home].ranks:
             continue
-        m = e.models[(name, spec["home"])]
+        m = e.models[(name, spec.home)]
         if problem is None:
             try:
                 file, entries = shard_io.write_shards(part, name, m.module, m.optimizer)
@@ -125,8 +121,8 @@ def save(engine, keep: int = 2, export: bool = True) -> Path:
             manifest = {
                 "format": FORMAT, "version": VERSION, "step": e.step, "world_size": e.world,
                 "program_hash": program_hash(e.program), "fingerprint": fingerprint(e.program),
-                "program": {"models": {n: {"optimizer": s.get("optimizer")} for n, s in e.program["models"].items()},
-                            "run": e.program["run"]},
+                "program": {"models": {n: {"optimizer": s.optimizer} for n, s in e.program.models.items()},
+                            "run": e.program.as_json()["run"]},
                 "layouts": {k: [list(v.ranks), v.dp, v.tp, v.pp] for k, v in e.layouts.items()},
                 "loaders": {n: ld.state_dict() for n, ld in e.loaders.items()},
                 "models": {k: v for p in parts for k, v in p[1].items()},
@@ -158,8 +154,8 @@ def save(engine, keep: int = 2, export: bool = True) -> Path:
     return final
 
 
-def _tokenizer(program: dict) -> str | None:
-    return next((d.get("tokenizer") for d in program["datasets"].values() if d.get("tokenizer")), None)
+def _tokenizer(program: Program) -> str | None:
+    return next((d.tokenizer for d in program.datasets.values() if d.tokenizer), None)
 
 
 def _agree(problem: str | None) -> str | None:
@@ -241,7 +237,7 @@ def choose(out: Path) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
-def prepare(out: Path, program: dict) -> tuple[Path | None, list[str]]:
+def prepare(out: Path, program: Program) -> tuple[Path | None, list[str]]:
     """What a resume continues from, and what to tell the user; RunError if it cannot."""
     directory, notes = choose(out)
     if directory is None:
@@ -264,8 +260,8 @@ def restore(engine, directory: Path) -> str | None:
     e = engine
     manifest = read_manifest(directory)
     e.step = int(manifest["step"])
-    for name in trainable(e.program):
-        key = (name, e.program["models"][name]["home"])
+    for name in e.program.trainable():
+        key = (name, e.program.models[name].home)
         if key not in e.models:
             continue
         m = e.models[key]

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime import calls, ckpt_store
 from rlhfc_runtime import dist as rdist
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.contract.ops import Call, Drop, Load, Move, Offload, Op, Realloc, Reload
+from rlhfc_runtime.contract.program import Program
 from rlhfc_runtime.memory import CallMemory, resident_bytes
 from rlhfc_runtime.offload import offload as offload_shards
 from rlhfc_runtime.offload import reload as reload_shards
@@ -46,26 +46,26 @@ __all__ = ["Engine", "Layout", "main"]
 class Engine:
     """One worker's state: models per (name, layout), data per (key, layout), step."""
 
-    def __init__(self, program: dict, layouts: dict[str, Layout], groups, options: dict):
+    def __init__(self, program: Program, layouts: dict[str, Layout], groups, options: dict):
         self.program = program
         self.layouts = layouts
         self.options = options
         self.rank = rdist.init_from_env()
         self.world = dist.get_world_size()
-        if self.world != program["world_size"]:
-            raise SystemExit(f"this program was planned for {program['world_size']} processes, got {self.world}")
+        if self.world != program.world_size:
+            raise SystemExit(f"this program was planned for {program.world_size} processes, got {self.world}")
         rdist.ensure_groups(layouts.values(), groups)  # every group once, in one order on every rank
         self.device = rdist.device_for_rank()
         self.precision: dict[tuple[str, str], str] = {}  # (model, layout) -> its calls' precision
         self.out = Path(options["out"])
         self.step = 0
-        self.seed = int(program["run"]["seed"])
+        self.seed = program.run.seed
         _seed_everything(self.seed * 1009 + self.rank)
         self.models = {}  # (model, layout) -> runtime model on this rank
         self.it = 0  # the iteration the op being run works for (step + op.ahead)
         self.data: dict[tuple[int, str, str], dict] = {}  # (iteration, key, layout) -> this rank's rows
         self.rows: dict[tuple[int, str], int] = {}  # (iteration, key) -> global row count
-        self.max_staleness = int(program["run"].get("max_staleness", 0))
+        self.max_staleness = program.run.max_staleness
         # (model, layout) -> updates the weights there have seen, on every rank; trainable models only
         self.versions: dict[tuple[str, str], int] = {}
         self.sampled: dict[int, int] = {}  # iteration -> policy version its rollouts came from
@@ -73,24 +73,24 @@ class Engine:
         self.host: dict[tuple[str, str], dict] = {}  # (model, layout) -> offloaded weights
         self.stats: dict[int, dict[str, float]] = {}  # iteration -> what its calls report, logged at its step
         self.measuring = False  # count this step's peak memory per call (`run`)
-        run = program["run"]  # the compiler's values; the command line may override them
-        self.steps = int(options.get("steps") or run["steps"])
-        self.save_every = int(options.get("save_every") or run["save_every"])
-        self.keep = int(options.get("keep") or run["keep"])
+        run = program.run  # the compiler's values; the command line may override them
+        self.steps = int(options.get("steps") or run.steps)
+        self.save_every = int(options.get("save_every") or run.save_every)
+        self.keep = int(options.get("keep") or run.keep)
         self.samples: list[dict] = []  # decoded rows of this step's reward calls (this rank's share)
         self.generated: list[dict] = []  # log-probs of those rows, from the generate calls that made them
         self.drawn: dict[tuple[int, str], list[int]] = {}  # (iteration, dataset) -> its rows in the batch
         self.spans: dict[str, tuple[float, float]] = {}  # op -> (start, end), wall clock (time.time)
         self.sending: list = []  # this iteration's posted data sends (torch Work), not yet waited for
-        for name, spec in program["models"].items():
-            home = spec["home"]
-            if spec["trainable"]:
+        for name, spec in program.models.items():
+            home = spec.home
+            if spec.trainable:
                 self.versions[(name, home)] = 0
-            if spec["kind"] != ModelKind.RULE and self.rank in layouts[home].ranks:
+            if spec.neural and self.rank in layouts[home].ranks:
                 self.models[(name, home)] = calls.build_model(spec, layouts[home])
-                if spec.get("offloaded"):  # waits in host memory until its call reloads it
+                if spec.offloaded:  # waits in host memory until its call reloads it
                     self.offload(Offload(name, home))
-        for name, spec in program["datasets"].items():
+        for name, spec in program.datasets.items():
             self.loaders[name] = calls.build_loader(name, spec, self.seed)
         self.specials = calls.special_ids(next(iter(self.loaders.values()))) if self.loaders else {}
 
@@ -113,15 +113,15 @@ class Engine:
         """The dtype of `model`'s parameters in `layout`, the same on every rank: fp32 in
         a trainable model's home (master weights), else its calls' precision there (fp32
         until a call has run: the first iteration casts at the call instead)."""
-        spec = self.program["models"][model]
-        if spec["trainable"] and layout == spec["home"]:
+        spec = self.program.models[model]
+        if spec.trainable and layout == spec.home:
             return torch.float32
         return calls.DTYPES[self.precision.get((model, layout), "fp32")]
 
     # ---- ops ---------------------------------------------------------------------
     def load(self, op: Load) -> None:
         """Every rank draws the same next batch (deterministic sampler), keeps it whole."""
-        batch = self.loaders[op.dataset].next_batch(int(self.program["run"]["batch"]))
+        batch = self.loaders[op.dataset].next_batch(self.program.run.batch)
         batch = {k: v.to(self.device) for k, v in batch.items()}  # loaders make host tensors
         self.drawn[(self.it, op.dataset)] = self.loaders[op.dataset].last
         self.rows[(self.it, op.key)] = calls.batch_rows(batch)
@@ -138,7 +138,7 @@ class Engine:
         """The version of the trainable weights `op` reads, checked against K on every rank:
         a call reads weights at most `max_staleness` updates behind its iteration (a train
         call: none behind), or a sync the schedule needed did not happen."""
-        if (op.model, op.layout) not in self.versions and not self.program["models"][op.model]["trainable"]:
+        if (op.model, op.layout) not in self.versions and not self.program.models[op.model].trainable:
             return None
         version = self.versions.get((op.model, op.layout))
         allowed = 0 if op.kind == "train" else self.max_staleness
@@ -168,14 +168,14 @@ class Engine:
         if self.rank not in lay.ranks:
             return
         with self._timed(name):
-            spec = self.program["models"][model]
+            spec = self.program.models[model]
             batch = {k: self._input(k, layout) for k in inputs}
-            runtime_model = None if spec["kind"] == ModelKind.RULE else self.models[(model, layout)]
+            runtime_model = self.models[(model, layout)] if spec.neural else None
             context = {**settings, **self.specials, "step": self.it, "seed": self.seed}
             measure = self.measuring and runtime_model is not None
             resident = resident_bytes(runtime_model.module, runtime_model.optimizer) if measure else 0
             groups = rdist.rank_groups(lay, self.rank)
-            source = self._prompt_source() if spec["kind"] == ModelKind.RULE else None
+            source = None if spec.neural else self._prompt_source()
             with CallMemory(self.device, resident, active=measure) as memory:
                 if source is not None:
                     scores = {k: batch[k] for k in inputs[1:]}  # the score keys a python reward combines
@@ -183,7 +183,7 @@ class Engine:
                                                                  groups, *source)
                     self.samples += [{"step": self.it + 1, "call": name, "seq_key": inputs[0], **row}
                                      for row in samples]
-                elif spec.get("functions") or spec.get("score_keys"):
+                elif spec.functions or spec.score_keys:
                     raise RuntimeError(f"call {name!r}: a python reward needs the prompts of exactly one prompt dataset")
                 else:
                     made = []
@@ -206,7 +206,7 @@ class Engine:
             logged = self.stats.setdefault(self.it, {})
             logged[f"rows/{name}"] = float(local * lay.dp)  # averaged over ranks: the global count
             logged.update({f"{name}/{k}": float(v) for k, v in stats.items()})
-            reward = self.program["reward_key"]
+            reward = self.program.reward_key
             if reward in outputs:  # the reward curve, whatever the algorithm
                 logged["reward"] = float(produced[reward][reward].float().mean())
 
@@ -224,13 +224,13 @@ class Engine:
         if self.rank not in s.ranks and self.rank not in d.ranks:
             return
         with self._timed(f"realloc {model} {src}->{dst}"):
-            spec = self.program["models"][model]
+            spec = self.program.models[model]
             source = self.models.get((model, src))
             shards = reallocate(
                 calls.shards_of(source) if source is not None else {},
-                calls.param_shapes(spec), spec["shape"]["n_layers"], s, d, self.rank,
+                calls.param_shapes(spec), spec.shape.n_layers, s, d, self.rank,
                 dtype=self._copy_dtype(model, dst), device=self.device,
-                devices_per_node=self.program["devices_per_node"],
+                devices_per_node=self.program.devices_per_node,
             )
             if self.rank in d.ranks:
                 target = self.models.get((model, dst))
@@ -257,7 +257,7 @@ class Engine:
             return
         with self._timed(f"reload {model} {layout}"):
             shards = reload_shards(self.host[(model, layout)], self.device)
-            spec = self.program["models"][model]
+            spec = self.program.models[model]
             self.models[(model, layout)] = calls.model_from_shards(spec, shards, self.layouts[layout], self.rank)
 
     def drop(self, op: Drop) -> None:
@@ -380,10 +380,10 @@ class Engine:
         record = {"step": self.step + 1, **{k: max(v) if k.startswith("peak_bytes/") else sum(v) / len(v)
                                         for k, v in sorted(stats.items())}}  # peaks: the fullest rank
         record["time/iteration"] = seconds
-        record["estimate/iteration"] = self.program.get("estimated_iteration")
+        record["estimate/iteration"] = self.program.estimated_iteration
         record.update({f"time/{k}": v for k, v in sorted(times.items())})
-        record.update({f"estimate/{k}": v for k, v in self.program["estimates"].items()})
-        record.update({f"estimate/peak_bytes/{k}": v for k, v in self.program["estimated_peak_bytes"].items()})
+        record.update({f"estimate/{k}": v for k, v in self.program.estimates.items()})
+        record.update({f"estimate/peak_bytes/{k}": v for k, v in self.program.estimated_peak_bytes.items()})
         return record, samples
 
     # ---- checkpoints -------------------------------------------------------------
@@ -417,7 +417,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def main(program: dict, layouts: dict[str, Layout], groups, ops: tuple[Op, ...], here: str, argv=None) -> None:
+def main(program: Program, layouts: dict[str, Layout], groups, ops: tuple[Op, ...], here: str, argv=None) -> None:
     """Entry point of a generated program (`here` is its __file__): see launch.main."""
     from rlhfc_runtime.launch import main as launch_main
 

@@ -24,6 +24,7 @@ from rlhfc_runtime.hf_stream import MAX_SHARD_BYTES
 from rlhfc_runtime.contract.atomic import write_atomic
 from rlhfc_runtime.calls import model_config
 from rlhfc_runtime.contract.hub import TOKENIZER_FILES
+from rlhfc_runtime.contract.program import ModelSpec
 
 
 def stage_tensors(out: Path, name: str, module, write: bool = True,
@@ -42,7 +43,7 @@ def is_finisher(module) -> bool:
     return module.groups.rank == module.groups.layout.ranks[0]
 
 
-def finish(tmp: Path, plan: list, module, spec: dict, tokenizer: str | None, specials: dict) -> Path:
+def finish(tmp: Path, plan: list, module, spec: ModelSpec, tokenizer: str | None, specials: dict) -> Path:
     """The index, config.json, generation_config.json and tokenizer of a staged export,
     written last; a failed write removes the directory."""
     cfg = model_config(spec)
@@ -51,7 +52,7 @@ def finish(tmp: Path, plan: list, module, spec: dict, tokenizer: str | None, spe
             cfg[key] = int(specials[special])
     try:
         hf_stream.write_index(tmp, plan, torch.empty((), dtype=module.dtype).element_size())
-        write_atomic(tmp / "config.json", hf_config(cfg, spec["head"]))
+        write_atomic(tmp / "config.json", hf_config(cfg, spec.head))
         generation = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
         write_atomic(tmp / "generation_config.json", (json.dumps(generation, indent=2) + "\n").encode())
         _copy_tokenizer(spec, tokenizer, tmp)
@@ -73,8 +74,8 @@ def publish(staged: Path) -> Path:
     return final
 
 
-def _copy_tokenizer(spec: dict, tokenizer: str | None, into: Path) -> None:
-    source = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
+def _copy_tokenizer(spec: ModelSpec, tokenizer: str | None, into: Path) -> None:
+    source = Path(spec.checkpoint) if spec.checkpoint else None
     if source is not None and (source / "tokenizer.json").is_file():
         for file in TOKENIZER_FILES:
             if (source / file).is_file():

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rlhfc_runtime.model import DTYPES, ShardedLlama
+from rlhfc_runtime.model import DTYPES, ShardedDecoder
 
 # Steps between checks whether every row has ended (a host sync on CUDA): at most this
 # many wasted steps per batch; the result is the same as checking after every token.
@@ -95,7 +95,7 @@ def choose(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor) 
 
 
 @torch.no_grad()
-def generate(model: ShardedLlama, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+def generate(model: ShardedDecoder, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
              params: SamplingParams, precision: str | None = None, n_micro: int = 1) -> Generation:
     """Continue left-padded prompts; collective over the replica's tp*pp ranks.
 
@@ -127,7 +127,7 @@ def generate(model: ShardedLlama, prompt_ids: torch.Tensor, prompt_mask: torch.T
     )
 
 
-def _generate(model: ShardedLlama, prompt_ids, prompt_mask, params: SamplingParams, offset: int, dtype) -> Generation:
+def _generate(model: ShardedDecoder, prompt_ids, prompt_mask, params: SamplingParams, offset: int, dtype) -> Generation:
     """One micro-batch: rows `offset`… of this call's local batch. Every
     `EOS_CHECK_EVERY` steps the rows that ended leave the batch (their KV cache too), so
     a finished row stops costing compute; each row keeps its own random stream (its

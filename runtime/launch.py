@@ -35,8 +35,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def parse(program: dict, argv) -> dict:
-    parser = argparse.ArgumentParser(description=f"RLHF job compiled from {program['source']}")
+def parse(program, argv) -> dict:
+    parser = argparse.ArgumentParser(description=f"RLHF job compiled from {program.source}")
     parser.add_argument("--out", default="runs/latest", help="run directory: metrics, checkpoints")
     parser.add_argument("--steps", type=_positive, default=None, help="stop after this many steps")
     parser.add_argument("--save-every", type=_positive, default=None, help="checkpoint every K steps")
@@ -74,7 +74,7 @@ def _summary(failure: rdist.WorkerFailed) -> str:
     return line
 
 
-def main(program: dict, layouts, groups, ops, here: str, argv=None) -> None:
+def main(program, layouts, groups, ops, here: str, argv=None) -> None:
     """Parse options, then run as one torchrun worker, or the local world (one process:
     in this one; more: spawned)."""
     options = parse(program, argv)
@@ -123,9 +123,9 @@ def _local_world(program, layouts, groups, ops, options, forward: signals.Forwar
     """Each rank's result: one process runs in this one (its StopFlag takes the signals
     directly), more are spawned, with the launcher forwarding signals to them."""
     args = (program, layouts, groups, ops, options)
-    if program["world_size"] == 1:
+    if program.world_size == 1:
         return [rdist.run_here(_worker, *args)]
-    return rdist.spawn(_worker, program["world_size"], *args, on_start=forward.pids.extend)
+    return rdist.spawn(_worker, program.world_size, *args, on_start=forward.pids.extend)
 
 
 def _torchrun_worker(program, layouts, groups, ops, options, out, resume) -> None:

@@ -83,7 +83,7 @@ class HeadOutput:
     """What the last stage computes from its final hidden states, on demand: full
     logits, vocab-parallel log-probs of given tokens, or values. Loss functions get one."""
 
-    def __init__(self, model: "ShardedLlama", hidden):
+    def __init__(self, model: "ShardedDecoder", hidden):
         self.model, self.hidden = model, hidden
 
     def local_logits(self):
@@ -139,7 +139,7 @@ class HeadOutput:
 # ---------------------------------------------------------------- the model
 
 
-class ShardedLlama(PipelineStage, nn.Module):
+class ShardedDecoder(PipelineStage, nn.Module):
     """The part of a decoder model that one rank holds under a layout.
 
     Parameter names are HF names; `shards()` / `load_shards()` are the contract with
@@ -186,12 +186,12 @@ class ShardedLlama(PipelineStage, nn.Module):
                 raise AssertionError(f"{n}: shard shape {tuple(mine[n].shape)} != layout's {want}")
 
     @staticmethod
-    def from_shards(cfg: ModelConfig, groups: RankGroups, head: str, shards: dict[str, torch.Tensor]) -> "ShardedLlama":
+    def from_shards(cfg: ModelConfig, groups: RankGroups, head: str, shards: dict[str, torch.Tensor]) -> "ShardedDecoder":
         """A model whose parameters ARE `shards` (received by reallocation or reloaded
         from host memory): built on the meta device, then the tensors are assigned, so
         no second copy of the weights is ever allocated. Device and dtype are theirs."""
         sample = next(iter(shards.values()))
-        module = ShardedLlama(cfg, groups, head, device="meta", dtype=sample.dtype)
+        module = ShardedDecoder(cfg, groups, head, device="meta", dtype=sample.dtype)
         module.load_state_dict(shards, strict=True, assign=True)
         module.device = sample.device
         return module

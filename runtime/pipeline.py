@@ -26,7 +26,7 @@ SCHEDULES = ("1f1b", "gpipe")
 
 
 class PipelineStage:
-    """The pipeline half of `ShardedLlama` (a mixin): it needs `groups`, `device`,
+    """The pipeline half of `ShardedDecoder` (a mixin): it needs `groups`, `device`,
     `dtype`, `cfg`, `first`, `last`, `stage_forward` and `head_output`. Padded
     micro-batches run packed (`packing`) unless `pack` is False (the padded reference)."""
 

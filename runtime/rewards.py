@@ -142,7 +142,7 @@ def with_logprobs(samples: list[dict], generated: list[dict]) -> list[dict]:
     return rows
 
 
-def score_rows(spec: dict, seq: dict, loader, dataset_rows: list[int], rule_scores, keyed: dict,
+def score_rows(spec, seq: dict, loader, dataset_rows: list[int], rule_scores, keyed: dict,
                shown: dict[int, int] | None = None) -> tuple[list[float], dict, list]:
     """(scores, component means, sample rows) of this rank's rows of `seq`; `dataset_rows`
     is the dataset row of each; `rule_scores()` scores a registered rule's rows; `keyed`
@@ -156,9 +156,8 @@ def score_rows(spec: dict, seq: dict, loader, dataset_rows: list[int], rule_scor
         texts.append(text)
         for c in loader.columns:
             columns[c].append(cols[c])
-    if spec.get("functions") or spec.get("score_keys"):
-        scores, components = python_scores(spec["functions"], texts, completions, columns,
-                                           spec.get("score_keys", ()), keyed)
+    if spec.functions or spec.score_keys:
+        scores, components = python_scores(spec.functions, texts, completions, columns, spec.score_keys, keyed)
     else:
         scores, components = [float(v) for v in rule_scores()], {}
     samples = []

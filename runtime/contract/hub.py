@@ -154,20 +154,20 @@ def resolve_tokenizer(ref: HubId | str) -> Path:
     return snapshot
 
 
-def run_files(program: dict) -> dict[str, str]:
+def run_files(program) -> dict[str, str]:
     """What a run needs of each hub id a program spec names: "checkpoint" (weights and
     all) or "tokenizer" (its files only)."""
     needs: dict[str, str] = {}
-    for model in program["models"].values():
-        if is_hub(model.get("checkpoint")):
-            needs[model["checkpoint"]] = "checkpoint"
-    for dataset in program["datasets"].values():
-        if is_hub(dataset.get("tokenizer")):
-            needs.setdefault(dataset["tokenizer"], "tokenizer")
+    for model in program.models.values():
+        if is_hub(model.checkpoint):
+            needs[model.checkpoint] = "checkpoint"
+    for dataset in program.datasets.values():
+        if is_hub(dataset.tokenizer):
+            needs.setdefault(dataset.tokenizer, "tokenizer")
     return needs
 
 
-def fetch(program: dict) -> dict[str, Path]:
+def fetch(program) -> dict[str, Path]:
     """Each hub id of a program spec -> its local snapshot, with what the run loads."""
     return {ref: resolve_checkpoint(ref) if need == "checkpoint" else resolve_tokenizer(ref)
             for ref, need in run_files(program).items()}

@@ -11,7 +11,7 @@ so step t+1's rollouts are sampled while step t trains.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,3 @@ def layouts_of(op: Op) -> tuple[str, ...]:
     if isinstance(op, (Realloc, Move)):
         return (op.src, op.dst)
     return (op.layout,)
-
-
-def op_source(op: Op) -> str:
-    """`op` as the constructor call the generated file holds: keyword arguments, every
-    value through repr(), fields at their default left out."""
-    args = [f"{f.name}={getattr(op, f.name)!r}" for f in fields(op)
-            if f.default is MISSING or getattr(op, f.name) != f.default]
-    return f"{type(op).__name__}({', '.join(args)})"

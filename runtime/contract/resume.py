@@ -9,8 +9,10 @@ writes or starts anything; the runtime compares again when it restores (`ckpt_st
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+from rlhfc_runtime.contract.program import Program
 from rlhfc_runtime.contract.rundir import RunDirError, step_dirs
 
 FORMAT, VERSION = "rlhfc-checkpoint", 2  # 2: sharded weights and moments
@@ -19,7 +21,7 @@ _MODEL_KEYS = ("kind", "shape", "head", "trainable", "checkpoint", "rule", "init
 FIXED_RUN_KEYS = ("dataflow", "seed")  # a resume cannot change these; other run keys it applies
 
 
-def resolve_paths(program: dict, base: Path) -> dict:
+def resolve_paths(program: Program, base: Path) -> Program:
     """The program with its file paths (relative to the generated file) made absolute,
     and its hub ids (`hf://owner/name[@rev]`, kept as the user wrote them in the
     generated file) replaced by their local snapshot directories, the weights downloaded
@@ -40,20 +42,19 @@ def resolve_paths(program: dict, base: Path) -> dict:
             return None
         return local[path] if path in local else str((base / path).resolve())
 
-    return {
-        **program,
-        "source": fix(program["source"]),
-        "models": {n: {**m, "checkpoint": fix(m["checkpoint"]),
-                       "functions": [[fix(p), fn, w] for p, fn, w in m.get("functions", ())]}
-                   for n, m in program["models"].items()},
-        "datasets": {n: {**d, "path": fix(d["path"]), "tokenizer": fix(d["tokenizer"])}
-                     for n, d in program["datasets"].items()},
-    }
+    return replace(
+        program,
+        source=fix(program.source),
+        models={n: replace(m, checkpoint=fix(m.checkpoint), functions=tuple((fix(p), fn, w) for p, fn, w in m.functions))
+                for n, m in program.models.items()},
+        datasets={n: replace(d, path=fix(d.path), tokenizer=fix(d.tokenizer)) for n, d in program.datasets.items()},
+    )
 
 
-def fingerprint(program: dict) -> dict:
+def fingerprint(program: Program) -> dict:
     """What a checkpoint must agree on with the program that resumes it, as its manifest
     stores it (JSON: a shape's tuples are lists there too)."""
+    program = program.as_json()
     return json.loads(json.dumps({
         "models": {n: {k: m.get(k) for k in _MODEL_KEYS} | {"optimizer": (m.get("optimizer") or {}).get("name")}
                    for n, m in sorted(program["models"].items())},
@@ -76,10 +77,11 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def compare(manifest: dict, program: dict) -> tuple[list[str], list[str]]:
+def compare(manifest: dict, program: Program) -> tuple[list[str], list[str]]:
     """(what changed that a resume cannot continue with, what changed that it applies)."""
     refuse, apply = [], []
     old, new = manifest["fingerprint"], fingerprint(program)
+    program = program.as_json()
     for name in sorted(set(old["models"]) | set(new["models"])):
         a, b = old["models"].get(name), new["models"].get(name)
         if a is None or b is None:

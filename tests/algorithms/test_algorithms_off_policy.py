@@ -147,8 +147,10 @@ def _train_calls():
     layout = Layout((0,), 1, 1, 1)
     ensure_groups([layout])
     groups = rank_groups(layout)
-    spec = {"kind": "llama", "checkpoint": None, "shape": SHAPE, "head": "lm", "trainable": True,
-            "optimizer": {"name": "adam", "lr": 1e-3}}
+    from rlhfc_runtime.contract.program import ModelSpec
+    from rlhfc_runtime.contract.shapes import ModelShape
+
+    spec = ModelSpec("llama", shape=ModelShape(**SHAPE), trainable=True, optimizer={"name": "adam", "lr": 1e-3})
     gen = torch.Generator().manual_seed(5)
     rows, prompt, response = 4, 5, 6
     mask = torch.ones(rows, prompt + response, dtype=torch.long)

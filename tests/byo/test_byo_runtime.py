@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -153,7 +154,9 @@ def test_decoded_samples_carry_reward_components_and_columns(math_task, tmp_path
     seq = {"input_ids": torch.cat([batch["input_ids"], response], 1),
            "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(response)], 1),
            "response_mask": torch.cat([torch.zeros_like(batch["input_ids"]), torch.ones_like(response)], 1)}
-    spec = {"functions": [(str(ROOT / "programs" / "rewards.py"), "exact_match", 1.0)]}
+    from rlhfc_runtime.contract.program import ModelSpec
+
+    spec = ModelSpec("rule", functions=((str(ROOT / "programs" / "rewards.py"), "exact_match", 1.0),))
     scores, means, samples = rewards.score_rows(spec, seq, loader, loader.last, rule_scores=None, keyed={})
     assert scores == [1.0, 1.0] and means == {"reward/exact_match": 1.0}
     assert samples[0]["completion"] == answers[0] and samples[0]["prompt"].startswith("<|im_start|>user\n")
@@ -161,7 +164,7 @@ def test_decoded_samples_carry_reward_components_and_columns(math_task, tmp_path
     assert [s["row"] for s in samples] == [0, 1]
     assert samples[1]["completion_ids"] == response[1].tolist()  # the answer's tokens and the EOS
     assert samples[1]["prompt_ids"] == batch["input_ids"][1][batch["attention_mask"][1] == 1].tolist()
-    mixed = {**spec, "score_keys": [("rm_score", 0.5)]}  # a reward model's scores for the two rows
+    mixed = replace(spec, score_keys=(("rm_score", 0.5),))  # a reward model's scores for the two rows
     scores, means, samples = rewards.score_rows(mixed, seq, loader, loader.last, None, {"rm_score": [0.25, -0.5]})
     assert scores == [1.125, 0.75] and means == {"reward/exact_match": 1.0, "reward/rm_score": -0.125}
     assert samples[1]["reward/rm_score"] == -0.5 and samples[1]["reward"] == 0.75

@@ -26,7 +26,7 @@ def test_hostile_dataset_path_stays_a_string(tmp_path):
     assert HOSTILE in literal_strings(tree)  # round-trips exactly, as data
     ns = {}
     exec(compile(tree, "gen.py", "exec"), ns)  # defining the module runs nothing hostile
-    assert ns["PROGRAM"]["datasets"]["prompts"]["path"] == HOSTILE
+    assert ns["PROGRAM"].datasets["prompts"].path == HOSTILE
     settings = [dict(ast.literal_eval(k.value)) for n in calls for k in n.keywords if k.arg == "settings"]
     assert any(s.get("kl_mode") == HOSTILE for s in settings)
     assert not (tmp_path / "PWNED").exists()
@@ -50,10 +50,10 @@ def test_spec_carries_models_homes_and_estimates():
     df = dataflow()
     prog = lower(df, split_plan(df))
     spec = program_spec(prog)
-    assert spec["world_size"] == 2
-    assert spec["models"]["actor"]["home"] == dict(prog.homes)["actor"]
-    assert spec["models"]["reward"]["rule"] == "pattern_reward"
-    assert set(spec["estimates"]) == {c.name for c in df.calls}
+    assert spec.world_size == 2
+    assert spec.models["actor"].home == dict(prog.homes)["actor"]
+    assert spec.models["reward"].rule == "pattern_reward"
+    assert set(spec.estimates) == {c.name for c in df.calls}
     ns = {}
     exec(compile(emit(prog), "gen.py", "exec"), ns)
     assert ns["PROGRAM"] == spec

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,41 +104,36 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, ppo_
     shutil.copytree(whole, out)
     weights = sorted((out / "checkpoint" / "step-000004").glob("critic.rank*.safetensors"))[0]
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # a torn write
-    program = json.loads(json.dumps(_program_of(whole)))
+    program = _program_of(whole)
     chosen, notes = ckpt_store.prepare(out, program)
     assert chosen.name == "step-000002"
     assert any("step-000004" in n and "checksum" in n for n in notes)
     assert any("newest intact checkpoint, step-000002" in n for n in notes)
 
 
-def _program_of(out: Path) -> dict:
-    """The PROGRAM dict of the run's generated file, paths resolved (as the launcher does)."""
+def _program_of(out: Path):
+    """The PROGRAM of the run's generated file, paths resolved (as the launcher does)."""
+    import runpy
+
     from rlhfc_runtime.contract.resume import resolve_paths
 
-    text = (out.parent / "ppo2.py").read_text()
-    start = text.index("PROGRAM = ") + len("PROGRAM = ")
-    literal = text[start:text.index("\n\nLAYOUTS")]
-    import ast
-
-    return resolve_paths(ast.literal_eval(literal), out.parent)
+    return resolve_paths(runpy.run_path(str(out.parent / "ppo2.py"))["PROGRAM"], out.parent)
 
 
 def test_resume_refuses_a_changed_shape_and_applies_a_changed_lr(tmp_path, ppo_run):
     _, whole = ppo_run
     program = _program_of(whole)
     manifest = ckpt_store.read_manifest(whole / "checkpoint" / "step-000004")
-    wider = json.loads(json.dumps(program))
-    wider["models"]["critic"]["shape"]["hidden"] = 128
+    wider = program.with_model("critic", shape=replace(program.models["critic"].shape, hidden=128))
     refuse, _ = ckpt_store.compare(manifest, wider)
     assert refuse == ["model critic: shape.hidden 64 -> 128"]
     with pytest.raises(RunError, match="(?s)cannot resume .*model critic: shape.hidden 64 -> 128"):
         ckpt_store.prepare(whole, wider)
-    slower = json.loads(json.dumps(program))
-    slower["models"]["actor"]["optimizer"]["lr"] = 1e-4
-    slower["run"]["save_every"] = program["run"]["save_every"] + 5
+    slower = replace(program.with_model("actor", optimizer={**program.models["actor"].optimizer, "lr": 1e-4}),
+                     run=replace(program.run, save_every=program.run.save_every + 5))
     _, notes = ckpt_store.prepare(whole, slower)
     assert notes == ["resuming with changed settings: actor lr 0.002 -> 0.0001; "
-                     f"save_every {program['run']['save_every']} -> {program['run']['save_every'] + 5}"]
+                     f"save_every {program.run.save_every} -> {program.run.save_every + 5}"]
 
 
 def test_rlhfc_run_refuses_a_changed_program_before_any_worker_starts(tmp_path, ppo_run):

@@ -25,13 +25,13 @@ def test_a_cached_hub_id_gives_the_shape_and_the_tokenizer(offline, tmp_path):
     assert actor.shape == ir.ModelShape(2, 32, 4, 2, 64, 64, 64, False)
     assert flow.datasets[0].tokenizer == f"hf://{REPO}"  # the default: the checkpoint's own
     prog, text = compile_program(path, output=tmp_path / "prog.py")
-    assert f"'checkpoint': 'hf://{REPO}'" in text  # the generated program keeps the id
+    assert f"checkpoint='hf://{REPO}'" in text  # the generated program keeps the id
     spec = program_spec(prog, str(tmp_path))
-    assert spec["models"]["actor"]["checkpoint"] == spec["datasets"]["demos"]["tokenizer"] == f"hf://{REPO}"
+    assert spec.models["actor"].checkpoint == spec.datasets["demos"].tokenizer == f"hf://{REPO}"
     snapshot = str(offline / "hub" / "models--tiny-org--tiny-llama" / "snapshots")
     resolved = resolve_paths(spec, tmp_path)
-    assert resolved["models"]["actor"]["checkpoint"].startswith(snapshot)
-    assert resolved["datasets"]["demos"]["tokenizer"] == resolved["models"]["actor"]["checkpoint"]
+    assert resolved.models["actor"].checkpoint.startswith(snapshot)
+    assert resolved.datasets["demos"].tokenizer == resolved.models["actor"].checkpoint
 
 
 def test_revisions_and_an_explicit_tokenizer_id(offline, tmp_path):

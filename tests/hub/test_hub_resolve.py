@@ -60,8 +60,15 @@ def test_config_checkpoint_and_tokenizer_resolve_offline_at_a_branch_or_commit(o
     assert json.loads((hub.resolve(REPO) / "config.json").read_text())["num_hidden_layers"] == 2
     assert (hub.resolve_checkpoint(REPO) / "model.safetensors").is_file()
     assert (hub.resolve_tokenizer(REPO) / "tokenizer.json").is_file()
-    program = {"models": {"a": {"checkpoint": f"hf://{REPO}"}, "b": {"checkpoint": "/local/dir"}, "r": {}},
-               "datasets": {"d": {"tokenizer": f"hf://{REPO}"}, "e": {"tokenizer": None}}}
+    from rlhfc_runtime.contract.program import DatasetSpec, ModelSpec, Program, RunSpec
+
+    def dataset(tokenizer):
+        return DatasetSpec(format="jsonl", path="d.jsonl", fields={"field": "prompt"}, tokenizer=tokenizer, max_len=8)
+
+    program = Program(source=None, world_size=1, device="cpu", devices_per_node=1, run=RunSpec("sft", 1, 1),
+                      models={"a": ModelSpec("llama", checkpoint=f"hf://{REPO}"),
+                              "b": ModelSpec("llama", checkpoint="/local/dir"), "r": ModelSpec("rule", rule="r")},
+                      datasets={"d": dataset(f"hf://{REPO}"), "e": dataset(None)})
     assert hub.run_files(program) == {f"hf://{REPO}": "checkpoint"}
     assert hub.fetch(program) == {f"hf://{REPO}": snapshot}
 

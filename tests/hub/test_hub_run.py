@@ -21,7 +21,7 @@ def test_rlhfc_run_trains_a_hub_checkpoint_with_its_tokenizer(offline, tmp_path)
     result = rlhfc("run", str(sft_program(tmp_path, f'hf("{REPO}")')), "--devices", "1", "--steps", "2",
                    "--out", str(out))
     assert result.returncode == 0, result.stderr + (out / "worker.log").read_text()
-    assert f"'checkpoint': 'hf://{REPO}'" in (out / "program.py").read_text()
+    assert f"checkpoint='hf://{REPO}'" in (out / "program.py").read_text()
     assert f"hf://{REPO} → {offline / 'hub'}" in result.stderr
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps] == [1, 2] and all(r["a_tr/loss"] > 0 for r in steps)

@@ -11,6 +11,8 @@ from rlhfc_runtime import calls
 from rlhfc_runtime.contract.budget import balanced, fill, micro_batch_tokens
 from rlhfc_runtime.contract.interfaces import INTERFACES
 from rlhfc_runtime.contract.layout import Layout
+from rlhfc_runtime.contract.program import ModelSpec
+from rlhfc_runtime.contract.shapes import ModelShape
 from rlhfc_runtime.dist import ensure_groups, rank_groups, spawn
 from rlhfc_runtime.packing import plan_packing
 from rlhfc_runtime.transfer import rows_of
@@ -86,8 +88,8 @@ def _run(name, layout, pack):
     iface = INTERFACES[name]
     head = iface.head.value
     trainable = iface.kind.value == "train"
-    spec = {"kind": "llama", "checkpoint": None, "shape": SHAPE, "head": head, "trainable": trainable,
-            "optimizer": {"name": "adam", "lr": 1e-3} if trainable else None}
+    spec = ModelSpec("llama", head=head, shape=ModelShape(**SHAPE), trainable=trainable,
+                     optimizer={"name": "adam", "lr": 1e-3} if trainable else None)
     model = calls.build_model(spec, layout)
     groups = rank_groups(layout)
     lo, hi = rows_of(B, layout, groups.rank)

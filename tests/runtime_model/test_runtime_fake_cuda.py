@@ -21,8 +21,10 @@ from rlhfc_runtime.algorithms.registry import REGISTRY, rule_scores
 from rlhfc_runtime.checkpoint import tiny_config
 from rlhfc_runtime.contract.interfaces import INTERFACES
 from rlhfc_runtime.contract.layout import Layout
+from rlhfc_runtime.contract.program import ModelSpec
+from rlhfc_runtime.contract.shapes import ModelShape
 from rlhfc_runtime.dist import rank_groups
-from rlhfc_runtime.model import ModelConfig, ShardedLlama, lm_loss
+from rlhfc_runtime.model import ModelConfig, ShardedDecoder, lm_loss
 
 CFG = tiny_config(num_hidden_layers=2, vocab_size=48)
 B, P, N = 4, 5, 3  # rows, prompt length, new tokens
@@ -57,7 +59,7 @@ def fake_cuda(monkeypatch):
 
 
 def _model(head="lm", dtype=torch.float32):
-    return ShardedLlama(ModelConfig.from_hf(CFG), rank_groups(ONE, 0), head, device=CUDA, dtype=dtype)
+    return ShardedDecoder(ModelConfig.from_hf(CFG), rank_groups(ONE, 0), head, device=CUDA, dtype=dtype)
 
 
 def _seq():
@@ -90,7 +92,10 @@ def _settings(name, **extra):
 
 
 def _spec(head, trainable):
-    return {"kind": "llama", "head": head, "trainable": trainable}
+    return ModelSpec("llama", head=head, trainable=trainable, shape=ModelShape(
+        vocab=CFG["vocab_size"], hidden=CFG["hidden_size"], intermediate=CFG["intermediate_size"],
+        n_layers=CFG["num_hidden_layers"], n_heads=CFG["num_attention_heads"], n_kv_heads=CFG["num_key_value_heads"],
+        max_positions=CFG["max_position_embeddings"], tied_embeddings=False))
 
 
 def test_fake_cuda_catches_a_cpu_tensor(monkeypatch):
@@ -134,7 +139,7 @@ def test_rule_scores_on_the_sequences_device(monkeypatch):
     with fake_cuda(monkeypatch):
         scores = rule_scores("pattern_reward", _seq(), N, 2)
         assert scores.device == CUDA
-        out, _ = calls.run_call("inference", "rule", None, {"kind": "rule", "rule": "length_reward"},
+        out, _ = calls.run_call("inference", "rule", None, ModelSpec("rule", rule="length_reward"),
                                 {"seq": _seq()}, ("score",), _settings("logprobs"), rank_groups(ONE, 0))
         assert out["score"]["score"].device == CUDA
 
@@ -166,13 +171,6 @@ def test_bf16_copies_and_master_weights_on_cuda(monkeypatch):
             calls.set_precision(m, "bf16")
         assert {p.dtype for p in frozen.module.parameters()} == {torch.bfloat16}
         assert {p.dtype for p in trained.module.parameters()} == {torch.float32}
-        copy = calls.model_from_shards({"shape": None, "head": "lm", **_spec("lm", False)} | _shape_spec(),
-                                       frozen.module.shards(), ONE, 0)
+        copy = calls.model_from_shards(_spec("lm", False), frozen.module.shards(), ONE, 0)
         assert copy.module.device == CUDA and {p.dtype for p in copy.module.parameters()} == {torch.bfloat16}
 
-
-def _shape_spec():
-    return {"shape": {"vocab": CFG["vocab_size"], "hidden": CFG["hidden_size"],
-                      "intermediate": CFG["intermediate_size"], "n_layers": CFG["num_hidden_layers"],
-                      "n_heads": CFG["num_attention_heads"], "n_kv_heads": CFG["num_key_value_heads"],
-                      "max_positions": CFG["max_position_embeddings"], "tied_embeddings": False}}

@@ -18,7 +18,7 @@ from rlhfc_runtime.contract.family import shape_from_hf
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.contract.shapes import param_table
 from rlhfc_runtime.dist import rank_groups
-from rlhfc_runtime.model import ModelConfig, ShardedLlama
+from rlhfc_runtime.model import ModelConfig, ShardedDecoder
 from rlhfc_runtime.shard_plan import MissingInterval, export_plan, read_plan, volume, write_plan
 
 CONFIG_70B = dict(model_type="llama", num_hidden_layers=80, hidden_size=8192, num_attention_heads=64,
@@ -116,7 +116,7 @@ def test_the_save_and_restore_code_on_meta_tensors_allocates_a_share_plus_one_pi
             pass
 
     monkeypatch.setattr(shard_io, "TensorFile", CountingFile)
-    saved = ShardedLlama(cfg, rank_groups(SAVED, rank), device="meta")
+    saved = ShardedDecoder(cfg, rank_groups(SAVED, rank), device="meta")
     own = sum(p.numel() * p.element_size() for p in saved.parameters())
     file, entries = shard_io.write_shards(tmp_path, "actor", saved, optimizer=None)
     assert sum(written) <= own and max(written) <= max(p.numel() for p in saved.parameters()) * FP32
@@ -142,7 +142,7 @@ def test_the_save_and_restore_code_on_meta_tensors_allocates_a_share_plus_one_pi
             return Slice()
 
     monkeypatch.setattr(shard_io, "safe_open", MetaFile)
-    resumed = ShardedLlama(cfg, rank_groups(RESUMED, rank), device="meta")
+    resumed = ShardedDecoder(cfg, rank_groups(RESUMED, rank), device="meta")
     mine = sum(p.numel() for p in resumed.parameters())
     for kind in shard_io.KINDS:
         pieces.clear()

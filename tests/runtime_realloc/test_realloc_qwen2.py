@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
@@ -52,7 +53,7 @@ def compiled(tmp: Path):
     return lower(df, plan(df, {"gen": tp2, "score": tp2, "refl": dp2, "a_tr": dp2}))
 
 
-def _realloc_worker(spec: dict, train, gen) -> list[str]:
+def _realloc_worker(spec, train, gen) -> list[str]:
     """Load the actor in its train layout, reallocate it to the generation layout as the
     engine does, and compare with the checkpoint's slices and outputs."""
     import torch
@@ -69,18 +70,18 @@ def _realloc_worker(spec: dict, train, gen) -> list[str]:
     ensure_groups([train, gen])
     home = calls.build_model(spec, train)
     shapes = calls.param_shapes(spec)
-    shards = reallocate(calls.shards_of(home), shapes, spec["shape"]["n_layers"], train, gen, rank,
+    shards = reallocate(calls.shards_of(home), shapes, spec.shape.n_layers, train, gen, rank,
                         dtype=torch.float32, device=torch.device("cpu"))
     copy = calls.model_from_shards(spec, shards, gen, rank)
-    full = load_file(str(Path(spec["checkpoint"]) / "model.safetensors"))
+    full = load_file(str(Path(spec.checkpoint) / "model.safetensors"))
     failures = []
     if set(shards) != set(full) or set(copy.module.shards()) != set(full):
         failures.append(f"rank {rank}: names differ from the checkpoint's: {sorted(set(full) ^ set(shards))}")
     for name, tensor in full.items():
-        want = tensor[shard_slices(name, tensor.shape, spec["shape"]["n_layers"], gen, rank, shapes[name].split)]
+        want = tensor[shard_slices(name, tensor.shape, spec.shape.n_layers, gen, rank, shapes[name].split)]
         if name in shards and not torch.equal(shards[name], want):
             failures.append(f"rank {rank}: {name} differs from the checkpoint's slice")
-    direct = load_checkpoint(spec["checkpoint"], gen, "lm", torch.device("cpu"))
+    direct = load_checkpoint(spec.checkpoint, gen, "lm", torch.device("cpu"))
     ids = torch.arange(3, 19).reshape(2, 8)
     if not torch.allclose(copy.module(ids), direct(ids), atol=1e-5):
         failures.append(f"rank {rank}: the reallocated copy computes other logits than the checkpoint")
@@ -91,8 +92,8 @@ def test_qwen2_biases_and_rope_survive_reallocation(tmp_path):
     prog = compiled(tmp_path)
     assert Realloc("actor", "L0", "L1") in prog.ops  # home dp = 2 -> generation tp = 2
     layouts = dict(prog.layouts)
-    spec = program_spec(prog, str(tmp_path))["models"]["actor"]
-    spec = {**spec, "checkpoint": str(tmp_path / spec["checkpoint"])}
+    spec = program_spec(prog, str(tmp_path)).models["actor"]
+    spec = replace(spec, checkpoint=str(tmp_path / spec.checkpoint))
     results = spawn(_realloc_worker, 2, spec, layouts[dict(prog.homes)["actor"]], layouts["L1"])
     assert [f for per_rank in results for f in per_rank] == []
 
