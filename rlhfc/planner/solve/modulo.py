@@ -18,7 +18,9 @@ T_c = r_c − a_c·II, which is what the plan reports.
   devices too (they send), so it never overlaps the train call modulo II: it reads the
   whole update of the previous body or of its own. A call a_c ahead then reads a policy
   at most a_c ≤ K updates old, and T_c + (1 + K)·II ≥ end of the train call holds.
-- Energy cut Σ duration·|mesh| ≤ devices·II; minimise II, at most the synchronous
+- Symmetry: shifting every call by one time keeps a steady state valid, so the earliest
+  offset is 0. Redundant cuts: Σ duration·|mesh| ≤ devices·II, and each atom's calls'
+  durations ≤ II. Minimise II, at most the synchronous
   plan's makespan (the synchronous schedule is a steady state with every a_c = 0).
 """
 
@@ -92,6 +94,7 @@ def solve_modulo(
             m.Add(frame[c] + a * ii == r[c]).OnlyEnforceIf(lit)
     for src, dst in problem.edges:
         m.Add(frame[dst] >= frame[src] + size[src])
+    m.AddMinEquality(0, list(r.values()))
 
     def interval(start, length, present, name):
         end = m.NewIntVar(-ub, 2 * ub, f"end[{name}]")
@@ -116,7 +119,6 @@ def solve_modulo(
                 m.Add(sending + present[c] <= 1)
             intervals += [interval(s[c], realloc[c], sending, f"{tag}[{c},{n}]") for s, tag in ((r, "rs"), (early, "es"))]
         m.AddNoOverlap(intervals)
-        # redundant load cut (tightens the bound): the atom's calls fit in one interval
         m.Add(sum(opts[c][i].duration * x[c, i] for c, i in keys) <= ii)
         _add_memory(m, problem, memory, keys)
     m.Add(sum(o.duration * len(o.devices) * x[c, i] for c in calls for i, o in enumerate(opts[c]))
@@ -140,8 +142,9 @@ def solve_modulo(
                 tuple((c, next(a for a, lit in enumerate(ahead[c]) if solver.BooleanValue(lit))) for c in calls))
 
     picked, starts, aheads = read()
-    if status == cp_model.OPTIMAL:
-        _, proven = first_optimal(m, solver, problem, x, ii, best, picked, time_limit - (time.perf_counter() - t0))
+    if status == cp_model.OPTIMAL:  # the tie-break gets as long as the proof took, at most
+        spent = time.perf_counter() - t0
+        _, proven = first_optimal(m, solver, problem, x, ii, best, picked, min(spent, time_limit - spent))
         if proven:
             picked, starts, aheads = read()
     choice = tuple((c, opts[c][picked[c]]) for c in calls)
