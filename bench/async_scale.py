@@ -43,8 +43,12 @@ class Row:
     mean_response: int
     mini_batches: int
     anchor: str  # the published setting it is closest to
+    source: str = ""  # a repository program instead (planned with max_staleness = 1)
 
     def program(self) -> str:
+        if self.source:
+            text = (ROOT / self.source).read_text().replace('"../', f'"{ROOT}/').replace('"stdlib/', f'"{ROOT}/stdlib/')
+            return text.replace("kl_coef = 0.05", "kl_coef = 0.05  max_staleness = 1")
         nodes = self.gpus // 8
         return f"""import grpo from "{ROOT}/stdlib/grpo.rlhf"
 cluster {{ nodes = {nodes}  devices_per_node = 8  device = "H100-80GB" }}
@@ -73,11 +77,15 @@ ROWS = [
     Row("qwen2.5-32b", 64, 512, 16, 512, 16384, 4096, 16, "verl"),
     Row("qwen2.5-32b", 128, 512, 16, 512, 16384, 4096, 16, "verl"),
     Row("qwen2.5-32b", 128, 512, 16, 512, 8192, 2048, 16, "verl"),
+    # short generation, where the model does predict a gain: the repository's PPO examples
+    Row("llama-2-7b", 8, 512, 1, 256, 256, 256, 1, "ReaL", "programs/ppo_7b.rlhf"),
+    Row("llama-2-70b", 128, 512, 1, 256, 256, 256, 1, "ReaL", "programs/ppo_70b.rlhf"),
 ]
 
 
 def run_row(row: Row, scratch: Path) -> dict:
     path = scratch / f"{row.preset}_{row.gpus}_{row.max_new}.rlhf"
+    assert "max_staleness = 1" in row.program()
     path.write_text(row.program())
     df = load_program(str(path), need_run=True)
     t0 = time.perf_counter()
@@ -87,7 +95,8 @@ def run_row(row: Row, scratch: Path) -> dict:
     meshes = {p.call: f"{p.strategy.mesh.size}:{p.strategy.dp}/{p.strategy.tp}/{p.strategy.pp}"
               for p in plan.calls if p.call in ("gen", "a_tr")}
     return {
-        "setting": f"{row.preset} {row.gpus} GPUs {row.prompts}x{row.group} gen {row.max_new} (mean {row.mean_response})",
+        "setting": (f"{row.source} ({row.preset} PPO, {row.gpus} GPUs)" if row.source else
+                    f"{row.preset} {row.gpus} GPUs {row.prompts}x{row.group} gen {row.max_new} (mean {row.mean_response})"),
         "anchor": row.anchor, "sync_s": round(plan.sync_time, 1), "async_s": round(plan.iteration_time, 1),
         "speedup": round(plan.sync_time / plan.iteration_time, 2),
         "sync_tok_s_gpu": round(tokens / plan.sync_time / row.gpus),

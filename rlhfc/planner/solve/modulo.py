@@ -20,8 +20,8 @@ T_c = r_c − a_c·II, which is what the plan reports.
   at most a_c ≤ K updates old, and T_c + (1 + K)·II ≥ end of the train call holds.
 - Symmetry: shifting every call by one time keeps a steady state valid, so the earliest
   offset is 0. Redundant cuts: Σ duration·|mesh| ≤ devices·II, and each atom's calls'
-  durations ≤ II. Minimise II, at most the synchronous
-  plan's makespan (the synchronous schedule is a steady state with every a_c = 0).
+  durations ≤ II. Minimise II, at most the synchronous plan's makespan (the
+  synchronous schedule is a steady state with every a_c = 0).
 """
 
 from __future__ import annotations
