@@ -99,7 +99,7 @@ def test_two_process_programs_pipeline_on_disjoint_devices(program):
     trains, faster than the synchronous plan: GRPO generates on one device while the
     other trains; PPO trains the critic beside the next generation."""
     df = _staleness(load_program(ROOT / f"programs/{program}.rlhf"), 1)
-    plan = plan_dataflow(df, time_limit=6, workers=2)
+    plan = plan_dataflow(df, time_limit=10, workers=2)
     assert plan.max_staleness == 1 and plan.sync_time is not None
     assert plan.iteration_time < plan.sync_time
     gen, train = plan.placement("gen"), plan.placement("a_tr")
