@@ -45,7 +45,7 @@ class SolveResult:
     seconds: float
 
 
-def _atoms(problem: Problem) -> list[tuple[frozenset[int], list[tuple[str, int]]]]:
+def device_atoms(problem: Problem) -> list[tuple[frozenset[int], list[tuple[str, int]]]]:
     """Group devices by the set of options covering them."""
     cover: dict[int, list[tuple[str, int]]] = {}
     for call, opts in problem.options:
@@ -127,12 +127,12 @@ def solve_cpsat(
         m.Add(end[c] == start[c] + size[c])
     for src, dst in problem.edges:
         m.Add(start[dst] >= end[src])
-    memory = _memory_terms(problem, x)
-    for n, (_, keys) in enumerate(_atoms(problem)):
+    memory = memory_terms(problem, x)
+    for n, (_, keys) in enumerate(device_atoms(problem)):
         present = atom_presence(m, x, keys, n)
         m.AddNoOverlap([m.NewOptionalIntervalVar(start[c], size[c], end[c], p, f"iv[{c},{n}]")
                         for c, p in present.items()])
-        _add_memory(m, problem, memory, keys)
+        add_memory(m, problem, memory, keys)
     makespan = m.NewIntVar(0, horizon, "makespan")
     m.AddMaxEquality(makespan, list(end.values()))
     # Redundant energy cut (tightens the bound): busy device-time fits in the cluster.
@@ -259,13 +259,13 @@ def _layout_vars(m, x, call: str, options: tuple[Option, ...]) -> dict[tuple, cp
     return out
 
 
-def _memory_terms(problem: Problem, x) -> dict[tuple[str, int], tuple]:
+def memory_terms(problem: Problem, x) -> dict[tuple[str, int], tuple]:
     """(x, resident KiB, transient KiB) of every option, computed once for all atoms."""
     return {(c, i): (x[c, i], kib(o.cost.static_bytes), kib(o.cost.transient_bytes))
             for c, opts in problem.options for i, o in enumerate(opts)}
 
 
-def _add_memory(m, problem: Problem, terms: dict, keys: list[tuple[str, int]]) -> None:
+def add_memory(m, problem: Problem, terms: dict, keys: list[tuple[str, int]]) -> None:
     """Resident state of homes on this atom (one variable, so each call's constraint holds
     only its own options) + transient of each call ≤ capacity."""
     held = [terms[k] for k in keys if terms[k][1]]

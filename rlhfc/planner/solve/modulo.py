@@ -33,7 +33,7 @@ from ortools.sat.python import cp_model
 
 from rlhfc.ir import CallKind
 from rlhfc.planner.solve.cpsat import (
-    _add_memory, _atoms, _memory_terms, atom_presence, call_vars, first_optimal, picked_options,
+    add_memory, atom_presence, call_vars, device_atoms, first_optimal, memory_terms, picked_options,
 )
 from rlhfc.planner.solve.problem import Option, Problem
 from rlhfc.planner.solve.schedule import Schedule
@@ -102,8 +102,8 @@ def solve_modulo(
         return m.NewOptionalIntervalVar(start, length, end, present, name)
 
     opts = problem.by_call
-    memory = _memory_terms(problem, x)
-    for n, (_, keys) in enumerate(_atoms(problem)):
+    memory = memory_terms(problem, x)
+    for n, (_, keys) in enumerate(device_atoms(problem)):
         present = atom_presence(m, x, keys, n)
         intervals = [interval(s[c], size[c], p, f"{tag}[{c},{n}]")
                      for c, p in present.items() for s, tag in ((r, "iv"), (early, "ev"))]
@@ -120,7 +120,7 @@ def solve_modulo(
             intervals += [interval(s[c], realloc[c], sending, f"{tag}[{c},{n}]") for s, tag in ((r, "rs"), (early, "es"))]
         m.AddNoOverlap(intervals)
         m.Add(sum(opts[c][i].duration * x[c, i] for c, i in keys) <= ii)
-        _add_memory(m, problem, memory, keys)
+        add_memory(m, problem, memory, keys)
     m.Add(sum(o.duration * len(o.devices) * x[c, i] for c in calls for i, o in enumerate(opts[c]))
           <= problem.dataflow.cluster.n_devices * ii)
     m.Minimize(ii)
