@@ -19,9 +19,10 @@ class CallPlacement:
 
     `start` and `end` are seconds in the frame of one iteration: 0 is the start of the
     body (a stretch of `Plan.iteration_time`) in which that iteration trains. A call
-    `ahead` a ≥ 1 ran a bodies earlier, so its window is negative; in each body it
-    starts at `start` + a·`iteration_time`, within [0, `iteration_time`), and may end
-    in the next body. `start` excludes the reallocation and data moves just before it."""
+    `ahead` a ≥ 1 ran a bodies earlier, so its window is negative; in each body it runs
+    at `start` + a·`iteration_time` and may end in the next body. `start` excludes the
+    reallocation and data moves just before it: where they begin lies in
+    [0, `iteration_time`) of the body."""
 
     call: str
     model: str
