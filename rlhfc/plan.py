@@ -10,12 +10,19 @@ from dataclasses import dataclass
 
 from rlhfc.ir import Cluster, Strategy
 
-SCHEMA_VERSION = 2  # 2: `call_memory` per call
+SCHEMA_VERSION = 3  # 2: `call_memory` per call; 3: `ahead` per call, `max_staleness`, `sync_time`
 
 
 @dataclass(frozen=True)
 class CallPlacement:
-    """One call's strategy and its estimated window and memory in the iteration."""
+    """One call's strategy and its estimated window and memory in the iteration.
+
+    `start` and `end` are seconds in the frame of one iteration: 0 is the start of the
+    body (a stretch of `Plan.iteration_time`) in which that iteration trains. A call
+    `ahead` a ≥ 1 ran a bodies earlier, so its window is negative; in each body it runs
+    at `start` + a·`iteration_time` and may end in the next body. `start` excludes the
+    reallocation and data moves just before it: where they begin lies in
+    [0, `iteration_time`) of the body."""
 
     call: str
     model: str
@@ -119,7 +126,7 @@ def plan_to_json(plan: Plan, include_timing: bool = False) -> str:
         "calls": [
             {"call": p.call, "model": p.model, "strategy": _strategy_dict(p.strategy), "start": p.start,
              "end": p.end, "peak_memory": p.peak_memory,
-             "call_memory": p.call_memory}
+             "call_memory": p.call_memory, "ahead": p.ahead}
             for p in plan.calls
         ],
         "homes": [[m, _strategy_dict(s)] for m, s in plan.homes],
@@ -133,6 +140,8 @@ def plan_to_json(plan: Plan, include_timing: bool = False) -> str:
         "status": plan.status,
         "baseline_time": plan.baseline_time,
         "offloaded": list(plan.offloaded),
+        "max_staleness": plan.max_staleness,
+        "sync_time": plan.sync_time,
     }
     if plan.priced_by:
         doc["priced_by"] = plan.priced_by
@@ -153,13 +162,14 @@ def plan_from_json(text: str) -> Plan:
         d["source"],
         Cluster(c["nodes"], c["devices_per_node"], c["device"], tuple((k, v) for k, v in c["overrides"])),
         tuple(CallPlacement(p["call"], p["model"], _strategy_from(p["strategy"]), p["start"], p["end"], p["peak_memory"],
-                            p["call_memory"])
+                            p["call_memory"], p["ahead"])
               for p in d["calls"]),
         tuple((m, _strategy_from(s)) for m, s in d["homes"]),
         tuple(Reallocation(r["model"], r["before_call"], _strategy_from(r["src"]), _strategy_from(r["dst"]), r["bytes"],
                            r["seconds"]) for r in d["reallocations"]),
         d["iteration_time"], d["lower_bound"], d["status"], d.get("solve_seconds", 0.0), d["baseline_time"],
-        d["schema_version"], tuple(d.get("offloaded", ())), d.get("priced_by", ""),
+        d["schema_version"], tuple(d.get("offloaded", ())), d.get("priced_by", ""), d["max_staleness"],
+        d["sync_time"],
     )
 
 

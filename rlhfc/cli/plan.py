@@ -57,7 +57,8 @@ def plan_command(
         print_explanation(explain_plan(dataflow, plan, coeffs), out)
         floor, _ = roofline_seconds(dataflow, plan, coeffs)
         out.print(f"iteration {plan.iteration_time:.3f} s estimated ({estimate_meaning(dataflow.cluster.device, coeffs)}); "
-                  f"physical roofline of the same plan {floor:.3f} s", markup=False, highlight=False)
+                  f"physical roofline of the same plan {floor:.3f} s"
+                  + (" (its strategies run synchronously)" if plan.max_staleness else ""), markup=False, highlight=False)
     if json_out:
         options.write_or_exit(json_out, plan.to_json())
     for path, kind in ((svg, "svg"), (png, "png")):

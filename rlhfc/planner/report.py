@@ -12,6 +12,8 @@ from rich.table import Table
 from rlhfc.plan import Plan
 
 GIB = 1 << 30
+# Iterations an asynchronous plan's Gantt chart shows, one initiation interval apart.
+GANTT_ITERATIONS = 3
 
 
 def compact_table(title: str) -> Table:
@@ -26,10 +28,13 @@ def _strategy(s) -> tuple[str, str, str]:
 def print_plan(plan: Plan, console: Console) -> None:
     """Per-call table, reallocations, and the solver's figures."""
     calls = compact_table(f"plan for {plan.source} on {plan.cluster.nodes}x{plan.cluster.devices_per_node} {plan.cluster.device}")
-    for col in ("call", "model", "mesh", "dp/tp/pp", "n_mbs", "start s", "end s", "peak GiB/dev"):
-        calls.add_column(col, justify="right" if col.endswith(("s", "dev", "mbs")) else "left", no_wrap=True)
+    pipelined = plan.max_staleness > 0
+    columns = ("call", "model", "mesh", "dp/tp/pp", "n_mbs", "start s", "end s", "peak GiB/dev") + ("ahead",) * pipelined
+    for col in columns:
+        calls.add_column(col, justify="right" if col.endswith(("s", "dev", "mbs", "ahead")) else "left", no_wrap=True)
     for p in plan.calls:
-        calls.add_row(p.call, p.model, *_strategy(p.strategy), f"{p.start:.3f}", f"{p.end:.3f}", f"{p.peak_memory / GIB:.1f}")
+        calls.add_row(p.call, p.model, *_strategy(p.strategy), f"{p.start:.3f}", f"{p.end:.3f}", f"{p.peak_memory / GIB:.1f}",
+                      *(str(p.ahead),) * pipelined)
     console.print(calls)
     if any(p.strategy.recompute for p in plan.calls):
         console.print("rc: activations recomputed in backward (one more forward, one layer input kept per layer)")
@@ -44,6 +49,12 @@ def print_plan(plan: Plan, console: Console) -> None:
     if plan.offloaded:
         console.print(f"offloaded to host memory between iterations, reloaded before their call: "
                       f"{', '.join(plan.offloaded)} (the plan does not fit in device memory otherwise)")
+    if pipelined:
+        console.print(f"ahead: iterations ahead of the step being trained (max_staleness {plan.max_staleness}); "
+                      "start and end in the frame of the body that trains the iteration")
+        console.print(f"steady state [bold]{plan.iteration_time:.3f} s/step[/]  synchronous plan {plan.sync_time:.3f} s/step  "
+                      f"speedup {plan.sync_time / plan.iteration_time:.2f}x"
+                      + ("" if any(p.ahead for p in plan.calls) else "  (pipelining gains nothing: the synchronous plan)"))
     console.print(
         f"iteration time [bold]{plan.iteration_time:.3f} s[/]  lower bound {plan.lower_bound:.3f} s  "
         f"gap {plan.gap:.2%}  status {plan.status}  solve {plan.solve_seconds:.1f} s"
@@ -72,7 +83,8 @@ def device_bands(plan: Plan) -> list[tuple[int, int]]:
 def gantt_bytes(plan: Plan, kind: str) -> bytes:
     """A per-device Gantt chart as `kind` ("svg" or "png") bytes. Devices with the same
     schedule share a row; one bar per call, hatched bars for the reallocations that end
-    where their call starts."""
+    where their call starts. An asynchronous plan shows `GANTT_ITERATIONS` iterations of
+    its steady state (0 is where the first iteration's earliest call starts)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,19 +102,27 @@ def gantt_bytes(plan: Plan, kind: str) -> bytes:
         if label and rows:
             ax.text(start + length / 2, rows[0], label, fontsize=8, ha="center", va="center")
 
-    starts = {p.call: p.start for p in plan.calls}
-    for k, p in enumerate(plan.calls):
-        if p.end > p.start:
-            draw(set(p.strategy.mesh.ranks(dpn)), p.start, p.end - p.start, p.call, color=colors(k % 10))
-    for r in plan.reallocations:
-        draw(set(r.dst.mesh.ranks(dpn)), starts[r.before_call] - r.seconds, r.seconds, None,
-             facecolor="white", edgecolor="black", hatch="///")
+    placed = {p.call: p for p in plan.calls}
+    # an asynchronous plan: iterations 0..GANTT_ITERATIONS-1, each shifted by II from its frame
+    iterations = range(GANTT_ITERATIONS if plan.max_staleness else 1)
+    shift = max((p.ahead for p in plan.calls), default=0) * plan.iteration_time
+    for i in iterations:
+        offset = shift + i * plan.iteration_time
+        for k, p in enumerate(plan.calls):
+            if p.end > p.start:
+                label = f"{p.call}[{i}]" if plan.max_staleness else p.call
+                draw(set(p.strategy.mesh.ranks(dpn)), offset + p.start, p.end - p.start, label, color=colors(k % 10),
+                     alpha=1.0 - 0.25 * (i % 2))
+        for r in plan.reallocations:
+            draw(set(r.dst.mesh.ranks(dpn)), offset + placed[r.before_call].start - r.seconds, r.seconds, None,
+                 facecolor="white", edgecolor="black", hatch="///")
     ax.set_yticks(range(len(bands)), [f"{a}" if a == b else f"{a}-{b}" for a, b in bands])
     ax.set_xlabel("seconds (hatched: parameter reallocation)")
     ax.set_ylabel("devices")
     ax.set_ylim(len(bands) - 0.5, -0.5)
-    ax.set_title(f"{Path(plan.source).name} on {plan.cluster.nodes}x{dpn} {plan.cluster.device}: "
-                 f"{plan.iteration_time:.3f} s per iteration")
+    per = (f"{plan.iteration_time:.3f} s per step in the steady state, {plan.sync_time:.3f} s synchronous; "
+           f"call[i]: iteration i" if plan.max_staleness else f"{plan.iteration_time:.3f} s per iteration")
+    ax.set_title(f"{Path(plan.source).name} on {plan.cluster.nodes}x{dpn} {plan.cluster.device}: {per}", fontsize=9)
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format=kind, metadata={"Date": None} if kind == "svg" else None)

@@ -15,17 +15,19 @@ from rlhfc.plan import CallPlacement, Plan, Reallocation
 from rlhfc.planner.solve.baselines import symmetric_choice
 from rlhfc.planner.solve.cpsat import solve_cpsat
 from rlhfc.planner.solve.diagnose import PlanError, check_cluster, diagnose_infeasible, run_span
+from rlhfc.planner.solve.modulo import solve_modulo
 from rlhfc.planner.solve.problem import Option, Problem, SearchSpace, build_problem, offloadable, with_options
-from rlhfc.planner.solve.schedule import Schedule, evaluate
+from rlhfc.planner.solve.schedule import Schedule, durations, evaluate
 
 __all__ = ["PlanError", "SearchSpace", "build_problem", "plan_dataflow", "plan_from_choice", "symmetric_plan"]
 
 
 def plan_from_choice(
     problem: Problem, choice: dict[str, Option], sched: Schedule, *, status: str, bound: int,
-    solve_seconds: float, baseline: Schedule | None = None,
+    solve_seconds: float, baseline: Schedule | None = None, ahead: dict[str, int] | None = None,
 ) -> Plan:
-    """Turn an evaluated assignment into a `Plan` (times in seconds, calls by start)."""
+    """Turn an evaluated assignment into a `Plan` (times in seconds, calls by start);
+    `ahead` places a steady state's calls (`modulo.py`: its makespan is II)."""
     df = problem.dataflow
     start, end, realloc, moves = dict(sched.starts), dict(sched.ends), dict(sched.reallocs), dict(sched.moves)
     placements = []
@@ -34,7 +36,7 @@ def plan_from_choice(
         placements.append(CallPlacement(
             call, df.call(call).model, o.strategy, problem.seconds(start[call] + realloc[call] + moves[call]),
             problem.seconds(end[call]), o.cost.peak_bytes + _resident_elsewhere(problem, choice, call),
-            o.cost.peak_bytes,
+            o.cost.peak_bytes, (ahead or {}).get(call, 0),
         ))
     reallocs = []
     for call in problem.calls:
@@ -72,12 +74,17 @@ def plan_dataflow(
     When no plan fits in device memory, frozen models may wait in host memory between
     iterations (offloaded) and the search runs again.
 
+    With the run's `max_staleness` K ≥ 1 the steady state across iterations is solved
+    next (`modulo.py`, from the synchronous plan, within what is left of the time): its
+    plan when its II beats the synchronous makespan, else the synchronous plan itself.
+
     `time_limit` bounds the whole call (building and pruning the options, the baseline,
     both solves): when it runs out, the best plan found so far comes back with status
     FEASIBLE and its gap. `coeffs` None prices with the cluster device's defaults
     (`default_coefficients`). Raises `PlanError` (with a hint) when no placement fits."""
     t0 = time.perf_counter()
-    deadline = t0 + time_limit
+    staleness = df.run.max_staleness if df.run is not None else 0
+    deadline = t0 + time_limit * (SYNC_SHARE if staleness else 1.0)
     check_cluster(df)
     coeffs = coeffs or default_coefficients(df.cluster.device)
     problem = build_problem(df, coeffs, space, deadline=t0 + BUILD_SHARE * time_limit)
@@ -94,16 +101,38 @@ def plan_dataflow(
         except PlanError as e:
             _with_hint(problem, e)
     status = "OPTIMAL" if result.status == "OPTIMAL" else "FEASIBLE"
-    return plan_from_choice(
+    base = baseline[1] if baseline else None
+    plan = plan_from_choice(
         problem, choice, sched, status=status, bound=result.bound, solve_seconds=time.perf_counter() - t0,
-        baseline=baseline[1] if baseline else None,
+        baseline=base,
     )
+    if not staleness:
+        return plan
+    left = max(0.1, t0 + time_limit - time.perf_counter() - MARGIN)
+    steady = solve_modulo(problem, staleness, left, workers, seed, (choice, sched))
+    plan = replace(plan, max_staleness=staleness, sync_time=plan.iteration_time)
+    status = "OPTIMAL" if steady.status == "OPTIMAL" else "FEASIBLE"
+    if steady.choice is None or steady.interval >= sched.makespan:  # pipelining gains nothing
+        return replace(plan, lower_bound=problem.seconds(min(steady.bound, sched.makespan)), status=status,
+                       solve_seconds=round(time.perf_counter() - t0, 3))
+    steady_choice = dict(steady.choice)
+    dur, starts = durations(problem, steady_choice), dict(steady.starts)
+    frame = Schedule(steady.starts, tuple((c, starts[c] + dur[c][2]) for c in problem.calls),
+                     tuple((c, dur[c][0]) for c in problem.calls), tuple((c, dur[c][1]) for c in problem.calls),
+                     steady.interval)
+    return replace(plan_from_choice(
+        problem, steady_choice, frame, status=status, bound=steady.bound, solve_seconds=time.perf_counter() - t0,
+        baseline=base, ahead=dict(steady.ahead),
+    ), max_staleness=staleness, sync_time=plan.iteration_time)
 
 
 # Shares of the time limit: building and pruning the options stops pruning past the
 # first, the symmetric baseline stops comparing candidates past the second (of what is left).
 BUILD_SHARE = 0.4
 BASELINE_SHARE = 0.3
+# With K ≥ 1, the share of the time limit the synchronous plan gets (the steady state's
+# search starts from it and takes the rest).
+SYNC_SHARE = 0.5
 # Seconds kept back for assembling the plan after the solver returns.
 MARGIN = 0.3
 

@@ -20,7 +20,7 @@ from rlhfc.ir import Mesh, ModelKind, Strategy
 from rlhfc.planner.solve.problem import (
     Option, Problem, powers_of_two, enumerate_strategies, make_option, mini_batch_rows,
 )
-from rlhfc.planner.solve.schedule import Schedule, evaluate
+from rlhfc.planner.solve.schedule import Schedule, durations, evaluate, fits_memory
 
 
 def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[dict[str, Option], Schedule] | None:
@@ -123,3 +123,83 @@ def mcmc(
             if sched.makespan < best[1].makespan:
                 best = (dict(current), sched)
     return best
+
+
+def brute_force_modulo(problem: Problem, staleness: int, cap: int) -> tuple[dict[str, Option], int] | None:
+    """The least II ≤ `cap` of the modulo model (`modulo.py`), by enumerating every
+    combination of options, every `ahead` and every order of the calls' offsets in a
+    body (only for tiny problems). With the order fixed, the model is a system of
+    difference constraints in the offsets that loosens as II grows: II is bisected, each
+    candidate checked by Bellman-Ford."""
+    from rlhfc.planner.solve.modulo import max_ahead
+
+    calls = problem.calls
+    best = None
+    for combo in itertools.product(*(problem.by_call[c] for c in calls)):
+        choice = dict(zip(calls, combo))
+        if not fits_memory(problem, choice):
+            continue
+        size = {c: total for c, (_, _, total) in durations(problem, choice).items()}
+        tasks = _modulo_tasks(problem, choice, size)
+        limit = cap if best is None else best[1] - 1
+        if _device_load(tasks) > limit or max(size.values()) > limit:
+            continue
+        for ahead in itertools.product(*(range(max_ahead(problem, c, staleness) + 1) for c in calls)):
+            a = dict(zip(calls, ahead))
+            for order in itertools.permutations(calls):
+                limit = cap if best is None else best[1] - 1
+                if not _modulo_feasible(problem, size, tasks, a, order, limit):
+                    continue
+                lo, hi = 1, limit  # hi feasible
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if _modulo_feasible(problem, size, tasks, a, order, mid) else (mid + 1, hi)
+                best = (choice, hi)
+    return best
+
+
+def _modulo_tasks(problem: Problem, choice: dict[str, Option], size: dict[str, int]) -> list[tuple[str, int, frozenset]]:
+    """(call, length, devices) of what occupies devices from a call's offset: the call on
+    its mesh, and its reallocation on its home's devices where the call does not run."""
+    tasks = [(c, size[c], choice[c].devices) for c in problem.calls]
+    for c, (realloc, _, _) in durations(problem, choice).items():
+        home = problem.home_call(c)
+        senders = choice[home].devices - choice[c].devices if home else frozenset()
+        if realloc and senders:
+            tasks.append((c, realloc, senders))
+    return [t for t in tasks if t[1] > 0 and t[2]]
+
+
+def _device_load(tasks) -> int:
+    load: dict[int, int] = {}
+    for _, length, devices in tasks:
+        for d in devices:
+            load[d] = load.get(d, 0) + length
+    return max(load.values(), default=0)
+
+
+def _modulo_feasible(problem: Problem, size, tasks, ahead, order, ii: int) -> bool:
+    """Offsets in [0, II) in `order` exist for this II (Bellman-Ford: no negative cycle)."""
+    if any(s > ii for s in size.values()):
+        return False
+    pos = {c: i for i, c in enumerate(order)}
+    edges = []  # (i, j, w): r_j − r_i ≥ w
+    for c in order:
+        edges += [("0", c, 0), (c, "0", 1 - ii)]
+    edges += [(a, b, 0) for a, b in zip(order, order[1:])]
+    for (a, la, da), (b, lb, db) in itertools.combinations(tasks, 2):
+        if a != b and da & db:
+            if pos[a] > pos[b]:
+                a, la, b, lb = b, lb, a, la
+            edges += [(a, b, la), (b, a, lb - ii)]
+    for src, dst in problem.edges:
+        edges.append((src, dst, size[src] + (ahead[dst] - ahead[src]) * ii))
+    dist = dict.fromkeys(list(order) + ["0"], 0)
+    for _ in range(len(dist)):
+        changed = False
+        for i, j, w in edges:  # r_i ≤ r_j − w: relax i from j
+            if dist[j] - w < dist[i]:
+                dist[i], changed = dist[j] - w, True
+        if not changed:
+            return True
+    return False

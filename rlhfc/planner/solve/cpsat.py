@@ -19,7 +19,7 @@
 - Redundant energy cut: Σ duration·|mesh|·x ≤ devices·makespan.
 - Objective: makespan ≥ end(c), integer time units (µs, durations rounded up).
 - Tie-break: once the makespan is proven optimal, a second solve with makespan ≤ that
-  optimum picks the plan whose option indices come first, call by call (`_first_optimal`).
+  optimum picks the plan whose option indices come first, call by call (`first_optimal`).
 The result's bound is CP-SAT's BestObjectiveBound.
 """
 
@@ -45,7 +45,7 @@ class SolveResult:
     seconds: float
 
 
-def _atoms(problem: Problem) -> list[tuple[frozenset[int], list[tuple[str, int]]]]:
+def device_atoms(problem: Problem) -> list[tuple[frozenset[int], list[tuple[str, int]]]]:
     """Group devices by the set of options covering them."""
     cover: dict[int, list[tuple[str, int]]] = {}
     for call, opts in problem.options:
@@ -56,6 +56,56 @@ def _atoms(problem: Problem) -> list[tuple[frozenset[int], list[tuple[str, int]]
     for d, keys in cover.items():
         groups.setdefault(tuple(keys), set()).add(d)
     return sorted(((frozenset(ds), list(k)) for k, ds in groups.items()), key=lambda a: min(a[0]))
+
+
+@dataclass(frozen=True)
+class CallVars:
+    """The per-call part shared by the synchronous and the modulo model: x[c,o], the
+    reallocation and the size (realloc + moves + duration) of every call."""
+
+    x: dict
+    size: dict
+    realloc: dict
+    horizon: int  # a size no schedule of one iteration needs to exceed
+
+
+def call_vars(m, problem: Problem) -> CallVars:
+    """Choice, reallocation and size variables with their constraints."""
+    opts = problem.by_call
+    max_realloc = {}
+    for call in problem.calls:
+        home = problem.home_call(call)
+        if home:
+            max_realloc[call] = max(
+                (problem.realloc(call, h, o) for h in by_layout(opts[home]).values() for o in by_layout(opts[call]).values()),
+                default=0,
+            )
+    horizon = sum(max(o.duration for o in opts[c]) + max_realloc.get(c, 0) for c in problem.calls)
+    horizon += sum(t for _, _, t in problem.moves) + 1
+    x = {(c, i): m.NewBoolVar(f"x[{c},{i}]") for c in problem.calls for i in range(len(opts[c]))}
+    realloc = {c: m.NewIntVar(0, r, f"realloc[{c}]") for c, r in max_realloc.items()}
+    size = {c: m.NewIntVar(0, horizon, f"size[{c}]") for c in problem.calls}
+    used = {c for a, b, _ in problem.moves for c in (a, b)} | set(realloc) | {problem.home_call(c) for c in realloc}
+    layouts = {c: _layout_vars(m, x, c, opts[c]) for c in problem.calls if c in used}  # y[c][L]: c runs in layout L
+    moves = _move_terms(m, problem, layouts)
+    for c in problem.calls:
+        m.AddExactlyOne(x[c, i] for i in range(len(opts[c])))
+        m.Add(size[c] == realloc.get(c, 0) + sum(moves[c]) + sum(o.duration * x[c, i] for i, o in enumerate(opts[c])))
+    _add_realloc(m, problem, layouts, realloc)
+    return CallVars(x, size, realloc, horizon)
+
+
+def atom_presence(m, x, keys: list[tuple[str, int]], n: int) -> dict:
+    """Call -> the literal "its chosen option covers atom `n`" (`keys`: the atom's options)."""
+    out = {}
+    for call in sorted({c for c, _ in keys}):
+        covering = [x[c, i] for c, i in keys if c == call]
+        if len(covering) == 1:
+            out[call] = covering[0]
+        else:
+            out[call] = m.NewBoolVar(f"on[{call},{n}]")
+            m.Add(out[call] == sum(covering))
+    return out
 
 
 def solve_cpsat(
@@ -69,42 +119,20 @@ def solve_cpsat(
     opts = problem.by_call
     if not all(opts[c] for c in problem.calls):  # a call with no fitting option: nothing to search
         return SolveResult(None, None, 0, "INFEASIBLE", time.perf_counter() - t0)
-    max_realloc = {}
-    for call in problem.calls:
-        home = problem.home_call(call)
-        if home:
-            max_realloc[call] = max(
-                (problem.realloc(call, h, o) for h in by_layout(opts[home]).values() for o in by_layout(opts[call]).values()),
-                default=0,
-            )
-    horizon = sum(max(o.duration for o in opts[c]) + max_realloc.get(c, 0) for c in problem.calls)
-    horizon += sum(t for _, _, t in problem.moves) + 1
-    x = {(c, i): m.NewBoolVar(f"x[{c},{i}]") for c in problem.calls for i in range(len(opts[c]))}
+    v = call_vars(m, problem)
+    x, size, realloc, horizon = v.x, v.size, v.realloc, v.horizon
     start = {c: m.NewIntVar(0, horizon, f"start[{c}]") for c in problem.calls}
     end = {c: m.NewIntVar(0, horizon, f"end[{c}]") for c in problem.calls}
-    realloc = {c: m.NewIntVar(0, r, f"realloc[{c}]") for c, r in max_realloc.items()}
-    size = {c: m.NewIntVar(0, horizon, f"size[{c}]") for c in problem.calls}
-    used = {c for a, b, _ in problem.moves for c in (a, b)} | set(realloc) | {problem.home_call(c) for c in realloc}
-    layouts = {c: _layout_vars(m, x, c, opts[c]) for c in problem.calls if c in used}  # y[c][L]: c runs in layout L
-    moves = _move_terms(m, problem, layouts)
     for c in problem.calls:
-        m.AddExactlyOne(x[c, i] for i in range(len(opts[c])))
-        m.Add(size[c] == realloc.get(c, 0) + sum(moves[c]) + sum(o.duration * x[c, i] for i, o in enumerate(opts[c])))
         m.Add(end[c] == start[c] + size[c])
     for src, dst in problem.edges:
         m.Add(start[dst] >= end[src])
-    _add_realloc(m, problem, layouts, realloc)
-    memory = _memory_terms(problem, x)
-    for n, (_, keys) in enumerate(_atoms(problem)):
-        intervals = []
-        for call in sorted({c for c, _ in keys}):
-            covering = [x[c, i] for c, i in keys if c == call]
-            present = covering[0] if len(covering) == 1 else m.NewBoolVar(f"on[{call},{n}]")
-            if len(covering) > 1:
-                m.Add(present == sum(covering))
-            intervals.append(m.NewOptionalIntervalVar(start[call], size[call], end[call], present, f"iv[{call},{n}]"))
-        m.AddNoOverlap(intervals)
-        _add_memory(m, problem, memory, keys)
+    memory = memory_terms(problem, x)
+    for n, (_, keys) in enumerate(device_atoms(problem)):
+        present = atom_presence(m, x, keys, n)
+        m.AddNoOverlap([m.NewOptionalIntervalVar(start[c], size[c], end[c], p, f"iv[{c},{n}]")
+                        for c, p in present.items()])
+        add_memory(m, problem, memory, keys)
     makespan = m.NewIntVar(0, horizon, "makespan")
     m.AddMaxEquality(makespan, list(end.values()))
     # Redundant energy cut (tightens the bound): busy device-time fits in the cluster.
@@ -115,7 +143,7 @@ def solve_cpsat(
         _add_hint(m, problem, hint, x, start, end, realloc, makespan)
     solver = cp_model.CpSolver()
     # Parallel workers race, so the optimal plan found first varies from run to run;
-    # `_first_optimal` makes it unique. A run cut by the wall-clock limit may still differ.
+    # `first_optimal` makes it unique. A run cut by the wall-clock limit may still differ.
     solver.parameters.max_time_in_seconds = max(0.05, time_limit - (time.perf_counter() - t0))  # building counts
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
@@ -123,11 +151,11 @@ def solve_cpsat(
     name = solver.StatusName(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return SolveResult(None, None, static_lower_bound(problem), name, time.perf_counter() - t0)
-    picked = _picked(solver, problem, x)
+    picked = picked_options(solver, problem, x)
     best = int(solver.ObjectiveValue())
     bound = max(int(solver.BestObjectiveBound()), min(best, static_lower_bound(problem)))
     if status == cp_model.OPTIMAL:
-        picked = _first_optimal(m, solver, problem, x, makespan, best, picked, time_limit - (time.perf_counter() - t0))
+        picked, _ = first_optimal(m, solver, problem, x, makespan, best, picked, time_limit - (time.perf_counter() - t0))
     choice = tuple((c, opts[c][picked[c]]) for c in problem.calls)
     return SolveResult(choice, best, bound, name, time.perf_counter() - t0)
 
@@ -146,10 +174,11 @@ def static_lower_bound(problem: Problem) -> int:
     return max(max(finish.values(), default=0), -(-energy // problem.dataflow.cluster.n_devices))
 
 
-def _first_optimal(m, solver, problem: Problem, x, makespan, best: int, picked: dict[str, int], time_left: float):
+def first_optimal(m, solver, problem: Problem, x, makespan, best: int, picked: dict[str, int], time_left: float):
     """Among the plans of makespan `best`, the one whose option indices, read call by call,
     come first (a mixed-radix rank, so exactly one plan minimises it): the same plan
-    whichever optimum the racing workers found. `picked` if that is not proven in time."""
+    whichever optimum the racing workers found. (picked, True), with the solver holding
+    that plan; (`picked`, False) if it is not proven in time."""
     rank, weight = [], 1
     for c in reversed(problem.calls):
         n = len(problem.by_call[c])
@@ -163,10 +192,12 @@ def _first_optimal(m, solver, problem: Problem, x, makespan, best: int, picked: 
     for (c, i), var in x.items():
         m.AddHint(var, picked[c] == i)
     solver.parameters.max_time_in_seconds = max(time_left, 0.1)
-    return _picked(solver, problem, x) if solver.Solve(m) == cp_model.OPTIMAL else picked
+    if solver.Solve(m) == cp_model.OPTIMAL:
+        return picked_options(solver, problem, x), True
+    return picked, False
 
 
-def _picked(solver, problem: Problem, x) -> dict[str, int]:
+def picked_options(solver, problem: Problem, x) -> dict[str, int]:
     """The option index each call takes in the solver's solution."""
     return {c: next(i for i in range(len(problem.by_call[c])) if solver.BooleanValue(x[c, i])) for c in problem.calls}
 
@@ -228,13 +259,13 @@ def _layout_vars(m, x, call: str, options: tuple[Option, ...]) -> dict[tuple, cp
     return out
 
 
-def _memory_terms(problem: Problem, x) -> dict[tuple[str, int], tuple]:
+def memory_terms(problem: Problem, x) -> dict[tuple[str, int], tuple]:
     """(x, resident KiB, transient KiB) of every option, computed once for all atoms."""
     return {(c, i): (x[c, i], kib(o.cost.static_bytes), kib(o.cost.transient_bytes))
             for c, opts in problem.options for i, o in enumerate(opts)}
 
 
-def _add_memory(m, problem: Problem, terms: dict, keys: list[tuple[str, int]]) -> None:
+def add_memory(m, problem: Problem, terms: dict, keys: list[tuple[str, int]]) -> None:
     """Resident state of homes on this atom (one variable, so each call's constraint holds
     only its own options) + transient of each call ≤ capacity."""
     held = [terms[k] for k in keys if terms[k][1]]
