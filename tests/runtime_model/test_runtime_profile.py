@@ -124,7 +124,17 @@ def test_the_cuda_cases_measure_bf16_and_fp32_host_copies_and_links():
     assert {("matmul", "bf16"), ("matmul", "fp32"), ("host", "fp32"), ("decode", "bf16"), ("p2p", "fp32")} <= kinds
     assert [case[0] for what, case, _ in cases if what == "allreduce"] == [2, 4, 8]
     cpu = profile.plan_cases(1, torch.device("cpu"))
-    assert {what for what, _, _ in cpu} == {"matmul", "copy", "decode"}  # one process: no collectives, no host copy
+    # one process: no collectives, no host copy; the reference model's layers only on the CPU
+    assert {what for what, _, _ in cpu} == {"matmul", "copy", "decode", "layer_train", "layer_forward", "head_train",
+                                            "head_forward", "layer_decode"}
+    assert not {what for what, _, _ in cases} & {"layer_train", "head_train", "layer_decode"}
+
+
+@pytest.mark.parametrize("what, case", [("layer_train", (2, 8)), ("layer_forward", (2, 8)), ("head_train", (4,)),
+                                        ("head_forward", (4,)), ("layer_decode", (2, 8))])
+def test_the_reference_layers_run_as_the_runtime_computes_them(what, case):
+    (m,) = profile.run_case(what, case, "fp32", torch.device("cpu"))
+    assert (m.what, m.case) == (what, case) and m.seconds > 0
 
 
 def _gpu_here(monkeypatch, count: int, name: str, memory: int = 141 * 2**30):
