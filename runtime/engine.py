@@ -136,7 +136,10 @@ class Engine:
             runtime_model = None if spec["kind"] == ModelKind.RULE else self.models[(model, layout)]
             context = {**settings, **self.specials, "step": self.step, "seed": self.seed}
             measure = self.measuring and runtime_model is not None
-            resident = resident_bytes(runtime_model.module, runtime_model.optimizer) if measure else 0
+            # a train call needs its copy's optimizer state; any other call only the weights,
+            # as the plan prices it, whether or not the copy it borrows has moments by now
+            optimizer = runtime_model.optimizer if measure and kind == "train" else None
+            resident = resident_bytes(runtime_model.module, optimizer) if measure else 0
             groups = rdist.rank_groups(lay, self.rank)
             source = self._prompt_source() if spec["kind"] == ModelKind.RULE else None
             with CallMemory(self.device, resident, active=measure) as memory:
