@@ -46,7 +46,7 @@ SIZES = {
     "cpu": Sizes(matmul=((256, 512, 512), (512, 512, 1024), (512, 1024, 512), (1024, 1024, 1024)),
                  precisions=("fp32",), copy_bytes=64 << 20, decode=((1, 32), (8, 32), (8, 256), (32, 256)),
                  decode_hidden=256, messages=(4, 64 << 10, 1 << 20, 4 << 20),
-                 layer=(16, 64), head_tokens=512, layer_decode=(32, 48)),
+                 layer=(16, 64), head_tokens=256, layer_decode=(32, 48)),
     "cuda": Sizes(matmul=((1024, 1024, 1024), (4096, 4096, 4096), (8192, 8192, 8192), (4096, 8192, 28672)),
                   precisions=("bf16", "fp32"), copy_bytes=1 << 30,
                   decode=((1, 512), (16, 512), (64, 2048), (128, 4096)), decode_hidden=4096,
