@@ -124,5 +124,6 @@ def profile_command(
     err.print(f"{base}: matmul {d['flops'] / 1e9:.1f} GFLOP/s peak ({d['achievable']:.0%} on average), "
               f"memory {d['mem_bandwidth'] * DEFAULT_COEFFICIENTS.mem_bandwidth_efficiency / 1e9:.1f} GB/s{host}, "
               f"{links}, decode step overhead {c['decode_step_overhead'] * 1e6:.0f} µs, "
-              f"{d.get('cores', '?')} cores")
+              f"{d.get('cores', '?')} cores"
+              + (f"; whole layers train at {c['compute_efficiency']:.0%} of the matmul rate" if base == "cpu" else ""))
     err.print(f"wrote {out}; use it with `rlhfc plan --hardware {out}` or `cluster {{ hardware = \"{out}\" }}`")

@@ -182,6 +182,8 @@ def test_profile_command_measures_this_cpu(tmp_path):
     base, figures = hardware.load_profile(out)
     doc = json.loads(out.read_text())
     kinds = {(m["what"], m["precision"]) for m in doc["measurements"]}
+    layers = {(what, "fp32") for what in ("layer_train", "layer_forward", "head_train", "head_forward", "layer_decode")}
     assert base == "cpu" and kinds == {("matmul", "fp32"), ("copy", "fp32"), ("decode", "fp32"), ("allreduce", "fp32"),
-                                       ("p2p", "fp32")}
+                                       ("p2p", "fp32")} | layers
+    assert doc["coefficients"]["compute_efficiency"] != 1.0  # priced at the reference layers' rate
     assert all(m["seconds"] > 0 for m in doc["measurements"]) and dict(figures)["intra_bandwidth"] > 0
