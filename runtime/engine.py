@@ -173,7 +173,10 @@ class Engine:
             runtime_model = self.models[(model, layout)] if spec.neural else None
             context = {**settings, **self.specials, "step": self.it, "seed": self.seed}
             measure = self.measuring and runtime_model is not None
-            resident = resident_bytes(runtime_model.module, runtime_model.optimizer) if measure else 0
+            # a train call needs its copy's optimizer state; any other call only the weights,
+            # as the plan prices it, whether or not the copy it borrows has moments by now
+            optimizer = runtime_model.optimizer if measure and kind == "train" else None
+            resident = resident_bytes(runtime_model.module, optimizer) if measure else 0
             groups = rdist.rank_groups(lay, self.rank)
             source = None if spec.neural else self._prompt_source()
             with CallMemory(self.device, resident, active=measure) as memory:

@@ -6,8 +6,9 @@ every tensor an op creates, charges its storage once (views and in-place results
 tracked storage are not new memory), and releases it when the last tensor on it dies
 (weak-reference finalizers; autograd keeps saved tensors alive, so activations count
 until backward frees them). Both add the bytes the model copy already held when the
-call began (parameters, gradients, optimizer state): the figure is what the call needs
-on the device, the quantity the cost model prices.
+call began (parameters, gradients, and for a train call the optimizer state; a
+generate or inference call on a trainable model's home reads only its weights): the
+figure is what the call needs on the device, the quantity the cost model prices.
 """
 
 from __future__ import annotations

@@ -33,6 +33,11 @@ class Sizes:
     decode: tuple[tuple[int, int], ...]  # (batch, context)
     decode_hidden: int
     messages: tuple[int, ...]  # collective and p2p bytes
+    # Whole layers of `REFERENCE`, as the runtime computes them (CPU only: there bare
+    # matmuls miss what attention, norms, activations and allocation cost):
+    layer: tuple[int, int] = ()  # (rows, positions) of a train and a forward pass
+    head_tokens: int = 0  # positions of the tiled LM head (log-prob and entropy)
+    layer_decode: tuple[int, int] = ()  # (batch, context) of a decode step
 
 
 SIZES = {
@@ -40,12 +45,22 @@ SIZES = {
     # measure thread wake-ups, which put the achievable rate an order of magnitude low
     "cpu": Sizes(matmul=((256, 512, 512), (512, 512, 1024), (512, 1024, 512), (1024, 1024, 1024)),
                  precisions=("fp32",), copy_bytes=64 << 20, decode=((1, 32), (8, 32), (8, 256), (32, 256)),
-                 decode_hidden=256, messages=(4, 64 << 10, 1 << 20, 4 << 20)),
+                 decode_hidden=256, messages=(4, 64 << 10, 1 << 20, 4 << 20),
+                 layer=(16, 64), head_tokens=256, layer_decode=(32, 48)),
     "cuda": Sizes(matmul=((1024, 1024, 1024), (4096, 4096, 4096), (8192, 8192, 8192), (4096, 8192, 28672)),
                   precisions=("bf16", "fp32"), copy_bytes=1 << 30,
                   decode=((1, 512), (16, 512), (64, 2048), (128, 4096)), decode_hidden=4096,
                   messages=(4, 1 << 20, 16 << 20, 256 << 20)),
 }
+
+
+# The real model whose layers a CPU profile times: SmolLM2-135M's shape (llama, GQA,
+# SiLU MLP, vocabulary 49,152), a small model of the size CPU runs train.
+REFERENCE = dict(
+    model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    intermediate_size=1536, vocab_size=49152, max_position_embeddings=2048, rope_theta=100000.0,
+    rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu",
+)
 
 
 @dataclass(frozen=True)
@@ -153,6 +168,93 @@ def measure_decode(batch: int, context: int, hidden: int, precision: str, device
     return Measurement("decode", (batch, context, hidden), repeat_time(step, device, repeats), precision)
 
 
+def _reference_layer(device):
+    """Layer 0 of `REFERENCE` as the runtime builds it (tp = pp = 1), with small random
+    weights (uninitialised memory may hold denormals, which CPUs compute slowly)."""
+    import torch
+
+    from rlhfc_runtime.contract.family import shape_from_hf
+    from rlhfc_runtime.contract.layout import Layout
+    from rlhfc_runtime.dist import rank_groups
+    from rlhfc_runtime.layers import DecoderLayer
+    from rlhfc_runtime.rope import RopeTables, layer_type
+
+    shape = shape_from_hf(REFERENCE)
+    layer = DecoderLayer(shape, rank_groups(Layout((0,), 1, 1, 1), 0), 0, device, torch.float32)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else 0.02 * torch.randn_like(p))
+    ropes = RopeTables(shape, REFERENCE)
+    return layer, lambda positions: ropes.tables(positions, torch.float32)[layer_type(shape, 0)]
+
+
+def measure_layer(rows: int, positions: int, train: bool, device, repeats: int = 3) -> Measurement:
+    """A train (forward + backward) or forward pass of one real decoder layer over `rows`
+    sequences of `positions` tokens, under the dense mask packed rows attend with."""
+    import torch
+
+    from rlhfc_runtime.layers import attention_mask_4d
+
+    layer, rope = _reference_layer(device)
+    x = torch.randn(rows, positions, layer.shape.hidden, device=device, requires_grad=train)
+    cos_sin = rope(torch.arange(positions, device=device).expand(rows, -1))
+    mask = attention_mask_4d(torch.ones(rows, positions, dtype=torch.bool, device=device), 0, positions)
+
+    def step():
+        if train:
+            layer(x, cos_sin, lambda window: mask).sum().backward()
+        else:
+            with torch.no_grad():
+                layer(x, cos_sin, lambda window: mask)
+
+    return Measurement("layer_train" if train else "layer_forward", (rows, positions),
+                       repeat_time(step, device, repeats))
+
+
+def measure_head(tokens: int, train: bool, device, repeats: int = 3) -> Measurement:
+    """The tiled LM head of `REFERENCE` (`rlhfc_runtime.logits`: log-prob and entropy of
+    `tokens` positions over the whole vocabulary), forward or forward + backward."""
+    import torch
+
+    from rlhfc_runtime.logits import token_stats
+
+    vocab, hidden = REFERENCE["vocab_size"], REFERENCE["hidden_size"]
+    weight = (0.02 * torch.randn(vocab, hidden, device=device)).requires_grad_(train)
+    h = torch.randn(tokens, hidden, device=device, requires_grad=train)
+    ids = torch.randint(vocab, (tokens,), device=device)
+
+    def step():
+        if train:
+            logp, entropy = token_stats(h, weight, ids, 0.0)
+            (logp.sum() + entropy.sum()).backward()
+        else:
+            with torch.no_grad():
+                token_stats(h, weight, ids, 0.0)
+
+    return Measurement("head_train" if train else "head_forward", (tokens,), repeat_time(step, device, repeats))
+
+
+def measure_layer_decode(batch: int, context: int, device, repeats: int = 10) -> Measurement:
+    """One decode step of one real decoder layer: `batch` new tokens over a KV cache of
+    `context` positions."""
+    import torch
+
+    from rlhfc_runtime.layers import KVCache, attention_mask_4d
+
+    layer, rope = _reference_layer(device)
+    shape = layer.shape
+    cache = KVCache([0], batch, context + 1, shape.n_kv_heads, shape.head_dim, device, torch.float32)
+    x = torch.randn(batch, 1, shape.hidden, device=device)
+    cos_sin = rope(torch.full((batch, 1), context, device=device))
+    mask = attention_mask_4d(torch.ones(batch, context + 1, dtype=torch.bool, device=device), context, 1)
+
+    def step():
+        with torch.no_grad():
+            layer(x, cos_sin, lambda window: mask, cache, context)
+
+    return Measurement("layer_decode", (batch, context), repeat_time(step, device, repeats))
+
+
 def decode_bytes(batch: int, context: int, hidden: int = SIZES["cpu"].decode_hidden, element: int = 4) -> int:
     """Bytes one `measure_decode` step reads: its weights and the KV cache."""
     return element * (3 * hidden * hidden + hidden * hidden + 8 * hidden * hidden + 2 * batch * context * hidden)
@@ -230,6 +332,9 @@ def plan_cases(devices: int, device) -> list[tuple[str, tuple, str]]:
     return ([("matmul", shape, p) for p in s.precisions for shape in s.matmul] + [("copy", (s.copy_bytes,), "fp32")]
             + ([("host", (s.copy_bytes,), "fp32")] if device.type == "cuda" else [])
             + [("decode", (b, c, s.decode_hidden), compute) for b, c in s.decode]
+            + ([(what, s.layer, "fp32") for what in ("layer_train", "layer_forward")]
+               + [(what, (s.head_tokens,), "fp32") for what in ("head_train", "head_forward")]
+               + [("layer_decode", s.layer_decode, "fp32")] if s.layer else [])
             + [("allreduce", (n, *s.messages), "fp32") for n in groups]
             + ([("p2p", s.messages, "fp32")] if devices >= 2 else []))
 
@@ -243,6 +348,12 @@ def run_case(what: str, case: tuple, precision: str, device) -> list[Measurement
         return measure_host_copy(case[0], device)
     if what == "decode":
         return [measure_decode(*case, precision, device)]
+    if what in ("layer_train", "layer_forward"):
+        return [measure_layer(*case, what == "layer_train", device)]
+    if what in ("head_train", "head_forward"):
+        return [measure_head(case[0], what == "head_train", device)]
+    if what == "layer_decode":
+        return [measure_layer_decode(*case, device)]
     if what == "allreduce":
         return measure_allreduce(case[0], case[1:])
     return measure_p2p(case)

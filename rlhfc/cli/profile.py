@@ -40,21 +40,22 @@ def measure(devices: int, device, base: str, err: Console) -> dict:
 
 def machine_key(processes: int) -> str:
     """What identifies this machine's CPU profile for a run of `processes` local processes:
-    host, CPU model, cores, torch, the profile schema and what is measured (a change in
-    any re-measures)."""
+    host, CPU model, cores, the threads each process computes with (RLHFC_THREADS
+    included), torch, the profile schema and what is measured (a change in any re-measures)."""
     import hashlib
     import platform
 
     import torch
 
     from rlhfc.hardware import PROFILE_SCHEMA_VERSION
+    from rlhfc_runtime.dist import process_threads
 
     try:
         cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "")
     except OSError:
         cpu = ""
     parts = (platform.node(), platform.machine(), platform.processor(), cpu, physical_cores(), processes,
-             torch.__version__, PROFILE_SCHEMA_VERSION, SIZES["cpu"])
+             process_threads(processes), torch.__version__, PROFILE_SCHEMA_VERSION, SIZES["cpu"])
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -123,5 +124,6 @@ def profile_command(
     err.print(f"{base}: matmul {d['flops'] / 1e9:.1f} GFLOP/s peak ({d['achievable']:.0%} on average), "
               f"memory {d['mem_bandwidth'] * DEFAULT_COEFFICIENTS.mem_bandwidth_efficiency / 1e9:.1f} GB/s{host}, "
               f"{links}, decode step overhead {c['decode_step_overhead'] * 1e6:.0f} µs, "
-              f"{d.get('cores', '?')} cores")
+              f"{d.get('cores', '?')} cores"
+              + (f"; whole layers train at {c['compute_efficiency']:.0%} of the matmul rate" if base == "cpu" else ""))
     err.print(f"wrote {out}; use it with `rlhfc plan --hardware {out}` or `cluster {{ hardware = \"{out}\" }}`")

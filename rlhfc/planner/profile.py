@@ -16,6 +16,13 @@ under CUDA, timed with CUDA events; else the CPU threads one worker of a `--devi
   line `collective_latency`; with one device nothing is measured and both keep defaults;
 - decode steps by batch and context: one attention-plus-MLP step over a KV cache; the
   intercept of time against bytes read gives `decode_step_overhead`;
+- on the CPU, whole layers of a real model (`rlhfc_runtime.profile.REFERENCE`, SmolLM2-135M's
+  shape) as the runtime computes them: a decoder layer's train and forward pass, the
+  tiled LM head's, and a layer's decode step. Bare matmuls miss what attention, norms,
+  activations and allocation cost (2.7-4.3x optimistic at that shape, issue 22), so
+  `compute_efficiency` and `inference_efficiency` are set to reproduce the whole
+  model's measured train and forward rates, and `decode_layer_overhead` to what a layer's
+  decode step takes beyond its roofline (`layer_coefficients`);
 - `cores`: the cores it ran on (`rlhfc_runtime.contract.cores.physical_cores`), so that the cost model knows
   when `cpu` processes outnumber them and share cores.
 
@@ -33,7 +40,10 @@ from dataclasses import asdict, replace
 from rlhfc.hardware import CATALOG, PROFILE_SCHEMA_VERSION
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
 from rlhfc.planner.cost.fit import COEFFICIENTS_SCHEMA_VERSION
-from rlhfc_runtime.profile import ELEMENT_BYTES, Measurement, decode_bytes
+from rlhfc_runtime.contract.family import shape_from_hf
+from rlhfc_runtime.contract.kinds import Head
+from rlhfc_runtime.contract.shapes import inventory
+from rlhfc_runtime.profile import ELEMENT_BYTES, REFERENCE, Measurement, decode_bytes
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -63,6 +73,34 @@ def _link(ms: list[Measurement]) -> tuple[float, float]:
     return latency, (1 / per_byte if per_byte else 0.0)
 
 
+def layer_coefficients(ms: list[Measurement], device: dict) -> dict[str, float]:
+    """The coefficients that price `REFERENCE` as its measured layers run on `device`
+    (the profile's figures), or {} where no layer was measured (a GPU profile):
+    - `compute_efficiency`: 6·N per token at the whole model's measured train rate (its
+      layers' and its LM head's seconds per token), over flops × achievable;
+    - `inference_efficiency`: the forward rate (2·N per token) over the train rate;
+    - `decode_layer_overhead`: a layer's decode step beyond the larger of its FLOPs at
+      the forward rate and its weights' and KV cache's bytes at the measured bandwidth
+      (the cost model's roofline), so the fixed cost of small-batch kernels is priced."""
+    got = {m.what: m for m in ms if m.what.startswith(("layer_", "head_"))}
+    if not {"layer_train", "layer_forward", "head_train", "head_forward", "layer_decode"} <= got.keys():
+        return {}
+    shape = shape_from_hf(REFERENCE)
+    n, layers = shape.param_count(Head.LM), shape.n_layers
+    per_token = {what: m.seconds / math.prod(m.case) for what, m in got.items()}
+    train_rate = 6 * n / (layers * per_token["layer_train"] + per_token["head_train"])
+    forward_rate = 2 * n / (layers * per_token["layer_forward"] + per_token["head_forward"])
+    inv = inventory(shape, Head.LM)
+    layer_params = inv.layer_split + inv.layer_replicated
+    batch, context = got["layer_decode"].case
+    kv = 2 * shape.n_kv_heads * shape.head_dim * batch * (context + 1)
+    bandwidth = device["mem_bandwidth"] * DEFAULT_COEFFICIENTS.mem_bandwidth_efficiency
+    roofline = max(2 * layer_params * batch / forward_rate, 4 * (layer_params + kv) / bandwidth)
+    return {"compute_efficiency": train_rate / (device["flops"] * device["achievable"]),
+            "inference_efficiency": forward_rate / train_rate,
+            "decode_layer_overhead": max(0.0, got["layer_decode"].seconds - roofline)}
+
+
 def derive(ms: list[Measurement], base: str = "cpu", cores: int | None = None) -> dict:
     """The profile document (schema `PROFILE_SCHEMA_VERSION`) from the measurements;
     `cores`: the cores they were measured on (a `cpu` device figure; None: left out)."""
@@ -89,7 +127,8 @@ def derive(ms: list[Measurement], base: str = "cpu", cores: int | None = None) -
     if cores and base == "cpu":
         device["cores"] = cores  # processes beyond it share cores (`rlhfc.hardware.core_share`)
     coefficients = asdict(replace(c, collective_latency=latency or c.collective_latency,
-                                  decode_step_overhead=overhead or c.decode_step_overhead))
+                                  decode_step_overhead=overhead or c.decode_step_overhead,
+                                  **layer_coefficients(ms, device)))
     return {
         "schema_version": PROFILE_SCHEMA_VERSION, "base": base, "device": device,
         "coefficients_schema_version": COEFFICIENTS_SCHEMA_VERSION, "coefficients": coefficients,

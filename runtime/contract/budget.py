@@ -18,6 +18,15 @@ def micro_batch_tokens(rows: int, seq_len: int, dp: int, n_mbs: int, mini_batche
     return max(1, math.ceil(rows * seq_len / (dp * n_mbs * mini_batches)))
 
 
+def micro_batches(rows: int, length: float, budget: int) -> int:
+    """How many micro-batches `fill` makes of `rows` sequences of `length` tokens each
+    under `budget`: as many whole sequences as the budget holds per micro-batch. With the
+    priced lengths this is the plan's n_mbs; with the shorter lengths a call really sees
+    (packed, `response_len`) it is fewer."""
+    per = max(1, int(budget // max(length, 1)))
+    return max(1, math.ceil(rows / per))
+
+
 def fill(lengths: Sequence[int], budget: int) -> list[int]:
     """Row bounds [0, …, len(lengths)] of consecutive micro-batches, each filled with
     whole sequences while their tokens stay within `budget` (a longer sequence alone)."""

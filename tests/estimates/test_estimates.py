@@ -19,7 +19,7 @@ from rlhfc.planner.cost.fit import (
 )
 from rlhfc.planner.explain import explain_plan
 from rlhfc.hardware import device_for, load_profile, with_profile
-from rlhfc.ir import Cluster, Mesh, Strategy
+from rlhfc.ir import CallKind, Cluster, Mesh, Strategy
 from rlhfc.backend.lower import lower
 from rlhfc.planner.profile import Measurement, derive
 from rlhfc.planner.solve import plan_dataflow
@@ -58,6 +58,33 @@ def test_profile_round_trip_and_figures(tmp_path):
     assert device.flops == pytest.approx(2 * 512 * 256 * 256 / 1e-3)  # the best matmul
     assert device.mem_bandwidth * DEFAULT_COEFFICIENTS.mem_bandwidth_efficiency == pytest.approx(2 * (1 << 26) / 8e-3)
     assert load_coefficients(tmp_path / "hw.json").collective_latency == pytest.approx(doc["coefficients"]["collective_latency"])
+
+
+LAYERS = [Measurement("layer_train", (16, 64), 0.3), Measurement("layer_forward", (16, 64), 0.08),
+          Measurement("head_train", (512,), 0.4), Measurement("head_forward", (512,), 0.1),
+          Measurement("layer_decode", (32, 48), 4e-3)]
+
+
+def test_a_cpu_profile_prices_the_reference_model_at_its_measured_layers(tmp_path):
+    """The planner's train and forward seconds per token of the reference model are its
+    measured layers' and LM head's; a layer's decode step costs what was measured."""
+    from rlhfc.planner.cost.model import flop_rate
+    from rlhfc_runtime.contract.family import shape_from_hf
+    from rlhfc_runtime.profile import REFERENCE
+
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(derive(MEASURED + LAYERS)))
+    device, c = device_for(with_profile(Cluster(1, 1, "cpu"), path)), load_coefficients(path)
+    shape = shape_from_hf(REFERENCE)
+    n, per = shape.param_count(), {m.what: m.seconds / math.prod(m.case) for m in LAYERS}
+    assert 6 * n / flop_rate(device, c, CallKind.TRAIN) == pytest.approx(30 * per["layer_train"] + per["head_train"])
+    assert 2 * n / flop_rate(device, c, CallKind.INFERENCE) == pytest.approx(
+        30 * per["layer_forward"] + per["head_forward"])
+    assert 0 < c.decode_layer_overhead < 4e-3
+    without = load_coefficients(_profile(tmp_path))  # no layers measured (a GPU profile): the defaults
+    assert (without.compute_efficiency, without.inference_efficiency, without.decode_layer_overhead) == (
+        DEFAULT_COEFFICIENTS.compute_efficiency, DEFAULT_COEFFICIENTS.inference_efficiency,
+        DEFAULT_COEFFICIENTS.decode_layer_overhead)
 
 
 def test_plan_uses_the_hardware_profile(tmp_path):

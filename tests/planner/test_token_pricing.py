@@ -53,3 +53,22 @@ def test_calibrate_prices_calls_at_the_responses_a_run_generated(tmp_path):
     assert dict(samples["a_tr"].call.settings) == {"response_len": 6}
     full = replace(samples["a_tr"], call=replace(samples["a_tr"].call, settings=()))
     assert samples["a_tr"].seconds(DEFAULT_COEFFICIENTS) < full.seconds(DEFAULT_COEFFICIENTS)
+
+
+def test_the_token_budget_decides_the_micro_batches_time_is_priced_with():
+    """Memory is priced at the plan's token budget; the micro-batches that budget makes of
+    the sequences a call really sees are fewer where responses are short, and the time
+    pays their overheads only."""
+    from rlhfc.planner.cost.model import seen_micro_batches
+    from rlhfc_runtime.contract.budget import fill, micro_batches
+
+    s = Strategy(Mesh(0, 1, 0, 8), 8, 1, 1, 4)
+    df = ppo_dataflow(PRESETS["llama-2-7b"], CLUSTER)
+    call = next(c for c in df.calls if c.name == "a_tr")
+    short = replace(call, settings=(*call.settings, ("response_len", 32)))
+    assert seen_micro_batches(call, s) == 4 and seen_micro_batches(short, s) < 4
+    assert _cost("a_tr", s, response_len=32).terms != _cost("a_tr", s).terms
+    overhead = {k: v for k, v in _cost("a_tr", s, response_len=32).terms}["overhead"]
+    assert overhead == DEFAULT_COEFFICIENTS.micro_batch_overhead * seen_micro_batches(short, s)
+    lengths, budget = [10] * 7, 25
+    assert micro_batches(7, 10, budget) == len(fill(lengths, budget)) - 1 == 4  # two whole sequences each

@@ -5,7 +5,9 @@ Sources:
   Laws", §2.1), N the exact parameter count of `ModelShape.param_count`.
 - Pipeline bubble: a 1F1B pipeline of `pp` stages and `m` micro-batches takes
   (m + pp − 1)/m of the bubble-free time, bubble fraction (pp−1)/(m+pp−1) (Narayanan et
-  al. 2021, "Efficient Large-Scale LM Training on GPU Clusters", §2.2).
+  al. 2021, "Efficient Large-Scale LM Training on GPU Clusters", §2.2). `m` is what the
+  plan's token budget makes of the sequences a call really sees (`seen_micro_batches`):
+  the budget is the decision memory is priced at, the micro-batch count its consequence.
 - Tensor parallel: 2 all-reduces per layer forward, 2 more backward, of the activations
   (Shoeybi et al. 2019, Megatron-LM §3); ring all-reduce moves 2(n−1)/n of the buffer
   per device (Patarasuk & Yuan 2009).
@@ -45,6 +47,7 @@ from rlhfc.hardware import Device, core_share
 from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelKind, ModelShape, Strategy
 from rlhfc.planner.cost.coefficients import Coefficients
 from rlhfc.planner.cost.memory import call_transient, precision_of, resident_bytes
+from rlhfc_runtime.contract.budget import micro_batches
 from rlhfc_runtime.contract.engines import OWN
 from rlhfc_runtime.contract.interfaces import PRECISION_BYTES, default_precision, recomputes_old_logp
 from rlhfc_runtime.contract.layout import stage_layers
@@ -130,29 +133,38 @@ def seen_len(call: Call) -> float:
     return call.prompt_len + min(expected, call.gen_len)
 
 
+def seen_micro_batches(call: Call, s: Strategy) -> int:
+    """Micro-batches per mini-batch that the call's token budget (`Call.token_budget`,
+    the plan's choice) makes of the sequences it really sees (`seen_len`): n_mbs at the
+    priced lengths, fewer where packing drops what the responses do not use."""
+    mini = optimizer_steps(call)[0]
+    return micro_batches(math.ceil(call.batch / (s.dp * mini)), seen_len(call), call.token_budget(s))
+
+
 def _forward_backward_terms(
     shape: ModelShape, n_params: int, tokens: int, s: Strategy, device: Device, c: Coefficients,
-    kind: CallKind, width: int, passes: int = 1, mini_batches: int = 1,
+    kind: CallKind, width: int, passes: int = 1, mini_batches: int = 1, m: int | None = None,
 ) -> dict[str, float]:
     """Compute plus tensor-parallel communication of `passes` passes over `tokens` in
-    `mini_batches` pipelined mini-batches of `n_mbs` micro-batches each, stretched by the
-    1F1B factor (m + pp − 1)/m per mini-batch (the stretch is the bubble), plus
-    per-micro-batch overheads. Train: 6·N per token and 4 tp all-reduces per layer, and
-    with recompute one more forward (2·N, 2 all-reduces) as its own term."""
+    `mini_batches` pipelined mini-batches of `m` micro-batches each (n_mbs unless given),
+    stretched by the 1F1B factor (m + pp − 1)/m per mini-batch (the stretch is the
+    bubble), plus per-micro-batch overheads. Train: 6·N per token and 4 tp all-reduces
+    per layer, and with recompute one more forward (2·N, 2 all-reduces) as its own term."""
+    m = m or s.n_mbs
     train = kind is CallKind.TRAIN
     flops_per_token_param, allreduces_per_layer = (6, 4) if train else (2, 2)
     rate = s.mesh.size * flop_rate(device, c, kind)
     compute = passes * flops_per_token_param * n_params * tokens / rate
     layers = math.ceil(shape.n_layers / s.pp)
-    act_bytes = tokens / (s.dp * mini_batches * s.n_mbs) * shape.hidden * width  # one micro-batch
+    act_bytes = tokens / (s.dp * mini_batches * m) * shape.hidden * width  # one micro-batch
     one_allreduce = allreduce_seconds(act_bytes, s.tp, device.intra_bandwidth, c)
-    tp_comm = passes * mini_batches * s.n_mbs * layers * allreduces_per_layer * one_allreduce
+    tp_comm = passes * mini_batches * m * layers * allreduces_per_layer * one_allreduce
     terms = {"compute": compute, "tp": tp_comm}
     if train and s.recompute:
         terms["recompute"] = compute / 3 + tp_comm / 2
     work = sum(terms.values())
-    steps = passes * mini_batches * (s.n_mbs + s.pp - 1)
-    terms["bubble"] = work * (s.pp - 1) / s.n_mbs
+    steps = passes * mini_batches * (m + s.pp - 1)
+    terms["bubble"] = work * (s.pp - 1) / m
     terms["overhead"] = c.micro_batch_overhead * steps
     return terms
 
@@ -178,7 +190,8 @@ def call_cost(
     resident, transient = call_memory(call, model, s, tokens_mb, is_home, precision)
 
     if call.kind is CallKind.TRAIN:
-        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, width, epochs, mini_batches)
+        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, width, epochs, mini_batches,
+                                        seen_micro_batches(call, s))
         updates = epochs * mini_batches
         terms["dp"] = updates * allreduce_seconds(4 * p_dev, s.dp, dp_bandwidth(s, device), c)  # fp32 grads
         # Adam reads and writes weights, grads and both moments (fp32): 2 × 16 bytes per parameter
@@ -189,7 +202,8 @@ def call_cost(
         return _split(terms, resident, transient, is_home, share)
 
     if call.kind is CallKind.INFERENCE:
-        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, width)
+        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, width,
+                                        m=seen_micro_batches(call, s))
         return _split(terms, resident, transient, is_home, share)
 
     # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps. The
