@@ -364,10 +364,10 @@ class Engine:
         stats = self.stats.pop(self.step, {})
         if self.step in self.sampled:  # how many updates behind the policy that sampled this step's batch was
             stats["staleness"] = float(self.step - self.sampled.pop(self.step))
-        shown = {s["step"] for s in self.samples}
-        generated = [g for g in self.generated if g["step"] in shown]
+        # every generated row this rank still holds: the samples that show it may be another
+        # rank's, logged now or (made ahead) in a later step; those of this step are done after it
+        parts = rdist.gather_json((stats, self.spans, self.samples, self.generated), self.world)
         self.generated = [g for g in self.generated if g["step"] > self.step + 1]
-        parts = rdist.gather_json((stats, self.spans, self.samples, generated), self.world)
         if parts is None:
             return {}, []
         stats: dict[str, list[float]] = {}
