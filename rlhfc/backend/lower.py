@@ -19,6 +19,7 @@ time that layout needs it. Dataset keys are loaded on every rank (deterministic)
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, replace
 
 from rlhfc import ir
@@ -196,9 +197,12 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
 def pipelined(ops: list[tuple[Op, str]], dataflow: ir.Dataflow, plan: Plan) -> tuple[Op, ...]:
     """The iteration's ops, each with the `ahead` of the call it serves (a load: its
     furthest-ahead reader's), in the order of the steady-state body. A synchronous plan
-    keeps the iteration's order. An asynchronous one orders by the planned time within
-    the body (a call's start modulo the interval), moves of data made in an earlier body
-    first, so that a step's inputs reach their devices before the next rollouts start."""
+    keeps the iteration's order. An asynchronous one orders by the planned window in the
+    body (a call's start + ahead x the interval; the plan's frame): moves of data made in
+    an earlier body first; what prepares a call (its loads, moves, reallocation) as an
+    instant at its start, what follows it (drops, the reallocation home) at its end; at
+    equal start the op that ends first first, so a zero-second rule call or a sync that
+    the plan put before a train call on the same devices precedes it."""
     ahead = {p.call: p.ahead for p in plan.calls}
     readers: dict[str, list[int]] = {}
     for op, owner in ops:
@@ -210,15 +214,19 @@ def pipelined(ops: list[tuple[Op, str]], dataflow: ir.Dataflow, plan: Plan) -> t
     annotated = [replace(op, ahead=ahead[f"load {op.key}" if isinstance(op, Load) else owner]) for op, owner in ops]
     if not any(op.ahead for op in annotated):
         return tuple(annotated)
-    interval = plan.iteration_time
+    at = {op.name: i for i, op in enumerate(annotated) if isinstance(op, Call)}
 
-    def body_time(index: int) -> float:
+    def window(index: int) -> tuple[float, float]:
         op, owner = annotated[index], ops[index][1]
         if isinstance(op, Move) and op.key in producers and ahead[producers[op.key]] > op.ahead:
-            return -1.0  # made in an earlier body: moved first
-        return plan.placement(owner).start % interval if interval > 0 else 0.0
+            return (-math.inf, -math.inf)  # made in an earlier body: moved first
+        p = plan.placement(owner)
+        start, end = (round(t + p.ahead * plan.iteration_time, 9) for t in (p.start, p.end))  # no float dust
+        if isinstance(op, Call):
+            return (start, end)
+        return (end, end) if index > at[owner] else (start, start)
 
-    return tuple(annotated[i] for i in sorted(range(len(annotated)), key=lambda i: (body_time(i), i)))
+    return tuple(annotated[i] for i in sorted(range(len(annotated)), key=lambda i: (*window(i), i)))
 
 
 def check_ahead(dataflow: ir.Dataflow, plan: Plan) -> None:
