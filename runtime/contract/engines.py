@@ -35,8 +35,9 @@ class EngineSpec:
 ENGINES: dict[str, EngineSpec] = {e.name: e for e in (
     EngineSpec(OWN),
     # vLLM's CPU attention kernels take head sizes of 32 and up. Families: those whose
-    # greedy rollouts are tested equal to the own loop's (tests/runtime_model/test_vllm_engine.py).
-    EngineSpec("vllm", "vllm", ("llama",), 32, 'pip install "rlhfc[vllm]"'),
+    # sync and rollouts are tested against the trainer and the own loop
+    # (tests/runtime_model/test_vllm_engine.py, test_vllm_families.py).
+    EngineSpec("vllm", "vllm", ("llama", "qwen3", "phi3", "gemma2"), 32, 'pip install "rlhfc[vllm]"'),
 )}
 
 
