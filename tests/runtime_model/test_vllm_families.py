@@ -26,6 +26,8 @@ pytestmark = pytest.mark.skipif(not installed("vllm"), reason='vllm is not insta
 CASES = {"qwen3": dict(head_dim=32), "phi3": dict(num_attention_heads=2, num_key_value_heads=1),
          "gemma2": dict(head_dim=32, tie_word_embeddings=True)}
 PROMPTS = [[1, 5, 6, 7], [1, 9], [1, 3, 4, 5, 6, 7, 8], [1, 40]]
+SETTINGS = {"precision": "fp32", "n_mbs": 1, "gpu_memory_utilization": 0.5, "kv_cache_bytes": 4 << 20,
+            "max_model_len": 16, "engine_start_s": 15.0}
 
 
 def _family(path: str) -> dict:
@@ -36,9 +38,9 @@ def _family(path: str) -> dict:
     vllm = engine("vllm")
     try:
         greedy = SamplingParams(max_new_tokens=8, greedy=True, pad_token_id=0)
-        own, out = generate(model, ids, mask, greedy), vllm.generate(model, ids, mask, greedy, "fp32", 1)
+        own, out = generate(model, ids, mask, greedy), vllm.generate(model, ids, mask, greedy, SETTINGS)
         sampled = SamplingParams(max_new_tokens=8, greedy=False, temperature=0.8, seed=5, total_rows=len(PROMPTS))
-        drawn = vllm.generate(model, ids, mask, sampled, "fp32", 1)
+        drawn = vllm.generate(model, ids, mask, sampled, SETTINGS)
         return {"greedy_equal": _rows(out) == _rows(own),
                 "greedy_diff": _max_diff(_response_logprobs(out), _trainer_logprobs(model, out)),
                 "sampled_diff": _max_diff(_response_logprobs(drawn), _trainer_logprobs(model, drawn))}
