@@ -17,7 +17,8 @@ model, priced as the runtime runs it (`rlhfc_runtime.engines.vllm_engine`):
   into another model's memory. On CPU vLLM sizes its pool by `kv_cache_memory_bytes`
   instead, the priced pool.
 - Start-up: once per run, not per step (one engine per replica, started together):
-  reported beside the iteration's estimate, never added to it.
+  carried in the call's settings and logged beside the measured one
+  (`gen/engine_start_estimate_s`), never added to the iteration's estimate.
 
 The decode itself is still priced as the own loop's (`model.call_cost`): vLLM's
 continuous batching on GPUs is not modelled yet.
