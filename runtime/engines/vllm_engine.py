@@ -82,6 +82,10 @@ class VllmRollout(RolloutEngine):
         super().__init__()
         self.llm = None
         self.version = 0  # syncs this process has made (one per generate call)
+        # On GPUs the engine sleeps between calls (level 1: weights to host memory, KV
+        # pool freed), so what the plan priced as the call's memory is free for the
+        # other calls; vLLM's CPU backend has no sleep mode. Not yet run on a GPU.
+        self.gpu = torch.cuda.is_available()
 
     def generate(self, module, prompt_ids, prompt_mask, params: SamplingParams, settings: dict) -> Generation:
         g = module.groups
@@ -93,8 +97,12 @@ class VllmRollout(RolloutEngine):
         out = None
         if g.rank == leader:
             self._start(module, settings)
+            if self.gpu:  # awake from the previous call's sleep (a new engine is awake)
+                self.llm.wake_up()
             self._sync(full, self.version)
             out = self._decode(prompt_ids, prompt_mask, params)
+            if self.gpu:
+                self.llm.sleep(level=1)
         return _share(out, prompt_ids, prompt_mask, params, g, leader)
 
     def _full_weights(self, module) -> dict:
@@ -123,12 +131,11 @@ class VllmRollout(RolloutEngine):
         cfg = {**module.cfg.hf, "architectures": [hf_class(module.cfg.shape, False)], "torch_dtype": dtype}
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(cfg, f)
-        on_cpu = not torch.cuda.is_available()
         self.llm = LLM(model=folder, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
                        max_model_len=int(settings["max_model_len"]), enforce_eager=True,
                        gpu_memory_utilization=float(settings["gpu_memory_utilization"]),
-                       kv_cache_memory_bytes=int(settings["kv_cache_bytes"]) if on_cpu else None,
-                       enable_prefix_caching=False, logprobs_mode="raw_logprobs", seed=0,
+                       kv_cache_memory_bytes=None if self.gpu else int(settings["kv_cache_bytes"]),
+                       enable_prefix_caching=False, enable_sleep_mode=self.gpu, logprobs_mode="raw_logprobs", seed=0,
                        worker_extension_cls="rlhfc_runtime.engines.vllm_worker.WeightSync")
         atexit.register(self.close)
         self.stats["engine_start_s"] = time.time() - start
