@@ -27,6 +27,7 @@ TERMS: tuple[tuple[str, str], ...] = (
     ("compute", "compute"), ("decode_memory", "dec.mem"), ("decode_compute", "dec.flop"),
     ("optimizer", "optim"), ("tp", "tp"), ("dp", "dp"), ("bubble", "bubble"),
     ("overhead", "ovh"), ("decode_overhead", "dec.ovh"), ("recompute", "rc"), ("reload", "reload"),
+    ("engine_sync", "eng.sync"), ("engine_recompute", "eng.rc"),  # a generate call on vLLM (`cost.engine`)
 )
 _SPAN = Span("<plan>", 0, 0, 0, 0)
 
