@@ -26,8 +26,8 @@ PROMPTS = [[1, 5, 6, 7], [1, 9], [1, 3, 4, 5, 6, 7, 8], [1, 12, 13], [1, 40], [1
 # A call's settings as the compiler writes them, the plan's engine decisions included
 # (`planner.cost.engine.engine_decisions`): 6 rows of up to 17 tokens, a 128-token page
 # each and vLLM's own, at 2 layers x (k, v) x 64 fp32 values per token.
-SETTINGS = {"precision": "fp32", "n_mbs": 1, "gpu_memory_utilization": 0.123, "kv_cache_bytes": 7 * 128 * 2 * 2 * 64 * 4,
-            "max_model_len": 17, "engine_start_s": 15.0}
+SETTINGS = {"precision": "fp32", "n_mbs": 1, "gpu_memory_utilization": 0.123,
+            "kv_cache_bytes": 7 * 128 * 2 * 2 * 64 * 4, "max_model_len": 17, "engine_start_s": 15.0}
 
 
 def _rows(gen) -> list[list[int]]:

@@ -57,6 +57,7 @@ def start_seconds(device: Device) -> float:
 
 
 def page_tokens(device: Device) -> int:
+    """Tokens per page of vLLM's KV pool on `device`."""
     return KV_PAGE_TOKENS.get(device.name, KV_PAGE_TOKENS_GPU)
 
 
@@ -110,7 +111,8 @@ def memory_utilization(engine: int, peak: int, device: Device) -> float:
     return min(MAX_UTILIZATION, math.floor(1000 * free / device.memory) / 1000)
 
 
-def engine_decisions(df: Dataflow, call: str, s: Strategy, peak: int, device: Device) -> tuple[tuple[str, float | int], ...]:
+def engine_decisions(df: Dataflow, call: str, s: Strategy, peak: int,
+                     device: Device) -> tuple[tuple[str, float | int], ...]:
     """The plan's decisions that a call on vLLM carries to the runtime
     (`CallPlacement.engine`, read by `engines.vllm_engine`); () for any other call.
     `peak`: the call's bytes on its fullest device, every resident copy included."""
