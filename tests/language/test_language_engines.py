@@ -67,9 +67,12 @@ def test_an_unknown_engine_is_e022(tmp_path, value):
     assert err.code == "E022"
 
 
-@pytest.mark.parametrize("family, refused", [("qwen3", False), ("phi3", False), ("gemma2", False), ("olmo2", True)])
-def test_vllm_runs_the_families_whose_sync_is_tested(family, refused, monkeypatch):
+@pytest.mark.parametrize("family, tied, refusal", [
+    ("qwen3", False, None), ("phi3", False, None), ("gemma2", True, None),
+    ("gemma2", False, "ties the 'gemma2' LM head"), ("olmo2", False, "does not run the 'olmo2' family"),
+])
+def test_vllm_runs_the_families_whose_sync_is_tested(family, tied, refusal, monkeypatch):
     monkeypatch.setattr(engines, "installed", lambda package: True)
-    shape = ModelShape(2, 64, 2, 2, 128, 64, family=family, head_dim=32)
+    shape = ModelShape(2, 64, 2, 2, 128, 64, tied_embeddings=tied, family=family, head_dim=32)
     problem = engines.engine_problem("vllm", shape, "cpu")
-    assert (problem is not None and "does not run the 'olmo2' family" in problem) if refused else problem is None
+    assert problem is None if refusal is None else refusal in problem
