@@ -13,7 +13,9 @@ import time
 
 import torch
 
+from rlhfc.planner.cost.engine import kv_pool_bytes
 from rlhfc_runtime.checkpoint import init_random, tiny_config
+from rlhfc_runtime.contract.family import shape_from_hf
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.dist import run_here
 from rlhfc_runtime.engines import close_engines, engine
@@ -30,17 +32,20 @@ def _bench(rounds: int, batch: int, new: int) -> dict:
     prompts = [torch.randint(3, 49152, (16,), generator=gen).tolist() for _ in range(batch)]
     ids, mask = left_pad(prompts, 0)
     params = SamplingParams(max_new_tokens=new, greedy=True, eos_token_id=None)
+    pool = kv_pool_bytes(shape_from_hf(CONFIG), batch, 16 + new, "fp32", page=128)  # what the planner gives the call
+    settings = {"precision": "fp32", "n_mbs": 1, "gpu_memory_utilization": 0.5, "kv_cache_bytes": pool,
+                "max_model_len": 16 + new, "engine_start_s": 15.0}
     out: dict = {"batch": batch, "new_tokens": new, "threads": torch.get_num_threads()}
     try:
         for name in ("rlhfc", "vllm"):
             eng = engine(name)
-            eng.generate(model, ids, mask, params, "fp32", 1)  # vLLM starts here; warm-up for both
+            eng.generate(model, ids, mask, params, settings)  # vLLM starts here; warm-up for both
             if name == "vllm":
                 out["vllm_start_s"] = eng.stats["engine_start_s"]
             times, syncs = [], []
             for _ in range(rounds):
                 start = time.perf_counter()
-                eng.generate(model, ids, mask, params, "fp32", 1)
+                eng.generate(model, ids, mask, params, settings)
                 times.append(eng.stats.get("decode_s", time.perf_counter() - start))  # vLLM: decode only
                 syncs.append(eng.stats.get("sync_s", 0.0))
             out[f"{name}_tokens_per_s"] = [round(batch * new / t, 1) for t in times]

@@ -36,6 +36,10 @@ class CallPlacement:
     # an asynchronous plan (`Plan.max_staleness` > 0): 1 for a generate call that samples
     # step t+1's rollouts while step t trains. 0 in synchronous plans.
     ahead: int = 0
+    # A generate call on another engine (vLLM): the plan's decisions for it (its memory
+    # share, KV pool, context length, start-up estimate; `planner.cost.engine`), which the
+    # call's settings carry to the runtime. Empty for every other call.
+    engine: tuple[tuple[str, float | int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,8 @@ def plan_to_json(plan: Plan, include_timing: bool = False) -> str:
         "calls": [
             {"call": p.call, "model": p.model, "strategy": _strategy_dict(p.strategy), "start": p.start,
              "end": p.end, "peak_memory": p.peak_memory,
-             "call_memory": p.call_memory, "ahead": p.ahead}
+             "call_memory": p.call_memory, "ahead": p.ahead,
+             **({"engine": [list(kv) for kv in p.engine]} if p.engine else {})}
             for p in plan.calls
         ],
         "homes": [[m, _strategy_dict(s)] for m, s in plan.homes],
@@ -162,7 +167,7 @@ def plan_from_json(text: str) -> Plan:
         d["source"],
         Cluster(c["nodes"], c["devices_per_node"], c["device"], tuple((k, v) for k, v in c["overrides"])),
         tuple(CallPlacement(p["call"], p["model"], _strategy_from(p["strategy"]), p["start"], p["end"], p["peak_memory"],
-                            p["call_memory"], p["ahead"])
+                            p["call_memory"], p["ahead"], tuple((k, v) for k, v in p.get("engine", ())))
               for p in d["calls"]),
         tuple((m, _strategy_from(s)) for m, s in d["homes"]),
         tuple(Reallocation(r["model"], r["before_call"], _strategy_from(r["src"]), _strategy_from(r["dst"]), r["bytes"],

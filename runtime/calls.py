@@ -192,8 +192,7 @@ def generate_batch(module: ShardedDecoder, prompts: dict, settings: dict, groups
         first_row=first_generated_row(settings, groups), total_rows=int(settings["rows"]),
         eos_token_id=int(settings["eos_id"]), pad_token_id=int(settings["pad_id"]),
     )
-    out = rollout_engine(str(settings["engine"])).generate(module, ids, mask, params, str(settings["precision"]),
-                                                           int(settings["n_mbs"]))
+    out = rollout_engine(str(settings["engine"])).generate(module, ids, mask, params, settings)
     missing = new - (out.sequences.shape[1] - out.prompt_len)
     pad = lambda t, value=0: F.pad(t, (0, missing), value=value)  # noqa: E731
     return {

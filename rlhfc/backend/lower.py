@@ -244,12 +244,14 @@ def check_ahead(dataflow: ir.Dataflow, plan: Plan) -> None:
 def call_settings(call: ir.Call, plan: Plan, neural: bool = True) -> tuple[tuple[str, float | int | str], ...]:
     """What the op carries: the checker's resolved settings plus, for a call on a neural
     model, the plan's decisions for it (micro-batches, activation recompute, the
-    micro-batches' token budget), so the runtime runs what the cost model priced."""
+    micro-batches' token budget; an engine's memory share and pool), so the runtime runs
+    what the cost model priced."""
     if not neural:
         return call.settings
-    strategy = plan.placement(call.name).strategy
+    placement = plan.placement(call.name)
+    strategy = placement.strategy
     return (*call.settings, ("n_mbs", strategy.n_mbs), ("recompute", strategy.recompute),
-            ("token_budget", call.token_budget(strategy)))
+            ("token_budget", call.token_budget(strategy)), *placement.engine)
 
 
 def _nearest(holders: set[str], dst: str, names: "_Layouts") -> str:

@@ -28,6 +28,7 @@ TERMS: tuple[tuple[str, str], ...] = (
     ("optimizer", "optim"), ("tp", "tp"), ("dp", "dp"), ("bubble", "bubble"),
     ("overhead", "ovh"), ("decode_overhead", "dec.ovh"), ("recompute", "rc"), ("reload", "reload"),
     ("old_logp", "old.lp"),
+    ("engine_sync", "eng.sync"), ("engine_recompute", "eng.rc"),  # a generate call on vLLM (`cost.engine`)
 )
 _SPAN = Span("<plan>", 0, 0, 0, 0)
 

@@ -30,13 +30,15 @@ class EngineSpec:
     families: tuple[str, ...] = ()  # empty: every family the runtime runs
     min_cpu_head_dim: int = 0
     install: str = ""
+    tied_families: tuple[str, ...] = ()  # the engine's model has no LM head of its own: it reads the embedding
 
 
 ENGINES: dict[str, EngineSpec] = {e.name: e for e in (
     EngineSpec(OWN),
     # vLLM's CPU attention kernels take head sizes of 32 and up. Families: those whose
-    # greedy rollouts are tested equal to the own loop's (tests/runtime_model/test_vllm_engine.py).
-    EngineSpec("vllm", "vllm", ("llama",), 32, 'pip install "rlhfc[vllm]"'),
+    # sync and rollouts are tested against the trainer and the own loop
+    # (tests/runtime_model/test_vllm_engine.py, test_vllm_families.py).
+    EngineSpec("vllm", "vllm", ("llama", "qwen3", "phi3", "gemma2"), 32, 'pip install "rlhfc[vllm]"', ("gemma2",)),
 )}
 
 
@@ -53,6 +55,9 @@ def engine_problem(name: str, shape: ModelShape | None, device: str | None) -> s
     spec = ENGINES[name]
     if shape is not None and spec.families and shape.family not in spec.families:
         return f"engine {name!r} does not run the {shape.family!r} family here (it runs: {', '.join(spec.families)})"
+    if shape is not None and shape.family in spec.tied_families and not shape.tied_embeddings:
+        return (f"engine {name!r} ties the {shape.family!r} LM head to the embedding, and this model's are "
+                f"separate (tie_word_embeddings = false)")
     if shape is not None and device in (None, "cpu") and shape.head_dim < spec.min_cpu_head_dim:
         return (f"engine {name!r} needs head_dim >= {spec.min_cpu_head_dim} on CPU, and this model's head_dim is "
                 f"{shape.head_dim} (hidden {shape.hidden} / {shape.n_heads} heads)")

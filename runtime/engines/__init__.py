@@ -23,16 +23,16 @@ from rlhfc_runtime.generate import Generation, SamplingParams, generate
 class RolloutEngine:
     """What every engine does: continue `prompt_ids` (left-padded, [B, P]) under
     `params` with `module`'s current weights, on every rank of the module's layout
-    (each dp replica its own rows). `stats` are the engine's numbers of its last call
-    (start-up and sync seconds), logged with the call's metrics."""
+    (each dp replica its own rows). `settings` are the call's (its `precision`, `n_mbs`,
+    and the plan's decisions for the engine). `stats` are the engine's numbers of its
+    last call (start-up and sync seconds), logged with the call's metrics."""
 
     name = ""
 
     def __init__(self):
         self.stats: dict[str, float] = {}
 
-    def generate(self, module, prompt_ids, prompt_mask, params: SamplingParams, precision: str,
-                 n_micro: int) -> Generation:
+    def generate(self, module, prompt_ids, prompt_mask, params: SamplingParams, settings: dict) -> Generation:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -44,8 +44,8 @@ class OwnLoop(RolloutEngine):
 
     name = OWN
 
-    def generate(self, module, prompt_ids, prompt_mask, params, precision, n_micro):
-        return generate(module, prompt_ids, prompt_mask, params, precision, n_micro)
+    def generate(self, module, prompt_ids, prompt_mask, params, settings):
+        return generate(module, prompt_ids, prompt_mask, params, str(settings["precision"]), int(settings["n_mbs"]))
 
 
 _BUILT: dict[str, RolloutEngine] = {}

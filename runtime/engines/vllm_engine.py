@@ -82,9 +82,12 @@ class VllmRollout(RolloutEngine):
         super().__init__()
         self.llm = None
         self.version = 0  # syncs this process has made (one per generate call)
+        # On GPUs the engine sleeps between calls (level 1: weights to host memory, KV
+        # pool freed), so what the plan priced as the call's memory is free for the
+        # other calls; vLLM's CPU backend has no sleep mode. Not yet run on a GPU.
+        self.gpu = torch.cuda.is_available()
 
-    def generate(self, module, prompt_ids, prompt_mask, params: SamplingParams, precision: str,
-                 n_micro: int) -> Generation:
+    def generate(self, module, prompt_ids, prompt_mask, params: SamplingParams, settings: dict) -> Generation:
         g = module.groups
         lay = g.layout
         leader = lay.rank_at(0, g.dp_rank, 0)
@@ -93,9 +96,13 @@ class VllmRollout(RolloutEngine):
         self.stats = {}
         out = None
         if g.rank == leader:
-            self._start(module, precision)
+            self._start(module, settings)
+            if self.gpu:  # awake from the previous call's sleep (a new engine is awake)
+                self.llm.wake_up()
             self._sync(full, self.version)
             out = self._decode(prompt_ids, prompt_mask, params)
+            if self.gpu:
+                self.llm.sleep(level=1)
         return _share(out, prompt_ids, prompt_mask, params, g, leader)
 
     def _full_weights(self, module) -> dict:
@@ -107,28 +114,32 @@ class VllmRollout(RolloutEngine):
         return reallocate(module.shards(), table, module.cfg.shape.n_layers, lay, leaders(lay), module.groups.rank,
                           dtype=module.dtype, device=torch.device("cpu"))
 
-    def _start(self, module, precision: str) -> None:
+    def _start(self, module, settings: dict) -> None:
+        """The engine, sized by the plan: `gpu_memory_utilization` (its share of the
+        device; on CPU, where vLLM reads it as a share of host memory, the pool is set in
+        bytes instead: `kv_cache_bytes`) and `max_model_len` (the call's prompt + new tokens)."""
         if self.llm is not None:
             return
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM  # noqa: PLC0415 - only runs that ask for vLLM import it
 
         start = time.time()
         folder = tempfile.mkdtemp(prefix="rlhfc-vllm-")
         atexit.register(shutil.rmtree, folder, True)
-        cfg = {**module.cfg.hf, "architectures": [hf_class(module.cfg.shape, False)],
-               "torch_dtype": "float32" if precision == "fp32" else "bfloat16"}
+        dtype = "float32" if settings["precision"] == "fp32" else "bfloat16"
+        cfg = {**module.cfg.hf, "architectures": [hf_class(module.cfg.shape, False)], "torch_dtype": dtype}
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(cfg, f)
-        self.llm = LLM(model=folder, skip_tokenizer_init=True, load_format="dummy",
-                       dtype="float32" if precision == "fp32" else "bfloat16",
-                       max_model_len=int(cfg.get("max_position_embeddings", 2048)), enforce_eager=True,
-                       enable_prefix_caching=False, logprobs_mode="raw_logprobs", seed=0,
+        self.llm = LLM(model=folder, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
+                       max_model_len=int(settings["max_model_len"]), enforce_eager=True,
+                       gpu_memory_utilization=float(settings["gpu_memory_utilization"]),
+                       kv_cache_memory_bytes=None if self.gpu else int(settings["kv_cache_bytes"]),
+                       enable_prefix_caching=False, enable_sleep_mode=self.gpu, logprobs_mode="raw_logprobs", seed=0,
                        worker_extension_cls="rlhfc_runtime.engines.vllm_worker.WeightSync")
         atexit.register(self.close)
         self.stats["engine_start_s"] = time.time() - start
+        self.stats["engine_start_estimate_s"] = float(settings["engine_start_s"])
 
     def close(self) -> None:
         """Stop vLLM's engine process (at exit: it would outlive a failed run otherwise)."""

@@ -5,7 +5,9 @@ vLLM mixes `WeightSync` into its worker (`worker_extension_cls`), and the traine
 one safetensors blob (tensors and their names only: nothing is unpickled) and go in
 through vLLM's own `reload_weights`, which renames and fuses them (q/k/v into
 `qkv_proj`, gate/up into `gate_up_proj`, the vocabulary padded) and repacks them for
-its kernels, as loading a checkpoint does. The worker keeps the version the trainer
+its kernels, as loading a checkpoint does (a tied LM head goes in too: vLLM's
+Llama and Qwen keep it as a parameter that a reload must refill; Gemma's engine model
+has none and reads the embedding). The worker keeps the version the trainer
 gave the weights and their checksums, computed here on what arrived, so the trainer
 can tell, before every generate call, that the engine holds exactly its weights.
 """
@@ -13,6 +15,8 @@ can tell, before every generate call, that the engine holds exactly its weights.
 from __future__ import annotations
 
 import torch
+
+TIED_HEAD = "lm_head.weight"
 
 
 def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
@@ -32,9 +36,11 @@ class WeightSync:
         from safetensors.torch import load  # noqa: PLC0415 - the worker process imports it once
 
         tensors = load(blob)
+        self.rlhfc_sums = checksums(tensors)
+        if not hasattr(self.model_runner.get_model(), "lm_head"):
+            tensors.pop(TIED_HEAD, None)  # Gemma's engine model reads its tied head from the embedding
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
         self.rlhfc_version = version
-        self.rlhfc_sums = checksums(tensors)
         return version
 
     def rlhfc_state(self) -> tuple[int, dict]:

@@ -7,7 +7,9 @@ from dataclasses import replace
 
 from rlhfc import ir
 from rlhfc.frontend.check.settings import resolve
+from rlhfc.hardware import device_for
 from rlhfc.plan import CallPlacement, Plan
+from rlhfc.planner.cost.engine import engine_decisions
 
 SPAN = ir.Span("t.rlhf", 1, 1, 1, 1)
 TINY = ir.ModelShape(n_layers=2, hidden=32, n_heads=4, n_kv_heads=2, intermediate=64, vocab=64, max_positions=64)
@@ -61,7 +63,9 @@ def strategy(first, n, dp, tp=1, pp=1):
 def plan(df: ir.Dataflow, placements: dict[str, ir.Strategy]) -> Plan:
     """A plan with the given strategies, calls one time unit apart in dataflow order,
     and homes at each trainable model's train call (else its first call)."""
-    calls = tuple(CallPlacement(c.name, c.model, placements[c.name], float(i), float(i + 1), 2**20, 2**20)
+    device = device_for(df.cluster)
+    calls = tuple(CallPlacement(c.name, c.model, placements[c.name], float(i), float(i + 1), 2**20, 2**20,
+                                engine=engine_decisions(df, c.name, placements[c.name], 2**20, device))
                   for i, c in enumerate(df.calls))
     homes = {}
     for c in df.calls:

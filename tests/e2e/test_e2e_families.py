@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from family_cases import write_family
+from hf_reference import EAGER
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = """import grpo from "stdlib/grpo.rlhf"
@@ -53,7 +54,8 @@ def _check(out: Path, family: str) -> None:
     want = json.loads((out.parent / "ckpt" / "config.json").read_text())["architectures"]
     model = AutoModelForCausalLM.from_pretrained(out / "hf" / "actor")
     assert [type(model).__name__] == want, family
-    initial = AutoModelForCausalLM.from_pretrained(out.parent / "ckpt", dtype=torch.float32).eval()
+    initial = AutoModelForCausalLM.from_pretrained(out.parent / "ckpt", dtype=torch.float32,
+                                                   attn_implementation=EAGER).eval()
     rows = [r for line in (out / "samples.jsonl").read_text().splitlines() if (r := json.loads(line))["step"] == 1]
     assert rows and all(r["logprobs"] is not None for r in rows)
     for r in rows:

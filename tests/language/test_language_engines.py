@@ -9,6 +9,7 @@ import pytest
 
 from rlhfc.frontend.check import check_program
 from rlhfc_runtime.contract import engines
+from rlhfc_runtime.contract.shapes import ModelShape
 
 ROOT = Path(__file__).resolve().parents[2]
 HD32 = 'hf(layers = 2, hidden = 64, heads = 2, kv_heads = 2, intermediate = 128, vocab = 64, max_positions = 128)'
@@ -64,3 +65,14 @@ def test_a_missing_package_is_refused_at_the_run_key(tmp_path, monkeypatch):
 def test_an_unknown_engine_is_e022(tmp_path, value):
     [err] = errors(program(tmp_path, HD32, f"engine = {value}"))
     assert err.code == "E022"
+
+
+@pytest.mark.parametrize("family, tied, refusal", [
+    ("qwen3", False, None), ("phi3", False, None), ("gemma2", True, None),
+    ("gemma2", False, "ties the 'gemma2' LM head"), ("olmo2", False, "does not run the 'olmo2' family"),
+])
+def test_vllm_runs_the_families_whose_sync_is_tested(family, tied, refusal, monkeypatch):
+    monkeypatch.setattr(engines, "installed", lambda package: True)
+    shape = ModelShape(2, 64, 2, 2, 128, 64, tied_embeddings=tied, family=family, head_dim=32)
+    problem = engines.engine_problem("vllm", shape, "cpu")
+    assert problem is None if refusal is None else refusal in problem

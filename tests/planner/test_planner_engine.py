@@ -1,17 +1,27 @@
-"""Calls priced with what the runtime does besides their own pass: a generate call on
-vLLM (the weight sync into the engine and the trainer's recomputation of the log-probs),
-and a train call's off-policy correction (its no-grad forward)."""
+"""Calls priced with what the runtime does besides their own pass. A generate call on
+vLLM is priced as the runtime runs it (`planner.cost.engine`): the weight sync into the
+engine and the trainer's recomputation of the log-probs on top of the decode, the
+engine's weights and KV pool in the call's memory, and `gpu_memory_utilization` a plan
+decision, what the plan leaves on the device, carried in the call's settings
+(test_vllm_engine checks that vLLM's constructor gets it). A train call's off-policy
+correction costs its no-grad forward."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from rlhfc.backend.lower import lower
 from rlhfc.frontend.check import load_program
-from rlhfc.hardware import CATALOG
+from rlhfc.hardware import CATALOG, device_for
 from rlhfc.ir import Mesh, Strategy
 from rlhfc.planner.cost.coefficients import Coefficients
+from rlhfc.planner.cost.engine import engine_bytes, kv_pool_bytes, page_tokens
 from rlhfc.planner.cost.model import call_cost
+from rlhfc.planner.solve import symmetric_plan
+from rlhfc_runtime.contract import engines
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,3 +55,45 @@ def test_off_policy_correction_prices_one_forward():
     forward, _ = _terms("refl", "precision", "fp32", s, model="ref", is_home=True)
     assert "old_logp" not in plain
     assert corrected.pop("old_logp") == sum(forward.values()) > 0 and corrected == plain
+
+
+def _vllm_program(tmp_path: Path, cluster: str, actor: str) -> Path:
+    text = (ROOT / "programs" / "grpo.rlhf").read_text().replace('"../', f'"{ROOT}/')
+    text = text.replace('import grpo from "stdlib/grpo.rlhf"', f'import grpo from "{ROOT}/stdlib/grpo.rlhf"')
+    text = text.replace('cluster { nodes = 1  devices_per_node = 2  device = "cpu" }', cluster)
+    text = text.replace('llama(preset = "tiny")', actor).replace("seed = 1", 'seed = 1  engine = "vllm"')
+    path = tmp_path / "p.rlhf"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("cluster, actor", [
+    ('cluster { nodes = 1  devices_per_node = 8  device = "H100-80GB" }', 'hf(preset = "qwen3-8b")'),
+    ('cluster { nodes = 1  devices_per_node = 2  device = "cpu" }',
+     "hf(layers = 2, hidden = 64, heads = 2, kv_heads = 2, intermediate = 128, vocab = 64, max_positions = 128)"),
+])
+def test_the_engine_pool_fits_and_its_share_reaches_the_settings(tmp_path, monkeypatch, cluster, actor):
+    monkeypatch.setattr(engines, "installed", lambda package: True)
+    df = load_program(_vllm_program(tmp_path, cluster, actor))
+    plan = symmetric_plan(df)
+    device = device_for(df.cluster)
+    gen, model = df.call("gen"), df.model("actor")
+    placement = plan.placement("gen")
+    decided = dict(placement.engine)
+    s = placement.strategy
+    rows = -(-gen.batch // s.dp)
+    precision = dict(gen.settings)["precision"]
+    pool = kv_pool_bytes(model.shape, rows, gen.seq_len, precision, page_tokens(device))
+    # every row of the replica fits the pool at the call's whole length
+    assert decided["kv_cache_bytes"] == pool >= rows * gen.seq_len * 2 * model.shape.n_layers * \
+        model.shape.n_kv_heads * model.shape.head_dim * (4 if precision == "fp32" else 2)
+    assert decided["max_model_len"] == gen.seq_len and decided["engine_start_s"] > 0
+    # the engine's share holds its weights and pool, and only what the plan leaves free
+    engine = engine_bytes(gen, model.shape, model.head, s, precision, page_tokens(device))
+    share = decided["gpu_memory_utilization"] * device.memory
+    assert placement.peak_memory <= device.plan_memory
+    assert engine <= share <= device.plan_memory - (placement.peak_memory - engine) + device.memory / 1000
+    assert 0 < decided["gpu_memory_utilization"] <= 0.95
+    settings = dict(next(op.settings for op in lower(df, plan).ops if getattr(op, "name", "") == "gen"))
+    assert {k: settings[k] for k in decided} == decided
+    assert not dict(plan.placement("a_tr").engine)  # only the vLLM call carries them

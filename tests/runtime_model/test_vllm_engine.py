@@ -23,6 +23,11 @@ pytestmark = pytest.mark.skipif(not installed("vllm"), reason='vllm is not insta
 HD32 = tiny_config(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, intermediate_size=128,
                    vocab_size=64, max_position_embeddings=128)
 PROMPTS = [[1, 5, 6, 7], [1, 9], [1, 3, 4, 5, 6, 7, 8], [1, 12, 13], [1, 40], [1, 7, 7, 7, 7]]
+# A call's settings as the compiler writes them, the plan's engine decisions included
+# (`planner.cost.engine.engine_decisions`): 6 rows of up to 17 tokens, a 128-token page
+# each and vLLM's own, at 2 layers x (k, v) x 64 fp32 values per token.
+SETTINGS = {"precision": "fp32", "n_mbs": 1, "gpu_memory_utilization": 0.123,
+            "kv_cache_bytes": 7 * 128 * 2 * 2 * 64 * 4, "max_model_len": 17, "engine_start_s": 15.0}
 
 
 def _rows(gen) -> list[list[int]]:
@@ -59,14 +64,16 @@ def _checks():
     greedy = SamplingParams(max_new_tokens=10, greedy=True, eos_token_id=eos, pad_token_id=0)
     vllm = engine("vllm")
     try:
-        own, out = generate(model, ids, mask, greedy), vllm.generate(model, ids, mask, greedy, "fp32", 1)
+        own, out = generate(model, ids, mask, greedy), vllm.generate(model, ids, mask, greedy, SETTINGS)
         assert _rows(out) == _rows(own)
+        cache = vllm.llm.llm_engine.vllm_config.cache_config  # the plan's decisions reached vLLM
+        assert (cache.gpu_memory_utilization, cache.kv_cache_memory_bytes) == (0.123, SETTINGS["kv_cache_bytes"])
         assert len({len(r) for r in _rows(out)}) > 1 and all(r[-1] == eos or len(r) == 10 for r in _rows(out))
         assert _max_diff(_response_logprobs(out), _response_logprobs(own)) < 1e-4
 
         sampled = SamplingParams(max_new_tokens=10, greedy=False, temperature=0.7, top_p=0.9, seed=11,
                                  total_rows=len(PROMPTS), eos_token_id=eos)
-        first, again = (vllm.generate(model, ids, mask, sampled, "fp32", 1) for _ in range(2))
+        first, again = (vllm.generate(model, ids, mask, sampled, SETTINGS) for _ in range(2))
         assert _rows(first) == _rows(again)  # one seed per row: the same draw
         raw = _response_logprobs(first)  # raw: before temperature and top-p, what the trainer recomputes
         assert _max_diff(raw, _trainer_logprobs(model, first)) <= 1e-3
@@ -74,7 +81,7 @@ def _checks():
         with torch.no_grad():  # a training step's worth of change: the next call must see it
             for p in model.parameters():
                 p.mul_(1.5)
-        own2, out2 = generate(model, ids, mask, greedy), vllm.generate(model, ids, mask, greedy, "fp32", 1)
+        own2, out2 = generate(model, ids, mask, greedy), vllm.generate(model, ids, mask, greedy, SETTINGS)
         assert _rows(out2) == _rows(own2) != _rows(own)
 
         with torch.no_grad():
@@ -82,7 +89,7 @@ def _checks():
                 p.mul_(0.9)
         os.environ[SKIP_SYNC_ENV] = str(vllm.version + 1)
         with pytest.raises(WeightSyncError, match="stale policy"):
-            vllm.generate(model, ids, mask, greedy, "fp32", 1)
+            vllm.generate(model, ids, mask, greedy, SETTINGS)
         return vllm.stats
     finally:
         os.environ.pop(SKIP_SYNC_ENV, None)

@@ -24,6 +24,8 @@ Sources:
   the `pp` stages, so a step takes m·pp stage times, as it runs (ReaL pipelines them at
   max(m, pp); this runtime does not). KV cache: 2·layers·kv_heads·
   head_dim·2 bytes per token.
+- Another engine (vLLM): its weight sync, the trainer's recomputation of the log-probs
+  and the engine's own memory (weights, KV pool) are `rlhfc.planner.cost.engine`'s.
 - Rule rewards (`Model.kind == ModelKind.RULE`) cost nothing and hold no device: they run in the
   driver process between the calls they connect.
 - Shared cores: on a local `cpu` cluster with more processes per node than physical
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 from rlhfc.hardware import Device, core_share
 from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelKind, ModelShape, Strategy
 from rlhfc.planner.cost.coefficients import Coefficients
+from rlhfc.planner.cost.engine import engine_of, page_tokens, sync_seconds, transient_bytes
 from rlhfc.planner.cost.memory import call_transient, precision_of, resident_bytes
 from rlhfc_runtime.contract.budget import micro_batches
 from rlhfc_runtime.contract.engines import OWN
@@ -225,26 +228,13 @@ def call_cost(
     terms["tp"] += steps * tp_comm
     terms["decode_overhead"] = steps * fixed
     terms["bubble"] += call.gen_len * s.n_mbs * (s.pp - 1) * stage
-    if dict(call.settings).get("engine", OWN) != OWN:
-        terms.update(_engine_terms(call, shape, model.head, n_params, s, device, c, width))
+    if engine_of(call) != OWN:  # vLLM: its sync, the trainer's recompute and its memory (`cost.engine`)
+        terms["engine_sync"] = sync_seconds(shape, model.head, s, device, c, width,
+                                            stage_params(shape, model.head, s.tp, s.pp, 0))
+        terms["engine_recompute"] = sum(_forward_backward_terms(shape, n_params, call.batch * call.seq_len, s, device,
+                                                                c, CallKind.INFERENCE, width).values())
+        transient = transient_bytes(call, shape, model.head, s, precision, page_tokens(device))
     return _split(terms, resident, transient, is_home, share)
-
-
-def _engine_terms(call: Call, shape: ModelShape, head: Head, n_params: int, s: Strategy, device: Device,
-                  c: Coefficients, width: int) -> dict[str, float]:
-    """What a generate call on another engine (vLLM) does besides decoding, as the
-    runtime does it (`rlhfc_runtime.engines.vllm_engine`): the weights gathered onto each
-    replica's first rank (all but its own tp * pp share cross the node's links) and
-    copied three times into the engine (a buffer, its process, its kernels' layout), and
-    the trainer's forward over the sampled sequences that gives the ratio's old log-probs
-    and `gen/logprob_diff`. The decode itself is still priced as the own loop's, and the
-    engine's start-up (once per run), weights and KV pool are not priced yet."""
-    weight_bytes = width * n_params
-    gather = weight_bytes * (1 - 1 / (s.tp * s.pp)) / (device.intra_bandwidth * c.link_efficiency)
-    copies = 3 * weight_bytes / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
-    recompute = _forward_backward_terms(shape, n_params, call.batch * call.seq_len, s, device, c,
-                                        CallKind.INFERENCE, width)
-    return {"engine_sync": gather + copies, "engine_recompute": sum(recompute.values())}
 
 
 def call_memory(call: Call, model: Model, s: Strategy, tokens_mb: int, is_home: bool,

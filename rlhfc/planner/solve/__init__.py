@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 
 from rlhfc.planner.cost.coefficients import Coefficients, default_coefficients
+from rlhfc.planner.cost.engine import engine_decisions
 from rlhfc.ir import Dataflow
 from rlhfc.plan import CallPlacement, Plan, Reallocation
 from rlhfc.planner.solve.baselines import symmetric_choice
@@ -33,10 +34,11 @@ def plan_from_choice(
     placements = []
     for call in sorted(problem.calls, key=lambda c: (start[c], problem.calls.index(c))):
         o = choice[call]
+        peak = o.cost.peak_bytes + _resident_elsewhere(problem, choice, call)
         placements.append(CallPlacement(
             call, df.call(call).model, o.strategy, problem.seconds(start[call] + realloc[call] + moves[call]),
-            problem.seconds(end[call]), o.cost.peak_bytes + _resident_elsewhere(problem, choice, call),
-            o.cost.peak_bytes, (ahead or {}).get(call, 0),
+            problem.seconds(end[call]), peak, o.cost.peak_bytes, (ahead or {}).get(call, 0),
+            engine_decisions(df, call, o.strategy, peak, problem.device),
         ))
     reallocs = []
     for call in problem.calls:
