@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -122,7 +123,7 @@ def save(engine, keep: int = 2, export: bool = True) -> Path:
                 "format": FORMAT, "version": VERSION, "step": e.step, "world_size": e.world,
                 "program_hash": program_hash(e.program), "fingerprint": fingerprint(e.program),
                 "program": {"models": {n: {"optimizer": s.optimizer} for n, s in e.program.models.items()},
-                            "run": e.program.as_json()["run"]},
+                            "run": asdict(e.program.run)},
                 "layouts": {k: [list(v.ranks), v.dp, v.tp, v.pp] for k, v in e.layouts.items()},
                 "loaders": {n: ld.state_dict() for n, ld in e.loaders.items()},
                 "models": {k: v for p in parts for k, v in p[1].items()},

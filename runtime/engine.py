@@ -138,7 +138,7 @@ class Engine:
         """The version of the trainable weights `op` reads, checked against K on every rank:
         a call reads weights at most `max_staleness` updates behind its iteration (a train
         call: none behind), or a sync the schedule needed did not happen."""
-        if (op.model, op.layout) not in self.versions and not self.program.models[op.model].trainable:
+        if not self.program.models[op.model].trainable:
             return None
         version = self.versions.get((op.model, op.layout))
         allowed = 0 if op.kind == "train" else self.max_staleness

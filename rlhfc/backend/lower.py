@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from rlhfc import ir
 from rlhfc.plan import Plan
@@ -112,7 +112,9 @@ def _dataset_of(key: str, dataflow: ir.Dataflow) -> str:
 def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
     """The op program of one iteration: loads, then per call (in a dependency-respecting
     plan order) the moves and reallocations it needs, the call, and the drops after it."""
-    check_ahead(dataflow, plan)
+    ahead = {p.call: p.ahead for p in plan.calls}
+    producers = {k: c.name for c in dataflow.calls for k in c.outputs}  # data key -> its call
+    check_ahead(dataflow, ahead, producers)
     names = _Layouts(plan.cluster)
     order = call_order(dataflow, plan)
     neural = [m for m in dataflow.models if m.kind != ir.ModelKind.RULE]
@@ -122,15 +124,14 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
         if dataflow.model(c.model).kind != ir.ModelKind.RULE:
             homes.setdefault(c.model, call_layout[c.name])
 
-    producers = {k: c.name for c in dataflow.calls for k in c.outputs}  # data key -> its call
-    ops: list[tuple[Op, str]] = []  # (op, the call it serves)
-    ahead = {p.call: p.ahead for p in plan.calls}
+    ops: list[tuple[Op, str]] = []  # (op with the `ahead` of the call it serves, that call)
     # data key -> {layout holding it: how many iterations ahead the op that put it there runs}
     where: dict[str, dict[str, int]] = {}
     for c in order:
         for key in c.inputs:
             if key not in producers and key not in where:
-                ops.append((Load(key, _dataset_of(key, dataflow)), c.name))
+                readers = max(ahead[d.name] for d in dataflow.calls if key in d.inputs)  # loaded for the furthest
+                ops.append((Load(key, _dataset_of(key, dataflow), readers), c.name))
                 where[key] = dict.fromkeys({*call_layout.values(), *homes.values()}, max(ahead.values()))
 
     copies = {m: {h} for m, h in homes.items()}  # model -> layouts holding its parameters
@@ -144,7 +145,7 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
         for key in d.inputs:
             holders = {h for h, level in where[key].items() if level >= ahead[d.name]}  # there in time for d
             if lay not in holders:
-                ops.append((Move(key, _nearest(holders, lay, names), lay), d.name))
+                ops.append((Move(key, _nearest(holders, lay, names), lay, ahead[d.name]), d.name))
                 where[key][lay] = ahead[d.name]
         moved.add(d.name)
 
@@ -165,22 +166,22 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
         lay = call_layout[c.name]
         model = dataflow.model(c.model)
         if model.kind != ir.ModelKind.RULE and lay not in copies[c.model]:
-            ops.append((Realloc(c.model, homes[c.model], lay), c.name))
+            ops.append((Realloc(c.model, homes[c.model], lay, ahead[c.name]), c.name))
             copies[c.model].add(lay)
         if c.model in plan.offloaded:
-            ops.append((Reload(c.model, lay), c.name))
+            ops.append((Reload(c.model, lay, ahead[c.name]), c.name))
         ops.append((Call(c.name, c.model, c.kind.value, c.interface, lay, c.inputs, c.outputs,
-                         call_settings(c, plan, neural=model.kind != ir.ModelKind.RULE)), c.name))
+                         call_settings(c, plan, neural=model.kind != ir.ModelKind.RULE), ahead[c.name]), c.name))
         if c.model in plan.offloaded:
-            ops.append((Offload(c.model, lay), c.name))
+            ops.append((Offload(c.model, lay, ahead[c.name]), c.name))
         for key in c.outputs:
             where[key] = {lay: ahead[c.name]}
         if model.kind == ir.ModelKind.RULE or lay == homes[c.model]:
             continue
         if c.kind is ir.CallKind.TRAIN:
-            ops.append((Realloc(c.model, lay, homes[c.model]), c.name))
+            ops.append((Realloc(c.model, lay, homes[c.model], ahead[c.name]), c.name))
         if last_use[(c.model, lay)] == i or c.kind is ir.CallKind.TRAIN:
-            ops.append((Drop(c.model, lay), c.name))
+            ops.append((Drop(c.model, lay, ahead[c.name]), c.name))
             copies[c.model].discard(lay)
 
     layouts = {n: lay for lay, n in names.by_layout.items()}  # in naming order: L0, L1, …
@@ -190,34 +191,26 @@ def lower(dataflow: ir.Dataflow, plan: Plan) -> OpProgram:
         layouts=tuple(layouts.items()),
         homes=tuple(sorted(homes.items())),
         groups=_groups(layouts),
-        ops=pipelined(ops, dataflow, plan),
+        ops=pipelined(ops, plan, ahead, producers),
     )
 
 
-def pipelined(ops: list[tuple[Op, str]], dataflow: ir.Dataflow, plan: Plan) -> tuple[Op, ...]:
-    """The iteration's ops, each with the `ahead` of the call it serves (a load: its
-    furthest-ahead reader's), in the order of the steady-state body. A synchronous plan
-    keeps the iteration's order. An asynchronous one orders by the planned window in the
-    body (a call's start + ahead x the interval; the plan's frame): moves of data made in
-    an earlier body first; what prepares a call (its loads, moves, reallocation) as an
-    instant at its start, what follows it (drops, the reallocation home) at its end; at
-    equal start the op that ends first first, so a zero-second rule call or a sync that
-    the plan put before a train call on the same devices precedes it."""
-    ahead = {p.call: p.ahead for p in plan.calls}
-    readers: dict[str, list[int]] = {}
-    for op, owner in ops:
-        if isinstance(op, Load):
-            readers.setdefault(op.key, []).append(ahead[owner])
-    producers = {k: c.name for c in dataflow.calls for k in c.outputs}
-    for key, dataset_readers in readers.items():
-        ahead[f"load {key}"] = max(dataset_readers)
-    annotated = [replace(op, ahead=ahead[f"load {op.key}" if isinstance(op, Load) else owner]) for op, owner in ops]
-    if not any(op.ahead for op in annotated):
-        return tuple(annotated)
-    at = {op.name: i for i, op in enumerate(annotated) if isinstance(op, Call)}
+def pipelined(ops: list[tuple[Op, str]], plan: Plan, ahead: dict[str, int], producers: dict[str, str]
+              ) -> tuple[Op, ...]:
+    """The iteration's ops (each with the `ahead` of the call it serves) in the order of
+    the steady-state body. A synchronous plan keeps the iteration's order. An
+    asynchronous one orders by the planned window in the body (a call's start + ahead x
+    the interval; the plan's frame): moves of data made in an earlier body first; what
+    prepares a call (its loads, moves, reallocation) as an instant at its start, what
+    follows it (drops, the reallocation home) at its end; at equal start the op that
+    ends first first, so a zero-second rule call or a sync that the plan put before a
+    train call on the same devices precedes it."""
+    if not any(op.ahead for op, _ in ops):
+        return tuple(op for op, _ in ops)
+    at = {op.name: i for i, (op, _) in enumerate(ops) if isinstance(op, Call)}
 
     def window(index: int) -> tuple[float, float]:
-        op, owner = annotated[index], ops[index][1]
+        op, owner = ops[index]
         if isinstance(op, Move) and op.key in producers and ahead[producers[op.key]] > op.ahead:
             return (-math.inf, -math.inf)  # made in an earlier body: moved first
         p = plan.placement(owner)
@@ -226,14 +219,12 @@ def pipelined(ops: list[tuple[Op, str]], dataflow: ir.Dataflow, plan: Plan) -> t
             return (start, end)
         return (end, end) if index > at[owner] else (start, start)
 
-    return tuple(annotated[i] for i in sorted(range(len(annotated)), key=lambda i: (*window(i), i)))
+    return tuple(ops[i][0] for i in sorted(range(len(ops)), key=lambda i: (*window(i), i)))
 
 
-def check_ahead(dataflow: ir.Dataflow, plan: Plan) -> None:
+def check_ahead(dataflow: ir.Dataflow, ahead: dict[str, int], producers: dict[str, str]) -> None:
     """A call runs at most as far ahead as the calls whose data it reads (they must have
     made it in an earlier or the same body); ValueError (a planner bug) otherwise."""
-    ahead = {p.call: p.ahead for p in plan.calls}
-    producers = {k: c.name for c in dataflow.calls for k in c.outputs}
     for c in dataflow.calls:
         for key in c.inputs:
             if key in producers and ahead[producers[key]] < ahead[c.name]:
