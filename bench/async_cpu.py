@@ -9,6 +9,9 @@ last 10 steps (the learning curves). Writes
 bench/results/async_cpu.{json,md}.
 
     flock /tmp/rlhfc-bench.lock python bench/async_cpu.py [--rounds 3] [--steps 150]
+
+`--smollm2` runs instead GRPO on the SmolLM2-135M-shaped checkpoint of
+`bench/trl_compare.py` (vocab 49,152, 30 layers) on 2 processes: a real shape, few steps.
 """
 
 from __future__ import annotations
@@ -50,17 +53,28 @@ def one_run(program: Path, out: Path, steps: int) -> dict:
             "reward_first10": statistics.mean(rewards[:10]), "reward_last10": statistics.mean(rewards[-10:])}
 
 
+def smollm2_source(tmp: Path) -> Path:
+    """GRPO on the SmolLM2-135M-shaped random checkpoint, 2 processes (`trl_compare`'s job)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from trl_compare import rlhfc_program, write_checkpoint
+
+    ckpt = write_checkpoint(Path(tempfile.gettempdir()) / "rlhfc-smollm2-135m-shaped")
+    return rlhfc_program(ckpt, 1, tmp, devices=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--programs", nargs="*", default=["ppo", "grpo"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--smollm2", action="store_true", help="GRPO at SmolLM2-135M's shape instead")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name in args.programs:
-            sources = {k: with_staleness(ROOT / "programs" / f"{name}.rlhf", k, tmp) for k in (0, 1)}
+        for name in ["grpo_smollm2"] if args.smollm2 else args.programs:
+            source = smollm2_source(tmp) if args.smollm2 else ROOT / "programs" / f"{name}.rlhf"
+            sources = {k: with_staleness(source, k, tmp) for k in (0, 1)}
             rounds = []
             for r in range(args.rounds):
                 order = (0, 1) if r % 2 == 0 else (1, 0)
@@ -80,7 +94,8 @@ def main() -> None:
                 "reward": {k: [rounds[-1][k]["reward_first10"], rounds[-1][k]["reward_last10"]] for k in (0, 1)},
             })
     results = ROOT / "bench" / "results"
-    (results / "async_cpu.json").write_text(json.dumps(rows, indent=1) + "\n")
+    stem = "async_cpu_smollm2" if args.smollm2 else "async_cpu"
+    (results / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["| program | sync s/step | K=1 s/step | measured speedup (median; per round) | predicted | "
              "K=1 staleness | reward sync first→last 10 | reward K=1 first→last 10 |", "|---|---:|---:|---|---:|---:|---|---|"]
     for x in rows:
@@ -88,7 +103,7 @@ def main() -> None:
         lines.append(f"| {x['program']} | {x['sync_s_per_step']:.4f} | {x['k1_s_per_step']:.4f} | "
                      f"{x['measured_speedup']:.2f}x ({per}) | {x['predicted_speedup']:.2f}x | {x['k1_mean_staleness']:.2f} | "
                      f"{x['reward'][0][0]:.3f} → {x['reward'][0][1]:.3f} | {x['reward'][1][0]:.3f} → {x['reward'][1][1]:.3f} |")
-    (results / "async_cpu.md").write_text(
+    (results / f"{stem}.md").write_text(
         f"# Asynchronous RL on 2 CPU processes (`bench/async_cpu.py`, {args.rounds} interleaved rounds, "
         f"{args.steps} steps each)\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
