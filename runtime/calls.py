@@ -80,7 +80,24 @@ def _optimizer(module: ShardedDecoder, spec: ModelSpec) -> torch.optim.Optimizer
     name = opt.pop("name")
     if name not in ("adam", "adamw"):
         raise ValueError(f"optimizer {name!r} is not supported (adam, adamw)")
-    return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(module.parameters(), **opt)
+    optimizer = (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(module.parameters(), **opt)
+    set_adam_state(optimizer, 0.0, {})
+    return optimizer
+
+
+def set_adam_state(optimizer: torch.optim.Optimizer, step: float, moments: dict) -> None:
+    """Give every parameter its Adam state: `step` and the moments in `moments` (param ->
+    (exp_avg, exp_avg_sq)), zeros where absent. A new optimizer gets zeros at step 0,
+    which Adam reads as it would its lazily made state: the moments exist before the
+    first backward pass, so the first step's peak is the one the plan priced and a
+    device too small fails at start-up, not after a step's work."""
+    state, index = {}, 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            avg, avg_sq = moments.get(p) or (torch.zeros_like(p.detach()), torch.zeros_like(p.detach()))
+            state[index] = {"step": torch.tensor(step, dtype=torch.float32), "exp_avg": avg, "exp_avg_sq": avg_sq}
+            index += 1
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def model_from_shards(spec: ModelSpec, shards: dict, layout: Layout, rank: int) -> RuntimeModel:

@@ -37,6 +37,7 @@ from safetensors import safe_open
 
 from rlhfc_runtime.algorithms.schedules import AdaptiveKL
 from rlhfc_runtime import export as hf_export, inflight, shard_io
+from rlhfc_runtime.calls import set_adam_state
 from rlhfc_runtime.checkpoint import save_tensors
 from rlhfc_runtime.contract.atomic import write_atomic
 from rlhfc_runtime.contract.program import Program
@@ -295,17 +296,10 @@ def restore(engine, directory: Path) -> str | None:
 def _load_optimizer(m, directory: Path, entries: list[dict], step: float) -> None:
     if step <= 0:
         return
-    opt, module = m.optimizer, m.module
-    names = {id(p): n for n, p in module.named_parameters()}
+    module = m.module
     moments = {kind: shard_io.read_shards(directory, entries, module, kind) for kind in ("exp_avg", "exp_avg_sq")}
-    state, index = {}, 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            n = names[id(p)]
-            state[index] = {"step": torch.tensor(step, dtype=torch.float32),
-                            "exp_avg": moments["exp_avg"][n], "exp_avg_sq": moments["exp_avg_sq"][n]}
-            index += 1
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    set_adam_state(m.optimizer, step, {p: (moments["exp_avg"][n], moments["exp_avg_sq"][n])
+                                       for n, p in module.named_parameters()})
 
 
 def read_weights(directory: Path, model: str) -> dict[str, torch.Tensor]:
