@@ -9,7 +9,7 @@ that checkpoint manifests store and compare on resume.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from rlhfc_runtime.contract.kinds import ModelKind
 from rlhfc_runtime.contract.shapes import ModelShape
@@ -89,6 +89,3 @@ class Program:
     def trainable(self) -> list[str]:
         """The models a checkpoint saves, sorted."""
         return sorted(n for n, m in self.models.items() if m.trainable and m.neural)
-
-    def with_model(self, name: str, **changes) -> Program:
-        return replace(self, models={**self.models, name: replace(self.models[name], **changes)})

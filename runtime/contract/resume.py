@@ -54,7 +54,10 @@ def resolve_paths(program: Program, base: Path) -> Program:
 def fingerprint(program: Program) -> dict:
     """What a checkpoint must agree on with the program that resumes it, as its manifest
     stores it (JSON: a shape's tuples are lists there too)."""
-    program = program.as_json()
+    return _fingerprint(program.as_json())
+
+
+def _fingerprint(program: dict) -> dict:
     return json.loads(json.dumps({
         "models": {n: {k: m.get(k) for k in _MODEL_KEYS} | {"optimizer": (m.get("optimizer") or {}).get("name")}
                    for n, m in sorted(program["models"].items())},
@@ -80,8 +83,8 @@ def read_manifest(directory: Path) -> dict:
 def compare(manifest: dict, program: Program) -> tuple[list[str], list[str]]:
     """(what changed that a resume cannot continue with, what changed that it applies)."""
     refuse, apply = [], []
-    old, new = manifest["fingerprint"], fingerprint(program)
     program = program.as_json()
+    old, new = manifest["fingerprint"], _fingerprint(program)
     for name in sorted(set(old["models"]) | set(new["models"])):
         a, b = old["models"].get(name), new["models"].get(name)
         if a is None or b is None:

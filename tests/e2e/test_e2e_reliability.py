@@ -120,16 +120,20 @@ def _program_of(out: Path):
     return resolve_paths(runpy.run_path(str(out.parent / "ppo2.py"))["PROGRAM"], out.parent)
 
 
+def _with_model(program, name, **changes):
+    return replace(program, models={**program.models, name: replace(program.models[name], **changes)})
+
+
 def test_resume_refuses_a_changed_shape_and_applies_a_changed_lr(tmp_path, ppo_run):
     _, whole = ppo_run
     program = _program_of(whole)
     manifest = ckpt_store.read_manifest(whole / "checkpoint" / "step-000004")
-    wider = program.with_model("critic", shape=replace(program.models["critic"].shape, hidden=128))
+    wider = _with_model(program, "critic", shape=replace(program.models["critic"].shape, hidden=128))
     refuse, _ = ckpt_store.compare(manifest, wider)
     assert refuse == ["model critic: shape.hidden 64 -> 128"]
     with pytest.raises(RunError, match="(?s)cannot resume .*model critic: shape.hidden 64 -> 128"):
         ckpt_store.prepare(whole, wider)
-    slower = replace(program.with_model("actor", optimizer={**program.models["actor"].optimizer, "lr": 1e-4}),
+    slower = replace(_with_model(program, "actor", optimizer={**program.models["actor"].optimizer, "lr": 1e-4}),
                      run=replace(program.run, save_every=program.run.save_every + 5))
     _, notes = ckpt_store.prepare(whole, slower)
     assert notes == ["resuming with changed settings: actor lr 0.002 -> 0.0001; "

@@ -4,13 +4,11 @@ logits, log-probs, loss, value head, gradients and one Adam step, for every
 a few layouts — all in ONE spawned 4-process gloo world."""
 
 import torch
-from torch.testing import assert_close
 
-from hf_reference import hf_reference
+from hf_reference import check_layout, hf_reference
 from rlhfc_runtime import checkpoint as ck
 from rlhfc_runtime.dist import ensure_groups, spawn
 from rlhfc_runtime.contract.layout import Layout
-from rlhfc_runtime.model import lm_loss
 
 # 4 layers so pp=4 still gives every stage a layer; kv heads 2 = the largest tp.
 CONFIG = ck.tiny_config(num_hidden_layers=4, rope_theta=500.0)
@@ -53,47 +51,9 @@ def _check_cases(cases):
     for case, (lm_dir, value_dir, ref, keys) in cases.items():
         for key in keys:
             if rank < key[0] * key[1] * key[2]:
-                _check_layout(_layout(*key), lm_dir, value_dir, ref, f"{case} {key} rank {rank}")
+                check_layout(_layout(*key), lm_dir, value_dir, ref, f"{case} {key} rank {rank}", BATCH, ADAM, n_micro=2)
                 checked.append((case, key))
     return checked
-
-
-def _check_layout(lay, lm_dir, value_dir, ref, where):
-    import torch.distributed as dist
-
-    _, dp_rank, _ = lay.coord(dist.get_rank())
-    rows = slice(dp_rank * BATCH // lay.dp, (dp_rank + 1) * BATCH // lay.dp)
-    ids, mask = ref["ids"][rows], ref["mask"][rows]
-    valid = mask.bool()
-    n_micro = min(2, ids.shape[0])
-
-    model = ck.load_checkpoint(lm_dir, lay)
-    logits = model(ids, mask, n_micro=n_micro)
-    assert_close(logits[valid], ref["logits"][rows][valid], atol=1e-4, rtol=0, msg=lambda m: f"{where}: logits {m}")
-    lp = model.token_logprobs(ids, mask, n_micro=n_micro)
-    assert_close(lp[valid[:, 1:]], ref["logprobs"][rows][valid[:, 1:]], atol=1e-4, rtol=0,
-                 msg=lambda m: f"{where}: logprobs {m}")
-    entropy = model.run_pipeline(ids, mask, lambda h, mb: h.entropy(), n_micro)
-    assert_close(entropy[valid], ref["entropy"][rows][valid], atol=1e-4, rtol=0, msg=lambda m: f"{where}: entropy {m}")
-
-    if value_dir is not None:
-        value = ck.load_checkpoint(value_dir, lay)
-        values = value.values(ids, mask, n_micro=n_micro)
-        assert_close(values[valid], ref["values"][rows][valid], atol=1e-4, rtol=0,
-                     msg=lambda m: f"{where}: values {m}")
-
-    full = ref["ids"][rows]
-    opt = torch.optim.Adam(model.parameters(), **ADAM)
-    loss = model.train_step(full, None, lm_loss, opt, n_micro=n_micro)
-    # each replica's loss is its rows' mean; their average is the full-batch loss
-    replica_loss = torch.tensor([loss])
-    dist.all_reduce(replica_loss, group=model.groups.dp)
-    assert abs(replica_loss.item() / lay.dp - ref["loss"].item()) < 1e-5, where
-    assert abs(model.grad_norm() - ref["grad_norm"]) < 1e-5 * ref["grad_norm"], where
-    for name, p in model.named_parameters():
-        sl = model.slices(name)
-        assert_close(p.grad, ref["grads"][name][sl], atol=1e-5, rtol=1e-4, msg=lambda m: f"{where}: grad {name} {m}")
-        assert_close(p.detach(), ref["weights"][name][sl], atol=1e-5, rtol=0, msg=lambda m: f"{where}: {name} {m}")
 
 
 def test_sharded_llama_matches_transformers_for_every_layout(tmp_path):
