@@ -38,6 +38,7 @@ class Sizes:
     layer: tuple[int, int] = ()  # (rows, positions) of a train and a forward pass
     head_tokens: int = 0  # positions of the tiled LM head (log-prob and entropy)
     layer_decode: tuple[int, int] = ()  # (batch, context) of a decode step
+    head_decode: int = 0  # rows of a decode step's LM head and sampling
 
 
 SIZES = {
@@ -46,7 +47,7 @@ SIZES = {
     "cpu": Sizes(matmul=((256, 512, 512), (512, 512, 1024), (512, 1024, 512), (1024, 1024, 1024)),
                  precisions=("fp32",), copy_bytes=64 << 20, decode=((1, 32), (8, 32), (8, 256), (32, 256)),
                  decode_hidden=256, messages=(4, 64 << 10, 1 << 20, 4 << 20),
-                 layer=(16, 64), head_tokens=256, layer_decode=(32, 48)),
+                 layer=(16, 64), head_tokens=256, layer_decode=(32, 48), head_decode=32),
     "cuda": Sizes(matmul=((1024, 1024, 1024), (4096, 4096, 4096), (8192, 8192, 8192), (4096, 8192, 28672)),
                   precisions=("bf16", "fp32"), copy_bytes=1 << 30,
                   decode=((1, 512), (16, 512), (64, 2048), (128, 4096)), decode_hidden=4096,
@@ -255,6 +256,29 @@ def measure_layer_decode(batch: int, context: int, device, repeats: int = 10) ->
     return Measurement("layer_decode", (batch, context), repeat_time(step, device, repeats))
 
 
+def measure_head_decode(batch: int, device, repeats: int = 10) -> Measurement:
+    """What one decode step does after the last layer, as `generate` does it: the LM head
+    of `REFERENCE` over `batch` rows' newest positions, the full-vocabulary logits in
+    fp32, a sampled token per row (`generate.choose`) and its log-prob."""
+    import torch
+
+    from rlhfc_runtime.generate import SamplingParams, choose
+
+    vocab, hidden = REFERENCE["vocab_size"], REFERENCE["hidden_size"]
+    weight = 0.02 * torch.randn(vocab, hidden, device=device)
+    h = torch.randn(batch, hidden, device=device)
+    uniform = torch.rand(batch, device=device)
+    params = SamplingParams(max_new_tokens=1, greedy=False)
+
+    def step():
+        with torch.no_grad():
+            logits = (h @ weight.T).float()
+            tok = choose(logits, params, uniform)
+            logits.log_softmax(-1).gather(-1, tok[:, None])
+
+    return Measurement("head_decode", (batch,), repeat_time(step, device, repeats))
+
+
 def decode_bytes(batch: int, context: int, hidden: int = SIZES["cpu"].decode_hidden, element: int = 4) -> int:
     """Bytes one `measure_decode` step reads: its weights and the KV cache."""
     return element * (3 * hidden * hidden + hidden * hidden + 8 * hidden * hidden + 2 * batch * context * hidden)
@@ -334,7 +358,8 @@ def plan_cases(devices: int, device) -> list[tuple[str, tuple, str]]:
             + [("decode", (b, c, s.decode_hidden), compute) for b, c in s.decode]
             + ([(what, s.layer, "fp32") for what in ("layer_train", "layer_forward")]
                + [(what, (s.head_tokens,), "fp32") for what in ("head_train", "head_forward")]
-               + [("layer_decode", s.layer_decode, "fp32")] if s.layer else [])
+               + [("layer_decode", s.layer_decode, "fp32"), ("head_decode", (s.head_decode,), "fp32")]
+               if s.layer else [])
             + [("allreduce", (n, *s.messages), "fp32") for n in groups]
             + ([("p2p", s.messages, "fp32")] if devices >= 2 else []))
 
@@ -354,6 +379,8 @@ def run_case(what: str, case: tuple, precision: str, device) -> list[Measurement
         return [measure_head(case[0], what == "head_train", device)]
     if what == "layer_decode":
         return [measure_layer_decode(*case, device)]
+    if what == "head_decode":
+        return [measure_head_decode(case[0], device)]
     if what == "allreduce":
         return measure_allreduce(case[0], case[1:])
     return measure_p2p(case)

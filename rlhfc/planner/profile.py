@@ -81,7 +81,10 @@ def layer_coefficients(ms: list[Measurement], device: dict) -> dict[str, float]:
     - `inference_efficiency`: the forward rate (2·N per token) over the train rate;
     - `decode_layer_overhead`: a layer's decode step beyond the larger of its FLOPs at
       the forward rate and its weights' and KV cache's bytes at the measured bandwidth
-      (the cost model's roofline), so the fixed cost of small-batch kernels is priced."""
+      (the cost model's roofline), so the fixed cost of small-batch kernels is priced;
+    - `decode_step_overhead`: a decode step's LM head and sampling beyond the head's
+      roofline (full-vocabulary softmax, cumulative sum, log-prob), measured at the
+      layer decode's batch."""
     got = {m.what: m for m in ms if m.what.startswith(("layer_", "head_"))}
     if not {"layer_train", "layer_forward", "head_train", "head_forward", "layer_decode"} <= got.keys():
         return {}
@@ -96,9 +99,14 @@ def layer_coefficients(ms: list[Measurement], device: dict) -> dict[str, float]:
     kv = 2 * shape.n_kv_heads * shape.head_dim * batch * (context + 1)
     bandwidth = device["mem_bandwidth"] * DEFAULT_COEFFICIENTS.mem_bandwidth_efficiency
     roofline = max(2 * layer_params * batch / forward_rate, 4 * (layer_params + kv) / bandwidth)
-    return {"compute_efficiency": train_rate / (device["flops"] * device["achievable"]),
-            "inference_efficiency": forward_rate / train_rate,
-            "decode_layer_overhead": max(0.0, got["layer_decode"].seconds - roofline)}
+    out = {"compute_efficiency": train_rate / (device["flops"] * device["achievable"]),
+           "inference_efficiency": forward_rate / train_rate,
+           "decode_layer_overhead": max(0.0, got["layer_decode"].seconds - roofline)}
+    if "head_decode" in got:  # sampling over the vocabulary: what a step does beyond its weights' roofline
+        rows, head = got["head_decode"].case[0], shape.vocab * shape.hidden  # tied: the embedding's weights
+        head_roofline = max(2 * head * rows / forward_rate, 4 * head / bandwidth)
+        out["decode_step_overhead"] = max(0.0, got["head_decode"].seconds - head_roofline)
+    return out
 
 
 def derive(ms: list[Measurement], base: str = "cpu", cores: int | None = None) -> dict:
@@ -126,9 +134,9 @@ def derive(ms: list[Measurement], base: str = "cpu", cores: int | None = None) -
         device["host_bandwidth"] = min(host)
     if cores and base == "cpu":
         device["cores"] = cores  # processes beyond it share cores (`rlhfc.hardware.core_share`)
-    coefficients = asdict(replace(c, collective_latency=latency or c.collective_latency,
-                                  decode_step_overhead=overhead or c.decode_step_overhead,
-                                  **layer_coefficients(ms, device)))
+    coefficients = asdict(replace(c, **{"collective_latency": latency or c.collective_latency,
+                                        "decode_step_overhead": overhead or c.decode_step_overhead,
+                                        **layer_coefficients(ms, device)}))
     return {
         "schema_version": PROFILE_SCHEMA_VERSION, "base": base, "device": device,
         "coefficients_schema_version": COEFFICIENTS_SCHEMA_VERSION, "coefficients": coefficients,
