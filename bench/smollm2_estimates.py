@@ -84,8 +84,8 @@ def matmul_only(out: Path, work: Path) -> tuple[dict, dict[str, float]]:
     old = work / "matmul_only.json"
     old.write_text(json.dumps(derive(kept, cores=doc["device"].get("cores"))))
     prog, _ = compile_program(work / "grpo_smollm2.rlhf", devices=1, hardware=old, output=work / "old.py")
-    layer = {k: doc["coefficients"][k] for k in ("compute_efficiency", "inference_efficiency", "decode_layer_overhead",
-                                                          "decode_step_overhead")}
+    layer = {k: doc["coefficients"][k]
+             for k in ("compute_efficiency", "inference_efficiency", "decode_layer_overhead", "decode_step_overhead")}
     return layer, {p.call: p.end - p.start for p in prog.plan.calls}
 
 
