@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trl_compare import ROOT, rlhfc_program, write_checkpoint  # noqa: E402
 
 SAVE_EVERY = 3
-LAYER_CASES = ("layer_train", "layer_forward", "head_train", "head_forward", "layer_decode", "head_decode")
+LAYER_CASES = ("layer_train", "layer_forward", "head_train", "head_forward", "decode_step")
 
 
 def run(steps: int, out: Path) -> list[dict]:

@@ -37,8 +37,8 @@ class Sizes:
     # matmuls miss what attention, norms, activations and allocation cost):
     layer: tuple[int, int] = ()  # (rows, positions) of a train and a forward pass
     head_tokens: int = 0  # positions of the tiled LM head (log-prob and entropy)
-    layer_decode: tuple[int, int] = ()  # (batch, context) of a decode step
-    head_decode: int = 0  # rows of a decode step's LM head and sampling
+    decode_step: tuple[int, int] = ()  # (batch, context) of the decode loop's steps
+    decode_step_layers: tuple[int, ...] = ()  # the layer counts its steps are timed at
 
 
 SIZES = {
@@ -47,13 +47,15 @@ SIZES = {
     "cpu": Sizes(matmul=((256, 512, 512), (512, 512, 1024), (512, 1024, 512), (1024, 1024, 1024)),
                  precisions=("fp32",), copy_bytes=64 << 20, decode=((1, 32), (8, 32), (8, 256), (32, 256)),
                  decode_hidden=256, messages=(4, 64 << 10, 1 << 20, 4 << 20),
-                 layer=(16, 64), head_tokens=256, layer_decode=(32, 48), head_decode=32),
+                 layer=(16, 64), head_tokens=256, decode_step=(32, 48), decode_step_layers=(2, 8)),
     "cuda": Sizes(matmul=((1024, 1024, 1024), (4096, 4096, 4096), (8192, 8192, 8192), (4096, 8192, 28672)),
                   precisions=("bf16", "fp32"), copy_bytes=1 << 30,
                   decode=((1, 512), (16, 512), (64, 2048), (128, 4096)), decode_hidden=4096,
                   messages=(4, 1 << 20, 16 << 20, 256 << 20)),
 }
 
+
+DECODE_STEPS = 6  # tokens of the longer of `measure_decode_step`'s two runs
 
 # The real model whose layers a CPU profile times: SmolLM2-135M's shape (llama, GQA,
 # SiLU MLP, vocabulary 49,152), a small model of the size CPU runs train.
@@ -235,48 +237,34 @@ def measure_head(tokens: int, train: bool, device, repeats: int = 3) -> Measurem
     return Measurement("head_train" if train else "head_forward", (tokens,), repeat_time(step, device, repeats))
 
 
-def measure_layer_decode(batch: int, context: int, device, repeats: int = 10) -> Measurement:
-    """One decode step of one real decoder layer: `batch` new tokens over a KV cache of
-    `context` positions."""
+def measure_decode_step(batch: int, context: int, layers: int, device, repeats: int = 3) -> Measurement:
+    """One step of the runtime's own decode loop (`generate`) on `REFERENCE` cut to
+    `layers` layers: `batch` rows over a `context`-token prompt, sampled over the whole
+    vocabulary, no EOS. A step is the difference of 1 and `DECODE_STEPS` generated tokens
+    (the prefill cancels): its layers, its LM head and sampling, and the loop's own work
+    (positions, masks, RoPE tables, the cache's bookkeeping), which no single kernel
+    shows. Steps at two layer counts part a layer's share from the step's own: a layer
+    timed alone keeps its weights in cache, a model's layers stream theirs from memory."""
     import torch
 
-    from rlhfc_runtime.layers import KVCache, attention_mask_4d
+    from rlhfc_runtime.contract.layout import Layout
+    from rlhfc_runtime.dist import rank_groups
+    from rlhfc_runtime.generate import SamplingParams, generate
+    from rlhfc_runtime.model import ModelConfig, ShardedDecoder
 
-    layer, rope = _reference_layer(device)
-    shape = layer.shape
-    cache = KVCache([0], batch, context + 1, shape.n_kv_heads, shape.head_dim, device, torch.float32)
-    x = torch.randn(batch, 1, shape.hidden, device=device)
-    cos_sin = rope(torch.full((batch, 1), context, device=device))
-    mask = attention_mask_4d(torch.ones(batch, context + 1, dtype=torch.bool, device=device), context, 1)
+    cfg = ModelConfig.from_hf(dict(REFERENCE, num_hidden_layers=layers))
+    model = ShardedDecoder(cfg, rank_groups(Layout((0,), 1, 1, 1), 0), "lm", device, torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else 0.02 * torch.randn_like(p))
+    ids = torch.randint(3, REFERENCE["vocab_size"], (batch, context), device=device)
+    mask = torch.ones_like(ids)
 
-    def step():
-        with torch.no_grad():
-            layer(x, cos_sin, lambda window: mask, cache, context)
+    def run(tokens: int) -> float:
+        params = SamplingParams(max_new_tokens=tokens, greedy=False, eos_token_id=None)
+        return repeat_time(lambda: generate(model, ids, mask, params), device, repeats)
 
-    return Measurement("layer_decode", (batch, context), repeat_time(step, device, repeats))
-
-
-def measure_head_decode(batch: int, device, repeats: int = 10) -> Measurement:
-    """What one decode step does after the last layer, as `generate` does it: the LM head
-    of `REFERENCE` over `batch` rows' newest positions, the full-vocabulary logits in
-    fp32, a sampled token per row (`generate.choose`) and its log-prob."""
-    import torch
-
-    from rlhfc_runtime.generate import SamplingParams, choose
-
-    vocab, hidden = REFERENCE["vocab_size"], REFERENCE["hidden_size"]
-    weight = 0.02 * torch.randn(vocab, hidden, device=device)
-    h = torch.randn(batch, hidden, device=device)
-    uniform = torch.rand(batch, device=device)
-    params = SamplingParams(max_new_tokens=1, greedy=False)
-
-    def step():
-        with torch.no_grad():
-            logits = (h @ weight.T).float()
-            tok = choose(logits, params, uniform)
-            logits.log_softmax(-1).gather(-1, tok[:, None])
-
-    return Measurement("head_decode", (batch,), repeat_time(step, device, repeats))
+    return Measurement("decode_step", (batch, context, layers), (run(DECODE_STEPS) - run(1)) / (DECODE_STEPS - 1))
 
 
 def decode_bytes(batch: int, context: int, hidden: int = SIZES["cpu"].decode_hidden, element: int = 4) -> int:
@@ -358,8 +346,7 @@ def plan_cases(devices: int, device) -> list[tuple[str, tuple, str]]:
             + [("decode", (b, c, s.decode_hidden), compute) for b, c in s.decode]
             + ([(what, s.layer, "fp32") for what in ("layer_train", "layer_forward")]
                + [(what, (s.head_tokens,), "fp32") for what in ("head_train", "head_forward")]
-               + [("layer_decode", s.layer_decode, "fp32"), ("head_decode", (s.head_decode,), "fp32")]
-               if s.layer else [])
+               + [("decode_step", (*s.decode_step, n), "fp32") for n in s.decode_step_layers] if s.layer else [])
             + [("allreduce", (n, *s.messages), "fp32") for n in groups]
             + ([("p2p", s.messages, "fp32")] if devices >= 2 else []))
 
@@ -377,10 +364,8 @@ def run_case(what: str, case: tuple, precision: str, device) -> list[Measurement
         return [measure_layer(*case, what == "layer_train", device)]
     if what in ("head_train", "head_forward"):
         return [measure_head(case[0], what == "head_train", device)]
-    if what == "layer_decode":
-        return [measure_layer_decode(*case, device)]
-    if what == "head_decode":
-        return [measure_head_decode(case[0], device)]
+    if what == "decode_step":
+        return [measure_decode_step(*case, device)]
     if what == "allreduce":
         return measure_allreduce(case[0], case[1:])
     return measure_p2p(case)

@@ -79,14 +79,15 @@ def layer_coefficients(ms: list[Measurement], device: dict) -> dict[str, float]:
     - `compute_efficiency`: 6·N per token at the whole model's measured train rate (its
       layers' and its LM head's seconds per token), over flops × achievable;
     - `inference_efficiency`: the forward rate (2·N per token) over the train rate;
-    - `decode_layer_overhead`: a layer's decode step beyond the larger of its FLOPs at
-      the forward rate and its weights' and KV cache's bytes at the measured bandwidth
-      (the cost model's roofline), so the fixed cost of small-batch kernels is priced;
-    - `decode_step_overhead`: a decode step's LM head and sampling beyond the head's
-      roofline (full-vocabulary softmax, cumulative sum, log-prob), measured at the
-      layer decode's batch."""
+    - `decode_layer_overhead` and `decode_step_overhead`: from the runtime's decode loop
+      timed at two layer counts (`decode_step`), a layer's share of a step beyond its
+      roofline (the larger of its FLOPs at the forward rate and its weights' and KV
+      cache's bytes at the measured bandwidth), and the step's own beyond its LM head's
+      roofline: sampling over the vocabulary and the loop's work, so the fixed costs of
+      small-batch decoding are priced."""
     got = {m.what: m for m in ms if m.what.startswith(("layer_", "head_"))}
-    if not {"layer_train", "layer_forward", "head_train", "head_forward", "layer_decode"} <= got.keys():
+    steps = sorted((m for m in ms if m.what == "decode_step"), key=lambda m: m.case[2])
+    if not {"layer_train", "layer_forward", "head_train", "head_forward"} <= got.keys() or len(steps) < 2:
         return {}
     shape = shape_from_hf(REFERENCE)
     n, layers = shape.param_count(Head.LM), shape.n_layers
@@ -95,18 +96,19 @@ def layer_coefficients(ms: list[Measurement], device: dict) -> dict[str, float]:
     forward_rate = 2 * n / (layers * per_token["layer_forward"] + per_token["head_forward"])
     inv = inventory(shape, Head.LM)
     layer_params = inv.layer_split + inv.layer_replicated
-    batch, context = got["layer_decode"].case
+    few, many = steps[0], steps[-1]
+    batch, context, _ = many.case
+    per_layer = max(0.0, (many.seconds - few.seconds) / (many.case[2] - few.case[2]))
+    step_own = max(0.0, few.seconds - few.case[2] * per_layer)
     kv = 2 * shape.n_kv_heads * shape.head_dim * batch * (context + 1)
     bandwidth = device["mem_bandwidth"] * DEFAULT_COEFFICIENTS.mem_bandwidth_efficiency
     roofline = max(2 * layer_params * batch / forward_rate, 4 * (layer_params + kv) / bandwidth)
-    out = {"compute_efficiency": train_rate / (device["flops"] * device["achievable"]),
-           "inference_efficiency": forward_rate / train_rate,
-           "decode_layer_overhead": max(0.0, got["layer_decode"].seconds - roofline)}
-    if "head_decode" in got:  # sampling over the vocabulary: what a step does beyond its weights' roofline
-        rows, head = got["head_decode"].case[0], shape.vocab * shape.hidden  # tied: the embedding's weights
-        head_roofline = max(2 * head * rows / forward_rate, 4 * head / bandwidth)
-        out["decode_step_overhead"] = max(0.0, got["head_decode"].seconds - head_roofline)
-    return out
+    head = shape.vocab * shape.hidden  # tied: the embedding's weights
+    head_roofline = max(2 * head * batch / forward_rate, 4 * head / bandwidth)
+    return {"compute_efficiency": train_rate / (device["flops"] * device["achievable"]),
+            "inference_efficiency": forward_rate / train_rate,
+            "decode_layer_overhead": max(0.0, per_layer - roofline),
+            "decode_step_overhead": max(DEFAULT_COEFFICIENTS.decode_step_overhead, step_own - head_roofline)}
 
 
 def derive(ms: list[Measurement], base: str = "cpu", cores: int | None = None) -> dict:

@@ -126,13 +126,12 @@ def test_the_cuda_cases_measure_bf16_and_fp32_host_copies_and_links():
     cpu = profile.plan_cases(1, torch.device("cpu"))
     # one process: no collectives, no host copy; the reference model's layers only on the CPU
     assert {what for what, _, _ in cpu} == {"matmul", "copy", "decode", "layer_train", "layer_forward", "head_train",
-                                            "head_forward", "layer_decode", "head_decode"}
-    assert not {what for what, _, _ in cases} & {"layer_train", "head_train", "layer_decode"}
+                                            "head_forward", "decode_step"}
+    assert not {what for what, _, _ in cases} & {"layer_train", "head_train", "decode_step"}
 
 
 @pytest.mark.parametrize("what, case", [("layer_train", (2, 8)), ("layer_forward", (2, 8)), ("head_train", (4,)),
-                                        ("head_forward", (4,)), ("layer_decode", (2, 8)),
-                                        ("head_decode", (2,))])
+                                        ("head_forward", (4,)), ("decode_step", (2, 8, 1))])
 def test_the_reference_layers_run_as_the_runtime_computes_them(what, case):
     (m,) = profile.run_case(what, case, "fp32", torch.device("cpu"))
     assert (m.what, m.case) == (what, case) and m.seconds > 0
@@ -183,8 +182,7 @@ def test_profile_command_measures_this_cpu(tmp_path):
     base, figures = hardware.load_profile(out)
     doc = json.loads(out.read_text())
     kinds = {(m["what"], m["precision"]) for m in doc["measurements"]}
-    layers = {(what, "fp32") for what in ("layer_train", "layer_forward", "head_train", "head_forward", "layer_decode",
-                                          "head_decode")}
+    layers = {(what, "fp32") for what in ("layer_train", "layer_forward", "head_train", "head_forward", "decode_step")}
     assert base == "cpu" and kinds == {("matmul", "fp32"), ("copy", "fp32"), ("decode", "fp32"), ("allreduce", "fp32"),
                                        ("p2p", "fp32")} | layers
     assert doc["coefficients"]["compute_efficiency"] != 1.0  # priced at the reference layers' rate
