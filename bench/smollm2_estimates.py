@@ -100,7 +100,7 @@ def one_round(steps: int, out: Path) -> dict:
         calls = ratios(rows)
         layer, old = matmul_only(out, out.parent)
     for call, c in calls.items():
-        if "time" in c:
+        if "time" in c and call in old:  # the plan's calls (not the whole iteration)
             c["matmul_only_estimate_s"] = old[call]
             c["matmul_only"] = c["time_s"] / old[call]
     return {"calls": calls, "profile_coefficients": layer, "load_average_1min": load}
@@ -124,7 +124,7 @@ def main() -> None:
 
 
 def markdown(rounds: list[dict], steps: int) -> str:
-    calls = [c for c, v in rounds[0]["calls"].items() if "time" in v]
+    calls = [c for c, v in rounds[0]["calls"].items() if "matmul_only" in v]
     med = lambda call, key: statistics.median(r["calls"][call][key] for r in rounds)  # noqa: E731
     per = lambda call, key: ", ".join(f"{r['calls'][call][key]:.2f}" for r in rounds)  # noqa: E731
     lines = ["| call | measured s | estimated s | measured / estimate, per round (median) "
