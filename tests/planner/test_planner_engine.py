@@ -45,7 +45,7 @@ def _terms(name: str, key: str, value, s: Strategy, model: str = "actor", is_hom
 def test_vllm_adds_sync_and_recompute_terms_and_prices_its_own_decode():
     s = Strategy(Mesh(0, 1, 0, 2), dp=1, tp=2, pp=1)
     own, vllm = _terms("gen", "engine", "vllm", s)
-    assert "engine_sync" not in own and "prefill" not in own
+    assert "engine_sync" not in own and "bubble" in own and "bubble" not in vllm
     assert vllm.pop("engine_sync") > 0 and vllm.pop("engine_recompute") > 0
     gen = next(c for c in GRPO.calls if c.name == "gen")
     decode = decode_terms(replace(gen, settings=(*gen.settings, ("engine", "vllm"))), GRPO.model("actor").shape,

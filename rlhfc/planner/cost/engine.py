@@ -169,11 +169,12 @@ def decode_terms(call: Call, shape: ModelShape, head: Head, s: Strategy, device:
     kv_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * width
     per_layer = 2 * shape.n_layers  # tp all-reduces of a forward (Megatron-LM §3)
     prompt = rows * call.prompt_len
-    terms = {"prefill": 2 * n * prompt / flops, "tp": per_layer * allreduce(prompt * shape.hidden * width),
+    terms = {"compute": 2 * n * prompt / flops, "tp": per_layer * allreduce(prompt * shape.hidden * width),  # prefill
              "decode_memory": 0.0, "decode_compute": 0.0, "decode_overhead": c.engine_step_overhead}
     lo, hi = response_spread(response, call.gen_len)
-    # (steps, mean live rows, mean context of a live row): the whole batch, then the tail,
-    # where row i of the survivors lives (hi − lo)·i/rows steps of it
+    # (steps, mean live rows, mean context of a live row): lo steps of the whole batch, then
+    # hi − lo steps in which it shrinks linearly to nothing (the longer rows hold more KV:
+    # the mean context of the live rows is prompt + lo + (hi − lo)/3)
     for steps, live, context in ((lo, rows, call.prompt_len + lo / 2),
                                  (hi - lo, rows / 2, call.prompt_len + lo + (hi - lo) / 3)):
         compute = 2 * n * live / flops
@@ -181,4 +182,4 @@ def decode_terms(call: Call, shape: ModelShape, head: Head, s: Strategy, device:
         terms["decode_memory" if memory >= compute else "decode_compute"] += steps * max(compute, memory)
         terms["tp"] += steps * per_layer * allreduce(live * shape.hidden * width)
         terms["decode_overhead"] += steps * c.engine_step_overhead
-    return {k: v for k, v in terms.items() if v or k == "prefill"}
+    return {k: v for k, v in terms.items() if v or k == "compute"}
