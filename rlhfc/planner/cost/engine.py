@@ -1,5 +1,5 @@
-"""What a generate call on another engine (vLLM) costs beyond the own loop's decode
-model, priced as the runtime runs it (`rlhfc_runtime.engines.vllm_engine`):
+"""What a generate call on another engine (vLLM) costs, priced as the runtime runs it
+(`rlhfc_runtime.engines.vllm_engine`):
 
 - Sync, a reallocation: before every call each dp replica's first rank gathers the whole
   model (everything but the tp · pp shard it holds crosses the node's links, in buckets
@@ -19,7 +19,6 @@ model, priced as the runtime runs it (`rlhfc_runtime.engines.vllm_engine`):
 - Start-up: once per run, not per step (one engine per replica, started together):
   carried in the call's settings and logged beside the measured one
   (`gen/engine_start_estimate_s`), never added to the iteration's estimate.
-
 - Prefill and decode, vLLM's own (`decode_terms`, in place of the own loop's decode
   model): prefill over the prompts, compute-bound; then continuous batching, priced per
   generated token. All of a replica's rows decode as one running batch that shrinks as
@@ -28,7 +27,8 @@ model, priced as the runtime runs it (`rlhfc_runtime.engines.vllm_engine`):
   expected response (`response_len`, else `gen_len`), hi ≤ `gen_len`: lo steps at the
   whole batch, then hi − lo steps in which it shrinks linearly to nothing, each phase
   priced at its mean batch and mean context. A step is a roofline, max(2·N·rows FLOPs,
-  weights + live KV bytes), plus tp's all-reduces and `engine_step_overhead` (vLLM's
+  weights + live KV bytes; 2·N FLOPs per token, Kaplan et al. 2020; the roofline of Pope
+  et al. 2022), plus tp's all-reduces and `engine_step_overhead` (vLLM's
   scheduler, sampling, launches per step), over the engine's rates
   (`engine_compute_efficiency`, `engine_bandwidth_efficiency` of the device's peaks),
   not the own loop's. tp splits the engine over the layout's tp devices (vLLM's
