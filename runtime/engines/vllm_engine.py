@@ -153,10 +153,10 @@ class VllmRollout(RolloutEngine):
         start = time.time()
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in full.items()}
         if os.environ.get(SKIP_SYNC_ENV) != str(version):
-            self.llm.collective_rpc("rlhfc_load", args=(save(tensors), version))
+            self.stats["engine_load_s"] = self.llm.collective_rpc("rlhfc_load", args=(save(tensors), version))[0]
         held, sums = self.llm.collective_rpc("rlhfc_state")[0]
         mine = checksums(tensors)
-        self.stats["sync_s"] = time.time() - start  # the copy into the engine and its check
+        self.stats["sync_s"] = time.time() - start  # the copy into the engine and its check, engine_load_s included
         stale = sorted(n for n in mine if n not in sums or not _close(sums[n], mine[n]))
         if held != version or stale:
             raise WeightSyncError(

@@ -14,6 +14,8 @@ can tell, before every generate call, that the engine holds exactly its weights.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 TIED_HEAD = "lm_head.weight"
@@ -32,16 +34,21 @@ def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]
 class WeightSync:
     """Methods vLLM adds to its worker: load a version of the weights, report the held one."""
 
-    def rlhfc_load(self, blob: bytes, version: int) -> int:
+    def rlhfc_load(self, blob: bytes, version: int) -> float:
+        """Load `version` of the weights; the seconds vLLM's own `reload_weights` took
+        (the floor of a sync: what loading the same tensors costs the engine anyway)."""
         from safetensors.torch import load  # noqa: PLC0415 - the worker process imports it once
 
         tensors = load(blob)
         self.rlhfc_sums = checksums(tensors)
         if not hasattr(self.model_runner.get_model(), "lm_head"):
             tensors.pop(TIED_HEAD, None)  # Gemma's engine model reads its tied head from the embedding
+        start = time.perf_counter()
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.rlhfc_version = version
-        return version
+        return time.perf_counter() - start
 
     def rlhfc_state(self) -> tuple[int, dict]:
         return getattr(self, "rlhfc_version", 0), getattr(self, "rlhfc_sums", {})

@@ -29,6 +29,13 @@ class Coefficients:
     # Fixed cost per decoder layer of one decoding step of one micro-batch on one stage
     # (its kernel launches and small-batch kernels), seconds.
     decode_layer_overhead: float = 0.0
+    # vLLM's prefill and decode (`rlhfc.planner.cost.engine.decode_terms`): the shares of
+    # the device's peak FLOP/s and memory bandwidth its kernels reach, and its fixed cost
+    # per engine step (scheduler, sampling, launches), seconds. Fitted by `rlhfc calibrate`
+    # from runs with `engine = "vllm"`; the GPU values are `VLLM_GPU`'s.
+    engine_compute_efficiency: float = 1.0
+    engine_bandwidth_efficiency: float = 0.7
+    engine_step_overhead: float = 1e-3
     # Reallocation moves parameters in buckets of `realloc_bucket_bytes` per destination
     # device, each paying `realloc_bucket_latency` seconds (launch, sync, copy-in/out).
     realloc_bucket_bytes: int = 1 << 28
@@ -64,11 +71,26 @@ def estimate_meaning(device: str, given: Coefficients | None) -> str:
     return "analytical defaults; `rlhfc calibrate` fits them to this machine's runs"
 
 
+# vLLM's decode on GPUs, fitted to published figures of others, not to our measurements
+# (no GPU run of the engine exists yet; `bench/results/vllm_gpu_defaults.md` has the
+# arithmetic): Llama-3.1-8B-Instruct in 16-bit at one request at a time, where a decode
+# step reads the weights (16.06 GB) and a little KV once, t = bytes / (bandwidth · e) + o:
+# - H100-80GB-HBM3, vLLM 0.21.0: median TPOT 6.48 ms (InferenceBench concurrency sweep,
+#   https://yobitelcomm.github.io/bench/recipes/concurrency-sweep/, chatbot-short; its
+#   context taken as 256 tokens);
+# - A100-SXM4-40GB, vLLM 0.23.0: about 75 tokens/s, 13.3 ms a step, at 1024 prompt + 128
+#   output tokens (J. Musgrave, "vLLM throughput-latency sweep on NVIDIA A100",
+#   https://johnmusgrave.com/p/vllm-throughput-latency-sweep-on).
+# Two steps, two unknowns: e = 0.819, o = 0.62 ms. vLLM's compute share is not fitted (no
+# published compute-bound figure with its setup found): 1.0, the catalog's `achievable`.
+VLLM_GPU = dict(engine_bandwidth_efficiency=0.8194, engine_step_overhead=6.17e-4, engine_compute_efficiency=1.0)
+
 # Fitted by `bench/fit_real.py` to ReaL's measured seconds per PPO iteration on H100s
 # (Mei et al. 2024; `bench/data/real_measured.json` has the figures and their source):
 # rlhfc's plan against ReaL's searched plan, rlhfc's symmetric plan against ReaL's
 # symmetric heuristic, 12 settings (errors in `bench/results/real_fit.md`). An estimate
-# with them is what a well-built runtime measures, not the physical floor.
+# with them is what a well-built runtime measures, not the physical floor. The vLLM
+# engine's coefficients are `VLLM_GPU`'s.
 H100_COEFFICIENTS = replace(
     DEFAULT_COEFFICIENTS,
     collective_latency=0.0004019338234467851,
@@ -79,6 +101,7 @@ H100_COEFFICIENTS = replace(
     mem_bandwidth_efficiency=0.42841865984230526,
     micro_batch_overhead=0.01029924953766177,
     realloc_bucket_latency=0.04570465667739896,
+    **VLLM_GPU,
 )
 
 # The other GPUs reuse the H100 fit: its efficiencies are fractions of each device's own

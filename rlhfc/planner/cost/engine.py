@@ -1,5 +1,5 @@
-"""What a generate call on another engine (vLLM) costs beyond the own loop's decode
-model, priced as the runtime runs it (`rlhfc_runtime.engines.vllm_engine`):
+"""What a generate call on another engine (vLLM) costs, priced as the runtime runs it
+(`rlhfc_runtime.engines.vllm_engine`):
 
 - Sync, a reallocation: before every call each dp replica's first rank gathers the whole
   model (everything but the tp · pp shard it holds crosses the node's links, in buckets
@@ -19,14 +19,34 @@ model, priced as the runtime runs it (`rlhfc_runtime.engines.vllm_engine`):
 - Start-up: once per run, not per step (one engine per replica, started together):
   carried in the call's settings and logged beside the measured one
   (`gen/engine_start_estimate_s`), never added to the iteration's estimate.
+- Prefill and decode, vLLM's own (`decode_terms`, in place of the own loop's decode
+  model): prefill over the prompts, compute-bound; then continuous batching, priced per
+  generated token. All of a replica's rows decode as one running batch that shrinks as
+  rows finish (no micro-batches one after another, no pipeline stages: vLLM schedules
+  its own steps). The responses' lengths are taken as uniform on [lo, hi], mean the
+  expected response (`response_len`, else `gen_len`), hi ≤ `gen_len`: lo steps at the
+  whole batch, then hi − lo steps in which it shrinks linearly to nothing, each phase
+  priced at its mean batch and mean context. A step is a roofline, max(2·N·rows FLOPs,
+  weights + live KV bytes; 2·N FLOPs per token, Kaplan et al. 2020; the roofline of Pope
+  et al. 2022), plus tp's all-reduces and `engine_step_overhead` (vLLM's
+  scheduler, sampling, launches per step), over the engine's rates
+  (`engine_compute_efficiency`, `engine_bandwidth_efficiency` of the device's peaks),
+  not the own loop's. tp splits the engine over the layout's tp devices (vLLM's
+  tensor parallelism), although the runtime runs tp = 1 engines only today
+  (`rlhfc_runtime.engines.vllm_engine`): a plan with tp > 1 prices an engine the
+  runtime does not yet build.
 
-The decode itself is still priced as the own loop's (`model.call_cost`): vLLM's
-continuous batching on GPUs is not modelled yet.
+Where the engine's coefficients come from (`rlhfc.planner.cost.coefficients`): on CPU
+`rlhfc calibrate` fits them from runs with `engine = "vllm"` (the measured
+`time/<generate call>` against these terms); the GPU defaults are fitted to published
+vLLM decode figures of other people (`bench/results/vllm_gpu_defaults.md`), not to
+measurements of ours: no GPU run of this engine exists yet.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from rlhfc.hardware import Device
 from rlhfc.ir import Call, CallKind, Dataflow, Head, ModelShape, Strategy
@@ -126,3 +146,40 @@ def engine_decisions(df: Dataflow, call: str, s: Strategy, peak: int,
     return (("gpu_memory_utilization", memory_utilization(engine, peak, device)),
             ("kv_cache_bytes", kv_pool_bytes(model.shape, replica_rows(c, s), c.seq_len, precision, page)),
             ("max_model_len", c.seq_len), ("engine_start_s", start_seconds(device)))
+
+
+# ---- prefill and decode ----------------------------------------------------------------
+
+
+def response_spread(mean: float, gen_len: int) -> tuple[float, float]:
+    """(lo, hi): the responses' lengths, uniform on [lo, hi] with mean `mean`, at most `gen_len`."""
+    hi = min(float(gen_len), 2 * mean)
+    return 2 * mean - hi, hi
+
+
+def decode_terms(call: Call, shape: ModelShape, head: Head, s: Strategy, device: Device, c: Coefficients,
+                 width: int, response: float, allreduce: Callable[[float], float]) -> dict[str, float]:
+    """Seconds of vLLM's prefill and decode of `call` under `s` (the module's docstring):
+    `response` the expected tokens per response, `allreduce(nbytes)` one all-reduce over
+    the layout's tp group."""
+    rows = replica_rows(call, s)
+    n = shape.param_count(head)
+    flops = s.tp * device.flops * device.achievable * c.engine_compute_efficiency
+    bandwidth = s.tp * device.mem_bandwidth * c.engine_bandwidth_efficiency
+    kv_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * width
+    per_layer = 2 * shape.n_layers  # tp all-reduces of a forward (Megatron-LM §3)
+    prompt = rows * call.prompt_len
+    terms = {"compute": 2 * n * prompt / flops, "tp": per_layer * allreduce(prompt * shape.hidden * width),  # prefill
+             "decode_memory": 0.0, "decode_compute": 0.0, "decode_overhead": c.engine_step_overhead}
+    lo, hi = response_spread(response, call.gen_len)
+    # (steps, mean live rows, mean context of a live row): lo steps of the whole batch, then
+    # hi − lo steps in which it shrinks linearly to nothing (the longer rows hold more KV:
+    # the mean context of the live rows is prompt + lo + (hi − lo)/3)
+    for steps, live, context in ((lo, rows, call.prompt_len + lo / 2),
+                                 (hi - lo, rows / 2, call.prompt_len + lo + (hi - lo) / 3)):
+        compute = 2 * n * live / flops
+        memory = (width * n + kv_token * live * context) / bandwidth
+        terms["decode_memory" if memory >= compute else "decode_compute"] += steps * max(compute, memory)
+        terms["tp"] += steps * per_layer * allreduce(live * shape.hidden * width)
+        terms["decode_overhead"] += steps * c.engine_step_overhead
+    return {k: v for k, v in terms.items() if v or k == "compute"}

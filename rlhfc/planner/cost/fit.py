@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS, Coefficients
+from rlhfc.planner.cost.engine import engine_of
 from rlhfc.planner.cost.model import call_cost
 from rlhfc.hardware import device_for, read_json
 from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelShape, Span, Strategy
+from rlhfc_runtime.contract.engines import OWN
 
 COEFFICIENTS_SCHEMA_VERSION = 2  # 2: memory figures left the time coefficients
 COST_INPUTS_SCHEMA_VERSION = 1
@@ -30,6 +32,8 @@ COST_INPUTS_FILE = "cost_inputs.json"
 FIT_FIELDS: tuple[str, ...] = (
     "compute_efficiency", "mem_bandwidth_efficiency", "link_efficiency", "collective_latency",
     "micro_batch_overhead", "decode_step_overhead",
+    # vLLM's decode (`cost.engine.decode_terms`): only runs with `engine = "vllm"` move them
+    "engine_compute_efficiency", "engine_bandwidth_efficiency", "engine_step_overhead",
 )
 # Coefficients whose zero means "left out" rather than an impossible value.
 MAY_BE_ZERO: tuple[str, ...] = ("driver_op_overhead", "decode_layer_overhead", "realloc_bucket_latency", "move_latency")
@@ -113,7 +117,7 @@ def cost_inputs_json(prog) -> str:
             continue
         calls.append({
             "call": call.name, "kind": call.kind.value, "batch": call.batch, "prompt_len": call.prompt_len,
-            "gen_len": call.gen_len, "model": model.name, "head": model.head.value,
+            "gen_len": call.gen_len, "engine": engine_of(call), "model": model.name, "head": model.head.value,
             "shape": asdict(model.shape), "strategy": _strategy_dict(p.strategy), "is_home": homes.get(model.name) == call.name,
         })
     doc = {"schema_version": COST_INPUTS_SCHEMA_VERSION, "driver_ops": driver_ops(prog),
@@ -146,8 +150,9 @@ def priced_calls(path: str | Path) -> dict[str, PricedCall]:
         cluster = Cluster(cl["nodes"], cl["devices_per_node"], cl["device"], tuple((k, v) for k, v in cl["overrides"]))
         out = {}
         for d in doc["calls"]:
+            engine = (("engine", d["engine"]),) if d.get("engine", OWN) != OWN else ()  # absent before vLLM's decode
             call = Call(d["call"], d["model"], CallKind(d["kind"]), (), (), "", (), d["batch"], d["prompt_len"],
-                        d["gen_len"], _SPAN)
+                        d["gen_len"], _SPAN, engine)
             model = Model(d["model"], "llama", ModelShape(**d["shape"]), Head(d["head"]), False, None, None, None, _SPAN)
             out[call.name] = PricedCall(call, model, _strategy_from(d["strategy"]), cluster, d["is_home"])
     except (KeyError, TypeError, ValueError) as e:
@@ -175,7 +180,7 @@ def samples_from_run(metrics: str | Path, skip: int = 1) -> list[Sample]:
     for name, p in priced.items():
         times = [r[f"time/{name}"] for r in records if f"time/{name}" in r]
         if expected and p.call.gen_len:  # price what the calls saw: the responses the run generated
-            p = replace(p, call=replace(p.call, settings=(("response_len", expected),)))
+            p = replace(p, call=replace(p.call, settings=(*p.call.settings, ("response_len", expected))))
         if times:
             out.append(Sample(metrics.parent.name, p, statistics.median(times)))
     return out

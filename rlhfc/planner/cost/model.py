@@ -24,8 +24,9 @@ Sources:
   the `pp` stages, so a step takes m·pp stage times, as it runs (ReaL pipelines them at
   max(m, pp); this runtime does not). KV cache: 2·layers·kv_heads·
   head_dim·2 bytes per token.
-- Another engine (vLLM): its weight sync, the trainer's recomputation of the log-probs
-  and the engine's own memory (weights, KV pool) are `rlhfc.planner.cost.engine`'s.
+- Another engine (vLLM): its prefill and continuous-batching decode (in place of the
+  own loop's), its weight sync, the trainer's recomputation of the log-probs and the
+  engine's own memory (weights, KV pool) are `rlhfc.planner.cost.engine`'s.
 - Rule rewards (`Model.kind == ModelKind.RULE`) cost nothing and hold no device: they run in the
   driver process between the calls they connect.
 - Shared cores: on a local `cpu` cluster with more processes per node than physical
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 from rlhfc.hardware import Device, core_share
 from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelKind, ModelShape, Strategy
 from rlhfc.planner.cost.coefficients import Coefficients
-from rlhfc.planner.cost.engine import engine_of, page_tokens, sync_seconds, transient_bytes
+from rlhfc.planner.cost.engine import decode_terms, engine_of, page_tokens, sync_seconds, transient_bytes
 from rlhfc.planner.cost.memory import call_transient, precision_of, resident_bytes
 from rlhfc_runtime.contract.budget import micro_batches
 from rlhfc_runtime.contract.engines import OWN
@@ -172,6 +173,31 @@ def _forward_backward_terms(
     return terms
 
 
+def _own_generate_terms(call: Call, shape: ModelShape, n_params: int, p_dev: int, layers: int, s: Strategy,
+                        device: Device, c: Coefficients, width: int) -> dict[str, float]:
+    """The own loop's prefill and decode of a generate call: prefill over the prompts,
+    then gen_len memory-bound decode steps."""
+    # The runtime decodes its m micro-batches one after another, each through every stage
+    # (`runtime/generate.py`): a step takes m·pp stage times, m·(pp − 1) of them waiting.
+    terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, call.kind, width)
+    # rows leave the batch when they end: on average response / gen_len of them are live
+    live = (seen_len(call) - call.prompt_len) / max(call.gen_len, 1)
+    seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs)) * live
+    kv_per_token = 2 * layers * (shape.n_kv_heads // s.tp) * shape.head_dim * width
+    mean_context = call.prompt_len + (seen_len(call) - call.prompt_len) / 2
+    stage_flops = 2 * p_dev * seqs_mb / flop_rate(device, c, call.kind)
+    stage_bytes = (width * p_dev + kv_per_token * seqs_mb * mean_context) / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
+    tp_comm = layers * 2 * allreduce_seconds(seqs_mb * shape.hidden * width, s.tp, device.intra_bandwidth, c)
+    fixed = c.decode_step_overhead + c.decode_layer_overhead * layers  # kernel launches, sampling
+    stage = max(stage_flops, stage_bytes) + tp_comm + fixed
+    steps = call.gen_len * s.n_mbs
+    terms["decode_memory" if stage_bytes >= stage_flops else "decode_compute"] = steps * max(stage_flops, stage_bytes)
+    terms["tp"] += steps * tp_comm
+    terms["decode_overhead"] = steps * fixed
+    terms["bubble"] += call.gen_len * s.n_mbs * (s.pp - 1) * stage
+    return terms
+
+
 def call_cost(
     call: Call, model: Model, s: Strategy, cluster: Cluster, device: Device, c: Coefficients,
     is_home: bool,
@@ -209,25 +235,11 @@ def call_cost(
                                         m=seen_micro_batches(call, s))
         return _split(terms, resident, transient, is_home, share)
 
-    # GENERATE: prefill over the prompts, then gen_len memory-bound decode steps. The
-    # runtime decodes its m micro-batches one after another, each through every stage
-    # (`runtime/generate.py`): a step takes m·pp stage times, m·(pp − 1) of them waiting.
-    terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, call.kind, width)
-    # rows leave the batch when they end: on average response / gen_len of them are live
-    live = (seen_len(call) - call.prompt_len) / max(call.gen_len, 1)
-    seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs)) * live
-    kv_per_token = 2 * layers * (shape.n_kv_heads // s.tp) * shape.head_dim * width
-    mean_context = call.prompt_len + (seen_len(call) - call.prompt_len) / 2
-    stage_flops = 2 * p_dev * seqs_mb / flop_rate(device, c, call.kind)
-    stage_bytes = (width * p_dev + kv_per_token * seqs_mb * mean_context) / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
-    tp_comm = layers * 2 * allreduce_seconds(seqs_mb * shape.hidden * width, s.tp, device.intra_bandwidth, c)
-    fixed = c.decode_step_overhead + c.decode_layer_overhead * layers  # kernel launches, sampling
-    stage = max(stage_flops, stage_bytes) + tp_comm + fixed
-    steps = call.gen_len * s.n_mbs
-    terms["decode_memory" if stage_bytes >= stage_flops else "decode_compute"] = steps * max(stage_flops, stage_bytes)
-    terms["tp"] += steps * tp_comm
-    terms["decode_overhead"] = steps * fixed
-    terms["bubble"] += call.gen_len * s.n_mbs * (s.pp - 1) * stage
+    if engine_of(call) == OWN:
+        terms = _own_generate_terms(call, shape, n_params, p_dev, layers, s, device, c, width)
+    else:  # vLLM's prefill and continuous-batching decode (`cost.engine.decode_terms`)
+        terms = decode_terms(call, shape, model.head, s, device, c, width, seen_len(call) - call.prompt_len,
+                             lambda nbytes: allreduce_seconds(nbytes, s.tp, device.intra_bandwidth, c))
     if engine_of(call) != OWN:  # vLLM: its sync, the trainer's recompute and its memory (`cost.engine`)
         terms["engine_sync"] = sync_seconds(shape, model.head, s, device, c, width,
                                             stage_params(shape, model.head, s.tp, s.pp, 0))
