@@ -25,8 +25,7 @@ from rlhfc_runtime.contract.family import config_json, shape_from_hf
 from rlhfc_runtime.data.loaders import JsonlLoader
 from rlhfc_runtime.data.tokenizer import load_tokenizer
 from rlhfc_runtime.dist import all_gather_rows, device_for_rank, rank_groups
-from rlhfc_runtime.contract.engines import OWN
-from rlhfc_runtime.contract.interfaces import recomputes_old_logp
+from rlhfc_runtime.contract.interfaces import ENGINE_LOGP_OF, recomputes_old_logp, trainer_recomputes_rollout
 from rlhfc_runtime.engines import engine as rollout_engine
 from rlhfc_runtime.generate import SamplingParams
 from rlhfc_runtime.contract.layout import Layout
@@ -219,21 +218,37 @@ def generate_batch(module: ShardedDecoder, prompts: dict, settings: dict, groups
     }
 
 
-def trainer_logprobs(model: RuntimeModel, produced: dict, settings: dict) -> tuple[dict, dict]:
-    """An engine other than the own loop: the rollout's `logp` recomputed by the
-    trainer's forward pass over the sampled sequences (the ratio's old log-probs, as
-    verl does), and `logprob_diff`, the mean |engine - trainer| log-prob over the sampled
-    tokens: the first number to read when RL goes wrong (a sync that did not land, a
-    numerics mismatch)."""
+def trainer_logprobs(model: RuntimeModel, produced: dict, settings: dict) -> tuple[dict, float]:
+    """An engine other than the own loop with `rollout_logp = "trainer"`: the rollout's
+    `logp` recomputed by the trainer's forward pass over the sampled sequences (the
+    ratio's old log-probs, as verl does), and how far the engine's were from them
+    (`logprob_diff`)."""
     seq = produced["seq"]
     with model.module.compute(str(settings["precision"])):
         mine = model.module.run_pipeline(seq["input_ids"], seq["attention_mask"],
                                          lambda h, mb: head_outputs(model.module, h, mb)["logp"].float(),
                                          int(settings["n_mbs"]))
     tokens = seq["response_mask"].to(mine.dtype)
-    diff = float(((produced["logp"].float() - mine).abs() * tokens).sum() / tokens.sum().clamp(min=1))
-    stats = {**rollout_engine(str(settings["engine"])).stats, "logprob_diff": diff}
-    return {**produced, "logp": mine * tokens}, stats
+    return {**produced, "logp": mine * tokens}, logprob_diff(produced["logp"], mine, seq["response_mask"])
+
+
+LOGPROB_DIFF = "logprob_diff"
+
+
+def metric_key(call: str, stat: str, settings: dict) -> str:
+    """The key a call's stat is logged under: `CALL/stat`, but a train call's
+    `logprob_diff` (its pre-update forward against the engine log-probs it corrects
+    for) under the generate call that sampled them, where the engine's numbers are:
+    `gen/logprob_diff` whichever log-probs the rollout keeps (`rollout_logp`)."""
+    owner = settings[ENGINE_LOGP_OF] if stat == LOGPROB_DIFF and ENGINE_LOGP_OF in settings else call
+    return f"{owner}/{stat}"
+
+
+def logprob_diff(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, response_mask: torch.Tensor) -> float:
+    """The mean |engine - trainer| log-prob over the sampled tokens: the first number to
+    read when RL goes wrong (a sync that did not land, a numerics mismatch)."""
+    tokens = response_mask.reshape(trainer_logp.shape).to(trainer_logp.dtype)
+    return float(((engine_logp.float() - trainer_logp).abs() * tokens).sum() / tokens.sum().clamp(min=1))
 
 
 def build_loader(name: str, spec: DatasetSpec, seed: int) -> JsonlLoader:
@@ -301,9 +316,9 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: ModelSpec,
     model.module.pack = settings["packing"] == "packed"
     if kind == "generate":
         produced = generate_batch(model.module, args[0], settings, groups, greedy=REGISTRY[using].greedy)
-        stats = {}
-        if settings["engine"] != OWN:
-            produced, stats = trainer_logprobs(model, produced, settings)
+        stats = dict(rollout_engine(str(settings["engine"])).stats)
+        if trainer_recomputes_rollout(settings):  # else the engine's log-probs stay (`rollout_logp`)
+            produced, stats[LOGPROB_DIFF] = trainer_logprobs(model, produced, settings)
         if generated is not None and groups.rank == groups.mp_ranks[0]:  # the replica's ranks hold the same rows
             generated += [{"key": outputs[0], **row} for row in shown_logprobs(
                 produced["seq"], produced["logp"], first_generated_row(settings, groups), int(settings["rows"]))]
@@ -323,10 +338,13 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: ModelSpec,
                                             token_budget=int(settings["token_budget"]))
         values = iface.compute({key: out}, flat)
         return {k: {k: v} for k, v in zip(outputs, values)}, {}
+    checked = {}
     if recomputes_old_logp(settings):  # off_policy: the policy before this call's updates, one forward
         old, _ = run_call("inference", "logprobs", model, spec, {"seq": flat}, (OLD_LOGP,), settings, groups)
         flat[OLD_LOGP] = old[OLD_LOGP][OLD_LOGP]
-    return {}, _train(iface, model, flat, settings, groups, n_mbs)
+        if ENGINE_LOGP_OF in settings:  # the rollout's logp is an engine's (`rollout_logp = "engine"`)
+            checked = {LOGPROB_DIFF: logprob_diff(flat["logp"], flat[OLD_LOGP], flat["response_mask"])}
+    return {}, {**_train(iface, model, flat, settings, groups, n_mbs), **checked}
 
 
 def _train(iface, model: RuntimeModel, flat: dict, settings: dict, groups, n_mbs: int) -> dict:

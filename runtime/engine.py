@@ -208,7 +208,7 @@ class Engine:
                                    f"program says {expected} (of {settings['rows']}): a compiler bug")
             logged = self.stats.setdefault(self.it, {})
             logged[f"rows/{name}"] = float(local * lay.dp)  # averaged over ranks: the global count
-            logged.update({f"{name}/{k}": float(v) for k, v in stats.items()})
+            logged.update({calls.metric_key(name, k, settings): float(v) for k, v in stats.items()})
             reward = self.program.reward_key
             if reward in outputs:  # the reward curve, whatever the algorithm
                 logged["reward"] = float(produced[reward][reward].float().mean())

@@ -52,6 +52,21 @@ def _s(name, type_, default, doc, low=None, high=None, choices=(), fallback=None
     return Setting(name, type_, default, doc, low, high, tuple(choices), fallback)
 
 
+# Where a generate call's `logp` comes from on an engine other than the own loop
+# (`rollout_logp`), and the setting the checker adds to a train call whose `logp` is
+# such an engine's: the name of the generate call that made it, under which the train
+# call logs `logprob_diff` (the engine's against its own pre-update log-probs).
+TRAINER_LOGP, ENGINE_LOGP = "trainer", "engine"
+ENGINE_LOGP_OF = "engine_logp_of"
+
+
+def trainer_recomputes_rollout(settings) -> bool:
+    """Whether a generate call with these resolved settings replaces its engine's
+    log-probs with the trainer's forward over the sampled sequences (the planner prices
+    it as `engine_recompute`, the runtime runs it)."""
+    return settings.get("engine", OWN) != OWN and settings.get("rollout_logp", TRAINER_LOGP) == TRAINER_LOGP
+
+
 # Settings of every sampling / greedy generate call (`max_new_tokens` has no default:
 # the checker requires it).
 GENERATE_SETTINGS: tuple[Setting, ...] = (
@@ -61,6 +76,10 @@ GENERATE_SETTINGS: tuple[Setting, ...] = (
     _s("top_k", int, 0, "keep the k most likely tokens (0: all)", 0),
     _s("engine", str, OWN, "the decoding engine: rlhfc's own loop, or vLLM fed the actor's weights before every "
        "call (`contract.engines`)", choices=tuple(ENGINES)),
+    _s("rollout_logp", str, TRAINER_LOGP, "another engine's rollout `logp`: the trainer's recomputation (one "
+       "forward in the generate call; verl's default) or the engine's raw log-probs as sampled (no forward: the "
+       "behaviour policy of a train call with off_policy = \"tis\" or \"decoupled\")",
+       choices=(TRAINER_LOGP, ENGINE_LOGP)),
 )
 # Compute precisions and the bytes of one value in each: the width of a frozen copy's
 # weights, its KV cache and its reallocation traffic (the cost model prices the same).

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from rlhfc_runtime.algorithms.losses import behaviour_weights
 from rlhfc_runtime.algorithms.registry import OLD_LOGP, REGISTRY
-from rlhfc_runtime.contract.interfaces import INTERFACES
+from rlhfc_runtime.contract.interfaces import ENGINE_LOGP_OF, INTERFACES
 
 EPS, C, CAP = 0.2, 2.0, 5.0
 # Per token: behaviour log-prob (the sampler's), old (the trainer's before the update),
@@ -172,6 +172,15 @@ def _train_calls():
             _, metrics = calls.run_call("train", "grpo_actor", calls.build_model(spec, layout), spec, batch, (),
                                         {**settings, "off_policy": correction}, groups)
             out[name, correction] = metrics
+    # the stale log-probs as an engine's (`rollout_logp = "engine"`): the train call's
+    # forward checks them against its own, written here as the mean over response tokens
+    batch = {"seq": seq, "logp": {"logp": stale}, "ref_logp": {"ref_logp": stale}, "score": {"score": score}}
+    engine_settings = {**settings, "off_policy": "tis", ENGINE_LOGP_OF: "gen"}
+    _, out["engine"] = calls.run_call("train", "grpo_actor", calls.build_model(spec, layout), spec, batch, (),
+                                      engine_settings, groups)
+    response = seq["response_mask"].bool()
+    out["diff"] = float((stale - own["logp"]["logp"])[response].abs().mean())
+    out["keys"] = [calls.metric_key("a_tr", k, engine_settings) for k in ("logprob_diff", "loss")]
     return out
 
 
@@ -190,3 +199,9 @@ def test_decoupled_and_tis_through_the_train_call():
         assert stale["is_weight"] != pytest.approx(1.0, abs=1e-3)
         assert stale["loss"] != pytest.approx(out["stale", "none"]["loss"], rel=1e-4)
     assert out["stale", "tis"]["is_capped_frac"] > 0 and out["stale", "decoupled"]["is_capped_frac"] == 0
+    # the engine's log-probs: the same TIS loss, and their distance to the trainer's logged
+    engine = out.pop("engine")
+    assert engine.pop("logprob_diff") == pytest.approx(out["diff"], rel=1e-6) and out["diff"] > 0.1
+    assert engine == out["stale", "tis"]
+    assert out["keys"] == ["gen/logprob_diff", "a_tr/loss"]  # logged under the generate call
+    assert "logprob_diff" not in out["stale", "tis"]

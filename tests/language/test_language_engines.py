@@ -76,3 +76,43 @@ def test_vllm_runs_the_families_whose_sync_is_tested(family, tied, refusal, monk
     shape = ModelShape(2, 64, 2, 2, 128, 64, tied_embeddings=tied, family=family, head_dim=32)
     problem = engines.engine_problem("vllm", shape, "cpu")
     assert problem is None if refusal is None else refusal in problem
+
+
+def _calls(path: Path) -> dict:
+    flow, diagnostics = check_program(path)
+    assert flow is not None, diagnostics
+    return {c.name: dict(c.settings) for c in flow.calls}
+
+
+def test_engine_logprobs_resolve_and_the_train_call_learns_whose_they_are(tmp_path, monkeypatch):
+    """`rollout_logp` is "trainer" unless set; with "engine" and a correction the train
+    call carries the generate call's name, under which it logs `logprob_diff`."""
+    monkeypatch.setattr(engines, "installed", lambda package: True)
+    plain = _calls(program(tmp_path, HD32, 'engine = "vllm"  off_policy = "tis"'))
+    assert plain["gen"]["rollout_logp"] == "trainer" and "engine_logp_of" not in plain["a_tr"]
+    kept = _calls(program(tmp_path, HD32, 'engine = "vllm"  off_policy = "tis"', gen_option='rollout_logp = "engine"'))
+    assert kept["gen"]["rollout_logp"] == "engine" and kept["a_tr"]["engine_logp_of"] == "gen"
+    assert all("engine_logp_of" not in s for name, s in kept.items() if name != "a_tr")
+
+
+@pytest.mark.parametrize("run_extra, gen_option, needle, hint", [
+    ('off_policy = "tis"', 'rollout_logp = "engine"', "decodes on the own loop", 'engine = "vllm"'),
+    ('engine = "vllm"', 'rollout_logp = "engine"', 'train call `a_tr` would take them', 'off_policy = "tis" on `a_tr`'),
+    ('engine = "vllm"  rollout_logp = "engine"', "", 'off_policy = "none"', 'off_policy = "tis"'),
+    ('engine = "vllm"  rollout_logp = "both"', "", "`rollout_logp` must be one of", "trainer's recomputation"),
+])
+def test_engine_logprobs_without_an_engine_or_a_correction_are_e022_at_the_setting(tmp_path, monkeypatch, run_extra,
+                                                                                     gen_option, needle, hint):
+    monkeypatch.setattr(engines, "installed", lambda package: True)
+    path = program(tmp_path, HD32, run_extra, gen_option)
+    [err] = errors(path)
+    assert err.code == "E022" and needle in err.message and hint in err.hint, err
+    source = Path(err.span.file).read_text().splitlines()[err.span.line - 1]
+    assert source[err.span.col - 1:].startswith(('"engine"', '"both"')), (source, err.span)
+    assert err.span.file.endswith("grpo.rlhf" if gen_option else "p.rlhf")
+
+
+def test_engine_logprobs_with_decoupled_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(engines, "installed", lambda package: True)
+    path = program(tmp_path, HD32, 'engine = "vllm"  off_policy = "decoupled"', 'rollout_logp = "engine"')
+    assert errors(path) == [] and _calls(path)["a_tr"]["engine_logp_of"] == "gen"

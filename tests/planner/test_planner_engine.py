@@ -118,6 +118,26 @@ def test_gpu_engine_defaults_reproduce_the_published_decode_steps(device, rows, 
     assert step == pytest.approx(published, rel=0.02)
 
 
+def test_engine_logprobs_drop_exactly_the_recompute():
+    """`rollout_logp = "engine"`: the generate call keeps vLLM's log-probs, runs no
+    forward of its own, and costs exactly `engine_recompute` less (the train call's
+    `old_logp` prices the forward that replaces it), and none of the forward's memory."""
+    s = Strategy(Mesh(0, 1, 0, 2), dp=1, tp=2, pp=1)
+    call = next(c for c in GRPO.calls if c.name == "gen")
+    owner, device = next(m for m in GRPO.models if m.name == "actor"), CATALOG[GRPO.cluster.device]
+    costs = {}
+    for mode in ("trainer", "engine"):
+        values = {"engine": "vllm", "rollout_logp": mode}
+        changed = replace(call, settings=tuple((k, values.get(k, v)) for k, v in call.settings))
+        costs[mode] = call_cost(changed, owner, s, GRPO.cluster, device, Coefficients(), False)
+    trainer, engine = dict(costs["trainer"].terms), dict(costs["engine"].terms)
+    recompute = trainer.pop("engine_recompute")
+    assert recompute > 0 and trainer == engine
+    assert costs["trainer"].seconds - costs["engine"].seconds == pytest.approx(recompute, rel=1e-9)
+    # nor its memory: the sync's buffers are then the larger of the two
+    assert costs["engine"].transient_bytes <= costs["trainer"].transient_bytes
+
+
 def test_off_policy_correction_prices_one_forward():
     """A train call with `off_policy` runs one no-grad forward over its batch first (the
     pre-update log-probs): what the same-shaped reference's inference over it costs."""

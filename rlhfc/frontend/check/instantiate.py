@@ -18,7 +18,15 @@ from rlhfc.frontend.check.common import (
     suggest,
 )
 from rlhfc.frontend.check.rewards import check_reward_inputs
-from rlhfc.frontend.check.settings import check_engines, check_ratio_cap, check_run_keys, generation_group, resolve
+from rlhfc.frontend.check.settings import (
+    check_engines,
+    check_ratio_cap,
+    check_rollout_logp,
+    check_run_keys,
+    generation_group,
+    resolve,
+    with_engine_logp,
+)
 from rlhfc.frontend.check.staleness import check_staleness
 
 
@@ -106,10 +114,11 @@ def instantiate(unit: Unit, run: ast.RunStmt, models: dict[str, ir.Model], datas
     if not ok or rep.has_errors:
         return tuple(calls), (), names
     _one_train_per_model(calls, rep)
-    calls = _sized(tuple(calls), datasets, binding, config, device)
+    calls = with_engine_logp(_sized(tuple(calls), datasets, binding, config, device))
     check_run_keys(run, calls, rep)
     check_engines(run, decl.calls, calls, models, device, rep)
     check_ratio_cap(run, decl.calls, calls, rep)
+    check_rollout_logp(run, decl.calls, calls, rep)
     check_staleness(run, config, calls, rep)
     too_long = set()  # one error per model: its first call that does not fit
     for call in calls:

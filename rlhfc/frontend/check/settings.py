@@ -5,8 +5,19 @@ The op carries the result; the runtime re-derives nothing.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rlhfc_runtime.contract.engines import ENGINES, OWN, engine_problem
-from rlhfc_runtime.contract.interfaces import INTERFACES, Setting, default_precision, recomputes_old_logp
+from rlhfc_runtime.contract.interfaces import (
+    ENGINE_LOGP,
+    ENGINE_LOGP_OF,
+    INTERFACES,
+    NO_CORRECTION,
+    TIS,
+    Setting,
+    default_precision,
+    recomputes_old_logp,
+)
 
 from rlhfc import ir
 from rlhfc.frontend import ast
@@ -130,3 +141,53 @@ def check_engines(run: ast.RunStmt, decl_calls, calls: tuple[ir.Call, ...], mode
         if problem is not None:
             rep.error("E033", f"generate call `{call.name}` cannot use engine {engine!r}: {problem}",
                       (opt.value.span if opt is not None else call.span), f'or set engine = "{OWN}" (the default)')
+
+
+def engine_logp_readers(calls: tuple[ir.Call, ...]) -> dict[str, str]:
+    """Train call -> the generate call whose engine's log-probs (`rollout_logp = "engine"`)
+    are its `logp` input: the behaviour policy its `off_policy` correction weighs."""
+    made = {}
+    for call in calls:
+        settings = dict(call.settings)
+        if call.kind is ir.CallKind.GENERATE and settings.get("rollout_logp") == ENGINE_LOGP:
+            made |= {key: call.name for key, out in zip(call.outputs, INTERFACES[call.interface].outputs)
+                     if out == "logp"}
+    return {call.name: made[key] for call in calls if call.kind is ir.CallKind.TRAIN and call.interface in INTERFACES
+            for key, arg in zip(call.inputs, INTERFACES[call.interface].inputs) if arg == "logp" and key in made}
+
+
+def with_engine_logp(calls: tuple[ir.Call, ...]) -> tuple[ir.Call, ...]:
+    """Each train call that corrects for an engine's log-probs carries the generate call's
+    name (`ENGINE_LOGP_OF`): it logs `logprob_diff` under that name, its own pre-update
+    forward against the engine's log-probs of the same tokens."""
+    readers = engine_logp_readers(calls)
+    return tuple(replace(c, settings=(*c.settings, (ENGINE_LOGP_OF, readers[c.name])))
+                 if c.name in readers and recomputes_old_logp(dict(c.settings)) else c for c in calls)
+
+
+def check_rollout_logp(run: ast.RunStmt, decl_calls, calls: tuple[ir.Call, ...], rep: Reporter) -> None:
+    """E022 at `rollout_logp = "engine"` where it cannot stand: on the own loop (its
+    log-probs are the trainer's already), or read by a train call with off_policy =
+    "none" (the engine's numerics would be the ratio's denominator, uncorrected)."""
+    by_name, by_call, reported = {c.name.text: c for c in decl_calls}, {c.name: c for c in calls}, set()
+
+    def report(gen: str, message: str, hint: str) -> None:
+        opt = setting_option(run, by_name[gen], "rollout_logp")
+        span = opt.value.span if opt is not None else by_call[gen].span
+        if span not in reported:
+            reported.add(span)
+            rep.error("E022", message, span, hint)
+
+    for call in calls:
+        settings = dict(call.settings)
+        if settings.get("rollout_logp") == ENGINE_LOGP and settings.get("engine", OWN) == OWN:
+            report(call.name, f'`rollout_logp = "{ENGINE_LOGP}"` of generate call `{call.name}` needs another engine: '
+                              f"it decodes on the own loop, whose log-probs are the trainer's",
+                   f'set engine = "vllm", or leave rollout_logp at its default, "trainer"')
+    for train, gen in engine_logp_readers(calls).items():
+        if dict(by_call[train].settings).get("off_policy") == NO_CORRECTION:
+            report(gen, f'generate call `{gen}` keeps its engine\'s log-probs (`rollout_logp = "{ENGINE_LOGP}"`), and '
+                        f'train call `{train}` would take them as its ratio\'s old log-probs (off_policy = '
+                        f'"{NO_CORRECTION}"): the engine\'s numerics would enter the ratio uncorrected',
+                   f'set off_policy = "{TIS}" on `{train}` (its own forward gives the ratio\'s old log-probs and '
+                   f"each token is weighted by min(pi_old / pi_engine, tis_cap)), or rollout_logp = \"trainer\"")

@@ -53,7 +53,7 @@ from rlhfc.ir import Call, CallKind, Dataflow, Head, ModelShape, Strategy
 from rlhfc.planner.cost.coefficients import Coefficients
 from rlhfc.planner.cost.memory import inference_transient, precision_of, response_tokens
 from rlhfc_runtime.contract.engines import OWN
-from rlhfc_runtime.contract.interfaces import PRECISION_BYTES, default_precision
+from rlhfc_runtime.contract.interfaces import PRECISION_BYTES, default_precision, trainer_recomputes_rollout
 
 # vLLM's default KV block size: 16 tokens on GPUs, 128 in its CPU attention backend
 KV_PAGE_TOKENS = {"cpu": 128}
@@ -103,12 +103,14 @@ def engine_bytes(call: Call, shape: ModelShape, head: Head, s: Strategy, precisi
 def transient_bytes(call: Call, shape: ModelShape, head: Head, s: Strategy, precision: str, page: int) -> int:
     """The call's bytes on the replica's first device besides the generate layout's copy
     of the weights: the engine, plus the larger of the sync (a gathered full copy where
-    the layout splits the model, and the buffer that carries it) and the recompute."""
+    the layout splits the model, and the buffer that carries it) and the recompute (none
+    where the rollout keeps the engine's log-probs)."""
     weights = PRECISION_BYTES[precision] * shape.param_count(head)
     sync = weights * (2 if s.tp * s.pp > 1 else 1)
     tokens_mb = call.token_budget(s)
     recompute = inference_transient(shape, head, s, tokens_mb, replica_rows(call, s) * call.seq_len, 0, precision,
-                                    response_tokens(call, tokens_mb))
+                                    response_tokens(call, tokens_mb)) \
+        if trainer_recomputes_rollout(dict(call.settings)) else 0
     return engine_bytes(call, shape, head, s, precision, page) + math.ceil(max(sync, recompute))
 
 

@@ -53,7 +53,8 @@ from rlhfc.planner.cost.engine import decode_terms, engine_of, page_tokens, sync
 from rlhfc.planner.cost.memory import call_transient, precision_of, resident_bytes
 from rlhfc_runtime.contract.budget import micro_batches
 from rlhfc_runtime.contract.engines import OWN
-from rlhfc_runtime.contract.interfaces import PRECISION_BYTES, default_precision, recomputes_old_logp
+from rlhfc_runtime.contract.interfaces import (PRECISION_BYTES, default_precision, recomputes_old_logp,
+                                              trainer_recomputes_rollout)
 from rlhfc_runtime.contract.layout import stage_layers
 from rlhfc_runtime.contract.shapes import inventory
 
@@ -243,8 +244,9 @@ def call_cost(
     if engine_of(call) != OWN:  # vLLM: its sync, the trainer's recompute and its memory (`cost.engine`)
         terms["engine_sync"] = sync_seconds(shape, model.head, s, device, c, width,
                                             stage_params(shape, model.head, s.tp, s.pp, 0))
-        terms["engine_recompute"] = sum(_forward_backward_terms(shape, n_params, call.batch * call.seq_len, s, device,
-                                                                c, CallKind.INFERENCE, width).values())
+        if trainer_recomputes_rollout(dict(call.settings)):  # else the train call's `old_logp` prices it
+            terms["engine_recompute"] = sum(_forward_backward_terms(shape, n_params, call.batch * call.seq_len, s,
+                                                                    device, c, CallKind.INFERENCE, width).values())
         transient = transient_bytes(call, shape, model.head, s, precision, page_tokens(device))
     return _split(terms, resident, transient, is_home, share)
 

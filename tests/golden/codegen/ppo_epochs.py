@@ -116,7 +116,7 @@ GROUPS = ((0, 1),)
 # ranks of the layouts it names, so all ranks meet their collectives in the same order.
 OPS = (
     Load(key='prompts', dataset='prompts'),
-    Call(name='gen', model='actor', kind='generate', interface='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('group_size', 1), ('temperature', 1.0), ('top_p', 1.0), ('top_k', 0), ('engine', 'rlhfc'), ('max_new_tokens', 12), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
+    Call(name='gen', model='actor', kind='generate', interface='generate', layout='L0', inputs=('prompts',), outputs=('seq', 'logp'), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('group_size', 1), ('temperature', 1.0), ('top_p', 1.0), ('top_k', 0), ('engine', 'rlhfc'), ('rollout_logp', 'trainer'), ('max_new_tokens', 12), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
     Call(name='score', model='reward', kind='inference', interface='rule', layout='L0', inputs=('seq',), outputs=('score',), settings=(('rows', 64), ('max_new_tokens', 12))),
     Call(name='refl', model='ref', kind='inference', interface='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
     Call(name='vals', model='critic', kind='inference', interface='values', layout='L0', inputs=('seq',), outputs=('values',), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),

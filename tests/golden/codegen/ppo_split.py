@@ -112,7 +112,7 @@ GROUPS = ((0, 1), (0,), (1,))
 OPS = (
     Load(key='prompts', dataset='prompts'),
     Realloc(model='actor', src='L0', dst='L2'),
-    Call(name='gen', model='actor', kind='generate', interface='generate', layout='L2', inputs=('prompts',), outputs=('seq', 'logp'), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('group_size', 1), ('temperature', 1.0), ('top_p', 1.0), ('top_k', 0), ('engine', 'rlhfc'), ('max_new_tokens', 12), ('n_mbs', 1), ('recompute', False), ('token_budget', 1792))),
+    Call(name='gen', model='actor', kind='generate', interface='generate', layout='L2', inputs=('prompts',), outputs=('seq', 'logp'), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('group_size', 1), ('temperature', 1.0), ('top_p', 1.0), ('top_k', 0), ('engine', 'rlhfc'), ('rollout_logp', 'trainer'), ('max_new_tokens', 12), ('n_mbs', 1), ('recompute', False), ('token_budget', 1792))),
     Drop(model='actor', layout='L2'),
     Move(key='seq', src='L2', dst='L1'),
     Call(name='score', model='reward', kind='inference', interface='rule', layout='L2', inputs=('seq',), outputs=('score',), settings=(('rows', 64), ('max_new_tokens', 12))),
