@@ -94,7 +94,7 @@ def test_realloc_run_by_run_equals_device_by_device(head):
 def test_train_memory_holds_adam_state():
     df = ppo_dataflow(LLAMA_7B, Cluster(1, 8, "H100-80GB"))
     a_tr = df.call("a_tr")
-    s = Strategy(Mesh(0, 1, 0, 8), 2, 4, 1, 8)
+    s = Strategy(Mesh(0, 1, 0, 8), 2, 4, 1, a_tr.budget_for(2, 8))
     cost = call_cost(a_tr, df.model("actor"), s, df.cluster, device_for(df.cluster), DEFAULT_COEFFICIENTS, True)
     share = LLAMA_7B.param_count() / 4
     assert cost.static_bytes >= 12 * share  # fp32 master weights + Adam's moments, between calls
@@ -142,7 +142,7 @@ def test_cpsat_equals_brute_force_with_move_cost(move_latency):
 
 
 def test_pins_are_respected():
-    pinned = Strategy(Mesh(0, 1, 2, 2), 1, 2, 1, 1)
+    pinned = Strategy(Mesh(0, 1, 2, 2), 1, 2, 1)
     base = small_dataflow(TINY, CPU4, batch=8, prompt_len=32, gen_len=32)
     df = replace(base, pins=(Pin("refl", pinned, base.call("refl").span),))
     plan = plan_dataflow(df, time_limit=10, workers=2, space=SMALL_SPACE)

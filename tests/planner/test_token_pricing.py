@@ -14,6 +14,12 @@ from rlhfc.frontend.presets import PRESETS
 CLUSTER = Cluster(nodes=1, devices_per_node=8, device="H100-80GB")
 
 
+def _mbs(dp, n_mbs):
+    """The budget that cuts each replica's rows into `n_mbs` micro-batches (every call of
+    the fixture has the same rows and lengths)."""
+    return ppo_dataflow(PRESETS["llama-2-7b"], CLUSTER).call("gen").budget_for(dp, n_mbs)
+
+
 def _cost(name, strategy, **settings):
     df = ppo_dataflow(PRESETS["llama-2-7b"], CLUSTER)
     call = next(c for c in df.calls if c.name == name)
@@ -22,7 +28,7 @@ def _cost(name, strategy, **settings):
 
 
 def test_expected_response_length_prices_time_not_memory():
-    s = Strategy(Mesh(0, 1, 0, 8), 8, 1, 1, 2)
+    s = Strategy(Mesh(0, 1, 0, 8), 8, 1, 1, _mbs(8, 2))
     for name in ("gen", "refl", "a_tr"):
         full, short = _cost(name, s), _cost(name, s, response_len=32)
         assert short.seconds < 0.8 * full.seconds, name
@@ -32,7 +38,7 @@ def test_expected_response_length_prices_time_not_memory():
 
 
 def test_pipelined_generation_is_priced_as_it_runs():
-    one, two = (_cost("gen", Strategy(Mesh(0, 1, 0, 8), 1, 8 // pp, pp, m)) for pp, m in ((2, 1), (2, 2)))
+    one, two = (_cost("gen", Strategy(Mesh(0, 1, 0, 8), 1, 8 // pp, pp, _mbs(1, m))) for pp, m in ((2, 1), (2, 2)))
     assert two.seconds > one.seconds  # two micro-batches decode one after the other: no overlap to win
 
 
@@ -62,7 +68,7 @@ def test_the_token_budget_decides_the_micro_batches_time_is_priced_with():
     from rlhfc.planner.cost.model import seen_micro_batches
     from rlhfc_runtime.contract.budget import fill, micro_batches
 
-    s = Strategy(Mesh(0, 1, 0, 8), 8, 1, 1, 4)
+    s = Strategy(Mesh(0, 1, 0, 8), 8, 1, 1, _mbs(8, 4))
     df = ppo_dataflow(PRESETS["llama-2-7b"], CLUSTER)
     call = next(c for c in df.calls if c.name == "a_tr")
     short = replace(call, settings=(*call.settings, ("response_len", 32)))
