@@ -160,6 +160,10 @@ def test_plan_json_round_trip_and_stable():
     assert Plan.from_json(first.to_json(include_timing=True)) == first
     assert Plan.from_json(first.to_json()) == replace(first, solve_seconds=0.0)
     assert first.iteration_time <= first.baseline_time
+    assert '"token_budget": ' in first.to_json() and '"n_mbs"' not in first.to_json()  # the decision, not its count
+    older = first.to_json().replace('"schema_version": 4', '"schema_version": 3')
+    with pytest.raises(ValueError, match=r"schema version 3, expected 4: plan the program again"):
+        Plan.from_json(older)
 
 
 def test_frozen_models_are_offloaded_only_when_memory_needs_it():

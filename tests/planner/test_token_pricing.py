@@ -78,3 +78,37 @@ def test_the_token_budget_decides_the_micro_batches_time_is_priced_with():
     assert overhead == DEFAULT_COEFFICIENTS.micro_batch_overhead * seen_micro_batches(short, s)
     lengths, budget = [10] * 7, 25
     assert micro_batches(7, 10, budget) == len(fill(lengths, budget)) - 1 == 4  # two whole sequences each
+
+
+def test_the_plan_takes_the_largest_budget_that_fits_memory():
+    """One train call on one device whose memory holds micro-batches of 3 sequences but
+    not 4: the power-of-two ladder (8 rows cut into 1, 2, 4 or 8) leaves it 2, the plan
+    takes 3 (3 micro-batches where the ladder makes 4, each paying its overhead), and its
+    priced peak stays within the plan memory."""
+    from planner_fixtures import TINY, _model, dataflow_from
+
+    from rlhfc.ir import CallKind, Head
+    from rlhfc.planner.solve import SearchSpace, build_problem, plan_dataflow
+    from rlhfc.planner.solve.problem import make_option
+
+    def one_train_call(memory):
+        cluster = Cluster(1, 1, "cpu", (("memory", memory), ("memory_reserve", 0.0)))
+        return dataflow_from((("a_tr", "actor", CallKind.TRAIN, ("prompts",), ()),),
+                             (_model("actor", TINY, Head.LM, True),), cluster, 8, 32, 32)
+
+    df = one_train_call(2**40)
+    call, device = df.call("a_tr"), device_for(df.cluster)
+    peak = {k: make_option(df, call, Strategy(Mesh(0, 1, 0, 1), 1, 1, 1, k * call.row_len), device,
+                           DEFAULT_COEFFICIENTS, True).cost.peak_bytes for k in (3, 4)}
+    assert peak[3] + 4096 < peak[4]
+    df = one_train_call(peak[3] + 4096)  # 3 sequences' worth fit (the solvers count whole KiB), 4 do not
+    space = SearchSpace(recompute=False)
+    plan = plan_dataflow(df, time_limit=10, workers=1, space=space)
+    old = plan_dataflow(df, time_limit=10, workers=1, space=replace(space, fit_budget=False))
+    chosen, ladder = plan.placement("a_tr"), old.placement("a_tr")
+    assert chosen.strategy.token_budget == 3 * call.row_len and call.n_mbs(chosen.strategy) == 3
+    assert ladder.strategy.token_budget == 2 * call.row_len and call.n_mbs(ladder.strategy) == 4
+    assert chosen.peak_memory == peak[3] <= device_for(df.cluster).plan_memory < peak[4]
+    assert plan.iteration_time < old.iteration_time and plan.status == "OPTIMAL"
+    budgets = {o.strategy.token_budget // call.row_len for o in build_problem(df, space=space).by_call["a_tr"]}
+    assert max(budgets) == 3  # nothing larger fits
