@@ -6,12 +6,10 @@ Search space (ReaL, Mei et al. 2024 §4): a mesh is an aligned power-of-two slic
 node or an aligned power-of-two run of whole nodes; tp is a power of two inside a node
 dividing heads, kv heads, intermediate and vocab; pp ≤ layers; dp·tp·pp = mesh size;
 pp any divisor of mesh size / tp (so nodes of 5, 6 or 7 devices plan too); dp divides
-the (mini-)batch; train calls with and without activation recompute. Each of these offers
-token budgets (tokens of one micro-batch on one replica: the decision, the micro-batches
-follow from it): the largest whose priced peak fits the device's plan memory (memory
-grows with the budget: bisected over whole rows), and the ladder that cuts a replica's
-rows into 1, 2, 4, 8 micro-batches and further doublings while each frees memory (more
-micro-batches shrink a pipeline's bubble, and leave room to co-located models). Slices smaller than
+the (mini-)batch; train calls with and without activation recompute; each with token
+budgets (tokens of one micro-batch on one replica; the micro-batches follow): the largest
+whose priced peak fits (`fitting_budget`), and the ladder of 1, 2, 4, 8… micro-batches
+(smaller budgets: a shorter pipeline bubble, room for co-located models). Slices smaller than
 a node are offered on every node of clusters up to 4 nodes and on the first node of larger
 ones (`SearchSpace.sub_node_nodes` sets how many; the proven bound is relative to the
 space searched).
@@ -283,15 +281,13 @@ def call_options(
 def fitting_budget(df: Dataflow, call: Call, layout: Strategy, ladder: list[Option], device: Device,
                    coeffs: Coefficients, is_home: bool) -> Option | None:
     """The option of `layout` with the largest budget of whole rows whose priced peak fits
-    the device's plan memory, None where the ladder has it (or nothing fits). Memory grows
-    with the budget, so it is bisected between the ladder's largest fitting rung and its
-    smallest rung over memory (on a pipeline, where fewer micro-batches than stages are
-    in flight, memory may dip as the budget grows: the bisection still returns a budget
-    that fits)."""
-    rows = {call.token_budget(o.strategy) // call.row_len: o for o in ladder}
-    fits = [k for k, o in rows.items() if o.cost.peak_bytes <= device.plan_memory]
-    lo = max(fits, default=0)
-    hi = min((k for k in rows if k > lo), default=call.replica_rows(layout.dp) + 1)
+    the device's plan memory; None where the ladder has it or nothing fits. Memory grows
+    with the budget: bisected between the ladder's largest fitting rung and the next
+    (where 1F1B holds fewer micro-batches than stages, memory may dip as the budget grows:
+    the result still fits)."""
+    by_rows = {call.token_budget(o.strategy) // call.row_len: o for o in ladder}
+    lo = max((k for k, o in by_rows.items() if o.cost.peak_bytes <= device.plan_memory), default=0)
+    hi = min((k for k in by_rows if k > lo), default=call.replica_rows(layout.dp) + 1)
     best = None
     while hi - lo > 1:
         mid = (lo + hi) // 2
