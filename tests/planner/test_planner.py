@@ -4,6 +4,7 @@ pins, infeasibility diagnostics, plan JSON and the CLI."""
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -198,6 +199,7 @@ def test_cli_plan_smoke(tmp_path):
                                    "--json", str(out), "--svg", str(tmp_path / "g.svg")])
     assert res.exit_code == 0, res.output
     assert "iteration time" in res.output and "a_tr" in res.output
+    assert re.search(r"dp/tp/pp +budget +mbs", res.output), res.output  # the decision and its count
     plan = Plan.from_json(out.read_text())
     assert {p.call for p in plan.calls} == {"gen", "score", "refl", "vals", "a_tr", "c_tr"}
     assert (tmp_path / "g.svg").stat().st_size > 1000
