@@ -1,5 +1,6 @@
 """The plan describes what runs: every example that runs on CPU, under the solver's plan and under pinned
-tp / pp / dp layouts with more micro-batches than stages, run for one step on 2 gloo
+tp / pp / dp layouts with more micro-batches than stages and token budgets the
+power-of-two ladder never makes, run for one step on 2 gloo
 processes; every model call's measured peak (`peak_bytes/CALL`, the runtime's own
 accounting of live tensors) is within 30% of the plan's estimate
 (`estimate/peak_bytes/CALL`), and every call's rows are the checker's. The plan prices a
