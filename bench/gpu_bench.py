@@ -307,7 +307,7 @@ def vllm_summary(cfg: dict, size: dict, catalog: str | None, precision: str, sta
             return None
         call = Call("gen", "actor", CallKind.GENERATE, (), (), "", (), batch, size["seq"], size["new"],
                     Span("<gpu_bench>", 0, 0, 0, 0), (("engine", "vllm"),))
-        return sum(decode_terms(call, shape_from_hf(cfg), Head.LM, Strategy(Mesh(0, 1, 0, 1), 1, 1, 1, 1),
+        return sum(decode_terms(call, shape_from_hf(cfg), Head.LM, Strategy(Mesh(0, 1, 0, 1), 1, 1, 1),
                                 CATALOG[catalog], default_coefficients(catalog), PRECISION_BYTES[precision],
                                 size["new"], lambda nbytes: 0.0).values())
 

@@ -84,12 +84,13 @@ def plan_key(prog) -> tuple:
 
 
 def describe(prog) -> list[str]:
-    """One line per call: its mesh and dp/tp/pp/n_mbs."""
+    """One line per call: its mesh, dp/tp/pp, token budget and the micro-batches it makes."""
     out = []
     for p in prog.plan.calls:
-        s = p.strategy
+        s, call = p.strategy, prog.dataflow.call(p.call)
         mesh = f"node{s.mesh.first_node}[{s.mesh.first_device}:{s.mesh.first_device + s.mesh.n_devices}]"
-        out.append(f"{p.call} {mesh} {s.dp}/{s.tp}/{s.pp} n_mbs={s.n_mbs}" + (" recompute" if s.recompute else ""))
+        out.append(f"{p.call} {mesh} {s.dp}/{s.tp}/{s.pp} budget={call.token_budget(s)} n_mbs={call.n_mbs(s)}"
+                   + (" recompute" if s.recompute else ""))
     return out
 
 

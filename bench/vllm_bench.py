@@ -85,7 +85,7 @@ class _Decode:
     def seconds(self, c: Coefficients) -> float:
         call = Call("gen", "actor", CallKind.GENERATE, (), (), "", (), self.rows, PROMPT, self.new,
                     Span("<bench>", 0, 0, 0, 0), (("engine", "vllm"),))
-        return sum(decode_terms(call, shape_from_hf(CONFIG), Head.LM, Strategy(Mesh(0, 1, 0, 1), 1, 1, 1, 1),
+        return sum(decode_terms(call, shape_from_hf(CONFIG), Head.LM, Strategy(Mesh(0, 1, 0, 1), 1, 1, 1),
                                 CATALOG["cpu"], c, 4, self.new, lambda nbytes: 0.0).values())
 
 

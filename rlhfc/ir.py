@@ -7,10 +7,11 @@ names are a contract between stages: change them together with every consumer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
-from rlhfc_runtime.contract.budget import micro_batch_tokens
+from rlhfc_runtime.contract.budget import micro_batches
 from rlhfc_runtime.contract.kinds import CallKind, Head, ModelKind
 from rlhfc_runtime.contract.shapes import ModelShape
 
@@ -111,14 +112,16 @@ class Mesh:
 @dataclass(frozen=True)
 class Strategy:
     """Where and how one call runs: a mesh and its data/tensor/pipeline degrees;
-    `recompute` (train calls) keeps only each layer's input for backward and runs the
-    forward again there (activation checkpointing)."""
+    `token_budget`, the tokens of one micro-batch on one replica (the decision: the
+    micro-batches follow from it, `Call.n_mbs`; 0 is the replica's whole (mini-)batch in
+    one); `recompute` (train calls) keeps only each layer's input for backward and runs
+    the forward again there (activation checkpointing)."""
 
     mesh: Mesh
     dp: int
     tp: int
     pp: int
-    n_mbs: int = 1
+    token_budget: int = 0
     recompute: bool = False
 
 
@@ -160,11 +163,42 @@ class Call:
     def option(self, key: str, default=None):
         return dict(self.options).get(key, default)
 
+    @property
+    def mini_batches(self) -> int:
+        """Mini-batches a train call cuts its rows into (an optimizer step each: its
+        resolved setting, else its option); every other call makes one pass."""
+        if self.kind is not CallKind.TRAIN:
+            return 1
+        return max(1, int(dict(self.settings).get("mini_batches", self.option("mini_batches", 1))))
+
+    @property
+    def row_len(self) -> int:
+        """Priced tokens of one row: a sequence, or a chosen/rejected pair's two (the
+        runtime keeps a pair in one micro-batch)."""
+        return self.seq_len * max(1, self.batch // max(1, self.rows))
+
+    def replica_rows(self, dp: int) -> int:
+        """Rows of one (mini-)batch on one of `dp` replicas (the fullest)."""
+        return math.ceil(self.rows / (dp * self.mini_batches))
+
+    def budget_for(self, dp: int, n_mbs: int) -> int:
+        """The token budget that cuts a replica's (mini-)batch into `n_mbs` micro-batches
+        (as few as that at the priced lengths): what a pinned `n_mbs` means."""
+        return math.ceil(self.replica_rows(dp) / n_mbs) * self.row_len
+
     def token_budget(self, s: "Strategy") -> int:
-        """The tokens of one micro-batch under `s` (a train call's mini-batches cut
-        first): what the cost model prices and the op carries (`token_budget`)."""
-        mini = max(1, int(self.option("mini_batches", 1))) if self.kind is CallKind.TRAIN else 1
-        return micro_batch_tokens(self.batch, self.seq_len, s.dp, s.n_mbs, mini)
+        """The tokens of one micro-batch under `s`: the plan's budget, at most the
+        replica's whole (mini-)batch (all of it where the plan says 0). What memory is
+        priced at and the op carries (`token_budget`): the runtime fills micro-batches
+        with whole sequences up to it (`budget.fill`)."""
+        whole = self.replica_rows(s.dp) * self.row_len
+        return min(s.token_budget, whole) if s.token_budget else whole
+
+    def n_mbs(self, s: "Strategy") -> int:
+        """Micro-batches the budget makes of a replica's (mini-)batch at the priced
+        lengths: what generation and a padded pass run, and what 1F1B keeps in flight
+        at most (fewer where packing drops unused positions: `cost.model.seen_micro_batches`)."""
+        return micro_batches(self.replica_rows(s.dp), self.row_len, self.token_budget(s))
 
     @property
     def rows(self) -> int:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from rlhfc.ir import Cluster, Strategy
 
-SCHEMA_VERSION = 3  # 2: `call_memory` per call; 3: `ahead` per call, `max_staleness`, `sync_time`
+# 2: `call_memory` per call; 3: `ahead` per call, `max_staleness`, `sync_time`; 4: a
+# strategy's `token_budget` (the decision) in place of its `n_mbs` (now derived from it)
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -106,14 +108,14 @@ def _strategy_dict(s: Strategy) -> dict:
     m = s.mesh
     return {
         "mesh": {"first_node": m.first_node, "n_nodes": m.n_nodes, "first_device": m.first_device, "n_devices": m.n_devices},
-        "dp": s.dp, "tp": s.tp, "pp": s.pp, "n_mbs": s.n_mbs, "recompute": s.recompute,
+        "dp": s.dp, "tp": s.tp, "pp": s.pp, "token_budget": s.token_budget, "recompute": s.recompute,
     }
 
 
 def _strategy_from(d: dict) -> Strategy:
     from rlhfc.ir import Mesh
 
-    return Strategy(Mesh(**d["mesh"]), d["dp"], d["tp"], d["pp"], d["n_mbs"], bool(d.get("recompute", False)))
+    return Strategy(Mesh(**d["mesh"]), d["dp"], d["tp"], d["pp"], d["token_budget"], bool(d.get("recompute", False)))
 
 
 def plan_to_json(plan: Plan, include_timing: bool = False) -> str:
@@ -156,12 +158,14 @@ def plan_to_json(plan: Plan, include_timing: bool = False) -> str:
 
 
 def plan_from_json(text: str) -> Plan:
-    """Read back `plan_to_json`; rejects other schema versions."""
+    """Read back `plan_to_json`; rejects other schema versions (a plan of version 3 or
+    older holds micro-batch counts, not the token budgets they were priced at)."""
     import json
 
     d = json.loads(text)
     if d.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"plan schema version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        raise ValueError(f"plan schema version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}: "
+                         "plan the program again (`rlhfc plan --json`)")
     c = d["cluster"]
     return Plan(
         d["source"],

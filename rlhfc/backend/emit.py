@@ -119,14 +119,16 @@ def _model_spec(m: ir.Model, home: str | None, offloaded: bool, base: str) -> Mo
 def plan_table(prog: OpProgram) -> list[str]:
     """The plan as an aligned text table, one row per call in op order."""
     plan = prog.plan
-    rows = [("call", "model", "layout", "mesh", "dp", "tp", "pp", "mbs", "start s", "end s", "peak MiB")]
+    rows = [("call", "model", "layout", "mesh", "dp", "tp", "pp", "budget", "mbs", "start s", "end s", "peak MiB")]
     layout_of = {op.name: op.layout for op in prog.ops if isinstance(op, Call)}
     for op in prog.ops:
         if isinstance(op, Call):
             p = plan.placement(op.name)
             s = p.strategy
+            settings = dict(op.settings)  # a neural call's budget and the micro-batches it makes
             rows.append((op.name, op.model, layout_of[op.name], str(s.mesh), str(s.dp), str(s.tp), str(s.pp),
-                         str(s.n_mbs), f"{p.start:.3f}", f"{p.end:.3f}", f"{p.peak_memory / 2**20:.0f}"))
+                         str(settings.get("token_budget", "-")), str(settings.get("n_mbs", "-")),
+                         f"{p.start:.3f}", f"{p.end:.3f}", f"{p.peak_memory / 2**20:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     homes = ", ".join(f"{m} -> {lay}" for m, lay in prog.homes)

@@ -234,14 +234,14 @@ def check_ahead(dataflow: ir.Dataflow, ahead: dict[str, int], producers: dict[st
 
 def call_settings(call: ir.Call, plan: Plan, neural: bool = True) -> tuple[tuple[str, float | int | str], ...]:
     """What the op carries: the checker's resolved settings plus, for a call on a neural
-    model, the plan's decisions for it (micro-batches, activation recompute, the
-    micro-batches' token budget; an engine's memory share and pool), so the runtime runs
-    what the cost model priced."""
+    model, the plan's decisions for it (the micro-batches' token budget and the count it
+    makes at the priced lengths, which generation runs; activation recompute; an engine's
+    memory share and pool), so the runtime runs what the cost model priced."""
     if not neural:
         return call.settings
     placement = plan.placement(call.name)
     strategy = placement.strategy
-    return (*call.settings, ("n_mbs", strategy.n_mbs), ("recompute", strategy.recompute),
+    return (*call.settings, ("n_mbs", call.n_mbs(strategy)), ("recompute", strategy.recompute),
             ("token_budget", call.token_budget(strategy)), *placement.engine)
 
 

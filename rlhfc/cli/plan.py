@@ -52,7 +52,7 @@ def plan_command(
     except CompileError as e:
         err.print(render(e.diagnostics), markup=False, highlight=False, soft_wrap=True)  # paths unbroken
         raise typer.Exit(1)
-    print_plan(plan, out)
+    print_plan(plan, dataflow, out)
     if explain:
         print_explanation(explain_plan(dataflow, plan, coeffs), out)
         floor, _ = roofline_seconds(dataflow, plan, coeffs)

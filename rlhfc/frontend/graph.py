@@ -90,5 +90,5 @@ def dump(flow: ir.Dataflow, root: str | None = None) -> str:
         lines.append(f"edge {e.src} -> {e.dst} kind={e.kind.value} key={e.key} next_iteration={e.next_iteration}")
     for p in flow.pins:
         s = p.strategy
-        lines.append(f"pin {p.call} mesh={s.mesh} dp={s.dp} tp={s.tp} pp={s.pp} n_mbs={s.n_mbs} @{at(p.span)}")
+        lines.append(f"pin {p.call} mesh={s.mesh} dp={s.dp} tp={s.tp} pp={s.pp} token_budget={s.token_budget} @{at(p.span)}")
     return "\n".join(lines) + "\n"

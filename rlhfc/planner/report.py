@@ -9,6 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from rlhfc.ir import Call, Dataflow, ModelKind, Strategy
 from rlhfc.plan import Plan
 
 GIB = 1 << 30
@@ -21,21 +22,27 @@ def compact_table(title: str) -> Table:
     return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
 
 
-def _strategy(s) -> tuple[str, str, str]:
-    return str(s.mesh), f"{s.dp}/{s.tp}/{s.pp}", f"{s.n_mbs} rc" if s.recompute else str(s.n_mbs)
+def _strategy(call: Call, neural: bool, s: Strategy) -> tuple[str, str, str, str]:
+    """Mesh, degrees, token budget and the micro-batches it makes at the priced lengths."""
+    mbs = (f"{call.n_mbs(s)} rc" if s.recompute else str(call.n_mbs(s))) if neural else "-"
+    return str(s.mesh), f"{s.dp}/{s.tp}/{s.pp}", str(call.token_budget(s)) if neural else "-", mbs
 
 
-def print_plan(plan: Plan, console: Console) -> None:
+def print_plan(plan: Plan, dataflow: Dataflow, console: Console) -> None:
     """Per-call table, reallocations, and the solver's figures."""
     calls = compact_table(f"plan for {plan.source} on {plan.cluster.nodes}x{plan.cluster.devices_per_node} {plan.cluster.device}")
     pipelined = plan.max_staleness > 0
-    columns = ("call", "model", "mesh", "dp/tp/pp", "n_mbs", "start s", "end s", "peak GiB/dev") + ("ahead",) * pipelined
+    columns = ("call", "model", "mesh", "dp/tp/pp", "budget", "mbs", "start s", "end s", "peak GiB/dev") + ("ahead",) * pipelined
     for col in columns:
-        calls.add_column(col, justify="right" if col.endswith(("s", "dev", "mbs", "ahead")) else "left", no_wrap=True)
+        calls.add_column(col, justify="right" if col.endswith(("s", "dev", "mbs", "ahead", "budget")) else "left",
+                         no_wrap=True)
     for p in plan.calls:
-        calls.add_row(p.call, p.model, *_strategy(p.strategy), f"{p.start:.3f}", f"{p.end:.3f}", f"{p.peak_memory / GIB:.1f}",
-                      *(str(p.ahead),) * pipelined)
+        neural = dataflow.model(p.model).kind != ModelKind.RULE
+        calls.add_row(p.call, p.model, *_strategy(dataflow.call(p.call), neural, p.strategy), f"{p.start:.3f}",
+                      f"{p.end:.3f}", f"{p.peak_memory / GIB:.1f}", *(str(p.ahead),) * pipelined)
     console.print(calls)
+    console.print("budget: tokens of one micro-batch on one replica, the plan's choice; "
+                  "mbs: the micro-batches it makes of a replica's (mini-)batch at the priced lengths")
     if any(p.strategy.recompute for p in plan.calls):
         console.print("rc: activations recomputed in backward (one more forward, one layer input kept per layer)")
     if plan.reallocations:

@@ -1,21 +1,16 @@
 """Micro-batches by token budget: the plan's decision, as the cost model prices it and
 the runtime obeys it (pure Python, no torch).
 
-The planner prices a call's micro-batch as `micro_batch_tokens` tokens (its memory is
-the activations of that many tokens); the op carries that number as `token_budget`, and
-the runtime fills each micro-batch with whole sequences up to it (`fill`), so the
-number of micro-batches follows from the lengths the call really sees."""
+The planner chooses each call's budget, the tokens of one micro-batch on one replica,
+as the largest that fits memory or a smaller one that pays (its memory is the
+activations of that many tokens); the op carries it as `token_budget`, and the runtime
+fills each micro-batch with whole sequences up to it (`fill`), so the number of
+micro-batches follows from the lengths the call really sees."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-
-def micro_batch_tokens(rows: int, seq_len: int, dp: int, n_mbs: int, mini_batches: int = 1) -> int:
-    """Tokens of one micro-batch when `rows` sequences of `seq_len` positions are cut
-    into `mini_batches` mini-batches, over `dp` replicas, in `n_mbs` micro-batches each."""
-    return max(1, math.ceil(rows * seq_len / (dp * n_mbs * mini_batches)))
 
 
 def micro_batches(rows: int, length: float, budget: int) -> int:

@@ -1,5 +1,6 @@
 """The plan describes what runs: every example that runs on CPU, under the solver's plan and under pinned
-tp / pp / dp layouts with more micro-batches than stages, run for one step on 2 gloo
+tp / pp / dp layouts with more micro-batches than stages and token budgets the
+power-of-two ladder never makes, run for one step on 2 gloo
 processes; every model call's measured peak (`peak_bytes/CALL`, the runtime's own
 accounting of live tensors) is within 30% of the plan's estimate
 (`estimate/peak_bytes/CALL`), and every call's rows are the checker's. The plan prices a
@@ -34,11 +35,19 @@ place gen  on node0  dp = 1  tp = 1  pp = 2  n_mbs = 4
 place refl on node0  dp = 1  tp = 2  pp = 1
 place a_tr on node0  dp = 2  tp = 1  pp = 1  n_mbs = 2
 """
+# budgets the power-of-two ladder never makes (5 and 3 sequences of 28 tokens): 7 generate
+# micro-batches, 6 per replica, and 11 through a 2-stage pipeline
+GRPO_BUDGETS = """
+place gen  on node0  dp = 1  tp = 1  pp = 2  token_budget = 140
+place refl on node0  dp = 2  tp = 1  pp = 1  token_budget = 84
+place a_tr on node0  dp = 1  tp = 1  pp = 2  token_budget = 84
+"""
 CASES = {
     "ppo-solver": ("ppo", ""),
     "ppo-tp-pp-dp": ("ppo", PPO_LAYOUTS),
     "grpo-solver": ("grpo", ""),
     "grpo-pp-tp-dp": ("grpo", GRPO_LAYOUTS),
+    "grpo-budgets": ("grpo", GRPO_BUDGETS),
     "remax-group4": ("remax", None),  # None: group_size = 4 added to the run block
     "rloo": ("rloo", ""),
     "dpo": ("dpo", ""),

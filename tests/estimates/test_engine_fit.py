@@ -18,7 +18,7 @@ from rlhfc.planner.cost.fit import FIT_FIELDS, PricedCall, fit_coefficients, pri
 SPAN = Span("<test>", 0, 0, 0, 0)
 SHAPE = ModelShape(30, 576, 9, 3, 1536, 49152, 256)  # SmolLM2-135M's width, as bench/vllm_bench.py
 CLUSTER = Cluster(1, 1, "cpu")
-ONE = Strategy(Mesh(0, 1, 0, 1), 1, 1, 1, 1)
+ONE = Strategy(Mesh(0, 1, 0, 1), 1, 1, 1)
 ENGINE = ("engine_compute_efficiency", "engine_bandwidth_efficiency", "engine_step_overhead")
 
 

@@ -102,7 +102,7 @@ def test_cluster_override_replaces_the_programs_cluster_and_pins_follow_it(tmp_p
                   + TINY + 'dataset d = jsonl("d.jsonl", field = "t", max_len = 8)\nrun sft(actor, d) { batch = 2 }\n'
                   'place a_tr on nodes[0:2] dp = 8 tp = 2 pp = 1\n')
     flow = load_program(prog)
-    assert flow.pins[0].strategy == ir.Strategy(ir.Mesh(0, 2, 0, 8), 8, 2, 1, 1)
+    assert flow.pins[0].strategy == ir.Strategy(ir.Mesh(0, 2, 0, 8), 8, 2, 1)  # no budget: one micro-batch
     small = ir.Cluster(1, 4, "cpu")
     with pytest.raises(CompileError) as error:
         load_program(prog, cluster_override=small)
@@ -116,8 +116,11 @@ def test_mesh_syntax(tmp_path, mesh, expected):
     prog = _write(tmp_path, 'import sft from "stdlib/sft.rlhf"\ncluster { nodes = 2  devices_per_node = 8  device = "H200" }\n'
                   + TINY + 'dataset d = jsonl("d.jsonl", field = "t", max_len = 8)\nrun sft(actor, d) { batch = 32 }\n'
                   f'place a_tr on {mesh} dp = {expected.size} tp = 1 pp = 1 n_mbs = 2\n')  # 2 micro-batches of each dp part
-    pin = load_program(prog).pins[0]
-    assert pin.strategy.mesh == expected and pin.strategy.n_mbs == 2 and pin.call == "a_tr"
+    flow = load_program(prog)
+    pin = flow.pins[0]
+    assert pin.strategy.mesh == expected and pin.call == "a_tr"
+    assert flow.call("a_tr").n_mbs(pin.strategy) == 2  # the pin's budget: half a replica's rows
+    assert pin.strategy.token_budget == 32 // expected.size // 2 * flow.call("a_tr").seq_len
 
 
 def test_defaults_units_and_a_library_file(tmp_path):

@@ -242,6 +242,27 @@ def test_a_pinned_n_mbs_above_the_rows_of_a_replica_is_located(tmp_path):
     assert _invoke(["check", str(program)]).exit_code == 0
 
 
+def test_a_pinned_token_budget_below_one_sequence_is_located(tmp_path):
+    """A pin may fix the budget itself; below one sequence's priced tokens (16 prompt +
+    12 generated) no micro-batch could hold a row, and `n_mbs` beside it would say twice
+    what the micro-batches are."""
+    from rlhfc.frontend.check import load_program
+
+    program = tmp_path / "p.rlhf"
+    pin = "place a_tr on node0[0:2] dp = 2 tp = 1 pp = 1 token_budget = "
+    program.write_text(PPO + pin + "27\n")
+    done = _invoke(["check", str(program)])
+    assert done.exit_code == 1 and f"{program}:26:{len(pin) + 1}" in done.output, done.output
+    assert ("error[E022]: `token_budget = 27` is below one row of `a_tr`: 28 priced tokens, and a sequence is "
+            "never split") in done.output and "hint: token_budget >= 28 here (or pin n_mbs)" in done.output
+    program.write_text(PPO + pin + "84 n_mbs = 2\n")
+    done = _invoke(["check", str(program)])
+    assert done.exit_code == 1 and "error[E022]: pin `n_mbs` or `token_budget`, not both" in done.output
+    program.write_text(PPO + pin + "84\n")  # 3 sequences: 32 rows a replica in 11 micro-batches
+    flow = load_program(program)
+    assert flow.pins[0].strategy.token_budget == 84 and flow.call("a_tr").n_mbs(flow.pins[0].strategy) == 11
+
+
 def test_a_tokenizer_directory_without_tokenizer_files_is_e031_at_check(tmp_path):
     """The runtime said "You need to have sentencepiece or tiktoken installed" at step 0."""
     (tmp_path / "tok").mkdir()

@@ -20,7 +20,8 @@ from rlhfc.planner.solve.baselines import brute_force, brute_force_modulo
 from rlhfc.planner.solve.modulo import solve_modulo
 
 ROOT = Path(__file__).resolve().parents[2]
-ONE_MBS = SearchSpace(n_mbs=(1,), recompute=False)
+# one micro-batch per replica, no other budget: the cases below are sized for this space
+ONE_MBS = SearchSpace(n_mbs=(1,), recompute=False, fit_budget=False)
 
 # generate, a frozen model's inference, train: the smallest cycle through the weights
 THREE_CALLS = (PPO_CALLS[0], PPO_CALLS[2], ("a_tr", "actor", CallKind.TRAIN, ("seq", "logp", "ref_logp"), ()))

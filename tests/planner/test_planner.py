@@ -4,6 +4,7 @@ pins, infeasibility diagnostics, plan JSON and the CLI."""
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_realloc_run_by_run_equals_device_by_device(head):
 def test_train_memory_holds_adam_state():
     df = ppo_dataflow(LLAMA_7B, Cluster(1, 8, "H100-80GB"))
     a_tr = df.call("a_tr")
-    s = Strategy(Mesh(0, 1, 0, 8), 2, 4, 1, 8)
+    s = Strategy(Mesh(0, 1, 0, 8), 2, 4, 1, a_tr.budget_for(2, 8))
     cost = call_cost(a_tr, df.model("actor"), s, df.cluster, device_for(df.cluster), DEFAULT_COEFFICIENTS, True)
     share = LLAMA_7B.param_count() / 4
     assert cost.static_bytes >= 12 * share  # fp32 master weights + Adam's moments, between calls
@@ -142,7 +143,7 @@ def test_cpsat_equals_brute_force_with_move_cost(move_latency):
 
 
 def test_pins_are_respected():
-    pinned = Strategy(Mesh(0, 1, 2, 2), 1, 2, 1, 1)
+    pinned = Strategy(Mesh(0, 1, 2, 2), 1, 2, 1)
     base = small_dataflow(TINY, CPU4, batch=8, prompt_len=32, gen_len=32)
     df = replace(base, pins=(Pin("refl", pinned, base.call("refl").span),))
     plan = plan_dataflow(df, time_limit=10, workers=2, space=SMALL_SPACE)
@@ -160,6 +161,10 @@ def test_plan_json_round_trip_and_stable():
     assert Plan.from_json(first.to_json(include_timing=True)) == first
     assert Plan.from_json(first.to_json()) == replace(first, solve_seconds=0.0)
     assert first.iteration_time <= first.baseline_time
+    assert '"token_budget": ' in first.to_json() and '"n_mbs"' not in first.to_json()  # the decision, not its count
+    older = first.to_json().replace('"schema_version": 4', '"schema_version": 3')
+    with pytest.raises(ValueError, match=r"schema version 3, expected 4: plan the program again"):
+        Plan.from_json(older)
 
 
 def test_frozen_models_are_offloaded_only_when_memory_needs_it():
@@ -194,6 +199,7 @@ def test_cli_plan_smoke(tmp_path):
                                    "--json", str(out), "--svg", str(tmp_path / "g.svg")])
     assert res.exit_code == 0, res.output
     assert "iteration time" in res.output and "a_tr" in res.output
+    assert re.search(r"dp/tp/pp +budget +mbs", res.output), res.output  # the decision and its count
     plan = Plan.from_json(out.read_text())
     assert {p.call for p in plan.calls} == {"gen", "score", "refl", "vals", "a_tr", "c_tr"}
     assert (tmp_path / "g.svg").stat().st_size > 1000

@@ -61,7 +61,7 @@ def _vllm_gen(batch: int, prompt: int, gen_len: int, response: int = 0):
     return Call("gen", "actor", CallKind.GENERATE, (), (), "", (), batch, prompt, gen_len, SPAN, settings)
 
 
-ONE = Strategy(Mesh(0, 1, 0, 1), 1, 1, 1, 1)
+ONE = Strategy(Mesh(0, 1, 0, 1), 1, 1, 1)
 MEMORY_BOUND = Coefficients(engine_compute_efficiency=1e6)  # no step is compute-bound
 
 

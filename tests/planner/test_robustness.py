@@ -108,9 +108,9 @@ def test_micro_batches_past_eight_where_memory_needs_them():
     plan at all)."""
     df = ppo_dataflow(LLAMA_7B, Cluster(1, 8, "A100-40GB"), batch=64, prompt_len=2048, gen_len=64)
     with pytest.raises(PlanError):
-        plan_dataflow(df, time_limit=10, space=SearchSpace(n_mbs=(1, 2, 4, 8), recompute=False))
+        plan_dataflow(df, time_limit=10, space=SearchSpace(n_mbs=(1, 2, 4, 8), recompute=False, fit_budget=False))
     plan = plan_dataflow(df, time_limit=10)
-    assert plan.placement("a_tr").strategy.n_mbs > 8
+    assert df.call("a_tr").n_mbs(plan.placement("a_tr").strategy) > 8
     assert all(p.peak_memory <= device_for(df.cluster).plan_memory for p in plan.calls)
 
 
@@ -125,7 +125,7 @@ def test_sub_node_meshes_on_every_node():
 def test_recompute_costs_a_forward_and_saves_activations():
     df = ppo_dataflow(LLAMA_7B, Cluster(1, 8, "H100-80GB"))
     device, c = device_for(df.cluster), DEFAULT_COEFFICIENTS
-    s = Strategy(Mesh(0, 1, 0, 8), 2, 4, 1, 8)
+    s = Strategy(Mesh(0, 1, 0, 8), 2, 4, 1, df.call("a_tr").budget_for(2, 8))
     plain = call_cost(df.call("a_tr"), df.model("actor"), s, df.cluster, device, c, True)
     again = call_cost(df.call("a_tr"), df.model("actor"), replace(s, recompute=True), df.cluster, device, c, True)
     terms, more = dict(plain.terms), dict(again.terms)
@@ -154,10 +154,14 @@ def test_mini_batches_and_epochs_are_priced():
     all-reduces, the same FLOPs; 2 epochs double the FLOPs."""
     df = ppo_dataflow(LLAMA_7B, Cluster(1, 8, "H100-80GB"))
     steps = replace(df, run=replace(df.run, params=df.run.params + (("mini_batches", 4), ("ppo_epochs", 2))))
-    s = next(o for o in build_problem(df, space=SearchSpace(n_mbs=(8,))).by_call["a_tr"] if o.strategy.dp == 2)
+    def eight(problem):  # a_tr's options of 8 micro-batches per (mini-)batch on each replica
+        return [o for o in problem.by_call["a_tr"] if problem.dataflow.call("a_tr").n_mbs(o.strategy) == 8]
+
+    s = next(o for o in eight(build_problem(df, space=SearchSpace(n_mbs=(8,)))) if o.strategy.dp == 2)
     one = dict(s.cost.terms)
-    four = next(o for o in build_problem(steps, space=SearchSpace(n_mbs=(8,))).by_call["a_tr"]
-                if o.strategy == s.strategy)
+    four = next(o for o in eight(build_problem(steps, space=SearchSpace(n_mbs=(8,))))
+                if o.layout == s.layout and o.strategy.recompute == s.strategy.recompute)
+    assert four.strategy.token_budget * 4 == s.strategy.token_budget  # a mini-batch is a quarter of the rows
     four = dict(four.cost.terms)
     assert four["optimizer"] == pytest.approx(8 * one["optimizer"]) and four["dp"] == pytest.approx(8 * one["dp"])
     assert four["compute"] == pytest.approx(2 * one["compute"])
@@ -181,7 +185,9 @@ def test_recompute_pin(tmp_path):
     text = (ROOT / "programs/ppo_7b.rlhf").read_text().replace("../data", str(ROOT / "data"))
     path = tmp_path / "p.rlhf"
     path.write_text(text + "place a_tr on node0[0:8] dp = 2 tp = 4 pp = 1 n_mbs = 8 recompute = true\n")
-    plan = plan_dataflow(check_program(path)[0], time_limit=5, workers=2)
-    assert plan.placement("a_tr").strategy == Strategy(Mesh(0, 1, 0, 8), 2, 4, 1, 8, True)
+    df = check_program(path)[0]
+    plan = plan_dataflow(df, time_limit=5, workers=2)
+    assert plan.placement("a_tr").strategy == Strategy(Mesh(0, 1, 0, 8), 2, 4, 1, df.call("a_tr").budget_for(2, 8), True)
+    assert df.call("a_tr").n_mbs(plan.placement("a_tr").strategy) == 8
     path.write_text(text + "place gen on node0[0:8] dp = 2 tp = 4 pp = 1 recompute = true\n")
     assert any(d.code == "E022" and "train calls" in d.message for d in check_program(path)[1])

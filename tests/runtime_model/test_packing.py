@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from rlhfc_runtime import calls
-from rlhfc_runtime.contract.budget import balanced, fill, micro_batch_tokens
+from rlhfc_runtime.contract.budget import balanced, fill, micro_batches
 from rlhfc_runtime.contract.interfaces import INTERFACES
 from rlhfc_runtime.contract.layout import Layout
 from rlhfc_runtime.contract.program import ModelSpec
@@ -51,7 +51,7 @@ def test_plan_packs_whole_sequences_with_their_own_positions():
 def test_budget_fills_micro_batches_with_whole_sequences():
     assert fill([5, 7, 3, 9, 2], 12) == [0, 2, 4, 5]
     assert fill([15, 3], 12) == [0, 1, 2]  # a longer sequence runs alone
-    assert micro_batch_tokens(rows=16, seq_len=65, dp=2, n_mbs=2) == 260
+    assert micro_batches(16, 65, 4 * 65) == 4 and micro_batches(16, 40, 4 * 65) == 3  # 6 shorter ones fit
     lengths = [30, 2, 3, 25, 4, 1]  # dealt longest first to the lighter rank
     assert [balanced(lengths, 2, k) for k in (0, 1)] == [[0, 1, 5], [2, 3, 4]]  # 33 and 32 tokens
 

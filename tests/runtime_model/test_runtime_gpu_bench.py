@@ -102,7 +102,7 @@ def test_the_vllm_summary_sets_measurements_against_the_planners_estimate():
     call = Call("gen", "actor", CallKind.GENERATE, (), (), "", (), 64, 128, 128, Span("t", 0, 0, 0, 0),
                 (("engine", "vllm"),))
     shape = shape_from_hf(cfg)
-    estimate = sum(decode_terms(call, shape, Head.LM, Strategy(Mesh(0, 1, 0, 1), 1, 1, 1, 1), CATALOG["H100-80GB"],
+    estimate = sum(decode_terms(call, shape, Head.LM, Strategy(Mesh(0, 1, 0, 1), 1, 1, 1), CATALOG["H100-80GB"],
                                 default_coefficients("H100-80GB"), 2, 128, lambda b: 0.0).values())
     assert out["b64_tokens_per_s"] == 64 * 128 / 4.0 and out["b64_measured_over_estimated"] == 4.0 / estimate
     assert (out["sync_s"], out["engine_load_s"], out["sync_over_load"]) == (4.0, 1.5, 4.0 / 1.5)

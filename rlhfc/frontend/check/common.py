@@ -27,9 +27,10 @@ def device_names() -> tuple[str, ...]:
 
 
 CALL_KINDS = tuple(k.value for k in ir.CallKind)
-# A call's own option keys besides the settings its interface reads (the contract's):
-# micro-batches (a constraint on the plan) and its generation length.
-CALL_KEYS = ("n_mbs", "max_new_tokens")
+# A call's own option keys besides the settings its interface reads (the contract's): its
+# generation length. Micro-batches are the plan's (the token budget it chooses), pinned
+# by `place` only.
+CALL_KEYS = ("max_new_tokens",)
 CLUSTER_COUNTS = ("nodes", "devices_per_node")
 CLUSTER_OVERRIDES = OVERRIDE_KEYS  # device figures a `cluster` block may set: the catalog's own list
 DATASET_FIELDS = ("field", "prompt", "chosen", "rejected", "response")

@@ -85,6 +85,10 @@ def _check_call_options(call: ast.CallStmt, rep: Reporter) -> None:
             val.positive_int(opt)
         elif opt.key.text in settings:
             check_value(settings[opt.key.text], opt, rep)
+        elif opt.key.text in ("n_mbs", "token_budget"):  # the plan's decision, not a call's option
+            rep.error("E022", f"`{opt.key.text}` is not an option of call `{call.name.text}`: its micro-batches follow "
+                      "from the token budget the planner chooses", opt.key.span,
+                      f"pin it instead: place {call.name.text} on MESH dp = N tp = N pp = N {opt.key.text} = N")
         else:
             val.unknown(opt.key, CALL_KEYS + tuple(settings), f"the options of call `{call.name.text}`")
 

@@ -52,14 +52,14 @@ def check_pins(unit: Unit, calls: tuple[ir.Call, ...], names: set[str], models: 
         opts = by_key(place.options, rep, "`place`")
         degrees, recompute = {}, False
         for key, opt in opts.items():
-            if key in ("dp", "tp", "pp", "n_mbs"):
+            if key in ("dp", "tp", "pp", "n_mbs", "token_budget"):
                 degrees[key] = val.positive_int(opt)
             elif key == "recompute" and isinstance(opt.value, ast.Bool):
                 recompute = opt.value.value
             elif key == "recompute":
                 rep.error("E022", "`recompute` must be true or false", opt.value.span)
             else:
-                val.unknown(opt.key, ("dp", "tp", "pp", "n_mbs", "recompute"), "`place`")
+                val.unknown(opt.key, ("dp", "tp", "pp", "n_mbs", "token_budget", "recompute"), "`place`")
         missing = [k for k in ("dp", "tp", "pp") if k not in opts]
         if missing:
             rep.error("E024", f"`place` needs {', '.join(missing)}", place.span, "place CALL on MESH dp = N tp = N pp = N")
@@ -80,12 +80,32 @@ def check_pins(unit: Unit, calls: tuple[ir.Call, ...], names: set[str], models: 
             rep.error("E014", f"tp = {tp} does not divide the heads of `{call.model}` "
                               f"({shape.n_heads} heads, {shape.n_kv_heads} kv heads)", opts["tp"].value.span,
                       "choose tp dividing both head counts")
-        if call is not None and (degrees.get("n_mbs") or 1) > max(1, call.rows // dp):
-            each = call.rows // dp
-            rep.error("E022", f"`n_mbs = {degrees['n_mbs']}` micro-batches cannot split the {each} row(s) that each of "
-                              f"the dp = {dp} replica(s) of `{call.name}` gets ({call.rows} rows)",
-                      opts["n_mbs"].value.span, f"n_mbs = 1 .. {max(1, each)} here")
-        pins[place.call.text] = ir.Pin(place.call.text, ir.Strategy(mesh, dp, tp, pp, degrees.get("n_mbs") or 1,
-                                                                         recompute),
-                                       place.span)
+        if call is None:
+            continue
+        budget = _budget(call, dp, degrees, opts, rep)
+        pins[place.call.text] = ir.Pin(place.call.text, ir.Strategy(mesh, dp, tp, pp, budget, recompute), place.span)
     return tuple(pins.values())
+
+
+def _budget(call: ir.Call, dp: int, degrees: dict, opts: dict, rep: Reporter) -> int:
+    """The pin's token budget: as written, or the one its `n_mbs` implies (each replica's
+    rows cut into that many micro-batches); 0 (a replica's whole batch in one) without
+    either. E022 for both at once, `n_mbs` above the rows of a replica, or a budget
+    below one row's priced tokens (the runtime never splits a sequence)."""
+    n_mbs, budget = degrees.get("n_mbs"), degrees.get("token_budget")
+    if n_mbs and budget:
+        rep.error("E022", "pin `n_mbs` or `token_budget`, not both: the budget decides the micro-batches",
+                  opts["token_budget"].key.span, "keep one of them")
+    elif n_mbs and n_mbs > max(1, call.rows // dp):
+        each = call.rows // dp
+        rep.error("E022", f"`n_mbs = {n_mbs}` micro-batches cannot split the {each} row(s) that each of "
+                          f"the dp = {dp} replica(s) of `{call.name}` gets ({call.rows} rows)",
+                  opts["n_mbs"].value.span, f"n_mbs = 1 .. {max(1, each)} here")
+    elif n_mbs:
+        return call.budget_for(dp, n_mbs)
+    elif budget and budget < call.row_len:
+        pair = " (a chosen/rejected pair)" if call.row_len > call.seq_len else ""
+        rep.error("E022", f"`token_budget = {budget}` is below one row of `{call.name}`{pair}: {call.row_len} "
+                          "priced tokens, and a sequence is never split", opts["token_budget"].value.span,
+                  f"token_budget >= {call.row_len} here (or pin n_mbs)")
+    return budget or 0

@@ -25,7 +25,7 @@ from rlhfc.ir import Call, CallKind, Cluster, Head, Model, ModelShape, Span, Str
 from rlhfc_runtime.contract.engines import OWN
 
 COEFFICIENTS_SCHEMA_VERSION = 2  # 2: memory figures left the time coefficients
-COST_INPUTS_SCHEMA_VERSION = 1
+COST_INPUTS_SCHEMA_VERSION = 2  # 2: a strategy's `token_budget` in place of its `n_mbs`
 COST_INPUTS_FILE = "cost_inputs.json"
 
 # The time coefficients a run's call times can tell apart; byte sizes stay analytical.

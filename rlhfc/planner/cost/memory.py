@@ -12,7 +12,8 @@ What a model copy holds between calls (`resident_bytes`):
 What a call adds while it runs (`transient_bytes`), per device of pipeline stage s:
 - train: the larger of two phases: the optimizer step (`optimizer_params`·(stage
   parameters): gradients and Adam's temporaries) and the backward pass:
-  `params`·(stage parameters) for gradients and bf16 weight casts; activations of the micro-batches 1F1B keeps in flight, min(pp − s, n_mbs),
+  `params`·(stage parameters) for gradients and bf16 weight casts; activations of the micro-batches 1F1B keeps in flight, min(pp − s, n_mbs)
+  (n_mbs: what the plan's token budget makes at the priced lengths, `Call.n_mbs`),
   each `layer_hidden`·tokens·hidden + `layer_inter`·tokens·intermediate/tp +
   `layer_attn`·tokens·(attention width: (heads + 2·kv heads)·head_dim/tp) +
   `layer_tokens`·tokens (masks, positions, RoPE tables) per layer (no sequence parallelism: the residual stream is whole
@@ -130,12 +131,13 @@ def head_units(shape: ModelShape, head: Head, tp: int, tokens: int, response: in
     return float(response), min(logit_tile_tokens(int(width)), response) * width
 
 
-def train_transient(shape: ModelShape, head: Head, s: Strategy, tokens_mb: int, stage: int,
+def train_transient(shape: ModelShape, head: Head, s: Strategy, tokens_mb: int, n_mbs: int, stage: int,
                     stage_params: int, precision: str, response_mb: int) -> float:
-    """A train call's transient bytes on a device of pipeline stage `stage`."""
+    """A train call's transient bytes on a device of pipeline stage `stage`, with
+    micro-batches of `tokens_mb` tokens, `n_mbs` of them."""
     m = MEMORY_COEFFICIENTS[precision]
     layers = len(stage_layers(shape.n_layers, s.pp, stage))
-    in_flight = min(s.pp - stage, s.n_mbs)
+    in_flight = min(s.pp - stage, n_mbs)
     last = stage == s.pp - 1
     inter = shape.intermediate / s.tp
     attn = attention_width(shape, s.tp)
@@ -174,7 +176,7 @@ def generate_transient(shape: ModelShape, head: Head, call: Call, s: Strategy, s
     """A generate call's transient bytes on a device of pipeline stage `stage`."""
     m = MEMORY_COEFFICIENTS[precision]
     rows = math.ceil(call.batch / s.dp)
-    rows_mb = math.ceil(rows / s.n_mbs)
+    rows_mb = math.ceil(rows / call.n_mbs(s))
     out = kv_cache_bytes(shape, s, rows_mb, call.seq_len, stage, precision)
     out += rows_mb * call.prompt_len * (m.prefill_hidden * shape.hidden + m.prefill_inter * shape.intermediate / s.tp
                                         + m.prefill_attn * attention_width(shape, s.tp))
@@ -187,7 +189,7 @@ def call_transient(call: Call, shape: ModelShape, head: Head, s: Strategy, token
                    stage_params: int, precision: str) -> float:
     """Transient bytes of `call` on a device of pipeline stage `stage` (any kind)."""
     if call.kind is CallKind.TRAIN:
-        return train_transient(shape, head, s, tokens_mb, stage, stage_params, precision,
+        return train_transient(shape, head, s, tokens_mb, call.n_mbs(s), stage, stage_params, precision,
                                response_tokens(call, tokens_mb))
     if call.kind is CallKind.INFERENCE:
         replica_tokens = math.ceil(call.batch / s.dp) * call.seq_len

@@ -125,7 +125,7 @@ def optimizer_steps(call: Call) -> tuple[int, int]:
     runtime does); every other call makes one pass."""
     if call.kind is not CallKind.TRAIN:
         return 1, 1
-    return max(1, int(call.option("mini_batches", 1))), max(1, int(call.option("ppo_epochs", 1)))
+    return call.mini_batches, max(1, int(call.option("ppo_epochs", 1)))
 
 
 def seen_len(call: Call) -> float:
@@ -140,22 +140,21 @@ def seen_len(call: Call) -> float:
 
 def seen_micro_batches(call: Call, s: Strategy) -> int:
     """Micro-batches per mini-batch that the call's token budget (`Call.token_budget`,
-    the plan's choice) makes of the sequences it really sees (`seen_len`): n_mbs at the
-    priced lengths, fewer where packing drops what the responses do not use."""
+    the plan's choice) makes of the sequences it really sees (`seen_len`): `Call.n_mbs`
+    at the priced lengths, fewer where packing drops what the responses do not use."""
     mini = optimizer_steps(call)[0]
     return micro_batches(math.ceil(call.batch / (s.dp * mini)), seen_len(call), call.token_budget(s))
 
 
 def _forward_backward_terms(
     shape: ModelShape, n_params: int, tokens: int, s: Strategy, device: Device, c: Coefficients,
-    kind: CallKind, width: int, passes: int = 1, mini_batches: int = 1, m: int | None = None,
+    kind: CallKind, width: int, m: int, passes: int = 1, mini_batches: int = 1,
 ) -> dict[str, float]:
     """Compute plus tensor-parallel communication of `passes` passes over `tokens` in
-    `mini_batches` pipelined mini-batches of `m` micro-batches each (n_mbs unless given),
+    `mini_batches` pipelined mini-batches of `m` micro-batches each,
     stretched by the 1F1B factor (m + pp − 1)/m per mini-batch (the stretch is the
     bubble), plus per-micro-batch overheads. Train: 6·N per token and 4 tp all-reduces
     per layer, and with recompute one more forward (2·N, 2 all-reduces) as its own term."""
-    m = m or s.n_mbs
     train = kind is CallKind.TRAIN
     flops_per_token_param, allreduces_per_layer = (6, 4) if train else (2, 2)
     rate = s.mesh.size * flop_rate(device, c, kind)
@@ -175,15 +174,17 @@ def _forward_backward_terms(
 
 
 def _own_generate_terms(call: Call, shape: ModelShape, n_params: int, p_dev: int, layers: int, s: Strategy,
-                        device: Device, c: Coefficients, width: int) -> dict[str, float]:
-    """The own loop's prefill and decode of a generate call: prefill over the prompts,
-    then gen_len memory-bound decode steps."""
+                        n_mbs: int, device: Device, c: Coefficients, width: int) -> dict[str, float]:
+    """The own loop's prefill and decode of a generate call in `n_mbs` micro-batches (what
+    the plan's budget makes of it): prefill over the prompts, then gen_len memory-bound
+    decode steps."""
     # The runtime decodes its m micro-batches one after another, each through every stage
     # (`runtime/generate.py`): a step takes m·pp stage times, m·(pp − 1) of them waiting.
-    terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, call.kind, width)
+    terms = _forward_backward_terms(shape, n_params, call.batch * call.prompt_len, s, device, c, call.kind, width,
+                                    n_mbs)
     # rows leave the batch when they end: on average response / gen_len of them are live
     live = (seen_len(call) - call.prompt_len) / max(call.gen_len, 1)
-    seqs_mb = math.ceil(call.batch / (s.dp * s.n_mbs)) * live
+    seqs_mb = math.ceil(call.batch / (s.dp * n_mbs)) * live
     kv_per_token = 2 * layers * (shape.n_kv_heads // s.tp) * shape.head_dim * width
     mean_context = call.prompt_len + (seen_len(call) - call.prompt_len) / 2
     stage_flops = 2 * p_dev * seqs_mb / flop_rate(device, c, call.kind)
@@ -191,11 +192,11 @@ def _own_generate_terms(call: Call, shape: ModelShape, n_params: int, p_dev: int
     tp_comm = layers * 2 * allreduce_seconds(seqs_mb * shape.hidden * width, s.tp, device.intra_bandwidth, c)
     fixed = c.decode_step_overhead + c.decode_layer_overhead * layers  # kernel launches, sampling
     stage = max(stage_flops, stage_bytes) + tp_comm + fixed
-    steps = call.gen_len * s.n_mbs
+    steps = call.gen_len * n_mbs
     terms["decode_memory" if stage_bytes >= stage_flops else "decode_compute"] = steps * max(stage_flops, stage_bytes)
     terms["tp"] += steps * tp_comm
     terms["decode_overhead"] = steps * fixed
-    terms["bubble"] += call.gen_len * s.n_mbs * (s.pp - 1) * stage
+    terms["bubble"] += call.gen_len * n_mbs * (s.pp - 1) * stage
     return terms
 
 
@@ -216,28 +217,28 @@ def call_cost(
     width = PRECISION_BYTES[precision]
     tokens = call.batch * seen_len(call)
     mini_batches, epochs = optimizer_steps(call)
-    tokens_mb = call.token_budget(s)
+    tokens_mb, n_mbs = call.token_budget(s), call.n_mbs(s)  # the plan's budget, its micro-batches
     resident, transient = call_memory(call, model, s, tokens_mb, is_home, precision)
 
     if call.kind is CallKind.TRAIN:
-        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, width, epochs, mini_batches,
-                                        seen_micro_batches(call, s))
+        terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, width,
+                                        seen_micro_batches(call, s), epochs, mini_batches)
         updates = epochs * mini_batches
         terms["dp"] = updates * allreduce_seconds(4 * p_dev, s.dp, dp_bandwidth(s, device), c)  # fp32 grads
         # Adam reads and writes weights, grads and both moments (fp32): 2 × 16 bytes per parameter
         terms["optimizer"] = updates * 32 * p_dev / (device.mem_bandwidth * c.mem_bandwidth_efficiency)
         if recomputes_old_logp(dict(call.settings)):  # off_policy: one forward over the batch first
             terms["old_logp"] = sum(_forward_backward_terms(shape, n_params, tokens, s, device, c,
-                                                            CallKind.INFERENCE, width).values())
+                                                            CallKind.INFERENCE, width, n_mbs).values())
         return _split(terms, resident, transient, is_home, share)
 
     if call.kind is CallKind.INFERENCE:
         terms = _forward_backward_terms(shape, n_params, tokens, s, device, c, call.kind, width,
-                                        m=seen_micro_batches(call, s))
+                                        seen_micro_batches(call, s))
         return _split(terms, resident, transient, is_home, share)
 
     if engine_of(call) == OWN:
-        terms = _own_generate_terms(call, shape, n_params, p_dev, layers, s, device, c, width)
+        terms = _own_generate_terms(call, shape, n_params, p_dev, layers, s, n_mbs, device, c, width)
     else:  # vLLM's prefill and continuous-batching decode (`cost.engine.decode_terms`)
         terms = decode_terms(call, shape, model.head, s, device, c, width, seen_len(call) - call.prompt_len,
                              lambda nbytes: allreduce_seconds(nbytes, s.tp, device.intra_bandwidth, c))
@@ -246,7 +247,7 @@ def call_cost(
                                             stage_params(shape, model.head, s.tp, s.pp, 0))
         if trainer_recomputes_rollout(dict(call.settings)):  # else the train call's `old_logp` prices it
             terms["engine_recompute"] = sum(_forward_backward_terms(shape, n_params, call.batch * call.seq_len, s,
-                                                                    device, c, CallKind.INFERENCE, width).values())
+                                                                    device, c, CallKind.INFERENCE, width, n_mbs).values())
         transient = transient_bytes(call, shape, model.head, s, precision, page_tokens(device))
     return _split(terms, resident, transient, is_home, share)
 

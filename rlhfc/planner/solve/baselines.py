@@ -2,7 +2,8 @@
 
 - symmetric: every call on all devices with one Megatron-style (dp, tp, pp, n_mbs),
   the best single strategy for all calls (no reallocation is then needed), n_mbs any
-  power of two up to the rows;
+  power of two up to the rows (each call's token budget the one that cuts its rows
+  into n_mbs micro-batches);
 - brute force: every combination of options, for small cases (tests);
 - MCMC: ReaL's search (Mei et al. 2024 §5): change one call's option at random, accept
   with the Metropolis rule on the makespan, within a time budget.
@@ -16,7 +17,7 @@ import random
 import time
 from dataclasses import replace
 
-from rlhfc.ir import Mesh, ModelKind, Strategy
+from rlhfc.ir import Call, Mesh, ModelKind, Strategy
 from rlhfc.planner.solve.problem import (
     Option, Problem, powers_of_two, enumerate_strategies, make_option, mini_batch_rows,
 )
@@ -42,7 +43,7 @@ def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[d
     per_call: dict[str, dict[tuple, list[Strategy]]] = {}
     for c in neural:  # degrees -> the call's strategies with them (train: with and without recompute)
         for s in enumerate_strategies(c, df.model(c.model), whole, space):
-            per_call.setdefault(c.name, {}).setdefault(_degrees(s), []).append(s)
+            per_call.setdefault(c.name, {}).setdefault(_degrees(c, s), []).append(s)
     shared = sorted(set.intersection(*(set(v) for v in per_call.values()))) if per_call else []
     candidates = []
     priced: dict[tuple[str, Strategy], Option] = {}  # variants share most calls' strategies
@@ -78,8 +79,9 @@ def symmetric_choice(problem: Problem, deadline: float | None = None) -> tuple[d
 SYMMETRIC_ORDERS = 20
 
 
-def _degrees(s: Strategy) -> tuple[int, int, int, int]:
-    return (s.dp, s.tp, s.pp, s.n_mbs)
+def _degrees(c: Call, s: Strategy) -> tuple[int, int, int, int]:
+    """What the calls of a symmetric plan share: the degrees and the micro-batch count."""
+    return (s.dp, s.tp, s.pp, c.n_mbs(s))
 
 
 def brute_force(problem: Problem) -> tuple[dict[str, Option], Schedule] | None:

@@ -111,7 +111,7 @@ def diagnose_infeasible(problem: Problem, solver_status: str | None = None, hint
             raise PlanError(
                 f"pinned call `{call}` needs {peak / GIB:.1f} GiB per device under its pinned strategy; "
                 f"a {df.cluster.device} has {cap:.1f} GiB",
-                "raise the pin's tp/pp or n_mbs, or remove the pin", pins[call].span,
+                "raise the pin's tp/pp or n_mbs (a smaller token_budget), or remove the pin", pins[call].span,
             )
         peak = _smallest_peak(problem, df, call)
         need = f"needs at least {peak / GIB:.1f} GiB per device" if peak else "has no valid strategy"

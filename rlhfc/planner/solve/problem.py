@@ -5,9 +5,11 @@ reallocation time between layouts of one model.
 Search space (ReaL, Mei et al. 2024 §4): a mesh is an aligned power-of-two slice of one
 node or an aligned power-of-two run of whole nodes; tp is a power of two inside a node
 dividing heads, kv heads, intermediate and vocab; pp ≤ layers; dp·tp·pp = mesh size;
-pp any divisor of mesh size / tp (so nodes of 5, 6 or 7 devices plan too); dp·n_mbs
-divides the (mini-)batch, n_mbs a power of two up to the per-replica mini-batch (what
-memory may need); train calls with and without activation recompute. Slices smaller than
+pp any divisor of mesh size / tp (so nodes of 5, 6 or 7 devices plan too); dp divides
+the (mini-)batch; train calls with and without activation recompute; each with token
+budgets (tokens of one micro-batch on one replica; the micro-batches follow): the largest
+whose priced peak fits (`fitting_budget`), and the ladder of 1, 2, 4, 8… micro-batches
+(smaller budgets: a shorter pipeline bubble, room for co-located models). Slices smaller than
 a node are offered on every node of clusters up to 4 nodes and on the first node of larger
 ones (`SearchSpace.sub_node_nodes` sets how many; the proven bound is relative to the
 space searched).
@@ -40,11 +42,14 @@ from rlhfc.ir import Call, CallKind, Cluster, Dataflow, EdgeKind, Mesh, Model, M
 class SearchSpace:
     """Knobs of the option enumeration."""
 
-    # Micro-batches per mini-batch. None: 1, 2, 4, 8, then further doublings up to the
-    # per-replica mini-batch while each still frees `memory_step` of device memory
-    # (what memory requires, e.g. 64 for 7B PPO on 8 x A100-40GB).
+    # The budget ladder: the budgets that cut a replica's (mini-)batch into these many
+    # micro-batches. None: 1, 2, 4, 8, then further doublings up to the per-replica
+    # mini-batch while each still frees `memory_step` of device memory.
     n_mbs: tuple[int, ...] | None = None
     memory_step: float = 1 / 32
+    # Also offer the largest budget (whole rows) whose priced peak fits the device's plan
+    # memory, where the ladder skips it (`fitting_budget`).
+    fit_budget: bool = True
     # Nodes that get sub-node meshes; None: every node of a cluster of up to
     # `SUB_NODE_EVERY` nodes, the first node of a larger one (nodes are interchangeable,
     # and slicing all 16 nodes of a 128-GPU cluster makes its 10 s solve 3x slower).
@@ -69,7 +74,7 @@ class Option:
 
     @property
     def layout(self) -> tuple:
-        """What reallocation depends on: the mesh and degrees, not the micro-batches."""
+        """What reallocation depends on: the mesh and degrees, not the token budget."""
         s = self.strategy
         return (s.mesh, s.dp, s.tp, s.pp)
 
@@ -123,7 +128,7 @@ class Problem:
         return self.to_units(self.realloc_cost(call, home, dst).seconds)
 
     def realloc_cost(self, call: str, home: Option, dst: Option):
-        """Reallocation depends on the layouts only (`Option.layout`), not on n_mbs."""
+        """Reallocation depends on the layouts only (`Option.layout`), not on the budget."""
         model = self.model_of[call]
         width = PRECISION_BYTES[precision_of(self.dataflow.call(call), default_precision(self.device.name))]
         return realloc_cost(
@@ -215,9 +220,10 @@ def _divisors(n: int) -> list[int]:
 
 
 def enumerate_strategies(call: Call, model: Model, mesh: Mesh, space: SearchSpace) -> list[Strategy]:
-    """Every valid (dp, tp, pp, n_mbs) of `call` on `mesh`."""
+    """Every valid (dp, tp, pp, recompute) of `call` on `mesh`, with each token budget of
+    the ladder (`SearchSpace.n_mbs` micro-batches of a replica's rows, where they divide them)."""
     if model.shape is None:
-        return [Strategy(mesh, mesh.size, 1, 1, 1)]
+        return [Strategy(mesh, mesh.size, 1, 1)]
     shape = model.shape
     recompute = (False, True) if space.recompute and call.kind is CallKind.TRAIN else (False,)
     out = []
@@ -234,7 +240,7 @@ def enumerate_strategies(call: Call, model: Model, mesh: Mesh, space: SearchSpac
             per_replica = mini_batch_rows(call) // dp if mini_batch_rows(call) % dp == 0 else 0
             for n_mbs in BASE_N_MBS if space.n_mbs is None else space.n_mbs:
                 if per_replica and per_replica % n_mbs == 0:
-                    out += [Strategy(mesh, dp, tp, pp, n_mbs, rc) for rc in recompute]
+                    out += [Strategy(mesh, dp, tp, pp, call.budget_for(dp, n_mbs), rc) for rc in recompute]
     return out
 
 
@@ -245,24 +251,52 @@ def call_options(
     df: Dataflow, call: Call, model: Model, meshes: list[Mesh], space: SearchSpace, device: Device,
     coeffs: Coefficients, is_home: bool,
 ) -> list[Option]:
-    """Every option of `call` on `meshes`: `enumerate_strategies`, and with the default
-    space n_mbs doubled past 8 while the doubling frees at least `memory_step` of device
-    memory (a layout whose activations or KV cache need more micro-batches gets them)."""
+    """Every option of `call` on `meshes`: `enumerate_strategies`; with the default space
+    the ladder's micro-batches doubled past 8 while the doubling frees at least
+    `memory_step` of device memory (a layout whose activations or KV cache need more
+    micro-batches gets them); and with `fit_budget` each layout's largest fitting budget."""
     options = [make_option(df, call, s, device, coeffs, is_home) for m in meshes
                for s in enumerate_strategies(call, model, m, space)]
-    if space.n_mbs is not None:
-        return options
-    step = device.plan_memory * space.memory_step
-    rows = mini_batch_rows(call)
-    for o in [o for o in options if o.strategy.n_mbs == BASE_N_MBS[-1]]:
-        s = o.strategy
-        while rows % (s.dp * s.n_mbs * 2) == 0:
-            more = make_option(df, call, replace(s, n_mbs=s.n_mbs * 2), device, coeffs, is_home)
-            if o.cost.peak_bytes - more.cost.peak_bytes < step:
-                break
-            options.append(more)
-            o, s = more, more.strategy
+    if space.n_mbs is None:
+        step = device.plan_memory * space.memory_step
+        rows = mini_batch_rows(call)
+        for o in [o for o in options if call.n_mbs(o.strategy) == BASE_N_MBS[-1]]:
+            s, n = o.strategy, BASE_N_MBS[-1]
+            while rows % (s.dp * n * 2) == 0:
+                n *= 2
+                more = make_option(df, call, replace(s, token_budget=call.budget_for(s.dp, n)), device, coeffs, is_home)
+                if o.cost.peak_bytes - more.cost.peak_bytes < step:
+                    break
+                options.append(more)
+                o = more
+    if space.fit_budget and model.shape is not None:
+        ladders: dict[Strategy, list[Option]] = {}  # a layout (budget 0) -> its ladder's options
+        for o in options:
+            ladders.setdefault(replace(o.strategy, token_budget=0), []).append(o)
+        options += [o for s, ladder in ladders.items()
+                    if (o := fitting_budget(df, call, s, ladder, device, coeffs, is_home)) is not None]
     return options
+
+
+def fitting_budget(df: Dataflow, call: Call, layout: Strategy, ladder: list[Option], device: Device,
+                   coeffs: Coefficients, is_home: bool) -> Option | None:
+    """The option of `layout` with the largest budget of whole rows whose priced peak fits
+    the device's plan memory; None where the ladder has it or nothing fits. Memory grows
+    with the budget: bisected between the ladder's largest fitting rung and the next
+    (where 1F1B holds fewer micro-batches than stages, memory may dip as the budget grows:
+    the result still fits)."""
+    by_rows = {call.token_budget(o.strategy) // call.row_len: o for o in ladder}
+    lo = max((k for k, o in by_rows.items() if o.cost.peak_bytes <= device.plan_memory), default=0)
+    hi = min((k for k in by_rows if k > lo), default=call.replica_rows(layout.dp) + 1)
+    best = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        o = make_option(df, call, replace(layout, token_budget=mid * call.row_len), device, coeffs, is_home)
+        if o.cost.peak_bytes <= device.plan_memory:
+            lo, best = mid, o
+        else:
+            hi = mid
+    return best
 
 
 def mini_batch_rows(call: Call) -> int:
@@ -311,7 +345,8 @@ def prune_dominated(options: list[Option], layout_matters: bool) -> list[Option]
 
 def _option_order(o: Option):
     s = o.strategy
-    return (o.duration, s.mesh.first_node, s.mesh.n_nodes, s.mesh.first_device, s.mesh.n_devices, s.dp, s.tp, s.pp, s.n_mbs, o.offloaded)
+    return (o.duration, s.mesh.first_node, s.mesh.n_nodes, s.mesh.first_device, s.mesh.n_devices, s.dp, s.tp, s.pp,
+            -s.token_budget, o.offloaded)
 
 
 def home_calls(df: Dataflow) -> dict[str, str]:
@@ -342,7 +377,7 @@ def build_problem(
         is_home = homes.get(call.model) == call.name
         if model.kind == ModelKind.RULE:  # runs in the driver: no devices, reported on the whole cluster
             whole = Mesh(0, df.cluster.nodes, 0, df.cluster.devices_per_node)
-            strategies = [Strategy(whole, whole.size, 1, 1, 1)]
+            strategies = [Strategy(whole, whole.size, 1, 1)]
         elif call.name in pins:
             strategies = [pins[call.name]]
         else:

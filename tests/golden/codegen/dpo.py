@@ -5,9 +5,9 @@ Run it with `python build/dpo.py` (2 local processes) or
 
 Plan: HEURISTIC, estimated 0.007 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
-    call  model  layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    refl  ref    L0      node0[0:2]  2   1   1   1    0.000    0.003  4
-    a_tr  actor  L0      node0[0:2]  2   1   1   1    0.003    0.007  12
+    call  model  layout  mesh        dp  tp  pp  budget  mbs  start s  end s  peak MiB
+    refl  ref    L0      node0[0:2]  2   1   1   1040    1    0.000    0.003  4
+    a_tr  actor  L0      node0[0:2]  2   1   1   1040    1    0.003    0.007  12
     
     homes: actor -> L0, ref -> L0
 """

@@ -5,11 +5,11 @@ Run it with `python build/grpo_math.py` (1 local process) or
 
 Plan: HEURISTIC, estimated 0.016 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
-    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    gen    actor   L0      node0[0:1]  1   1   1   1    0.000    0.004  11
-    score  reward  L0      node0[0:1]  1   1   1   1    0.004    0.004  0
-    refl   ref     L0      node0[0:1]  1   1   1   1    0.004    0.008  10
-    a_tr   actor   L0      node0[0:1]  1   1   1   1    0.008    0.016  34
+    call   model   layout  mesh        dp  tp  pp  budget  mbs  start s  end s  peak MiB
+    gen    actor   L0      node0[0:1]  1   1   1   3328    1    0.000    0.004  11
+    score  reward  L0      node0[0:1]  1   1   1   -       -    0.004    0.004  0
+    refl   ref     L0      node0[0:1]  1   1   1   3328    1    0.004    0.008  10
+    a_tr   actor   L0      node0[0:1]  1   1   1   3328    1    0.008    0.016  34
     
     homes: actor -> L0, ref -> L0
 """

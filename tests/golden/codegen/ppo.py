@@ -5,13 +5,13 @@ Run it with `python build/ppo.py` (2 local processes) or
 
 Plan: HEURISTIC, estimated 0.015 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
-    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  4
-    score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  5
-    vals   critic  L0      node0[0:2]  2   1   1   1    0.006    0.008  5
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.012  11
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.012    0.015  11
+    call   model   layout  mesh        dp  tp  pp  budget  mbs  start s  end s  peak MiB
+    gen    actor   L0      node0[0:2]  2   1   1   896     1    0.000    0.003  4
+    score  reward  L0      node0[0:2]  2   1   1   -       -    0.003    0.003  0
+    refl   ref     L0      node0[0:2]  2   1   1   896     1    0.003    0.006  5
+    vals   critic  L0      node0[0:2]  2   1   1   896     1    0.006    0.008  5
+    a_tr   actor   L0      node0[0:2]  2   1   1   896     1    0.008    0.012  11
+    c_tr   critic  L0      node0[0:2]  2   1   1   896     1    0.012    0.015  11
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """

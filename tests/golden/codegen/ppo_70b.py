@@ -5,13 +5,13 @@ Run it with `python build/ppo_70b.py` (128 local processes) or
 
 Plan: HEURISTIC, estimated 292.030 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `H100-80GB` defaults
 
-    call   model   layout  mesh         dp  tp  pp  mbs  start s  end s    peak MiB
-    gen    actor   L0      nodes[0:16]  2   4   16  4    0.000    159.837  33718
-    score  reward  L0      nodes[0:16]  2   4   16  4    159.837  178.277  32658
-    refl   ref     L0      nodes[0:16]  2   4   16  4    178.277  196.784  32747
-    vals   critic  L0      nodes[0:16]  2   4   16  4    196.784  215.224  34824
-    a_tr   actor   L0      nodes[0:16]  2   4   16  4    215.224  253.697  62782
-    c_tr   critic  L0      nodes[0:16]  2   4   16  4    253.697  292.030  62782
+    call   model   layout  mesh         dp  tp  pp  budget  mbs  start s  end s    peak MiB
+    gen    actor   L0      nodes[0:16]  2   4   16  32768   4    0.000    159.837  33718
+    score  reward  L0      nodes[0:16]  2   4   16  32768   4    159.837  178.277  32658
+    refl   ref     L0      nodes[0:16]  2   4   16  32768   4    178.277  196.784  32747
+    vals   critic  L0      nodes[0:16]  2   4   16  32768   4    196.784  215.224  34824
+    a_tr   actor   L0      nodes[0:16]  2   4   16  32768   4    215.224  253.697  62782
+    c_tr   critic  L0      nodes[0:16]  2   4   16  32768   4    253.697  292.030  62782
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """

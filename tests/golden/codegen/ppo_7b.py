@@ -5,13 +5,13 @@ Run it with `python build/ppo_7b.py` (8 local processes) or
 
 Plan: HEURISTIC, estimated 95.871 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `H100-80GB` defaults
 
-    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s   peak MiB
-    gen    actor   L0      node0[0:8]  1   8   1   4    0.000    46.714  28763
-    score  reward  L0      node0[0:8]  1   8   1   4    46.714   53.349  23980
-    refl   ref     L0      node0[0:8]  1   8   1   4    53.349   60.097  24068
-    vals   critic  L0      node0[0:8]  1   8   1   4    60.097   66.732  25556
-    a_tr   actor   L0      node0[0:8]  1   8   1   4    66.732   81.419  64610
-    c_tr   critic  L0      node0[0:8]  1   8   1   4    81.419   95.871  65511
+    call   model   layout  mesh        dp  tp  pp  budget  mbs  start s  end s   peak MiB
+    gen    actor   L0      node0[0:8]  1   8   1   65536   4    0.000    46.714  28763
+    score  reward  L0      node0[0:8]  1   8   1   65536   4    46.714   53.349  23980
+    refl   ref     L0      node0[0:8]  1   8   1   65536   4    53.349   60.097  24068
+    vals   critic  L0      node0[0:8]  1   8   1   65536   4    60.097   66.732  25556
+    a_tr   actor   L0      node0[0:8]  1   8   1   65536   4    66.732   81.419  64610
+    c_tr   critic  L0      node0[0:8]  1   8   1   65536   4    81.419   95.871  65511
     
     homes: actor -> L0, critic -> L0, ref -> L0, reward -> L0
 """

@@ -5,13 +5,13 @@ Run it with `python build/ppo_epochs.py` (2 local processes) or
 
 Plan: HEURISTIC, estimated 0.049 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
-    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  4
-    score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.006  5
-    vals   critic  L0      node0[0:2]  2   1   1   1    0.006    0.008  5
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.008    0.029  5
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.029    0.049  5
+    call   model   layout  mesh        dp  tp  pp  budget  mbs  start s  end s  peak MiB
+    gen    actor   L0      node0[0:2]  2   1   1   896     1    0.000    0.003  4
+    score  reward  L0      node0[0:2]  2   1   1   -       -    0.003    0.003  0
+    refl   ref     L0      node0[0:2]  2   1   1   896     1    0.003    0.006  5
+    vals   critic  L0      node0[0:2]  2   1   1   896     1    0.006    0.008  5
+    a_tr   actor   L0      node0[0:2]  2   1   1   224     1    0.008    0.029  5
+    c_tr   critic  L0      node0[0:2]  2   1   1   224     1    0.029    0.049  5
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """
@@ -120,8 +120,8 @@ OPS = (
     Call(name='score', model='reward', kind='inference', interface='rule', layout='L0', inputs=('seq',), outputs=('score',), settings=(('rows', 64), ('max_new_tokens', 12))),
     Call(name='refl', model='ref', kind='inference', interface='logprobs', layout='L0', inputs=('seq',), outputs=('ref_logp',), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
     Call(name='vals', model='critic', kind='inference', interface='values', layout='L0', inputs=('seq',), outputs=('values',), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
-    Call(name='a_tr', model='actor', kind='train', interface='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('off_policy', 'none'), ('tis_cap', 2.0), ('ratio_cap', 0.0), ('adv_norm', 1), ('ppo_epochs', 2), ('mini_batches', 4), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 12), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
-    Call(name='c_tr', model='critic', kind='train', interface='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('value_clip', 0.2), ('ppo_epochs', 2), ('mini_batches', 4), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 896))),
+    Call(name='a_tr', model='actor', kind='train', interface='ppo_actor', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('clip', 0.2), ('clip_low', 0.2), ('clip_high', 0.2), ('dual_clip', 0.0), ('entropy_coef', 0.0), ('loss_agg', 'token-mean'), ('off_policy', 'none'), ('tis_cap', 2.0), ('ratio_cap', 0.0), ('adv_norm', 1), ('ppo_epochs', 2), ('mini_batches', 4), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('max_new_tokens', 12), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 224))),
+    Call(name='c_tr', model='critic', kind='train', interface='ppo_critic', layout='L0', inputs=('seq', 'logp', 'ref_logp', 'score', 'values'), outputs=(), settings=(('rows', 64), ('precision', 'fp32'), ('packing', 'packed'), ('response_len', 0), ('kl_coef', 0.01), ('kl_estimator', 'k1'), ('kl_target', 0.0), ('kl_horizon', 10000.0), ('kl_mode', 'reward'), ('gamma', 1.0), ('lam', 0.95), ('value_clip', 0.2), ('ppo_epochs', 2), ('mini_batches', 4), ('max_grad_norm', 0.0), ('lr_schedule', 'constant'), ('warmup_steps', 0), ('steps', 150), ('n_mbs', 1), ('recompute', False), ('token_budget', 224))),
 )
 
 

@@ -5,13 +5,13 @@ Run it with `python build/ppo_pinned.py` (2 local processes) or
 
 Plan: HEURISTIC, estimated 0.013 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
-    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    gen    actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  3
-    score  reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    refl   ref     L0      node0[0:2]  2   1   1   1    0.003    0.005  3
-    vals   critic  L0      node0[0:2]  2   1   1   1    0.005    0.007  4
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    0.007    0.010  7
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    0.010    0.013  7
+    call   model   layout  mesh        dp  tp  pp  budget  mbs  start s  end s  peak MiB
+    gen    actor   L0      node0[0:2]  2   1   1   448     1    0.000    0.003  3
+    score  reward  L0      node0[0:2]  2   1   1   -       -    0.003    0.003  0
+    refl   ref     L0      node0[0:2]  2   1   1   448     1    0.003    0.005  3
+    vals   critic  L0      node0[0:2]  2   1   1   448     1    0.005    0.007  4
+    a_tr   actor   L0      node0[0:2]  2   1   1   448     1    0.007    0.010  7
+    c_tr   critic  L0      node0[0:2]  2   1   1   448     1    0.010    0.013  7
     
     homes: actor -> L0, critic -> L0, ref -> L0
 """

@@ -5,13 +5,13 @@ Run it with `python build/ppo_split.py` (2 local processes) or
 
 Plan: FIXED, estimated 6.000 s/iteration, lower bound 6.000 s, gap 0.0%
 
-    call   model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    gen    actor   L2      node0[1:2]  1   1   1   1    0.000    1.000  1
-    score  reward  L2      node0[1:2]  1   1   1   1    1.000    2.000  1
-    refl   ref     L1      node0[0:1]  1   1   1   1    2.000    3.000  1
-    vals   critic  L1      node0[0:1]  1   1   1   1    3.000    4.000  1
-    a_tr   actor   L0      node0[0:2]  2   1   1   1    4.000    5.000  1
-    c_tr   critic  L0      node0[0:2]  2   1   1   1    5.000    6.000  1
+    call   model   layout  mesh        dp  tp  pp  budget  mbs  start s  end s  peak MiB
+    gen    actor   L2      node0[1:2]  1   1   1   1792    1    0.000    1.000  1
+    score  reward  L2      node0[1:2]  1   1   1   -       -    1.000    2.000  1
+    refl   ref     L1      node0[0:1]  1   1   1   1792    1    2.000    3.000  1
+    vals   critic  L1      node0[0:1]  1   1   1   1792    1    3.000    4.000  1
+    a_tr   actor   L0      node0[0:2]  2   1   1   896     1    4.000    5.000  1
+    c_tr   critic  L0      node0[0:2]  2   1   1   896     1    5.000    6.000  1
     
     homes: actor -> L0, critic -> L0, ref -> L1
 """

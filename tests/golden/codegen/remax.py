@@ -5,13 +5,13 @@ Run it with `python build/remax.py` (2 local processes) or
 
 Plan: HEURISTIC, estimated 0.011 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
-    call    model   layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    gen     actor   L0      node0[0:2]  2   1   1   1    0.000    0.003  2
-    greedy  actor   L0      node0[0:2]  2   1   1   1    0.003    0.006  2
-    score   reward  L0      node0[0:2]  2   1   1   1    0.003    0.003  0
-    base    reward  L0      node0[0:2]  2   1   1   1    0.006    0.006  0
-    refl    ref     L0      node0[0:2]  2   1   1   1    0.006    0.008  3
-    a_tr    actor   L0      node0[0:2]  2   1   1   1    0.008    0.011  6
+    call    model   layout  mesh        dp  tp  pp  budget  mbs  start s  end s  peak MiB
+    gen     actor   L0      node0[0:2]  2   1   1   448     1    0.000    0.003  2
+    greedy  actor   L0      node0[0:2]  2   1   1   448     1    0.003    0.006  2
+    score   reward  L0      node0[0:2]  2   1   1   -       -    0.003    0.003  0
+    base    reward  L0      node0[0:2]  2   1   1   -       -    0.006    0.006  0
+    refl    ref     L0      node0[0:2]  2   1   1   448     1    0.006    0.008  3
+    a_tr    actor   L0      node0[0:2]  2   1   1   448     1    0.008    0.011  6
     
     homes: actor -> L0, ref -> L0
 """

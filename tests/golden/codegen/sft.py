@@ -5,8 +5,8 @@ Run it with `python build/sft.py` (2 local processes) or
 
 Plan: HEURISTIC, estimated 0.003 s/iteration, lower bound 0.000 s, gap 100.0%; priced by the catalog's `cpu` defaults
 
-    call  model  layout  mesh        dp  tp  pp  mbs  start s  end s  peak MiB
-    a_tr  actor  L0      node0[0:2]  2   1   1   1    0.000    0.003  7
+    call  model  layout  mesh        dp  tp  pp  budget  mbs  start s  end s  peak MiB
+    a_tr  actor  L0      node0[0:2]  2   1   1   520     1    0.000    0.003  7
     
     homes: actor -> L0
 """
