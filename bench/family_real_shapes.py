@@ -2,7 +2,7 @@
 log-probs of a 2 x 384 batch against transformers on 1 process and at tp = 2 (2 processes).
 Run: python bench/family_real_shapes.py. Timings here are not a comparison (workers run
 one thread each and are not warmed up); see bench/results/family_real_shapes.md."""
-import sys, time, json, tempfile
+import time, json, tempfile
 from pathlib import Path
 import torch
 from rlhfc_runtime import checkpoint as ck

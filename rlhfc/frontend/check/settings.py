@@ -183,7 +183,7 @@ def check_rollout_logp(run: ast.RunStmt, decl_calls, calls: tuple[ir.Call, ...],
         if settings.get("rollout_logp") == ENGINE_LOGP and settings.get("engine", OWN) == OWN:
             report(call.name, f'`rollout_logp = "{ENGINE_LOGP}"` of generate call `{call.name}` needs another engine: '
                               f"it decodes on the own loop, whose log-probs are the trainer's",
-                   f'set engine = "vllm", or leave rollout_logp at its default, "trainer"')
+                   'set engine = "vllm", or leave rollout_logp at its default, "trainer"')
     for train, gen in engine_logp_readers(calls).items():
         if dict(by_call[train].settings).get("off_policy") == NO_CORRECTION:
             report(gen, f'generate call `{gen}` keeps its engine\'s log-probs (`rollout_logp = "{ENGINE_LOGP}"`), and '
