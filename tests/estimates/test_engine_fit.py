@@ -13,7 +13,8 @@ import pytest
 from rlhfc.ir import Call, CallKind, Cluster, Head, Mesh, Model, ModelShape, Span, Strategy
 from rlhfc.plan import _strategy_dict
 from rlhfc.planner.cost.coefficients import DEFAULT_COEFFICIENTS
-from rlhfc.planner.cost.fit import FIT_FIELDS, PricedCall, fit_coefficients, priced_calls, samples_from_run
+from rlhfc.planner.cost.fit import (COST_INPUTS_SCHEMA_VERSION, FIT_FIELDS, PricedCall, fit_coefficients, priced_calls,
+                                    samples_from_run)
 
 SPAN = Span("<test>", 0, 0, 0, 0)
 SHAPE = ModelShape(30, 576, 9, 3, 1536, 49152, 256)  # SmolLM2-135M's width, as bench/vllm_bench.py
@@ -32,7 +33,7 @@ def _run(folder, batch: int, prompt: int, gen_len: int, response: int, truth) ->
                   (("engine", "vllm"), ("response_len", response))),
              Call("refl", "ref", CallKind.INFERENCE, (), (), "", (), batch, prompt, gen_len, SPAN,
                   (("response_len", response),))]
-    doc = {"schema_version": 1, "driver_ops": 0,
+    doc = {"schema_version": COST_INPUTS_SCHEMA_VERSION, "driver_ops": 0,
            "cluster": {"nodes": 1, "devices_per_node": 1, "device": "cpu", "overrides": []},
            "calls": [{"call": c.name, "kind": c.kind.value, "batch": batch, "prompt_len": prompt, "gen_len": gen_len,
                       "engine": dict(c.settings).get("engine", "rlhfc"), "model": c.model, "head": "lm",
