@@ -218,18 +218,16 @@ def generate_batch(module: ShardedDecoder, prompts: dict, settings: dict, groups
     }
 
 
-def trainer_logprobs(model: RuntimeModel, produced: dict, settings: dict) -> tuple[dict, float]:
+def trainer_logprobs(model: RuntimeModel, spec: ModelSpec, produced: dict, settings: dict,
+                     groups) -> tuple[dict, float]:
     """An engine other than the own loop with `rollout_logp = "trainer"`: the rollout's
     `logp` recomputed by the trainer's forward pass over the sampled sequences (the
-    ratio's old log-probs, as verl does), and how far the engine's were from them
-    (`logprob_diff`)."""
+    ratio's old log-probs, as verl does), as an inference call computes log-probs (packed
+    by the call's token budget, the LM head at the response only: what the plan prices),
+    and how far the engine's were from them (`logprob_diff`)."""
     seq = produced["seq"]
-    with model.module.compute(str(settings["precision"])):
-        mine = model.module.run_pipeline(seq["input_ids"], seq["attention_mask"],
-                                         lambda h, mb: head_outputs(model.module, h, mb)["logp"].float(),
-                                         int(settings["n_mbs"]))
-    tokens = seq["response_mask"].to(mine.dtype)
-    return {**produced, "logp": mine * tokens}, logprob_diff(produced["logp"], mine, seq["response_mask"])
+    mine = run_call("inference", "logprobs", model, spec, {"seq": seq}, ("logp",), settings, groups)[0]["logp"]["logp"]
+    return {**produced, "logp": mine}, logprob_diff(produced["logp"], mine, seq["response_mask"])
 
 
 LOGPROB_DIFF = "logprob_diff"
@@ -318,7 +316,7 @@ def run_call(kind: str, using: str, model: RuntimeModel | None, spec: ModelSpec,
         produced = generate_batch(model.module, args[0], settings, groups, greedy=REGISTRY[using].greedy)
         stats = dict(rollout_engine(str(settings["engine"])).stats)
         if trainer_recomputes_rollout(settings):  # else the engine's log-probs stay (`rollout_logp`)
-            produced, stats[LOGPROB_DIFF] = trainer_logprobs(model, produced, settings)
+            produced, stats[LOGPROB_DIFF] = trainer_logprobs(model, spec, produced, settings, groups)
         if generated is not None and groups.rank == groups.mp_ranks[0]:  # the replica's ranks hold the same rows
             generated += [{"key": outputs[0], **row} for row in shown_logprobs(
                 produced["seq"], produced["logp"], first_generated_row(settings, groups), int(settings["rows"]))]
