@@ -88,14 +88,10 @@ def kv_pool_bytes(shape: ModelShape, rows: int, seq_len: int, precision: str, pa
     return 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * PRECISION_BYTES[precision] * tokens
 
 
-def replica_rows(call: Call, s: Strategy) -> int:
-    return math.ceil(call.batch / s.dp)
-
-
 def engine_bytes(call: Call, shape: ModelShape, head: Head, s: Strategy, precision: str, page: int) -> int:
     """What vLLM itself holds on a replica's first device: weights, KV pool, one step's
     logits (fp32, with their log-softmax)."""
-    rows = replica_rows(call, s)
+    rows = call.replica_rows(s.dp)
     weights = PRECISION_BYTES[precision] * shape.param_count(head)
     return weights + kv_pool_bytes(shape, rows, call.seq_len, precision, page) + 2 * 4 * rows * shape.vocab
 
@@ -108,7 +104,7 @@ def transient_bytes(call: Call, shape: ModelShape, head: Head, s: Strategy, prec
     weights = PRECISION_BYTES[precision] * shape.param_count(head)
     sync = weights * (2 if s.tp * s.pp > 1 else 1)
     tokens_mb = call.token_budget(s)
-    recompute = inference_transient(shape, head, s, tokens_mb, replica_rows(call, s) * call.seq_len, 0, precision,
+    recompute = inference_transient(shape, head, s, tokens_mb, call.replica_rows(s.dp) * call.seq_len, 0, precision,
                                     response_tokens(call, tokens_mb)) \
         if trainer_recomputes_rollout(dict(call.settings)) else 0
     return engine_bytes(call, shape, head, s, precision, page) + math.ceil(max(sync, recompute))
@@ -146,7 +142,7 @@ def engine_decisions(df: Dataflow, call: str, s: Strategy, peak: int,
     page = page_tokens(device)
     engine = engine_bytes(c, model.shape, model.head, s, precision, page)
     return (("gpu_memory_utilization", memory_utilization(engine, peak, device)),
-            ("kv_cache_bytes", kv_pool_bytes(model.shape, replica_rows(c, s), c.seq_len, precision, page)),
+            ("kv_cache_bytes", kv_pool_bytes(model.shape, c.replica_rows(s.dp), c.seq_len, precision, page)),
             ("max_model_len", c.seq_len), ("engine_start_s", start_seconds(device)))
 
 
@@ -164,7 +160,7 @@ def decode_terms(call: Call, shape: ModelShape, head: Head, s: Strategy, device:
     """Seconds of vLLM's prefill and decode of `call` under `s` (the module's docstring):
     `response` the expected tokens per response, `allreduce(nbytes)` one all-reduce over
     the layout's tp group."""
-    rows = replica_rows(call, s)
+    rows = call.replica_rows(s.dp)
     n = shape.param_count(head)
     flops = s.tp * device.flops * device.achievable * c.engine_compute_efficiency
     bandwidth = s.tp * device.mem_bandwidth * c.engine_bandwidth_efficiency
