@@ -171,9 +171,19 @@ def measure_decode(batch: int, context: int, hidden: int, precision: str, device
     return Measurement("decode", (batch, context, hidden), repeat_time(step, device, repeats), precision)
 
 
+def _small_weights(module):
+    """`module` with norms at 1 and small random weights: uninitialised memory may hold
+    denormals, which CPUs compute slowly."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else 0.02 * torch.randn_like(p))
+    return module
+
+
 def _reference_layer(device):
-    """Layer 0 of `REFERENCE` as the runtime builds it (tp = pp = 1), with small random
-    weights (uninitialised memory may hold denormals, which CPUs compute slowly)."""
+    """Layer 0 of `REFERENCE` as the runtime builds it (tp = pp = 1), `_small_weights`."""
     import torch
 
     from rlhfc_runtime.contract.family import shape_from_hf
@@ -183,10 +193,7 @@ def _reference_layer(device):
     from rlhfc_runtime.rope import RopeTables, layer_type
 
     shape = shape_from_hf(REFERENCE)
-    layer = DecoderLayer(shape, rank_groups(Layout((0,), 1, 1, 1), 0), 0, device, torch.float32)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            p.copy_(torch.ones_like(p) if "norm" in name else 0.02 * torch.randn_like(p))
+    layer = _small_weights(DecoderLayer(shape, rank_groups(Layout((0,), 1, 1, 1), 0), 0, device, torch.float32))
     ropes = RopeTables(shape, REFERENCE)
     return layer, lambda positions: ropes.tables(positions, torch.float32)[layer_type(shape, 0)]
 
@@ -253,10 +260,7 @@ def measure_decode_step(batch: int, context: int, layers: int, device, repeats: 
     from rlhfc_runtime.model import ModelConfig, ShardedDecoder
 
     cfg = ModelConfig.from_hf(dict(REFERENCE, num_hidden_layers=layers))
-    model = ShardedDecoder(cfg, rank_groups(Layout((0,), 1, 1, 1), 0), "lm", device, torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.ones_like(p) if "norm" in name else 0.02 * torch.randn_like(p))
+    model = _small_weights(ShardedDecoder(cfg, rank_groups(Layout((0,), 1, 1, 1), 0), "lm", device, torch.float32))
     ids = torch.randint(3, REFERENCE["vocab_size"], (batch, context), device=device)
     mask = torch.ones_like(ids)
 
