@@ -150,7 +150,7 @@ def priced_calls(path: str | Path) -> dict[str, PricedCall]:
         cluster = Cluster(cl["nodes"], cl["devices_per_node"], cl["device"], tuple((k, v) for k, v in cl["overrides"]))
         out = {}
         for d in doc["calls"]:
-            engine = (("engine", d["engine"]),) if d.get("engine", OWN) != OWN else ()  # absent before vLLM's decode
+            engine = (("engine", d["engine"]),) if d["engine"] != OWN else ()
             call = Call(d["call"], d["model"], CallKind(d["kind"]), (), (), "", (), d["batch"], d["prompt_len"],
                         d["gen_len"], _SPAN, engine)
             model = Model(d["model"], "llama", ModelShape(**d["shape"]), Head(d["head"]), False, None, None, None, _SPAN)
